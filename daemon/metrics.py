@@ -1,0 +1,80 @@
+"""Prometheus metrics of the daemon and the query service.
+
+Names are part of fogline's operating contract: the Grafana dashboard and the
+alert rules under ``ops/`` refer to them, so rename only with both.
+All live in one registry per process (``REGISTRY``) so tests can read them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# --- daemon: ingestion -----------------------------------------------------
+RECORDS_IN = Counter(
+    "fogline_records_in", "Records consumed from Kafka.", ["topic"], registry=REGISTRY
+)
+RECORDS_ABSORBED = Counter(
+    "fogline_records_absorbed", "Valid records absorbed into the posterior.", registry=REGISTRY
+)
+RECORDS_DEAD_LETTERED = Counter(
+    "fogline_records_dead_lettered",
+    "Records sent to the dead-letter topic.",
+    ["reason"],
+    registry=REGISTRY,
+)
+CONSUMER_LAG = Gauge(
+    "fogline_consumer_lag", "Records behind the high-water mark.", ["partition"], registry=REGISTRY
+)
+# --- daemon: inference -----------------------------------------------------
+BATCH_SECONDS = Histogram(
+    "fogline_batch_seconds",
+    "Wall time to absorb one micro-batch (decode to step done).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=REGISTRY,
+)
+SVI_LOSS = Gauge("fogline_svi_loss", "Last SVI loss per observation (negative ELBO / n).", registry=REGISTRY)
+STEPS_REJECTED = Counter(
+    "fogline_steps_rejected", "SVI steps rejected for a non-finite loss or parameter.", registry=REGISTRY
+)
+DEVICE_INFO = Gauge("fogline_device_info", "Device the posterior lives on (value 1).", ["device"], registry=REGISTRY)
+# --- daemon: snapshots -----------------------------------------------------
+SNAPSHOT_WRITE_SECONDS = Histogram(
+    "fogline_snapshot_write_seconds",
+    "Wall time of one atomic snapshot write to Redis.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+    registry=REGISTRY,
+)
+SNAPSHOT_VERSION = Gauge("fogline_snapshot_version", "Last snapshot version written.", registry=REGISTRY)
+SNAPSHOT_LAST_WRITE = Gauge(
+    "fogline_snapshot_last_write_timestamp_seconds",
+    "Unix time of the last snapshot written.",
+    registry=REGISTRY,
+)
+REDIS_UP = Gauge("fogline_redis_up", "1 while the snapshot store answers, else 0.", registry=REGISTRY)
+# --- daemon: drift ---------------------------------------------------------
+PREDICTIVE_KL = Gauge("fogline_predictive_kl", "Predictive KL of the last batch (nats).", registry=REGISTRY)
+PREDICTIVE_KL_THRESHOLD = Gauge(
+    "fogline_predictive_kl_threshold", "Calibrated alarm threshold of the predictive KL.", registry=REGISTRY
+)
+SURPRISAL = Gauge("fogline_surprisal", "Mean surprisal of the last batch (nats/record).", registry=REGISTRY)
+DRIFT_ALARMS = Counter("fogline_drift_alarms", "Drift alarms raised.", registry=REGISTRY)
+POLICY_STATE = Gauge(
+    "fogline_policy_state",
+    "Adaptation policy state (1 for the current one).",
+    ["state"],
+    registry=REGISTRY,
+)
+# --- query service ---------------------------------------------------------
+QUERY_SECONDS = Histogram(
+    "fogline_query_request_seconds",
+    "Query service request latency.",
+    ["endpoint"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+    registry=REGISTRY,
+)
+QUERY_SNAPSHOT_VERSION = Gauge(
+    "fogline_query_snapshot_version", "Snapshot version the query service answers from.", registry=REGISTRY
+)
+QUERY_RELOADS = Counter("fogline_query_reloads", "Snapshot reloads by the query service.", registry=REGISTRY)
