@@ -1,0 +1,173 @@
+"""Settings: file + environment, field-naming errors, masked secrets, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from daemon.cli import main
+from daemon.config import MASK, ConfigError, Settings, read_config_file
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No FOGLINE_* variable of the caller's shell leaks into a test."""
+    import os
+
+    for name in list(os.environ):
+        if name.upper().startswith("FOGLINE_"):
+            monkeypatch.delenv(name)
+
+
+def _write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_match_the_architecture_contract() -> None:
+    s = Settings.load(None)
+    assert s.model_name == "default"
+    assert s.kafka.bootstrap_servers == "127.0.0.1:9092"
+    assert s.kafka.topic == "telemetry"
+    assert s.kafka.dlq_topic == "telemetry.dlq"
+    assert s.redis.url == "redis://127.0.0.1:6379/0"
+    assert s.redis.prefix == "fogline" and s.redis.retention == 20
+    assert s.stream.batch_size == 256 and s.stream.batching == "size_or_time"
+    assert s.drift.policy == "forget" and s.drift.detector == "threshold"
+    assert s.api.host == "127.0.0.1" and s.api.port == 8000 and s.api.token is None
+    assert s.metrics_port == 9400 and s.log_format == "auto"
+
+
+def test_yaml_file_loads_and_env_overrides_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _write(
+        tmp_path,
+        "f.yaml",
+        "model_name: m1\nkafka:\n  topic: t1\nstream:\n  batch_size: 32\n  device: cpu\n",
+    )
+    s = Settings.load(path)
+    assert (s.model_name, s.kafka.topic, s.stream.batch_size, s.stream.device) == (
+        "m1",
+        "t1",
+        32,
+        "cpu",
+    )
+    assert s.kafka.dlq_topic == "t1.dlq"
+    monkeypatch.setenv("FOGLINE_STREAM__BATCH_SIZE", "64")
+    monkeypatch.setenv("FOGLINE_KAFKA__TOPIC", "t2")
+    monkeypatch.setenv("FOGLINE_REDIS__PASSWORD", "pw")
+    s = Settings.load(path)
+    assert s.stream.batch_size == 64 and s.stream.device == "cpu"  # env wins, file rest kept
+    assert s.kafka.topic == "t2" and s.kafka.dlq_topic == "t2.dlq"
+    assert s.redis.password is not None and s.redis.password.get_secret_value() == "pw"
+
+
+def test_fogline_config_env_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, "f.toml", 'model_name = "from-env-file"\n')
+    monkeypatch.setenv("FOGLINE_CONFIG", str(path))
+    assert Settings.load(None).model_name == "from-env-file"
+
+
+def test_toml_file_loads(tmp_path: Path) -> None:
+    path = _write(tmp_path, "f.toml", '[drift]\npolicy = "vb"\nert = 500\n[api]\nquantize = true\n')
+    s = Settings.load(path)
+    assert s.drift.policy == "vb" and s.drift.ert == 500 and s.api.quantize is True
+
+
+@pytest.mark.parametrize("name", ["fogline.toml", "fogline.yaml"])
+def test_example_files_are_valid_and_agree(name: str) -> None:
+    s = Settings.load(EXAMPLES / name)
+    assert s == Settings.load(EXAMPLES / "fogline.toml")
+    assert read_config_file(EXAMPLES / name)  # not empty
+
+
+def test_bad_value_names_the_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FOGLINE_STREAM__BATCH_SIZE", "0")
+    with pytest.raises(ConfigError) as info:
+        Settings.load(None)
+    assert info.value.problems == [
+        "stream.batch_size: Input should be greater than or equal to 1 (got '0') "
+        "[env FOGLINE_STREAM__BATCH_SIZE]"
+    ]
+    path = _write(tmp_path, "f.yaml", "stream:\n  device: gpu\nredis:\n  retention: 0\n")
+    monkeypatch.delenv("FOGLINE_STREAM__BATCH_SIZE")
+    with pytest.raises(ConfigError) as info:
+        Settings.load(path)
+    fields = [p.split(":")[0] for p in info.value.problems]
+    assert fields == ["redis.retention", "stream.device"]
+    assert "Input should be 'auto', 'cpu' or 'cuda'" in str(info.value)
+
+
+def test_unknown_keys_are_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, "f.yaml", "stream:\n  batchsize: 3\n")
+    with pytest.raises(ConfigError, match=r"stream\.batchsize: Extra inputs are not permitted"):
+        Settings.load(path)
+    path = _write(tmp_path, "g.toml", "modelname = 'x'\n")
+    with pytest.raises(ConfigError, match=r"modelname: Extra inputs are not permitted"):
+        Settings.load(path)
+    monkeypatch.setenv("FOGLINE_KAFKA__TOPC", "x")
+    with pytest.raises(ConfigError, match=r"kafka\.topc: Extra inputs"):
+        Settings.load(None)
+
+
+def test_secret_values_are_never_echoed_in_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.load(None, kafka={"sasl_password": 12345678, "session_timeout_ms": 0})
+    text = str(info.value)
+    assert "kafka.sasl_password" in text and "12345678" not in text
+    assert "kafka.session_timeout_ms" in text
+
+
+def test_file_problems_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="No such file"):
+        Settings.load(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="unsupported extension"):
+        Settings.load(_write(tmp_path, "f.ini", "[x]\n"))
+    with pytest.raises(ConfigError, match="cannot parse"):
+        Settings.load(_write(tmp_path, "f.toml", "model_name = \n"))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        Settings.load(_write(tmp_path, "f.yaml", "- 1\n- 2\n"))
+
+
+def test_override_revalidates_and_keeps_derived_defaults() -> None:
+    s = Settings.load(None).override(
+        {"kafka.topic": "t9", "stream.batch_size": 8, "stream.lr": None}
+    )
+    assert s.kafka.dlq_topic == "t9.dlq" and s.stream.batch_size == 8 and s.stream.lr == 1e-3
+    with pytest.raises(ConfigError, match=r"stream\.lr: Input should be greater than 0"):
+        s.override({"stream.lr": -1})
+
+
+def test_config_show_masks_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, "f.yaml", "kafka:\n  sasl_password: hunter2\n")
+    monkeypatch.setenv("FOGLINE_API__TOKEN", "tok-secret")
+    assert main(["config", "show", "--config", str(path), "--json"]) == 0
+    out = capsys.readouterr().out
+    data = json.loads(out)
+    assert data["kafka"]["sasl_password"] == MASK and data["api"]["token"] == MASK
+    assert data["redis"]["password"] is None
+    assert "hunter2" not in out and "tok-secret" not in out
+    assert main(["config", "show", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "sasl_password: '**********'" in out and "hunter2" not in out
+
+
+def test_config_cli_exits_2_on_bad_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, "f.yaml", "api:\n  port: 70000\n")
+    with pytest.raises(SystemExit) as info:
+        main(["config", "validate", "--config", str(path)])
+    assert info.value.code == 2
+    assert "api.port: Input should be less than or equal to 65535" in capsys.readouterr().err
+    good = _write(tmp_path, "g.yaml", "model_name: ok\n")
+    assert main(["config", "validate", "--config", str(good)]) == 0
+    assert "ok" in capsys.readouterr().out
