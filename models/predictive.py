@@ -1,0 +1,282 @@
+"""Predictive summaries from a cached ensemble of posterior samples.
+
+An :class:`Ensemble` holds S weight samples w_s ~ q(w), already split into
+stacked per-layer tensors (W_l [S, out, in], b_l [S, out]), so prediction is
+a few batched matrix products.  For inputs x the predictive distribution is
+the mixture
+
+    p(y | x, D) ≈ (1/S) sum_s p(y | f_{w_s}(x)).
+
+Moments (law of total variance), for Gaussian / Student-t components with
+means mu_s and variances v_s (v_s = sigma_s^2 df/(df-2) for Student-t):
+
+    mean = mean_s mu_s
+    epistemic var = var_s mu_s          (spread of the means: what more data fixes)
+    aleatoric var = mean_s v_s          (noise the model expects in any case)
+    total var = epistemic + aleatoric
+
+Credible intervals are quantiles of the mixture (``method="mixture"``,
+bisection on the mixture CDF, exact for the ensemble) or of its moment-matched
+Gaussian (``method="gaussian"``, faster).  For Bernoulli telemetry the
+"prediction" is the probability p = mean_s sigmoid(f_s): epistemic var =
+var_s p_s, aleatoric var = mean_s p_s (1 - p_s), intervals are quantiles of the
+p_s.
+
+The anomaly score of an observed y is 1 - two-sided tail probability,
+1 - 2 min(F(y), 1 - F(y)) with F the mixture CDF (Bernoulli: 1 - p(y)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from models.config import ModelConfig
+from models.likelihoods import df_from_unconstrained
+from models.network import forward_layers, layout, noise_scale, unflatten
+from models.state import PosteriorState
+
+_BISECT_ITERS = 48
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """S posterior weight samples as stacked per-layer tensors."""
+
+    config: ModelConfig
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    df: float | None = None
+
+    @property
+    def size(self) -> int:
+        """Number of samples S."""
+        return int(self.layers[0][0].shape[0])
+
+    def flat(self) -> torch.Tensor:
+        """The samples as a flat [S, P] matrix (inverse of the split)."""
+        parts = []
+        for weight, bias in self.layers:
+            parts += [weight.reshape(weight.shape[0], -1), bias]
+        return torch.cat(parts, dim=1)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Per-row predictive summaries (all tensors [N]; intervals map level -> (lo, hi))."""
+
+    mean: torch.Tensor
+    total_std: torch.Tensor
+    epistemic_std: torch.Tensor
+    aleatoric_std: torch.Tensor
+    intervals: dict[float, tuple[torch.Tensor, torch.Tensor]]
+    tail_prob: torch.Tensor | None = None
+    anomaly_score: torch.Tensor | None = None
+
+
+def sample_weights(state: PosteriorState, num_samples: int, seed: int = 0) -> torch.Tensor:
+    """Draw w_s ~ q(w): [S, P], from a generator seeded by ``seed``."""
+    gen = torch.Generator(device=state.device).manual_seed(seed)
+    loc = state.params["loc"].detach()
+    scale = torch.nn.functional.softplus(state.params["scale_unconstrained"].detach())
+    eps = torch.randn(num_samples, loc.shape[0], generator=gen, device=state.device)
+    w = loc + scale * eps
+    if "cov_factor" in state.params:
+        v = state.params["cov_factor"].detach()
+        z = torch.randn(num_samples, v.shape[1], generator=gen, device=state.device)
+        w = w + z @ v.T
+    return w
+
+
+def ensemble_from_weights(
+    config: ModelConfig, w_sp: torch.Tensor, df: float | None = None
+) -> Ensemble:
+    """Wrap flat samples [S, P] as an :class:`Ensemble` (contiguous per-layer copies)."""
+    layers = tuple(
+        (weight.contiguous(), bias.contiguous()) for weight, bias in unflatten(w_sp, layout(config))
+    )
+    return Ensemble(config, layers, df)
+
+
+def sample_ensemble(state: PosteriorState, num_samples: int = 100, seed: int = 0) -> Ensemble:
+    """Cache S samples of q as an :class:`Ensemble`."""
+    df: float | None = state.config.df
+    if state.config.learns_df:
+        df = float(df_from_unconstrained(state.params["df_unconstrained"].detach())[0])
+    return ensemble_from_weights(state.config, sample_weights(state, num_samples, seed), df)
+
+
+def component_params(ens: Ensemble, x_nd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample predictive parameters for rows ``x_nd`` [N, D].
+
+    Returns (mu [S, N], sigma [S, N]) for Gaussian/Student-t, and
+    (p [S, N], zeros) for Bernoulli.
+    """
+    out = forward_layers(list(ens.layers), x_nd.to(ens.layers[0][0].dtype), ens.config.activation)
+    if ens.config.likelihood == "bernoulli":
+        return torch.sigmoid(out[..., 0]), torch.zeros_like(out[..., 0])
+    return out[..., 0], noise_scale(out[..., 1], ens.config)
+
+
+def _component_var(ens: Ensemble, sigma: torch.Tensor) -> torch.Tensor:
+    if ens.config.likelihood == "student-t" and ens.df is not None:
+        factor = ens.df / (ens.df - 2.0) if ens.df > 2.0 else float("inf")
+        return sigma.pow(2) * factor
+    return sigma.pow(2)
+
+
+def predictive_moments(
+    ens: Ensemble, x_nd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean [N], epistemic var [N], aleatoric var [N]) of the predictive mixture."""
+    mu, sigma = component_params(ens, x_nd)
+    mean = mu.mean(0)
+    epistemic = mu.var(0, unbiased=False)
+    if ens.config.likelihood == "bernoulli":
+        aleatoric = (mu * (1 - mu)).mean(0)
+    else:
+        aleatoric = _component_var(ens, sigma).mean(0)
+    return mean, epistemic, aleatoric
+
+
+def _component_cdf(
+    ens: Ensemble, y: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
+    z = (y - mu) / sigma
+    if ens.config.likelihood == "student-t" and ens.df is not None:
+        return _t_cdf(z, ens.df)
+    return 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
+
+
+def _t_cdf(z: torch.Tensor, df: float) -> torch.Tensor:
+    """Student-t CDF via the regularised incomplete beta function."""
+    x = df / (df + z * z)
+    tail = 0.5 * _betainc(0.5 * df, 0.5, x)
+    return torch.where(z > 0, 1.0 - tail, tail)
+
+
+def _betacf(a: float, b: float, x: torch.Tensor, iters: int = 100) -> torch.Tensor:
+    """Continued fraction of the incomplete beta function (Numerical Recipes ``betacf``)."""
+    tiny = 1e-30
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c = torch.ones_like(x)
+    d = 1.0 - qab * x / qap
+    d = 1.0 / torch.where(d.abs() < tiny, torch.full_like(d, tiny), d)
+    h = d
+    for m in range(1, iters + 1):
+        m2 = 2 * m
+        for aa in (
+            m * (b - m) * x / ((qam + m2) * (a + m2)),
+            -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2)),
+        ):
+            d = 1.0 + aa * d
+            d = 1.0 / torch.where(d.abs() < tiny, torch.full_like(d, tiny), d)
+            c = 1.0 + aa / c
+            c = torch.where(c.abs() < tiny, torch.full_like(c, tiny), c)
+            h = h * d * c
+    return h
+
+
+def _betainc(a: float, b: float, x: torch.Tensor) -> torch.Tensor:
+    """Regularised incomplete beta I_x(a, b), using the symmetry I_x(a,b) = 1 - I_{1-x}(b,a)."""
+    x = x.clamp(0.0, 1.0)
+    lbeta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    xs = x.clamp(1e-300 if x.dtype == torch.float64 else 1e-38, 1.0 - 1e-7)
+    front = torch.exp(a * torch.log(xs) + b * torch.log1p(-xs) - lbeta)
+    direct = x < (a + 1.0) / (a + b + 2.0)
+    lower = front * _betacf(a, b, xs) / a
+    upper = 1.0 - front * _betacf(b, a, 1.0 - xs) / b
+    out = torch.where(direct, lower, upper)
+    out = torch.where(x <= 0, torch.zeros_like(out), out)
+    return torch.where(x >= 1, torch.ones_like(out), out).clamp(0.0, 1.0)
+
+
+def mixture_cdf(
+    ens: Ensemble, y: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
+    """F(y) = (1/S) sum_s F_s(y) for y [N] (or [K, N]) and components [S, N]."""
+    return _component_cdf(ens, y.unsqueeze(-2), mu, sigma).mean(-2)
+
+
+def mixture_quantiles(
+    ens: Ensemble, probs: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
+    """Quantiles [K, N] of the mixture at probabilities ``probs`` [K], by bisection."""
+    spread = sigma * (6.0 if ens.config.likelihood == "gaussian" else 60.0)
+    lo = (mu - spread).min(0).values.expand(probs.shape[0], -1).clone()
+    hi = (mu + spread).max(0).values.expand(probs.shape[0], -1).clone()
+    target = probs.unsqueeze(-1)
+    for _ in range(_BISECT_ITERS):
+        mid = 0.5 * (lo + hi)
+        below = mixture_cdf(ens, mid, mu, sigma) < target
+        lo = torch.where(below, mid, lo)
+        hi = torch.where(below, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+def predict(
+    ens: Ensemble,
+    x_nd: torch.Tensor,
+    levels: tuple[float, ...] = (0.95,),
+    y: torch.Tensor | None = None,
+    method: str = "mixture",
+) -> Prediction:
+    """Predictive summaries for rows ``x_nd`` [N, D] (see the module docstring).
+
+    ``levels`` are central credible levels in (0, 1); ``y`` [N] optional
+    observations for the tail probability / anomaly score.
+    """
+    for level in levels:
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"credible level must lie in (0, 1), got {level}")
+    if method not in ("mixture", "gaussian"):
+        raise ValueError(f"method must be 'mixture' or 'gaussian', got {method!r}")
+    with torch.no_grad():
+        mu, sigma = component_params(ens, x_nd)
+        mean = mu.mean(0)
+        epistemic = mu.var(0, unbiased=False)
+        bern = ens.config.likelihood == "bernoulli"
+        aleatoric = (mu * (1 - mu)).mean(0) if bern else _component_var(ens, sigma).mean(0)
+        total = epistemic + aleatoric
+        probs = torch.tensor(
+            [p for lv in levels for p in ((1 - lv) / 2, (1 + lv) / 2)],
+            dtype=mu.dtype,
+            device=mu.device,
+        )
+        if bern:
+            q = torch.quantile(mu, probs, dim=0)
+        elif method == "gaussian":
+            z = torch.special.ndtri(probs).unsqueeze(-1)
+            q = mean + z * total.sqrt()
+        else:
+            q = mixture_quantiles(ens, probs, mu, sigma)
+        intervals = {lv: (q[2 * i], q[2 * i + 1]) for i, lv in enumerate(levels)}
+        tail = score = None
+        if y is not None:
+            y = y.to(mu.dtype).reshape(-1)
+            if bern:
+                py = torch.where(y > 0.5, mu, 1 - mu).mean(0)
+                tail = py
+            else:
+                cdf = mixture_cdf(ens, y, mu, sigma)
+                tail = (2 * torch.minimum(cdf, 1 - cdf)).clamp(0, 1)
+            score = 1 - tail
+    return Prediction(
+        mean, total.sqrt(), epistemic.sqrt(), aleatoric.sqrt(), intervals, tail, score
+    )
+
+
+def log_predictive_density(ens: Ensemble, x_nd: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log p(y_i | x_i, D) under the mixture, [N] (log-mean-exp over samples)."""
+    from models.likelihoods import observation_dist
+
+    with torch.no_grad():
+        out = forward_layers(list(ens.layers), x_nd, ens.config.activation)
+        df = (
+            torch.tensor(ens.df)
+            if ens.config.likelihood == "student-t" and ens.df is not None
+            else None
+        )
+        lp = observation_dist(out, ens.config, df).log_prob(y.to(out.dtype))
+        return torch.logsumexp(lp, 0) - torch.log(torch.tensor(float(lp.shape[0])))

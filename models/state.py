@@ -1,0 +1,167 @@
+"""Explicit inference state: everything needed to resume a posterior exactly.
+
+Following BlackJAX/NumPyro, no inference state is hidden in a global store:
+``step(state, batch) -> (state, info)`` reads and returns a
+:class:`PosteriorState`.  States are immutable; a step builds new tensors and
+never mutates the old ones, so a rejected step can simply return its input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class PriorSpec:
+    """A diagonal Gaussian prior over the flat weight vector: N(loc, diag(scale^2)).
+
+    Shapes: ``loc`` [P], ``scale`` [P] (strictly positive).
+    """
+
+    loc: torch.Tensor
+    scale: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.loc.shape != self.scale.shape or self.loc.dim() != 1:
+            raise ValueError(
+                f"prior loc {tuple(self.loc.shape)} and scale {tuple(self.scale.shape)} must be equal 1-D shapes"
+            )
+
+    def to(self, device: torch.device | str) -> PriorSpec:
+        """Copy onto ``device``."""
+        return PriorSpec(self.loc.to(device), self.scale.to(device))
+
+
+@dataclass(frozen=True)
+class Minibatch:
+    """A batch of observations: ``x`` [N, D] float, ``y`` [N] float (0/1 for Bernoulli)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.x.dim() != 2 or self.y.dim() != 1 or self.x.shape[0] != self.y.shape[0]:
+            raise ValueError(
+                f"Minibatch needs x [N, D] and y [N]; got {tuple(self.x.shape)} and {tuple(self.y.shape)}"
+            )
+
+    @property
+    def rows(self) -> int:
+        """Number of observations N."""
+        return int(self.x.shape[0])
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one call of :func:`models.svi.step` did.
+
+    ``loss`` is the negative ELBO per observation (divided by the data size),
+    ``nll`` the expected negative log-likelihood per observation (one-sample
+    estimate), ``kl`` the KL(q || prior) in nats, ``grad_norm`` the L2 norm of
+    the last gradient.  ``rejected`` is True when the step produced a
+    non-finite loss or parameter and the old state was returned.
+    """
+
+    loss: float
+    nll: float
+    kl: float
+    grad_norm: float
+    rows: int
+    steps: int
+    rejected: bool = False
+
+
+@dataclass(frozen=True)
+class PosteriorState:
+    """The whole streaming-inference state of one model.
+
+    Attributes
+    ----------
+    config:
+        The model (architecture, likelihood, guide family).
+    params:
+        Variational parameters: ``loc`` [P], ``scale_unconstrained`` [P]
+        (s = softplus(.)), for the low-rank guide ``cov_factor`` [P, R], and for a
+        learned Student-t ``df_unconstrained`` [1] (df = 1 + softplus(.)).
+    opt_state:
+        Adam moments over the concatenated parameter vector: ``exp_avg`` [T],
+        ``exp_avg_sq`` [T] and ``step`` [] (float, as torch's Adam keeps it).
+    prior:
+        The prior the next update regularises towards (base prior, previous
+        posterior, or a widened mix; see :mod:`drift.policy`).
+    lr:
+        Adam learning rate of the next update.
+    step_count:
+        Gradient steps taken so far.
+    rng_state:
+        State of the device's random generator (uint8), restored before and
+        captured after every step, so a resumed run draws the same noise.
+    offsets:
+        ``"topic:partition" -> next offset to read``: the stream position this
+        posterior has absorbed up to.
+    records_absorbed:
+        Valid records absorbed.
+    extra:
+        JSON-able slot for other layers (drift/policy state).
+    """
+
+    config: ModelConfig
+    params: dict[str, torch.Tensor]
+    opt_state: dict[str, torch.Tensor]
+    prior: PriorSpec
+    lr: float
+    step_count: int = 0
+    rng_state: torch.Tensor = field(default_factory=lambda: torch.get_rng_state())
+    offsets: dict[str, int] = field(default_factory=dict)
+    records_absorbed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        """Device the variational parameters live on."""
+        return self.params["loc"].device
+
+    @property
+    def num_weights(self) -> int:
+        """Length P of the flat weight vector."""
+        return int(self.params["loc"].shape[0])
+
+    def posterior_scale(self) -> torch.Tensor:
+        """Marginal posterior standard deviations [P] (low-rank part included)."""
+        s = torch.nn.functional.softplus(self.params["scale_unconstrained"])
+        if "cov_factor" in self.params:
+            return torch.sqrt(s * s + self.params["cov_factor"].pow(2).sum(-1))
+        return s
+
+    def replace(self, **changes: Any) -> PosteriorState:
+        """A copy with ``changes`` applied (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    def to(self, device: torch.device | str) -> PosteriorState:
+        """Copy every tensor onto ``device`` (the RNG state follows the device's generator)."""
+        dev = torch.device(device)
+        if dev == self.device:
+            return self
+        rng = self.rng_state
+        if dev.type != self.device.type:
+            rng = _fresh_rng_state(dev, int(torch.randint(0, 2**31 - 1, (1,)).item()))
+        return dataclasses.replace(
+            self,
+            params={k: v.to(dev) for k, v in self.params.items()},
+            opt_state={k: v.to(dev) for k, v in self.opt_state.items()},
+            prior=self.prior.to(dev),
+            rng_state=rng,
+        )
+
+
+def _fresh_rng_state(device: torch.device, seed: int) -> torch.Tensor:
+    """A generator state for ``device`` seeded with ``seed`` (CPU uint8 tensor)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen.get_state()
