@@ -1,0 +1,203 @@
+"""Shared test fixtures: real services, clean and seeded state before each test.
+
+Services
+--------
+- ``kafka_bootstrap`` (session, ``"host:port"``) and ``redis_url`` (session,
+  ``"redis://host:port/0"``): testcontainers ``KafkaContainer`` /
+  ``RedisContainer`` when a Docker engine answers, else the embedded Tansu
+  broker and a local ``redis-server`` (:mod:`daemon.embedded`).  Started
+  lazily, only for tests that ask for them; never skipped.
+- ``fresh_topic`` (function): a new, created, 1-partition topic name.
+  ``topic_factory(partitions=1)`` makes more (e.g. multi-partition) topics.
+- ``fresh_group`` (function): a unique consumer group id.
+- ``redis_prefix`` (function): a unique key prefix, so tests sharing the
+  session's Redis never see each other's keys.
+- ``redis_server`` (function): an own :class:`~daemon.embedded.EmbeddedRedis`
+  that the test may ``stop()``/``kill()`` and ``start()`` again on the same
+  port (outage tests).  ``kafka_server`` (function) likewise gives an own
+  :class:`~daemon.embedded.EmbeddedKafka` (e.g. for broker-restart tests).
+- ``SESSION_TIMEOUT_MS`` (6000): the consumer-group session timeout tests
+  should use (Tansu's join takes about half of it).
+
+Markers: ``container`` tests are skipped cleanly when no Docker engine
+answers; ``service`` is applied automatically to tests that use a service
+fixture.
+
+Every test starts with ``random``, ``numpy`` and ``torch`` seeded to 0 and
+an empty Pyro param store; torch uses one thread for the whole session.
+Hypothesis has no deadline (timings are never assertions).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import uuid
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from hypothesis import settings
+
+from daemon.embedded import EmbeddedKafka, EmbeddedRedis
+
+SESSION_TIMEOUT_MS = 6000
+SEED = 0
+
+settings.register_profile("fogline", deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fogline"))
+
+_SERVICE_FIXTURES = frozenset(
+    {"kafka_bootstrap", "redis_url", "fresh_topic", "topic_factory", "redis_server", "kafka_server"}
+)
+
+
+@functools.cache
+def docker_available() -> bool:
+    """True when a Docker engine answers a ping within a few seconds."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=3)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``container`` tests without Docker; mark service-fixture users ``service``."""
+    skip_container: pytest.MarkDecorator | None = None
+    for item in items:
+        if item.get_closest_marker("container") is not None:
+            if skip_container is None:
+                skip_container = (
+                    None
+                    if docker_available()
+                    else pytest.mark.skip(reason="no Docker engine answers (container test)")
+                )
+            if skip_container is not None:
+                item.add_marker(skip_container)
+        if _SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.service)
+
+
+# --------------------------------------------------------------------------
+# clean, seeded state
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_clear() -> None:
+    """Seed every RNG and clear Pyro's param store before each test."""
+    import pyro
+    import torch
+
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)
+    pyro.clear_param_store()
+
+
+# --------------------------------------------------------------------------
+# services
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """``host:port`` of a Kafka-protocol broker for the whole session."""
+    if docker_available():
+        from testcontainers.community.kafka import KafkaContainer
+
+        with KafkaContainer() as kafka:
+            yield kafka.get_bootstrap_server()
+        return
+    with EmbeddedKafka() as kafka:
+        yield kafka.bootstrap_servers
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """``redis://host:port/0`` of a Redis server for the whole session."""
+    if docker_available():
+        from testcontainers.community.redis import RedisContainer
+
+        with RedisContainer() as redis:
+            host = redis.get_container_host_ip()
+            port = redis.get_exposed_port(redis.port)
+            yield f"redis://{host}:{port}/0"
+        return
+    with EmbeddedRedis() as redis:
+        yield redis.url
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def topic_factory(kafka_bootstrap: str) -> Callable[..., str]:
+    """``make(partitions=1, prefix="t") -> name``: create a new unique topic."""
+    from daemon.source import create_topic
+
+    def make(partitions: int = 1, prefix: str = "t") -> str:
+        name = _unique(prefix)
+        create_topic(kafka_bootstrap, name, partitions)
+        return name
+
+    return make
+
+
+@pytest.fixture
+def fresh_topic(topic_factory: Callable[..., str]) -> str:
+    """A new 1-partition topic (created), unique to this test."""
+    return topic_factory(1)
+
+
+@pytest.fixture
+def fresh_group() -> str:
+    """A consumer group id unique to this test."""
+    return _unique("g")
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A Redis key prefix unique to this test."""
+    return _unique("fogline-test")
+
+
+@pytest.fixture
+def redis_server() -> Iterator[EmbeddedRedis]:
+    """An own embedded redis-server the test may stop and restart (same port)."""
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def kafka_server() -> Iterator[EmbeddedKafka]:
+    """An own embedded Tansu broker the test may stop or kill."""
+    with EmbeddedKafka() as server:
+        yield server
+
+
+@pytest.fixture
+def session_timeout_ms() -> int:
+    """Consumer-group session timeout for tests (Tansu's join takes about half)."""
+    return SESSION_TIMEOUT_MS
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Say which services the fixtures will use."""
+    kind = "testcontainers (Docker)" if docker_available() else "embedded Tansu + redis-server"
+    return [f"fogline services: {kind}"]
