@@ -1,8 +1,8 @@
 """Bit-exact (de)serialisation of a :class:`PosteriorState`: safetensors + JSON.
 
 Layout of the bytes: one safetensors file.  Tensors are stored under
-``params.<name>``, ``opt.<name>``, ``prior.loc``, ``prior.scale`` and
-``rng_state``; the safetensors header metadata holds one key ``fogline`` whose
+``params.<name>``, ``opt.<name>``, ``prior.loc``, ``prior.scale``,
+``aux.<name>`` and ``rng_state``; the safetensors header metadata holds one key ``fogline`` whose
 value is a JSON document::
 
     {"schema_version": 1, "config": {...ModelConfig...}, "lr": ..., "step_count": ...,
@@ -52,6 +52,8 @@ def state_tensors(state: PosteriorState) -> dict[str, torch.Tensor]:
         out[f"opt.{k}"] = v
     out["prior.loc"] = state.prior.loc
     out["prior.scale"] = state.prior.scale
+    for k, v in state.aux.items():
+        out[f"aux.{k}"] = v
     out["rng_state"] = state.rng_state
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
@@ -105,6 +107,7 @@ def from_bytes(blob: bytes, device: torch.device | str = "cpu") -> PosteriorStat
         raise SnapshotFormatError("checksum mismatch: the snapshot is corrupt")
     params = {k[len("params.") :]: v for k, v in tensors.items() if k.startswith("params.")}
     opt = {k[len("opt.") :]: v for k, v in tensors.items() if k.startswith("opt.")}
+    aux = {k[len("aux.") :]: v for k, v in tensors.items() if k.startswith("aux.")}
     dev = torch.device(device)
     state = PosteriorState(
         config=ModelConfig.model_validate(meta["config"]),
@@ -117,6 +120,7 @@ def from_bytes(blob: bytes, device: torch.device | str = "cpu") -> PosteriorStat
         offsets={str(k): int(v) for k, v in meta["offsets"].items()},
         records_absorbed=int(meta["records_absorbed"]),
         extra=dict(meta["extra"]),
+        aux=aux,
     )
     return state.to(dev) if dev.type != "cpu" else state
 

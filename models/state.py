@@ -109,6 +109,10 @@ class PosteriorState:
         Valid records absorbed.
     extra:
         JSON-able slot for other layers (drift/policy state).
+    aux:
+        Named auxiliary tensors other layers need to resume exactly (e.g. the
+        drift layer's reference posterior and base prior); serialised under
+        ``aux.<name>``; never touched by :func:`models.svi.step`.
     """
 
     config: ModelConfig
@@ -121,6 +125,7 @@ class PosteriorState:
     offsets: dict[str, int] = field(default_factory=dict)
     records_absorbed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -156,6 +161,7 @@ class PosteriorState:
             params={k: v.to(dev) for k, v in self.params.items()},
             opt_state={k: v.to(dev) for k, v in self.opt_state.items()},
             prior=self.prior.to(dev),
+            aux={k: v.to(dev) for k, v in self.aux.items()},
             rng_state=rng,
         )
 
