@@ -45,6 +45,7 @@ _TS_MS_MAX = 2**63 - 1
 
 _loads = json.loads
 _isfinite = math.isfinite
+_NUM_TYPES = frozenset({float, int})
 
 
 class DecodeError(ValueError):
@@ -215,28 +216,34 @@ class Decoder:
         if type(xv) is dict and len(xv) != self.n_features:
             extra = sorted(str(k) for k in xv if k not in self._set)
             raise DecodeError("unknown_feature", ",".join(extra)[:200])
-        # fast path: every value a float/int whose sum is finite -> all finite
-        try:
-            fast = (
-                all(type(v) is float for v in vals)
-                and _isfinite(s := sum(vals))
-                and (-F32_MAX <= s <= F32_MAX)
-            )
-        except TypeError:
-            fast = False
-        if fast and all(-F32_MAX <= v <= F32_MAX for v in vals):
-            x: tuple[float, ...] = tuple(vals)
-        else:
+        # Fast path, all C-level: only float/int values, and sum, max and min
+        # within float32 range (a NaN or inf fails the comparisons).  Anything
+        # else takes the exact per-value path, which names the culprit.
+        types = set(map(type, vals))
+        x: tuple[float, ...] | None = None
+        if types <= _NUM_TYPES:
+            try:
+                s = sum(vals)
+                if -F32_MAX <= s <= F32_MAX and max(vals) <= F32_MAX and min(vals) >= -F32_MAX:
+                    x = tuple(vals) if int not in types else tuple(map(float, vals))
+            except OverflowError:
+                x = None
+        if x is None:
             x = tuple(_number(v, f"x[{i}]") for i, v in enumerate(vals))
-        y = _number(yv, "y")
+        y = yv if type(yv) is float and -F32_MAX <= yv <= F32_MAX else _number(yv, "y")
         tsv = obj.get("ts")
-        if tsv is None:
+        if type(tsv) is float and 0.0 <= tsv < SECONDS_LIMIT:
+            ts = round(tsv * 1000.0)
+        elif tsv is None:
             if default_ts_ms is None or default_ts_ms < 0:
                 raise DecodeError("bad_ts", "no ts and no record timestamp")
             ts = int(default_ts_ms)
         else:
             ts = _ts_ms(tsv)
-        return Record(x, y, ts, _key(obj.get("key")))
+        key = obj.get("key")
+        if key is not None and type(key) is not str:
+            key = _key(key)
+        return Record(x, y, ts, key)
 
     def decode(
         self, value: bytes | bytearray | str | None, default_ts_ms: int | None = None
