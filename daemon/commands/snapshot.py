@@ -105,7 +105,12 @@ def _list(args: argparse.Namespace, settings: Settings, store: SnapshotStore) ->
     table = Table(title=f"snapshots of {store.model_name!r} ({store.url})")
     for col in ("version", "created (UTC)", "records", "offsets", "size", "checksum", "writer"):
         right = col in ("version", "records", "size")
-        table.add_column(col, justify="right" if right else "left", no_wrap=col != "offsets")
+        table.add_column(
+            col,
+            justify="right" if right else "left",
+            no_wrap=col != "offsets",
+            min_width=14 if col == "offsets" else None,
+        )
     for m in metas:
         mark = " *" if m.version == latest else ""
         table.add_row(
@@ -114,10 +119,12 @@ def _list(args: argparse.Namespace, settings: Settings, store: SnapshotStore) ->
             f"{m.records_absorbed:,}",
             _offsets_text(m.offsets),
             _size(m.size),
-            m.checksum[:12],
+            m.checksum[:8],
             m.writer,
         )
     console = Console()
+    if not console.is_terminal:  # piped: do not squeeze the table into 80 columns
+        console = Console(width=160)
     if not metas:
         console.print(f"model {store.model_name!r} has no snapshots at {store.url}")
         return 0
