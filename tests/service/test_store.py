@@ -223,7 +223,7 @@ def test_second_owner_cannot_take_the_lease(store: SnapshotStore) -> None:
     store.release(b)
 
 
-def test_expired_lease_loses_the_write(store: SnapshotStore) -> None:
+def test_expired_lease_loses_the_write(store: SnapshotStore, raw: redis.Redis) -> None:
     lease = store.acquire_lease("daemon-a", ttl_s=0.05)
     assert lease is not None
     before = _write(store, b"before", 1, lease=lease)
@@ -233,8 +233,10 @@ def test_expired_lease_loses_the_write(store: SnapshotStore) -> None:
     with pytest.raises(LeaseLost):
         _write(store, b"after", 2, lease=lease)
     assert store.latest_version() == before.version
+    assert store.list_versions() == [before]
     assert store.read().blob == b"before"
     assert not store.renew(lease)
+    assert raw.keys(f"{store.base}:staging:*") == []  # the refused blob left nothing behind
 
 
 # --------------------------------------------------------------------------
