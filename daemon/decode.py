@@ -129,7 +129,12 @@ def _number(v: Any, what: str) -> float:
     return f
 
 
-def _ts_ms(v: Any) -> int:
+def parse_ts(v: Any) -> int:
+    """A ``ts`` field (number or ISO-8601 string, see module doc) as epoch ms.
+
+    >>> parse_ts(1.5), parse_ts(1_700_000_000_000), parse_ts("1970-01-01T00:00:02Z")
+    (1500, 1700000000000, 2000)
+    """
     t = type(v)
     if t is int or t is float:
         f = float(v) if t is float else v
@@ -239,7 +244,7 @@ class Decoder:
                 raise DecodeError("bad_ts", "no ts and no record timestamp")
             ts = int(default_ts_ms)
         else:
-            ts = _ts_ms(tsv)
+            ts = parse_ts(tsv)
         key = obj.get("key")
         if key is not None and type(key) is not str:
             key = _key(key)

@@ -86,6 +86,31 @@ def _to_raw(rec: Any) -> RawRecord:
     )
 
 
+def security_kwargs(kafka: Any) -> dict[str, Any]:
+    """kafka-python security settings from a ``KafkaSettings``-like object.
+
+    Reads ``security_protocol``, ``sasl_mechanism``, ``sasl_username`` and
+    ``sasl_password`` (a ``SecretStr`` or plain string) when present, and
+    returns only what differs from kafka-python's defaults.
+    """
+    out: dict[str, Any] = {}
+    proto = getattr(kafka, "security_protocol", None)
+    if proto and proto != "PLAINTEXT":
+        out["security_protocol"] = proto
+    mech = getattr(kafka, "sasl_mechanism", None)
+    if mech:
+        out["sasl_mechanism"] = mech
+    user = getattr(kafka, "sasl_username", None)
+    if user is not None:
+        out["sasl_plain_username"] = user
+    pw = getattr(kafka, "sasl_password", None)
+    if pw is not None:
+        out["sasl_plain_password"] = (
+            pw.get_secret_value() if hasattr(pw, "get_secret_value") else str(pw)
+        )
+    return out
+
+
 # --------------------------------------------------------------------------
 # admin helpers
 # --------------------------------------------------------------------------
