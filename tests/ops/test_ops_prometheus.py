@@ -154,7 +154,7 @@ def test_promtool_rejects_broken_config(name: str, mutate: Mutation, tmp_path: P
         ),
         ("unbalanced parenthesis", replace("> 0.1\n", ")) > 0.1\n")),
         ("bad for", RULE_BREAKS["bad for duration"][0]),
-        ("bad template", replace("{{ $labels.instance }} cannot", "{{ $labels.instance cannot")),
+        ("bad template", replace("{{ $labels.endpoint }} is", "{{ $labels.endpoint is")),
     ],
 )
 def test_promtool_rejects_broken_rules(name: str, mutate: Mutation, tmp_path: Path) -> None:
@@ -186,6 +186,11 @@ def test_alert_unit_tests_pass() -> None:
                 "sum(fogline_consumer_lag) > 100000",
             ),
             "FoglineConsumerLagGrowing",
+        ),
+        (
+            "redis judged per replica (standbys report 0)",
+            replace("max by (job) (fogline_redis_up) == 0", "fogline_redis_up == 0"),
+            "FoglineRedisDown",
         ),
         (
             "snapshot age judged on one replica",
