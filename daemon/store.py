@@ -86,7 +86,20 @@ SCHEMA_VERSION: Final = 1
 EVENTS_MAXLEN: Final = 1000
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_UNAVAILABLE_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "MISCONF", "BUSY", "CLUSTERDOWN")
+#: Expiry of a staging key whose script did not run (removed on success).
+_STAGING_TTL_MS: Final = 600_000
+#: Replies meaning "not now" rather than "wrong": the caller backs off and retries.
+_UNAVAILABLE_ERRORS: Final = (
+    redis.ConnectionError,  # refused, reset, LOADING (BusyLoadingError), too many clients
+    redis.TimeoutError,
+    redis.exceptions.NoScriptError,  # script cache emptied by a restart: a retry reloads it
+    redis.exceptions.ReadOnlyError,  # failover: connected to a replica
+    redis.exceptions.MasterDownError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.OutOfMemoryError,  # maxmemory reached
+)
+_UNAVAILABLE_REPLIES: Final = ("MISCONF", "BUSY")  # no exception class of their own
 
 log = structlog.get_logger(__name__)
 
@@ -228,6 +241,7 @@ if top[2] and v <= tonumber(top[2]) then
   redis.call('SET', KEYS[1], v)
 end
 redis.call('RENAME', KEYS[6], base .. ':snap:' .. v)
+redis.call('PERSIST', base .. ':snap:' .. v)
 local meta = base .. ':meta:' .. v
 redis.call('DEL', meta)
 local fields = {'version', tostring(v)}
@@ -402,10 +416,14 @@ class SnapshotStore:
     def _guard(self, op: str) -> Iterator[None]:
         try:
             yield
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(f"redis unavailable at {self.url} ({op}): {exc}") from exc
+        except _UNAVAILABLE_ERRORS as exc:
+            raise StoreUnavailable(
+                f"redis unavailable at {self.url} ({op}): {type(exc).__name__}: {exc}"
+            ) from exc
         except redis.ResponseError as exc:
-            if str(exc).startswith(_UNAVAILABLE_REPLIES):
+            # Errors inside a pipeline read "Command # 2 (...) caused error: <reply>".
+            reply = str(exc).rsplit("caused error: ", 1)[-1]
+            if reply.startswith(_UNAVAILABLE_REPLIES):
                 raise StoreUnavailable(f"redis refused {op} at {self.url}: {exc}") from exc
             raise
 
@@ -475,7 +493,9 @@ class SnapshotStore:
         with self._guard("write"):
             try:
                 pipe = self._client.pipeline(transaction=True)
-                pipe.set(staging, blob)
+                # The TTL only matters if the script never ran (NOSCRIPT after a
+                # restart between script load and EXEC): the orphan then expires.
+                pipe.set(staging, blob, px=_STAGING_TTL_MS)
                 self._write(keys=keys, args=args, client=pipe)
                 version = int(pipe.execute()[1])
             except redis.ResponseError as exc:

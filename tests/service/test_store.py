@@ -142,6 +142,8 @@ def test_write_is_consistent_at_every_step(store: SnapshotStore, raw: redis.Redi
         assert raw.get(store.snap_key(meta.version)) == bytes([i]) * 100
         assert int(raw.hget(store.meta_key(meta.version), "version") or 0) == meta.version
         assert raw.zscore(store.keys_versions, str(meta.version)) == meta.version
+        assert raw.ttl(store.snap_key(meta.version)) == -1  # the staging TTL is gone
+    assert raw.keys(f"{store.base}:staging:*") == []
 
 
 def test_readers_never_see_a_torn_snapshot(redis_url: str, store: SnapshotStore) -> None:
@@ -175,6 +177,15 @@ def test_readers_never_see_a_torn_snapshot(redis_url: str, store: SnapshotStore)
     assert not errors
     assert store.latest_version() == n_writes + 1
     assert len(seen) > 1  # the reader really raced the writer
+
+
+def test_emptied_script_cache_is_a_retryable_outage(store: SnapshotStore, raw: redis.Redis) -> None:
+    """After a Redis restart the script cache is empty; a write then either
+    reloads the script itself or fails as StoreUnavailable, never otherwise."""
+    _write(store, b"one", 1)
+    raw.script_flush()
+    assert _write(store, b"two", 2).version == 2  # redis-py reloads before MULTI
+    assert store.read().blob == b"two"
 
 
 def test_retention_trims_old_versions(store: SnapshotStore, raw: redis.Redis) -> None:
