@@ -599,6 +599,7 @@ def dashboard_problems(text: str, known: Iterable[str], datasource_uids: set[str
         if key not in dash:
             problems.append(f"dashboard has no {key!r}")
     ids: set[int] = set()
+    occupied: dict[tuple[int, int], str] = {}
     used_families: set[str] = set()
     for panel in dash.get("panels") or []:
         title = panel.get("title", "?")
@@ -611,6 +612,13 @@ def dashboard_problems(text: str, known: Iterable[str], datasource_uids: set[str
             or pos.get("x", 0) + pos.get("w", 0) > 24
         ):
             problems.append(f"{title}: bad gridPos {pos}")
+        else:
+            xs, ys = range(pos["x"], pos["x"] + pos["w"]), range(pos["y"], pos["y"] + pos["h"])
+            cells = {(x, y) for x in xs for y in ys}
+            clash = {occupied[c] for c in cells & occupied.keys()}
+            if clash:
+                problems.append(f"{title}: overlaps {sorted(clash)}")
+            occupied.update(dict.fromkeys(cells, str(title)))
         if panel.get("type") == "row":
             continue
         uid = (panel.get("datasource") or {}).get("uid")

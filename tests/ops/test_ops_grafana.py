@@ -44,6 +44,16 @@ def _drop_panel(title: str) -> Mutation:
     return mutate
 
 
+def _move_panel(title: str, x: int) -> Mutation:
+    def mutate(text: str) -> str:
+        dash = json.loads(text)
+        (panel,) = [p for p in dash["panels"] if p.get("title") == title]
+        panel["gridPos"]["x"] = x
+        return json.dumps(dash)
+
+    return mutate
+
+
 def _duplicate_first_id(text: str) -> str:
     dash = json.loads(text)
     dash["panels"][2]["id"] = dash["panels"][1]["id"]
@@ -69,6 +79,10 @@ DASHBOARD_BREAKS: dict[str, tuple[Mutation, str]] = {
         "datasource uid 'prom-main' is not provisioned",
     ),
     "panel off the grid": (replace('"w": 8,', '"w": 28,'), "bad gridPos"),
+    "overlapping panels": (
+        _move_panel("Surprisal", x=6),
+        "Surprisal: overlaps ['Predictive KL and threshold']",
+    ),
     "KL threshold no longer shown": (
         _drop_panel("Predictive KL and threshold"),
         "fogline_predictive_kl_threshold",
