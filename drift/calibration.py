@@ -28,6 +28,7 @@ exponential maximum-likelihood estimate ``sum(run lengths) / alarms``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -123,13 +124,14 @@ def calibrate_threshold(
         Block length of the moving-block bootstrap (1 = i.i.d.); pick about the
         signal's autocorrelation time.
     n_streams, length:
-        Number and length of the simulated streams (default length: ``ert``).
+        Number and length of the simulated streams (default length: ``min(ert, 250)``;
+        the geometric run-length model carries the fit to the full ERT).
     """
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 1 or v.shape[0] < 2:
         raise ValueError("values: need a 1-D reference window of at least 2 batches")
     rng = np.random.Generator(np.random.PCG64(seed))
-    length = int(length or max(int(ert), consecutive + 1))
+    length = int(length or max(min(int(ert), 250), consecutive + 1))
     fit = block_bootstrap(v, n_streams, length, block, rng)
     check = block_bootstrap(v, n_streams, length, block, rng)
     threshold, ert_est = _fit_from_streams(fit, ert, consecutive, check)
@@ -148,37 +150,47 @@ def calibrate_threshold(
 
 
 def calibrate_batch_statistic(
-    record_values: FloatArray,
+    record_values: npt.ArrayLike,
     batch_size: int,
     ert: float,
-    statistic: str = "mean",
+    statistic: str | Callable[[FloatArray], FloatArray] = "mean",
     consecutive: int = 1,
     n_streams: int = 1000,
     length: int | None = None,
     seed: int = 0,
 ) -> Calibration:
-    """Threshold on a batch signal ``s_t = stat_i v_i`` by bootstrapping records.
+    """Threshold on a batch signal ``s_t = stat(records of batch t)`` by bootstrapping records.
 
-    ``statistic`` is ``mean`` or ``median`` over the batch's records.  Valid
-    when the per-record values ``v_i`` are exchangeable under no drift, e.g.
-    the per-record NLL under a *fixed* reference posterior (the surprisal):
-    each simulated batch draws ``batch_size`` records with replacement from
-    the reference window.
+    ``record_values`` is ``[R]`` (or ``[R, C]`` for several per-record
+    columns); ``statistic`` is ``mean``, ``median`` or a function mapping
+    ``[..., B]`` (``[..., B, C]``) to ``[...]``.  Valid when the records are
+    exchangeable under no drift, e.g. per-record NLL under a *fixed*
+    reference posterior (the surprisal): each simulated batch draws
+    ``batch_size`` records with replacement from the reference window.
     """
-    if statistic not in ("mean", "median"):
-        raise ValueError("statistic: 'mean' or 'median'")
-    reduce = np.mean if statistic == "mean" else np.median
-    v = np.asarray(record_values, dtype=np.float64).ravel()
+    v = np.asarray(record_values, dtype=np.float64)
     if v.shape[0] < batch_size:
         raise ValueError("record_values: need at least one batch of reference records")
+    if callable(statistic):
+        reduce = statistic
+        name = getattr(statistic, "__name__", "custom")
+    elif statistic in ("mean", "median"):
+        fn = np.mean if statistic == "mean" else np.median
+        name = statistic
+
+        def reduce(a: FloatArray) -> FloatArray:
+            return np.asarray(fn(a, axis=-1))
+
+    else:
+        raise ValueError("statistic: 'mean', 'median' or a callable")
     rng = np.random.Generator(np.random.PCG64(seed))
-    length = int(length or max(int(ert), consecutive + 1))
+    length = int(length or max(min(int(ert), 250), consecutive + 1))
 
     def streams() -> FloatArray:
         out = np.empty((n_streams, length))
         for i in range(n_streams):  # row by row keeps memory at length * batch_size
             idx = rng.integers(0, v.shape[0], size=(length, batch_size))
-            out[i] = reduce(v[idx], axis=1)
+            out[i] = reduce(v[idx])
         return out
 
     threshold, ert_est = _fit_from_streams(streams(), ert, consecutive, streams())
@@ -191,7 +203,7 @@ def calibrate_batch_statistic(
         n_streams=n_streams,
         block=1,
         reference_size=int(v.shape[0]),
-        method=f"record_bootstrap_{statistic}",
+        method=f"record_bootstrap_{name}",
         seed=seed,
     )
 

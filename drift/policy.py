@@ -1,0 +1,351 @@
+"""The adaptation policy: a pure state machine over per-batch signals.
+
+``policy_step(policy_state, signals, monitor) -> (policy_state, Action)`` is
+called once per batch *before* the SVI step (by the daemon's pipeline and by
+:mod:`drift.experiment` alike, through :class:`drift.runner.DriftLoop`).  The
+policy state is a JSON-able dict (it rides in ``PosteriorState.extra["drift"]``
+and so in every snapshot); the monitor is any River-protocol detector.
+
+States and transitions (every transition is logged as ``policy_transition``
+and appended to ``policy_state["transitions"]``)::
+
+    stable --alarm--> shifted --cooldown batches--> recovering
+    recovering --step_kl <= kl_threshold for W batches (or max_recovery)--> stable
+                 (re-anchor the reference, re-calibrate for calibration_batches)
+
+Alarms are only possible in ``stable`` once calibration is done (hysteresis:
+nothing is re-detected while the model is still adapting).  Every policy runs
+the same machine, so detections are comparable; they differ in the *action*:
+
+``none``   frozen base prior, data size N, base lr: plain streaming SVI.
+``vb``     posterior-as-prior streaming VB (prior = q_{t-1}, data size = batch
+           rows), never reacts to alarms.
+``reset``  on alarm the posterior restarts from the base prior (fresh q, zeroed
+           Adam moments); otherwise as ``none``.
+``forget`` on alarm, and through ``shifted``/``recovering``, each batch's prior
+           is the stabilised-forgetting mix of the current posterior and the
+           base prior (:func:`forgetting_prior`), absorbed as exact streaming
+           (data size = batch rows), with Adam's moments zeroed on entry, a
+           boosted learning rate that is lowered geometrically back to the base
+           one, and gamma lowered with it; on return to ``stable`` the prior and
+           learning rate return to normal.  In every state, a batch with gross
+           outliers that is *not* a sustained shift (0 < outlier fraction <=
+           ``max_outlier_fraction``) has its outlier records dropped and the rest
+           absorbed with the bounded likelihood weight
+           ``beta = max(min_weight, 1 - outlier_fraction)`` (generalised Bayes:
+           p(w | D) ∝ p(w) p(D | w)^beta).
+
+Stabilised forgetting (Kulhavý & Zarrop): with q = N(m_q, s_q^2) and base prior
+p0 = N(m_0, s_0^2) per coordinate, the prior ∝ q^(1-γ) p0^γ is Gaussian with
+natural parameters mixed linearly,
+
+    precision  λ = (1-γ)/s_q^2 + γ/s_0^2
+    mean       m = [(1-γ) m_q/s_q^2 + γ m_0/s_0^2] / λ,
+
+so no coordinate's precision can fall below γ/s_0^2 (its variance never blows
+up past s_0^2/γ), and γ = 0 is exact Bayesian streaming (prior = posterior).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import structlog
+import torch
+
+from drift.monitors import ThresholdMonitor
+
+PolicyName = Literal["none", "reset", "forget", "vb"]
+POLICIES: tuple[str, ...] = ("none", "reset", "forget", "vb")
+Mode = Literal["stable", "shifted", "recovering"]
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Settings of the policy (stored inside the policy state as a dict).
+
+    Parameters
+    ----------
+    name:
+        ``none``, ``reset``, ``forget`` or ``vb``.
+    signal:
+        Which signal feeds the monitor (default ``surprisal_inlier``).
+    gamma:
+        Forgetting weight on the base prior on entering ``shifted``.
+    lr_boost:
+        Learning-rate multiplier on entering ``shifted``; lowered geometrically
+        by ``decay`` per batch in ``recovering``, back to 1 in ``stable``.
+    shift_steps:
+        SVI steps per batch while ``shifted`` (the daemon's own count otherwise).
+    cooldown:
+        Batches spent in ``shifted`` before ``recovering``.
+    recovery_window:
+        W: consecutive batches with ``step_kl <= kl_threshold`` that end recovery
+        (once at least ``min_recovery`` batches were spent recovering).
+    max_recovery:
+        Recovery ends after this many batches in any case.
+    calibration_batches:
+        Batches of no-drift data collected after (re-)anchoring to fit the thresholds.
+    max_outlier_fraction, min_weight:
+        Outlier down-weighting (see the module docstring).
+    """
+
+    name: PolicyName = "forget"
+    signal: str = "surprisal_inlier"
+    gamma: float = 0.3
+    lr_boost: float = 3.0
+    decay: float = 0.9
+    shift_steps: int = 2
+    cooldown: int = 5
+    recovery_window: int = 5
+    min_recovery: int = 15
+    max_recovery: int = 60
+    calibration_batches: int = 40
+    max_outlier_fraction: float = 0.4
+    min_weight: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.name not in POLICIES:
+            raise ValueError(f"policy {self.name!r}: choose from {POLICIES}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError("gamma must lie in [0, 1]")
+        if not 0.0 < self.min_weight <= 1.0:
+            raise ValueError("min_weight must lie in (0, 1]")
+
+
+@dataclass(frozen=True)
+class Action:
+    """What the caller must do to the posterior before (and after) this batch's step.
+
+    ``prior``: ``base`` (the base prior p0), ``posterior`` (q_{t-1}, streaming VB)
+    or ``forget`` (:func:`forgetting_prior` with ``gamma``); ``streaming``: use
+    data size = the batch's rows instead of the configured N; ``lr_scale``
+    multiplies the base learning rate; ``drop_outliers``: remove records whose
+    anomaly score marks them gross outliers; ``reset_posterior`` /
+    ``reset_optimizer``: restart q from the base prior / zero Adam's moments;
+    ``reanchor``: after the step, anchor the reference at the new posterior and
+    collect ``calibration_batches`` batches to refit the thresholds.
+    """
+
+    mode: str
+    prior: Literal["base", "posterior", "forget"] = "base"
+    gamma: float = 0.0
+    streaming: bool = False
+    lr_scale: float = 1.0
+    num_steps: int | None = None
+    likelihood_weight: float = 1.0
+    drop_outliers: bool = False
+    reset_posterior: bool = False
+    reset_optimizer: bool = False
+    reanchor: bool = False
+    alarm: bool = False
+    calibrating: bool = False
+    transition: tuple[str, str] | None = None
+
+
+def init_policy_state(config: PolicyConfig, threshold: float = math.inf) -> dict[str, Any]:
+    """A fresh JSON-able policy state (calibrating from the first batch)."""
+    return {
+        "config": asdict(config),
+        "mode": "stable",
+        "batch": 0,
+        "mode_since": 0,
+        "quiet": 0,
+        "calibrating": config.calibration_batches,
+        "threshold": threshold,
+        "kl_threshold": math.inf,
+        "alarms": 0,
+        "last_alarm": None,
+        "transitions": [],
+        "monitor": {},
+    }
+
+
+def _transition(ps: dict[str, Any], new: str, reason: str) -> tuple[str, str]:
+    old = ps["mode"]
+    ps["transitions"] = [
+        *ps["transitions"][-49:],
+        {"batch": ps["batch"], "from": old, "to": new, "reason": reason},
+    ]
+    ps["mode"] = new
+    ps["mode_since"] = ps["batch"]
+    ps["quiet"] = 0
+    log.info(
+        "policy_transition",
+        policy=ps["config"]["name"],
+        batch=ps["batch"],
+        from_mode=old,
+        to_mode=new,
+        reason=reason,
+    )
+    return old, new
+
+
+def policy_step(
+    policy_state: dict[str, Any], signals: dict[str, float], monitor: Any
+) -> tuple[dict[str, Any], Action]:
+    """Advance the policy by one batch.
+
+    Parameters
+    ----------
+    policy_state:
+        The JSON-able state (:func:`init_policy_state`); not mutated.
+    signals:
+        This batch's pre-update signals (``surprisal_inlier``,
+        ``outlier_fraction``, ...) plus the previous batch's ``step_kl``.
+    monitor:
+        A River-protocol detector; ``update`` is called with
+        ``signals[config.signal]`` in ``stable`` once calibrated.  A
+        :class:`~drift.monitors.ThresholdMonitor`'s running state is mirrored
+        into ``policy_state["monitor"]``.
+
+    Returns
+    -------
+    The new policy state and the :class:`Action` for this batch.
+    """
+    ps = copy.deepcopy(policy_state)
+    cfg = PolicyConfig(**ps["config"])
+    b = int(ps["batch"])
+    alarm = False
+    transition: tuple[str, str] | None = None
+    calibrating = ps["calibrating"] > 0
+    if ps["mode"] == "stable" and not calibrating:
+        monitor.update(float(signals[cfg.signal]))
+        alarm = bool(monitor.drift_detected)
+        if alarm:
+            ps["alarms"] += 1
+            ps["last_alarm"] = b
+            log.info(
+                "drift_detected",
+                policy=cfg.name,
+                batch=b,
+                signal=cfg.signal,
+                value=float(signals[cfg.signal]),
+                threshold=ps["threshold"],
+            )
+            transition = _transition(ps, "shifted", "alarm")
+    elif ps["mode"] == "shifted" and b - ps["mode_since"] >= cfg.cooldown:
+        transition = _transition(ps, "recovering", "cooldown_over")
+    reanchor = False
+    if ps["mode"] == "recovering":
+        step_kl = float(signals.get("step_kl", math.nan))
+        ps["quiet"] = ps["quiet"] + 1 if step_kl <= ps["kl_threshold"] else 0
+        settled = ps["quiet"] >= cfg.recovery_window and b - ps["mode_since"] >= cfg.min_recovery
+        if settled or b - ps["mode_since"] >= cfg.max_recovery:
+            reason = "kl_settled" if settled else "max_recovery"
+            transition = _transition(ps, "stable", reason)
+            reanchor = True
+            ps["calibrating"] = cfg.calibration_batches
+    elif calibrating:
+        ps["calibrating"] -= 1
+    if isinstance(monitor, ThresholdMonitor):
+        ps["monitor"] = monitor.state_dict()
+
+    frac = float(signals.get("outlier_fraction", 0.0))
+    outlier_batch = 0.0 < frac <= cfg.max_outlier_fraction
+    mode = ps["mode"]
+    since = b - ps["mode_since"]
+    action = Action(mode=mode, alarm=alarm, transition=transition, reanchor=reanchor)
+    if cfg.name == "vb":
+        action = Action(
+            mode=mode,
+            prior="posterior",
+            streaming=True,
+            alarm=alarm,
+            transition=transition,
+            reanchor=reanchor,
+        )
+    elif cfg.name == "reset" and alarm:
+        action = Action(
+            mode=mode,
+            reset_posterior=True,
+            reset_optimizer=True,
+            alarm=alarm,
+            transition=transition,
+        )
+    elif cfg.name == "forget":
+        weight = max(cfg.min_weight, 1.0 - frac) if outlier_batch else 1.0
+        common: dict[str, Any] = {
+            "mode": mode,
+            "alarm": alarm,
+            "transition": transition,
+            "reanchor": reanchor,
+            "drop_outliers": outlier_batch,
+            "likelihood_weight": weight,
+        }
+        if mode == "shifted":
+            action = Action(
+                prior="forget",
+                gamma=cfg.gamma,
+                streaming=True,
+                lr_scale=cfg.lr_boost,
+                num_steps=cfg.shift_steps,
+                reset_optimizer=alarm,
+                **common,
+            )
+        elif mode == "recovering":
+            k = cfg.decay ** (since + 1)
+            action = Action(
+                prior="forget",
+                gamma=cfg.gamma * k,
+                streaming=True,
+                lr_scale=1.0 + (cfg.lr_boost - 1.0) * k,
+                **common,
+            )
+        else:
+            action = Action(reset_optimizer=reanchor, **common)
+    action = Action(**{**asdict(action), "calibrating": ps["calibrating"] > 0})
+    ps["batch"] = b + 1
+    return ps, action
+
+
+def forgetting_prior(
+    loc_q: torch.Tensor,
+    scale_q: torch.Tensor,
+    loc_0: torch.Tensor,
+    scale_0: torch.Tensor,
+    gamma: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stabilised forgetting of a mean-field Gaussian: q^(1-γ) · p0^γ, normalised.
+
+    Returns ``(loc, scale)`` [P] of the Gaussian with precision
+    ``(1-γ)/s_q² + γ/s_0²`` and the precision-weighted mean (module docstring).
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError("gamma must lie in [0, 1]")
+    prec_q = scale_q.pow(-2)
+    prec_0 = scale_0.pow(-2)
+    prec = (1.0 - gamma) * prec_q + gamma * prec_0
+    loc = ((1.0 - gamma) * prec_q * loc_q + gamma * prec_0 * loc_0) / prec
+    return loc, prec.rsqrt()
+
+
+def forget_natural(
+    precision_q: torch.Tensor,
+    shift_q: torch.Tensor,
+    precision_0: torch.Tensor,
+    shift_0: torch.Tensor,
+    gamma: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same operator on full natural parameters (precision Λ [P, P], shift η = Λ m [P]).
+
+    ``Λ = (1-γ) Λ_q + γ Λ_0``, ``η = (1-γ) η_q + γ η_0``: used by the conjugate
+    check, where the posterior is a full-covariance Gaussian.
+    """
+    return (1.0 - gamma) * precision_q + gamma * precision_0, (
+        1.0 - gamma
+    ) * shift_q + gamma * shift_0
+
+
+@dataclass
+class PolicyLog:
+    """Per-batch record of modes, alarms and actions (for plots and metrics)."""
+
+    modes: list[str] = field(default_factory=list)
+    alarms: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)

@@ -1,0 +1,250 @@
+"""One batch of the drift loop: signals -> monitor -> policy -> step -> signals.
+
+:class:`DriftLoop` is the code the daemon's pipeline and ``fogline
+experiment`` share.  Per batch (``process`` = ``prepare`` + ``models.svi.step``
++ ``finish``):
+
+1. ``prepare``: score the batch under the reference posterior *before* the
+   update (surprisal, anomaly scores, outlier fraction), call
+   :func:`drift.policy.policy_step`, and apply its :class:`~drift.policy.Action`
+   to the state (prior swap, learning rate, posterior/optimizer reset) and to
+   the batch (drop gross outliers); return the step's keyword arguments
+   (``num_steps``, ``data_size``, ``likelihood_weight``).
+2. the caller runs ``models.svi.step(state, batch, **kwargs)``.
+3. ``finish``: post-update signals (predictive KL vs the reference, step KL,
+   weight KL), collect calibration data, re-anchor the reference and refit the
+   thresholds when the policy asks, and store the policy state in
+   ``state.extra["drift"]``.  ``records_absorbed`` counts every record of the
+   batch, dropped outliers included (they were seen and given weight 0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+
+from drift.calibration import Calibration, calibrate_batch_statistic
+from drift.monitors import ThresholdMonitor
+from drift.policy import Action, PolicyConfig, forgetting_prior, init_policy_state, policy_step
+from drift.signals import (
+    RecordScores,
+    Reference,
+    make_reference,
+    post_update_signals,
+    pre_update_signals,
+)
+from models.predictive import Ensemble
+from models.priors import posterior_as_prior
+from models.state import Minibatch, PosteriorState, PriorSpec, StepInfo
+from models.svi import init_state, reset_optimizer, step
+
+log = structlog.get_logger()
+
+
+def inlier_batch_statistic(max_outlier_fraction: float) -> Any:
+    """Vectorised ``surprisal_inlier`` over bootstrap batches ``v [..., B, 2]``
+    (column 0 the record NLL, column 1 the outlier flag)."""
+
+    def stat(v: np.ndarray) -> np.ndarray:
+        nll, out = v[..., 0], v[..., 1] > 0.5
+        frac = out.mean(-1, keepdims=True)
+        keep = (~out) | (frac > max_outlier_fraction)
+        return np.asarray((nll * keep).sum(-1) / np.maximum(keep.sum(-1), 1))
+
+    return stat
+
+
+@dataclass
+class Prepared:
+    """Output of :meth:`DriftLoop.prepare`."""
+
+    state: PosteriorState
+    batch: Minibatch
+    step_kwargs: dict[str, Any]
+    action: Action
+    signals: dict[str, float]
+    scores: RecordScores
+    x_all: torch.Tensor
+    rows: int
+
+
+@dataclass
+class DriftLoop:
+    """Reference, monitor, policy state and calibration of one model's stream.
+
+    Parameters
+    ----------
+    reference_state:
+        The posterior to anchor the reference at (the warm-start posterior).
+    base_prior:
+        p0, the prior of normal operation.
+    base_lr, data_size, num_steps:
+        Normal-operation step settings (``data_size`` N, ``num_steps`` K).
+    policy:
+        The :class:`PolicyConfig`.
+    monitor:
+        Any River-protocol detector; a :class:`ThresholdMonitor`'s threshold
+        is (re)fitted for ``ert`` after each calibration window.
+    ert:
+        Target expected run time between false alarms, in batches.
+    ensemble_size, seed:
+        Reference ensemble size and seed (common to every ensemble).
+    n_streams:
+        Bootstrap streams used to fit the threshold.
+    """
+
+    reference_state: PosteriorState
+    base_prior: PriorSpec
+    base_lr: float
+    data_size: int
+    policy: PolicyConfig
+    monitor: Any = None
+    ert: float = 1000.0
+    num_steps: int = 1
+    ensemble_size: int = 64
+    seed: int = 0
+    n_streams: int = 500
+    policy_state: dict[str, Any] = field(default_factory=dict)
+    reference: Reference | None = None
+    calibration: Calibration | None = None
+    _cal_records: list[np.ndarray] = field(default_factory=list)
+    _cal_kl: list[float] = field(default_factory=list)
+    _prev_ens: Ensemble | None = None
+    _last_step_kl: float = math.nan
+
+    def __post_init__(self) -> None:
+        if self.monitor is None:
+            self.monitor = ThresholdMonitor()
+        if not self.policy_state:
+            self.policy_state = init_policy_state(self.policy)
+        if self.reference is None:
+            self.reference = make_reference(self.reference_state, self.ensemble_size, self.seed)
+
+    # -- per batch -----------------------------------------------------------------
+    def prepare(self, state: PosteriorState, x: torch.Tensor, y: torch.Tensor) -> Prepared:
+        """Steps 1: signals, policy, apply the action; returns what to step."""
+        assert self.reference is not None
+        pre, scores = pre_update_signals(
+            self.reference, x, y, max_outlier_fraction=self.policy.max_outlier_fraction
+        )
+        signals = {**pre, "step_kl": self._last_step_kl}
+        if self.policy_state["calibrating"] > 0 and self.policy_state["mode"] == "stable":
+            self._cal_records.append(
+                np.stack([scores.nll.numpy(), scores.outlier.numpy().astype(np.float64)], 1)
+            )
+            if math.isfinite(self._last_step_kl):
+                self._cal_kl.append(self._last_step_kl)
+        self.policy_state, action = policy_step(self.policy_state, signals, self.monitor)
+        state = self.apply(state, action)
+        keep = ~scores.outlier if action.drop_outliers else torch.ones_like(scores.outlier)
+        batch = Minibatch(x[keep], y[keep]) if not bool(keep.all()) else Minibatch(x, y)
+        kwargs = {
+            "num_steps": action.num_steps or self.num_steps,
+            "data_size": batch.rows if action.streaming else self.data_size,
+            "likelihood_weight": action.likelihood_weight,
+        }
+        return Prepared(state, batch, kwargs, action, signals, scores, x, int(x.shape[0]))
+
+    def apply(self, state: PosteriorState, action: Action) -> PosteriorState:
+        """Apply an action's prior, learning rate and resets to ``state``."""
+        if action.reset_posterior:
+            fresh = init_state(
+                state.config,
+                seed=self.seed + 7919 * (state.step_count + 1),
+                lr=self.base_lr,
+                prior=self.base_prior,
+                device=state.device,
+            )
+            state = fresh.replace(
+                step_count=state.step_count,
+                offsets=state.offsets,
+                records_absorbed=state.records_absorbed,
+                extra=state.extra,
+            )
+        if action.reset_optimizer:
+            state = reset_optimizer(state)
+        if action.prior == "base":
+            prior = self.base_prior
+        elif action.prior == "posterior":
+            prior = posterior_as_prior(state)
+        else:
+            loc, scale = forgetting_prior(
+                state.params["loc"].detach(),
+                state.posterior_scale().detach(),
+                self.base_prior.loc,
+                self.base_prior.scale,
+                action.gamma,
+            )
+            prior = PriorSpec(loc, scale)
+        return state.replace(prior=prior, lr=self.base_lr * action.lr_scale)
+
+    def finish(
+        self, prepared: Prepared, state: PosteriorState, info: StepInfo
+    ) -> tuple[PosteriorState, dict[str, float]]:
+        """Step 3: post-update signals, re-anchoring/calibration, policy state into ``extra``."""
+        assert self.reference is not None
+        post, ens = post_update_signals(
+            self.reference, prepared.scores, prepared.x_all, state, self._prev_ens
+        )
+        self._prev_ens = ens
+        self._last_step_kl = post["step_kl"]
+        if prepared.action.reanchor:
+            self.reference = make_reference(state, self.ensemble_size, self.seed)
+            self._cal_records, self._cal_kl = [], []
+            log.info("reference_reanchored", batch=self.policy_state["batch"] - 1)
+        if (
+            self.policy_state["calibrating"] == 0
+            and self.policy_state["mode"] == "stable"
+            and self._cal_records
+        ):
+            self._fit_thresholds()
+        absorbed = prepared.state.records_absorbed + prepared.rows
+        extra = {**state.extra, "drift": self.policy_state}
+        state = state.replace(records_absorbed=absorbed, extra=extra)
+        return state, {**prepared.signals, **post}
+
+    def process(
+        self, state: PosteriorState, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[PosteriorState, StepInfo, dict[str, float], Action]:
+        """``prepare`` + ``models.svi.step`` + ``finish`` for one batch."""
+        prep = self.prepare(state, x, y)
+        new, info = step(prep.state, prep.batch, **prep.step_kwargs)
+        new, signals = self.finish(prep, new, info)
+        return new, info, signals, prep.action
+
+    # -- calibration ---------------------------------------------------------------
+    def _fit_thresholds(self) -> None:
+        records = np.concatenate(self._cal_records)
+        batch_size = max(1, int(np.median([len(r) for r in self._cal_records])))
+        consecutive = int(getattr(self.monitor, "consecutive", 1))
+        cal = calibrate_batch_statistic(
+            records,
+            batch_size,
+            self.ert,
+            statistic=inlier_batch_statistic(self.policy.max_outlier_fraction),
+            consecutive=consecutive,
+            n_streams=self.n_streams,
+            seed=self.seed,
+        )
+        self.calibration = cal
+        kl = np.asarray(self._cal_kl) if self._cal_kl else np.asarray([math.inf])
+        kl_thr = float(2.0 * np.quantile(kl, 0.9))
+        self.policy_state["threshold"] = cal.threshold
+        self.policy_state["kl_threshold"] = kl_thr
+        self.policy_state["calibration"] = cal.to_dict()
+        if isinstance(self.monitor, ThresholdMonitor):
+            self.monitor = self.monitor.clone({"threshold": cal.threshold})
+        self._cal_records, self._cal_kl = [], []
+        log.info(
+            "thresholds_calibrated",
+            threshold=cal.threshold,
+            ert_target=cal.ert_target,
+            ert_estimate=cal.ert_estimate,
+            kl_threshold=kl_thr,
+            reference_records=cal.reference_size,
+        )

@@ -1,0 +1,126 @@
+"""The policy state machine, driven by River's NoDrift / DummyDriftDetector."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from river import drift as rdrift
+from structlog.testing import capture_logs
+
+from drift.monitors import ThresholdMonitor
+from drift.policy import PolicyConfig, init_policy_state, policy_step
+
+CFG = PolicyConfig(
+    name="forget",
+    cooldown=2,
+    recovery_window=3,
+    min_recovery=4,
+    max_recovery=20,
+    calibration_batches=0,
+)
+
+
+def _run(cfg: PolicyConfig, monitor: object, n: int, step_kl: float = 0.0, **sig: float):  # type: ignore[no-untyped-def]
+    ps = init_policy_state(cfg)
+    ps["kl_threshold"] = 0.01
+    actions = []
+    for _ in range(n):
+        signals = {"surprisal_inlier": 0.5, "outlier_fraction": 0.0, "step_kl": step_kl, **sig}
+        ps, a = policy_step(ps, signals, monitor)
+        actions.append(a)
+    return ps, actions
+
+
+def test_no_drift_stays_stable_and_plain() -> None:
+    ps, actions = _run(CFG, rdrift.NoDrift(), 50)
+    assert {a.mode for a in actions} == {"stable"} and not any(a.alarm for a in actions)
+    assert all(a.prior == "base" and a.lr_scale == 1.0 and not a.streaming for a in actions)
+    assert ps["transitions"] == [] and ps["batch"] == 50
+    json.dumps(ps)
+
+
+def test_full_cycle_with_logged_transitions() -> None:
+    with capture_logs() as logs:
+        ps, actions = _run(CFG, rdrift.DummyDriftDetector(t_0=10), 40)
+    modes = [a.mode for a in actions]
+    # alarm at batch 9, cooldown 2 -> recovering at 11, W=3 quiet and >= 4 batches -> stable at 15
+    assert modes[8:17] == ["stable"] + ["shifted"] * 2 + ["recovering"] * 4 + ["stable"] * 2
+    a = actions[9]
+    assert a.alarm and a.reset_optimizer and a.prior == "forget" and a.streaming
+    assert a.lr_scale == CFG.lr_boost and a.gamma == CFG.gamma and a.num_steps == CFG.shift_steps
+    rec = actions[12]
+    assert rec.prior == "forget" and 1.0 < rec.lr_scale < CFG.lr_boost and rec.gamma < CFG.gamma
+    assert actions[15].reanchor and actions[15].transition == ("recovering", "stable")
+    events = [e for e in logs if e["event"] == "policy_transition"]
+    assert [(e["from_mode"], e["to_mode"]) for e in events[:3]] == [
+        ("stable", "shifted"),
+        ("shifted", "recovering"),
+        ("recovering", "stable"),
+    ]
+    assert [t["batch"] for t in ps["transitions"][:3]] == [9, 11, 15]
+    assert any(e["event"] == "drift_detected" for e in logs)
+    assert json.loads(json.dumps(ps)) == ps
+
+
+def test_recovery_waits_for_the_kl_and_is_bounded() -> None:
+    _, actions = _run(CFG, rdrift.DummyDriftDetector(t_0=5), 40, step_kl=1.0)
+    modes = [a.mode for a in actions]
+    first = modes.index("recovering")
+    # KL never settles: recovery ends by max_recovery
+    assert modes[first : first + 20] == ["recovering"] * 20 and modes[first + 20] == "stable"
+
+
+@pytest.mark.parametrize("name", ["none", "vb", "reset"])
+def test_other_policies_actions(name: str) -> None:
+    cfg = PolicyConfig(name=name, cooldown=2, calibration_batches=0)  # type: ignore[arg-type]
+    _, actions = _run(cfg, rdrift.DummyDriftDetector(t_0=5), 12, outlier_fraction=0.2)
+    assert actions[4].alarm and actions[4].mode == "shifted"  # all policies monitor alike
+    for a in actions:
+        assert a.likelihood_weight == 1.0 and not a.drop_outliers
+        if name == "vb":
+            assert a.prior == "posterior" and a.streaming
+        else:
+            assert a.prior == "base" and not a.streaming and a.lr_scale == 1.0
+    assert actions[4].reset_posterior == (name == "reset")
+    assert sum(a.reset_posterior for a in actions) == (1 if name == "reset" else 0)
+
+
+def test_outlier_batches_get_a_bounded_weight() -> None:
+    _, actions = _run(CFG, rdrift.NoDrift(), 3, outlier_fraction=0.25)
+    assert actions[0].drop_outliers and math.isclose(actions[0].likelihood_weight, 0.75)
+    _, actions = _run(CFG, rdrift.NoDrift(), 1, outlier_fraction=0.39)
+    assert actions[0].likelihood_weight == pytest.approx(0.61)
+    cfg = PolicyConfig(name="forget", min_weight=0.7, calibration_batches=0)
+    _, actions = _run(cfg, rdrift.NoDrift(), 1, outlier_fraction=0.35)
+    assert actions[0].likelihood_weight == 0.7
+    # more than max_outlier_fraction is a shift, not an outlier burst: nothing dropped
+    _, actions = _run(CFG, rdrift.NoDrift(), 1, outlier_fraction=0.8)
+    assert not actions[0].drop_outliers and actions[0].likelihood_weight == 1.0
+
+
+def test_calibration_window_blocks_alarms_and_threshold_monitor_state_is_saved() -> None:
+    cfg = PolicyConfig(name="forget", calibration_batches=5)
+    mon = ThresholdMonitor(threshold=0.1)
+    ps = init_policy_state(cfg)
+    alarms = []
+    for _ in range(8):
+        ps, a = policy_step(ps, {"surprisal_inlier": 1.0, "outlier_fraction": 0.0}, mon)
+        alarms.append(a.alarm)
+    assert alarms == [False] * 5 + [True, False, False]
+    assert ps["monitor"]["n_detections"] == 1 and ps["calibrating"] == 0
+
+
+def test_input_state_is_not_mutated() -> None:
+    ps = init_policy_state(CFG)
+    before = json.dumps(ps)
+    policy_step(ps, {"surprisal_inlier": 1.0}, rdrift.DummyDriftDetector(t_0=1))
+    assert json.dumps(ps) == before
+
+
+def test_bad_config() -> None:
+    with pytest.raises(ValueError):
+        PolicyConfig(name="bogus")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        PolicyConfig(gamma=1.5)
