@@ -26,6 +26,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -814,6 +815,13 @@ def dockerfile_problems(text: str, dockerignore: str) -> list[str]:
             problems.append(f"no build argument {arg}")
     if not any(ln.upper().startswith("ENTRYPOINT") and "fogline" in ln for ln in final):
         problems.append("final stage does not run fogline")
+    copied = {src for ln in lines if ln.upper().startswith("COPY ") for src in ln.split()[1:-1]}
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    find = pyproject["tool"]["setuptools"]["packages"]["find"]
+    for pattern in find.get("include", []):
+        package = pattern.rstrip("*").rstrip(".")
+        if package not in copied:
+            problems.append(f"package {package} (pyproject.toml) is not copied into the image")
     ignored = {
         p.strip().rstrip("/")
         for p in dockerignore.splitlines()

@@ -29,6 +29,10 @@ BREAKS: dict[str, tuple[Mutation, str]] = {
         replace("COPY drift ./drift", "COPY drifts ./drift"),
         "COPY source drifts does not exist",
     ),
+    "a package left out": (
+        replace("COPY benchmarks ./benchmarks\n", ""),
+        "package benchmarks (pyproject.toml) is not copied into the image",
+    ),
     "not running fogline": (
         replace('ENTRYPOINT ["fogline"]', 'ENTRYPOINT ["python"]'),
         "does not run fogline",
