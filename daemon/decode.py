@@ -12,7 +12,8 @@ Rules, checked against the model's ordered feature list ``features``:
 - ``x`` as a list has exactly ``len(features)`` numbers in feature order; as an
   object it has exactly the feature names as keys (no missing, no extra).
 - every ``x`` value and ``y`` is a JSON number (not a bool, not a string),
-  finite, and within float32 range (the model computes in float32).
+  finite, and finite as a float32 too (``abs(v) < F32_LIMIT``; the model
+  computes in float32).
 - ``ts`` is a number or an ISO-8601 string.  Numbers with ``|ts| < 1e11`` are
   epoch **seconds**, larger ones epoch **milliseconds** (1e11 s is the year
   5138; 1e11 ms is March 1973).  A string without a zone is UTC.  The result
@@ -38,6 +39,9 @@ import numpy.typing as npt
 
 #: Largest finite float32.
 F32_MAX = 3.4028234663852886e38
+#: Smallest magnitude that rounds to infinity in float32 (F32_MAX + half an ulp):
+#: a value is accepted iff ``abs(v) < F32_LIMIT``, i.e. iff it stays finite as float32.
+F32_LIMIT = 2.0**128 - 2.0**103
 #: ``|ts|`` below this is epoch seconds, at or above it epoch milliseconds.
 SECONDS_LIMIT = 1e11
 #: Timestamps are kept within signed 64-bit milliseconds.
@@ -46,6 +50,7 @@ _TS_MS_MAX = 2**63 - 1
 _loads = json.loads
 _isfinite = math.isfinite
 _NUM_TYPES = frozenset({float, int})
+_FLOAT_ONLY = {float}
 
 
 class DecodeError(ValueError):
@@ -124,7 +129,7 @@ def _number(v: Any, what: str) -> float:
         raise DecodeError("non_numeric", f"{what} is {t.__name__}")
     if not _isfinite(f):
         raise DecodeError("non_finite", what)
-    if f > F32_MAX or f < -F32_MAX:
+    if f >= F32_LIMIT or f <= -F32_LIMIT:
         raise DecodeError("out_of_range", what)
     return f
 
@@ -229,13 +234,13 @@ class Decoder:
         if types <= _NUM_TYPES:
             try:
                 s = sum(vals)
-                if -F32_MAX <= s <= F32_MAX and max(vals) <= F32_MAX and min(vals) >= -F32_MAX:
+                if -F32_LIMIT < s < F32_LIMIT and max(vals) < F32_LIMIT and min(vals) > -F32_LIMIT:
                     x = tuple(vals) if int not in types else tuple(map(float, vals))
             except OverflowError:
                 x = None
         if x is None:
             x = tuple(_number(v, f"x[{i}]") for i, v in enumerate(vals))
-        y = yv if type(yv) is float and -F32_MAX <= yv <= F32_MAX else _number(yv, "y")
+        y = yv if type(yv) is float and -F32_LIMIT < yv < F32_LIMIT else _number(yv, "y")
         tsv = obj.get("ts")
         if type(tsv) is float and 0.0 <= tsv < SECONDS_LIMIT:
             ts = round(tsv * 1000.0)
@@ -345,6 +350,12 @@ def decode_batch(
     keys: list[str | None] = []
     good: list[int] = []
     bad: list[tuple[Any, str, int]] = []
+    # Hot loop: the common well-formed record is checked inline with C-level
+    # builtins; anything unusual (an error, ISO ts, int ts out of the seconds
+    # range, dict x, ...) goes through Decoder.decode, which is exact and
+    # names the reason.  A property test holds both paths to the same result.
+    loads, nf, feats, lim = _loads, dec.n_features, dec.features, SECONDS_LIMIT
+    values: list[Any] = []  # value of each good row, to re-check a row the arrays reject
     for i, raw in enumerate(raw_records):
         if type(raw) is RawRecord:
             value: Any = raw.value
@@ -352,25 +363,70 @@ def decode_batch(
         else:
             value, default_ts = raw, None
         try:
-            rec = dec.decode(value, default_ts)
-        except DecodeError as exc:
-            bad.append((raw, str(exc), i))
-            continue
-        xs.append(rec.x)
-        ys.append(rec.y)
-        ts.append(rec.ts_ms)
-        keys.append(rec.key)
+            obj = loads(value)
+            xv = obj["x"]
+            yv = obj["y"]
+            tsv = obj.get("ts")
+            key = obj.get("key")
+            tx = type(xv)
+            if tx is dict and len(xv) == nf:
+                xv = [xv[f] for f in feats]
+            elif tx is not list or len(xv) != nf:
+                raise TypeError
+            types = set(map(type, xv))
+            if types != _FLOAT_ONLY:
+                if not types <= _NUM_TYPES:
+                    raise TypeError
+                xv = list(map(float, xv))  # OverflowError for huge ints
+            ty = type(yv)
+            if ty is int:
+                yv = float(yv)
+            elif ty is not float:
+                raise TypeError
+            if key is not None and type(key) is not str:
+                raise TypeError
+            tt = type(tsv)
+            if (tt is float or tt is int) and 0 <= tsv < lim:
+                t_ms = round(tsv * 1000)
+            elif tsv is None and default_ts is not None and default_ts >= 0:
+                t_ms = int(default_ts)
+            else:
+                raise TypeError
+        except Exception:
+            try:
+                rec = dec.decode(value, default_ts)
+            except DecodeError as exc:
+                bad.append((raw, str(exc), i))
+                continue
+            xv, yv, t_ms, key = rec
+        xs.append(xv)
+        ys.append(yv)
+        ts.append(t_ms)
+        keys.append(key)
         good.append(i)
-    n = len(good)
-    x = np.array(xs, dtype=np.float32) if n else np.empty((0, dec.n_features), dtype=np.float32)
-    return DecodedBatch(
-        x,
-        np.array(ys, dtype=np.float32),
-        good,
-        bad,
-        np.array(ts, dtype=np.int64),
-        keys,
-    )
+        values.append((raw, value, default_ts))
+    # Finiteness (NaN, inf, beyond float32) is checked on the float32 arrays at
+    # once; a rejected row is decoded again one by one for its exact reason.
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is what we look for
+        x = np.array(xs, dtype=np.float32) if good else np.empty((0, nf), dtype=np.float32)
+        y = np.array(ys, dtype=np.float32)
+    ok = np.isfinite(x).all(axis=1) & np.isfinite(y)
+    if not ok.all():
+        for row in np.flatnonzero(~ok).tolist():
+            raw, value, default_ts = values[row]
+            try:
+                dec.decode(value, default_ts)
+                reason = "non_finite: x"  # pragma: no cover - both paths share one rule
+            except DecodeError as exc:
+                reason = str(exc)
+            bad.append((raw, reason, good[row]))
+        bad.sort(key=lambda b: b[2])
+        keep = np.flatnonzero(ok)
+        x, y = x[keep], y[keep]
+        ts = [ts[r] for r in keep.tolist()]
+        keys = [keys[r] for r in keep.tolist()]
+        good = [good[r] for r in keep.tolist()]
+    return DecodedBatch(x, y, good, bad, np.array(ts, dtype=np.int64), keys)
 
 
 def encode(record: Record | Mapping[str, Any]) -> bytes:

@@ -115,6 +115,25 @@ def test_bad_records_name_their_reason(value: Any, reason: str) -> None:
     assert reason_of(value) == reason
 
 
+def test_float32_edge_matches_a_float32_cast() -> None:
+    edge = 2.0**128 - 2.0**103  # F32_MAX + half an ulp: rounds to inf in float32
+    below = float(np.nextafter(edge, 0))
+    with np.errstate(over="ignore"):
+        assert np.isfinite(np.float32(below)) and not np.isfinite(np.float32(edge))
+    assert DEC.decode(encode(Record((below, -below, 0.0), below, 0, None))).x[0] == below
+    for v in (edge, -edge):
+        assert reason_of(encode({"ts": 1, "x": [v, 0, 0], "y": 0})) == "out_of_range"
+        assert reason_of(encode({"ts": 1, "x": [0, 0, 0], "y": v})) == "out_of_range"
+    batch = decode_batch(
+        [
+            encode({"ts": 1, "x": [below, 0, 0], "y": 0}),
+            encode({"ts": 1, "x": [edge, 0, 0], "y": 0}),
+        ],
+        FEATURES,
+    )
+    assert batch.good == [0] and batch.bad[0][1:] == ("out_of_range: x[0]", 1)
+
+
 def test_reason_text_and_code() -> None:
     with pytest.raises(DecodeError) as info:
         DEC.decode(b'{"ts": 1, "x": [1, NaN, 3], "y": 1}')
