@@ -80,7 +80,8 @@ def _parse_key(key: tuple[str, int] | str) -> TopicPartition:
 
 
 def _to_raw(rec: Any) -> RawRecord:
-    headers = tuple((k, bytes(v) if v is not None else b"") for k, v in (rec.headers or ()))
+    hs = rec.headers
+    headers = tuple((k, bytes(v) if v is not None else b"") for k, v in hs) if hs else ()
     return RawRecord(
         rec.topic, rec.partition, rec.offset, rec.key, rec.value, rec.timestamp, headers
     )
