@@ -5,19 +5,19 @@ file), the prior is centred on the trained weights, p(w) = N(w_trained,
 scale^2 I), and the variational posterior starts there, so a warm start can
 begin from an existing model.  A net with ONE output (a point regressor) gets
 a noise head appended: the raw-scale output row is zero weights with bias
-softplus^-1(noise), i.e. a constant initial noise level.
+r0 = noise_scale^-1(noise) for the configured head, i.e. a constant initial
+noise level sigma(x) = noise.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from collections import OrderedDict
 
 import torch
 
 from models.config import ModelConfig
-from models.network import flatten_sequential, layout
+from models.network import flatten_sequential, inverse_noise_scale, layout
 from models.priors import centred_prior
 from models.state import PosteriorState
 from models.svi import init_state
@@ -88,7 +88,7 @@ def bayesianize(
     overrides = dict(config_overrides or {})
     config = ModelConfig(in_features=in_features, hidden=hidden, activation=act, **overrides)  # type: ignore[arg-type]
     if out_features == 1 and config.out_features == 2:
-        w = _append_noise_row(w, in_features, hidden, noise)
+        w = _append_noise_row(w, in_features, hidden, inverse_noise_scale(noise, config))
     elif out_features != config.out_features:
         raise ValueError(
             f"a {config.likelihood} model needs {config.out_features} outputs, the net has {out_features}"
@@ -99,14 +99,13 @@ def bayesianize(
 
 
 def _append_noise_row(
-    w: torch.Tensor, in_features: int, hidden: tuple[int, ...], noise: float
+    w: torch.Tensor, in_features: int, hidden: tuple[int, ...], raw: float
 ) -> torch.Tensor:
-    """Insert a zero-weight raw-scale output with bias softplus^-1(noise)."""
+    """Insert a zero-weight raw-scale output row with bias ``raw`` (constant noise)."""
     widths = (in_features, *hidden)
     head_start = sum(a * b + b for a, b in itertools.pairwise(widths))
     last = widths[-1]
     w_mean = w[head_start : head_start + last]
     b_mean = w[head_start + last : head_start + last + 1]
-    raw = math.log(math.expm1(noise))
     head = torch.cat([w_mean, torch.zeros(last), b_mean, torch.tensor([raw])])
     return torch.cat([w[:head_start], head])

@@ -55,19 +55,19 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    in_features: int = Field(8, ge=1)
+    in_features: int = Field(default=8, ge=1)
     hidden: tuple[int, ...] = (32, 32)
     activation: Activation = "relu"
     likelihood: LikelihoodName = "gaussian"
     guide: GuideName = "meanfield"
-    rank: int = Field(10, ge=1)
+    rank: int = Field(default=10, ge=1)
     prior: PriorName = "fan_in"
-    prior_scale: float = Field(1.0, gt=0)
-    init_scale: float = Field(1e-3, gt=0)
+    prior_scale: float = Field(default=1.0, gt=0)
+    init_scale: float = Field(default=1e-3, gt=0)
     noise_head: NoiseHead = "softplus"
-    noise_min: float = Field(1e-3, ge=0)
-    noise_max: float = Field(10.0, gt=0)
-    df: float | None = Field(None, gt=0)
+    noise_min: float = Field(default=1e-3, ge=0)
+    noise_max: float = Field(default=10.0, gt=0)
+    df: float | None = Field(default=None, gt=0)
     feature_names: tuple[str, ...] | None = None
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ batched matrix products (``torch.baddbmm``), so the same code serves training
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -112,12 +113,33 @@ def forward(w_sp: torch.Tensor, x_nd: torch.Tensor, config: ModelConfig) -> torc
 
 
 def noise_scale(raw: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    """Map the raw scale output to sigma > 0 (see ``ModelConfig.noise_head``)."""
+    """Map the raw scale output r to sigma > 0 (see ``ModelConfig.noise_head``).
+
+    exp: sigma = exp(r) + noise_min (unbounded, explodes when r extrapolates);
+    softplus: sigma = softplus(r) + noise_min (grows linearly in r);
+    bounded: sigma = noise_min + (noise_max - noise_min) sigmoid(r), so sigma
+    stays in (noise_min, noise_max) however far the net extrapolates.
+    """
     if config.noise_head == "exp":
         return torch.exp(raw) + config.noise_min
     if config.noise_head == "softplus":
         return F.softplus(raw) + config.noise_min
     return config.noise_min + (config.noise_max - config.noise_min) * torch.sigmoid(raw)
+
+
+def inverse_noise_scale(sigma: float, config: ModelConfig) -> float:
+    """The raw output r with ``noise_scale(r) == sigma`` (for initialising a noise head)."""
+    lo = config.noise_min
+    if not sigma > lo:
+        raise ValueError(f"noise {sigma} must exceed noise_min {lo}")
+    if config.noise_head == "exp":
+        return math.log(sigma - lo)
+    if config.noise_head == "softplus":
+        return math.log(math.expm1(sigma - lo))
+    if not sigma < config.noise_max:
+        raise ValueError(f"noise {sigma} must be below noise_max {config.noise_max}")
+    u = (sigma - lo) / (config.noise_max - lo)
+    return math.log(u / (1.0 - u))
 
 
 def flatten_sequential(module: torch.nn.Module) -> tuple[torch.Tensor, tuple[int, ...], int, str]:

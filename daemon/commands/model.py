@@ -1,10 +1,188 @@
-"""``fogline`` sub-commands of this area (filled in by its owner)."""
+"""``fogline warmstart`` and ``fogline compare``: the model's warm-start recipe and its variants."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from typing import Any
 
 
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--hidden: {text!r} is not a list like 32,32") from exc
+    if not widths or any(w < 1 for w in widths):
+        raise argparse.ArgumentTypeError(f"--hidden: {text!r} needs positive widths")
+    return widths
+
+
+def _add_recipe_args(p: argparse.ArgumentParser, epochs: int) -> None:
+    p.add_argument(
+        "--data", metavar="PATH", help="raw cal_housing.csv (default: scikit-learn's fetcher)"
+    )
+    p.add_argument(
+        "--epochs", type=int, default=epochs, help=f"passes over the data (default {epochs})"
+    )
+    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 0.005)")
+    p.add_argument("--batch", type=int, default=256, help="minibatch size (default 256)")
+    p.add_argument("--hidden", type=_hidden, default=(32, 32), help="hidden widths (default 32,32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest here)")
+
+
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    """Add this area's sub-commands to the fogline parser."""
+    """Add ``fogline warmstart`` and ``fogline compare``."""
+    p = sub.add_parser(
+        "warmstart",
+        help="fit the BNN on the California recipe; bands, plot, saved state",
+        description="Warm-start recipe: standardised California features, y = sin(3 x0) + "
+        "(0.1 + 0.4|x0|) eps, train on |x0| <= 2, 95%% bands on x0 in [-5, 5].",
+    )
+    _add_recipe_args(p, 800)
+    p.add_argument("--likelihood", choices=("gaussian", "student-t"), default="gaussian")
+    p.add_argument("--guide", choices=("meanfield", "lowrank"), default="meanfield")
+    p.add_argument("--rank", type=int, default=10, help="low-rank guide rank (default 10)")
+    p.add_argument("--prior", choices=("fan_in", "standard"), default="fan_in")
+    p.add_argument("--prior-scale", type=float, default=1.0, help="c in N(0, c^2/fan_in)")
+    p.add_argument("--init-scale", type=float, default=1e-3, help="initial posterior sd (1e-3)")
+    p.add_argument("--noise-head", choices=("bounded", "softplus", "exp"), default="bounded")
+    p.add_argument("--noise-max", type=float, default=None, help="bounded head's max (3 std(y))")
+    p.add_argument("--df", type=float, default=None, help="fixed Student-t df (default: learned)")
+    p.add_argument(
+        "--fprior-weight",
+        type=float,
+        default=0.05,
+        help="functional prior weight gamma (0: plain ELBO via models.svi.step)",
+    )
+    p.add_argument("--fprior-scale", type=float, default=3.0, help="functional prior sd sigma_0")
+    p.add_argument("--samples", type=int, default=100, help="posterior samples for the bands")
+    p.add_argument(
+        "--out", default="fogline-out/warmstart", help="directory for state, plot, metrics"
+    )
+    p.set_defaults(func=_warmstart)
+
+    c = sub.add_parser(
+        "compare",
+        help="Gaussian vs Student-t, mean-field vs low-rank outside the data",
+        description="Runs the warm-start recipe for each likelihood x guide (reduced epochs) and "
+        "prints RMSE in range, mean band width and predictive entropy outside it.",
+    )
+    _add_recipe_args(c, 60)
+    c.set_defaults(func=_compare)
+
+
+def _warmstart(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.data import DataUnavailableError
+    from models.warmstart import WarmstartOptions, run, summary_lines
+
+    torch.set_num_threads(args.threads)
+    opts = WarmstartOptions(
+        data=args.data,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch=args.batch,
+        likelihood=args.likelihood,
+        guide=args.guide,
+        rank=args.rank,
+        prior=args.prior,
+        prior_scale=args.prior_scale,
+        hidden=args.hidden,
+        seed=args.seed,
+        init_scale=args.init_scale,
+        noise_head=args.noise_head,
+        noise_max=args.noise_max,
+        df=args.df,
+        fprior_weight=args.fprior_weight,
+        fprior_scale=args.fprior_scale,
+        samples=args.samples,
+        out=args.out,
+    )
+    try:
+        with _progress(args.epochs, args.quiet) as on_epoch:
+            result = run(opts, on_epoch)
+    except DataUnavailableError as exc:
+        print(f"fogline warmstart: {exc}", file=sys.stderr)
+        return 2
+    m = result.metrics
+    print(
+        f"warm start ({opts.likelihood}, {opts.guide}, prior {opts.prior}) in {m['seconds']:.1f} s"
+    )
+    print("\n".join(summary_lines(m)))
+    for kind, path in result.files.items():
+        print(f"  {kind:<8} {path}")
+    if args.json:
+        print(json.dumps({**m, "files": result.files}, sort_keys=True))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from benchmarks.compare import main as compare_main
+
+    argv = [
+        "--epochs",
+        str(args.epochs),
+        "--lr",
+        str(args.lr),
+        "--batch",
+        str(args.batch),
+        "--hidden",
+        ",".join(str(h) for h in args.hidden),
+        "--seed",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
+    ]
+    if args.data:
+        argv += ["--data", args.data]
+    if args.json:
+        argv.append("--json")
+    if args.quiet:
+        argv.append("--quiet")
+    return compare_main(argv)
+
+
+class _progress:
+    """A rich progress bar on stderr that shows the held-out loss; a no-op when quiet."""
+
+    def __init__(self, epochs: int, quiet: bool) -> None:
+        self.epochs = epochs
+        self.quiet = quiet
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Any:
+        if self.quiet:
+            return None
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(
+            TextColumn("[bold]warm start"),
+            BarColumn(),
+            TextColumn("epoch {task.completed}/{task.total}"),
+            TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self._bar.__enter__()
+        self._task = self._bar.add_task("fit", total=self.epochs, status="")
+
+        def on_epoch(epoch: int, record: dict[str, float]) -> None:
+            self._bar.update(
+                self._task,
+                completed=epoch + 1,
+                status=f"loss {record['loss']:.4f}  held-out NLPD {record['held_out_nlpd']:.4f}",
+            )
+
+        return on_epoch
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)

@@ -1,0 +1,196 @@
+"""The warm-start recipe: functional-prior step, metrics, plot, CLI and a reduced quality run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from daemon.cli import main as cli_main
+from models.config import ModelConfig
+from models.data import load_csv, recipe_data
+from models.fprior import FunctionalPrior, functional_kl
+from models.fprior import step as fprior_step
+from models.serialize import load
+from models.state import Minibatch
+from models.svi import init_state
+from models.svi import step as svi_step
+from models.warmstart import WarmstartOptions, quality_checks, run
+
+CSV = str(Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cal_housing.csv")
+
+#: The reduced run (REDUCED_EPOCHS instead of 800) and the bar it meets honestly.
+REDUCED_EPOCHS = 60
+
+
+def _batch(n: int = 256) -> Minibatch:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    y = torch.sin(3 * x[:, 0]) + (0.1 + 0.4 * x[:, 0].abs()) * torch.randn(n, generator=g)
+    return Minibatch(x, y)
+
+
+def test_functional_kl_is_the_gaussian_kl() -> None:
+    samples = torch.randn(64, 5) * torch.tensor([0.5, 1, 2, 3, 4]) + 1.0
+    prior = FunctionalPrior(weight=1.0, scale=3.0, lo=(0.0,), hi=(1.0,), loc=0.5)
+    m, v = samples.mean(0), samples.var(0)
+    expected = kl_divergence(Normal(m, v.sqrt()), Normal(0.5, 3.0)).mean()
+    assert torch.allclose(functional_kl(samples, prior), expected, atol=1e-5)
+
+
+def test_ood_inputs_leave_the_observed_range() -> None:
+    x = torch.rand(500, 3) * 2 - 1
+    prior = FunctionalPrior.from_data(x, weight=1.0, scale=1.0, features=(0, 2), margin=2.0)
+    xt = prior.ood_inputs(x, torch.Generator().manual_seed(0))
+    moved = (xt != x).sum(1)
+    assert torch.all(moved == 1)
+    assert torch.equal(xt[:, 1], x[:, 1])
+    for j in (0, 2):
+        rows = xt[:, j] != x[:, j]
+        v = xt[rows, j]
+        assert rows.any()
+        assert torch.all((v < prior.lo[j]) | (v > prior.hi[j]))
+        assert torch.all((v >= prior.lo[j] - 2.0) & (v <= prior.hi[j] + 2.0))
+
+
+@pytest.mark.parametrize("guide", ["meanfield", "lowrank"])
+def test_step_without_functional_prior_is_the_svi_elbo(guide: str) -> None:
+    """With gamma = 0 and a near-deterministic q, fprior.step and svi.step agree."""
+    cfg = ModelConfig(init_scale=1e-7, guide=guide)  # type: ignore[arg-type]
+    state = init_state(cfg, seed=0)
+    batch = _batch()
+    a, ia = svi_step(state, batch, data_size=10_000)
+    b, ib = fprior_step(
+        state, batch, data_size=10_000, fprior=None, generator=torch.Generator().manual_seed(0)
+    )
+    assert ia.loss == pytest.approx(ib.loss, rel=1e-4)
+    assert ia.kl == pytest.approx(ib.kl, rel=1e-4)
+    assert torch.allclose(a.params["loc"], b.params["loc"], atol=1e-6)
+    assert b.step_count == 1 and b.records_absorbed == 256
+
+
+def test_functional_prior_step_rejects_non_finite() -> None:
+    state = init_state(ModelConfig(), seed=0)
+    bad = Minibatch(torch.randn(8, 8), torch.full((8,), float("nan")))
+    fp = FunctionalPrior.from_data(bad.x, weight=0.05, scale=3.0)
+    new, info = fprior_step(
+        state, bad, data_size=8, fprior=fp, generator=torch.Generator().manual_seed(0)
+    )
+    assert info.rejected and new is state
+
+
+def test_functional_prior_widens_far_from_the_data() -> None:
+    """A few hundred steps with gamma > 0 raise the epistemic spread at x0 = 5."""
+    batch = _batch(512)
+    batch = Minibatch(batch.x[batch.x[:, 0].abs() <= 2], batch.y[batch.x[:, 0].abs() <= 2])
+    far = torch.zeros(1, 8)
+    far[0, 0] = 5.0
+    spreads = []
+    for weight in (0.0, 0.5):
+        fp = FunctionalPrior.from_data(batch.x, weight=weight, scale=3.0, samples=4)
+        s = init_state(ModelConfig(), seed=0)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(300):
+            s, _ = fprior_step(s, batch, data_size=batch.rows, fprior=fp, generator=gen)
+        from models.predictive import predict, sample_ensemble
+
+        spreads.append(float(predict(sample_ensemble(s, 64, seed=1), far).epistemic_std[0]))
+    assert spreads[1] > 3 * spreads[0]
+
+
+def test_cli_json_last_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli_main(
+        ["warmstart", "--data", CSV, "--epochs", "1", "--json", "--quiet", "--out", str(tmp_path)]
+    )
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in [
+        "coverage_95_in",
+        "width_in",
+        "true_width_in",
+        "width_out",
+        "true_width_out",
+        "width_out_over_in",
+        "coverage_95_out",
+        "epistemic_out_over_in",
+        "aleatoric_rel_err_in",
+        "rmse_in",
+        "epochs",
+        "seconds",
+    ]:
+        assert key in doc
+    assert Path(doc["files"]["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = load(doc["files"]["state"])
+    assert state.config.noise_head == "bounded"
+    assert state.extra["warmstart"]["metrics"]["epochs"] == 1
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--likelihood", "student-t"],
+        ["--guide", "lowrank"],
+        ["--prior", "standard", "--init-scale", "0.1", "--fprior-weight", "0"],
+    ],
+)
+def test_cli_variants_run(
+    flags: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = cli_main(
+        [
+            "warmstart",
+            "--data",
+            CSV,
+            "--epochs",
+            "1",
+            "--json",
+            "--quiet",
+            "--out",
+            str(tmp_path),
+            *flags,
+        ]
+    )
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= doc["coverage_95_in"] <= 1.0
+
+
+def test_cli_without_data_explains(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sklearn.datasets
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("no network")
+
+    monkeypatch.setattr(sklearn.datasets, "fetch_california_housing", offline)
+    assert cli_main(["warmstart", "--epochs", "1", "--quiet"]) == 2
+    assert "--data PATH" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_reduced_warm_start_quality(tmp_path: Path) -> None:
+    """The recipe with REDUCED_EPOCHS epochs: the issue's bar, out-of-range coverage relaxed.
+
+    The full 800-epoch run meets every criterion (docs/model.md); after 60
+    epochs the out-of-range epistemic spread is still growing, so coverage
+    out is checked at >= 0.8 here.
+    """
+    res = run(WarmstartOptions(data=CSV, epochs=REDUCED_EPOCHS, out=str(tmp_path)))
+    m = res.metrics
+    checks = quality_checks(m)
+    assert 0.92 <= m["coverage_95_in"] <= 0.98, m
+    assert checks["width_in"], m
+    assert checks["width_out_over_in"], m
+    assert checks["width_out"], m
+    assert checks["epistemic_out_over_in"], m
+    assert checks["aleatoric_rel_err_in"], m
+    assert m["coverage_95_out"] >= 0.8, m
+    assert m["rmse_in"] <= 0.2, m
+    assert Path(res.files["plot"]).stat().st_size > 10_000
+    # the recipe's data are those of the loader
+    d = recipe_data(load_csv(CSV), seed=0)
+    assert m["rows_train"] == d.x_train.shape[0]
