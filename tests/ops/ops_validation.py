@@ -205,6 +205,27 @@ def promql_series_names(expr: str) -> set[str]:
     return names
 
 
+def expected_job(series: str) -> str:
+    """The scrape job that really sets ``series``.
+
+    Both fogline processes expose the whole registry of daemon/metrics.py, so
+    the query service exports the daemon's metrics at their defaults (0) and
+    vice versa; queries must name the job that sets the series.
+    """
+    return "fogline-api" if series.startswith("fogline_query_") else "fogline-daemon"
+
+
+def job_selector_problems(expr: str) -> list[str]:
+    """fogline series in ``expr`` that are not pinned to their job (``{job="..."}``)."""
+    problems: list[str] = []
+    for m in re.finditer(r"\b(fogline_[a-z_]+)(\{[^}]*\})?", expr):
+        name, selector = m.group(1), m.group(2) or ""
+        job = expected_job(name)
+        if f'job="{job}"' not in selector:
+            problems.append(f'{name} is not restricted to job="{job}"')
+    return problems
+
+
 def unknown_series(expr: str, known: Iterable[str]) -> set[str]:
     """Names in ``expr`` that are neither fogline series nor Prometheus built-ins."""
     allowed = set(known) | PROMETHEUS_BUILTIN_SERIES
@@ -534,6 +555,7 @@ def alert_rules_problems(text: str, runbook: str, known: Iterable[str]) -> list[
             bad = unknown_series(expr, known)
             if bad:
                 problems.append(f"{name}: unknown metrics {sorted(bad)} (see daemon/metrics.py)")
+            problems += [f"{name}: {p}" for p in job_selector_problems(expr)]
     for name, metric in REQUIRED_ALERTS.items():
         if name not in seen:
             problems.append(f"required alert {name} missing")
@@ -638,6 +660,7 @@ def dashboard_problems(text: str, known: Iterable[str], datasource_uids: set[str
             bad = unknown_series(expr, known)
             if bad:
                 problems.append(f"{title}/{t.get('refId')}: unknown metrics {sorted(bad)}")
+            problems += [f"{title}/{t.get('refId')}: {p}" for p in job_selector_problems(expr)]
             used_families |= {families[n] for n in promql_series_names(expr) if n in families}
     missing = DASHBOARD_REQUIRED_FAMILIES - used_families
     if missing:

@@ -64,14 +64,21 @@ DASHBOARD_BREAKS: dict[str, tuple[Mutation, str]] = {
     "not JSON": (replace('"panels": [', '"panels": [,'), "JSON"),
     "misspelt metric": (
         replace(
-            "max by (partition) (fogline_consumer_lag)",
-            "max by (partition) (fogline_consumer_lags)",
+            "max by (partition) (fogline_consumer_lag{",
+            "max by (partition) (fogline_consumer_lags{",
         ),
         "unknown metrics ['fogline_consumer_lags']",
     ),
     "counter without _total": (
-        replace("rate(fogline_records_in_total[", "rate(fogline_records_in["),
+        replace("rate(fogline_records_in_total{", "rate(fogline_records_in{"),
         "unknown metrics ['fogline_records_in']",
+    ),
+    "series not pinned to its job": (
+        replace(
+            'min(fogline_query_snapshot_version{job=\\"fogline-api\\"})',
+            "min(fogline_query_snapshot_version)",
+        ),
+        'Snapshot version/B: fogline_query_snapshot_version is not restricted to job="fogline-api"',
     ),
     "duplicate panel id": (_duplicate_first_id, "duplicate panel id"),
     "unprovisioned datasource": (

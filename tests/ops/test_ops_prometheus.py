@@ -38,22 +38,36 @@ KNOWN = set(exposed_series_names())
 RULE_BREAKS: dict[str, tuple[Mutation, str]] = {
     "yaml syntax error": (replace("groups:\n", "groups: [\n"), "YAML"),
     "misspelt metric": (
-        replace("fogline_consumer_lag)", "fogline_consumer_lags)"),
+        replace("fogline_consumer_lag{", "fogline_consumer_lags{"),
         "unknown metrics ['fogline_consumer_lags']",
     ),
     "counter without _total": (
         replace(
-            "rate(fogline_records_dead_lettered_total[5m])",
-            "rate(fogline_records_dead_lettered[5m])",
+            "rate(fogline_records_dead_lettered_total{",
+            "rate(fogline_records_dead_lettered{",
         ),
         "unknown metrics ['fogline_records_dead_lettered']",
     ),
     "histogram without _bucket": (
         replace(
-            "rate(fogline_query_request_seconds_bucket[5m])",
-            "rate(fogline_query_request_seconds[5m])",
+            "rate(fogline_query_request_seconds_bucket{",
+            "rate(fogline_query_request_seconds{",
         ),
         "unknown metrics ['fogline_query_request_seconds']",
+    ),
+    "series not pinned to its job": (
+        replace(
+            'max by (job) (fogline_redis_up{job="fogline-daemon"})',
+            "max by (job) (fogline_redis_up)",
+        ),
+        'FoglineRedisDown: fogline_redis_up is not restricted to job="fogline-daemon"',
+    ),
+    "query metric pinned to the daemon": (
+        replace(
+            'fogline_query_request_seconds_bucket{job="fogline-api"}',
+            'fogline_query_request_seconds_bucket{job="fogline-daemon"}',
+        ),
+        'fogline_query_request_seconds_bucket is not restricted to job="fogline-api"',
     ),
     "bad for duration": (replace("for: 30m", "for: half an hour"), "'for' is not a duration"),
     "missing severity": (replace("severity: critical", "team: ml"), "labels.severity"),
@@ -150,7 +164,7 @@ def test_promtool_rejects_broken_config(name: str, mutate: Mutation, tmp_path: P
     [
         (
             "promql syntax",
-            replace("max(fogline_policy_state{state=", "max(fogline_policy_state{state=="),
+            replace("max(fogline_policy_state{job=", "max(fogline_policy_state{job=="),
         ),
         ("unbalanced parenthesis", replace("> 0.1\n", ")) > 0.1\n")),
         ("bad for", RULE_BREAKS["bad for duration"][0]),
@@ -182,21 +196,24 @@ def test_alert_unit_tests_pass() -> None:
         (
             "lag counted per replica",
             replace(
-                "sum(max by (partition) (fogline_consumer_lag)) > 10000",
-                "sum(fogline_consumer_lag) > 100000",
+                'sum(max by (partition) (fogline_consumer_lag{job="fogline-daemon"})) > 10000',
+                'sum(fogline_consumer_lag{job="fogline-daemon"}) > 100000',
             ),
             "FoglineConsumerLagGrowing",
         ),
         (
             "redis judged per replica (standbys report 0)",
-            replace("max by (job) (fogline_redis_up) == 0", "fogline_redis_up == 0"),
+            replace(
+                'max by (job) (fogline_redis_up{job="fogline-daemon"}) == 0',
+                'fogline_redis_up{job="fogline-daemon"} == 0',
+            ),
             "FoglineRedisDown",
         ),
         (
             "snapshot age judged on one replica",
             replace(
-                "max(fogline_snapshot_last_write_timestamp_seconds)",
-                "min(fogline_snapshot_last_write_timestamp_seconds)",
+                'max(fogline_snapshot_last_write_timestamp_seconds{job="fogline-daemon"})',
+                'min(fogline_snapshot_last_write_timestamp_seconds{job="fogline-daemon"})',
             ),
             "FoglineNoRecentSnapshot",
         ),
