@@ -235,14 +235,14 @@ def iter_items(
     raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
 
 
-def count_items(path: str | Path, fmt: str) -> int | None:
+def count_items(path: str | Path, fmt: str, lags: int = 8) -> int | None:
     """Cheap upper bound on the item count (non-blank lines, minus a header), for progress."""
     try:
         with Path(path).open("rb") as f:
             n = sum(1 for line in f if line.strip())
     except OSError:
         return None
-    return max(0, n - (1 if fmt in ("csv", "nab") else 0))
+    return max(0, n - {"csv": 1, "nab": 1 + lags}.get(fmt, 0))
 
 
 class Pacer:
@@ -338,7 +338,7 @@ def replay_file(
     start = time.monotonic()
     with ReplayProducer(bootstrap_servers, topic, **client_kwargs) as producer:
         if progress:
-            n = _with_progress(path, resolved, items, producer, speed, limit)
+            n = _with_progress(path, resolved, items, producer, speed, limit, lags)
         else:
             n = produce_items(items, producer, speed=speed, limit=limit)
     return ReplaySummary(topic, n, time.monotonic() - start, resolved)
@@ -351,6 +351,7 @@ def _with_progress(
     producer: Any,
     speed: float | None,
     limit: int | None,
+    lags: int,
 ) -> int:
     from rich.console import Console
     from rich.progress import (
@@ -362,7 +363,7 @@ def _with_progress(
         TimeRemainingColumn,
     )
 
-    total = count_items(path, fmt)
+    total = count_items(path, fmt, lags)
     if total is not None and limit is not None:
         total = min(total, limit)
     console = Console(stderr=True)

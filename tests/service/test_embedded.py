@@ -140,3 +140,18 @@ def test_session_fixtures_answer(kafka_bootstrap: str, redis_url: str, fresh_top
     host_port = redis_url.removeprefix("redis://").split("/")[0]
     host, port = host_port.rsplit(":", 1)
     assert redis_ping(host, int(port))
+
+
+@pytest.mark.container
+def test_testcontainers_services_answer() -> None:
+    """With a Docker engine: the containers the session fixtures would use start and answer."""
+    from testcontainers.community.kafka import KafkaContainer
+    from testcontainers.community.redis import RedisContainer
+
+    with KafkaContainer() as kafka:
+        bootstrap = kafka.get_bootstrap_server()
+        create_topic(bootstrap, "container-topic", 1)
+        assert "container-topic" in list_topics(bootstrap)
+    with RedisContainer() as redis:
+        host = redis.get_container_host_ip()
+        assert redis_ping(host, int(redis.get_exposed_port(redis.port)))
