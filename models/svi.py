@@ -35,29 +35,29 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pyro
 import pyro.distributions as dist
-import pyro.ops.jit
 import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
 from pyro.infer import TraceMeanField_ELBO
 from torch.distributions import Independent, LowRankMultivariateNormal, Normal, register_kl
-from torch.optim.adam import adam as _functional_adam
+from torch.types import _size
 
 from models.config import ModelConfig
 from models.likelihoods import df_from_unconstrained, df_to_unconstrained, observation_dist
-from models.network import forward, layout
+from models.network import _ACTIVATIONS, layout
 from models.priors import default_prior, kl_to_prior
 from models.state import Minibatch, PosteriorState, PriorSpec, StepInfo, _fresh_rng_state
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+_EMPTY = torch.Size()
 
 
 # ---------------------------------------------------------------------------
@@ -97,77 +97,133 @@ def param_names(config: ModelConfig) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _pack(params: dict[str, torch.Tensor], names: tuple[str, ...]) -> torch.Tensor:
-    return torch.cat([params[k].reshape(-1) for k in names])
+def _param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    p = layout(config).size
+    shapes: dict[str, tuple[int, ...]] = {"loc": (p,), "scale_unconstrained": (p,)}
+    if config.guide == "lowrank":
+        shapes["cov_factor"] = (p, config.rank)
+    if config.learns_df:
+        shapes["df_unconstrained"] = (1,)
+    return shapes
 
 
-def _unpack(
-    theta: torch.Tensor, like: dict[str, torch.Tensor], names: tuple[str, ...]
-) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    pos = 0
-    for k in names:
-        n = like[k].numel()
-        out[k] = theta[pos : pos + n].reshape(like[k].shape)
-        pos += n
-    return out
+@dataclass(frozen=True)
+class _Slot:
+    """Where one variational parameter sits in the packed vector theta [T]."""
+
+    start: int
+    end: int
+    shape: tuple[int, ...]
 
 
 # ---------------------------------------------------------------------------
 # the Pyro program
 # ---------------------------------------------------------------------------
-class _FixedJitTraceMeanField_ELBO(pyro.infer.JitTraceMeanField_ELBO):
-    """Pyro 1.9.2's JitTraceMeanField_ELBO re-traces every call (it tests one
-    cached attribute name and stores another); this caches correctly."""
+class _RandnNormal(dist.Normal):
+    """Pyro's ``Normal`` drawing its reparameterised noise with one ``randn``.
 
-    def differentiable_loss(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> Any:
-        kwargs["_pyro_model_id"] = id(model)
-        kwargs["_pyro_guide_id"] = id(guide)
-        if getattr(self, "_differentiable_loss", None) is None:
-            weakself = weakref.ref(self)
+    rsample() = loc + scale * eps, eps ~ N(0, I): the same draw as the parent
+    class, but torch.distributions emits ``zeros``, ``ones`` and ``normal``
+    (three graph nodes) for eps while being traced; this emits one.  Every
+    other method, and the closed-form KL dispatch (on the ``Normal`` base),
+    is the parent's.
+    """
 
-            @pyro.ops.jit.trace(
-                ignore_warnings=self.ignore_jit_warnings, jit_options=self.jit_options
-            )
-            def differentiable_loss(*args: Any, **kwargs: Any) -> Any:
-                kwargs.pop("_pyro_model_id")
-                kwargs.pop("_pyro_guide_id")
-                self = weakself()
-                assert self is not None
-                loss: Any = 0.0
-                for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-                    _, loss_particle = self._differentiable_loss_particle(model_trace, guide_trace)
-                    loss = loss + loss_particle / self.num_particles
-                return loss
+    def rsample(self, sample_shape: _size = _EMPTY) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + eps * self.scale
 
-            self._differentiable_loss = differentiable_loss
-        return self._differentiable_loss(*args, **kwargs)
+
+def _forward_one(w_p: torch.Tensor, x_nd: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Raw outputs [N, O] of the MLP for ONE flat weight vector ``w_p`` [P].
+
+    The same function as ``models.network.forward(w_p[None], x_nd)[0]``
+    (h_{l+1} = act(h_l W_l^T + b_l)), specialised to one sample: 2-D
+    ``addmm`` on views of ``w_p`` instead of ``unsqueeze`` + ``baddbmm``,
+    which saves graph nodes on the training hot path.
+    """
+    act = _ACTIVATIONS[config.activation]
+    lay = layout(config)
+    last = len(lay.layers) - 1
+    h = x_nd
+    for i, layer in enumerate(lay.layers):
+        weight = w_p[layer.w_start : layer.b_start].view(layer.fan_out, layer.fan_in)
+        bias = w_p[layer.b_start : layer.b_start + layer.fan_out]
+        h = torch.addmm(bias, h, weight.t())
+        if i < last:
+            h = act(h)
+    return h
 
 
 class Program:
-    """The Pyro model and guide of one :class:`ModelConfig`, with a bound ELBO.
+    """The Pyro model and guide of one :class:`ModelConfig`, with its ELBO.
 
-    Model and guide are bound once (Pyro's JIT caches on their identity) and
-    take every tensor as an argument: ``(x [N,D], y [N], theta [T],
-    prior_loc [P], prior_scale [P], obs_scale [], kl_scale [])``, where
-    ``theta`` packs the variational parameters.  ``obs_scale`` = beta / n and
-    ``kl_scale`` = 1 / N_t scale the two ELBO terms (see the module docstring).
+    Model and guide take every tensor as an argument: ``(x [N,D], y [N],
+    theta [T], prior_loc [P], prior_scale [P], obs_scale [], kl_scale [])``,
+    where ``theta`` packs the variational parameters (:attr:`slots`).
+    ``obs_scale`` = beta / n and ``kl_scale`` = 1 / N_t scale the two ELBO
+    terms (see the module docstring).
+
+    :meth:`loss` is Pyro's ``TraceMeanField_ELBO().differentiable_loss`` of
+    this model and guide.  With ``jit=True`` it is traced once by
+    ``torch.jit.trace`` (Pyro validation off, RNG untouched by the trace) and
+    the TorchScript function is called directly afterwards: the graph is the
+    Pyro program's ELBO, without Pyro's per-call JIT bookkeeping.  The trace
+    is shape-generic in the batch rows N.
     """
 
-    def __init__(self, config: ModelConfig, *, jit: bool = True) -> None:
+    def __init__(
+        self, config: ModelConfig, *, jit: bool = True, device: torch.device | str = "cpu"
+    ) -> None:
         self.config = config
+        self.device = torch.device(device)
+        self.jit = jit
         self.names = param_names(config)
         self.size = layout(config).size
-        self.like = _template(config)
-        self.elbo = (
-            _FixedJitTraceMeanField_ELBO(ignore_jit_warnings=True) if jit else TraceMeanField_ELBO()
-        )
+        shapes = _param_shapes(config)
+        self.slots: dict[str, _Slot] = {}
+        pos = 0
+        for name in self.names:
+            n = math.prod(shapes[name])
+            self.slots[name] = _Slot(pos, pos + n, shapes[name])
+            pos += n
+        self.total = pos
+        self.lowrank = config.guide == "lowrank"
+        self.elbo = TraceMeanField_ELBO()
         self.model = self._model
         self.guide = self._guide
+        self._traced: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._split = [sl.end - sl.start for sl in self.slots.values()]
+        self._scalars: dict[float, torch.Tensor] = {}
 
+    # -- packing -----------------------------------------------------------
+    def pack(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """theta [T]: a fresh tensor holding ``params`` in packing order."""
+        return torch.cat([params[k].reshape(-1) for k in self.names])
+
+    def unpack(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of ``theta`` [T] by parameter name (inverse of :meth:`pack`)."""
+        parts = theta.split(self._split)
+        out = dict(zip(self.names, parts, strict=True))
+        if self.lowrank:
+            out["cov_factor"] = out["cov_factor"].view(self.slots["cov_factor"].shape)
+        return out
+
+    def scalar(self, value: float) -> torch.Tensor:
+        """A cached 0-d tensor holding ``value`` on this program's device (read-only)."""
+        t = self._scalars.get(value)
+        if t is None:
+            if len(self._scalars) >= 256:
+                self._scalars.clear()
+            t = self._scalars[value] = torch.tensor(value, device=self.device)
+        return t
+
+    # -- the Pyro program --------------------------------------------------
     def _df(self, theta: torch.Tensor) -> torch.Tensor | None:
         if self.config.learns_df:
-            return df_from_unconstrained(theta[-1])
+            s = self.slots["df_unconstrained"]
+            return df_from_unconstrained(theta[s.start])
         return None
 
     def _model(
@@ -182,7 +238,7 @@ class Program:
     ) -> None:
         with poutine.scale(scale=kl_scale):
             w = pyro.sample("w", dist.Normal(prior_loc, prior_scale).to_event(1))
-        out = forward(w.unsqueeze(0), x, self.config).squeeze(0)
+        out = _forward_one(w, x, self.config)
         with pyro.plate("data", x.shape[0]), poutine.scale(scale=obs_scale):
             pyro.sample("obs", observation_dist(out, self.config, self._df(theta)), obs=y)
 
@@ -196,40 +252,85 @@ class Program:
         obs_scale: torch.Tensor,
         kl_scale: torch.Tensor,
     ) -> None:
-        p = _unpack(theta, self.like, self.names)
-        scale = F.softplus(p["scale_unconstrained"])
+        sl, ss = self.slots["loc"], self.slots["scale_unconstrained"]
+        loc = theta[sl.start : sl.end]
+        scale = F.softplus(theta[ss.start : ss.end])
         with poutine.scale(scale=kl_scale):
-            if "cov_factor" in p:
-                pyro.sample(
-                    "w", dist.LowRankMultivariateNormal(p["loc"], p["cov_factor"], scale.pow(2))
-                )
+            if self.lowrank:
+                sf = self.slots["cov_factor"]
+                factor = theta[sf.start : sf.end].view(sf.shape)
+                pyro.sample("w", dist.LowRankMultivariateNormal(loc, factor, scale.pow(2)))
             else:
-                pyro.sample("w", dist.Normal(p["loc"], scale).to_event(1))
+                pyro.sample("w", _RandnNormal(loc, scale).to_event(1))
+
+    def _eager_loss_and_kl(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss: torch.Tensor = self.elbo.differentiable_loss(self.model, self.guide, *args)
+        theta, prior_loc, prior_scale = args[2], args[3], args[4]
+        return loss, self.kl(theta.detach(), PriorSpec(prior_loc, prior_scale))
+
+    def loss_and_kl(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(differentiable per-observation negative ELBO, KL(q || prior) in nats, detached).
+
+        The KL diagnostic is part of the same traced graph (a few element-wise
+        ops on P entries, sharing the guide's softplus), so it costs no extra
+        Python dispatch per step.
+        """
+        if not self.jit:
+            return self._eager_loss_and_kl(*args)
+        fn = self._traced
+        if fn is None:
+            fn = self._traced = self._trace(args)
+        return fn(*args)
 
     def loss(self, *args: torch.Tensor) -> torch.Tensor:
         """Differentiable per-observation negative ELBO for the packed arguments."""
-        return self.elbo.differentiable_loss(self.model, self.guide, *args)
+        return self.loss_and_kl(*args)[0]
+
+    def _trace(
+        self, args: tuple[torch.Tensor, ...]
+    ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """``torch.jit.trace`` of the ELBO; the tracing run's draws do not touch the RNG stream."""
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with (
+            torch.random.fork_rng(devices=cuda),
+            pyro.validation_enabled(False),
+            warnings.catch_warnings(),
+        ):
+            # shape checks inside torch.distributions are constant for a fixed P
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            traced: Callable[..., tuple[torch.Tensor, torch.Tensor]] = torch.jit.trace(
+                self._eager_loss_and_kl, args, check_trace=False
+            )
+        return traced
+
+    # -- diagnostics -------------------------------------------------------
+    def kl(self, theta: torch.Tensor, prior: PriorSpec) -> torch.Tensor:
+        """KL(q_theta || prior) in nats (closed form; mean-field or low-rank)."""
+        p = self.unpack(theta)
+        scale = F.softplus(p["scale_unconstrained"])
+        if self.lowrank:
+            q = LowRankMultivariateNormal(p["loc"], p["cov_factor"], scale.pow(2))
+            return _kl_lowrank_diag(q, Independent(Normal(prior.loc, prior.scale), 1))
+        return kl_to_prior(p["loc"], scale, prior)
 
 
 def _template(config: ModelConfig) -> dict[str, torch.Tensor]:
-    p = layout(config).size
-    t = {"loc": torch.empty(p), "scale_unconstrained": torch.empty(p)}
-    if config.guide == "lowrank":
-        t["cov_factor"] = torch.empty(p, config.rank)
-    if config.learns_df:
-        t["df_unconstrained"] = torch.empty(1)
-    return t
+    return {k: torch.empty(s) for k, s in _param_shapes(config).items()}
 
 
-_PROGRAMS: dict[tuple[str, str, bool], Program] = {}
+_PROGRAMS: dict[tuple[ModelConfig, torch.device, bool], Program] = {}
 
 
 def program(config: ModelConfig, device: torch.device, *, jit: bool = True) -> Program:
-    """The (memoised) :class:`Program` of ``config``; JIT traces are per device."""
-    key = (config.model_dump_json(), str(device), jit)
+    """The (memoised) :class:`Program` of ``config``; JIT traces are per device.
+
+    Keyed on the (frozen, hashable) config itself: equal configs share one
+    program and one trace.
+    """
+    key = (config, device, jit)
     prog = _PROGRAMS.get(key)
     if prog is None:
-        prog = _PROGRAMS[key] = Program(config, jit=jit)
+        prog = _PROGRAMS[key] = Program(config, jit=jit, device=device)
     return prog
 
 
@@ -349,6 +450,41 @@ def _no_fusion(active: bool) -> Iterator[None]:
         torch.jit.set_fusion_strategy(old)
 
 
+def _adam_(
+    theta: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    opt_step: torch.Tensor,
+    lr: float,
+) -> None:
+    """One in-place Adam step on theta (torch's fused kernel, CPU or CUDA).
+
+    t <- t + 1;  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;
+    theta <- theta - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps).
+    The same kernel ``torch.optim.adam.adam(fused=True)`` calls, without its
+    per-call dispatch over devices and dtypes.
+    """
+    opt_step.add_(1)
+    torch._fused_adam_(
+        [theta],
+        [grad],
+        [exp_avg],
+        [exp_avg_sq],
+        [],
+        [opt_step],
+        amsgrad=False,
+        lr=lr,
+        beta1=ADAM_BETAS[0],
+        beta2=ADAM_BETAS[1],
+        weight_decay=0.0,
+        eps=ADAM_EPS,
+        maximize=False,
+        grad_scale=None,
+        found_inf=None,
+    )
+
+
 def step(
     state: PosteriorState,
     batch: Minibatch,
@@ -364,6 +500,10 @@ def step(
     the batch's rows), ``likelihood_weight`` is beta in [0, 1].  The returned
     state has ``step_count`` advanced and ``records_absorbed`` increased by the
     batch's rows; offsets are the caller's business.  Never mutates ``state``.
+
+    ``StepInfo.loss`` is the loss of the last inner step, and ``kl`` and
+    ``grad_norm`` are taken at the parameters that loss was evaluated at (the
+    diagnostics of earlier inner steps are not computed).
     """
     if num_steps < 1:
         raise ValueError("num_steps must be >= 1")
@@ -377,64 +517,38 @@ def step(
     prog = program(state.config, dev, jit=jit)
     x = batch.x.to(dev, torch.float32)
     y = batch.y.to(dev, torch.float32)
-    theta = _pack(state.params, prog.names).detach().clone().requires_grad_(True)
+    theta = prog.pack(state.params).requires_grad_(True)  # a fresh copy: state is not touched
     exp_avg = state.opt_state["exp_avg"].clone()
     exp_avg_sq = state.opt_state["exp_avg_sq"].clone()
     opt_step = state.opt_state["step"].clone()
-    obs_scale = torch.tensor(likelihood_weight / n, device=dev)
-    kl_scale = torch.tensor(1.0 / big_n, device=dev)
-    prior_loc, prior_scale = state.prior.loc, state.prior.scale
-    loss = torch.tensor(float("nan"))
-    kl = torch.tensor(float("nan"))
-    grad_norm = torch.tensor(float("nan"))
-    with _DeviceRng(dev, state.rng_state) as rng, _no_fusion(state.config.guide == "lowrank"):
+    obs_scale = prog.scalar(likelihood_weight / n)
+    kl_scale = prog.scalar(1.0 / big_n)
+    prior = state.prior
+    last = num_steps - 1
+    diag = torch.empty(0)
+    with _DeviceRng(dev, state.rng_state) as rng, _no_fusion(prog.lowrank):
         for k in range(num_steps):
-            loss = prog.loss(x, y, theta, prior_loc, prior_scale, obs_scale, kl_scale)
-            (grad,) = torch.autograd.grad(loss, [theta])
-            if k == num_steps - 1:
-                with torch.no_grad():
-                    grad_norm = grad.norm()
-                    kl = _kl(theta.detach(), state, prog)
+            loss, kl = prog.loss_and_kl(x, y, theta, prior.loc, prior.scale, obs_scale, kl_scale)
+            (grad,) = torch.autograd.grad(loss, (theta,))
             with torch.no_grad():
-                _functional_adam(
-                    [theta],
-                    [grad],
-                    [exp_avg],
-                    [exp_avg_sq],
-                    [],
-                    [opt_step],
-                    fused=True,
-                    amsgrad=False,
-                    beta1=ADAM_BETAS[0],
-                    beta2=ADAM_BETAS[1],
-                    lr=state.lr,
-                    weight_decay=0.0,
-                    eps=ADAM_EPS,
-                    maximize=False,
-                )
+                if k == last:
+                    diag = torch.stack((loss.detach(), kl, torch.linalg.vector_norm(grad)))
+                _adam_(theta, grad, exp_avg, exp_avg_sq, opt_step, state.lr)
     theta = theta.detach()
-    loss_f, kl_f = float(loss.detach()), float(kl)
+    # sum(theta) is finite iff every entry is (or the sum overflows, |theta| ~ 1e38:
+    # rejected too); then the one host synchronisation of the call
+    loss_f, kl_f, grad_norm_f, theta_sum = torch.cat((diag, theta.sum().reshape(1))).tolist()
     nll = (loss_f - kl_f / big_n) / likelihood_weight if likelihood_weight > 0 else float("nan")
-    if not (math.isfinite(loss_f) and bool(torch.isfinite(theta).all())):
-        return state, StepInfo(loss_f, nll, kl_f, float(grad_norm), n, num_steps, rejected=True)
+    if not (math.isfinite(loss_f) and math.isfinite(theta_sum)):
+        return state, StepInfo(loss_f, nll, kl_f, grad_norm_f, n, num_steps, rejected=True)
     new = state.replace(
-        params=_unpack(theta, state.params, prog.names),
+        params=prog.unpack(theta),
         opt_state={"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "step": opt_step},
         step_count=state.step_count + num_steps,
         rng_state=rng.rng_state,
         records_absorbed=state.records_absorbed + n,
     )
-    return new, StepInfo(loss_f, nll, kl_f, float(grad_norm), n, num_steps)
-
-
-def _kl(theta: torch.Tensor, state: PosteriorState, prog: Program) -> torch.Tensor:
-    p = _unpack(theta, state.params, prog.names)
-    scale = F.softplus(p["scale_unconstrained"])
-    if "cov_factor" in p:
-        q = LowRankMultivariateNormal(p["loc"], p["cov_factor"], scale.pow(2))
-        prior = Independent(Normal(state.prior.loc, state.prior.scale), 1)
-        return _kl_lowrank_diag(q, prior)
-    return kl_to_prior(p["loc"], scale, state.prior)
+    return new, StepInfo(loss_f, nll, kl_f, grad_norm_f, n, num_steps)
 
 
 StepCallback = Callable[[PosteriorState, StepInfo, int], "PosteriorState | None"]
