@@ -21,8 +21,12 @@ Contract
 - Children die with the parent: they get ``PR_SET_PDEATHSIG(SIGKILL)`` on
   Linux (tied to the thread that started them, so start them from a
   long-lived thread, e.g. the main one) and are killed by an ``atexit`` hook.
-  They stay in the parent's session and process group, so a Ctrl-C at the
-  terminal reaches them too.
+- They stay in the parent's session but run in their own process group, so
+  a Ctrl-C at the terminal reaches only the parent: the daemon can finish
+  its step and write its final snapshot to a Redis that is still up, and
+  then stop the children (leaving the ``with`` block).  Were they in the
+  terminal's group, redis-server would quit on the same SIGINT and the
+  final snapshot would be lost.
 """
 
 from __future__ import annotations
@@ -39,7 +43,6 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -130,7 +133,7 @@ def redis_ping(host: str, port: int, timeout_s: float = 0.5) -> bool:
 # child processes that die with the parent
 # --------------------------------------------------------------------------
 
-_LIVE: weakref.WeakSet[_Child] = weakref.WeakSet()
+_LIVE: set[_Child] = set()
 _LIVE_LOCK = threading.Lock()
 
 
@@ -171,6 +174,7 @@ class _Child:
             cwd=workdir,
             env=env,
             start_new_session=False,
+            process_group=0,
             preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None,
         )
         with _LIVE_LOCK:

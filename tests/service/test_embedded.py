@@ -84,6 +84,8 @@ def test_kafka_starts_answers_and_stops() -> None:
         assert "embedded-topic" in list_topics(broker.bootstrap_servers)
         pid = broker.pid
         assert pid is not None
+        # own process group: a terminal Ctrl-C reaches only the parent
+        assert os.getpgid(pid) == pid != os.getpgrp()
         broker.kill()
         assert _gone(pid)
         assert not tcp_open("127.0.0.1", int(port))
