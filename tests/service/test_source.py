@@ -244,3 +244,24 @@ def test_a_second_member_takes_partitions_and_the_first_is_told(
         first.close()
         if second is not None:
             second.close()
+
+
+def test_security_settings_map_to_kafka_python_names() -> None:
+    from pydantic import SecretStr
+
+    from daemon.config import KafkaSettings
+    from daemon.source import security_kwargs
+
+    assert security_kwargs(KafkaSettings()) == {}
+    s = KafkaSettings(
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="fog",
+        sasl_password=SecretStr("s3cret"),
+    )
+    assert security_kwargs(s) == {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "fog",
+        "sasl_plain_password": "s3cret",
+    }
