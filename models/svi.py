@@ -239,8 +239,12 @@ class Program:
         with poutine.scale(scale=kl_scale):
             w = pyro.sample("w", dist.Normal(prior_loc, prior_scale).to_event(1))
         out = _forward_one(w, x, self.config)
-        with pyro.plate("data", x.shape[0]), poutine.scale(scale=obs_scale):
-            pyro.sample("obs", observation_dist(out, self.config, self._df(theta)), obs=y)
+        # The n rows form one event of shape [n] rather than a pyro.plate: a
+        # plate's subsample scale (size / subsample_size) would be frozen into
+        # the trace at the tracing batch size (a wrong ELBO for other n).
+        obs = observation_dist(out, self.config, self._df(theta)).to_event(1)
+        with poutine.scale(scale=obs_scale):
+            pyro.sample("obs", obs, obs=y)
 
     def _guide(
         self,
@@ -264,7 +268,14 @@ class Program:
                 pyro.sample("w", _RandnNormal(loc, scale).to_event(1))
 
     def _eager_loss_and_kl(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loss: torch.Tensor = self.elbo.differentiable_loss(self.model, self.guide, *args)
+        # The mean-field ELBO particle, summed as Pyro's JitTraceMeanField_ELBO
+        # does: ``TraceMeanField_ELBO.differentiable_loss`` returns
+        # L + (S - item(S)), whose item() would be frozen into a trace as a
+        # constant (right gradient, wrong value for any other input).
+        loss: Any = 0.0
+        for model_trace, guide_trace in self.elbo._get_traces(self.model, self.guide, args, {}):
+            _, surrogate = self.elbo._differentiable_loss_particle(model_trace, guide_trace)
+            loss = loss + surrogate
         theta, prior_loc, prior_scale = args[2], args[3], args[4]
         return loss, self.kl(theta.detach(), PriorSpec(prior_loc, prior_scale))
 
