@@ -34,6 +34,7 @@ finite after the call, the input state is returned unchanged with
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -51,13 +52,19 @@ from torch.types import _size
 
 from models.config import ModelConfig
 from models.likelihoods import df_from_unconstrained, df_to_unconstrained, observation_dist
-from models.network import _ACTIVATIONS, layout
+from models.network import _ACTIVATIONS, Layout, layout
 from models.priors import default_prior, kl_to_prior
 from models.state import Minibatch, PosteriorState, PriorSpec, StepInfo, _fresh_rng_state
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 _EMPTY = torch.Size()
+#: Run the traced ELBO through TorchScript's profiling/optimising executor?  Off:
+#: the graph is interpreted op by op and differentiated by eager autograd, which
+#: gives the same numbers on every call (the optimised graph's symbolic
+#: gradients differ in the last bits from the profiling runs', which broke
+#: bit-exact resumption in a fresh process) at the same speed (docs/performance.md).
+_OPTIMIZED_EXECUTION = False
 
 
 # ---------------------------------------------------------------------------
@@ -139,21 +146,28 @@ def _forward_one(w_p: torch.Tensor, x_nd: torch.Tensor, config: ModelConfig) -> 
     """Raw outputs [N, O] of the MLP for ONE flat weight vector ``w_p`` [P].
 
     The same function as ``models.network.forward(w_p[None], x_nd)[0]``
-    (h_{l+1} = act(h_l W_l^T + b_l)), specialised to one sample: 2-D
-    ``addmm`` on views of ``w_p`` instead of ``unsqueeze`` + ``baddbmm``,
-    which saves graph nodes on the training hot path.
+    (h_{l+1} = act(h_l W_l^T + b_l)), specialised to one sample: one
+    ``split`` of ``w_p`` into the layers' W and b (its backward is one
+    ``cat``, where a slice per tensor would each scatter into a zero [P]
+    buffer) and 2-D ``linear`` instead of ``unsqueeze`` + ``baddbmm``.
     """
     act = _ACTIVATIONS[config.activation]
     lay = layout(config)
+    parts = w_p.split(_layer_sizes(lay))
     last = len(lay.layers) - 1
     h = x_nd
     for i, layer in enumerate(lay.layers):
-        weight = w_p[layer.w_start : layer.b_start].view(layer.fan_out, layer.fan_in)
-        bias = w_p[layer.b_start : layer.b_start + layer.fan_out]
-        h = torch.addmm(bias, h, weight.t())
+        weight = parts[2 * i].view(layer.fan_out, layer.fan_in)
+        h = F.linear(h, weight, parts[2 * i + 1])
         if i < last:
             h = act(h)
     return h
+
+
+@functools.cache
+def _layer_sizes(lay: Layout) -> list[int]:
+    """[|W_1|, |b_1|, |W_2|, |b_2|, ...]: the split of the flat vector into tensors."""
+    return [n for layer in lay.layers for n in (layer.fan_in * layer.fan_out, layer.fan_out)]
 
 
 class Program:
@@ -222,8 +236,7 @@ class Program:
     # -- the Pyro program --------------------------------------------------
     def _df(self, theta: torch.Tensor) -> torch.Tensor | None:
         if self.config.learns_df:
-            s = self.slots["df_unconstrained"]
-            return df_from_unconstrained(theta[s.start])
+            return df_from_unconstrained(theta[-1])
         return None
 
     def _model(
@@ -239,9 +252,9 @@ class Program:
         with poutine.scale(scale=kl_scale):
             w = pyro.sample("w", dist.Normal(prior_loc, prior_scale).to_event(1))
         out = _forward_one(w, x, self.config)
-        # The n rows form one event of shape [n] rather than a pyro.plate: a
-        # plate's subsample scale (size / subsample_size) would be frozen into
-        # the trace at the tracing batch size (a wrong ELBO for other n).
+        # The n rows form one event of shape [n] rather than a pyro.plate: the
+        # same log-likelihood sum, without the plate's subsample index (arange)
+        # and scale ops in the traced graph.
         obs = observation_dist(out, self.config, self._df(theta)).to_event(1)
         with poutine.scale(scale=obs_scale):
             pyro.sample("obs", obs, obs=y)
@@ -256,13 +269,12 @@ class Program:
         obs_scale: torch.Tensor,
         kl_scale: torch.Tensor,
     ) -> None:
-        sl, ss = self.slots["loc"], self.slots["scale_unconstrained"]
-        loc = theta[sl.start : sl.end]
-        scale = F.softplus(theta[ss.start : ss.end])
+        parts = theta.split(self._split)
+        loc = parts[0]
+        scale = F.softplus(parts[1])
         with poutine.scale(scale=kl_scale):
             if self.lowrank:
-                sf = self.slots["cov_factor"]
-                factor = theta[sf.start : sf.end].view(sf.shape)
+                factor = parts[2].view(self.slots["cov_factor"].shape)
                 pyro.sample("w", dist.LowRankMultivariateNormal(loc, factor, scale.pow(2)))
             else:
                 pyro.sample("w", _RandnNormal(loc, scale).to_event(1))
@@ -291,7 +303,8 @@ class Program:
         fn = self._traced
         if fn is None:
             fn = self._traced = self._trace(args)
-        return fn(*args)
+        with torch.jit.optimized_execution(_OPTIMIZED_EXECUTION):
+            return fn(*args)
 
     def loss(self, *args: torch.Tensor) -> torch.Tensor:
         """Differentiable per-observation negative ELBO for the packed arguments."""

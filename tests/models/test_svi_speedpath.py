@@ -1,0 +1,257 @@
+"""Tests of the fast streaming step's hot path (:mod:`models.svi`).
+
+Bit-exact resumption (also from a fresh, untraced program), ``num_steps``
+semantics, rejected steps, purity, the fused Adam update, the benchmark's
+output contract and the CUDA path (marked ``gpu``, skipped without CUDA).
+No timings are asserted here: speed lives in ``benchmarks/svi.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.optim.adam import adam as functional_adam
+
+from models import svi
+from models.config import ModelConfig
+from models.priors import kl_to_prior
+from models.serialize import from_bytes, to_bytes
+from models.state import Minibatch, PosteriorState
+from models.svi import init_state, program, step
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _batch(n: int = 256, seed: int = 0, device: str = "cpu") -> Minibatch:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = torch.sin(3 * x[:, 0]) + (0.1 + 0.4 * x[:, 0].abs()) * torch.randn(n, generator=g)
+    return Minibatch(x.to(device), y.to(device))
+
+
+def _assert_same(a: PosteriorState, b: PosteriorState) -> None:
+    assert a.params.keys() == b.params.keys()
+    for k in a.params:
+        assert torch.equal(a.params[k].cpu(), b.params[k].cpu()), k
+    for k in a.opt_state:
+        assert torch.equal(a.opt_state[k].cpu(), b.opt_state[k].cpu()), k
+    assert torch.equal(a.rng_state, b.rng_state)
+    assert a.step_count == b.step_count
+
+
+CONFIGS = {
+    "meanfield": ModelConfig(),
+    "lowrank": ModelConfig(guide="lowrank", rank=3, hidden=(16,)),
+    "student-t": ModelConfig(likelihood="student-t", hidden=(16,)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_resume_through_bytes_is_bit_exact_even_with_a_fresh_program(name: str) -> None:
+    config = CONFIGS[name]
+    s = init_state(config, seed=4)
+    for i in range(3):
+        s, _ = step(s, _batch(seed=i))
+    blob = to_bytes(s)
+    a = s
+    for i in range(3, 6):
+        a, _ = step(a, _batch(seed=i), num_steps=2)
+    # a restarted process: no cached program, so the first call traces again;
+    # tracing must not consume draws from the state's RNG stream
+    svi._PROGRAMS.clear()
+    b = from_bytes(blob)
+    for i in range(3, 6):
+        b, _ = step(b, _batch(seed=i), num_steps=2)
+    _assert_same(a, b)
+
+
+def test_k_inner_steps_equal_k_calls_bit_for_bit() -> None:
+    s0 = init_state(ModelConfig(), seed=1)
+    batch = _batch()
+    many, info = step(s0, batch, num_steps=4, data_size=1000)
+    one = s0
+    for _ in range(4):
+        one, last = step(one, batch, data_size=1000)
+    assert torch.equal(many.params["loc"], one.params["loc"])
+    assert torch.equal(many.params["scale_unconstrained"], one.params["scale_unconstrained"])
+    assert torch.equal(many.rng_state, one.rng_state)
+    # diagnostics are those of the last inner step
+    assert info.loss == last.loss and info.kl == last.kl and info.grad_norm == last.grad_norm
+    assert info.steps == 4 and many.step_count == 4
+    # the batch is absorbed once, however many inner steps
+    assert many.records_absorbed == 256 and one.records_absorbed == 4 * 256
+
+
+def test_step_info_diagnostics_are_taken_before_the_update() -> None:
+    s0 = init_state(ModelConfig(), seed=2)
+    _, info = step(s0, _batch(), data_size=512, likelihood_weight=0.5)
+    scale = F.softplus(s0.params["scale_unconstrained"])
+    kl = float(kl_to_prior(s0.params["loc"], scale, s0.prior))
+    assert info.kl == pytest.approx(kl, rel=1e-5)
+    assert info.nll == pytest.approx((info.loss - info.kl / 512) / 0.5, rel=1e-6)
+    assert info.grad_norm > 0 and not info.rejected
+
+
+def test_step_is_pure_and_successive_states_do_not_share_storage() -> None:
+    s0 = init_state(ModelConfig(), seed=0)
+    s1, _ = step(s0, _batch())
+    snapshot = {k: v.clone() for k, v in s1.params.items()}
+    opt = {k: v.clone() for k, v in s1.opt_state.items()}
+    s2, _ = step(s1, _batch(seed=1), num_steps=3)
+    for k, v in s1.params.items():
+        assert torch.equal(v, snapshot[k])
+    for k, v in s1.opt_state.items():
+        assert torch.equal(v, opt[k])
+    assert s2.params["loc"].data_ptr() != s1.params["loc"].data_ptr()
+
+
+def test_program_is_shared_by_equal_configs() -> None:
+    cpu = torch.device("cpu")
+    assert program(ModelConfig(), cpu) is program(ModelConfig(), cpu)
+    assert program(ModelConfig(), cpu) is not program(ModelConfig(), cpu, jit=False)
+    assert program(ModelConfig(), cpu) is not program(ModelConfig(hidden=(8,)), cpu)
+
+
+def test_varying_batch_sizes_match_the_eager_program() -> None:
+    s = init_state(ModelConfig(), seed=5)
+    for n in (256, 100, 300, 7):
+        a, ia = step(s, _batch(n, seed=n))
+        b, ib = step(s, _batch(n, seed=n), jit=False)
+        assert ia.loss == pytest.approx(ib.loss, rel=1e-5)
+        assert torch.allclose(a.params["loc"], b.params["loc"], atol=1e-6)
+        s = a
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["nan_y", "inf_x", "huge_lr"],
+)
+def test_non_finite_steps_are_rejected(bad: str) -> None:
+    s0, _ = step(init_state(ModelConfig(), seed=0), _batch())
+    batch = _batch(16)
+    if bad == "nan_y":
+        batch = Minibatch(batch.x, torch.full((16,), float("nan")))
+    elif bad == "inf_x":
+        x = batch.x.clone()
+        x[3, 0] = float("inf")
+        batch = Minibatch(x, batch.y)
+    else:
+        s0 = s0.replace(lr=float("inf"))
+    new, info = step(s0, batch, num_steps=3)
+    assert info.rejected and new is s0
+    assert info.steps == 3 and info.rows == 16
+    # the rejected call left nothing behind: the next good step is as from s0
+    good_a, _ = step(s0.replace(lr=1e-3), _batch())
+    good_b, _ = step(s0.replace(lr=1e-3), _batch())
+    assert torch.equal(good_a.params["loc"], good_b.params["loc"])
+
+
+def test_argument_checks() -> None:
+    s = init_state(ModelConfig(), seed=0)
+    with pytest.raises(ValueError, match="num_steps"):
+        step(s, _batch(), num_steps=0)
+    with pytest.raises(ValueError, match="likelihood_weight"):
+        step(s, _batch(), likelihood_weight=1.5)
+    with pytest.raises(ValueError, match="empty"):
+        step(s, Minibatch(torch.empty(0, 8), torch.empty(0)))
+    _, info = step(s, _batch(), likelihood_weight=0.0)
+    assert math.isnan(info.nll) and not info.rejected
+
+
+def test_fused_adam_update_matches_torch_adam() -> None:
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(50, generator=g)
+    ref = theta.clone()
+    m, v, t = torch.zeros(50), torch.zeros(50), torch.tensor(0.0)
+    rm, rv, rt = m.clone(), v.clone(), t.clone()
+    for _ in range(5):
+        grad = torch.randn(50, generator=g)
+        svi._adam_(theta, grad, m, v, t, 0.01)
+        functional_adam(
+            [ref],
+            [grad],
+            [rm],
+            [rv],
+            [],
+            [rt],
+            fused=True,
+            amsgrad=False,
+            beta1=0.9,
+            beta2=0.999,
+            lr=0.01,
+            weight_decay=0.0,
+            eps=1e-8,
+            maximize=False,
+        )
+    assert torch.equal(theta, ref) and torch.equal(m, rm) and torch.equal(v, rv)
+    assert float(t) == 5.0
+
+
+def _bench_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("fogline_bench_svi", ROOT / "benchmarks/svi.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_svi_prints_one_json_object_last(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _bench_module()
+    argv = ["--steps", "4", "--textbook-steps", "2", "--repeats", "2", "--warmup", "1"]
+    assert bench.main([*argv, "--batch", "32", "--hidden", "8", "--json"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    rec = json.loads(last)
+    for key in ("textbook_steps_per_s", "fast_steps_per_s", "ratio", "batch", "hidden"):
+        assert key in rec
+    assert rec["batch"] == 32 and rec["hidden"] == 8 and rec["threads"] == 1
+    assert rec["device"] == "cpu" and rec["torch"] == torch.__version__
+    assert rec["ratio"] == pytest.approx(
+        rec["fast_steps_per_s"] / rec["textbook_steps_per_s"], rel=0.02
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_bench_svi_cuda_fails_clearly_without_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _bench_module().main(["--device", "cuda"]) == 2
+    assert "torch.cuda.is_available() == False" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_step_resumes_bit_exactly_and_matches_cpu_maths() -> None:
+    config = ModelConfig()
+    s = init_state(config, seed=0, device="cuda")
+    assert s.device.type == "cuda" and s.opt_state["step"].device.type == "cuda"
+    for i in range(3):
+        s, info = step(s, _batch(seed=i, device="cuda"))
+        assert not info.rejected
+    blob = to_bytes(s)
+    a = s
+    for i in range(3, 5):
+        a, _ = step(a, _batch(seed=i, device="cuda"), num_steps=2)
+    svi._PROGRAMS.clear()
+    b = from_bytes(blob, device="cuda")
+    for i in range(3, 5):
+        b, _ = step(b, _batch(seed=i, device="cuda"), num_steps=2)
+    _assert_same(a, b)
+    # the same ELBO as the CPU program for the same parameters and draws of w
+    prog_gpu = program(config, torch.device("cuda"), jit=False)
+    prog_cpu = program(config, torch.device("cpu"), jit=False)
+    cpu = s.to("cpu")
+    big = _batch(4096, seed=9)
+    theta = prog_cpu.pack(cpu.params)
+    args = (big.x, big.y, theta, cpu.prior.loc, cpu.prior.scale)
+    scales = (torch.tensor(1 / 4096), torch.tensor(1 / 4096))
+    cuda_args = tuple(t.cuda() for t in (*args, *scales))
+    with torch.no_grad():
+        # the KL output does not depend on the draw: compare it exactly-ish
+        _, kl_gpu = prog_gpu.loss_and_kl(*cuda_args)
+        _, kl_cpu = prog_cpu.loss_and_kl(*args, *scales)
+    assert torch.allclose(kl_gpu.cpu(), kl_cpu, rtol=1e-4)
