@@ -278,8 +278,10 @@ def mixture_quantiles(
             spread = (mu.var(0, unbiased=False) + _component_var(ens, sigma).mean(0)).sqrt()
         start = mean + torch.special.ndtri(target) * spread
     inv = sigma.reciprocal()  # [S, N]
-    # Stop once a step is within the CDF's rounding noise (float32: ~1e-7 / pdf).
+    # Stop once every step is within the CDF's rounding noise (float32: ~1e-7 / pdf);
+    # a NaN step compares False, so it never counts as converged.
     rtol = 1e-5 if mu.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    tol = start.abs().add_(1.0).mul_(rtol)  # [K, N]
     y = start
     converged = False
     if student:
@@ -292,20 +294,24 @@ def mixture_quantiles(
             pdf = (torch.exp(log_c - 0.5 * (df + 1) * torch.log1p(z * z / df)) * inv).mean(1)
             delta = (cdf - target) / pdf
             y = y - delta
-            if bool((delta.abs() <= rtol * (1 + y.abs())).all()):
+            if bool((delta.abs() <= tol).all()):
                 converged = True
                 break
     else:
+        # z = y * inv - mu * inv; the Gaussian pdf is mean_s exp(-z^2/2) * inv / sqrt(2 pi)
+        neg_m = mu * inv
+        neg_m.neg_()
+        inv_pdf = inv * (1.0 / _SQRT_2PI)
         for _ in range(max_newton):
-            z = (y.unsqueeze(1) - mu) * inv  # [K, S, N]
+            z = torch.addcmul(neg_m, y.unsqueeze(1), inv)  # [K, S, N]
             cdf = torch.special.ndtr(z).mean(1)
-            pdf = (torch.exp(-0.5 * z * z) * inv).mean(1)  # times sqrt(2 pi)
-            delta = (cdf - target) / pdf * _SQRT_2PI
+            pdf = (z.square_().mul_(-0.5).exp_() * inv_pdf).mean(1)
+            delta = (cdf - target).div_(pdf)
             y = y - delta
-            if bool((delta.abs() <= rtol * (1 + y.abs())).all()):
+            if bool((delta.abs() <= tol).all()):
                 converged = True
                 break
-    if converged and bool(torch.isfinite(y).all()):
+    if converged:
         return y
     return _bisect_quantiles(ens, target, mu, sigma)
 
@@ -340,8 +346,7 @@ def predict(
         raise ValueError(f"method must be 'mixture' or 'gaussian', got {method!r}")
     with torch.no_grad():
         mu, sigma = component_params(ens, x_nd)
-        mean = mu.mean(0)
-        epistemic = mu.var(0, unbiased=False)
+        epistemic, mean = torch.var_mean(mu, dim=0, correction=0)
         bern = ens.config.likelihood == "bernoulli"
         aleatoric = (mu * (1 - mu)).mean(0) if bern else _component_var(ens, sigma).mean(0)
         total = epistemic + aleatoric
@@ -350,9 +355,10 @@ def predict(
         if bern:
             q = torch.quantile(mu, probs, dim=0)
         elif method == "gaussian":
-            q = mean + z * total_std
+            q = torch.addcmul(mean, z, total_std)
         else:
-            start = mean + z * total_std if torch.isfinite(total_std).all() else None
+            heavy = ens.config.likelihood == "student-t" and (ens.df is None or ens.df <= 2.0)
+            start = None if heavy else torch.addcmul(mean, z, total_std)
             q = mixture_quantiles(ens, probs, mu, sigma, start=start)
         intervals = {lv: (q[2 * i], q[2 * i + 1]) for i, lv in enumerate(levels)}
         tail = score = None
