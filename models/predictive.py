@@ -54,6 +54,7 @@ _BISECT_ITERS = 48
 _NEWTON_ITERS = 8
 #: sqrt(2 pi): the Gaussian density is exp(-z^2/2) / (sigma sqrt(2 pi)).
 _SQRT_2PI = math.sqrt(2 * math.pi)
+_SQRT_HALF = math.sqrt(0.5)
 
 
 @dataclass(frozen=True)
@@ -281,7 +282,6 @@ def mixture_quantiles(
     # Stop once every step is within the CDF's rounding noise (float32: ~1e-7 / pdf);
     # a NaN step compares False, so it never counts as converged.
     rtol = 1e-5 if mu.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
-    tol = start.abs().add_(1.0).mul_(rtol)  # [K, N]
     y = start
     converged = False
     if student:
@@ -293,22 +293,26 @@ def mixture_quantiles(
             cdf = _t_cdf(z, df).mean(1)
             pdf = (torch.exp(log_c - 0.5 * (df + 1) * torch.log1p(z * z / df)) * inv).mean(1)
             delta = (cdf - target) / pdf
-            y = y - delta
-            if bool((delta.abs() <= tol).all()):
+            y_prev, y = y, y - delta
+            if torch.allclose(y, y_prev, rtol=rtol, atol=rtol):
                 converged = True
                 break
     else:
-        # z = y * inv - mu * inv; the Gaussian pdf is mean_s exp(-z^2/2) * inv / sqrt(2 pi)
-        neg_m = mu * inv
+        # u = (y - mu) / (sigma sqrt 2):  F(y) = 1/2 + 1/2 mean_s erf(u),
+        # f(y) = mean_s exp(-u^2) / (sigma sqrt(2 pi)), so the Newton step is
+        # (F - p) / f = (mean erf(u) - (2p - 1)) / mean(exp(-u^2) 2 / (sigma sqrt(2 pi))).
+        inv_u = inv * _SQRT_HALF
+        neg_m = mu * inv_u
         neg_m.neg_()
-        inv_pdf = inv * (1.0 / _SQRT_2PI)
+        dens = inv * (2.0 / _SQRT_2PI)
+        target2 = target * 2.0 - 1.0
         for _ in range(max_newton):
-            z = torch.addcmul(neg_m, y.unsqueeze(1), inv)  # [K, S, N]
-            cdf = torch.special.ndtr(z).mean(1)
-            pdf = (z.square_().mul_(-0.5).exp_() * inv_pdf).mean(1)
-            delta = (cdf - target).div_(pdf)
-            y = y - delta
-            if bool((delta.abs() <= tol).all()):
+            u = torch.addcmul(neg_m, y.unsqueeze(1), inv_u)  # [K, S, N]
+            resid = torch.erf(u).mean(1).sub_(target2)
+            delta = resid.div_((u.square_().neg_().exp_() * dens).mean(1))
+            y_prev, y = y, y - delta
+            # |y - y_prev| <= tol_abs + rtol |y_prev|; False for NaN
+            if torch.allclose(y, y_prev, rtol=rtol, atol=rtol):
                 converged = True
                 break
     if converged:
