@@ -167,3 +167,19 @@ def test_bernoulli_and_gaussian_method_still_work() -> None:
     assert torch.allclose(pg.intervals[0.95][1], pg.mean + z * pg.total_std, atol=1e-5)
     with pytest.raises(ValueError, match="credible level"):
         predict(g, x, levels=(1.0,))
+
+
+def test_int8_ensemble_rounding_bound_and_report() -> None:
+    from models.quantize import quantization_report, quantize_ensemble, reference_grid
+
+    ens = _trained_ensemble(ModelConfig())
+    q = quantize_ensemble(ens)
+    deq = q.dequantize()
+    for (w, b), (wq, bq), scale in zip(ens.layers, deq.layers, q.scales, strict=True):
+        assert bool(((w - wq).abs() <= scale / 2 + 1e-7).all())
+        assert torch.equal(b, bq)
+    assert q.codes[0].dtype == torch.int8 and q.size == ens.size
+    rep = quantization_report(ens, q)
+    assert rep["grid_rows"] == reference_grid(ens.config).shape[0] == 8 * 25 + 256
+    assert rep["bytes_int8"] < rep["bytes_float32"] / 2
+    assert 0 < rep["max_abs_mean"] < 0.05 and 0 < rep["max_abs_interval"] < 0.05
