@@ -9,8 +9,8 @@ Recipe (``fogline warmstart``)
    fan-in prior, a small initial posterior scale (1e-3), a *bounded* noise head
    sigma = noise_min + (noise_max - noise_min) sigmoid(r) with noise_max =
    3 std(y_train), and the functional prior of :mod:`models.fprior` at x0
-   beyond the observed range (gamma 0.05, sigma_0 3).  The held-out negative
-   log predictive density is tracked every epoch.
+   beyond the observed range (gamma 0.05, sigma_0 = 2 std(y_train)).  The
+   held-out negative log predictive density is tracked every epoch.
 5. Draw S = 100 posterior samples; 95 % credible bands of the predictive
    mixture on a grid of 401 points x0 in [-5, 5] (other features 0).
 
@@ -64,7 +64,8 @@ class WarmstartOptions:
     """Every knob of the recipe; the defaults are the recipe that meets the quality bar.
 
     ``fprior_weight = 0`` trains with plain ``models.svi.step`` (no functional
-    prior); ``noise_max = None`` means 3 std(y_train).
+    prior); ``noise_max = None`` means 3 std(y_train); ``fprior_scale = None``
+    means sigma_0 = 2 std(y_train).
     """
 
     data: str | None = None
@@ -83,7 +84,7 @@ class WarmstartOptions:
     df: float | None = None
     rank: int = 10
     fprior_weight: float = 0.05
-    fprior_scale: float = 3.0
+    fprior_scale: float | None = None
     fprior_margin: float = 3.0
     held_out: float = 0.2
     samples: int = 100
@@ -123,10 +124,11 @@ def functional_prior(opts: WarmstartOptions, data: RecipeData) -> FunctionalPrio
     """The recipe's functional prior over x0 beyond its observed range (None when off)."""
     if opts.fprior_weight <= 0:
         return None
+    scale = opts.fprior_scale if opts.fprior_scale is not None else 2.0 * float(data.y_train.std())
     return FunctionalPrior.from_data(
         data.x_train,
         weight=opts.fprior_weight,
-        scale=opts.fprior_scale,
+        scale=scale,
         features=(0,),
         margin=opts.fprior_margin,
     )
@@ -286,8 +288,8 @@ def plot(ens: Ensemble, data: RecipeData, path: str | Path, title: str = "") -> 
         ax.axvline(v, color="grey", ls=":", lw=1)
     ax.set_xlabel("x0 (standardised MedInc; other features 0)")
     ax.set_ylabel("y")
-    ax.set_ylim(-12, 12)
-    ax.set_title(title or "fogline warm start")
+    ax.set_ylim(-14, 14)
+    ax.set_title(title or "fogline warm start", fontsize=9)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(str(path), dpi=110)

@@ -58,7 +58,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         default=0.05,
         help="functional prior weight gamma (0: plain ELBO via models.svi.step)",
     )
-    p.add_argument("--fprior-scale", type=float, default=3.0, help="functional prior sd sigma_0")
+    p.add_argument(
+        "--fprior-scale", type=float, default=None, help="functional prior sd (2 std(y))"
+    )
     p.add_argument("--samples", type=int, default=100, help="posterior samples for the bands")
     p.add_argument(
         "--out", default="fogline-out/warmstart", help="directory for state, plot, metrics"

@@ -173,24 +173,20 @@ def test_cli_without_data_explains(
 
 @pytest.mark.slow
 def test_reduced_warm_start_quality(tmp_path: Path) -> None:
-    """The recipe with REDUCED_EPOCHS epochs: the issue's bar, out-of-range coverage relaxed.
+    """The recipe with REDUCED_EPOCHS (60) instead of 800 epochs meets the issue's whole bar.
 
-    The full 800-epoch run meets every criterion (docs/model.md); after 60
-    epochs the out-of-range epistemic spread is still growing, so coverage
-    out is checked at >= 0.8 here.
+    Measured (seed 0): coverage in 0.951, width in 1.06 x true, width out 2.2 x
+    true, width out/in 9.8, coverage out 0.999, epistemic out/in 52,
+    aleatoric error 0.054, rmse 0.074 (docs/model.md).
     """
     res = run(WarmstartOptions(data=CSV, epochs=REDUCED_EPOCHS, out=str(tmp_path)))
     m = res.metrics
-    checks = quality_checks(m)
-    assert 0.92 <= m["coverage_95_in"] <= 0.98, m
-    assert checks["width_in"], m
-    assert checks["width_out_over_in"], m
-    assert checks["width_out"], m
-    assert checks["epistemic_out_over_in"], m
-    assert checks["aleatoric_rel_err_in"], m
-    assert m["coverage_95_out"] >= 0.8, m
-    assert m["rmse_in"] <= 0.2, m
-    assert Path(res.files["plot"]).stat().st_size > 10_000
-    # the recipe's data are those of the loader
+    failed = [k for k, ok in quality_checks(m).items() if not ok]
+    assert not failed, (failed, m)
+    assert m["rmse_in"] <= 0.15, m
+    # the widening is epistemic: outside, the epistemic sd exceeds the learned noise sd
+    assert m["epistemic_out"] > m["aleatoric_out"], m
+    assert Path(res.files["plot"]).read_bytes()[:4] == b"\x89PNG"
+    assert load(res.files["state"]).config.noise_head == "bounded"
     d = recipe_data(load_csv(CSV), seed=0)
     assert m["rows_train"] == d.x_train.shape[0]
