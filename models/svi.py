@@ -29,6 +29,16 @@ anomalous batch (generalised Bayes).
 Stability (NumPyro's ``stable_update``): if the loss or any parameter is not
 finite after the call, the input state is returned unchanged with
 ``rejected=True``.
+
+Speed (docs/performance.md).  The ELBO is Pyro's mean-field ELBO particle of
+this model and guide, traced once per (config, device) by ``torch.jit.trace``
+and then run by TorchScript's interpreter with eager autograd (identical bits
+on every call, so a restarted process resumes exactly); inside one call the
+packed parameters theta [T] are one tensor, the Adam moments are updated by
+torch's fused kernel in place, the KL and gradient-norm diagnostics are taken
+on the last inner step only, and the host is synchronised once.  The RNG
+stream stays explicit: the state's generator state is restored before and
+captured after the call, and tracing draws nothing from it.
 """
 
 from __future__ import annotations

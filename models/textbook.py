@@ -125,7 +125,11 @@ class TextbookBNN(PyroModule):
         mu = h[..., 0]
         sigma = noise_scale(h[..., 1], self.config)
         n = x.shape[0]
-        with pyro.plate("data", size=data_size or n, subsample_size=n):
+        if data_size is None or data_size == n:
+            plate = pyro.plate("data", n)  # the tutorial form (no subsampling)
+        else:
+            plate = pyro.plate("data", size=data_size, subsample_size=n)
+        with plate:
             pyro.sample("obs", dist.Normal(mu, sigma), obs=y)
         return mu
 
