@@ -189,12 +189,14 @@ class Program:
     ``obs_scale`` = beta / n and ``kl_scale`` = 1 / N_t scale the two ELBO
     terms (see the module docstring).
 
-    :meth:`loss` is Pyro's ``TraceMeanField_ELBO().differentiable_loss`` of
-    this model and guide.  With ``jit=True`` it is traced once by
-    ``torch.jit.trace`` (Pyro validation off, RNG untouched by the trace) and
-    the TorchScript function is called directly afterwards: the graph is the
-    Pyro program's ELBO, without Pyro's per-call JIT bookkeeping.  The trace
-    is shape-generic in the batch rows N.
+    :meth:`loss` is the one-particle negative ELBO of Pyro's
+    ``TraceMeanField_ELBO`` for this model and guide (its
+    ``_differentiable_loss_particle``, as Pyro's own JIT ELBO sums it).  With
+    ``jit=True`` it is traced once by ``torch.jit.trace`` (Pyro validation
+    off, RNG untouched by the trace) and the TorchScript function is called
+    directly afterwards, run unoptimised (see ``_OPTIMIZED_EXECUTION``): the
+    graph is the Pyro program's ELBO, without Pyro's per-call JIT
+    bookkeeping.  The trace is shape-generic in the batch rows N.
     """
 
     def __init__(
@@ -348,10 +350,6 @@ class Program:
             q = LowRankMultivariateNormal(p["loc"], p["cov_factor"], scale.pow(2))
             return _kl_lowrank_diag(q, Independent(Normal(prior.loc, prior.scale), 1))
         return kl_to_prior(p["loc"], scale, prior)
-
-
-def _template(config: ModelConfig) -> dict[str, torch.Tensor]:
-    return {k: torch.empty(s) for k, s in _param_shapes(config).items()}
 
 
 _PROGRAMS: dict[tuple[ModelConfig, torch.device, bool], Program] = {}
