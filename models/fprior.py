@@ -144,17 +144,23 @@ def objective(
     data_size: float,
     fprior: FunctionalPrior | None,
     generator: torch.Generator,
+    particles: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, nll, kl) of the module docstring for packed parameters ``theta``.
 
-    One reparameterised sample serves the likelihood (as in :mod:`models.svi`);
-    ``fprior.samples`` samples (the first one shared) serve the functional term.
+    The expected log-likelihood is estimated with ``particles`` reparameterised
+    samples (1, as in :mod:`models.svi`, by default; more lower the gradient
+    variance, which the low-rank guide needs); ``fprior.samples`` samples (the
+    first ones shared) serve the functional term.
     """
     cfg = state.config
     names = param_names(cfg)
     p = _unpack(theta, state, names)
     scale = F.softplus(p["scale_unconstrained"])
-    s = fprior.samples if fprior is not None and fprior.weight > 0 else 1
+    if particles < 1:
+        raise ValueError("particles must be >= 1")
+    use_f = fprior is not None and fprior.weight > 0
+    s = max(particles, fprior.samples if fprior is not None and use_f else 1)
     num_w = p["loc"].shape[0]
     eps = torch.randn(s, num_w, generator=generator, dtype=theta.dtype)
     w = p["loc"] + scale * eps
@@ -166,16 +172,16 @@ def objective(
     else:
         kl = kl_to_prior(p["loc"], scale, state.prior)
     df = df_from_unconstrained(p["df_unconstrained"]) if cfg.learns_df else None
-    n = batch.rows
-    if s == 1:
-        out = forward(w, batch.x, cfg)
-        nll = -observation_dist(out[0], cfg, df).log_prob(batch.y).mean()
+    if not use_f:
+        out = forward(w[:particles], batch.x, cfg)  # [particles, n, O]
+        nll = -observation_dist(out, cfg, df).log_prob(batch.y).mean()
         return nll + kl / data_size, nll, kl
     assert fprior is not None
     x_ood = fprior.ood_inputs(batch.x, generator)
-    out = forward(w, torch.cat([batch.x, x_ood]), cfg)  # [S, 2n, O]
-    nll = -observation_dist(out[0, :n], cfg, df).log_prob(batch.y).mean()
-    fkl = functional_kl(out[:, n:, 0], fprior)
+    out_ood = forward(w[: fprior.samples], x_ood, cfg)  # [S, n, O]
+    out = forward(w[:particles], batch.x, cfg)  # [particles, n, O]
+    nll = -observation_dist(out, cfg, df).log_prob(batch.y).mean()
+    fkl = functional_kl(out_ood[..., 0], fprior)
     return nll + kl / data_size + fprior.weight * fkl, nll, kl
 
 
@@ -186,6 +192,7 @@ def step(
     data_size: int,
     fprior: FunctionalPrior | None,
     generator: torch.Generator,
+    particles: int = 1,
 ) -> tuple[PosteriorState, StepInfo]:
     """One Adam step on :func:`objective`; same state layout and guard as ``models.svi.step``.
 
@@ -198,7 +205,7 @@ def step(
     y = batch.y.to(torch.float32)
     try:
         loss, nll, kl = objective(
-            theta, state, Minibatch(x, y), float(data_size), fprior, generator
+            theta, state, Minibatch(x, y), float(data_size), fprior, generator, particles
         )
         (grad,) = torch.autograd.grad(loss, theta)
     except ValueError:  # distribution argument validation: a non-finite value

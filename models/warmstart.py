@@ -25,6 +25,8 @@ In range = held-out rows (|x0| <= 2); out of range = grid points with
 * coverage_95_out = fraction of fresh draws y ~ sin(3 x0) + sigma(x0) eps
   (50 per out-of-range grid point) inside the band
 * epistemic_out_over_in = mean epistemic std out / mean epistemic std in
+* epistemic_var_share_out = mean over the out-of-range grid of
+  epistemic var / (epistemic var + aleatoric var)
 * aleatoric_rel_err_in  = mean_i |sigma_learned(x_i) - sigma(x0_i)| / sigma(x0_i)
   (sigma_learned = the aleatoric std of the mixture)
 * rmse_in = sqrt(mean_i (E[y | x_i, D] - sin(3 x0_i))^2)
@@ -65,7 +67,10 @@ class WarmstartOptions:
 
     ``fprior_weight = 0`` trains with plain ``models.svi.step`` (no functional
     prior); ``noise_max = None`` means 3 std(y_train); ``fprior_scale = None``
-    means sigma_0 = 2 std(y_train).
+    means sigma_0 = 2 std(y_train).  ``from_net`` (a ``state_dict`` file of an
+    ``nn.Sequential`` MLP with 8 inputs) starts from that net: prior
+    N(w_net, net_prior_scale^2) and posterior mean w_net (:mod:`models.bayesianize`);
+    its widths and activation replace ``hidden``.
     """
 
     data: str | None = None
@@ -89,6 +94,9 @@ class WarmstartOptions:
     held_out: float = 0.2
     samples: int = 100
     out: str | None = None
+    particles: int = 1
+    from_net: str | None = None
+    net_prior_scale: float = 0.1
 
 
 @dataclass
@@ -156,7 +164,7 @@ def train(
         for start in range(0, n, opts.batch):
             idx = perm[start : start + opts.batch]
             batch = Minibatch(data.x_train[idx], data.y_train[idx])
-            if fprior is None:
+            if fprior is None and opts.particles == 1:
                 state, info = svi_step(state, batch, data_size=n)
             else:
                 state, info = fprior_step(state, batch, data_size=n, fprior=fprior, generator=gen)
@@ -217,6 +225,9 @@ def evaluate(ens: Ensemble, data: RecipeData, seed: int = 0) -> dict[str, float]
         "epistemic_out": ep_out,
         "epistemic_out_over_in": ep_out / max(ep_in, 1e-12),
         "aleatoric_out": float(p_g.aleatoric_std[out].mean()),
+        "epistemic_var_share_out": float(
+            (p_g.epistemic_std.pow(2) / p_g.total_std.pow(2))[out].mean()
+        ),
         "aleatoric_rel_err_in": float(((p_in.aleatoric_std - sigma_in).abs() / sigma_in).mean()),
         "rmse_in": float((p_in.mean - true_mean(x0_in)).pow(2).mean().sqrt()),
         "entropy_out": float(predictive_entropy(ens, gx[out], seed=seed)),
@@ -303,7 +314,10 @@ def run(
     """Load, train, evaluate; write state, metrics and plot under ``opts.out`` when set."""
     data = recipe_data(load(opts.data), seed=opts.seed, held_out=opts.held_out)
     config = build_config(opts, data.y_train)
-    state = init_state(config, seed=opts.seed, lr=opts.lr)
+    if opts.from_net:
+        state = _from_net(opts, config, float(data.y_train.std()))
+    else:
+        state = init_state(config, seed=opts.seed, lr=opts.lr)
     t0 = time.perf_counter()
     state, history = train(state, data, opts, on_epoch)
     seconds = time.perf_counter() - t0
@@ -330,6 +344,24 @@ def run(
             )
         )
     return WarmstartResult(state, metrics, history, files)
+
+
+def _from_net(opts: WarmstartOptions, config: ModelConfig, y_std: float) -> PosteriorState:
+    """Bayesianise the net in ``opts.from_net`` with the recipe's likelihood, guide and head."""
+    from models.bayesianize import bayesianize
+
+    assert opts.from_net is not None
+    keep = ("likelihood", "guide", "rank", "init_scale", "noise_head", "noise_min", "noise_max")
+    overrides: dict[str, object] = {k: getattr(config, k) for k in keep}
+    overrides.update(df=config.df, feature_names=config.feature_names)
+    return bayesianize(
+        opts.from_net,
+        prior_scale=opts.net_prior_scale,
+        noise=0.5 * y_std,
+        config_overrides=overrides,
+        seed=opts.seed,
+        lr=opts.lr,
+    )
 
 
 def _jsonable(opts: WarmstartOptions) -> dict[str, Any]:
