@@ -43,7 +43,7 @@ fi
 
 if [ "${DRY_RUN:-0}" != 1 ]; then
 echo "== CUDA unit checks"
-timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/models/test_svi_speedpath.py \
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider --noconftest -m gpu tests/models/test_svi_speedpath.py \
   >"$OUT/pytest_gpu.txt" 2>&1 || status=1
 tail -n 5 "$OUT/pytest_gpu.txt"
 
