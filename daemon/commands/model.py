@@ -63,6 +63,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--fprior-scale", type=float, default=None, help="functional prior sd (2 std(y))"
     )
     p.add_argument("--samples", type=int, default=100, help="posterior samples for the bands")
+    p.add_argument("--particles", type=int, default=1, help="likelihood samples per step (1)")
+    p.add_argument(
+        "--cov-factor-lr-scale",
+        type=float,
+        default=0.05,
+        help="low-rank factor's step size relative to --lr (0.05)",
+    )
     p.add_argument(
         "--from-net",
         metavar="PATH",
@@ -112,6 +119,8 @@ def _warmstart(args: argparse.Namespace) -> int:
         fprior_weight=args.fprior_weight,
         fprior_scale=args.fprior_scale,
         samples=args.samples,
+        particles=args.particles,
+        cov_factor_lr_scale=args.cov_factor_lr_scale,
         out=args.out,
         from_net=args.from_net,
         net_prior_scale=args.net_prior_scale,
