@@ -35,6 +35,7 @@ In range = held-out rows (|x0| <= 2); out of range = grid points with
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -340,8 +341,9 @@ def run(
     metrics.update(
         epochs=float(opts.epochs), seconds=seconds, rows_train=float(data.x_train.shape[0])
     )
+    finite = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
     state = state.replace(
-        extra={**state.extra, "warmstart": {"options": _jsonable(opts), "metrics": metrics}}
+        extra={**state.extra, "warmstart": {"options": _jsonable(opts), "metrics": finite}}
     )
     files: dict[str, str] = {}
     if opts.out:
