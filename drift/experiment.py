@@ -73,6 +73,7 @@ class ExperimentConfig:
     warm_records: int = 20_000
     warm_epochs: int = 25
     warm_batch: int = 256
+    warm_steps: int = 2000
     ert: float = 1000.0
     consecutive: int = 2
     ensemble_size: int = 64
@@ -187,7 +188,7 @@ def warm_start(data: StreamData, cfg: ExperimentConfig) -> PosteriorState:
     )
     state = init_state(config, seed=cfg.seed, lr=cfg.lr)
     n = len(data.warm_y)
-    epochs = max(cfg.warm_epochs, math.ceil(2000 * cfg.warm_batch / max(n, 1)))
+    epochs = max(cfg.warm_epochs, math.ceil(cfg.warm_steps * cfg.warm_batch / max(n, 1)))
     res = fit(
         state,
         torch.from_numpy(np.ascontiguousarray(data.warm_x)),

@@ -97,10 +97,11 @@ class PolicyConfig:
 
     name: PolicyName = "forget"
     signal: str = "surprisal_inlier"
-    gamma: float = 0.3
-    lr_boost: float = 3.0
+    gamma: float = 0.1
+    lr_boost: float = 1.0
     decay: float = 0.9
-    shift_steps: int = 2
+    shift_steps: int = 1
+    reset_adam: Literal["alarm", "recovering", "never"] = "recovering"
     cooldown: int = 5
     recovery_window: int = 5
     min_recovery: int = 15
@@ -285,7 +286,7 @@ def policy_step(
                 streaming=True,
                 lr_scale=cfg.lr_boost,
                 num_steps=cfg.shift_steps,
-                reset_optimizer=alarm,
+                reset_optimizer=alarm and cfg.reset_adam == "alarm",
                 **common,
             )
         elif mode == "recovering":
@@ -295,6 +296,7 @@ def policy_step(
                 gamma=cfg.gamma * k,
                 streaming=True,
                 lr_scale=1.0 + (cfg.lr_boost - 1.0) * k,
+                reset_optimizer=since == 0 and cfg.reset_adam == "recovering",
                 **common,
             )
         else:

@@ -14,6 +14,10 @@ from drift.policy import PolicyConfig, init_policy_state, policy_step
 
 CFG = PolicyConfig(
     name="forget",
+    gamma=0.3,
+    lr_boost=3.0,
+    shift_steps=2,
+    reset_adam="alarm",
     cooldown=2,
     recovery_window=3,
     min_recovery=4,
@@ -124,3 +128,11 @@ def test_bad_config() -> None:
         PolicyConfig(name="bogus")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         PolicyConfig(gamma=1.5)
+
+
+def test_default_forget_resets_adam_when_recovery_starts() -> None:
+    cfg = PolicyConfig(name="forget", cooldown=2, calibration_batches=0)
+    _, actions = _run(cfg, rdrift.DummyDriftDetector(t_0=5), 12)
+    resets = [i for i, a in enumerate(actions) if a.reset_optimizer]
+    assert resets == [6]  # alarm at 4, cooldown 2: first recovering batch
+    assert actions[6].mode == "recovering" and actions[4].lr_scale == 1.0
