@@ -160,6 +160,7 @@ def write_config(
     lease_ttl_s: float = 2.0,
     session_timeout_ms: int = 6000,
     max_wait_ms: int = 200,
+    max_poll_records: int = 2048,
 ) -> Path:
     """Write a daemon settings file (YAML) for tests and benchmarks."""
     cfg: dict[str, Any] = {
@@ -172,6 +173,7 @@ def write_config(
             "topic": topic,
             "group_id": group or f"g-{model}",
             "session_timeout_ms": session_timeout_ms,
+            "max_poll_records": max_poll_records,
         },
         "redis": {"url": redis_url, "prefix": prefix, "lease_ttl_s": lease_ttl_s},
         "stream": {
@@ -283,20 +285,21 @@ def crash_replay(
     recs = make_records(n_valid, n_bad, seed)
     produce(bootstrap, topic, recs.values)
     prefix = f"crash-{tag}"
-    common = {
-        "bootstrap": bootstrap,
-        "topic": topic,
-        "redis_url": redis_url,
-        "prefix": prefix,
-        "batch_size": batch_size,
-        "steps_per_batch": steps_per_batch,
-    }
-    ref_cfg = write_config(
-        workdir / "ref.yaml", model="ref", dlq_topic=f"{topic}.ref.dlq", **common
-    )
-    crash_cfg = write_config(
-        workdir / "crash.yaml", model="crash", dlq_topic=f"{topic}.crash.dlq", **common
-    )
+
+    def config(name: str) -> Path:
+        return write_config(
+            workdir / f"{name}.yaml",
+            bootstrap=bootstrap,
+            topic=topic,
+            redis_url=redis_url,
+            model=name,
+            prefix=prefix,
+            dlq_topic=f"{topic}.{name}.dlq",
+            batch_size=batch_size,
+            steps_per_batch=steps_per_batch,
+        )
+
+    ref_cfg, crash_cfg = config("ref"), config("crash")
     say = print if verbose else (lambda *a, **k: None)
 
     t0 = time.monotonic()

@@ -241,7 +241,7 @@ class Pipeline:
     ) -> None:
         self.settings = settings
         self.options = options or RunOptions()
-        self.stop = stop or StopFlag()
+        self.stop = stop if stop is not None else StopFlag()
         self.stats = RunStats()
         self.state: PosteriorState | None = None
         self._pending: collections.deque[list[Item]] = collections.deque()
@@ -397,6 +397,7 @@ class Pipeline:
             if (
                 opts.idle_exit_s is not None
                 and not raws
+                and not self._store_retry.failing
                 and self.source.assignment
                 and now - idle_since >= opts.idle_exit_s
             ):
