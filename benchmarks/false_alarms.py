@@ -127,10 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {
         "benchmark": "false_alarms",
         "ert_target": args.ert,
-        "mean_run_length": round(mrl, 1),
-        "ratio": round(ratio, 3),
+        "mean_run_length": round(mrl, 1) if n_alarms else None,
+        "ratio": round(ratio, 3) if n_alarms else None,
         "within_30pct": bool(0.7 <= ratio <= 1.3),
-        "ci95_run_length": [round(lo, 1), round(hi, 1)],
+        "ci95_run_length": [round(lo, 1), round(hi, 1)] if n_alarms else None,
         "false_alarms": n_alarms,
         "monitored_batches": monitored,
         "seeds": args.seeds,
