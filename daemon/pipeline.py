@@ -377,8 +377,9 @@ class Pipeline:
             raws = self.source.poll(max_records=cap, timeout_ms=int(self.batcher.timeout_ms(100)))
             self._drop_revoked()
             now = time.monotonic()
-            if raws:
-                idle_since = now
+            assigned = bool(self.source.assignment)
+            if raws or not assigned:
+                idle_since = now  # the idle clock runs only while partitions are assigned
                 self._ingest(raws)
             due = self.batcher.poll_due()
             if due:
@@ -398,7 +399,6 @@ class Pipeline:
                 opts.idle_exit_s is not None
                 and not raws
                 and not self._store_retry.failing
-                and self.source.assignment
                 and now - idle_since >= opts.idle_exit_s
             ):
                 self.stats.exit_reason = "idle"
