@@ -311,6 +311,7 @@ def crash_replay(
     log_path = workdir / "crash.log"
     t1 = time.monotonic()
     kill_moments: list[str] = []
+    attempts = 0
     while done < kills:
         proc = start_daemon(crash_cfg, log_path, "--idle-exit-s", str(idle_exit_s))
         started = time.monotonic()
@@ -335,7 +336,11 @@ def crash_replay(
             what = f"absorbed>={target} (+jitter; snapshot shows {meta.records_absorbed if meta else 0})"
         if proc.poll() is not None:
             say(f"daemon exited by itself (rc {proc.returncode}) before kill {done + 1}")
-            break
+            attempts += 1
+            meta = latest_meta(store)
+            if attempts > 2 * kills or (meta is not None and meta.records_absorbed >= n_valid):
+                break
+            continue
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         done += 1
