@@ -108,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
                     "lr": 5e-3,
                     "device": "auto",
                 },
-                drift={"policy": "none"},
+                drift={"policy": args.policy},
             )
             history: list[dict[str, Any]] = []
             t_start = time.perf_counter()
@@ -147,6 +147,8 @@ def main(args: argparse.Namespace) -> int:
             dlq = read_topic(kafka.bootstrap_servers, f"{topic}.dlq", timeout_s=10)
             summary = {
                 "exit": code,
+                "policy": args.policy,
+                "drift_mode": pipe.state.extra.get("drift", {}).get("mode") if pipe.state else None,
                 "scenario": args.scenario,
                 "records_sent": int(stream.y.shape[0]) + bad,
                 "records_absorbed": meta.records_absorbed,

@@ -140,4 +140,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     d.add_argument("--scenario", default="abrupt", help="replay_data scenario")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--speed", type=float, default=0.0, help="records/s to replay (0: all at once)")
+    d.add_argument(
+        "--policy", choices=("none", "reset", "forget", "vb"), default="none", help="drift policy"
+    )
     d.set_defaults(func=_demo)
