@@ -212,6 +212,8 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
     #: Prometheus port of the daemon; 0 disables the endpoint.
     metrics_port: int = Field(default=9400, ge=0, le=65535)
+    #: Address of the daemon's Prometheus endpoint; 0.0.0.0 inside a container.
+    metrics_host: str = "127.0.0.1"
     log_format: Literal["json", "console", "auto"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 

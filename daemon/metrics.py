@@ -34,11 +34,17 @@ BATCH_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
     registry=REGISTRY,
 )
-SVI_LOSS = Gauge("fogline_svi_loss", "Last SVI loss per observation (negative ELBO / n).", registry=REGISTRY)
-STEPS_REJECTED = Counter(
-    "fogline_steps_rejected", "SVI steps rejected for a non-finite loss or parameter.", registry=REGISTRY
+SVI_LOSS = Gauge(
+    "fogline_svi_loss", "Last SVI loss per observation (negative ELBO / n).", registry=REGISTRY
 )
-DEVICE_INFO = Gauge("fogline_device_info", "Device the posterior lives on (value 1).", ["device"], registry=REGISTRY)
+STEPS_REJECTED = Counter(
+    "fogline_steps_rejected",
+    "SVI steps rejected for a non-finite loss or parameter.",
+    registry=REGISTRY,
+)
+DEVICE_INFO = Gauge(
+    "fogline_device_info", "Device the posterior lives on (value 1).", ["device"], registry=REGISTRY
+)
 # --- daemon: snapshots -----------------------------------------------------
 SNAPSHOT_WRITE_SECONDS = Histogram(
     "fogline_snapshot_write_seconds",
@@ -46,19 +52,29 @@ SNAPSHOT_WRITE_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
     registry=REGISTRY,
 )
-SNAPSHOT_VERSION = Gauge("fogline_snapshot_version", "Last snapshot version written.", registry=REGISTRY)
+SNAPSHOT_VERSION = Gauge(
+    "fogline_snapshot_version", "Last snapshot version written.", registry=REGISTRY
+)
 SNAPSHOT_LAST_WRITE = Gauge(
     "fogline_snapshot_last_write_timestamp_seconds",
     "Unix time of the last snapshot written.",
     registry=REGISTRY,
 )
-REDIS_UP = Gauge("fogline_redis_up", "1 while the snapshot store answers, else 0.", registry=REGISTRY)
-# --- daemon: drift ---------------------------------------------------------
-PREDICTIVE_KL = Gauge("fogline_predictive_kl", "Predictive KL of the last batch (nats).", registry=REGISTRY)
-PREDICTIVE_KL_THRESHOLD = Gauge(
-    "fogline_predictive_kl_threshold", "Calibrated alarm threshold of the predictive KL.", registry=REGISTRY
+REDIS_UP = Gauge(
+    "fogline_redis_up", "1 while the snapshot store answers, else 0.", registry=REGISTRY
 )
-SURPRISAL = Gauge("fogline_surprisal", "Mean surprisal of the last batch (nats/record).", registry=REGISTRY)
+# --- daemon: drift ---------------------------------------------------------
+PREDICTIVE_KL = Gauge(
+    "fogline_predictive_kl", "Predictive KL of the last batch (nats).", registry=REGISTRY
+)
+PREDICTIVE_KL_THRESHOLD = Gauge(
+    "fogline_predictive_kl_threshold",
+    "Calibrated alarm threshold of the predictive KL.",
+    registry=REGISTRY,
+)
+SURPRISAL = Gauge(
+    "fogline_surprisal", "Mean surprisal of the last batch (nats/record).", registry=REGISTRY
+)
 DRIFT_ALARMS = Counter("fogline_drift_alarms", "Drift alarms raised.", registry=REGISTRY)
 POLICY_STATE = Gauge(
     "fogline_policy_state",
@@ -75,6 +91,10 @@ QUERY_SECONDS = Histogram(
     registry=REGISTRY,
 )
 QUERY_SNAPSHOT_VERSION = Gauge(
-    "fogline_query_snapshot_version", "Snapshot version the query service answers from.", registry=REGISTRY
+    "fogline_query_snapshot_version",
+    "Snapshot version the query service answers from.",
+    registry=REGISTRY,
 )
-QUERY_RELOADS = Counter("fogline_query_reloads", "Snapshot reloads by the query service.", registry=REGISTRY)
+QUERY_RELOADS = Counter(
+    "fogline_query_reloads", "Snapshot reloads by the query service.", registry=REGISTRY
+)

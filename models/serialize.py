@@ -122,7 +122,13 @@ def from_bytes(blob: bytes, device: torch.device | str = "cpu") -> PosteriorStat
         extra=dict(meta["extra"]),
         aux=aux,
     )
-    return state.to(dev) if dev.type != "cpu" else state
+    if dev.type != "cpu":
+        moved = state.to(dev)
+        if state.rng_state.numel() != torch.get_rng_state().numel():
+            # the stored state is already the accelerator generator's: keep it (bit-exact resume)
+            return moved.replace(rng_state=state.rng_state)
+        return moved
+    return state
 
 
 def save(state: PosteriorState, path: str) -> None:
