@@ -470,7 +470,38 @@ def _producer(bootstrap_servers: str, **client_kwargs: Any) -> KafkaProducer:
     return KafkaProducer(**cfg)
 
 
-class DeadLetterProducer:
+class _AckedProducer:
+    """A kafka producer that remembers its sends' futures until :meth:`flush`.
+
+    ``flush`` blocks until every queued record is acknowledged and raises if
+    one failed; ``close`` flushes, then closes.
+    """
+
+    #: Default seconds :meth:`flush` waits (subclasses choose their own).
+    flush_timeout_s: float = 30.0
+
+    def __init__(self, bootstrap_servers: str, **client_kwargs: Any) -> None:
+        self._producer = _producer(bootstrap_servers, **client_kwargs)
+        self._futures: list[Any] = []
+        self.sent = 0
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Block until every queued record is acknowledged; raise if any failed."""
+        timeout = self.flush_timeout_s if timeout_s is None else timeout_s
+        self._producer.flush(timeout=timeout)
+        futures, self._futures = self._futures, []
+        for fut in futures:
+            fut.get(timeout=timeout)
+
+    def close(self) -> None:
+        """Flush and close."""
+        try:
+            self.flush()
+        finally:
+            self._producer.close()
+
+
+class DeadLetterProducer(_AckedProducer):
     """Sends records that fail to decode to ``<source topic>.dlq``.
 
     The dead-lettered record keeps the original key, value bytes, timestamp
@@ -498,9 +529,7 @@ class DeadLetterProducer:
         self._create = create_topics
         self._created: set[str] = set()
         self._client_kwargs = dict(client_kwargs)
-        self._producer = _producer(bootstrap_servers, **client_kwargs)
-        self._futures: list[Any] = []
-        self.sent = 0
+        super().__init__(bootstrap_servers, **client_kwargs)
 
     def send(self, raw: RawRecord, reason: str) -> None:
         """Queue ``raw`` for its DLQ topic with ``reason`` in the headers."""
@@ -523,33 +552,19 @@ class DeadLetterProducer:
         self._futures.append(fut)
         self.sent += 1
 
-    def flush(self, timeout_s: float = 30.0) -> None:
-        """Block until every queued record is acknowledged; raise if any failed."""
-        self._producer.flush(timeout=timeout_s)
-        futures, self._futures = self._futures, []
-        for fut in futures:
-            fut.get(timeout=timeout_s)
 
-    def close(self) -> None:
-        """Flush and close."""
-        try:
-            self.flush()
-        finally:
-            self._producer.close()
-
-
-class ReplayProducer:
+class ReplayProducer(_AckedProducer):
     """Produces records with their own timestamps and keys (``fogline replay``, tests).
 
     ``send`` is asynchronous; :meth:`flush` blocks until the broker has
     every queued record and raises if one failed.
     """
 
+    flush_timeout_s = 60.0
+
     def __init__(self, bootstrap_servers: str, topic: str, **client_kwargs: Any) -> None:
         self.topic = topic
-        self._producer = _producer(bootstrap_servers, **client_kwargs)
-        self._futures: list[Any] = []
-        self.sent = 0
+        super().__init__(bootstrap_servers, **client_kwargs)
 
     def send(
         self,
@@ -584,20 +599,6 @@ class ReplayProducer:
             else:
                 pending.append(fut)
         self._futures = pending
-
-    def flush(self, timeout_s: float = 60.0) -> None:
-        """Block until every queued record is acknowledged; raise if any failed."""
-        self._producer.flush(timeout=timeout_s)
-        futures, self._futures = self._futures, []
-        for fut in futures:
-            fut.get(timeout=timeout_s)
-
-    def close(self) -> None:
-        """Flush and close."""
-        try:
-            self.flush()
-        finally:
-            self._producer.close()
 
     def __enter__(self) -> ReplayProducer:
         return self
