@@ -28,6 +28,7 @@ exponential maximum-likelihood estimate ``sum(run lengths) / alarms``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -54,8 +55,12 @@ class Calibration:
     seed: int
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form."""
-        return asdict(self)
+        """Plain strict-JSON dict form (a non-finite number, e.g. an ERT estimate
+        with no simulated alarm, becomes ``None``)."""
+        return {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in asdict(self).items()
+        }
 
 
 def _running_min(s: FloatArray, k: int) -> FloatArray:

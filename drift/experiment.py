@@ -45,7 +45,7 @@ import structlog
 import torch
 
 from drift.monitors import ThresholdMonitor
-from drift.policy import POLICIES, PolicyConfig
+from drift.policy import POLICIES, PolicyConfig, threshold_value
 from drift.runner import DriftLoop
 from drift.signals import _moments_and_scores
 from models.config import ModelConfig
@@ -263,10 +263,10 @@ def run_policy(
         run.nll.append(nll)
         run.covered.append(cov)
         run.signal.append(sig[pcfg.signal])
-        run.threshold.append(float(ps["threshold"]))
+        run.threshold.append(threshold_value(ps["threshold"]))
         run.predictive_kl.append(sig["predictive_kl"])
         run.step_kl.append(sig["step_kl"])
-        run.kl_threshold.append(float(ps["kl_threshold"]))
+        run.kl_threshold.append(threshold_value(ps["kl_threshold"]))
         run.modes.append(
             "calibrating" if action.calibrating and action.mode == "stable" else action.mode
         )

@@ -149,8 +149,25 @@ class Action:
     transition: tuple[str, str] | None = None
 
 
+def threshold_value(value: float | None) -> float:
+    """A stored threshold as a float: ``None`` (not fitted yet) reads as +inf.
+
+    Policy states are strict JSON (they ride in snapshots), which has no
+    infinity, so an unfitted or unbounded threshold is stored as ``None``.
+    """
+    return math.inf if value is None else float(value)
+
+
+def json_threshold(value: float) -> float | None:
+    """The stored form of a threshold: ``None`` for a non-finite value."""
+    return float(value) if math.isfinite(value) else None
+
+
 def init_policy_state(config: PolicyConfig, threshold: float = math.inf) -> dict[str, Any]:
-    """A fresh JSON-able policy state (calibrating from the first batch)."""
+    """A fresh JSON-able policy state (calibrating from the first batch).
+
+    Thresholds are stored as numbers or ``None`` (+inf, see :func:`threshold_value`).
+    """
     return {
         "config": asdict(config),
         "mode": "stable",
@@ -158,8 +175,8 @@ def init_policy_state(config: PolicyConfig, threshold: float = math.inf) -> dict
         "mode_since": 0,
         "quiet": 0,
         "calibrating": config.calibration_batches,
-        "threshold": threshold,
-        "kl_threshold": math.inf,
+        "threshold": json_threshold(threshold),
+        "kl_threshold": None,
         "alarms": 0,
         "last_alarm": None,
         "transitions": [],
@@ -235,7 +252,7 @@ def policy_step(
     reanchor = False
     if ps["mode"] == "recovering":
         step_kl = float(signals.get("step_kl", math.nan))
-        ps["quiet"] = ps["quiet"] + 1 if step_kl <= ps["kl_threshold"] else 0
+        ps["quiet"] = ps["quiet"] + 1 if step_kl <= threshold_value(ps["kl_threshold"]) else 0
         settled = ps["quiet"] >= cfg.recovery_window and b - ps["mode_since"] >= cfg.min_recovery
         if settled or b - ps["mode_since"] >= cfg.max_recovery:
             reason = "kl_settled" if settled else "max_recovery"

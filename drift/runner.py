@@ -30,7 +30,14 @@ import torch
 
 from drift.calibration import Calibration, calibrate_batch_statistic
 from drift.monitors import ThresholdMonitor
-from drift.policy import Action, PolicyConfig, forgetting_prior, init_policy_state, policy_step
+from drift.policy import (
+    Action,
+    PolicyConfig,
+    forgetting_prior,
+    init_policy_state,
+    json_threshold,
+    policy_step,
+)
 from drift.signals import (
     RecordScores,
     Reference,
@@ -234,8 +241,8 @@ class DriftLoop:
         self.calibration = cal
         kl = np.asarray(self._cal_kl) if self._cal_kl else np.asarray([math.inf])
         kl_thr = float(2.0 * np.quantile(kl, 0.9))
-        self.policy_state["threshold"] = cal.threshold
-        self.policy_state["kl_threshold"] = kl_thr
+        self.policy_state["threshold"] = json_threshold(cal.threshold)
+        self.policy_state["kl_threshold"] = json_threshold(kl_thr)
         self.policy_state["calibration"] = cal.to_dict()
         if isinstance(self.monitor, ThresholdMonitor):
             self.monitor = self.monitor.clone({"threshold": cal.threshold})
