@@ -4,7 +4,11 @@
 
 1. starts an embedded Tansu broker and redis-server (or uses ``--bootstrap`` /
    ``--redis-url``), and produces ``--valid`` valid plus ``--bad`` malformed
-   records (at seeded random positions) into ONE partition;
+   records (at seeded random positions) into ONE partition.  With a drift
+   ``--policy`` (default ``forget``; ``off`` is plain SVI) the stream has a
+   +1.5 mean shift half-way and both daemons start from the same warm-start
+   file, so the kills also hit calibration, alarm, ``shifted`` and
+   ``recovering``;
 2. *reference*: one uninterrupted ``fogline run`` (count-based batching, one
    torch thread, seed 0) over the whole topic;
 3. *crash run*: the same daemon for another model name, SIGKILLed at
@@ -19,7 +23,7 @@
    step count, offsets, records absorbed, drift state).
 
 The last line printed is ``{"sent", "valid", "absorbed", "dead_lettered",
-"kills", "identical"}``.  The helpers here (records, config files, daemon
+"kills", "identical", "policy", "drift_mode", "alarms"}``.  The helpers here (records, config files, daemon
 subprocesses) are shared with ``tests/service``.
 """
 
@@ -86,11 +90,23 @@ class Records:
         return len(self.values) - len(self.bad_offsets)
 
 
-def make_records(n_valid: int, n_bad: int, seed: int = 0) -> Records:
-    """``n_valid`` regime-0 telemetry records with ``n_bad`` malformed ones at random places."""
+def regime0(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` regime-0 rows: ``y = sin(3 x0) + (0.1 + 0.4 |x0|) eps``, x ~ N(0, I_8)."""
+    x = rng.standard_normal((n, 8))
+    y = np.sin(3 * x[:, 0]) + (0.1 + 0.4 * np.abs(x[:, 0])) * rng.standard_normal(n)
+    return x, y
+
+
+def make_records(n_valid: int, n_bad: int, seed: int = 0, shift_at: float | None = None) -> Records:
+    """``n_valid`` telemetry records with ``n_bad`` malformed ones at random places.
+
+    Regime 0 throughout, or, with ``shift_at``, an abrupt +1.5 mean shift from
+    valid record ``int(shift_at * n_valid)`` on.
+    """
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n_valid, 8))
-    y = np.sin(3 * x[:, 0]) + (0.1 + 0.4 * np.abs(x[:, 0])) * rng.standard_normal(n_valid)
+    x, y = regime0(n_valid, rng)
+    if shift_at is not None:
+        y[int(shift_at * n_valid) :] += 1.5
     good = [
         json.dumps(
             {
@@ -161,6 +177,9 @@ def write_config(
     session_timeout_ms: int = 6000,
     max_wait_ms: int = 200,
     max_poll_records: int = 2048,
+    policy: str = "off",
+    init_path: Path | None = None,
+    lr: float | None = None,
 ) -> Path:
     """Write a daemon settings file (YAML) for tests and benchmarks."""
     cfg: dict[str, Any] = {
@@ -186,8 +205,12 @@ def write_config(
             "device": "cpu",
             "seed": 0,
         },
-        "drift": {"policy": "none"},
+        "drift": {"policy": policy},
     }
+    if init_path is not None:
+        cfg["stream"]["init_path"] = str(init_path)
+    if lr is not None:
+        cfg["stream"]["lr"] = lr
     if dlq_topic is not None:
         cfg["kafka"]["dlq_topic"] = dlq_topic
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
@@ -274,15 +297,25 @@ def crash_replay(
     seed: int = 0,
     idle_exit_s: float = 3.0,
     verbose: bool = True,
+    policy: str = "forget",
+    shift_at: float | None = 0.5,
 ) -> dict[str, Any]:
-    """Run the reference and the crash run; return the result dict (see the module docstring)."""
+    """Run the reference and the crash run; return the result dict (see the module docstring).
+
+    With a drift ``policy`` other than ``off`` both daemons start from the same
+    warm-start file (:func:`warm_start`) and the stream shifts at ``shift_at``,
+    so the kills also land in the drift loop's calibration, alarm, shifted and
+    recovering phases.
+    """
     from models.serialize import from_bytes, to_bytes
 
     rnd = random.Random(seed)
     tag = uuid.uuid4().hex[:8]
     topic = f"crash-{tag}"
     create_topic(bootstrap, topic, 1)
-    recs = make_records(n_valid, n_bad, seed)
+    drift_on = policy != "off"
+    recs = make_records(n_valid, n_bad, seed, shift_at if drift_on else None)
+    init_path = warm_start(workdir / "init.safetensors", seed + 1) if drift_on else None
     produce(bootstrap, topic, recs.values)
     prefix = f"crash-{tag}"
 
@@ -297,6 +330,9 @@ def crash_replay(
             dlq_topic=f"{topic}.{name}.dlq",
             batch_size=batch_size,
             steps_per_batch=steps_per_batch,
+            policy=policy,
+            init_path=init_path,
+            lr=5e-3 if drift_on else None,
         )
 
     ref_cfg, crash_cfg = config("ref"), config("crash")
@@ -306,6 +342,12 @@ def crash_replay(
     rc = _run_to_end(ref_cfg, workdir / "ref.log", idle_exit_s, 600)
     say(f"reference run: exit {rc} in {time.monotonic() - t0:.1f} s")
 
+    ref_events = log_events(workdir / "ref.log")
+    modes = sorted(
+        {str(e.get("to_mode")) for e in ref_events if e.get("event") == "policy_transition"}
+    )
+    alarms = sum(1 for e in ref_events if e.get("event") == "drift_detected")
+    say(f"reference run: drift alarms {alarms}, modes entered {modes}")
     store = SnapshotStore(redis_url, "crash", prefix=prefix)
     done = 0
     log_path = workdir / "crash.log"
@@ -369,6 +411,9 @@ def crash_replay(
         "params_identical": params_identical,
         "step_count": [ref_state.step_count, crash_state.step_count],
         "kill_moments": kill_moments,
+        "policy": policy,
+        "reference_alarms": alarms,
+        "reference_modes_entered": modes,
         "seconds": round(time.monotonic() - t0, 1),
     }
     say(json.dumps(details))
@@ -381,7 +426,32 @@ def crash_replay(
         "dead_lettered": len(set(sources) & recs.bad_offsets),
         "kills": done,
         "identical": bool(identical),
+        "policy": policy,
+        "drift_mode": crash_state.extra.get("drift", {}).get("mode"),
+        "alarms": crash_state.extra.get("drift", {}).get("alarms"),
     }
+
+
+def warm_start(path: Path, seed: int) -> Path:
+    """Fit the default model on 4,096 regime-0 rows (20 epochs) and save it to ``path``."""
+    import torch
+
+    from models.config import ModelConfig
+    from models.serialize import save
+    from models.svi import fit, init_state
+
+    torch.set_num_threads(1)
+    x, y = regime0(4096, np.random.default_rng(seed))
+    state = init_state(ModelConfig.model_validate({}), seed=seed, lr=1e-2)
+    res = fit(
+        state,
+        torch.from_numpy(x.astype(np.float32)),
+        torch.from_numpy(y.astype(np.float32)),
+        epochs=20,
+        seed=seed,
+    )
+    save(res.state, str(path))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -393,6 +463,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps-per-batch", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--policy",
+        choices=("off", "none", "reset", "forget", "vb"),
+        default="forget",
+        help="drift policy of both daemons (not off: warm start + a mean shift half-way)",
+    )
     p.add_argument("--bootstrap", default=None, help="use this broker instead of an embedded one")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of an embedded one")
     p.add_argument("--workdir", type=Path, default=None, help="keep configs and logs here")
@@ -416,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             steps_per_batch=args.steps_per_batch,
             seed=args.seed,
+            policy=args.policy,
         )
     ok = (
         result["absorbed"] == result["valid"]

@@ -161,13 +161,23 @@ class StreamSettings(_Section):
 
 
 class DriftSettings(_Section):
-    """Drift signal, detector and adaptation policy."""
+    """Drift signal, detector and adaptation policy (``docs/drift.md``)."""
 
-    policy: Literal["none", "reset", "forget", "vb"] = "forget"
+    #: ``off``: plain SVI, no drift monitoring; ``none``: monitor and alarm only.
+    policy: Literal["off", "none", "reset", "forget", "vb"] = "forget"
     #: Target average run length between false alarms (batches).
     ert: float = Field(default=1000, gt=1)
-    signal: Literal["predictive_kl", "surprisal"] = "predictive_kl"
+    #: Batch statistic fed to the detector (both are calibrated to ``ert``).
+    signal: Literal["surprisal_inlier", "surprisal"] = "surprisal_inlier"
     detector: Literal["threshold", "adwin", "page_hinkley", "kswin"] = "threshold"
+    #: Exceedances in a row that raise an alarm (threshold detector).
+    consecutive: int = Field(default=2, ge=1)
+    #: Forgetting weight on the base prior after an alarm (unset: the policy's default).
+    gamma: float | None = Field(default=None, ge=0, le=1)
+    #: No-drift batches used to fit the threshold (unset: the policy's default).
+    calibration_batches: int | None = Field(default=None, ge=2)
+    #: Posterior samples of the reference predictive.
+    ensemble_size: int = Field(default=64, ge=2)
 
 
 class ApiSettings(_Section):

@@ -65,21 +65,51 @@ REDIS_UP = Gauge(
 )
 # --- daemon: drift ---------------------------------------------------------
 PREDICTIVE_KL = Gauge(
-    "fogline_predictive_kl", "Predictive KL of the last batch (nats).", registry=REGISTRY
+    "fogline_predictive_kl",
+    "Predictive KL of the last batch: posterior after the batch vs the reference (nats).",
+    registry=REGISTRY,
+)
+STEP_KL = Gauge(
+    "fogline_step_kl",
+    "Predictive KL between the posteriors after and before the last batch (nats).",
+    registry=REGISTRY,
 )
 PREDICTIVE_KL_THRESHOLD = Gauge(
     "fogline_predictive_kl_threshold",
-    "Calibrated alarm threshold of the predictive KL.",
+    "Calibrated per-batch predictive (step) KL below which recovery counts as settled; "
+    "NaN until calibrated.",
     registry=REGISTRY,
 )
 SURPRISAL = Gauge(
-    "fogline_surprisal", "Mean surprisal of the last batch (nats/record).", registry=REGISTRY
+    "fogline_surprisal",
+    "Alarm signal of the last batch: mean surprisal under the reference (nats/record).",
+    registry=REGISTRY,
+)
+SURPRISAL_THRESHOLD = Gauge(
+    "fogline_surprisal_threshold",
+    "Alarm threshold on the surprisal, calibrated for drift.ert; NaN until calibrated.",
+    registry=REGISTRY,
 )
 DRIFT_ALARMS = Counter("fogline_drift_alarms", "Drift alarms raised.", registry=REGISTRY)
+DRIFT_CALIBRATING = Gauge(
+    "fogline_drift_calibrating",
+    "1 while the alarm threshold is being (re)fitted on no-drift batches.",
+    registry=REGISTRY,
+)
 POLICY_STATE = Gauge(
     "fogline_policy_state",
     "Adaptation policy state (1 for the current one).",
     ["state"],
+    registry=REGISTRY,
+)
+LIKELIHOOD_WEIGHT = Gauge(
+    "fogline_likelihood_weight",
+    "Likelihood weight (generalised-Bayes beta) the last batch was absorbed with.",
+    registry=REGISTRY,
+)
+OUTLIERS_DROPPED = Counter(
+    "fogline_outliers_dropped",
+    "Gross-outlier records given weight 0 by the drift policy.",
     registry=REGISTRY,
 )
 # --- query service ---------------------------------------------------------

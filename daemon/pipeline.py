@@ -9,9 +9,11 @@ Commit path
 Every micro-batch goes through these steps, in this order (the code of
 :meth:`Pipeline._absorb` and :meth:`Pipeline._snapshot` is numbered the same):
 
-1. **Step the posterior**: ``K = stream.steps_per_batch`` SVI steps of
-   :func:`models.svi.step` on the batch (``data_size = stream.data_size``) on
-   the configured device.  The new state's ``offsets`` are the next offsets
+1. **Step the posterior**: the update rule of ``drift.policy``
+   (:mod:`daemon.update`): the drift loop's signals, alarm and policy action
+   around ``K = stream.steps_per_batch`` SVI steps of :func:`models.svi.step`
+   (``data_size = stream.data_size`` in normal operation), on the configured
+   device.  The new state's ``offsets`` are the next offsets
    to read such that everything before them is absorbed or dead-lettered and
    nothing after them is absorbed.
 2. **Write the snapshot** (every ``snapshot_every_batches`` batches and/or
@@ -49,7 +51,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -70,10 +72,11 @@ from daemon.runtime import (
 )
 from daemon.source import DeadLetterProducer, KafkaSource
 from daemon.store import LeaseLost, SnapshotNotFound, SnapshotStore, StoreUnavailable
+from daemon.update import make_update_rule, warm_up
 from models.config import ModelConfig
 from models.serialize import from_bytes, load, to_bytes
-from models.state import Minibatch, PosteriorState, StepInfo
-from models.svi import init_state, step
+from models.state import PosteriorState
+from models.svi import init_state
 
 log = structlog.get_logger(__name__)
 
@@ -84,66 +87,6 @@ Item = tuple[str, int, npt.NDArray[np.float32], float]
 SHUTDOWN_RETRY_S = 30.0
 #: How often consumer lag is measured.
 LAG_EVERY_S = 1.0
-
-
-class UpdateRule(Protocol):
-    """Absorb one batch: ``(state, x [N, D], y [N]) -> (state, info, signals)``.
-
-    The plain rule is :func:`models.svi.step`; a drift policy wraps it and
-    keeps its own state inside ``state.extra``/``state.aux``.
-    """
-
-    name: str
-
-    def __call__(
-        self, state: PosteriorState, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[PosteriorState, StepInfo, dict[str, float]]: ...
-
-
-@dataclass
-class PlainUpdate:
-    """``K`` SVI steps per batch, nothing else (drift policy ``none``)."""
-
-    num_steps: int = 1
-    data_size: int | None = None
-    name: str = "none"
-
-    def __call__(
-        self, state: PosteriorState, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[PosteriorState, StepInfo, dict[str, float]]:
-        new, info = step(state, Minibatch(x, y), num_steps=self.num_steps, data_size=self.data_size)
-        return new, info, {}
-
-
-def make_update_rule(settings: Settings, state: PosteriorState) -> UpdateRule:
-    """The update rule for ``settings.drift.policy`` (only ``none`` is wired so far).
-
-    The drift layer's policies are not wired into the daemon yet; a policy
-    other than ``none`` logs ``drift_policy_unavailable`` and runs plain SVI.
-    """
-    s = settings.stream
-    rule = PlainUpdate(num_steps=s.steps_per_batch, data_size=s.data_size)
-    if settings.drift.policy != "none":
-        log.warning("drift_policy_unavailable", policy=settings.drift.policy, using=rule.name)
-    return rule
-
-
-def warm_up(state: PosteriorState, rows: int, num_steps: int, data_size: int | None) -> None:
-    """Run the SVI step twice on a throwaway state and an all-zero batch of ``rows`` rows.
-
-    Pyro's JIT-traced ELBO runs its first calls through TorchScript's
-    profiling executor, whose floating-point results can differ in the last
-    bits from the optimised graph used afterwards.  A daemon that warms up
-    before its first real batch runs every real batch on the optimised graph,
-    so a restarted daemon computes exactly what an uninterrupted one does.
-    (It also moves the ~25 slow tracing steps out of the first batches.)
-    The real state, its RNG and the global RNG are untouched.
-    """
-    dummy = init_state(state.config, seed=0, lr=state.lr, device=state.device)
-    x = torch.zeros(rows, state.config.in_features)
-    y = torch.zeros(rows)
-    for _ in range(2):
-        dummy, _ = step(dummy, Minibatch(x, y), num_steps=num_steps, data_size=data_size)
 
 
 class _Batcher(MicroBatcher[Item]):
@@ -494,7 +437,7 @@ class Pipeline:
             metrics.STEPS_REJECTED.inc()
             log.warning("svi_step_rejected", loss=info.loss, rows=info.rows)
         else:
-            metrics.RECORDS_ABSORBED.inc(info.rows)
+            metrics.RECORDS_ABSORBED.inc(len(batch))
             metrics.SVI_LOSS.set(info.loss)
         elapsed = time.perf_counter() - t0
         metrics.BATCH_SECONDS.observe(elapsed)

@@ -16,12 +16,29 @@ experiment`` share.  Per batch (``process`` = ``prepare`` + ``models.svi.step``
    thresholds when the policy asks, and store the policy state in
    ``state.extra["drift"]``.  ``records_absorbed`` counts every record of the
    batch, dropped outliers included (they were seen and given weight 0).
+
+Everything the loop needs to continue exactly rides in the returned state, so
+a snapshot taken after any batch resumes bit for bit (:meth:`DriftLoop.resume`):
+
+* ``extra["drift"]``: the policy state (mode, counters, thresholds,
+  transitions, the threshold monitor's running state; strict JSON);
+* ``extra["drift_loop"]``: the previous batch's step KL, the calibration
+  window's step KLs and batch sizes;
+* ``aux["drift.reference.<param>"]``: the reference posterior's variational
+  parameters (its ensemble is re-sampled from them with the same seed);
+* ``aux["drift.base_prior.loc|scale"]``: the base prior p0;
+* ``aux["drift.calibration_records"]`` [n, 2] float64: per-record NLL and
+  outlier flag of the calibration window collected so far.
+
+The previous batch's ensemble (for the step KL) is re-sampled from the
+restored posterior itself, with the same seed.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,6 +54,7 @@ from drift.policy import (
     init_policy_state,
     json_threshold,
     policy_step,
+    threshold_value,
 )
 from drift.signals import (
     RecordScores,
@@ -45,7 +63,7 @@ from drift.signals import (
     post_update_signals,
     pre_update_signals,
 )
-from models.predictive import Ensemble
+from models.predictive import Ensemble, sample_ensemble
 from models.priors import posterior_as_prior
 from models.state import Minibatch, PosteriorState, PriorSpec, StepInfo
 from models.svi import init_state, reset_optimizer, step
@@ -64,6 +82,35 @@ def inlier_batch_statistic(max_outlier_fraction: float) -> Any:
         return np.asarray((nll * keep).sum(-1) / np.maximum(keep.sum(-1), 1))
 
     return stat
+
+
+#: Prefixes/keys of what :meth:`DriftLoop.finish` stores in ``PosteriorState.aux``.
+AUX_REFERENCE = "drift.reference."
+AUX_BASE_PRIOR = "drift.base_prior."
+AUX_CAL_RECORDS = "drift.calibration_records"
+#: Key of the loop's own JSON state in ``PosteriorState.extra``.
+EXTRA_LOOP = "drift_loop"
+
+
+def mean_batch_statistic(v: np.ndarray) -> np.ndarray:
+    """Vectorised ``surprisal`` (the plain mean NLL) over bootstrap batches ``v [..., B, 2]``."""
+    return np.asarray(v[..., 0].mean(-1))
+
+
+def batch_statistic(signal: str, max_outlier_fraction: float) -> Any:
+    """The bootstrap statistic that reproduces ``signal`` from per-record (NLL, outlier) pairs.
+
+    Only record-level signals computed against the fixed reference can be
+    calibrated this way: ``surprisal_inlier`` and ``surprisal``.
+    """
+    if signal == "surprisal_inlier":
+        return inlier_batch_statistic(max_outlier_fraction)
+    if signal == "surprisal":
+        return mean_batch_statistic
+    raise ValueError(
+        f"signal {signal!r} cannot be calibrated by record bootstrap; "
+        "use surprisal_inlier or surprisal"
+    )
 
 
 @dataclass
@@ -108,7 +155,7 @@ class DriftLoop:
     reference_state: PosteriorState
     base_prior: PriorSpec
     base_lr: float
-    data_size: int
+    data_size: int | None
     policy: PolicyConfig
     monitor: Any = None
     ert: float = 1000.0
@@ -131,6 +178,98 @@ class DriftLoop:
             self.policy_state = init_policy_state(self.policy)
         if self.reference is None:
             self.reference = make_reference(self.reference_state, self.ensemble_size, self.seed)
+
+    @classmethod
+    def resume(
+        cls,
+        state: PosteriorState,
+        *,
+        base_lr: float,
+        data_size: int | None,
+        policy: PolicyConfig,
+        monitor: Any = None,
+        ert: float = 1000.0,
+        num_steps: int = 1,
+        ensemble_size: int = 64,
+        seed: int = 0,
+        n_streams: int = 500,
+    ) -> DriftLoop:
+        """The loop for ``state``: continued from what :meth:`finish` stored in it, if anything.
+
+        A state that carries no drift loop (a warm-start file, a fresh prior,
+        a snapshot of policy ``none`` from before) anchors a new loop: the
+        reference is ``state`` itself and the base prior p0 is ``state.prior``.
+        Otherwise the reference, base prior, policy state, calibration window
+        and the threshold monitor's running state are restored, so the next
+        batch computes exactly what it would have without the restart.  The
+        ``policy`` given wins over the stored one (a changed setting is logged
+        as ``drift_policy_changed``; mode and counters are kept).  Only the
+        :class:`ThresholdMonitor` has a persistent state; River's detectors
+        start empty after a restart (logged as ``drift_monitor_restarted``).
+        """
+        kwargs: dict[str, Any] = {
+            "base_lr": base_lr,
+            "data_size": data_size,
+            "policy": policy,
+            "monitor": monitor,
+            "ert": ert,
+            "num_steps": num_steps,
+            "ensemble_size": ensemble_size,
+            "seed": seed,
+            "n_streams": n_streams,
+        }
+        ref_params = {
+            k[len(AUX_REFERENCE) :]: v for k, v in state.aux.items() if k.startswith(AUX_REFERENCE)
+        }
+        stored = state.extra.get("drift")
+        if not stored or not ref_params:
+            return cls(reference_state=state, base_prior=state.prior, **kwargs)
+        ps = copy.deepcopy(stored)
+        new_cfg = asdict(policy)
+        if ps.get("config") != new_cfg:
+            log.info("drift_policy_changed", stored=ps.get("config"), now=new_cfg)
+            ps["config"] = new_cfg
+        base = PriorSpec(state.aux[AUX_BASE_PRIOR + "loc"], state.aux[AUX_BASE_PRIOR + "scale"])
+        ref_state = state.replace(params=ref_params)
+        if monitor is None:
+            monitor = ThresholdMonitor()
+        if isinstance(monitor, ThresholdMonitor):
+            monitor = monitor.clone({"threshold": threshold_value(ps.get("threshold"))})
+            monitor.load_state(ps.get("monitor", {}))
+        elif int(ps.get("batch", 0)) > 0:
+            log.warning("drift_monitor_restarted", monitor=type(monitor).__name__)
+        kwargs["monitor"] = monitor
+        loop = cls(reference_state=ref_state, base_prior=base, policy_state=ps, **kwargs)
+        extra = state.extra.get(EXTRA_LOOP, {})
+        last = extra.get("last_step_kl")
+        loop._last_step_kl = math.nan if last is None else float(last)
+        loop._cal_kl = [float(v) for v in extra.get("cal_kl", [])]
+        sizes = [int(n) for n in extra.get("cal_sizes", [])]
+        if sizes:
+            records = state.aux[AUX_CAL_RECORDS].cpu().numpy()
+            loop._cal_records = list(np.split(records, np.cumsum(sizes)[:-1]))
+        if int(ps.get("batch", 0)) > 0:
+            loop._prev_ens = sample_ensemble(state, ensemble_size, seed)
+        return loop
+
+    def _persist(self, state: PosteriorState) -> PosteriorState:
+        """Store the loop's state in ``state.extra`` / ``state.aux`` (module docstring)."""
+        assert self.reference is not None
+        aux = {k: v for k, v in state.aux.items() if not k.startswith("drift.")}
+        for name, value in self.reference.state.params.items():
+            aux[AUX_REFERENCE + name] = value.detach()
+        aux[AUX_BASE_PRIOR + "loc"] = self.base_prior.loc
+        aux[AUX_BASE_PRIOR + "scale"] = self.base_prior.scale
+        if self._cal_records:
+            aux[AUX_CAL_RECORDS] = torch.from_numpy(np.concatenate(self._cal_records))
+        last = self._last_step_kl
+        loop = {
+            "last_step_kl": last if math.isfinite(last) else None,
+            "cal_kl": list(self._cal_kl),
+            "cal_sizes": [len(r) for r in self._cal_records],
+        }
+        extra = {**state.extra, "drift": self.policy_state, EXTRA_LOOP: loop}
+        return state.replace(extra=extra, aux=aux)
 
     # -- per batch -----------------------------------------------------------------
     def prepare(self, state: PosteriorState, x: torch.Tensor, y: torch.Tensor) -> Prepared:
@@ -211,8 +350,7 @@ class DriftLoop:
         ):
             self._fit_thresholds()
         absorbed = prepared.state.records_absorbed + prepared.rows
-        extra = {**state.extra, "drift": self.policy_state}
-        state = state.replace(records_absorbed=absorbed, extra=extra)
+        state = self._persist(state.replace(records_absorbed=absorbed))
         return state, {**prepared.signals, **post}
 
     def process(
@@ -233,7 +371,7 @@ class DriftLoop:
             records,
             batch_size,
             self.ert,
-            statistic=inlier_batch_statistic(self.policy.max_outlier_fraction),
+            statistic=batch_statistic(self.policy.signal, self.policy.max_outlier_fraction),
             consecutive=consecutive,
             n_streams=self.n_streams,
             seed=self.seed,
@@ -246,6 +384,7 @@ class DriftLoop:
         self.policy_state["calibration"] = cal.to_dict()
         if isinstance(self.monitor, ThresholdMonitor):
             self.monitor = self.monitor.clone({"threshold": cal.threshold})
+            self.policy_state["monitor"] = self.monitor.state_dict()
         self._cal_records, self._cal_kl = [], []
         log.info(
             "thresholds_calibrated",

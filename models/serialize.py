@@ -44,7 +44,8 @@ def checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def state_tensors(state: PosteriorState) -> dict[str, torch.Tensor]:
-    """The state's tensors by storage name (on CPU, contiguous)."""
+    """The state's tensors by storage name (on CPU, contiguous; a tensor whose
+    storage another entry already uses is copied, as safetensors requires)."""
     out: dict[str, torch.Tensor] = {}
     for k, v in state.params.items():
         out[f"params.{k}"] = v
@@ -55,7 +56,16 @@ def state_tensors(state: PosteriorState) -> dict[str, torch.Tensor]:
     for k, v in state.aux.items():
         out[f"aux.{k}"] = v
     out["rng_state"] = state.rng_state
-    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+    res: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in out.items():
+        t = v.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else 0
+        if ptr and ptr in seen:  # e.g. aux holding the prior itself: safetensors wants one owner
+            t = t.clone()
+        seen.add(ptr)
+        res[k] = t
+    return res
 
 
 def to_bytes(state: PosteriorState) -> bytes:

@@ -1,6 +1,7 @@
 """kill -9 the daemon at random moments: exactly-once absorption and a bit-identical posterior.
 
-The small variant of ``python -m benchmarks.crash_replay`` (3 kills, ~3,000 records).
+The small variant of ``python -m benchmarks.crash_replay`` (3 kills, ~3,000 records, drift
+policy ``forget`` with a mean shift half-way).
 """
 
 from __future__ import annotations
@@ -27,3 +28,5 @@ def test_crash_replay_small(kafka_bootstrap: str, redis_url: str, tmp_path: Path
     assert result["absorbed"] == result["valid"] == 2976
     assert result["dead_lettered"] == 40
     assert result["identical"] is True
+    # the default drift policy ran through an alarm, shifted and recovering across the kills
+    assert result["policy"] == "forget" and result["alarms"] >= 1

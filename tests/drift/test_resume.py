@@ -1,0 +1,104 @@
+"""The drift loop resumes bit for bit from a serialised state (what the daemon's restart does)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from drift.monitors import ThresholdMonitor
+from drift.policy import PolicyConfig
+from drift.runner import AUX_BASE_PRIOR, AUX_CAL_RECORDS, AUX_REFERENCE, EXTRA_LOOP, DriftLoop
+from models.serialize import from_bytes, to_bytes
+from models.state import PosteriorState
+from replay_data.generator import generate
+
+N_BATCHES = 150  # abrupt shift at batch 50
+OUTLIER_BATCHES = (36, 110)
+
+
+def _stream() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    s = generate("abrupt", seed=3, n_batches=N_BATCHES, batch_size=64)
+    y = s.y.copy()
+    rng = np.random.default_rng(0)
+    for b in OUTLIER_BATCHES:  # 20% gross outliers: dropped and down-weighted by `forget`
+        rows = b * 64 + rng.choice(64, size=13, replace=False)
+        y[rows] = 9.0
+    return [
+        (torch.from_numpy(s.x[i * 64 : (i + 1) * 64]), torch.from_numpy(y[i * 64 : (i + 1) * 64]))
+        for i in range(N_BATCHES)
+    ]
+
+
+def _loop(state: PosteriorState, policy: str) -> DriftLoop:
+    return DriftLoop.resume(
+        state,
+        base_lr=5e-3,
+        data_size=20_000,
+        policy=PolicyConfig(name=policy, calibration_batches=30),  # type: ignore[arg-type]
+        monitor=ThresholdMonitor(consecutive=2),
+        ert=200.0,
+        num_steps=2,
+        ensemble_size=32,
+        n_streams=200,
+    )
+
+
+def _run(
+    warm: PosteriorState, policy: str, restarts: set[int]
+) -> tuple[bytes, list[str], list[int]]:
+    state = warm.replace(lr=5e-3)
+    loop = _loop(state, policy)
+    modes, alarms = [], []
+    for t, (x, y) in enumerate(_stream()):
+        if t in restarts:
+            state = from_bytes(to_bytes(state))
+            loop = _loop(state, policy)
+        state, _info, _signals, action = loop.process(state, x, y)
+        modes.append(action.mode)
+        if action.alarm:
+            alarms.append(t)
+    return to_bytes(state), modes, alarms
+
+
+@pytest.mark.parametrize("policy", ["forget", "vb"])
+def test_restarts_anywhere_give_the_same_posterior(warm_state: PosteriorState, policy: str) -> None:
+    ref_blob, modes, alarms = _run(warm_state, policy, set())
+    # the stream exercises calibration, an alarm, shifted, recovering and re-calibration
+    assert {"stable", "shifted", "recovering"} <= set(modes)
+    assert alarms and 50 <= alarms[0] <= 55
+    restarts = {1, 12, 29, 30, 31, 36, 37, alarms[0], alarms[0] + 1, alarms[0] + 6, 90, 111, 140}
+    blob, modes2, alarms2 = _run(warm_state, policy, restarts)
+    assert (modes2, alarms2) == (modes, alarms)
+    assert blob == ref_blob
+
+
+def test_state_carries_the_loop(warm_state: PosteriorState) -> None:
+    state = warm_state.replace(lr=5e-3)
+    loop = _loop(state, "forget")
+    for x, y in _stream()[:10]:
+        state = loop.process(state, x, y)[0]
+    st = from_bytes(to_bytes(state))
+    assert st.extra["drift"]["calibrating"] == 20 and st.extra["drift"]["threshold"] is None
+    assert len(st.extra[EXTRA_LOOP]["cal_sizes"]) == 10
+    assert st.aux[AUX_CAL_RECORDS].shape == (640, 2)
+    assert st.aux[AUX_REFERENCE + "loc"].equal(warm_state.params["loc"])
+    assert st.aux[AUX_BASE_PRIOR + "scale"].equal(warm_state.prior.scale)
+    assert math.isfinite(st.extra[EXTRA_LOOP]["last_step_kl"])
+    again = _loop(st, "forget")
+    assert again.policy_state == loop.policy_state
+    assert [r.tolist() for r in again._cal_records] == [r.tolist() for r in loop._cal_records]
+    assert again.reference is not None and loop.reference is not None
+    assert again.reference.loc.equal(loop.reference.loc)
+
+
+def test_changed_policy_setting_wins_and_keeps_the_mode(warm_state: PosteriorState) -> None:
+    state = warm_state.replace(lr=5e-3)
+    loop = _loop(state, "forget")
+    for x, y in _stream()[:5]:
+        state = loop.process(state, x, y)[0]
+    other = _loop(from_bytes(to_bytes(state)), "none")
+    assert other.policy_state["config"]["name"] == "none"
+    assert other.policy_state["batch"] == 5 and other.policy_state["mode"] == "stable"
