@@ -7,7 +7,13 @@
    into the telemetry topic, with a few malformed records mixed in;
 4. run the daemon (:class:`daemon.pipeline.Pipeline`) in this process with a
    live ``rich`` progress line (records/s, loss, KL, snapshot version);
-5. print a summary and write ``loss.png`` and ``summary.json`` to ``--out``.
+5. print a summary (drift alarms included) and write ``loss.png`` (loss, KL,
+   alarm signal with its calibrated threshold and the policy's modes) and
+   ``summary.json`` to ``--out``.
+
+The drift policy is ``--policy`` (default ``forget``); the first 30 batches
+calibrate the alarm threshold, the ``abrupt`` scenario shifts at batch
+``--batches / 3``.
 
 Ctrl-C stops the daemon after its current step (final snapshot written);
 the embedded broker and redis-server are stopped on the way out (and die
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 import uuid
 from pathlib import Path
@@ -38,6 +45,7 @@ def main(args: argparse.Namespace) -> int:
     from daemon.runtime import StopFlag
     from daemon.source import ReplayProducer, create_topic, read_topic
     from daemon.store import SnapshotStore
+    from drift.policy import threshold_value
     from models.config import ModelConfig
     from models.serialize import save
     from models.state import PosteriorState
@@ -103,20 +111,22 @@ def main(args: argparse.Namespace) -> int:
                     "batch_size": args.batch_size,
                     "batching": "count",
                     "steps_per_batch": 5,
+                    "data_size": 5000,
                     "snapshot_every_batches": 10,
                     "snapshot_every_seconds": 2,
                     "lr": 5e-3,
                     "device": "auto",
                 },
-                drift={"policy": args.policy},
+                drift={"policy": args.policy, "calibration_batches": 30},
             )
             history: list[dict[str, Any]] = []
             t_start = time.perf_counter()
 
-            def table(stats: RunStats, absorbed: int) -> Table:
+            def table(stats: RunStats, absorbed: int, mode: str, alarms: int) -> Table:
                 dt = max(1e-9, time.perf_counter() - t_start)
                 t = Table(title=f"fogline demo — {args.scenario}")
-                for col in ("records/s", "absorbed", "batches", "loss", "KL", "snapshot", "DLQ"):
+                cols = ("records/s", "absorbed", "batches", "loss", "KL", "snapshot", "DLQ")
+                for col in (*cols, "drift mode", "alarms"):
                     t.add_column(col)
                 t.add_row(
                     f"{absorbed / dt:,.0f}",
@@ -126,16 +136,29 @@ def main(args: argparse.Namespace) -> int:
                     f"{stats.last_kl:.1f}",
                     str(stats.last_version),
                     str(stats.dead_lettered),
+                    mode,
+                    str(alarms),
                 )
                 return t
 
             with Live(console=console, refresh_per_second=8) as live:
 
                 def on_batch(stats: RunStats, st: PosteriorState) -> None:
+                    ps = st.extra.get("drift", {})
+                    mode = str(ps.get("mode", "off"))
+                    if ps.get("calibrating", 0) and mode == "stable":
+                        mode = "calibrating"
                     history.append(
-                        {"batch": stats.batches, "loss": stats.last_loss, "kl": stats.last_kl}
+                        {
+                            "batch": stats.batches,
+                            "loss": stats.last_loss,
+                            "kl": stats.last_kl,
+                            "signal": stats.last_signals.get("alarm_signal", math.nan),
+                            "threshold": threshold_value(ps.get("threshold")),
+                            "mode": mode,
+                        }
                     )
-                    live.update(table(stats, st.records_absorbed))
+                    live.update(table(stats, st.records_absorbed, mode, int(ps.get("alarms", 0))))
 
                 pipe = Pipeline(
                     settings,
@@ -145,10 +168,16 @@ def main(args: argparse.Namespace) -> int:
                 code = pipe.run()
             meta = SnapshotStore(redis.url, "demo").read_meta()
             dlq = read_topic(kafka.bootstrap_servers, f"{topic}.dlq", timeout_s=10)
+            ps = pipe.state.extra.get("drift", {}) if pipe.state else {}
+            alarm_batches = [
+                t["batch"] for t in ps.get("transitions", []) if t["reason"] == "alarm"
+            ]
             summary = {
                 "exit": code,
                 "policy": args.policy,
-                "drift_mode": pipe.state.extra.get("drift", {}).get("mode") if pipe.state else None,
+                "drift_mode": ps.get("mode"),
+                "alarm_batches": alarm_batches,
+                "alarm_threshold": ps.get("threshold"),
                 "scenario": args.scenario,
                 "records_sent": int(stream.y.shape[0]) + bad,
                 "records_absorbed": meta.records_absorbed,
@@ -172,19 +201,31 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _plot(history: list[dict[str, Any]], changes: list[int], path: Path) -> None:
+    """Loss, KL to the prior, and the alarm signal with its threshold and the policy mode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
     b = [h["batch"] for h in history]
     a1.plot(b, [h["loss"] for h in history], lw=0.8)
     a1.set_ylabel("loss (neg. ELBO / obs)")
     a2.plot(b, [h["kl"] for h in history], lw=0.8, color="tab:orange")
-    a2.set_ylabel("KL(q || prior)")
-    a2.set_xlabel("batch")
-    for ax in (a1, a2):
+    a2.set_ylabel("KL(q || current prior)")
+    a3.plot(b, [h["signal"] for h in history], lw=0.8, color="tab:green", label="surprisal")
+    a3.plot(b, [h["threshold"] for h in history], lw=0.8, color="k", ls=":", label="threshold")
+    a3.set_yscale("symlog")
+    a3.set_ylabel("alarm signal")
+    colours = {"shifted": "tab:red", "recovering": "tab:orange", "calibrating": "0.8"}
+    for h in history:
+        if h["mode"] in colours:
+            a3.axvspan(
+                h["batch"] - 0.5, h["batch"] + 0.5, color=colours[h["mode"]], alpha=0.3, lw=0
+            )
+    a3.legend(loc="upper left", fontsize=8)
+    a3.set_xlabel("batch (shaded: calibrating grey, shifted red, recovering orange)")
+    for ax in (a1, a2, a3):
         for c in changes:
             ax.axvline(c, color="k", ls="--", lw=0.6)
     fig.tight_layout()

@@ -109,6 +109,8 @@ class RunStats:
     last_version: int | None = None
     last_loss: float = math.nan
     last_kl: float = math.nan
+    #: The update rule's signals for the last batch (empty for ``drift.policy = "off"``).
+    last_signals: dict[str, float] = field(default_factory=dict)
     store_failures: int = 0
     started: float = field(default_factory=time.monotonic)
     exit_reason: str = ""
@@ -433,6 +435,7 @@ class Pipeline:
         self.stats.batches += 1
         self.stats.last_loss = info.loss
         self.stats.last_kl = info.kl
+        self.stats.last_signals = signals
         if info.rejected:
             metrics.STEPS_REJECTED.inc()
             log.warning("svi_step_rejected", loss=info.loss, rows=info.rows)

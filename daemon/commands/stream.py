@@ -135,12 +135,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="embedded end-to-end demo: broker, redis, warm start, drifting stream, daemon",
     )
     d.add_argument("--out", type=Path, default=Path("fogline-out"), help="output directory")
-    d.add_argument("--batches", type=int, default=120, help="batches in the replayed stream")
+    d.add_argument("--batches", type=int, default=150, help="batches in the replayed stream")
     d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--scenario", default="abrupt", help="replay_data scenario")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--speed", type=float, default=0.0, help="records/s to replay (0: all at once)")
     d.add_argument(
-        "--policy", choices=("none", "reset", "forget", "vb"), default="none", help="drift policy"
+        "--policy",
+        choices=("off", "none", "reset", "forget", "vb"),
+        default="forget",
+        help="drift policy (default forget)",
     )
     d.set_defaults(func=_demo)
