@@ -9,11 +9,15 @@ produces ``--records`` telemetry records into one partition and measures:
 - **pipeline**: :class:`daemon.pipeline.Pipeline` in this process over the
   same topic -- poll, decode and validate, micro-batching, K SVI steps per
   batch, a snapshot every ``--snapshot-every`` batches (Redis, under the
-  lease) and offset commits.  The rate is steady state: records absorbed
+  lease) and offset commits -- with ``drift.policy = off`` (plain SVI);
+- **pipeline with drift**: the same with ``--drift-policy`` (default
+  ``forget``): per batch also the reference ensemble's scores, the policy,
+  and the post-update ensemble's KLs.  The rate is steady state: records absorbed
   between the first and the last batch over the time between them (start-up,
   JIT warm-up and the group join are excluded, as the raw loop has none).
 
-The last line is ``{"pipeline_records_per_s", "raw_consume_records_per_s", "ratio"}``.
+The last line is ``{"pipeline_records_per_s", "raw_consume_records_per_s", "ratio",
+"pipeline_drift_records_per_s", "drift_ratio"}`` (ratios against the raw loop).
 """
 
 from __future__ import annotations
@@ -35,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps-per-batch", type=int, default=1)
     p.add_argument("--snapshot-every", type=int, default=50, help="snapshot every N batches")
+    p.add_argument(
+        "--drift-policy",
+        default="forget",
+        choices=("none", "reset", "forget", "vb"),
+        help="policy of the second pipeline run (the first runs drift.policy=off)",
+    )
     p.add_argument("--bootstrap", default=None)
     p.add_argument("--redis-url", default=None)
     p.add_argument("--json", action="store_true")
@@ -75,45 +85,55 @@ def main(argv: list[str] | None = None) -> int:
         assert n_raw == args.records, f"raw loop read {n_raw} records"
         raw_rate = (n_raw - first_n) / raw_s
 
-        marks: list[tuple[float, int]] = []
+        def run(policy: str) -> tuple[float, Pipeline] | None:
+            marks: list[tuple[float, int]] = []
 
-        def on_batch(stats: RunStats, state: PosteriorState) -> None:
-            marks.append((time.perf_counter(), state.records_absorbed))
+            def on_batch(stats: RunStats, state: PosteriorState) -> None:
+                marks.append((time.perf_counter(), state.records_absorbed))
 
-        settings = Settings.load(
-            None,
-            model_name=f"bench-{uuid.uuid4().hex[:6]}",
-            metrics_port=0,
-            kafka={
-                "bootstrap_servers": bootstrap,
-                "topic": topic,
-                "group_id": f"g-{topic}",
-                "session_timeout_ms": 6000,
-            },
-            redis={"url": redis_url},
-            stream={
-                "batch_size": args.batch_size,
-                "batching": "count",
-                "steps_per_batch": args.steps_per_batch,
-                "snapshot_every_batches": args.snapshot_every,
-                "snapshot_every_seconds": 0,
-                "device": "cpu",
-            },
-            drift={"policy": "none"},
-        )
-        pipe = Pipeline(
-            settings, RunOptions(max_records=args.records, threads=1, on_batch=on_batch)
-        )
-        code = pipe.run()
-        if code != 0 or len(marks) < 2:
-            print(f"pipeline run failed (exit {code}, {len(marks)} batches)", file=sys.stderr)
+            settings = Settings.load(
+                None,
+                model_name=f"bench-{uuid.uuid4().hex[:6]}",
+                metrics_port=0,
+                kafka={
+                    "bootstrap_servers": bootstrap,
+                    "topic": topic,
+                    "group_id": f"g-{policy}-{topic}",
+                    "session_timeout_ms": 6000,
+                },
+                redis={"url": redis_url},
+                stream={
+                    "batch_size": args.batch_size,
+                    "batching": "count",
+                    "steps_per_batch": args.steps_per_batch,
+                    "snapshot_every_batches": args.snapshot_every,
+                    "snapshot_every_seconds": 0,
+                    "device": "cpu",
+                },
+                drift={"policy": policy},
+            )
+            pipe = Pipeline(
+                settings, RunOptions(max_records=args.records, threads=1, on_batch=on_batch)
+            )
+            code = pipe.run()
+            if code != 0 or len(marks) < 2:
+                print(f"pipeline run failed (exit {code}, {len(marks)} batches)", file=sys.stderr)
+                return None
+            (t_a, n_a), (t_b, n_b) = marks[0], marks[-1]
+            return (n_b - n_a) / (t_b - t_a), pipe
+
+        plain = run("off")
+        drift = run(args.drift_policy)
+        if plain is None or drift is None:
             return 1
-        (t_a, n_a), (t_b, n_b) = marks[0], marks[-1]
-        pipe_rate = (n_b - n_a) / (t_b - t_a)
+        pipe_rate, pipe = plain
+        drift_rate = drift[0]
     result = {
         "pipeline_records_per_s": round(pipe_rate, 1),
         "raw_consume_records_per_s": round(raw_rate, 1),
         "ratio": round(pipe_rate / raw_rate, 3),
+        "pipeline_drift_records_per_s": round(drift_rate, 1),
+        "drift_ratio": round(drift_rate / raw_rate, 3),
     }
     detail = {
         "records": args.records,
@@ -123,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "batches": pipe.stats.batches,
         "threads": 1,
         "device": "cpu",
+        "drift_policy": args.drift_policy,
         "script": Path(__file__).name,
     }
     print(json.dumps(detail))
