@@ -4,7 +4,7 @@ Endpoints (see ``docs/query.md``)::
 
     GET  /healthz                         process is up (never needs the token)
     GET  /readyz                          200 once the primary model has a snapshot loaded
-    GET  /metrics                         Prometheus text (daemon.metrics.REGISTRY)
+    GET  /metrics                         Prometheus text (daemon.metrics.QUERY_REGISTRY)
     GET  /v1/models                       models under the prefix, with their versions
     GET  /v1/models/{name}/snapshot       metadata of the snapshot answering now
     POST /v1/models/{name}/predict        predictive summaries for a batch of rows
@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from starlette.concurrency import run_in_threadpool
 
 from daemon.config import ApiSettings, Settings
-from daemon.metrics import QUERY_SECONDS, REGISTRY
+from daemon.metrics import QUERY_REGISTRY, QUERY_SECONDS
 from daemon.serving import Loaded, Registry, StoreFactory
 from daemon.store import SnapshotMeta, SnapshotStore, StoreError, StoreUnavailable
 
@@ -438,7 +438,7 @@ def create_app(
     @ops.get("/metrics", tags=["ops"])
     def metrics() -> Response:
         """Prometheus metrics (request latency, snapshot version, reloads)."""
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(QUERY_REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     @v1.get("/models", response_model=list[ModelSummary], tags=["models"])
     def list_models() -> list[dict[str, Any]]:

@@ -2,7 +2,10 @@
 
 Names are part of fogline's operating contract: the Grafana dashboard and the
 alert rules under ``ops/`` refer to them, so rename only with both.
-All live in one registry per process (``REGISTRY``) so tests can read them.
+The daemon's metrics live in ``REGISTRY`` (served by ``fogline run`` on
+``metrics_port``) and the query service's in ``QUERY_REGISTRY`` (served at the
+API's ``/metrics``), so each process exports only the series it sets.
+Tests read values from them with ``get_sample_value``.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+QUERY_REGISTRY = CollectorRegistry(auto_describe=True)
 
 # --- daemon: ingestion -----------------------------------------------------
 RECORDS_IN = Counter(
@@ -118,13 +122,13 @@ QUERY_SECONDS = Histogram(
     "Query service request latency.",
     ["endpoint"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
-    registry=REGISTRY,
+    registry=QUERY_REGISTRY,
 )
 QUERY_SNAPSHOT_VERSION = Gauge(
     "fogline_query_snapshot_version",
     "Snapshot version the query service answers from.",
-    registry=REGISTRY,
+    registry=QUERY_REGISTRY,
 )
 QUERY_RELOADS = Counter(
-    "fogline_query_reloads", "Snapshot reloads by the query service.", registry=REGISTRY
+    "fogline_query_reloads", "Snapshot reloads by the query service.", registry=QUERY_REGISTRY
 )

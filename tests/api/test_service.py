@@ -151,6 +151,7 @@ def test_hot_reload_and_rollback_without_failed_requests(
         assert "fogline_query_reloads_total" in metrics
         assert f"fogline_query_snapshot_version {float(v1.version)}" in metrics
         assert 'fogline_query_request_seconds_bucket{endpoint="predict"' in metrics
+        assert "fogline_records_in" not in metrics  # the daemon's series stay in the daemon
 
 
 def test_bearer_token(

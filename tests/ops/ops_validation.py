@@ -208,9 +208,9 @@ def promql_series_names(expr: str) -> set[str]:
 def expected_job(series: str) -> str:
     """The scrape job that really sets ``series``.
 
-    Both fogline processes expose the whole registry of daemon/metrics.py, so
-    the query service exports the daemon's metrics at their defaults (0) and
-    vice versa; queries must name the job that sets the series.
+    Each process exports only its own registry (daemon.metrics.REGISTRY /
+    QUERY_REGISTRY), and rules still name the job, so a series can never be
+    matched from the wrong target (e.g. two deployments scraped together).
     """
     return "fogline-api" if series.startswith("fogline_query_") else "fogline-daemon"
 
