@@ -70,7 +70,7 @@ from daemon.runtime import (
     call_with_retry,
     select_device,
 )
-from daemon.source import DeadLetterProducer, KafkaSource
+from daemon.source import DeadLetterProducer, KafkaSource, security_kwargs
 from daemon.store import LeaseLost, SnapshotNotFound, SnapshotStore, StoreUnavailable
 from daemon.update import make_update_rule, warm_up
 from models.config import ModelConfig
@@ -127,21 +127,6 @@ class RunOptions:
     lease_wait_s: float | None = None
     threads: int | None = 1
     on_batch: Callable[[RunStats, PosteriorState], None] | None = None
-
-
-def kafka_client_kwargs(settings: Settings) -> dict[str, Any]:
-    """Security settings of ``settings.kafka`` as kafka-python keyword arguments."""
-    k = settings.kafka
-    out: dict[str, Any] = {}
-    if k.security_protocol != "PLAINTEXT":
-        out["security_protocol"] = k.security_protocol
-    if k.sasl_mechanism is not None:
-        out["sasl_mechanism"] = k.sasl_mechanism
-    if k.sasl_username is not None:
-        out["sasl_plain_username"] = k.sasl_username
-    if k.sasl_password is not None:
-        out["sasl_plain_password"] = k.sasl_password.get_secret_value()
-    return out
 
 
 def initial_state(
@@ -257,7 +242,7 @@ class Pipeline:
         self.decoder = Decoder(state.config.features())
         count_mode = s.stream.batching == "count"
         self.batcher = _Batcher(s.stream.batch_size, None if count_mode else s.stream.max_wait_ms)
-        kwargs = kafka_client_kwargs(s)
+        kwargs = security_kwargs(s.kafka)
         dlq = DeadLetterProducer(s.kafka.bootstrap_servers, dlq_topic=s.kafka.dlq_topic, **kwargs)
         source = KafkaSource(
             s.kafka.bootstrap_servers,
