@@ -24,10 +24,12 @@ the same machine, so detections are comparable; they differ in the *action*:
            Adam moments); otherwise as ``none``.
 ``forget`` on alarm, and through ``shifted``/``recovering``, each batch's prior
            is the stabilised-forgetting mix of the current posterior and the
-           base prior (:func:`forgetting_prior`), absorbed as exact streaming
-           (data size = batch rows), with Adam's moments zeroed on entry, a
-           boosted learning rate that is lowered geometrically back to the base
-           one, and gamma lowered with it; on return to ``stable`` the prior and
+           base prior (:func:`forgetting_prior`).  In ``shifted`` it is absorbed
+           as exact streaming (data size = batch rows); when ``recovering``
+           starts Adam's moments are zeroed, and each recovering batch takes
+           ``recovery_steps`` (2) SVI steps with data size N, gamma lowered
+           geometrically by ``decay`` (an optional ``lr_boost`` is lowered with
+           it); on return to ``stable`` the prior, data size, step count and
            learning rate return to normal.  In every state, a batch with gross
            outliers that is *not* a sustained shift (0 < outlier fraction <=
            ``max_outlier_fraction``) has its outlier records dropped and the rest
@@ -82,6 +84,13 @@ class PolicyConfig:
         by ``decay`` per batch in ``recovering``, back to 1 in ``stable``.
     shift_steps:
         SVI steps per batch while ``shifted`` (the daemon's own count otherwise).
+    recovery_steps:
+        SVI steps per batch while ``recovering`` (``forget`` only).
+    recovery_streaming:
+        ``forget`` only: absorb the forgetting prior with data size = the
+        batch's rows while ``recovering`` too (as in ``shifted``).  Default
+        False: the configured data size N, so the prior term weighs 1/N per
+        record and does not hold back the extra recovery steps.
     cooldown:
         Batches spent in ``shifted`` before ``recovering``.
     recovery_window:
@@ -101,6 +110,8 @@ class PolicyConfig:
     lr_boost: float = 1.0
     decay: float = 0.9
     shift_steps: int = 1
+    recovery_steps: int = 2
+    recovery_streaming: bool = False
     reset_adam: Literal["alarm", "recovering", "never"] = "recovering"
     cooldown: int = 5
     recovery_window: int = 5
@@ -115,6 +126,8 @@ class PolicyConfig:
             raise ValueError(f"policy {self.name!r}: choose from {POLICIES}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError("gamma must lie in [0, 1]")
+        if self.shift_steps < 1 or self.recovery_steps < 1:
+            raise ValueError("shift_steps and recovery_steps must be >= 1")
         if not 0.0 < self.min_weight <= 1.0:
             raise ValueError("min_weight must lie in (0, 1]")
 
@@ -311,8 +324,9 @@ def policy_step(
             action = Action(
                 prior="forget",
                 gamma=cfg.gamma * k,
-                streaming=True,
+                streaming=cfg.recovery_streaming,
                 lr_scale=1.0 + (cfg.lr_boost - 1.0) * k,
+                num_steps=cfg.recovery_steps,
                 reset_optimizer=since == 0 and cfg.reset_adam == "recovering",
                 **common,
             )

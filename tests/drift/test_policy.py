@@ -56,6 +56,8 @@ def test_full_cycle_with_logged_transitions() -> None:
     assert a.lr_scale == CFG.lr_boost and a.gamma == CFG.gamma and a.num_steps == CFG.shift_steps
     rec = actions[12]
     assert rec.prior == "forget" and 1.0 < rec.lr_scale < CFG.lr_boost and rec.gamma < CFG.gamma
+    assert rec.num_steps == CFG.recovery_steps == 2 and not rec.streaming  # data size N
+    assert actions[15].num_steps is None and not actions[15].streaming
     assert actions[15].reanchor and actions[15].transition == ("recovering", "stable")
     events = [e for e in logs if e["event"] == "policy_transition"]
     assert [(e["from_mode"], e["to_mode"]) for e in events[:3]] == [
@@ -128,6 +130,8 @@ def test_bad_config() -> None:
         PolicyConfig(name="bogus")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         PolicyConfig(gamma=1.5)
+    with pytest.raises(ValueError):
+        PolicyConfig(recovery_steps=0)
 
 
 def test_default_forget_resets_adam_when_recovery_starts() -> None:
@@ -136,3 +140,13 @@ def test_default_forget_resets_adam_when_recovery_starts() -> None:
     resets = [i for i, a in enumerate(actions) if a.reset_optimizer]
     assert resets == [6]  # alarm at 4, cooldown 2: first recovering batch
     assert actions[6].mode == "recovering" and actions[4].lr_scale == 1.0
+
+
+def test_recovery_streaming_option() -> None:
+    cfg = PolicyConfig(
+        name="forget", cooldown=2, calibration_batches=0, recovery_steps=1, recovery_streaming=True
+    )
+    _, actions = _run(cfg, rdrift.DummyDriftDetector(t_0=5), 12)
+    rec = actions[6]
+    assert rec.mode == "recovering" and rec.streaming and rec.num_steps == 1
+    assert actions[4].mode == "shifted" and actions[4].streaming
