@@ -335,7 +335,11 @@ class DriftLoop:
         """Step 3: post-update signals, re-anchoring/calibration, policy state into ``extra``."""
         assert self.reference is not None
         post, ens = post_update_signals(
-            self.reference, prepared.scores, prepared.x_all, state, self._prev_ens
+            self.reference,
+            prepared.scores,
+            prepared.x_all,
+            state,
+            self._prev_ens if self._step_kl_needed() else None,
         )
         self._prev_ens = ens
         self._last_step_kl = post["step_kl"]
@@ -352,6 +356,16 @@ class DriftLoop:
         absorbed = prepared.state.records_absorbed + prepared.rows
         state = self._persist(state.replace(records_absorbed=absorbed))
         return state, {**prepared.signals, **post}
+
+    def _step_kl_needed(self) -> bool:
+        """Will the next batch read this batch's step KL?
+
+        Only the recovery test (next mode ``shifted``/``recovering``) and the
+        calibration window (``stable`` while calibrating) do; elsewhere the
+        third ensemble pass is skipped and ``step_kl`` is NaN.
+        """
+        ps = self.policy_state
+        return ps["mode"] != "stable" or ps["calibrating"] > 0
 
     def process(
         self, state: PosteriorState, x: torch.Tensor, y: torch.Tensor
