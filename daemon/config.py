@@ -157,6 +157,8 @@ class StreamSettings(_Section):
     snapshot_every_seconds: float = Field(default=30.0, ge=0)
     #: Warm-start state file used when Redis holds no snapshot.
     init_path: Path | None = None
+    #: Keep applying the functional prior a warm-start state carries (out-of-range uncertainty).
+    functional_prior: bool = True
     seed: int = 0
 
 

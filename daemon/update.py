@@ -5,8 +5,10 @@ rules exist, chosen by ``drift.policy``:
 
 ``off``
     :class:`PlainUpdate`: ``K = stream.steps_per_batch`` steps of
-    :func:`models.svi.step` with ``data_size = stream.data_size``; no drift
-    signals, no monitor (the cheapest path).
+    :func:`models.stream.stream_step` (:func:`models.svi.step`, plus the warm
+    start's functional prior when the state carries one and
+    ``stream.functional_prior`` is on) with ``data_size = stream.data_size``;
+    no drift signals, no monitor (the cheapest path).
 ``none`` / ``reset`` / ``forget`` / ``vb``
     :class:`DriftUpdate`: :class:`drift.runner.DriftLoop` around the same step
     (signals under the reference posterior, calibrated alarm, the policy's
@@ -35,6 +37,7 @@ from drift.monitors import ThresholdMonitor, make_monitor
 from drift.policy import PolicyConfig, threshold_value
 from drift.runner import DriftLoop
 from models.state import Minibatch, PosteriorState, StepInfo
+from models.stream import stream_step
 from models.svi import init_state, step
 
 log = structlog.get_logger(__name__)
@@ -59,12 +62,19 @@ class PlainUpdate:
 
     num_steps: int = 1
     data_size: int | None = None
+    functional_prior: bool = True
     name: str = "off"
 
     def __call__(
         self, state: PosteriorState, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[PosteriorState, StepInfo, dict[str, float]]:
-        new, info = step(state, Minibatch(x, y), num_steps=self.num_steps, data_size=self.data_size)
+        new, info = stream_step(
+            state,
+            Minibatch(x, y),
+            num_steps=self.num_steps,
+            data_size=self.data_size,
+            functional_prior=self.functional_prior,
+        )
         return new, info, {}
 
 
@@ -136,7 +146,11 @@ def make_update_rule(settings: Settings, state: PosteriorState) -> UpdateRule:
     """The update rule for ``settings.drift.policy``, resumed from ``state`` where it carries one."""
     s = settings.stream
     if settings.drift.policy == "off":
-        return PlainUpdate(num_steps=s.steps_per_batch, data_size=s.data_size)
+        return PlainUpdate(
+            num_steps=s.steps_per_batch,
+            data_size=s.data_size,
+            functional_prior=s.functional_prior,
+        )
     loop = DriftLoop.resume(
         state,
         base_lr=s.lr,
@@ -147,6 +161,7 @@ def make_update_rule(settings: Settings, state: PosteriorState) -> UpdateRule:
         num_steps=s.steps_per_batch,
         ensemble_size=settings.drift.ensemble_size,
         seed=s.seed,
+        functional_prior=s.functional_prior,
     )
     ps = loop.policy_state
     log.info(

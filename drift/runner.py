@@ -10,7 +10,9 @@ experiment`` share.  Per batch (``process`` = ``prepare`` + ``models.svi.step``
    to the state (prior swap, learning rate, posterior/optimizer reset) and to
    the batch (drop gross outliers); return the step's keyword arguments
    (``num_steps``, ``data_size``, ``likelihood_weight``).
-2. the caller runs ``models.svi.step(state, batch, **kwargs)``.
+2. the caller runs ``models.stream.stream_step(state, batch, **kwargs)``
+   (``models.svi.step``, plus the warm start's functional prior if the state
+   carries one).
 3. ``finish``: post-update signals (predictive KL vs the reference, step KL,
    weight KL), collect calibration data, re-anchor the reference and refit the
    thresholds when the policy asks, and store the policy state in
@@ -66,7 +68,8 @@ from drift.signals import (
 from models.predictive import Ensemble, sample_ensemble
 from models.priors import posterior_as_prior
 from models.state import Minibatch, PosteriorState, PriorSpec, StepInfo
-from models.svi import init_state, reset_optimizer, step
+from models.stream import stream_step
+from models.svi import init_state, reset_optimizer
 
 log = structlog.get_logger()
 
@@ -150,6 +153,9 @@ class DriftLoop:
         Reference ensemble size and seed (common to every ensemble).
     n_streams:
         Bootstrap streams used to fit the threshold.
+    functional_prior:
+        Keep applying the functional prior a warm-start state carries
+        (:func:`models.stream.stream_step`).
     """
 
     reference_state: PosteriorState
@@ -163,6 +169,7 @@ class DriftLoop:
     ensemble_size: int = 64
     seed: int = 0
     n_streams: int = 500
+    functional_prior: bool = True
     policy_state: dict[str, Any] = field(default_factory=dict)
     reference: Reference | None = None
     calibration: Calibration | None = None
@@ -193,6 +200,7 @@ class DriftLoop:
         ensemble_size: int = 64,
         seed: int = 0,
         n_streams: int = 500,
+        functional_prior: bool = True,
     ) -> DriftLoop:
         """The loop for ``state``: continued from what :meth:`finish` stored in it, if anything.
 
@@ -217,6 +225,7 @@ class DriftLoop:
             "ensemble_size": ensemble_size,
             "seed": seed,
             "n_streams": n_streams,
+            "functional_prior": functional_prior,
         }
         ref_params = {
             k[len(AUX_REFERENCE) :]: v for k, v in state.aux.items() if k.startswith(AUX_REFERENCE)
@@ -370,9 +379,11 @@ class DriftLoop:
     def process(
         self, state: PosteriorState, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[PosteriorState, StepInfo, dict[str, float], Action]:
-        """``prepare`` + ``models.svi.step`` + ``finish`` for one batch."""
+        """``prepare`` + ``models.stream.stream_step`` + ``finish`` for one batch."""
         prep = self.prepare(state, x, y)
-        new, info = step(prep.state, prep.batch, **prep.step_kwargs)
+        new, info = stream_step(
+            prep.state, prep.batch, functional_prior=self.functional_prior, **prep.step_kwargs
+        )
         new, signals = self.finish(prep, new, info)
         return new, info, signals, prep.action
 

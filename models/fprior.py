@@ -33,14 +33,16 @@ Out-of-data inputs x~ are training rows with one feature j (drawn from
 lo_j - U(0, margin) or hi_j + U(0, margin), side chosen at random.
 
 The step here has the state layout of :func:`models.svi.step` (same packed
-parameters, same Adam moments), so a state trained with it continues under
-``models.svi.step`` in the daemon unchanged.
+parameters, same Adam moments).  The warm start stores the prior in the
+state (``extra["functional_prior"]``), and the daemon keeps applying it while
+streaming (:func:`streaming_step` via :func:`models.stream.stream_step`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +53,11 @@ from models.network import forward
 from models.priors import kl_to_prior
 from models.state import Minibatch, PosteriorState, StepInfo
 from models.svi import ADAM_BETAS, ADAM_EPS, param_names
+
+#: Where a state carries its functional prior (set by the warm start).
+EXTRA_KEY = "functional_prior"
+#: Where a low-rank state carries its factor's step scale (set by the warm start).
+LR_SCALE_KEY = "cov_factor_lr_scale"
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,30 @@ class FunctionalPrior:
         if len(self.lo) != len(self.hi) or any(j >= len(self.lo) for j in self.features):
             raise ValueError("FunctionalPrior: lo/hi must cover every feature in `features`")
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (stored in ``PosteriorState.extra["functional_prior"]``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FunctionalPrior:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            weight=float(d["weight"]),
+            scale=float(d["scale"]),
+            lo=tuple(float(v) for v in d["lo"]),
+            hi=tuple(float(v) for v in d["hi"]),
+            features=tuple(int(j) for j in d.get("features", (0,))),
+            loc=float(d.get("loc", 0.0)),
+            margin=float(d.get("margin", 3.0)),
+            samples=int(d.get("samples", 8)),
+        )
+
+    @classmethod
+    def of(cls, state: PosteriorState) -> FunctionalPrior | None:
+        """The functional prior a state carries (``extra["functional_prior"]``), if any."""
+        d = state.extra.get(EXTRA_KEY)
+        return cls.from_dict(d) if d else None
+
     @classmethod
     def from_data(
         cls, x_nd: torch.Tensor, *, weight: float, scale: float, **kwargs: object
@@ -102,15 +133,16 @@ class FunctionalPrior:
     def ood_inputs(self, x_nd: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """x~ [N, D]: rows of ``x_nd`` with one feature moved beyond the observed range."""
         n = x_nd.shape[0]
-        feats = torch.tensor(self.features)
-        j = feats[torch.randint(len(self.features), (n,), generator=generator)]
-        lo = torch.tensor(self.lo, dtype=x_nd.dtype)[j]
-        hi = torch.tensor(self.hi, dtype=x_nd.dtype)[j]
-        dist_ = torch.rand(n, generator=generator, dtype=x_nd.dtype) * self.margin
-        left = torch.rand(n, generator=generator) < 0.5
+        dev = x_nd.device
+        feats = torch.tensor(self.features, device=dev)
+        j = feats[torch.randint(len(self.features), (n,), generator=generator, device=dev)]
+        lo = torch.tensor(self.lo, dtype=x_nd.dtype, device=dev)[j]
+        hi = torch.tensor(self.hi, dtype=x_nd.dtype, device=dev)[j]
+        dist_ = torch.rand(n, generator=generator, dtype=x_nd.dtype, device=dev) * self.margin
+        left = torch.rand(n, generator=generator, device=dev) < 0.5
         value = torch.where(left, lo - dist_, hi + dist_)
         out = x_nd.clone()
-        out[torch.arange(n), j] = value
+        out[torch.arange(n, device=dev), j] = value
         return out
 
 
@@ -173,8 +205,12 @@ def objective(
     fprior: FunctionalPrior | None,
     generator: torch.Generator,
     particles: int = 1,
+    likelihood_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, nll, kl) of the module docstring for packed parameters ``theta``.
+
+    ``likelihood_weight`` beta multiplies the data term (generalised Bayes, as
+    in :func:`models.svi.step`); ``nll`` is returned unweighted.
 
     The expected log-likelihood is estimated with ``particles`` reparameterised
     samples (1, as in :mod:`models.svi`, by default; more lower the gradient
@@ -190,10 +226,12 @@ def objective(
     use_f = fprior is not None and fprior.weight > 0
     s = max(particles, fprior.samples if fprior is not None and use_f else 1)
     num_w = p["loc"].shape[0]
-    eps = torch.randn(s, num_w, generator=generator, dtype=theta.dtype)
+    eps = torch.randn(s, num_w, generator=generator, dtype=theta.dtype, device=theta.device)
     w = p["loc"] + scale * eps
     if "cov_factor" in p:
-        z = torch.randn(s, p["cov_factor"].shape[1], generator=generator, dtype=theta.dtype)
+        z = torch.randn(
+            s, p["cov_factor"].shape[1], generator=generator, dtype=theta.dtype, device=theta.device
+        )
         w = w + z @ p["cov_factor"].T
         kl = lowrank_kl(p["loc"], p["cov_factor"], scale, state.prior.loc, state.prior.scale)
     else:
@@ -202,14 +240,14 @@ def objective(
     if not use_f:
         out = forward(w[:particles], batch.x, cfg)  # [particles, n, O]
         nll = -observation_dist(out, cfg, df).log_prob(batch.y).mean()
-        return nll + kl / data_size, nll, kl
+        return likelihood_weight * nll + kl / data_size, nll, kl
     assert fprior is not None
     x_ood = fprior.ood_inputs(batch.x, generator)
     out_ood = forward(w[: fprior.samples], x_ood, cfg)  # [S, n, O]
     out = forward(w[:particles], batch.x, cfg)  # [particles, n, O]
     nll = -observation_dist(out, cfg, df).log_prob(batch.y).mean()
     fkl = functional_kl(out_ood[..., 0], fprior)
-    return nll + kl / data_size + fprior.weight * fkl, nll, kl
+    return likelihood_weight * nll + kl / data_size + fprior.weight * fkl, nll, kl
 
 
 def step(
@@ -221,6 +259,7 @@ def step(
     generator: torch.Generator,
     particles: int = 1,
     cov_factor_lr_scale: float = 1.0,
+    likelihood_weight: float = 1.0,
 ) -> tuple[PosteriorState, StepInfo]:
     """One Adam step on :func:`objective`; same state layout and guard as ``models.svi.step``.
 
@@ -236,11 +275,18 @@ def step(
     names = param_names(state.config)
     theta = torch.cat([state.params[k].reshape(-1) for k in names]).detach().clone()
     theta.requires_grad_(True)
-    x = batch.x.to(torch.float32)
-    y = batch.y.to(torch.float32)
+    x = batch.x.to(theta.device, torch.float32)
+    y = batch.y.to(theta.device, torch.float32)
     try:
         loss, nll, kl = objective(
-            theta, state, Minibatch(x, y), float(data_size), fprior, generator, particles
+            theta,
+            state,
+            Minibatch(x, y),
+            float(data_size),
+            fprior,
+            generator,
+            particles,
+            likelihood_weight,
         )
         (grad,) = torch.autograd.grad(loss, theta)
     except ValueError:  # distribution argument validation: a non-finite value
@@ -286,3 +332,55 @@ def step(
         records_absorbed=state.records_absorbed + batch.rows,
     )
     return new, info
+
+
+def streaming_step(
+    state: PosteriorState,
+    batch: Minibatch,
+    *,
+    fprior: FunctionalPrior | None,
+    num_steps: int = 1,
+    data_size: int | None = None,
+    likelihood_weight: float = 1.0,
+    cov_factor_lr_scale: float = 1.0,
+) -> tuple[PosteriorState, StepInfo]:
+    """``num_steps`` of :func:`step` with the randomness drawn from ``state.rng_state``.
+
+    ``fprior=None`` runs the plain ELBO (useful for a low-rank state's
+    ``cov_factor_lr_scale``, which :func:`models.svi.step` does not have).
+
+    The same contract as :func:`models.svi.step` (pure, ``step_count`` +
+    ``num_steps``, ``records_absorbed`` + rows, a non-finite step returns
+    ``state`` with ``rejected=True``): the generator is restored from the
+    state's RNG state and its new state is written back, so a restarted
+    process reproduces the update bit for bit.
+    """
+    if num_steps < 1:
+        raise ValueError("num_steps must be >= 1")
+    if not 0.0 <= likelihood_weight <= 1.0:
+        raise ValueError(f"likelihood_weight must lie in [0, 1], got {likelihood_weight}")
+    if batch.rows == 0:
+        raise ValueError("empty minibatch")
+    gen = torch.Generator(device=state.device)
+    gen.set_state(state.rng_state)
+    n_data = data_size if data_size is not None else batch.rows
+    cur = state
+    info = StepInfo(math.nan, math.nan, math.nan, math.nan, batch.rows, 0)
+    for _ in range(num_steps):
+        cur, info = step(
+            cur,
+            batch,
+            data_size=n_data,
+            fprior=fprior,
+            generator=gen,
+            likelihood_weight=likelihood_weight,
+            cov_factor_lr_scale=cov_factor_lr_scale,
+        )
+        if info.rejected:
+            return state, StepInfo(
+                info.loss, info.nll, info.kl, info.grad_norm, batch.rows, num_steps, True
+            )
+    new = cur.replace(
+        rng_state=gen.get_state(), records_absorbed=state.records_absorbed + batch.rows
+    )
+    return new, StepInfo(info.loss, info.nll, info.kl, info.grad_norm, batch.rows, num_steps)

@@ -46,7 +46,8 @@ import torch
 
 from models.config import GuideName, LikelihoodName, ModelConfig, NoiseHead, PriorName
 from models.data import FEATURE_NAMES, RecipeData, load, recipe_data, true_mean, true_noise_std
-from models.fprior import FunctionalPrior
+from models.fprior import EXTRA_KEY as FPRIOR_KEY
+from models.fprior import LR_SCALE_KEY, FunctionalPrior
 from models.fprior import step as fprior_step
 from models.predictive import Ensemble, log_predictive_density, predict, sample_ensemble
 from models.serialize import save
@@ -342,9 +343,13 @@ def run(
         epochs=float(opts.epochs), seconds=seconds, rows_train=float(data.x_train.shape[0])
     )
     finite = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
-    state = state.replace(
-        extra={**state.extra, "warmstart": {"options": _jsonable(opts), "metrics": finite}}
-    )
+    extra = {**state.extra, "warmstart": {"options": _jsonable(opts), "metrics": finite}}
+    fprior = functional_prior(opts, data)
+    if fprior is not None:  # streaming updates keep applying it (models.stream)
+        extra[FPRIOR_KEY] = fprior.to_dict()
+    if "cov_factor" in state.params and opts.cov_factor_lr_scale != 1.0:
+        extra[LR_SCALE_KEY] = opts.cov_factor_lr_scale
+    state = state.replace(extra=extra)
     files: dict[str, str] = {}
     if opts.out:
         out = Path(opts.out)

@@ -11,6 +11,8 @@ import torch
 from drift.monitors import ThresholdMonitor
 from drift.policy import PolicyConfig
 from drift.runner import AUX_BASE_PRIOR, AUX_CAL_RECORDS, AUX_REFERENCE, EXTRA_LOOP, DriftLoop
+from models.fprior import EXTRA_KEY as FPRIOR_KEY
+from models.fprior import FunctionalPrior
 from models.serialize import from_bytes, to_bytes
 from models.state import PosteriorState
 from replay_data.generator import generate
@@ -102,3 +104,17 @@ def test_changed_policy_setting_wins_and_keeps_the_mode(warm_state: PosteriorSta
     other = _loop(from_bytes(to_bytes(state)), "none")
     assert other.policy_state["config"]["name"] == "none"
     assert other.policy_state["batch"] == 5 and other.policy_state["mode"] == "stable"
+
+
+def test_restarts_with_the_functional_prior_give_the_same_posterior(
+    warm_state: PosteriorState,
+) -> None:
+    """A warm start that carries a functional prior streams with it (models.stream), exactly."""
+    fp = FunctionalPrior(weight=0.05, scale=2.0, lo=(-3.0,) * 8, hi=(3.0,) * 8)
+    warm = warm_state.replace(extra={**warm_state.extra, FPRIOR_KEY: fp.to_dict()})
+    ref_blob, modes, alarms = _run(warm, "forget", set())
+    assert "shifted" in modes
+    blob, _, alarms2 = _run(warm, "forget", {7, 31, alarms[0] + 2, 120})
+    assert alarms2 == alarms and blob == ref_blob
+    plain_blob, _, _ = _run(warm_state, "forget", set())
+    assert plain_blob != ref_blob  # the functional term took part
