@@ -99,6 +99,11 @@ class PredictResponse(BaseModel):
 
     model: str
     snapshot_version: int
+    drift_mode: str | None = Field(
+        default=None,
+        description="Drift policy mode of the answering snapshot: stable, shifted (a change was "
+        "detected) or recovering (adapting to it); null when the daemon runs no drift loop.",
+    )
     ensemble_size: int
     quantized: bool
     method: str
@@ -255,6 +260,7 @@ def _predict_body(
     return {
         "model": name,
         "snapshot_version": loaded.version,
+        "drift_mode": loaded.meta.drift.get("mode"),
         "ensemble_size": loaded.ensemble.size,
         "quantized": loaded.quantized is not None,
         "method": req.method,

@@ -221,7 +221,8 @@ def _print_table(answer: dict[str, Any]) -> None:
     levels = answer["levels"]
     table = Table(
         title=f"{answer['model']} v{answer['snapshot_version']} "
-        f"({answer['ensemble_size']} samples{', 8-bit' if answer['quantized'] else ''})"
+        f"({answer['ensemble_size']} samples{', 8-bit' if answer['quantized'] else ''}"
+        f"{', drift: ' + answer['drift_mode'] if answer.get('drift_mode') else ''})"
     )
     for col in ("row", "mean", "total sd", "epistemic sd", "aleatoric sd"):
         table.add_column(col, justify="right")

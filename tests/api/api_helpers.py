@@ -36,7 +36,7 @@ def write(store: SnapshotStore, state: PosteriorState) -> SnapshotMeta:
         records_absorbed=state.records_absorbed,
         offsets={"t:0": state.records_absorbed},
         model_config=state.config.model_dump(mode="json"),
-        drift={"policy": "forget", "alarms": 0},
+        drift={"policy": "forget", "alarms": 1, "mode": "recovering"},
         lease=None,
     )
 

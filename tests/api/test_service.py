@@ -85,6 +85,7 @@ def test_predict_matches_model_core(
         body = r.json()
         assert body["snapshot_version"] == meta.version
         assert body["ensemble_size"] == 100 and body["quantized"] is False
+        assert body["drift_mode"] == "recovering"  # the answering snapshot is mid-adaptation
         _assert_matches(body, ref)
         # named features give the same answer
         named = [{f"x{j}": v for j, v in enumerate(row)} for row in x.tolist()]
@@ -97,7 +98,7 @@ def test_predict_matches_model_core(
         assert snap["version"] == meta.version == snap["latest_version"]
         assert snap["records_absorbed"] == base_state.records_absorbed
         assert snap["offsets"] == {"t:0": base_state.records_absorbed}
-        assert snap["drift"] == {"policy": "forget", "alarms": 0}
+        assert snap["drift"] == {"policy": "forget", "alarms": 1, "mode": "recovering"}
         assert snap["features"] == [f"x{j}" for j in range(8)]
         assert snap["model_config"]["in_features"] == 8
         models = client.get("/v1/models").json()
