@@ -182,6 +182,7 @@ class Pipeline:
         self._last_snapshot_at = time.monotonic()
         self._store_retry = Retry()
         self._dlq_unflushed = 0
+        self._last_lag = -math.inf
 
     # -- the whole run ----------------------------------------------------------
     def run(self) -> int:
@@ -288,7 +289,6 @@ class Pipeline:
         s = self.settings
         opts = self.options
         idle_since = time.monotonic()
-        last_lag = 0.0
         while not self.stop:
             self._maintain_lease()
             if self._store_retry.failing and self._store_retry.due():
@@ -315,9 +315,7 @@ class Pipeline:
             if due:
                 self._pending.append(due)
             self._drain()
-            if now - last_lag >= LAG_EVERY_S:
-                last_lag = now
-                self._update_lag()
+            self._maybe_update_lag(now)
             if (
                 self._dirty
                 and s.stream.snapshot_every_seconds > 0
@@ -390,10 +388,15 @@ class Pipeline:
         return out
 
     def _drain(self) -> None:
-        """Absorb every complete pending batch (stopping early on a stop request)."""
+        """Absorb every complete pending batch (stopping early on a stop request).
+
+        A long backlog (catching up after downtime) can take many seconds here,
+        so the lag gauge keeps being refreshed between batches.
+        """
         while self._pending and not self.stop:
             batch = self._pending.popleft()
             self._absorb(batch)
+            self._maybe_update_lag(time.monotonic())
             every = self.settings.stream.snapshot_every_batches
             if every and self._batches_since_snapshot >= every and not self._store_retry.failing:
                 self._snapshot("batches")
@@ -531,6 +534,12 @@ class Pipeline:
             self.keeper.renew()
         except StoreUnavailable as exc:
             self._store_down(exc, "renew_lease")
+
+    def _maybe_update_lag(self, now: float) -> None:
+        """Measure the consumer lag at most every ``LAG_EVERY_S`` seconds."""
+        if now - self._last_lag >= LAG_EVERY_S:
+            self._last_lag = now
+            self._update_lag()
 
     def _update_lag(self) -> None:
         assert self.state is not None

@@ -72,7 +72,7 @@ RULE_BREAKS: dict[str, tuple[Mutation, str]] = {
     "bad for duration": (replace("for: 30m", "for: half an hour"), "'for' is not a duration"),
     "missing severity": (replace("severity: critical", "team: ml"), "labels.severity"),
     "missing summary": (
-        replace('summary: "fogline has been in', 'title: "fogline has been in'),
+        replace('summary: "fogline has not settled', 'title: "fogline has not settled'),
         "annotations.summary missing",
     ),
     "runbook link without section": (
