@@ -92,3 +92,25 @@ def test_nab_results_file(tmp_path: Path) -> None:
     scores = [float(r["anomaly_score"]) for r in rows]
     assert all(0.0 <= s <= 1.0 for s in scores) and max(scores) > 0.9
     assert {r["label"] for r in rows} == {"0", "1"}
+
+
+@pytest.mark.slow
+def test_issue_numbers_at_default_settings() -> None:
+    """The drift issue's bar at defaults (about 1 minute): on the abrupt shift `forget`
+    recovers >= 3x faster than `none` on seeds 0-4 with median detection delay <= 5;
+    on the stable stream its mean NLL is within 2% of `none`'s; after an outlier burst
+    it ends with the lower NLL."""
+    delays = []
+    for seed in range(5):
+        res = run_experiment("abrupt", ["none", "forget"], ExperimentConfig(seed=seed))
+        none, forget = res["policies"]["none"], res["policies"]["forget"]
+        (rec_none,), (rec_forget,) = none["recovery_batches"], forget["recovery_batches"]
+        assert rec_forget is not None and rec_forget > 0
+        # a censored `none` (never recovered) counts as the stream's remaining length
+        assert (rec_none or forget["batches"]) >= 3 * rec_forget, (seed, rec_none, rec_forget)
+        delays.append(forget["detection_delays"][0])
+    assert sorted(delays)[2] <= 5
+    stable = run_experiment("stable", ["none", "forget"], ExperimentConfig(seed=0))["policies"]
+    assert abs(stable["forget"]["mean_nll"] / stable["none"]["mean_nll"] - 1) <= 0.02
+    burst = run_experiment("outlier", ["none", "forget"], ExperimentConfig(seed=0))["policies"]
+    assert burst["forget"]["post_burst_nll"] < burst["none"]["post_burst_nll"]
