@@ -73,6 +73,7 @@ from daemon.runtime import (
 from daemon.source import DeadLetterProducer, KafkaSource, security_kwargs
 from daemon.store import LeaseLost, SnapshotNotFound, SnapshotStore, StoreUnavailable
 from daemon.update import make_update_rule, warm_up
+from drift.runner import EXTRA_LOOP
 from models.config import ModelConfig
 from models.serialize import from_bytes, load, to_bytes
 from models.state import PosteriorState
@@ -129,6 +130,18 @@ class RunOptions:
     on_batch: Callable[[RunStats, PosteriorState], None] | None = None
 
 
+def fresh_stream(state: PosteriorState) -> PosteriorState:
+    """``state`` as the start of a new stream: no offsets, no records, no drift loop.
+
+    An ``--init`` file may be an exported snapshot of another stream; its drift
+    loop (reference, calibration, counters) belongs to that stream, so the new
+    one anchors its own (the warm start's functional prior is kept).
+    """
+    extra = {k: v for k, v in state.extra.items() if k not in ("drift", EXTRA_LOOP)}
+    aux = {k: v for k, v in state.aux.items() if not k.startswith("drift.")}
+    return state.replace(offsets={}, records_absorbed=0, extra=extra, aux=aux)
+
+
 def initial_state(
     settings: Settings,
     store: SnapshotStore,
@@ -139,8 +152,8 @@ def initial_state(
     """The state to start from: latest snapshot, else ``init_path``, else a fresh prior.
 
     Returns ``(state, snapshot version or None, origin)``.  An ``--init`` state
-    starts the stream counters afresh (no offsets, no records absorbed) and
-    takes ``stream.lr``; a restored snapshot is used exactly as written.
+    starts the stream afresh (:func:`fresh_stream`) and takes ``stream.lr``; a
+    restored snapshot is used exactly as written.
     """
     try:
         snap = call_with_retry(store.read, stop, what="read_snapshot")
@@ -152,7 +165,7 @@ def initial_state(
     path = init_path or settings.stream.init_path
     if path is not None:
         state = load(str(path), device)
-        state = state.replace(offsets={}, records_absorbed=0, lr=settings.stream.lr)
+        state = fresh_stream(state).replace(lr=settings.stream.lr)
         return state, None, f"init file {path}"
     state = init_state(
         ModelConfig.model_validate({}),
@@ -391,12 +404,13 @@ class Pipeline:
         """Absorb every complete pending batch (stopping early on a stop request).
 
         A long backlog (catching up after downtime) can take many seconds here,
-        so the lag gauge keeps being refreshed between batches.
+        so the lag gauge and the writer lease keep being refreshed between batches.
         """
         while self._pending and not self.stop:
             batch = self._pending.popleft()
             self._absorb(batch)
             self._maybe_update_lag(time.monotonic())
+            self._maintain_lease()
             every = self.settings.stream.snapshot_every_batches
             if every and self._batches_since_snapshot >= every and not self._store_retry.failing:
                 self._snapshot("batches")

@@ -118,3 +118,23 @@ def test_restarts_with_the_functional_prior_give_the_same_posterior(
     assert alarms2 == alarms and blob == ref_blob
     plain_blob, _, _ = _run(warm_state, "forget", set())
     assert plain_blob != ref_blob  # the functional term took part
+
+
+def test_an_init_file_starts_a_fresh_loop(warm_state: PosteriorState) -> None:
+    """``fogline run --init`` with an exported snapshot: its drift loop is not carried over."""
+    from daemon.pipeline import fresh_stream
+
+    fp = FunctionalPrior(weight=0.05, scale=2.0, lo=(-3.0,) * 8, hi=(3.0,) * 8)
+    state = warm_state.replace(extra={**warm_state.extra, FPRIOR_KEY: fp.to_dict()}, lr=5e-3)
+    loop = _loop(state, "forget")
+    for x, y in _stream()[:3]:
+        state = loop.process(state, x, y)[0]
+    state = state.replace(offsets={"t:0": 192})
+    fresh = fresh_stream(from_bytes(to_bytes(state)))
+    assert fresh.offsets == {} and fresh.records_absorbed == 0
+    assert "drift" not in fresh.extra and EXTRA_LOOP not in fresh.extra
+    assert not any(k.startswith("drift.") for k in fresh.aux)
+    assert FunctionalPrior.of(fresh) == fp and fresh.params["loc"].equal(state.params["loc"])
+    again = _loop(fresh, "forget")
+    assert again.policy_state["batch"] == 0 and again.reference is not None
+    assert again.reference.loc.equal(state.params["loc"])  # anchored at the init state
