@@ -15,6 +15,11 @@ import structlog
 LogFormat = Literal["json", "console", "auto"]
 
 
+def _stderr_logger(*_args: object) -> structlog.PrintLogger:
+    """A PrintLogger on the current ``sys.stderr``."""
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure(fmt: LogFormat = "auto", level: str = "INFO") -> None:
     """Configure structlog for this process.
 
@@ -33,6 +38,9 @@ def configure(fmt: LogFormat = "auto", level: str = "INFO") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # sys.stderr is looked up for every event, not bound once: a replaced
+        # stream (test capture, a re-opened file) never leaves loggers writing
+        # to a closed one.
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )

@@ -349,7 +349,13 @@ class Pipeline:
         return self._shutdown()
 
     def _ingest(self, raws: list[RawRecord]) -> None:
-        """Decode a poll's records: bad ones to the DLQ, good ones into the batcher."""
+        """Decode a poll's records: bad ones to the DLQ, good ones into the batcher.
+
+        An empty poll changes nothing (in particular it does not make the state
+        dirty, so an idle or not-yet-assigned daemon writes no snapshots).
+        """
+        if not raws:
+            return
         topic = self.settings.kafka.topic
         self.stats.records_in += len(raws)
         metrics.RECORDS_IN.labels(topic=topic).inc(len(raws))

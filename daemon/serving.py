@@ -18,6 +18,7 @@ unavailable the holder keeps answering from what it has and retries with
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ import structlog
 import torch
 
 from daemon.metrics import QUERY_RELOADS, QUERY_SNAPSHOT_VERSION
-from daemon.store import SnapshotMeta, SnapshotNotFound, SnapshotStore, StoreError, retry_backoff
+from daemon.store import SnapshotMeta, SnapshotNotFound, SnapshotStore, retry_backoff
 from models.config import ModelConfig
 from models.predictive import Ensemble, Prediction, predict, sample_ensemble
 from models.quantize import QuantizedEnsemble, quantization_report, quantize_ensemble
@@ -186,9 +187,11 @@ class ModelHolder:
             except SnapshotNotFound as exc:
                 # latest moved on (retention) between the event and the read: try again
                 self.last_error = str(exc)
-            except (StoreError, ValueError) as exc:  # ValueError: SnapshotFormatError
-                self.last_error = str(exc)
-                log.warning("snapshot_reload_failed", model=self.name, error=str(exc))
+            except Exception as exc:  # StoreError, SnapshotFormatError, anything else:
+                # the watcher must outlive any one failure, or reloads stop for good
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                with contextlib.suppress(Exception):  # even a broken log stream
+                    log.warning("snapshot_reload_failed", model=self.name, error=self.last_error)
                 self._stop.wait(retry_backoff(attempt, cap_s=5.0))
                 attempt += 1
 

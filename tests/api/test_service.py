@@ -321,3 +321,39 @@ def test_cli_query_via_http_and_redis(
     monkeypatch.setenv("FOGLINE_API__TOKEN", "wrong")
     assert main(["query", "--model", MODEL, "--x", xs, "--url", url]) == 1
     assert "401" in capsys.readouterr().err
+
+
+def test_watcher_survives_an_unexpected_failure(
+    redis_url: str,
+    redis_prefix: str,
+    store: SnapshotStore,
+    base_state: PosteriorState,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Any exception in a reload (not only a store error) is retried; reloads never stop."""
+    from daemon import serving
+
+    real = serving.load_snapshot
+    calls = {"n": 0}
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serving, "load_snapshot", flaky)
+    v1 = write(store, base_state)
+    holder = serving.ModelHolder(SnapshotStore(redis_url, MODEL, prefix=redis_prefix), poll_s=0.05)
+    holder.start()
+    try:
+        wait_until(lambda: holder.current is not None, what="load after the failure")
+        assert holder.current is not None and holder.current.version == v1.version
+        assert calls["n"] >= 2 and holder.last_error is None
+        v2 = write(store, advance(base_state, steps=2, seed=3))
+        wait_until(
+            lambda: holder.current is not None and holder.current.version == v2.version,
+            what="v2",
+        )
+    finally:
+        holder.stop()
