@@ -11,9 +11,9 @@ Every micro-batch goes through these steps, in this order (the code of
 
 1. **Step the posterior**: the update rule of ``drift.policy``
    (:mod:`daemon.update`): the drift loop's signals, alarm and policy action
-   around ``K = stream.steps_per_batch`` SVI steps of :func:`models.svi.step`
-   (``data_size = stream.data_size`` in normal operation), on the configured
-   device.  The new state's ``offsets`` are the next offsets
+   around ``K = stream.steps_per_batch`` steps of
+   :func:`models.stream.stream_step` (``data_size = stream.data_size`` in
+   normal operation), on the configured device.  The new state's ``offsets`` are the next offsets
    to read such that everything before them is absorbed or dead-lettered and
    nothing after them is absorbed.
 2. **Write the snapshot** (every ``snapshot_every_batches`` batches and/or
@@ -73,7 +73,7 @@ from daemon.runtime import (
 from daemon.source import DeadLetterProducer, KafkaSource, security_kwargs
 from daemon.store import LeaseLost, SnapshotNotFound, SnapshotStore, StoreUnavailable
 from daemon.update import make_update_rule, warm_up
-from drift.runner import EXTRA_LOOP
+from drift.runner import without_loop
 from models.config import ModelConfig
 from models.serialize import from_bytes, load, to_bytes
 from models.state import PosteriorState
@@ -137,9 +137,7 @@ def fresh_stream(state: PosteriorState) -> PosteriorState:
     loop (reference, calibration, counters) belongs to that stream, so the new
     one anchors its own (the warm start's functional prior is kept).
     """
-    extra = {k: v for k, v in state.extra.items() if k not in ("drift", EXTRA_LOOP)}
-    aux = {k: v for k, v in state.aux.items() if not k.startswith("drift.")}
-    return state.replace(offsets={}, records_absorbed=0, extra=extra, aux=aux)
+    return without_loop(state).replace(offsets={}, records_absorbed=0)
 
 
 def initial_state(

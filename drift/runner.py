@@ -88,11 +88,21 @@ def inlier_batch_statistic(max_outlier_fraction: float) -> Any:
 
 
 #: Prefixes/keys of what :meth:`DriftLoop.finish` stores in ``PosteriorState.aux``.
-AUX_REFERENCE = "drift.reference."
-AUX_BASE_PRIOR = "drift.base_prior."
-AUX_CAL_RECORDS = "drift.calibration_records"
+AUX_PREFIX = "drift."
+AUX_REFERENCE = AUX_PREFIX + "reference."
+AUX_BASE_PRIOR = AUX_PREFIX + "base_prior."
+AUX_CAL_RECORDS = AUX_PREFIX + "calibration_records"
 #: Key of the loop's own JSON state in ``PosteriorState.extra``.
 EXTRA_LOOP = "drift_loop"
+
+
+def without_loop(state: PosteriorState) -> PosteriorState:
+    """``state`` with everything :meth:`DriftLoop.finish` stored removed (``extra["drift"]``,
+    ``extra["drift_loop"]``, ``aux["drift.*"]``): the next :meth:`DriftLoop.resume` anchors
+    a new loop at it."""
+    extra = {k: v for k, v in state.extra.items() if k not in ("drift", EXTRA_LOOP)}
+    aux = {k: v for k, v in state.aux.items() if not k.startswith(AUX_PREFIX)}
+    return state.replace(extra=extra, aux=aux)
 
 
 def mean_batch_statistic(v: np.ndarray) -> np.ndarray:
@@ -264,7 +274,7 @@ class DriftLoop:
     def _persist(self, state: PosteriorState) -> PosteriorState:
         """Store the loop's state in ``state.extra`` / ``state.aux`` (module docstring)."""
         assert self.reference is not None
-        aux = {k: v for k, v in state.aux.items() if not k.startswith("drift.")}
+        aux = dict(without_loop(state).aux)
         for name, value in self.reference.state.params.items():
             aux[AUX_REFERENCE + name] = value.detach()
         aux[AUX_BASE_PRIOR + "loc"] = self.base_prior.loc
