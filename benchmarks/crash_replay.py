@@ -433,10 +433,16 @@ def crash_replay(
 
 
 def warm_start(path: Path, seed: int) -> Path:
-    """Fit the default model on 4,096 regime-0 rows (20 epochs) and save it to ``path``."""
+    """Fit the default model on 4,096 regime-0 rows (20 epochs) and save it to ``path``.
+
+    The state carries a functional prior over x0 beyond the rows' range (as
+    ``fogline warmstart`` states do), so the daemons stream through
+    :func:`models.fprior.streaming_step` and the crash test covers that path.
+    """
     import torch
 
     from models.config import ModelConfig
+    from models.fprior import EXTRA_KEY, FunctionalPrior
     from models.serialize import save
     from models.svi import fit, init_state
 
@@ -450,7 +456,11 @@ def warm_start(path: Path, seed: int) -> Path:
         epochs=20,
         seed=seed,
     )
-    save(res.state, str(path))
+    fprior = FunctionalPrior.from_data(
+        torch.from_numpy(x.astype(np.float32)), weight=0.05, scale=2.0 * float(y.std())
+    )
+    state = res.state.replace(extra={**res.state.extra, EXTRA_KEY: fprior.to_dict()})
+    save(state, str(path))
     return path
 
 

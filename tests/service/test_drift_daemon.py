@@ -17,6 +17,7 @@ from daemon.config import Settings
 from daemon.pipeline import Pipeline, RunOptions
 from daemon.store import SnapshotStore
 from drift.runner import AUX_REFERENCE, EXTRA_LOOP
+from models.fprior import FunctionalPrior
 from models.serialize import from_bytes
 from tests.conftest import SESSION_TIMEOUT_MS
 
@@ -79,6 +80,7 @@ def test_forget_policy_in_the_daemon(
 
     state = from_bytes(snap.blob)
     assert state.extra["drift"] == drift
+    assert FunctionalPrior.of(state) is not None  # the warm start's prior streams along
     assert EXTRA_LOOP in state.extra and AUX_REFERENCE + "loc" in state.aux
 
     assert _value("fogline_drift_alarms_total") - alarms_before == drift["alarms"]
