@@ -52,7 +52,7 @@ from models.likelihoods import df_from_unconstrained, observation_dist
 from models.network import forward
 from models.priors import kl_to_prior
 from models.state import Minibatch, PosteriorState, StepInfo
-from models.svi import ADAM_BETAS, ADAM_EPS, param_names
+from models.svi import ADAM_BETAS, ADAM_EPS, check_step_args, param_names
 
 #: Where a state carries its functional prior (set by the warm start).
 EXTRA_KEY = "functional_prior"
@@ -355,12 +355,7 @@ def streaming_step(
     state's RNG state and its new state is written back, so a restarted
     process reproduces the update bit for bit.
     """
-    if num_steps < 1:
-        raise ValueError("num_steps must be >= 1")
-    if not 0.0 <= likelihood_weight <= 1.0:
-        raise ValueError(f"likelihood_weight must lie in [0, 1], got {likelihood_weight}")
-    if batch.rows == 0:
-        raise ValueError("empty minibatch")
+    check_step_args(batch, num_steps, likelihood_weight)
     gen = torch.Generator(device=state.device)
     gen.set_state(state.rng_state)
     n_data = data_size if data_size is not None else batch.rows

@@ -539,6 +539,16 @@ def _grad(loss: torch.Tensor, theta: torch.Tensor, one: torch.Tensor) -> tuple[t
     return grads
 
 
+def check_step_args(batch: Minibatch, num_steps: int, likelihood_weight: float) -> None:
+    """The argument checks every streaming step shares (ValueError naming the argument)."""
+    if num_steps < 1:
+        raise ValueError("num_steps must be >= 1")
+    if not 0.0 <= likelihood_weight <= 1.0:
+        raise ValueError(f"likelihood_weight must lie in [0, 1], got {likelihood_weight}")
+    if batch.rows == 0:
+        raise ValueError("empty minibatch")
+
+
 def step(
     state: PosteriorState,
     batch: Minibatch,
@@ -559,13 +569,8 @@ def step(
     ``grad_norm`` are taken at the parameters that loss was evaluated at (the
     diagnostics of earlier inner steps are not computed).
     """
-    if num_steps < 1:
-        raise ValueError("num_steps must be >= 1")
-    if not 0.0 <= likelihood_weight <= 1.0:
-        raise ValueError(f"likelihood_weight must lie in [0, 1], got {likelihood_weight}")
+    check_step_args(batch, num_steps, likelihood_weight)
     n = batch.rows
-    if n == 0:
-        raise ValueError("empty minibatch")
     big_n = float(data_size if data_size is not None else n)
     dev = state.device
     prog = program(state.config, dev, jit=jit)
