@@ -2,10 +2,10 @@
 
 1. start an embedded Tansu broker and a redis-server on free loopback ports;
 2. warm-start: a short SVI fit on regime-0 synthetic data
-   (:func:`replay_data.generator.generate` ``stable``), saved as the ``--init`` state;
+   (:func:`fogline.replay_data.generator.generate` ``stable``), saved as the ``--init`` state;
 3. replay a stream with a regime shift (``--scenario``, default ``abrupt``)
    into the telemetry topic, with a few malformed records mixed in;
-4. run the daemon (:class:`daemon.pipeline.Pipeline`) in this process with a
+4. run the daemon (:class:`fogline.daemon.stream.pipeline.Pipeline`) in this process with a
    live ``rich`` progress line (records/s, loss, KL, snapshot version);
 5. print a summary (drift alarms included) and write ``loss.png`` (loss, KL,
    alarm signal with its calibrated threshold and the policy's modes) and
@@ -38,19 +38,19 @@ def main(args: argparse.Namespace) -> int:
     from rich.live import Live
     from rich.table import Table
 
-    from daemon import logs
-    from daemon.config import Settings
-    from daemon.embedded import EmbeddedKafka, EmbeddedRedis
-    from daemon.pipeline import Pipeline, RunOptions, RunStats
-    from daemon.runtime import StopFlag
-    from daemon.source import ReplayProducer, create_topic, read_topic
-    from daemon.store import SnapshotStore
-    from drift.policy import threshold_value
-    from models.config import ModelConfig
-    from models.serialize import save
-    from models.state import PosteriorState
-    from models.svi import fit, init_state
-    from replay_data.generator import generate, record_lines
+    from fogline.daemon import logs
+    from fogline.daemon.config import Settings
+    from fogline.daemon.embedded import EmbeddedKafka, EmbeddedRedis
+    from fogline.daemon.stream.pipeline import Pipeline, RunOptions, RunStats
+    from fogline.daemon.stream.runtime import StopFlag
+    from fogline.daemon.stream.source import ReplayProducer, create_topic, read_topic
+    from fogline.daemon.stream.store import SnapshotStore
+    from fogline.drift.policy import threshold_value
+    from fogline.models.config import ModelConfig
+    from fogline.models.serialize import save
+    from fogline.models.state import PosteriorState
+    from fogline.models.svi import fit, init_state
+    from fogline.replay_data.generator import generate, record_lines
 
     console = Console()
     out: Path = args.out

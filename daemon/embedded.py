@@ -3,7 +3,7 @@
 Both run as child processes on free loopback ports (``127.0.0.1`` only) and
 are used by ``fogline demo``, the benchmarks and the test fixtures when no
 Docker engine answers.  Nothing here speaks Kafka or Redis through a client
-library: the broker's readiness check delegates to :func:`daemon.source.wait_for_broker`
+library: the broker's readiness check delegates to :func:`fogline.daemon.stream.source.wait_for_broker`
 (the one module that imports kafka) and Redis readiness is a raw ``PING``
 on a socket.
 
@@ -374,7 +374,7 @@ class EmbeddedKafka(_Service):
     def _ready(self) -> bool:
         if not tcp_open(self.host, self.port):
             return False
-        from daemon.source import wait_for_broker
+        from fogline.daemon.stream.source import wait_for_broker
 
         return wait_for_broker(self.bootstrap_servers, timeout_ms=2000)
 

@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from daemon.decode import DecodeError, Record, encode, parse_ts
+from fogline.daemon.stream.decode import DecodeError, Record, encode, parse_ts
 
 Format = Literal["auto", "jsonl", "csv", "nab"]
 FORMATS: tuple[str, ...] = ("auto", "jsonl", "csv", "nab")
@@ -331,7 +331,7 @@ def replay_file(
 
     ``progress=True`` shows a rich progress bar on stderr.
     """
-    from daemon.source import ReplayProducer, create_topic
+    from fogline.daemon.stream.source import ReplayProducer, create_topic
 
     resolved, items = iter_items(path, fmt, key_field=key_field, lags=lags)
     create_topic(bootstrap_servers, topic, partitions, **client_kwargs)

@@ -1,7 +1,7 @@
 """Fit an alarm threshold for a target expected run time (ERT) between false alarms.
 
 The operator chooses the ERT (in batches): on a stream without drift a
-:class:`~drift.monitors.ThresholdMonitor` should raise a false alarm on
+:class:`~fogline.drift.monitors.ThresholdMonitor` should raise a false alarm on
 average once every ``ert`` batches.  As alibi-detect's online detectors do,
 the threshold is fitted by simulation on a *no-drift reference window*:
 

@@ -1,9 +1,9 @@
 """Offline drift experiments: the daemon's step/monitor/policy code on a replayed stream.
 
 ``fogline experiment SOURCE --policies none,reset,forget,vb --json`` where
-SOURCE is a scenario of :mod:`replay_data.generator`, a fogline JSONL file or
+SOURCE is a scenario of :mod:`fogline.replay_data.generator`, a fogline JSONL file or
 a NAB ``timestamp,value`` CSV.  For each policy, starting from the same
-warm-start posterior, every batch goes through :class:`drift.runner.DriftLoop`
+warm-start posterior, every batch goes through :class:`fogline.drift.runner.DriftLoop`
 (the code the daemon runs); before each update the batch is also scored by the
 *current* posterior (prequential evaluation) for the metrics:
 
@@ -44,16 +44,16 @@ import numpy as np
 import structlog
 import torch
 
-from drift.monitors import ThresholdMonitor
-from drift.policy import POLICIES, PolicyConfig, threshold_value
-from drift.runner import DriftLoop
-from drift.signals import _moments_and_scores
-from models.config import ModelConfig
-from models.predictive import Ensemble, sample_ensemble
-from models.priors import default_prior
-from models.state import PosteriorState
-from models.svi import fit, init_state
-from replay_data.generator import SCENARIOS, generate, read_jsonl
+from fogline.drift.monitors import ThresholdMonitor
+from fogline.drift.policy import POLICIES, PolicyConfig, threshold_value
+from fogline.drift.runner import DriftLoop
+from fogline.drift.signals import _moments_and_scores
+from fogline.models.config import ModelConfig
+from fogline.models.predictive import Ensemble, sample_ensemble
+from fogline.models.priors import default_prior
+from fogline.models.state import PosteriorState
+from fogline.models.svi import fit, init_state
+from fogline.replay_data.generator import SCENARIOS, generate, read_jsonl
 
 log = structlog.get_logger()
 
@@ -284,7 +284,7 @@ def run_policy(
 
 def loop_scores(loop: DriftLoop, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """Per-record anomaly scores of a batch under the loop's current reference."""
-    from drift.signals import anomaly_scores
+    from fogline.drift.signals import anomaly_scores
 
     assert loop.reference is not None
     return anomaly_scores(loop.reference, x, y).numpy()

@@ -4,7 +4,7 @@ A monitor consumes one scalar per batch with ``update(x)`` and exposes the
 read-only properties ``drift_detected`` and ``warning_detected`` (true *after*
 the update that raised them).  Settings are stored under the constructor's
 argument names, so monitors print, compare and ``clone()`` like any River
-object.  Any signal of :mod:`drift.signals` can feed any monitor.
+object.  Any signal of :mod:`fogline.drift.signals` can feed any monitor.
 
 * :class:`ADWINMonitor`, :class:`PageHinkleyMonitor`, :class:`KSWINMonitor`
   wrap River's detectors (no re-implementation) and add a warning flag.
@@ -12,7 +12,7 @@ object.  Any signal of :mod:`drift.signals` can feed any monitor.
   batches in a row; with ``warning_threshold`` it also warns, and with
   ``rearm_below`` (hysteresis) it will not alarm again until the signal has
   dropped below ``rearm_below``.  Its threshold is what
-  :mod:`drift.calibration` fits for a target ERT.
+  :mod:`fogline.drift.calibration` fits for a target ERT.
 
 River's own ``NoDrift`` and ``DummyDriftDetector`` satisfy the same protocol
 (minus the warning flag) and drive the policy tests; use :func:`warning_of`
@@ -161,7 +161,7 @@ class ThresholdMonitor(base.DriftAndWarningDetector):
     Parameters
     ----------
     threshold:
-        Drift threshold (fit it with :func:`drift.calibration.calibrate_threshold`).
+        Drift threshold (fit it with :func:`fogline.drift.calibration.calibrate_threshold`).
     consecutive:
         Number of consecutive exceedances needed for an alarm (1 = every exceedance).
     warning_threshold:

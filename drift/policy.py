@@ -2,7 +2,7 @@
 
 ``policy_step(policy_state, signals, monitor) -> (policy_state, Action)`` is
 called once per batch *before* the SVI step (by the daemon's pipeline and by
-:mod:`drift.experiment` alike, through :class:`drift.runner.DriftLoop`).  The
+:mod:`fogline.drift.experiment` alike, through :class:`fogline.drift.runner.DriftLoop`).  The
 policy state is a JSON-able dict (it rides in ``PosteriorState.extra["drift"]``
 and so in every snapshot); the monitor is any River-protocol detector.
 
@@ -58,7 +58,7 @@ from typing import Any, Literal
 import structlog
 import torch
 
-from drift.monitors import ThresholdMonitor
+from fogline.drift.monitors import ThresholdMonitor
 
 PolicyName = Literal["none", "reset", "forget", "vb"]
 POLICIES: tuple[str, ...] = ("none", "reset", "forget", "vb")
@@ -232,7 +232,7 @@ def policy_step(
     monitor:
         A River-protocol detector; ``update`` is called with
         ``signals[config.signal]`` in ``stable`` once calibrated.  A
-        :class:`~drift.monitors.ThresholdMonitor`'s running state is mirrored
+        :class:`~fogline.drift.monitors.ThresholdMonitor`'s running state is mirrored
         into ``policy_state["monitor"]``.
 
     Returns

@@ -6,7 +6,7 @@ experiment`` share.  Per batch (``process`` = ``prepare`` + ``models.svi.step``
 
 1. ``prepare``: score the batch under the reference posterior *before* the
    update (surprisal, anomaly scores, outlier fraction), call
-   :func:`drift.policy.policy_step`, and apply its :class:`~drift.policy.Action`
+   :func:`fogline.drift.policy.policy_step`, and apply its :class:`~fogline.drift.policy.Action`
    to the state (prior swap, learning rate, posterior/optimizer reset) and to
    the batch (drop gross outliers); return the step's keyword arguments
    (``num_steps``, ``data_size``, ``likelihood_weight``).
@@ -47,9 +47,9 @@ import numpy as np
 import structlog
 import torch
 
-from drift.calibration import Calibration, calibrate_batch_statistic
-from drift.monitors import ThresholdMonitor
-from drift.policy import (
+from fogline.drift.calibration import Calibration, calibrate_batch_statistic
+from fogline.drift.monitors import ThresholdMonitor
+from fogline.drift.policy import (
     Action,
     PolicyConfig,
     forgetting_prior,
@@ -58,18 +58,18 @@ from drift.policy import (
     policy_step,
     threshold_value,
 )
-from drift.signals import (
+from fogline.drift.signals import (
     RecordScores,
     Reference,
     make_reference,
     post_update_signals,
     pre_update_signals,
 )
-from models.predictive import Ensemble, sample_ensemble
-from models.priors import posterior_as_prior
-from models.state import Minibatch, PosteriorState, PriorSpec, StepInfo
-from models.stream import stream_step
-from models.svi import init_state, reset_optimizer
+from fogline.models.predictive import Ensemble, sample_ensemble
+from fogline.models.priors import posterior_as_prior
+from fogline.models.state import Minibatch, PosteriorState, PriorSpec, StepInfo
+from fogline.models.stream import stream_step
+from fogline.models.svi import init_state, reset_optimizer
 
 log = structlog.get_logger()
 
@@ -165,7 +165,7 @@ class DriftLoop:
         Bootstrap streams used to fit the threshold.
     functional_prior:
         Keep applying the functional prior a warm-start state carries
-        (:func:`models.stream.stream_step`).
+        (:func:`fogline.models.stream.stream_step`).
     """
 
     reference_state: PosteriorState

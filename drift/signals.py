@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.predictive import (
+from fogline.models.predictive import (
     Ensemble,
     component_params,
     log_predictive_density,
@@ -57,7 +57,7 @@ from models.predictive import (
     predictive_moments,
     sample_ensemble,
 )
-from models.state import PosteriorState
+from fogline.models.state import PosteriorState
 
 #: Records whose anomaly score exceeds this are gross outliers (|z| > 3.89 for a Gaussian).
 OUTLIER_SCORE = 0.9999

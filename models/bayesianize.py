@@ -16,11 +16,11 @@ from collections import OrderedDict
 
 import torch
 
-from models.config import ModelConfig
-from models.network import flatten_sequential, inverse_noise_scale, layout
-from models.priors import centred_prior
-from models.state import PosteriorState
-from models.svi import init_state
+from fogline.models.config import ModelConfig
+from fogline.models.network import flatten_sequential, inverse_noise_scale, layout
+from fogline.models.priors import centred_prior
+from fogline.models.state import PosteriorState
+from fogline.models.svi import init_state
 
 
 def sequential_from_state_dict(

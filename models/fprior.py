@@ -26,16 +26,16 @@ reparameterised samples, the objective per observation becomes
 This (mode-seeking) direction rewards epistemic variance up to sigma_0^2 and
 pulls the mean gently towards mu_0 *only where the data are silent*; inside
 the data the likelihood term dominates.  gamma = 0 is exactly the ELBO of
-:mod:`models.svi`.
+:mod:`fogline.models.svi`.
 
 Out-of-data inputs x~ are training rows with one feature j (drawn from
 ``features``) replaced by a value beyond its observed range [lo_j, hi_j]:
 lo_j - U(0, margin) or hi_j + U(0, margin), side chosen at random.
 
-The step here has the state layout of :func:`models.svi.step` (same packed
+The step here has the state layout of :func:`fogline.models.svi.step` (same packed
 parameters, same Adam moments).  The warm start stores the prior in the
 state (``extra["functional_prior"]``), and the daemon keeps applying it while
-streaming (:func:`streaming_step` via :func:`models.stream.stream_step`).
+streaming (:func:`streaming_step` via :func:`fogline.models.stream.stream_step`).
 """
 
 from __future__ import annotations
@@ -48,11 +48,11 @@ import torch
 import torch.nn.functional as F
 from torch.optim.adam import adam as _functional_adam
 
-from models.likelihoods import df_from_unconstrained, observation_dist
-from models.network import forward
-from models.priors import kl_to_prior
-from models.state import Minibatch, PosteriorState, StepInfo
-from models.svi import ADAM_BETAS, ADAM_EPS, check_step_args, param_names
+from fogline.models.likelihoods import df_from_unconstrained, observation_dist
+from fogline.models.network import forward
+from fogline.models.priors import kl_to_prior
+from fogline.models.state import Minibatch, PosteriorState, StepInfo
+from fogline.models.svi import ADAM_BETAS, ADAM_EPS, check_step_args, param_names
 
 #: Where a state carries its functional prior (set by the warm start).
 EXTRA_KEY = "functional_prior"
@@ -210,10 +210,10 @@ def objective(
     """(loss, nll, kl) of the module docstring for packed parameters ``theta``.
 
     ``likelihood_weight`` beta multiplies the data term (generalised Bayes, as
-    in :func:`models.svi.step`); ``nll`` is returned unweighted.
+    in :func:`fogline.models.svi.step`); ``nll`` is returned unweighted.
 
     The expected log-likelihood is estimated with ``particles`` reparameterised
-    samples (1, as in :mod:`models.svi`, by default; more lower the gradient
+    samples (1, as in :mod:`fogline.models.svi`, by default; more lower the gradient
     variance, which the low-rank guide needs); ``fprior.samples`` samples (the
     first ones shared) serve the functional term.
     """
@@ -347,9 +347,9 @@ def streaming_step(
     """``num_steps`` of :func:`step` with the randomness drawn from ``state.rng_state``.
 
     ``fprior=None`` runs the plain ELBO (useful for a low-rank state's
-    ``cov_factor_lr_scale``, which :func:`models.svi.step` does not have).
+    ``cov_factor_lr_scale``, which :func:`fogline.models.svi.step` does not have).
 
-    The same contract as :func:`models.svi.step` (pure, ``step_count`` +
+    The same contract as :func:`fogline.models.svi.step` (pure, ``step_count`` +
     ``num_steps``, ``records_absorbed`` + rows, a non-finite step returns
     ``state`` with ``rejected=True``): the generator is restored from the
     state's RNG state and its new state is written back, so a restarted

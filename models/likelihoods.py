@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from pyro.distributions.torch_distribution import TorchDistribution
 
-from models.config import ModelConfig
-from models.network import noise_scale
+from fogline.models.config import ModelConfig
+from fogline.models.network import noise_scale
 
 #: Student-t degrees of freedom are kept > 1 so the mean exists: df = 1 + softplus(r).
 DF_OFFSET = 1.0

@@ -46,10 +46,10 @@ import numpy as np
 import scipy.special
 import torch
 
-from models.config import ModelConfig
-from models.likelihoods import df_from_unconstrained
-from models.network import forward_layers, layout, noise_scale, unflatten
-from models.state import PosteriorState
+from fogline.models.config import ModelConfig
+from fogline.models.likelihoods import df_from_unconstrained
+from fogline.models.network import forward_layers, layout, noise_scale, unflatten
+from fogline.models.state import PosteriorState
 
 _BISECT_ITERS = 48
 #: Cap on Newton iterations before the bisection fallback.
@@ -344,7 +344,7 @@ def predict(
 
 def log_predictive_density(ens: Ensemble, x_nd: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """log p(y_i | x_i, D) under the mixture, [N] (log-mean-exp over samples)."""
-    from models.likelihoods import observation_dist
+    from fogline.models.likelihoods import observation_dist
 
     with torch.no_grad():
         out = forward_layers(list(ens.layers), x_nd, ens.config.activation)

@@ -14,9 +14,9 @@ import math
 
 import torch
 
-from models.config import ModelConfig
-from models.network import layout
-from models.state import PosteriorState, PriorSpec
+from fogline.models.config import ModelConfig
+from fogline.models.network import layout
+from fogline.models.state import PosteriorState, PriorSpec
 
 
 def default_prior(config: ModelConfig, device: torch.device | str = "cpu") -> PriorSpec:

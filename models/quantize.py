@@ -8,7 +8,7 @@ float32 scale per output row (symmetric, per-channel):
 
 Biases stay float32 (they are a small share of the parameters).  A
 :class:`QuantizedEnsemble` takes about a quarter of the memory of the float32
-:class:`~models.predictive.Ensemble`; :meth:`QuantizedEnsemble.dequantize`
+:class:`~fogline.models.predictive.Ensemble`; :meth:`QuantizedEnsemble.dequantize`
 rebuilds a float32 ensemble from the codes, which is what prediction runs on.
 
 :func:`quantization_report` measures what the rounding costs: the maximum
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from models.config import ModelConfig
-from models.predictive import Ensemble, predict
+from fogline.models.config import ModelConfig
+from fogline.models.predictive import Ensemble, predict
 
 #: Central credible levels used by the accuracy report.
 REPORT_LEVELS: tuple[float, ...] = (0.5, 0.9, 0.95)

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from models.config import ModelConfig
-from models.state import PosteriorState, PriorSpec
+from fogline.models.config import ModelConfig
+from fogline.models.state import PosteriorState, PriorSpec
 
 SCHEMA_VERSION = 1
 

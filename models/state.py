@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from models.config import ModelConfig
+from fogline.models.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Minibatch:
 
 @dataclass(frozen=True)
 class StepInfo:
-    """What one call of :func:`models.svi.step` did.
+    """What one call of :func:`fogline.models.svi.step` did.
 
     ``loss`` is the negative ELBO per observation (divided by the data size),
     ``nll`` the expected negative log-likelihood per observation (one-sample
@@ -94,7 +94,7 @@ class PosteriorState:
         ``exp_avg_sq`` [T] and ``step`` [] (float, as torch's Adam keeps it).
     prior:
         The prior the next update regularises towards (base prior, previous
-        posterior, or a widened mix; see :mod:`drift.policy`).
+        posterior, or a widened mix; see :mod:`fogline.drift.policy`).
     lr:
         Adam learning rate of the next update.
     step_count:
@@ -112,7 +112,7 @@ class PosteriorState:
     aux:
         Named auxiliary tensors other layers need to resume exactly (e.g. the
         drift layer's reference posterior and base prior); serialised under
-        ``aux.<name>``; never touched by :func:`models.svi.step`.
+        ``aux.<name>``; never touched by :func:`fogline.models.svi.step`.
     """
 
     config: ModelConfig

@@ -1,13 +1,13 @@
 """The streaming update the daemon and the drift loop run: ``stream_step(state, batch)``.
 
 Per batch the objective is the per-observation negative ELBO of
-:mod:`models.svi` (data size N, likelihood weight beta),
+:mod:`fogline.models.svi` (data size N, likelihood weight beta),
 
     L = -(beta/n) sum_i E_q log p(y_i | x_i, w) + KL(q || pi_t) / N,
 
 plus, when the state carries a functional prior (the warm start stores one
 in ``extra["functional_prior"]``), the function-space term of
-:mod:`models.fprior` at inputs beyond the warm-start data's range,
+:mod:`fogline.models.fprior` at inputs beyond the warm-start data's range,
 
     + gamma * mean_j KL( N(m(x~_j), v(x~_j)) || N(mu_0, sigma_0^2) ).
 
@@ -29,9 +29,9 @@ Both paths are pure, keep the state layout, take their randomness from
 
 from __future__ import annotations
 
-from models.fprior import LR_SCALE_KEY, FunctionalPrior, streaming_step
-from models.state import Minibatch, PosteriorState, StepInfo
-from models.svi import step
+from fogline.models.fprior import LR_SCALE_KEY, FunctionalPrior, streaming_step
+from fogline.models.state import Minibatch, PosteriorState, StepInfo
+from fogline.models.svi import step
 
 
 def stream_step(
@@ -43,7 +43,7 @@ def stream_step(
     likelihood_weight: float = 1.0,
     functional_prior: bool = True,
 ) -> tuple[PosteriorState, StepInfo]:
-    """Absorb ``batch``: :func:`models.svi.step`, or :func:`models.fprior.streaming_step`
+    """Absorb ``batch``: :func:`fogline.models.svi.step`, or :func:`fogline.models.fprior.streaming_step`
     when ``functional_prior`` is on and the state carries one (see the module docstring),
     or when a low-rank state carries a step scale for its factor
     (``extra["cov_factor_lr_scale"]``: the factor V moves by ``lr * scale``)."""

@@ -10,7 +10,7 @@ N(m, diag(s^2)) or low-rank N(m, V V^T + diag(s^2)).
 
 Update (one call of :func:`step`, K inner gradient steps).  With prior pi_t
 (the base prior p0, the previous posterior for streaming VB, or the forgetting
-mix of :mod:`drift.policy`), likelihood weight beta and data size N_t, each
+mix of :mod:`fogline.drift.policy`), likelihood weight beta and data size N_t, each
 inner step does one Adam step on the per-observation negative ELBO
 
     L(lambda) = -(1/N_t) [ beta (N_t / n) sum_{i<=n} E_q log p(y_i | x_i, w)
@@ -60,11 +60,11 @@ from pyro.infer import TraceMeanField_ELBO
 from torch.distributions import Independent, LowRankMultivariateNormal, Normal, register_kl
 from torch.types import _size
 
-from models.config import ModelConfig
-from models.likelihoods import df_from_unconstrained, df_to_unconstrained, observation_dist
-from models.network import _ACTIVATIONS, Layout, layout
-from models.priors import default_prior, kl_to_prior
-from models.state import Minibatch, PosteriorState, PriorSpec, StepInfo, _fresh_rng_state
+from fogline.models.config import ModelConfig
+from fogline.models.likelihoods import df_from_unconstrained, df_to_unconstrained, observation_dist
+from fogline.models.network import _ACTIVATIONS, Layout, layout
+from fogline.models.priors import default_prior, kl_to_prior
+from fogline.models.state import Minibatch, PosteriorState, PriorSpec, StepInfo, _fresh_rng_state
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8

@@ -1,15 +1,15 @@
 """The textbook Pyro recipe for the same BNN: a reference, not a production path.
 
 This is the model as the Pyro tutorials write it, used as the baseline the
-fast streaming step (:mod:`models.svi`) is checked and timed against:
+fast streaming step (:mod:`fogline.models.svi`) is checked and timed against:
 
 * ``PyroModule[nn.Linear]`` layers whose ``weight`` and ``bias`` are
   ``PyroSample`` priors, N(0, 1) on every entry by default (the textbook
-  choice), or the entries of a :class:`~models.state.PriorSpec` so both paths
+  choice), or the entries of a :class:`~fogline.models.state.PriorSpec` so both paths
   share one prior;
 * the same architecture as ``ModelConfig(hidden=..., activation=...)``, and
   the same heteroscedastic Gaussian likelihood
-  y_i ~ N(mu(x_i), sigma(x_i)^2) with sigma = :func:`models.network.noise_scale`
+  y_i ~ N(mu(x_i), sigma(x_i)^2) with sigma = :func:`fogline.models.network.noise_scale`
   of the second output;
 * an ``AutoNormal`` guide (mean-field q(w) = prod_j N(m_j, s_j^2), s_j =
   softplus(u_j)), ``Trace_ELBO`` and ``pyro.optim.Adam``, driven by ``SVI``.
@@ -21,7 +21,7 @@ minibatch, ``Trace_ELBO`` returns the one-sample estimate
            w ~ q,
 
 whose expectation is N_t times the per-observation negative ELBO that
-:meth:`models.svi.Program.loss` computes (with beta = 1); the fast path uses
+:meth:`fogline.models.svi.Program.loss` computes (with beta = 1); the fast path uses
 the closed-form KL instead of the Monte Carlo term log q - log p.
 
 Pyro's global parameter store holds the guide's parameters; everything here
@@ -45,9 +45,9 @@ from pyro.nn import PyroModule, PyroSample
 from pyro.optim import Adam  # type: ignore[attr-defined]
 from torch import nn
 
-from models.config import ModelConfig
-from models.network import layout, noise_scale
-from models.state import PriorSpec
+from fogline.models.config import ModelConfig
+from fogline.models.network import layout, noise_scale
+from fogline.models.state import PriorSpec
 
 _ACT = {"relu": torch.relu, "tanh": torch.tanh, "silu": F.silu, "gelu": F.gelu}
 
@@ -71,7 +71,7 @@ class TextbookBNN(PyroModule):
     Layer ``l`` is the attribute ``fc{l}``; its sample sites are
     ``fc{l}.weight`` [out, in] and ``fc{l}.bias`` [out].  With ``prior=None``
     every entry has the textbook prior N(0, 1); with a :class:`PriorSpec` the
-    entries of the flat layout (:func:`models.network.layout`) are used.
+    entries of the flat layout (:func:`fogline.models.network.layout`) are used.
     Prior tensors (and so every sample) live on ``device``.
     """
 
@@ -168,10 +168,10 @@ class TextbookSVI:
         return float(self.elbo.loss(self.model, self.guide, x, y, data_size))
 
     def set_flat(self, loc: torch.Tensor, scale: torch.Tensor) -> None:
-        """Load the flat mean-field parameters of :mod:`models.svi` into the guide.
+        """Load the flat mean-field parameters of :mod:`fogline.models.svi` into the guide.
 
         ``loc`` [P] and ``scale`` [P] (the constrained s = softplus(u)) follow
-        :func:`models.network.layout`; AutoNormal keeps s under the same
+        :func:`fogline.models.network.layout`; AutoNormal keeps s under the same
         softplus constraint, so both paths then describe the same q.
         """
         lay = layout(self.config)

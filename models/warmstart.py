@@ -3,12 +3,12 @@
 Recipe (``fogline warmstart``)
 ------------------------------
 1. Standardise the 8 California features; x0 = standardised MedInc.
-2. y = sin(3 x0) + eps, eps ~ N(0, (0.1 + 0.4 |x0|)^2)  (:mod:`models.data`).
+2. y = sin(3 x0) + eps, eps ~ N(0, (0.1 + 0.4 |x0|)^2)  (:mod:`fogline.models.data`).
 3. Keep the rows with |x0| <= 2; hold out a seeded 20 % slice.
 4. Minibatch SVI (Adam, lr 0.005, batch 256, 800 epochs) of the BNN with the
    fan-in prior, a small initial posterior scale (1e-3), a *bounded* noise head
    sigma = noise_min + (noise_max - noise_min) sigmoid(r) with noise_max =
-   3 std(y_train), and the functional prior of :mod:`models.fprior` at x0
+   3 std(y_train), and the functional prior of :mod:`fogline.models.fprior` at x0
    beyond the observed range (gamma 0.05, sigma_0 = 2 std(y_train)).  The
    held-out negative log predictive density is tracked every epoch.
 5. Draw S = 100 posterior samples; 95 % credible bands of the predictive
@@ -44,16 +44,23 @@ from typing import Any
 
 import torch
 
-from models.config import GuideName, LikelihoodName, ModelConfig, NoiseHead, PriorName
-from models.data import FEATURE_NAMES, RecipeData, load, recipe_data, true_mean, true_noise_std
-from models.fprior import EXTRA_KEY as FPRIOR_KEY
-from models.fprior import LR_SCALE_KEY, FunctionalPrior
-from models.fprior import step as fprior_step
-from models.predictive import Ensemble, log_predictive_density, predict, sample_ensemble
-from models.serialize import save
-from models.state import Minibatch, PosteriorState
-from models.svi import init_state
-from models.svi import step as svi_step
+from fogline.models.config import GuideName, LikelihoodName, ModelConfig, NoiseHead, PriorName
+from fogline.models.data import (
+    FEATURE_NAMES,
+    RecipeData,
+    load,
+    recipe_data,
+    true_mean,
+    true_noise_std,
+)
+from fogline.models.fprior import EXTRA_KEY as FPRIOR_KEY
+from fogline.models.fprior import LR_SCALE_KEY, FunctionalPrior
+from fogline.models.fprior import step as fprior_step
+from fogline.models.predictive import Ensemble, log_predictive_density, predict, sample_ensemble
+from fogline.models.serialize import save
+from fogline.models.state import Minibatch, PosteriorState
+from fogline.models.svi import init_state
+from fogline.models.svi import step as svi_step
 
 Z95 = 1.959963984540054
 GRID_POINTS = 401
@@ -71,7 +78,7 @@ class WarmstartOptions:
     prior); ``noise_max = None`` means 3 std(y_train); ``fprior_scale = None``
     means sigma_0 = 2 std(y_train).  ``from_net`` (a ``state_dict`` file of an
     ``nn.Sequential`` MLP with 8 inputs) starts from that net: prior
-    N(w_net, net_prior_scale^2) and posterior mean w_net (:mod:`models.bayesianize`);
+    N(w_net, net_prior_scale^2) and posterior mean w_net (:mod:`fogline.models.bayesianize`);
     its widths and activation replace ``hidden``.  ``particles`` samples estimate
     the expected log-likelihood; the low-rank factor V takes Adam steps of
     ``lr * cov_factor_lr_scale`` (Adam moves every entry of V by ~lr at once,
@@ -256,8 +263,8 @@ def predictive_entropy(ens: Ensemble, x_nd: torch.Tensor, seed: int = 0, draws: 
     Monte Carlo: H(x) = -E_{y ~ p(y|x,D)} log p(y | x, D), with y drawn by
     picking a sample s uniformly and then y ~ p(y | f_{w_s}(x)).
     """
-    from models.likelihoods import observation_dist
-    from models.network import forward_layers
+    from fogline.models.likelihoods import observation_dist
+    from fogline.models.network import forward_layers
 
     gen = torch.Generator().manual_seed(20_000 + seed)
     with torch.no_grad():
@@ -369,7 +376,7 @@ def run(
 
 def _from_net(opts: WarmstartOptions, config: ModelConfig, y_std: float) -> PosteriorState:
     """Bayesianise the net in ``opts.from_net`` with the recipe's likelihood, guide and head."""
-    from models.bayesianize import bayesianize
+    from fogline.models.bayesianize import bayesianize
 
     assert opts.from_net is not None
     keep = ("likelihood", "guide", "rank", "init_scale", "noise_head", "noise_min", "noise_max")

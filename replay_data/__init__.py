@@ -1,1 +1,1 @@
-"""fogline package."""
+"""Shipped replay streams with known change points, and the generator that makes them."""

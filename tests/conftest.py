@@ -5,17 +5,17 @@ Services
 - ``kafka_bootstrap`` (session, ``"host:port"``) and ``redis_url`` (session,
   ``"redis://host:port/0"``): testcontainers ``KafkaContainer`` /
   ``RedisContainer`` when a Docker engine answers, else the embedded Tansu
-  broker and a local ``redis-server`` (:mod:`daemon.embedded`).  Started
+  broker and a local ``redis-server`` (:mod:`fogline.daemon.embedded`).  Started
   lazily, only for tests that ask for them; never skipped.
 - ``fresh_topic`` (function): a new, created, 1-partition topic name.
   ``topic_factory(partitions=1)`` makes more (e.g. multi-partition) topics.
 - ``fresh_group`` (function): a unique consumer group id.
 - ``redis_prefix`` (function): a unique key prefix, so tests sharing the
   session's Redis never see each other's keys.
-- ``redis_server`` (function): an own :class:`~daemon.embedded.EmbeddedRedis`
+- ``redis_server`` (function): an own :class:`~fogline.daemon.embedded.EmbeddedRedis`
   that the test may ``stop()``/``kill()`` and ``start()`` again on the same
   port (outage tests).  ``kafka_server`` (function) likewise gives an own
-  :class:`~daemon.embedded.EmbeddedKafka` (e.g. for broker-restart tests).
+  :class:`~fogline.daemon.embedded.EmbeddedKafka` (e.g. for broker-restart tests).
 - ``SESSION_TIMEOUT_MS`` (6000): the consumer-group session timeout tests
   should use (Tansu's join takes about half of it).
 
@@ -41,7 +41,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-from daemon.embedded import EmbeddedKafka, EmbeddedRedis
+from fogline.daemon.embedded import EmbeddedKafka, EmbeddedRedis
 
 SESSION_TIMEOUT_MS = 6000
 SEED = 0
@@ -154,7 +154,7 @@ def _unique(prefix: str) -> str:
 @pytest.fixture
 def topic_factory(kafka_bootstrap: str) -> Callable[..., str]:
     """``make(partitions=1, prefix="t") -> name``: create a new unique topic."""
-    from daemon.source import create_topic
+    from fogline.daemon.stream.source import create_topic
 
     def make(partitions: int = 1, prefix: str = "t") -> str:
         name = _unique(prefix)

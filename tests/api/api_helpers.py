@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from daemon.store import SnapshotMeta, SnapshotStore
-from models.serialize import to_bytes
-from models.state import Minibatch, PosteriorState
-from models.svi import step
+from fogline.daemon.stream.store import SnapshotMeta, SnapshotStore
+from fogline.models.serialize import to_bytes
+from fogline.models.state import Minibatch, PosteriorState
+from fogline.models.svi import step
 
 MODEL = "m1"
 

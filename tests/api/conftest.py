@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 from api_helpers import MODEL, advance
 
-from daemon.config import Settings
-from daemon.store import SnapshotStore
-from models.config import ModelConfig
-from models.state import PosteriorState
-from models.svi import init_state
+from fogline.daemon.config import Settings
+from fogline.daemon.stream.store import SnapshotStore
+from fogline.models.config import ModelConfig
+from fogline.models.state import PosteriorState
+from fogline.models.svi import init_state
 
 
 @pytest.fixture(scope="session")

@@ -13,12 +13,12 @@ import torch
 from api_helpers import MODEL, advance, wait_until, write
 from fastapi.testclient import TestClient
 
-from daemon.api import create_app
-from daemon.config import Settings
-from daemon.store import SnapshotStore
-from models.predictive import predict, sample_ensemble
-from models.quantize import quantize_ensemble
-from models.state import PosteriorState
+from fogline.daemon.config import Settings
+from fogline.daemon.query.api import create_app
+from fogline.daemon.stream.store import SnapshotStore
+from fogline.models.predictive import predict, sample_ensemble
+from fogline.models.quantize import quantize_ensemble
+from fogline.models.state import PosteriorState
 
 LEVELS = (0.5, 0.9)
 
@@ -284,7 +284,7 @@ def test_cli_query_via_http_and_redis(
 ) -> None:
     import httpx
 
-    from daemon.cli import main
+    from fogline.cli import main
 
     url, _settings, version = live_server
     auth = {"Authorization": "Bearer tok"}
@@ -331,7 +331,7 @@ def test_watcher_survives_an_unexpected_failure(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Any exception in a reload (not only a store error) is retried; reloads never stop."""
-    from daemon import serving
+    from fogline.daemon.query import serving
 
     real = serving.load_snapshot
     calls = {"n": 0}

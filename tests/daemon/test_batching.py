@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import daemon.batching as batching_mod
-from daemon.batching import MicroBatcher, chunks
+import fogline.daemon.stream.batching as batching_mod
+from fogline.daemon.stream.batching import MicroBatcher, chunks
 
 
 class FakeClock:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import main
-from daemon.config import MASK, ConfigError, Settings, read_config_file
+from fogline.cli import main
+from fogline.daemon.config import MASK, ConfigError, Settings, read_config_file
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

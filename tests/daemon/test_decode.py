@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import daemon.decode as decode_mod
-from daemon.decode import (
+import fogline.daemon.stream.decode as decode_mod
+from fogline.daemon.stream.decode import (
     DecodeError,
     Decoder,
     RawRecord,

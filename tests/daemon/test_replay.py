@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import main
-from daemon.decode import Decoder, decode_batch
-from daemon.replay import (
+from fogline.cli import main
+from fogline.daemon.replay import (
     Pacer,
     ReplayItem,
     detect_format,
@@ -21,7 +20,8 @@ from daemon.replay import (
     read_csv,
     read_jsonl,
 )
-from daemon.source import read_topic
+from fogline.daemon.stream.decode import Decoder, decode_batch
+from fogline.daemon.stream.source import read_topic
 
 NAB_DIR = (
     Path(__file__).resolve().parents[3] / "shared" / "data" / "nab" / "data" / "realAWSCloudwatch"

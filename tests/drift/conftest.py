@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.config import ModelConfig
-from models.state import PosteriorState
-from models.svi import fit, init_state
-from replay_data.generator import generate
+from fogline.models.config import ModelConfig
+from fogline.models.state import PosteriorState
+from fogline.models.svi import fit, init_state
+from fogline.replay_data.generator import generate
 
 
 @pytest.fixture(autouse=True)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from drift.calibration import (
+from fogline.drift.calibration import (
     block_bootstrap,
     calibrate_batch_statistic,
     calibrate_threshold,
     mean_run_length,
 )
-from drift.monitors import ThresholdMonitor
+from fogline.drift.monitors import ThresholdMonitor
 
 
 def _ar1(rng: np.random.Generator, n: int, phi: float) -> np.ndarray:

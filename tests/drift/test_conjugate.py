@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift.policy import forget_natural, forgetting_prior
+from fogline.drift.policy import forget_natural, forgetting_prior
 
 D, S2 = 5, 0.3**2
 

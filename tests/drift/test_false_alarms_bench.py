@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_benchmark_prints_json_last() -> None:
     args = ["--seeds", "1", "--batches", "60", "--calibration-batches", "20", "--ert", "50"]
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.false_alarms", *args, "--json"],
+        [sys.executable, "-m", "fogline.bench.false_alarms", *args, "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -7,7 +7,7 @@ import random
 import pytest
 from river import drift as rdrift
 
-from drift.monitors import (
+from fogline.drift.monitors import (
     ADWINMonitor,
     KSWINMonitor,
     PageHinkleyMonitor,

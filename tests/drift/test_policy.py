@@ -9,8 +9,8 @@ import pytest
 from river import drift as rdrift
 from structlog.testing import capture_logs
 
-from drift.monitors import ThresholdMonitor
-from drift.policy import PolicyConfig, init_policy_state, policy_step
+from fogline.drift.monitors import ThresholdMonitor
+from fogline.drift.policy import PolicyConfig, init_policy_state, policy_step
 
 CFG = PolicyConfig(
     name="forget",

@@ -8,14 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from drift.monitors import ThresholdMonitor
-from drift.policy import PolicyConfig
-from drift.runner import AUX_BASE_PRIOR, AUX_CAL_RECORDS, AUX_REFERENCE, EXTRA_LOOP, DriftLoop
-from models.fprior import EXTRA_KEY as FPRIOR_KEY
-from models.fprior import FunctionalPrior
-from models.serialize import from_bytes, to_bytes
-from models.state import PosteriorState
-from replay_data.generator import generate
+from fogline.drift.monitors import ThresholdMonitor
+from fogline.drift.policy import PolicyConfig
+from fogline.drift.runner import (
+    AUX_BASE_PRIOR,
+    AUX_CAL_RECORDS,
+    AUX_REFERENCE,
+    EXTRA_LOOP,
+    DriftLoop,
+)
+from fogline.models.fprior import EXTRA_KEY as FPRIOR_KEY
+from fogline.models.fprior import FunctionalPrior
+from fogline.models.serialize import from_bytes, to_bytes
+from fogline.models.state import PosteriorState
+from fogline.replay_data.generator import generate
 
 N_BATCHES = 150  # abrupt shift at batch 50
 OUTLIER_BATCHES = (36, 110)
@@ -122,7 +128,7 @@ def test_restarts_with_the_functional_prior_give_the_same_posterior(
 
 def test_an_init_file_starts_a_fresh_loop(warm_state: PosteriorState) -> None:
     """``fogline run --init`` with an exported snapshot: its drift loop is not carried over."""
-    from daemon.pipeline import fresh_stream
+    from fogline.daemon.stream.pipeline import fresh_stream
 
     fp = FunctionalPrior(weight=0.05, scale=2.0, lo=(-3.0,) * 8, hi=(3.0,) * 8)
     state = warm_state.replace(extra={**warm_state.extra, FPRIOR_KEY: fp.to_dict()}, lr=5e-3)

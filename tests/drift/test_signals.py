@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from drift.signals import (
+from fogline.drift.signals import (
     gaussian_kl,
     make_reference,
     post_update_signals,
@@ -14,10 +14,10 @@ from drift.signals import (
     record_scores,
     weight_kl,
 )
-from models.predictive import log_predictive_density, predict
-from models.state import Minibatch, PosteriorState
-from models.svi import step
-from replay_data.generator import generate
+from fogline.models.predictive import log_predictive_density, predict
+from fogline.models.state import Minibatch, PosteriorState
+from fogline.models.svi import step
+from fogline.replay_data.generator import generate
 
 
 def _batch(name: str, seed: int, i: int, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.bayesianize import bayesianize, sequential_from_state_dict
-from models.network import forward, noise_scale
-from models.predictive import predict, sample_ensemble
+from fogline.models.bayesianize import bayesianize, sequential_from_state_dict
+from fogline.models.network import forward, noise_scale
+from fogline.models.predictive import predict, sample_ensemble
 
 
 def _net(outputs: int = 2) -> torch.nn.Sequential:

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from models.config import ModelConfig
-from models.predictive import predict, predictive_moments, sample_ensemble
-from models.priors import default_prior, kl_to_prior, posterior_as_prior, widen
-from models.serialize import SnapshotFormatError, from_bytes, to_bytes
-from models.state import Minibatch
-from models.svi import init_state, scan, step
+from fogline.models.config import ModelConfig
+from fogline.models.predictive import predict, predictive_moments, sample_ensemble
+from fogline.models.priors import default_prior, kl_to_prior, posterior_as_prior, widen
+from fogline.models.serialize import SnapshotFormatError, from_bytes, to_bytes
+from fogline.models.state import Minibatch
+from fogline.models.svi import init_state, scan, step
 
 
 def _data(n: int = 256, seed: int = 0) -> Minibatch:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import data
-from models.data import (
+from fogline.models import data
+from fogline.models.data import (
     FEATURE_NAMES,
     DataUnavailableError,
     load,

@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-import models.predictive as P
-from models.config import ModelConfig
-from models.predictive import (
+import fogline.models.predictive as P
+from fogline.models.config import ModelConfig
+from fogline.models.predictive import (
     Ensemble,
     component_params,
     mixture_cdf,
@@ -22,8 +22,8 @@ from models.predictive import (
     predict,
     sample_ensemble,
 )
-from models.state import Minibatch
-from models.svi import init_state, step
+from fogline.models.state import Minibatch
+from fogline.models.svi import init_state, step
 
 LEVELS = (0.5, 0.9, 0.95, 0.99)
 
@@ -174,7 +174,7 @@ def test_bernoulli_and_gaussian_method_still_work() -> None:
 
 
 def test_int8_ensemble_rounding_bound_and_report() -> None:
-    from models.quantize import quantization_report, quantize_ensemble, reference_grid
+    from fogline.models.quantize import quantization_report, quantize_ensemble, reference_grid
 
     ens = _trained_ensemble(ModelConfig())
     q = quantize_ensemble(ens)

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.config import ModelConfig
-from models.fprior import EXTRA_KEY, LR_SCALE_KEY, FunctionalPrior
-from models.serialize import from_bytes, to_bytes
-from models.state import Minibatch, PosteriorState
-from models.stream import stream_step
-from models.svi import init_state, step
+from fogline.models.config import ModelConfig
+from fogline.models.fprior import EXTRA_KEY, LR_SCALE_KEY, FunctionalPrior
+from fogline.models.serialize import from_bytes, to_bytes
+from fogline.models.state import Minibatch, PosteriorState
+from fogline.models.stream import stream_step
+from fogline.models.svi import init_state, step
 
 CSV = Path(__file__).resolve().parents[3] / "shared" / "data" / "cal_housing.csv"
 
@@ -96,9 +96,9 @@ def test_streaming_keeps_the_warm_starts_out_of_range_uncertainty() -> None:
     |x0| >= 3 stays >= 0.95 (plain streaming SVI erodes it: docs/model.md)."""
     if not CSV.exists():
         pytest.skip(f"{CSV} not found")
-    from models.data import load, recipe_data
-    from models.predictive import sample_ensemble
-    from models.warmstart import WarmstartOptions, evaluate, run
+    from fogline.models.data import load, recipe_data
+    from fogline.models.predictive import sample_ensemble
+    from fogline.models.warmstart import WarmstartOptions, evaluate, run
 
     res = run(WarmstartOptions(data=str(CSV), epochs=60))
     assert EXTRA_KEY in res.state.extra

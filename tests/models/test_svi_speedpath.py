@@ -1,9 +1,9 @@
-"""Tests of the fast streaming step's hot path (:mod:`models.svi`).
+"""Tests of the fast streaming step's hot path (:mod:`fogline.models.svi`).
 
 Bit-exact resumption (also from a fresh, untraced program), ``num_steps``
 semantics, rejected steps, purity, the fused Adam update, the benchmark's
 output contract and the CUDA path (marked ``gpu``, skipped without CUDA).
-No timings are asserted here: speed lives in ``benchmarks/svi.py``.
+No timings are asserted here: speed lives in ``fogline/bench/svi.py``.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch.optim.adam import adam as functional_adam
 
-from models import svi
-from models.config import ModelConfig
-from models.priors import kl_to_prior
-from models.serialize import from_bytes, to_bytes
-from models.state import Minibatch, PosteriorState
-from models.svi import init_state, program, step
+from fogline.models import svi
+from fogline.models.config import ModelConfig
+from fogline.models.priors import kl_to_prior
+from fogline.models.serialize import from_bytes, to_bytes
+from fogline.models.state import Minibatch, PosteriorState
+from fogline.models.svi import init_state, program, step
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -195,11 +195,7 @@ def test_fused_adam_update_matches_torch_adam() -> None:
 
 
 def _bench_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("fogline_bench_svi", ROOT / "benchmarks/svi.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("fogline.bench.svi")
 
 
 def test_bench_svi_prints_one_json_object_last(capsys: pytest.CaptureFixture[str]) -> None:

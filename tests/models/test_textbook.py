@@ -1,6 +1,6 @@
 """The fast streaming path and the textbook Pyro recipe estimate the same ELBO.
 
-For the SAME variational parameters (the flat loc/scale of :mod:`models.svi`
+For the SAME variational parameters (the flat loc/scale of :mod:`fogline.models.svi`
 loaded into AutoNormal's locs/scales), the per-observation negative ELBO of
 ``Program.loss`` (traced and eager) and ``Trace_ELBO`` on the textbook model
 agree within Monte Carlo error: |mean_fast - mean_textbook| < K * SE, with SE
@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.config import ModelConfig
-from models.network import layout
-from models.priors import centred_prior, default_prior
-from models.state import PriorSpec
-from models.svi import Program, init_state
-from models.textbook import TextbookBNN, TextbookSVI, param_store_scope
+from fogline.models.config import ModelConfig
+from fogline.models.network import layout
+from fogline.models.priors import centred_prior, default_prior
+from fogline.models.state import PriorSpec
+from fogline.models.svi import Program, init_state
+from fogline.models.textbook import TextbookBNN, TextbookSVI, param_store_scope
 
 K_SIGMA = 4.0
 

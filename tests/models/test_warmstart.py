@@ -9,16 +9,16 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from daemon.cli import main as cli_main
-from models.config import ModelConfig
-from models.data import load_csv, recipe_data
-from models.fprior import FunctionalPrior, functional_kl
-from models.fprior import step as fprior_step
-from models.serialize import load
-from models.state import Minibatch
-from models.svi import init_state
-from models.svi import step as svi_step
-from models.warmstart import WarmstartOptions, quality_checks, run
+from fogline.cli import main as cli_main
+from fogline.models.config import ModelConfig
+from fogline.models.data import load_csv, recipe_data
+from fogline.models.fprior import FunctionalPrior, functional_kl
+from fogline.models.fprior import step as fprior_step
+from fogline.models.serialize import load
+from fogline.models.state import Minibatch
+from fogline.models.svi import init_state
+from fogline.models.svi import step as svi_step
+from fogline.models.warmstart import WarmstartOptions, quality_checks, run
 
 CSV = str(Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cal_housing.csv")
 
@@ -109,7 +109,7 @@ def test_functional_prior_widens_far_from_the_data() -> None:
         gen = torch.Generator().manual_seed(0)
         for _ in range(300):
             s, _ = fprior_step(s, batch, data_size=batch.rows, fprior=fp, generator=gen)
-        from models.predictive import predict, sample_ensemble
+        from fogline.models.predictive import predict, sample_ensemble
 
         spreads.append(float(predict(sample_ensemble(s, 64, seed=1), far).epistemic_std[0]))
     assert spreads[1] > 2 * spreads[0]
@@ -202,7 +202,7 @@ def test_warm_start_from_a_trained_net(tmp_path: Path) -> None:
 
 
 def test_compare_benchmark_json(capsys: pytest.CaptureFixture[str]) -> None:
-    from daemon.commands.model import compare_main  # what benchmarks/compare.py runs
+    from fogline.cli.commands.model import compare_main  # what benchmarks/compare.py runs
 
     argv = ["--data", CSV, "--epochs", "1", "--samples", "8", "--json", "--quiet"]
     assert compare_main(argv) == 0

@@ -9,8 +9,8 @@ Two kinds, both returning a list of problems (empty: valid):
   ``kubectl kustomize``.  ``ops/install-validators.sh`` installs them into
   :data:`TOOLS_DIR`; :func:`find_tool` looks there, then on ``PATH``.
 - **structural validators** need only PyYAML and fogline itself and check what
-  no schema knows: metric names exist in :mod:`daemon.metrics`, ``FOGLINE_*``
-  variables are real settings of :class:`daemon.config.Settings`,
+  no schema knows: metric names exist in :mod:`fogline.daemon.metrics`, ``FOGLINE_*``
+  variables are real settings of :class:`fogline.daemon.config.Settings`,
   ``depends_on`` conditions refer to services with health checks, selectors
   match pod labels, secrets are not committed, every alert has a runbook entry.
 
@@ -146,10 +146,10 @@ def _tool_problems(argv: list[str | Path], cwd: Path | None = None) -> list[str]
 # metric names
 # ----------------------------------------------------------------------------
 def metric_families() -> dict[str, str]:
-    """Metric family name -> type (counter, gauge, histogram, ...) from :mod:`daemon.metrics`."""
+    """Metric family name -> type (counter, gauge, histogram, ...) from :mod:`fogline.daemon.metrics`."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from daemon import metrics
+    from fogline.daemon import metrics
 
     families: dict[str, str] = {}
     for obj in vars(metrics).values():
@@ -236,12 +236,12 @@ def unknown_series(expr: str, known: Iterable[str]) -> set[str]:
 # settings
 # ----------------------------------------------------------------------------
 def settings_problems(env: Mapping[str, str]) -> list[str]:
-    """Check ``FOGLINE_*`` variables against :class:`daemon.config.Settings`.
+    """Check ``FOGLINE_*`` variables against :class:`fogline.daemon.config.Settings`.
 
     Every variable must name a field (top level or ``SECTION__FIELD``; the
     top level would otherwise be ignored silently) and the whole set must load.
     """
-    from daemon.config import ENV_PREFIX, ConfigError, Settings
+    from fogline.daemon.config import ENV_PREFIX, ConfigError, Settings
 
     problems: list[str] = []
     fogline_env = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
@@ -253,7 +253,7 @@ def settings_problems(env: Mapping[str, str]) -> list[str]:
             if fields is None or part not in fields:
                 if key in PENDING_SETTINGS and len(path) == 1:
                     break
-                problems.append(f"{key}: no such setting in daemon.config.Settings")
+                problems.append(f"{key}: no such setting in fogline.daemon.config.Settings")
                 break
             model = fields[part].annotation
     base = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
@@ -840,11 +840,12 @@ def dockerfile_problems(text: str, dockerignore: str) -> list[str]:
         problems.append("final stage does not run fogline")
     copied = {src for ln in lines if ln.upper().startswith("COPY ") for src in ln.split()[1:-1]}
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    find = pyproject["tool"]["setuptools"]["packages"]["find"]
-    for pattern in find.get("include", []):
-        package = pattern.rstrip("*").rstrip(".")
-        if package not in copied:
-            problems.append(f"package {package} (pyproject.toml) is not copied into the image")
+    package_dir: dict[str, str] = pyproject["tool"]["setuptools"]["package-dir"]
+    for package, folder in sorted(package_dir.items()):
+        if folder not in copied:
+            problems.append(
+                f"package {package} (folder {folder}, pyproject.toml) is not copied into the image"
+            )
     ignored = {
         p.strip().rstrip("/")
         for p in dockerignore.splitlines()

@@ -3,7 +3,7 @@
 Every ``fogline <sub-command> ...`` written in ops/runbook.md and
 docs/operations.md, and every container command in docker-compose.yml and the
 Kubernetes manifests, must parse with the real CLI parser
-(:func:`daemon.cli.build_parser`), so a renamed flag breaks this test rather
+(:func:`fogline.cli.build_parser`), so a renamed flag breaks this test rather
 than an operator's rollback at night.
 """
 
@@ -19,7 +19,7 @@ import pytest
 import yaml
 from ops_validation import COMPOSE_FILE, ROOT, RUNBOOK, k8s_manifest_paths, replace
 
-from daemon.cli import build_parser
+from fogline.cli import build_parser
 
 DOCS = {
     "ops/runbook.md": RUNBOOK.read_text(),

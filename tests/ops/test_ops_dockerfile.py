@@ -30,8 +30,8 @@ BREAKS: dict[str, tuple[Mutation, str]] = {
         "COPY source drifts does not exist",
     ),
     "a package left out": (
-        replace("COPY benchmarks ./benchmarks\n", ""),
-        "package benchmarks (pyproject.toml) is not copied into the image",
+        replace("COPY models ./models\n", ""),
+        "package fogline.models (folder models, pyproject.toml) is not copied into the image",
     ),
     "not running fogline": (
         replace('ENTRYPOINT ["fogline"]', 'ENTRYPOINT ["python"]'),

@@ -35,12 +35,12 @@ from typing import Any
 import pytest
 from ops_validation import DASHBOARD, PROMETHEUS_DIR, ROOT, dashboard_exprs, find_tool
 
-from daemon.embedded import free_port
+from fogline.daemon.embedded import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 TOKEN = "live-test-token"
-FOGLINE = [sys.executable, "-m", "daemon.cli"]
+FOGLINE = [sys.executable, "-m", "fogline.cli"]
 #: Dashboard queries that must return data once records flowed and a few predicts ran.
 MUST_HAVE_DATA = (
     "Records/s/A",
@@ -69,7 +69,7 @@ QUIET = (
 
 
 def _cli_has(subcommand: str) -> bool:
-    from daemon.cli import build_parser
+    from fogline.cli import build_parser
 
     parser = build_parser()
     return any(

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from daemon.cli import main as cli_main
-from drift.experiment import ExperimentConfig, run_experiment
+from fogline.cli import main as cli_main
+from fogline.drift.experiment import ExperimentConfig, run_experiment
 
 SMALL = {
     "n_batches": 90,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from replay_data.generator import (
+from fogline.replay_data.generator import (
     N_FEATURES,
     SCENARIOS,
     generate,

@@ -1,6 +1,6 @@
 """kill -9 the daemon at random moments: exactly-once absorption and a bit-identical posterior.
 
-The small variant of ``python -m benchmarks.crash_replay`` (3 kills, ~3,000 records, drift
+The small variant of ``python -m fogline.bench.crash_replay`` (3 kills, ~3,000 records, drift
 policy ``forget`` with a mean shift half-way).
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.crash_replay import crash_replay
+from fogline.bench.crash_replay import crash_replay
 
 
 @pytest.mark.slow

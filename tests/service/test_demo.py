@@ -14,7 +14,7 @@ import pytest
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "demo", "--out", str(out), "--batches", "30"],
+        [sys.executable, "-m", "fogline.cli", "demo", "--out", str(out), "--batches", "30"],
         capture_output=True,
         text=True,
         timeout=420,

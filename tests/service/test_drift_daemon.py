@@ -11,14 +11,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from benchmarks.crash_replay import make_records, produce, warm_start
-from daemon import metrics
-from daemon.config import Settings
-from daemon.pipeline import Pipeline, RunOptions
-from daemon.store import SnapshotStore
-from drift.runner import AUX_REFERENCE, EXTRA_LOOP
-from models.fprior import FunctionalPrior
-from models.serialize import from_bytes
+from fogline.bench.crash_replay import make_records, produce, warm_start
+from fogline.daemon import metrics
+from fogline.daemon.config import Settings
+from fogline.daemon.stream.pipeline import Pipeline, RunOptions
+from fogline.daemon.stream.store import SnapshotStore
+from fogline.drift.runner import AUX_REFERENCE, EXTRA_LOOP
+from fogline.models.fprior import FunctionalPrior
+from fogline.models.serialize import from_bytes
 from tests.conftest import SESSION_TIMEOUT_MS
 
 BATCH = 32

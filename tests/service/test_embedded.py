@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from daemon.embedded import (
+from fogline.daemon.embedded import (
     EmbeddedError,
     EmbeddedKafka,
     EmbeddedRedis,
@@ -21,7 +21,7 @@ from daemon.embedded import (
     tansu_binary,
     tcp_open,
 )
-from daemon.source import create_topic, list_topics, wait_for_broker
+from fogline.daemon.stream.source import create_topic, list_topics, wait_for_broker
 
 
 def _send_redis(port: int, *parts: bytes) -> bytes:
@@ -109,7 +109,7 @@ def test_children_die_with_the_parent() -> None:
     script = textwrap.dedent(
         """
         import sys, time
-        from daemon.embedded import EmbeddedKafka, EmbeddedRedis
+        from fogline.daemon.embedded import EmbeddedKafka, EmbeddedRedis
         k = EmbeddedKafka().start()
         r = EmbeddedRedis().start()
         print(k.pid, r.pid, flush=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.crash_replay import (
+from fogline.bench.crash_replay import (
     latest_meta,
     log_events,
     make_records,
@@ -15,8 +15,8 @@ from benchmarks.crash_replay import (
     start_daemon,
     write_config,
 )
-from daemon.embedded import EmbeddedRedis
-from daemon.store import SnapshotStore
+from fogline.daemon.embedded import EmbeddedRedis
+from fogline.daemon.stream.store import SnapshotStore
 
 
 def test_redis_outage_pauses_and_loses_nothing(

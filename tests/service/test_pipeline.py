@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.crash_replay import (
+from fogline.bench.crash_replay import (
     daemon_argv,
     dlq_reasons,
     dlq_source_offsets,
@@ -27,9 +27,9 @@ from benchmarks.crash_replay import (
     start_daemon,
     write_config,
 )
-from daemon.source import DLQ_SOURCE_PARTITION, DLQ_SOURCE_TOPIC, read_topic
-from daemon.store import SnapshotStore
-from models.serialize import from_bytes
+from fogline.daemon.stream.source import DLQ_SOURCE_PARTITION, DLQ_SOURCE_TOPIC, read_topic
+from fogline.daemon.stream.store import SnapshotStore
+from fogline.models.serialize import from_bytes
 
 RUN_TIMEOUT_S = 180
 
@@ -178,7 +178,7 @@ def test_lease_excludes_second_daemon_and_sigterm_snapshots(
 def test_bad_setting_exits_2_naming_the_field(tmp_path: Path) -> None:
     env = dict(os.environ, FOGLINE_STREAM__BATCH_SIZE="0")
     out = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "run"],
+        [sys.executable, "-m", "fogline.cli", "run"],
         capture_output=True,
         text=True,
         env=env,

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
-from daemon.decode import RawRecord, decode_batch, next_offsets
-from daemon.source import (
+from fogline.daemon.stream.decode import RawRecord, decode_batch, next_offsets
+from fogline.daemon.stream.source import (
     DLQ_REASON,
     DLQ_SOURCE_OFFSET,
     DLQ_SOURCE_PARTITION,
@@ -250,8 +250,8 @@ def test_a_second_member_takes_partitions_and_the_first_is_told(
 def test_security_settings_map_to_kafka_python_names() -> None:
     from pydantic import SecretStr
 
-    from daemon.config import KafkaSettings
-    from daemon.source import security_kwargs
+    from fogline.daemon.config import KafkaSettings
+    from fogline.daemon.stream.source import security_kwargs
 
     assert security_kwargs(KafkaSettings()) == {}
     s = KafkaSettings(

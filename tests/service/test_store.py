@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from daemon.cli import main
-from daemon.embedded import EmbeddedRedis
-from daemon.store import (
+from fogline.cli import main
+from fogline.daemon.embedded import EmbeddedRedis
+from fogline.daemon.stream.store import (
     SCHEMA_VERSION,
     CorruptSnapshot,
     LeaseLost,
@@ -355,7 +355,7 @@ def test_bad_arguments_are_refused(redis_url: str) -> None:
 
 
 def test_from_settings(redis_url: str) -> None:
-    from daemon.config import Settings
+    from fogline.daemon.config import Settings
 
     cfg = Settings.load(
         None, model_name="m-from-settings", redis={"url": redis_url, "prefix": "pp", "retention": 3}
@@ -410,9 +410,9 @@ def _cli(store: SnapshotStore, redis_url: str, *argv: str) -> list[str]:
 
 
 def _state_blob(seed: int) -> tuple[bytes, dict[str, object]]:
-    from models.config import ModelConfig
-    from models.serialize import to_bytes
-    from models.svi import init_state
+    from fogline.models.config import ModelConfig
+    from fogline.models.serialize import to_bytes
+    from fogline.models.svi import init_state
 
     state = init_state(ModelConfig.model_validate({"in_features": 3, "hidden": [8]}), seed=seed)
     return to_bytes(state), state.config.model_dump(mode="json")
@@ -421,7 +421,7 @@ def _state_blob(seed: int) -> tuple[bytes, dict[str, object]]:
 def test_cli_list_show_diff_with_model_states(
     store: SnapshotStore, redis_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from models.serialize import from_bytes
+    from fogline.models.serialize import from_bytes
 
     (blob_a, cfg), (blob_b, _) = _state_blob(0), _state_blob(1)
     store.write(blob_a, records_absorbed=10, offsets={"t:0": 10, "t:1": 4}, model_config=cfg)

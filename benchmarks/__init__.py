@@ -1,1 +1,0 @@
-"""fogline package."""

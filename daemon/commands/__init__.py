@@ -1,1 +1,0 @@
-"""Sub-command modules of the ``fogline`` CLI (see :mod:`daemon.cli`)."""

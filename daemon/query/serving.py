@@ -1,0 +1,281 @@
+"""Cached posterior ensembles for the query service, kept current from Redis.
+
+A :class:`ModelHolder` owns one model's *loaded* snapshot: the metadata, the
+posterior state's config and an ensemble of S posterior weight samples as
+stacked tensors (seeded by the snapshot version, so two servers answer alike),
+optionally stored as 8-bit codes.  Reloading builds the new :class:`Loaded`
+completely and then swaps one reference; a request reads that reference once
+and uses it to the end, so the previous version answers until the new one is
+ready and no request sees half of each.
+
+The watcher thread blocks on the store's events stream
+(:meth:`~fogline.daemon.stream.store.SnapshotStore.wait_for_version`, woken by every new
+or rolled-back version) in chunks of at most ``poll_s``; each chunk first
+re-reads ``latest``, so a missed event is caught by polling.  When Redis is
+unavailable the holder keeps answering from what it has and retries with
+:func:`~fogline.daemon.stream.store.retry_backoff`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import torch
+
+from fogline.daemon.metrics import QUERY_RELOADS, QUERY_SNAPSHOT_VERSION
+from fogline.daemon.stream.store import SnapshotMeta, SnapshotNotFound, SnapshotStore, retry_backoff
+from fogline.models.config import ModelConfig
+from fogline.models.predictive import Ensemble, Prediction, predict, sample_ensemble
+from fogline.models.quantize import QuantizedEnsemble, quantization_report, quantize_ensemble
+from fogline.models.serialize import from_bytes
+
+log = structlog.get_logger(__name__)
+
+StoreFactory = Callable[[str], SnapshotStore]
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One loaded snapshot, ready to answer (immutable; swapped whole on reload)."""
+
+    meta: SnapshotMeta
+    config: ModelConfig
+    ensemble: Ensemble
+    quantized: QuantizedEnsemble | None
+    #: Accuracy loss of the 8-bit ensemble vs float32 (``None`` unless quantised).
+    quantization: dict[str, Any] | None
+    loaded_at: float
+    load_seconds: float
+
+    @property
+    def version(self) -> int:
+        """Snapshot version."""
+        return self.meta.version
+
+    def predict(
+        self,
+        x_nd: torch.Tensor,
+        levels: tuple[float, ...],
+        y: torch.Tensor | None = None,
+        method: str = "mixture",
+    ) -> Prediction:
+        """Predictive summaries from the cached (or 8-bit) ensemble."""
+        ens = self.quantized.dequantize() if self.quantized is not None else self.ensemble
+        return predict(ens, x_nd, levels=levels, y=y, method=method)
+
+
+def load_snapshot(
+    store: SnapshotStore, version: int | None, ensemble_size: int, quantize: bool
+) -> Loaded:
+    """Read ``version`` (default latest), verify it, and build its ensemble.
+
+    The ensemble generator is seeded with the snapshot version.  Raises the
+    store's errors and :class:`fogline.models.serialize.SnapshotFormatError`.
+    """
+    t0 = time.perf_counter()
+    snap = store.read(version)
+    state = from_bytes(snap.blob)
+    ens = sample_ensemble(state, num_samples=ensemble_size, seed=snap.meta.version)
+    quantized = report = None
+    if quantize:
+        quantized = quantize_ensemble(ens)
+        report = quantization_report(ens, quantized)
+    return Loaded(
+        meta=snap.meta,
+        config=state.config,
+        ensemble=ens,
+        quantized=quantized,
+        quantization=report,
+        loaded_at=time.time(),
+        load_seconds=time.perf_counter() - t0,
+    )
+
+
+class ModelHolder:
+    """The current :class:`Loaded` snapshot of one model, reloaded by a watcher thread.
+
+    Parameters
+    ----------
+    store
+        The model's store (the holder closes it in :meth:`stop`).
+    ensemble_size
+        S, the posterior samples cached.
+    quantize
+        Keep the ensemble as 8-bit codes (see :mod:`fogline.models.quantize`).
+    poll_s
+        Longest block on the events stream before ``latest`` is re-read.
+    primary
+        Update the ``fogline_query_snapshot_version`` gauge from this model.
+    """
+
+    def __init__(
+        self,
+        store: SnapshotStore,
+        *,
+        ensemble_size: int = 100,
+        quantize: bool = False,
+        poll_s: float = 0.2,
+        primary: bool = False,
+    ) -> None:
+        self.store = store
+        self.name = store.model_name
+        self.ensemble_size = ensemble_size
+        self.quantize = quantize
+        self.poll_s = poll_s
+        self.primary = primary
+        self._current: Loaded | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._reload_lock = threading.Lock()
+        #: Last error of the watcher (``None`` after a good load).
+        self.last_error: str | None = None
+
+    @property
+    def current(self) -> Loaded | None:
+        """The snapshot answering now (read it once per request)."""
+        return self._current
+
+    def reload(self, version: int | None = None) -> Loaded:
+        """Load ``version`` (default latest) and make it current; returns it."""
+        with self._reload_lock:
+            loaded = load_snapshot(self.store, version, self.ensemble_size, self.quantize)
+            previous = self._current
+            self._current = loaded
+        if self.primary:
+            QUERY_SNAPSHOT_VERSION.set(loaded.version)
+        QUERY_RELOADS.inc()
+        self.last_error = None
+        log.info(
+            "snapshot_loaded",
+            model=self.name,
+            snapshot_version=loaded.version,
+            previous_version=previous.version if previous else None,
+            load_ms=round(loaded.load_seconds * 1e3, 2),
+            quantized=self.quantize,
+        )
+        return loaded
+
+    def start(self) -> None:
+        """Start the watcher thread (loads the first snapshot as soon as one exists)."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._watch, name=f"reload-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the watcher and close the store."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        self.store.close()
+
+    def _watch(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            cur = self._current
+            try:
+                latest = self.store.wait_for_version(cur.version if cur else None, self.poll_s)
+                if latest is not None and (cur is None or latest != cur.version):
+                    self.reload(latest)
+                attempt = 0
+            except SnapshotNotFound as exc:
+                # latest moved on (retention) between the event and the read: try again
+                self.last_error = str(exc)
+            except Exception as exc:  # StoreError, SnapshotFormatError, anything else:
+                # the watcher must outlive any one failure, or reloads stop for good
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                with contextlib.suppress(Exception):  # even a broken log stream
+                    log.warning("snapshot_reload_failed", model=self.name, error=self.last_error)
+                self._stop.wait(retry_backoff(attempt, cap_s=5.0))
+                attempt += 1
+
+
+class Registry:
+    """The holders of every model the service has been asked about.
+
+    The primary model (``settings.model_name``) is watched from the start;
+    other models under the prefix get a holder on first request, up to
+    ``max_models``.
+    """
+
+    def __init__(
+        self,
+        store_factory: StoreFactory,
+        primary: str,
+        *,
+        ensemble_size: int = 100,
+        quantize: bool = False,
+        poll_s: float = 0.2,
+        max_models: int = 32,
+    ) -> None:
+        self.store_factory = store_factory
+        self.primary = primary
+        self.ensemble_size = ensemble_size
+        self.quantize = quantize
+        self.poll_s = poll_s
+        self.max_models = max_models
+        self._holders: dict[str, ModelHolder] = {}
+        self._lock = threading.Lock()
+        #: Store of the primary model, used for listings.
+        self.catalog = store_factory(primary)
+
+    def _new_holder(self, name: str) -> ModelHolder:
+        holder = ModelHolder(
+            self.store_factory(name),
+            ensemble_size=self.ensemble_size,
+            quantize=self.quantize,
+            poll_s=self.poll_s,
+            primary=name == self.primary,
+        )
+        holder.start()
+        return holder
+
+    def start(self) -> None:
+        """Watch the primary model."""
+        with self._lock:
+            if self.primary not in self._holders:
+                self._holders[self.primary] = self._new_holder(self.primary)
+
+    def get(self, name: str, *, create: bool = True) -> ModelHolder | None:
+        """The holder of ``name``, loading it now when it has a snapshot.
+
+        Returns ``None`` when the model has no snapshot (or the cap is reached).
+        Raises the store's errors.
+        """
+        holder = self._holders.get(name)
+        if holder is not None or not create:
+            return holder
+        store = self.store_factory(name)
+        try:
+            if store.latest_version() is None:
+                return None
+        finally:
+            store.close()
+        with self._lock:
+            holder = self._holders.get(name)
+            if holder is None:
+                if len(self._holders) >= self.max_models:
+                    return None
+                holder = self._holders[name] = self._new_holder(name)
+        if holder.current is None:
+            holder.reload()
+        return holder
+
+    def holders(self) -> dict[str, ModelHolder]:
+        """Snapshot of the holders by name."""
+        return dict(self._holders)
+
+    def stop(self) -> None:
+        """Stop every watcher and close the stores."""
+        with self._lock:
+            holders = list(self._holders.values())
+            self._holders.clear()
+        for holder in holders:
+            holder.stop()
+        self.catalog.close()

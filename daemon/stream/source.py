@@ -1,0 +1,607 @@
+"""Every Kafka client of fogline: the consumer, the dead-letter and replay producers.
+
+This is the only module that imports ``kafka`` (kafka-python >= 3).  It hands
+the rest of the daemon plain :class:`~fogline.daemon.stream.decode.RawRecord` tuples and
+takes plain ``{"topic:partition": next_offset}`` mappings, so nothing else
+needs to know kafka-python's types.
+
+Offsets
+-------
+An offset mapping always holds the **next offset to read** (last absorbed
+offset + 1), keyed by ``"topic:partition"`` -- the same convention as
+``PosteriorState.offsets``.  :meth:`KafkaSource.commit` also accepts
+``(topic, partition)`` keys.  The posterior snapshot is the source of truth
+for where to resume; offsets committed to Kafka only feed lag monitoring.
+
+Tansu gaps avoided here (see ``docs/kafka.md``)
+----------------------------------------------
+- ``end_offsets()`` / ``seek_to_end()`` return wrong values: lag uses
+  :meth:`kafka.KafkaConsumer.highwater`, learnt from fetch responses.
+- ``offsets_for_times()`` is wrong: never used.
+- commit metadata is dropped: nothing is stored in it.
+- group joins are slow (about half of ``session_timeout_ms``): tests use
+  ``session_timeout_ms`` of about 6000.
+
+Security settings (``security_protocol``, ``sasl_mechanism``,
+``sasl_plain_username``, ``sasl_plain_password``, ``ssl_*``) and any other
+kafka-python setting pass through each constructor's ``**client_kwargs``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import structlog
+from kafka import (
+    ConsumerRebalanceListener,
+    KafkaAdminClient,
+    KafkaConsumer,
+    KafkaProducer,
+    OffsetAndMetadata,
+    TopicPartition,
+)
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from fogline.daemon.stream.decode import RawRecord, partition_key
+
+log = structlog.get_logger(__name__)
+
+#: Header names of a dead-lettered record (values are UTF-8 bytes).
+DLQ_REASON = "fogline-reason"
+DLQ_SOURCE_TOPIC = "fogline-source-topic"
+DLQ_SOURCE_PARTITION = "fogline-source-partition"
+DLQ_SOURCE_OFFSET = "fogline-source-offset"
+#: Longest reason kept in the header (bytes of UTF-8); longer ones are cut.
+DLQ_REASON_MAX_BYTES = 1000
+
+#: ``offsets_for(["topic:partition", ...]) -> {"topic:partition": next_offset}``.
+OffsetsCallback = Callable[[list[str]], Mapping[str, int]]
+
+
+def dlq_topic_for(topic: str) -> str:
+    """Name of the dead-letter topic of ``topic``: ``<topic>.dlq``."""
+    return f"{topic}.dlq"
+
+
+def _tp_key(tp: TopicPartition) -> str:
+    return partition_key(tp.topic, tp.partition)
+
+
+def _parse_key(key: tuple[str, int] | str) -> TopicPartition:
+    if isinstance(key, tuple):
+        return TopicPartition(key[0], int(key[1]))
+    topic, sep, part = key.rpartition(":")
+    if not sep or not topic:
+        raise ValueError(f"offset key {key!r} is not 'topic:partition'")
+    return TopicPartition(topic, int(part))
+
+
+def _to_raw(rec: Any) -> RawRecord:
+    hs = rec.headers
+    headers = tuple((k, bytes(v) if v is not None else b"") for k, v in hs) if hs else ()
+    return RawRecord(
+        rec.topic, rec.partition, rec.offset, rec.key, rec.value, rec.timestamp, headers
+    )
+
+
+def security_kwargs(kafka: Any) -> dict[str, Any]:
+    """kafka-python security settings from a ``KafkaSettings``-like object.
+
+    Reads ``security_protocol``, ``sasl_mechanism``, ``sasl_username`` and
+    ``sasl_password`` (a ``SecretStr`` or plain string) when present, and
+    returns only what differs from kafka-python's defaults.
+    """
+    out: dict[str, Any] = {}
+    proto = getattr(kafka, "security_protocol", None)
+    if proto and proto != "PLAINTEXT":
+        out["security_protocol"] = proto
+    mech = getattr(kafka, "sasl_mechanism", None)
+    if mech:
+        out["sasl_mechanism"] = mech
+    user = getattr(kafka, "sasl_username", None)
+    if user is not None:
+        out["sasl_plain_username"] = user
+    pw = getattr(kafka, "sasl_password", None)
+    if pw is not None:
+        out["sasl_plain_password"] = (
+            pw.get_secret_value() if hasattr(pw, "get_secret_value") else str(pw)
+        )
+    return out
+
+
+# --------------------------------------------------------------------------
+# admin helpers
+# --------------------------------------------------------------------------
+
+
+def wait_for_broker(bootstrap_servers: str, timeout_ms: int = 5000, **client_kwargs: Any) -> bool:
+    """True when a kafka-python client bootstraps against ``bootstrap_servers`` in time."""
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap_servers,
+            bootstrap_timeout_ms=timeout_ms,
+            request_timeout_ms=max(timeout_ms, 1000),
+            **client_kwargs,
+        )
+    except (KafkaError, OSError, ValueError):
+        return False
+    try:
+        admin.list_topics()
+        return True
+    except (KafkaError, OSError):
+        return False
+    finally:
+        admin.close()
+
+
+def create_topic(
+    bootstrap_servers: str,
+    name: str,
+    partitions: int = 1,
+    *,
+    exist_ok: bool = True,
+    timeout_ms: int = 10000,
+    **client_kwargs: Any,
+) -> None:
+    """Create topic ``name`` with ``partitions`` partitions (replication factor 1).
+
+    Blocks until the topic is visible in metadata with a leader for every
+    partition.  An existing topic is fine when ``exist_ok`` (its partition
+    count is not checked: Tansu cannot add partitions anyway).
+    """
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap_servers, bootstrap_timeout_ms=timeout_ms, **client_kwargs
+    )
+    try:
+        admin.create_topics(
+            {name: {"num_partitions": partitions, "replication_factor": 1}},
+            timeout_ms=timeout_ms,
+            wait_for_metadata=True,
+        )
+    except TopicAlreadyExistsError:
+        if not exist_ok:
+            raise
+    finally:
+        admin.close()
+
+
+def list_topics(bootstrap_servers: str, **client_kwargs: Any) -> list[str]:
+    """Names of the topics on the cluster."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, **client_kwargs)
+    try:
+        return sorted(admin.list_topics())
+    finally:
+        admin.close()
+
+
+def read_topic(
+    bootstrap_servers: str,
+    topic: str,
+    *,
+    timeout_s: float = 15.0,
+    min_records: int = 0,
+    **client_kwargs: Any,
+) -> list[RawRecord]:
+    """Every record of ``topic`` from the beginning, for tests and DLQ inspection.
+
+    Reads without a consumer group until each partition's position reaches its
+    high-water mark (learnt from fetch responses) and at least ``min_records``
+    records were read, or ``timeout_s`` passes.  Records come partition by
+    partition in offset order.
+    """
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        bootstrap_timeout_ms=10000,
+        **client_kwargs,
+    )
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        deadline = time.monotonic() + timeout_s
+        while not parts and time.monotonic() < deadline:
+            time.sleep(0.1)
+            parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        out: dict[TopicPartition, list[RawRecord]] = {tp: [] for tp in tps}
+        while time.monotonic() < deadline:
+            batch = consumer.poll(timeout_ms=200, max_records=10000)
+            for tp, recs in batch.items():
+                out[tp].extend(_to_raw(r) for r in recs)
+            done = all(
+                (hw := consumer.highwater(tp)) is not None
+                and (out[tp][-1].offset + 1 if out[tp] else 0) >= hw
+                for tp in tps
+            )
+            if done and sum(len(v) for v in out.values()) >= min_records:
+                break
+        return [r for tp in tps for r in out[tp]]
+    finally:
+        consumer.close(autocommit=False)
+
+
+# --------------------------------------------------------------------------
+# the consumer
+# --------------------------------------------------------------------------
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Seeks newly assigned partitions to the caller's offsets (default: earliest)."""
+
+    def __init__(self, source: KafkaSource) -> None:
+        self._source = source
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self._source._on_revoked(list(revoked))
+
+    def on_partitions_lost(self, lost: Any) -> None:
+        self._source._on_revoked(list(lost))
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self._source._on_assigned(list(assigned))
+
+
+class KafkaSource:
+    """A consumer-group member that reads raw records from ``topics``.
+
+    - Offsets are never auto-committed (``enable_auto_commit=False``).
+    - On every assignment each assigned partition is sought to the offset
+      that ``offsets_for`` returns for it (the snapshot's next offsets);
+      partitions it does not name -- or all, when it is ``None`` -- start at
+      the earliest offset.  Kafka's committed offsets are ignored.
+    - ``offsets_for`` and ``on_revoked`` run on kafka-python's IO thread
+      during a rebalance: keep them quick, non-blocking and thread-safe
+      (e.g. read an immutable offsets dict that the pipeline replaces).
+      ``on_revoked`` tells the caller to drop buffered, unabsorbed records of
+      the revoked partitions, since they will be read again from the
+      offsets ``offsets_for`` gives on the next assignment.
+    - After :meth:`pause_all`, partitions assigned later are paused too until
+      :meth:`resume_all`; keep calling :meth:`poll` while paused so the
+      member stays in the group.
+
+    Parameters
+    ----------
+    bootstrap_servers:
+        ``host:port[,host:port...]``.
+    topics:
+        One topic or several.
+    group_id:
+        Consumer group.
+    offsets_for:
+        Callback giving the next offset to read per ``"topic:partition"``.
+    on_revoked:
+        Callback told which ``"topic:partition"`` keys were revoked or lost.
+    session_timeout_ms:
+        Group session timeout; Tansu's join takes about half of it.
+    client_kwargs:
+        Passed to :class:`kafka.KafkaConsumer` (security settings etc.).
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topics: str | Sequence[str],
+        group_id: str,
+        *,
+        offsets_for: OffsetsCallback | None = None,
+        on_revoked: Callable[[list[str]], None] | None = None,
+        session_timeout_ms: int = 10000,
+        max_poll_records: int = 1000,
+        client_id: str | None = None,
+        **client_kwargs: Any,
+    ) -> None:
+        self.topics = [topics] if isinstance(topics, str) else list(topics)
+        self.group_id = group_id
+        self._offsets_for = offsets_for
+        self._on_revoked_cb = on_revoked
+        self._paused = False
+        self._assigned: frozenset[TopicPartition] = frozenset()
+        self.rebalances = 0
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap_servers,
+            group_id=group_id,
+            client_id=client_id or f"fogline-{uuid.uuid4().hex[:8]}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=max(100, session_timeout_ms // 3),
+            max_poll_records=max_poll_records,
+            bootstrap_timeout_ms=client_kwargs.pop("bootstrap_timeout_ms", 10000),
+            **client_kwargs,
+        )
+        self._consumer.subscribe(self.topics, listener=_Listener(self))
+
+    # -- rebalance callbacks (kafka-python IO thread) -----------------------
+    def _on_assigned(self, tps: list[TopicPartition]) -> None:
+        self.rebalances += 1
+        self._assigned = frozenset(tps)
+        keys = [_tp_key(tp) for tp in tps]
+        wanted: Mapping[str, int] = self._offsets_for(keys) if self._offsets_for else {}
+        earliest = []
+        for tp, key in zip(tps, keys, strict=True):
+            off = wanted.get(key)
+            if off is None:
+                earliest.append(tp)
+            else:
+                self._consumer.seek(tp, int(off))
+        if earliest:
+            self._consumer.seek_to_beginning(*earliest)
+        if self._paused and tps:
+            self._consumer.pause(*tps)
+        log.info("partitions_assigned", partitions=keys, offsets=dict(wanted))
+
+    def _on_revoked(self, tps: list[TopicPartition]) -> None:
+        keys = [_tp_key(tp) for tp in tps]
+        self._assigned = self._assigned - frozenset(tps)
+        if self._on_revoked_cb is not None and keys:
+            self._on_revoked_cb(keys)
+        if keys:
+            log.info("partitions_revoked", partitions=keys)
+
+    # -- public API ---------------------------------------------------------
+    @property
+    def assignment(self) -> list[str]:
+        """Assigned partitions as sorted ``"topic:partition"`` keys."""
+        return sorted(_tp_key(tp) for tp in self._consumer.assignment())
+
+    @property
+    def paused(self) -> bool:
+        """True between :meth:`pause_all` and :meth:`resume_all`."""
+        return self._paused
+
+    def poll(self, max_records: int | None = None, timeout_ms: int = 100) -> list[RawRecord]:
+        """Up to ``max_records`` raw records (partition order kept), waiting up to ``timeout_ms``.
+
+        Joins the group on the first calls (which therefore may return
+        nothing for a few seconds).  Returns ``[]`` while paused.
+        """
+        batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        out: list[RawRecord] = []
+        for recs in batches.values():
+            out.extend(_to_raw(r) for r in recs)
+        return out
+
+    def pause_all(self) -> None:
+        """Stop fetching from every assigned (and later assigned) partition."""
+        self._paused = True
+        tps = self._consumer.assignment()
+        if tps:
+            self._consumer.pause(*tps)
+        log.info("consumption_paused", partitions=sorted(_tp_key(tp) for tp in tps))
+
+    def resume_all(self) -> None:
+        """Undo :meth:`pause_all`."""
+        self._paused = False
+        tps = self._consumer.paused()
+        if tps:
+            self._consumer.resume(*tps)
+        log.info("consumption_resumed", partitions=sorted(_tp_key(tp) for tp in tps))
+
+    def seek(self, offsets: Mapping[tuple[str, int] | str, int]) -> None:
+        """Move assigned partitions to the given next offsets (unassigned keys are ignored)."""
+        assigned = self._consumer.assignment()
+        for key, off in offsets.items():
+            tp = _parse_key(key)
+            if tp in assigned:
+                self._consumer.seek(tp, int(off))
+
+    def commit(self, offsets: Mapping[tuple[str, int] | str, int], timeout_ms: int = 5000) -> bool:
+        """Commit next offsets to the group (for lag monitoring only).
+
+        Keys are ``(topic, partition)`` or ``"topic:partition"``, values the
+        next offset to read.  A failed commit (e.g. during a rebalance) is
+        logged as ``offset_commit_failed`` and returns ``False``; it never
+        raises, since the snapshot, not Kafka, holds the resume offsets.
+        """
+        if not offsets:
+            return True
+        payload = {_parse_key(k): OffsetAndMetadata(int(v), "", -1) for k, v in offsets.items()}
+        try:
+            self._consumer.commit(payload, timeout_ms=timeout_ms)
+        except (KafkaError, OSError) as exc:
+            log.warning("offset_commit_failed", error=repr(exc))
+            return False
+        return True
+
+    def committed(self, key: tuple[str, int] | str) -> int | None:
+        """The group's committed next offset of one partition, or ``None``."""
+        return self._consumer.committed(_parse_key(key))  # type: ignore[no-any-return]
+
+    def position(self, key: tuple[str, int] | str) -> int | None:
+        """The consumer's fetch position (next offset ``poll`` returns) of an assigned partition."""
+        return self._consumer.position(_parse_key(key))  # type: ignore[no-any-return]
+
+    def lag(self, absorbed: Mapping[str, int] | None = None) -> dict[str, int]:
+        """Records behind the high-water mark, per assigned ``"topic:partition"``.
+
+        Uses :meth:`kafka.KafkaConsumer.highwater` (learnt from fetch
+        responses; ``end_offsets`` is wrong on Tansu).  Lag is measured from
+        ``absorbed[key]`` when given (what the posterior has absorbed), else
+        from the consumer's position.  Partitions whose high-water mark is not
+        known yet (no fetch answered) are left out.
+        """
+        out: dict[str, int] = {}
+        for tp in self._consumer.assignment():
+            hw = self._consumer.highwater(tp)
+            if hw is None:
+                continue
+            key = _tp_key(tp)
+            pos = absorbed.get(key) if absorbed is not None else None
+            if pos is None:
+                pos = self._consumer.position(tp, timeout_ms=1000)
+            if pos is None:
+                continue
+            out[key] = max(0, int(hw) - int(pos))
+        return out
+
+    def close(self) -> None:
+        """Leave the group and close the consumer (never auto-commits)."""
+        self._consumer.close(autocommit=False)
+
+    def __enter__(self) -> KafkaSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------
+# producers
+# --------------------------------------------------------------------------
+
+
+def _producer(bootstrap_servers: str, **client_kwargs: Any) -> KafkaProducer:
+    cfg: dict[str, Any] = {
+        "bootstrap_servers": bootstrap_servers,
+        "acks": "all",
+        "linger_ms": 5,
+        "batch_size": 256 * 1024,
+        "bootstrap_timeout_ms": 10000,
+    }
+    cfg.update(client_kwargs)
+    return KafkaProducer(**cfg)
+
+
+class _AckedProducer:
+    """A kafka producer that remembers its sends' futures until :meth:`flush`.
+
+    ``flush`` blocks until every queued record is acknowledged and raises if
+    one failed; ``close`` flushes, then closes.
+    """
+
+    #: Default seconds :meth:`flush` waits (subclasses choose their own).
+    flush_timeout_s: float = 30.0
+
+    def __init__(self, bootstrap_servers: str, **client_kwargs: Any) -> None:
+        self._producer = _producer(bootstrap_servers, **client_kwargs)
+        self._futures: list[Any] = []
+        self.sent = 0
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Block until every queued record is acknowledged; raise if any failed."""
+        timeout = self.flush_timeout_s if timeout_s is None else timeout_s
+        self._producer.flush(timeout=timeout)
+        futures, self._futures = self._futures, []
+        for fut in futures:
+            fut.get(timeout=timeout)
+
+    def close(self) -> None:
+        """Flush and close."""
+        try:
+            self.flush()
+        finally:
+            self._producer.close()
+
+
+class DeadLetterProducer(_AckedProducer):
+    """Sends records that fail to decode to ``<source topic>.dlq``.
+
+    The dead-lettered record keeps the original key, value bytes, timestamp
+    and headers, plus four UTF-8 headers: ``fogline-reason``,
+    ``fogline-source-topic``, ``fogline-source-partition``,
+    ``fogline-source-offset``.
+
+    Flush semantics: :meth:`send` is asynchronous (buffered by the producer).
+    Call :meth:`flush` *before* writing a snapshot or committing offsets that
+    cover the bad record: then a crash can at worst send a record to the DLQ
+    twice (at-least-once; deduplicate on source partition/offset), never
+    lose it.  :meth:`flush` raises if any buffered send failed.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        *,
+        dlq_topic: str | None = None,
+        create_topics: bool = True,
+        **client_kwargs: Any,
+    ) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.dlq_topic = dlq_topic
+        self._create = create_topics
+        self._created: set[str] = set()
+        self._client_kwargs = dict(client_kwargs)
+        super().__init__(bootstrap_servers, **client_kwargs)
+
+    def send(self, raw: RawRecord, reason: str) -> None:
+        """Queue ``raw`` for its DLQ topic with ``reason`` in the headers."""
+        topic = self.dlq_topic or dlq_topic_for(raw.topic)
+        if self._create and topic not in self._created:
+            create_topic(self.bootstrap_servers, topic, 1, **self._client_kwargs)
+            self._created.add(topic)
+        reason_b = reason.encode("utf-8", "replace")[:DLQ_REASON_MAX_BYTES]
+        headers = [
+            *[(k, v) for k, v in raw.headers if not k.startswith("fogline-")],
+            (DLQ_REASON, reason_b),
+            (DLQ_SOURCE_TOPIC, raw.topic.encode()),
+            (DLQ_SOURCE_PARTITION, str(raw.partition).encode()),
+            (DLQ_SOURCE_OFFSET, str(raw.offset).encode()),
+        ]
+        ts = raw.timestamp_ms if raw.timestamp_ms is not None and raw.timestamp_ms >= 0 else None
+        fut = self._producer.send(
+            topic, value=raw.value, key=raw.key, headers=headers, timestamp_ms=ts
+        )
+        self._futures.append(fut)
+        self.sent += 1
+
+
+class ReplayProducer(_AckedProducer):
+    """Produces records with their own timestamps and keys (``fogline replay``, tests).
+
+    ``send`` is asynchronous; :meth:`flush` blocks until the broker has
+    every queued record and raises if one failed.
+    """
+
+    flush_timeout_s = 60.0
+
+    def __init__(self, bootstrap_servers: str, topic: str, **client_kwargs: Any) -> None:
+        self.topic = topic
+        super().__init__(bootstrap_servers, **client_kwargs)
+
+    def send(
+        self,
+        value: bytes,
+        *,
+        key: bytes | str | None = None,
+        timestamp_ms: int | None = None,
+        partition: int | None = None,
+        headers: Iterable[tuple[str, bytes]] | None = None,
+    ) -> None:
+        """Queue one record; ``key`` str is UTF-8 encoded."""
+        kb = key.encode("utf-8") if isinstance(key, str) else key
+        fut = self._producer.send(
+            self.topic,
+            value=value,
+            key=kb,
+            partition=partition,
+            timestamp_ms=timestamp_ms,
+            headers=list(headers) if headers else None,
+        )
+        self.sent += 1
+        self._futures.append(fut)
+        if len(self._futures) >= 10000:
+            self._check_done()
+
+    def _check_done(self) -> None:
+        pending = []
+        for fut in self._futures:
+            if fut.is_done:
+                if fut.failed():
+                    raise fut.exception
+            else:
+                pending.append(fut)
+        self._futures = pending
+
+    def __enter__(self) -> ReplayProducer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,7 @@
+"""``python -m fogline``: the same entry point as the ``fogline`` console script."""
+
+import sys
+
+from fogline.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-command modules of the ``fogline`` CLI (see :mod:`fogline.cli`)."""

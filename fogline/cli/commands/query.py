@@ -1,0 +1,247 @@
+"""``fogline serve`` and ``fogline query``: the query service and its command-line client.
+
+``fogline serve`` runs the HTTP API of :mod:`fogline.daemon.query.api` with uvicorn (bound to
+``api.host``, 127.0.0.1 unless told otherwise).  ``fogline query`` asks for
+one or more rows, either through a running service (``--url``) or straight
+from the snapshot in Redis (the default), and prints the predictive summaries.
+
+Exit codes: 0 done; 1 the service or store failed (one-line message);
+2 invalid configuration or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fogline.daemon.config import Settings
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    """Add ``fogline serve`` and ``fogline query``."""
+    p = sub.add_parser("serve", help="run the HTTP query service (FastAPI + uvicorn)")
+    p.add_argument("--config", metavar="PATH", help="YAML or TOML settings file")
+    p.add_argument("--host", help="bind address (overrides api.host; default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (overrides api.port; default 8000)")
+    p.add_argument("--redis-url", metavar="URL", help="overrides redis.url")
+    p.add_argument("--model", metavar="NAME", help="primary model (overrides model_name)")
+    p.add_argument("--ensemble-size", type=int, help="posterior samples cached (api.ensemble_size)")
+    p.add_argument(
+        "--quantize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve from an 8-bit ensemble (api.quantize)",
+    )
+    p.set_defaults(func=_serve)
+
+    q = sub.add_parser(
+        "query",
+        help="predict for feature rows from the current posterior",
+        description="Ask the current posterior about one or more rows: through a running "
+        "service with --url, else straight from the snapshot in Redis.",
+    )
+    q.add_argument("--config", metavar="PATH", help="YAML or TOML settings file")
+    q.add_argument("--model", metavar="NAME", help="model name (overrides model_name)")
+    q.add_argument(
+        "--x",
+        action="append",
+        required=True,
+        metavar="V1,V2,...",
+        help="one feature row, comma-separated in feature order (repeat for more rows)",
+    )
+    q.add_argument(
+        "--y", action="append", type=float, metavar="Y", help="observed value (one per --x)"
+    )
+    q.add_argument(
+        "--levels",
+        default="0.5,0.9,0.95",
+        metavar="L1,L2",
+        help="credible levels (default 0.5,0.9,0.95)",
+    )
+    q.add_argument("--json", action="store_true", help="print the JSON answer")
+    where = q.add_mutually_exclusive_group()
+    where.add_argument("--url", help="query service base URL, e.g. http://127.0.0.1:8000")
+    where.add_argument(
+        "--redis-url", metavar="URL", help="read Redis directly (overrides redis.url)"
+    )
+    q.add_argument("--timeout", type=float, default=10.0, help="HTTP timeout in seconds")
+    q.set_defaults(func=_query)
+
+
+# --------------------------------------------------------------------------
+# serve
+# --------------------------------------------------------------------------
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from fogline.daemon.config import load_or_exit
+    from fogline.daemon.logs import configure
+    from fogline.daemon.query.api import create_app
+
+    settings = load_or_exit(args.config)
+    settings = settings.override(
+        {
+            "api.host": args.host,
+            "api.port": args.port,
+            "api.ensemble_size": args.ensemble_size,
+            "api.quantize": args.quantize,
+            "redis.url": args.redis_url,
+            "model_name": args.model,
+        }
+    )
+    configure(settings.log_format, settings.log_level)
+    if not _is_loopback(settings.api.host) and settings.api.token is None:
+        print(
+            f"fogline: warning: serving on {settings.api.host} without api.token: "
+            "anyone who can reach the port can query",
+            file=sys.stderr,
+        )
+    torch.set_num_threads(1)  # tiny matmuls: threads only contend with the request workers
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.api.host,
+        port=settings.api.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------
+# query
+# --------------------------------------------------------------------------
+def _parse_rows(raw: list[str]) -> list[list[float]]:
+    rows = []
+    for text in raw:
+        try:
+            rows.append([float(v) for v in text.split(",") if v.strip() != ""])
+        except ValueError:
+            raise SystemExit(
+                f"fogline: --x {text!r}: not a comma-separated list of numbers"
+            ) from None
+    return rows
+
+
+def _query(args: argparse.Namespace) -> int:
+    from fogline.daemon.config import load_or_exit
+
+    settings = load_or_exit(args.config)
+    settings = settings.override({"redis.url": args.redis_url, "model_name": args.model})
+    rows = _parse_rows(args.x)
+    try:
+        levels = [float(v) for v in args.levels.split(",") if v.strip()]
+    except ValueError:
+        print(f"fogline: --levels {args.levels!r}: not numbers", file=sys.stderr)
+        return 2
+    if args.y is not None and len(args.y) != len(rows):
+        print(f"fogline: {len(args.y)} --y values for {len(rows)} --x rows", file=sys.stderr)
+        return 2
+    body: dict[str, Any] = {"rows": rows, "levels": levels}
+    if args.y is not None:
+        body["y"] = args.y
+    if args.url:
+        status, answer = _via_http(args.url, settings, body, args.timeout)
+    else:
+        status, answer = _via_redis(settings, body)
+    if status != 200:
+        detail = answer.get("detail", answer) if isinstance(answer, dict) else answer
+        print(f"fogline: error {status}: {json.dumps(detail)}", file=sys.stderr)
+        return 2 if status in (413, 422) else 1
+    if args.json:
+        print(json.dumps(answer))
+    else:
+        _print_table(answer)
+    return 0
+
+
+def _via_http(
+    url: str, settings: Settings, body: dict[str, Any], timeout: float
+) -> tuple[int, Any]:
+    import httpx
+
+    headers = {}
+    if settings.api.token is not None:
+        headers["Authorization"] = f"Bearer {settings.api.token.get_secret_value()}"
+    target = f"{url.rstrip('/')}/v1/models/{settings.model_name}/predict"
+    try:
+        resp = httpx.post(target, json=body, headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        return 0, f"cannot reach {target}: {exc}"
+    try:
+        return resp.status_code, resp.json()
+    except ValueError:
+        return resp.status_code, resp.text
+
+
+def _via_redis(settings: Settings, body: dict[str, Any]) -> tuple[int, Any]:
+    """Answer like the service would, from the latest snapshot in Redis."""
+    from fastapi import HTTPException
+    from pydantic import ValidationError
+
+    from fogline.daemon.query.api import PredictRequest, _predict_body
+    from fogline.daemon.query.serving import load_snapshot
+    from fogline.daemon.stream.store import SnapshotNotFound, SnapshotStore, StoreError
+
+    try:
+        req = PredictRequest.model_validate(body)
+    except ValidationError as exc:
+        return 422, {"detail": [e["msg"] for e in exc.errors(include_url=False)]}
+    try:
+        with SnapshotStore.from_settings(settings) as store:
+            loaded = load_snapshot(store, None, settings.api.ensemble_size, settings.api.quantize)
+    except SnapshotNotFound as exc:
+        return 404, {"detail": str(exc)}
+    except (StoreError, ValueError) as exc:
+        return 1, {"detail": str(exc)}
+    try:
+        return 200, _predict_body(settings.model_name, loaded, req, settings.api)
+    except HTTPException as exc:
+        return exc.status_code, {"detail": exc.detail}
+
+
+def _print_table(answer: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    levels = answer["levels"]
+    table = Table(
+        title=f"{answer['model']} v{answer['snapshot_version']} "
+        f"({answer['ensemble_size']} samples{', 8-bit' if answer['quantized'] else ''}"
+        f"{', drift: ' + answer['drift_mode'] if answer.get('drift_mode') else ''})"
+    )
+    for col in ("row", "mean", "total sd", "epistemic sd", "aleatoric sd"):
+        table.add_column(col, justify="right")
+    for lv in levels:
+        table.add_column(f"{lv:g} interval", justify="right")
+    has_score = any("anomaly_score" in p for p in answer["predictions"])
+    if has_score:
+        table.add_column("anomaly", justify="right")
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4g}"
+
+    for i, p in enumerate(answer["predictions"]):
+        cells = [str(i), f(p["mean"]), f(p["total_std"]), f(p["epistemic_std"])]
+        cells.append(f(p["aleatoric_std"]))
+        for lv in levels:
+            lo, hi = p["intervals"][repr(float(lv))]
+            cells.append(f"[{f(lo)}, {f(hi)}]")
+        if has_score:
+            cells.append(f(p.get("anomaly_score")))
+        table.add_row(*cells)
+    Console().print(table)
