@@ -25,6 +25,15 @@ test-fast: ## the suite without the slow quality/end-to-end checks
 lint: ## ruff lint + format check and mypy; never edits files
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(MAKE) --no-print-directory typecheck
+
+# mypy cannot follow setuptools' package-dir mapping through the editable
+# install, so it checks a tree of symlinks laid out as the installed `fogline`
+# package (build/typecheck/fogline/{models,drift,daemon,replay_data,cli,bench}).
+typecheck: ## mypy over the package as it installs (fogline.*)
+	rm -rf build/typecheck && mkdir -p build/typecheck/fogline
+	for f in fogline/*; do ln -s ../../../$$f build/typecheck/fogline/; done
+	for d in models drift daemon replay_data; do ln -s ../../../$$d build/typecheck/fogline/$$d; done
 	$(BIN)/mypy
 
 format: ## apply ruff's formatter and autofixes
