@@ -270,3 +270,38 @@ def test_fast_and_textbook_agree_with_the_functional_prior_term() -> None:
     se = math.sqrt(se_f**2 + se_t**2)
     assert se < 0.05 * abs(m_t), "too noisy to test anything"
     assert abs(m_f - m_t) < K_SIGMA * se, (m_f, m_t, se)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_objective_is_pyros_own_mean_field_elbo(name: str) -> None:
+    """The ELBO particle built from public poutine traces equals Pyro's
+    ``TraceMeanField_ELBO.differentiable_loss`` of the same model and guide, for the
+    same given noise: value and gradient, traced and eager."""
+    from pyro.infer import TraceMeanField_ELBO
+
+    config = VARIANTS[name]
+    x, y = _data(64)
+    if config.likelihood == "bernoulli":
+        y = (y > 0).float()
+    state = init_state(config, seed=6)
+    probe = Program(config, jit=False)
+    params = dict(state.params)
+    params["scale_unconstrained"] = torch.full_like(params["loc"], -3.0)
+    theta0 = probe.pack(params)
+    prior = default_prior(config)
+    g = torch.Generator().manual_seed(8)
+    eps = torch.randn(1, probe.size, generator=g)
+    z = torch.randn(1, config.rank, generator=g) if probe.lowrank else None
+    scales = (torch.tensor(1 / 64), torch.tensor(1 / 700))
+    theta = theta0.clone().requires_grad_(True)
+    pyro_args = (x, y, theta, prior.loc, prior.scale, *scales, eps[0], None if z is None else z[0])
+    ref = TraceMeanField_ELBO().differentiable_loss(probe.model, probe.guide, *pyro_args)
+    (ref_grad,) = torch.autograd.grad(ref, (theta,))
+    noise = (eps,) if z is None else (eps, z)
+    for jit in (True, False):
+        prog = Program(config, jit=jit)
+        th = theta0.clone().requires_grad_(True)
+        loss = prog.objective(Variant(), x, y, th, prior.loc, prior.scale, *scales, *noise)[0]
+        (grad,) = torch.autograd.grad(loss, (th,))
+        assert torch.allclose(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-6), jit
+        assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-6), jit
