@@ -650,6 +650,9 @@ def adam_(
     """
     fast = _FUSED_ADAM is not None if fused is None else fused
     whole = len(groups) == 1 and groups[0].start == 0 and groups[0].end == theta.shape[0]
+    # the public function increments the count itself: it gets a copy of t - 1 per group
+    t_before = None if fast else opt_step.clone()
+    opt_step.add_(1)  # the kernel reads the incremented count t
     for g in groups:
         sl = slice(g.start, g.end)
         p, d, m, v = (
@@ -664,14 +667,13 @@ def adam_(
         )
         if fast:
             assert _FUSED_ADAM is not None
-            t = opt_step + 1
             _FUSED_ADAM(
                 [p],
                 [d],
                 [m],
                 [v],
                 [],
-                [t],
+                [opt_step],
                 amsgrad=False,
                 lr=lr * g.lr_scale,
                 beta1=ADAM_BETAS[0],
@@ -683,13 +685,14 @@ def adam_(
                 found_inf=None,
             )
         else:
+            assert t_before is not None
             _public_adam(
                 [p],
                 [d],
                 [m],
                 [v],
                 [],
-                [opt_step.clone()],
+                [t_before.clone()],
                 fused=True,
                 amsgrad=False,
                 beta1=ADAM_BETAS[0],
@@ -699,7 +702,6 @@ def adam_(
                 eps=ADAM_EPS,
                 maximize=False,
             )
-    opt_step.add_(1)
 
 
 def grad_(
