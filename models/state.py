@@ -9,6 +9,7 @@ never mutates the old ones, so a rejected step can simply return its input.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,8 +101,10 @@ class PosteriorState:
     step_count:
         Gradient steps taken so far.
     rng_state:
-        State of the device's random generator (uint8), restored before and
-        captured after every step, so a resumed run draws the same noise.
+        State (uint8) of the step's own ``torch.Generator`` on the params'
+        device: every step builds its generator from it and stores the new
+        state back, so a resumed run draws the same noise.  Torch's global
+        RNG is never read or set (default: a CPU generator seeded with 0).
     offsets:
         ``"topic:partition" -> next offset to read``: the stream position this
         posterior has absorbed up to.
@@ -121,7 +124,9 @@ class PosteriorState:
     prior: PriorSpec
     lr: float
     step_count: int = 0
-    rng_state: torch.Tensor = field(default_factory=lambda: torch.get_rng_state())
+    rng_state: torch.Tensor = field(
+        default_factory=lambda: _fresh_rng_state(torch.device("cpu"), 0)
+    )
     offsets: dict[str, int] = field(default_factory=dict)
     records_absorbed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -149,13 +154,20 @@ class PosteriorState:
         return dataclasses.replace(self, **changes)
 
     def to(self, device: torch.device | str) -> PosteriorState:
-        """Copy every tensor onto ``device`` (the RNG state follows the device's generator)."""
+        """Copy every tensor onto ``device``.
+
+        Across device types the generator kind changes (CPU Mersenne Twister,
+        CUDA Philox), so the RNG state is re-seeded with a seed derived from
+        the current state's bytes (deterministic; torch's global RNG is not
+        read).
+        """
         dev = torch.device(device)
         if dev == self.device:
             return self
         rng = self.rng_state
         if dev.type != self.device.type:
-            rng = _fresh_rng_state(dev, int(torch.randint(0, 2**31 - 1, (1,)).item()))
+            digest = hashlib.sha256(rng.cpu().numpy().tobytes()).digest()
+            rng = _fresh_rng_state(dev, int.from_bytes(digest[:4], "big") & 0x7FFFFFFF)
         return dataclasses.replace(
             self,
             params={k: v.to(dev) for k, v in self.params.items()},

@@ -23,13 +23,15 @@ the factor V by about lr at once, which at lr 0.005 makes the guide diverge
 within a few steps (docs/model.md), so its streaming updates keep the smaller
 step too.
 
-Both paths are pure, keep the state layout, take their randomness from
-``state.rng_state`` and so resume bit for bit after a restart.
+Either way it is the one step of :func:`fogline.models.svi.step` (the
+functional prior is a term of its objective, the factor's scale a parameter
+group of its optimizer): pure, same state layout, randomness from
+``state.rng_state``, so it resumes bit for bit after a restart.
 """
 
 from __future__ import annotations
 
-from fogline.models.fprior import LR_SCALE_KEY, FunctionalPrior, streaming_step
+from fogline.models.fprior import LR_SCALE_KEY, FunctionalPrior
 from fogline.models.state import Minibatch, PosteriorState, StepInfo
 from fogline.models.svi import step
 
@@ -43,28 +45,20 @@ def stream_step(
     likelihood_weight: float = 1.0,
     functional_prior: bool = True,
 ) -> tuple[PosteriorState, StepInfo]:
-    """Absorb ``batch``: :func:`fogline.models.svi.step`, or :func:`fogline.models.fprior.streaming_step`
-    when ``functional_prior`` is on and the state carries one (see the module docstring),
-    or when a low-rank state carries a step scale for its factor
-    (``extra["cov_factor_lr_scale"]``: the factor V moves by ``lr * scale``)."""
+    """Absorb ``batch``: :func:`fogline.models.svi.step` with the terms the state carries.
+
+    The functional-prior term is on when ``functional_prior`` is and the state
+    carries one (``extra["functional_prior"]``); a low-rank state's factor
+    steps with the scale it carries (``extra["cov_factor_lr_scale"]``, else 1).
+    """
     fprior = FunctionalPrior.of(state) if functional_prior else None
-    if fprior is not None and fprior.weight <= 0:
-        fprior = None
     lr_scale = float(state.extra.get(LR_SCALE_KEY, 1.0)) if "cov_factor" in state.params else 1.0
-    if fprior is None and lr_scale == 1.0:
-        return step(
-            state,
-            batch,
-            num_steps=num_steps,
-            data_size=data_size,
-            likelihood_weight=likelihood_weight,
-        )
-    return streaming_step(
+    return step(
         state,
         batch,
-        fprior=fprior,
         num_steps=num_steps,
         data_size=data_size,
         likelihood_weight=likelihood_weight,
+        functional_prior=fprior,
         cov_factor_lr_scale=lr_scale,
     )

@@ -1,4 +1,4 @@
-"""Streaming stochastic variational inference as a pure function.
+"""Streaming stochastic variational inference as a pure function: ONE update step.
 
 The model is a Pyro program over ONE flat weight site ``w`` [P]::
 
@@ -8,37 +8,33 @@ The model is a Pyro program over ONE flat weight site ``w`` [P]::
 and the guide is a hand-written Gaussian q_lambda(w): mean-field
 N(m, diag(s^2)) or low-rank N(m, V V^T + diag(s^2)).
 
-Update (one call of :func:`step`, K inner gradient steps).  With prior pi_t
-(the base prior p0, the previous posterior for streaming VB, or the forgetting
-mix of :mod:`fogline.drift.policy`), likelihood weight beta and data size N_t, each
-inner step does one Adam step on the per-observation negative ELBO
+There is one objective and one step (:func:`step`); the variants are terms
+and parameters of it (BlackJAX's ``vi/_gaussian_vi.py``): the functional
+prior of :mod:`fogline.models.fprior` is an optional term, the likelihood
+weight beta and the data size N_t are parameters, the low-rank factor's step
+scale is an optimizer parameter group.  See :func:`step` for the mathematics.
 
-    L(lambda) = -(1/N_t) [ beta (N_t / n) sum_{i<=n} E_q log p(y_i | x_i, w)
-                           - KL(q_lambda || pi_t) ]
+Speed (docs/performance.md).  The objective is Pyro's mean-field ELBO
+particle of this model and guide (built from public ``poutine.trace`` /
+``poutine.replay`` traces), plus the optional functional term, traced once
+per (config, device, variant) by ``torch.jit.trace`` and then run by
+TorchScript's interpreter with eager autograd (identical bits on every call,
+so a restarted process resumes exactly); inside one call the packed
+parameters theta [T] are one tensor, the Adam moments are updated by torch's
+fused kernel in place, the diagnostics are taken on the last inner step only,
+and the host is synchronised once.
 
-using one reparameterised sample of w and the closed-form KL (Pyro's
-``TraceMeanField_ELBO``).  q after the call approximates
+Randomness is carried, not swapped: the reparameterisation noise (and the
+functional prior's out-of-data inputs) are drawn from an explicit
+``torch.Generator`` on the state's device, built from ``state.rng_state``;
+its new state is stored back in the returned state.  Torch's global RNG is
+never read or set, and the traced graph draws nothing (the noise is an
+input).
 
-    p_t(w) ∝ pi_t(w) · prod_i p(y_i | x_i, w)^(beta N_t / n),
-
-i.e. the batch stands for N_t observations.  ``data_size = n`` (the default)
-is plain posterior-as-prior streaming; a large ``data_size`` with a frozen
-prior is the classic minibatch SVI of a fixed data set.  beta < 1 tempers an
-anomalous batch (generalised Bayes).
-
-Stability (NumPyro's ``stable_update``): if the loss or any parameter is not
-finite after the call, the input state is returned unchanged with
-``rejected=True``.
-
-Speed (docs/performance.md).  The ELBO is Pyro's mean-field ELBO particle of
-this model and guide, traced once per (config, device) by ``torch.jit.trace``
-and then run by TorchScript's interpreter with eager autograd (identical bits
-on every call, so a restarted process resumes exactly); inside one call the
-packed parameters theta [T] are one tensor, the Adam moments are updated by
-torch's fused kernel in place, the KL and gradient-norm diagnostics are taken
-on the last inner step only, and the host is synchronised once.  The RNG
-stream stays explicit: the state's generator state is restored before and
-captured after the call, and tracing draws nothing from it.
+Private torch entry points (``torch._fused_adam_``, the autograd engine's
+``run_backward``) are used when present and have public fallbacks chosen at
+import (``torch.optim.adam.adam(fused=True)``, ``torch.autograd.grad``) that
+compute the same bits; ``tests/models/test_svi_speedpath.py`` checks both.
 """
 
 from __future__ import annotations
@@ -47,34 +43,49 @@ import contextlib
 import functools
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
-from pyro.infer import TraceMeanField_ELBO
-from torch.distributions import Independent, LowRankMultivariateNormal, Normal, register_kl
+from torch.distributions import (
+    Distribution,
+    Independent,
+    LowRankMultivariateNormal,
+    Normal,
+    kl_divergence,
+    register_kl,
+)
+from torch.optim.adam import adam as _public_adam
 from torch.types import _size
 
 from fogline.models.config import ModelConfig
+from fogline.models.fprior import FunctionalPrior, functional_kl_tensor, lowrank_kl
 from fogline.models.likelihoods import df_from_unconstrained, df_to_unconstrained, observation_dist
-from fogline.models.network import _ACTIVATIONS, Layout, layout
+from fogline.models.network import _ACTIVATIONS, Layout, layout, unflatten
 from fogline.models.priors import default_prior, kl_to_prior
 from fogline.models.state import Minibatch, PosteriorState, PriorSpec, StepInfo, _fresh_rng_state
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 _EMPTY = torch.Size()
-#: Run the traced ELBO through TorchScript's profiling/optimising executor?  Off:
-#: the graph is interpreted op by op and differentiated by eager autograd, which
-#: gives the same numbers on every call (the optimised graph's symbolic
+#: Run the traced objective through TorchScript's profiling/optimising executor?
+#: Off: the graph is interpreted op by op and differentiated by eager autograd,
+#: which gives the same numbers on every call (the optimised graph's symbolic
 #: gradients differ in the last bits from the profiling runs', which broke
 #: bit-exact resumption in a fresh process) at the same speed (docs/performance.md).
 _OPTIMIZED_EXECUTION = False
+
+#: torch's fused Adam kernel (private; the kernel ``adam(fused=True)`` calls), or None.
+_FUSED_ADAM: Callable[..., None] | None = getattr(torch, "_fused_adam_", None)
+#: The autograd engine's ``run_backward`` (private; what ``autograd.grad`` calls), or None.
+_ENGINE_RUN_BACKWARD: Callable[..., tuple[torch.Tensor, ...]] | None = getattr(
+    getattr(torch.autograd.Variable, "_execution_engine", None), "run_backward", None
+)
 
 
 # ---------------------------------------------------------------------------
@@ -82,23 +93,18 @@ _OPTIMIZED_EXECUTION = False
 # ---------------------------------------------------------------------------
 @register_kl(LowRankMultivariateNormal, Independent)
 def _kl_lowrank_diag(q: LowRankMultivariateNormal, p: Independent) -> torch.Tensor:
-    """KL(N(mu, V V^T + D) || N(m, diag(s^2))).
+    """KL(N(mu, V V^T + D) || N(m, diag(s^2))): :func:`fogline.models.fprior.lowrank_kl`.
 
-    = 1/2 [ tr(S^-1 Sigma) + (m - mu)^T S^-1 (m - mu) - P + log|S| - log|Sigma| ]
-    with tr(S^-1 Sigma) = sum_i (D_i + sum_r V_ir^2) / s_i^2 and
-    log|Sigma| = log|D| + log|I_R + V^T D^-1 V| (matrix determinant lemma).
+    The one low-rank KL of the package (float64 Cholesky of the capacitance);
+    registered so Pyro's mean-field ELBO dispatches to it.
     """
     base = p.base_dist
     if not isinstance(base, Normal) or p.reinterpreted_batch_ndims != 1:
         raise NotImplementedError
-    s2 = base.scale.pow(2)
-    d = q.cov_diag
-    v = q.cov_factor
-    trace = ((d + v.pow(2).sum(-1)) / s2).sum(-1)
-    maha = ((base.loc - q.loc).pow(2) / s2).sum(-1)
-    cap = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device) + (v.transpose(-1, -2) / d) @ v
-    logdet_sigma = d.log().sum(-1) + torch.linalg.slogdet(cap)[1]
-    return 0.5 * (trace + maha - q.loc.shape[-1] + s2.log().sum(-1) - logdet_sigma)
+    scale = getattr(q, "diag_scale", None)
+    if scale is None:
+        scale = q.cov_diag.sqrt()
+    return lowrank_kl(q.loc, q.cov_factor, scale, base.loc, base.scale)
 
 
 # ---------------------------------------------------------------------------
@@ -134,22 +140,67 @@ class _Slot:
 
 
 # ---------------------------------------------------------------------------
-# the Pyro program
+# the guide's distributions: reparameterised draws from GIVEN noise
 # ---------------------------------------------------------------------------
-class _RandnNormal(dist.Normal):
-    """Pyro's ``Normal`` drawing its reparameterised noise with one ``randn``.
+def draw_weights(
+    loc: torch.Tensor,
+    scale: torch.Tensor,
+    eps: torch.Tensor,
+    cov_factor: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """w = m + s * eps (+ z V^T): q's reparameterised draw for given standard-normal noise.
 
-    rsample() = loc + scale * eps, eps ~ N(0, I): the same draw as the parent
-    class, but torch.distributions emits ``zeros``, ``ones`` and ``normal``
-    (three graph nodes) for eps while being traced; this emits one.  Every
-    other method, and the closed-form KL dispatch (on the ``Normal`` base),
-    is the parent's.
+    ``eps`` is [P] or [S, P]; for the low-rank guide ``z`` is [R] or [S, R]
+    and ``cov_factor`` V is [P, R], so w ~ N(m, diag(s^2) + V V^T).
+    """
+    w = loc + eps * scale
+    if cov_factor is not None and z is not None:
+        w = w + torch.matmul(z, cov_factor.T)
+    return w
+
+
+class _NoisedNormal(dist.Normal):
+    """Pyro's ``Normal`` whose reparameterised sample uses the noise it is given.
+
+    rsample() = loc + eps * scale for the ``eps`` passed in (the step draws it
+    from the state's generator); with ``eps=None`` it is the parent class.
+    Every other method, and the closed-form KL dispatch (on the ``Normal``
+    base), is the parent's.
     """
 
+    def __init__(
+        self, loc: torch.Tensor, scale: torch.Tensor, eps: torch.Tensor | None = None
+    ) -> None:
+        super().__init__(loc, scale)
+        self.eps = eps
+
     def rsample(self, sample_shape: _size = _EMPTY) -> torch.Tensor:
-        shape = self._extended_shape(sample_shape)
-        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
-        return self.loc + eps * self.scale
+        if self.eps is None:
+            return super().rsample(sample_shape)
+        return draw_weights(self.loc, self.scale, self.eps)
+
+
+class _NoisedLowRank(dist.LowRankMultivariateNormal):
+    """N(loc, V V^T + diag(s^2)) whose reparameterised sample uses given noise (eps [P], z [R])."""
+
+    def __init__(
+        self,
+        loc: torch.Tensor,
+        cov_factor: torch.Tensor,
+        diag_scale: torch.Tensor,
+        eps: torch.Tensor | None = None,
+        z: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(loc, cov_factor, diag_scale.pow(2))
+        self.diag_scale = diag_scale
+        self.eps = eps
+        self.z = z
+
+    def rsample(self, sample_shape: _size = _EMPTY) -> torch.Tensor:
+        if self.eps is None or self.z is None:
+            return super().rsample(sample_shape)
+        return draw_weights(self.loc, self.diag_scale, self.eps, self.cov_factor, self.z)
 
 
 def _forward_one(w_p: torch.Tensor, x_nd: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -174,29 +225,97 @@ def _forward_one(w_p: torch.Tensor, x_nd: torch.Tensor, config: ModelConfig) -> 
     return h
 
 
+def _forward_many(w_sp: torch.Tensor, x_nd: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Raw outputs [S, N, O] for S weight vectors ``w_sp`` [S, P] at shared rows ``x_nd`` [N, D].
+
+    ``models.network.forward`` with ``expand(S, -1, -1)``, so a trace of it
+    stays generic in N.
+    """
+    act = _ACTIVATIONS[config.activation]
+    params = unflatten(w_sp, layout(config))
+    h = x_nd.expand(w_sp.shape[0], -1, -1)
+    last = len(params) - 1
+    for i, (weight, bias) in enumerate(params):
+        h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+        if i < last:
+            h = act(h)
+    return h
+
+
 @functools.cache
 def _layer_sizes(lay: Layout) -> list[int]:
     """[|W_1|, |b_1|, |W_2|, |b_2|, ...]: the split of the flat vector into tensors."""
     return [n for layer in lay.layers for n in (layer.fan_in * layer.fan_out, layer.fan_out)]
 
 
+def mean_field_elbo_particle(
+    model_trace: poutine.Trace, guide_trace: poutine.Trace
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, KL, log-likelihood) of one particle of Pyro's ``TraceMeanField_ELBO``.
+
+    loss = sum_latent scale_q KL(q_site || p_site) - sum_observed scale_p log p(value),
+    the particle ``TraceMeanField_ELBO`` differentiates, built from the public
+    trace API (``poutine.trace``/``poutine.replay`` traces, ``kl_divergence``);
+    also returned, unscaled: KL = sum_latent KL(q || p) in nats and
+    log-likelihood = sum_observed log p(value).  Every guide site must be a
+    model site with a closed-form KL (true of this program).
+    """
+    loss: torch.Tensor | float = 0.0
+    kl: torch.Tensor | float = 0.0
+    lp: torch.Tensor | float = 0.0
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        if site["is_observed"]:
+            lp_site = (
+                cast(Distribution, site["fn"]).log_prob(cast(torch.Tensor, site["value"])).sum()
+            )
+            lp = lp + lp_site
+            loss = loss - site["scale"] * lp_site
+        else:
+            q_site = guide_trace.nodes[name]
+            q_fn, p_fn = cast(Distribution, q_site["fn"]), cast(Distribution, site["fn"])
+            kl_site = kl_divergence(q_fn, p_fn).sum()
+            kl = kl + kl_site
+            loss = loss + q_site["scale"] * kl_site
+    assert isinstance(loss, torch.Tensor) and isinstance(kl, torch.Tensor)
+    assert isinstance(lp, torch.Tensor)
+    return loss, kl, lp
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which terms the objective has (one trace per variant).
+
+    ``particles`` reparameterised draws estimate the expected log-likelihood
+    (Pyro's ``num_particles``: the ELBO particles are averaged); ``samples``
+    is the number S >= particles of noise rows drawn (the functional term
+    uses all S, the first ``particles`` shared with the ELBO); ``functional``
+    adds the functional-prior term.
+    """
+
+    particles: int = 1
+    samples: int = 1
+    functional: bool = False
+
+
 class Program:
-    """The Pyro model and guide of one :class:`ModelConfig`, with its ELBO.
+    """The Pyro model and guide of one :class:`ModelConfig`, with its objective.
 
     Model and guide take every tensor as an argument: ``(x [N,D], y [N],
-    theta [T], prior_loc [P], prior_scale [P], obs_scale [], kl_scale [])``,
-    where ``theta`` packs the variational parameters (:attr:`slots`).
+    theta [T], prior_loc [P], prior_scale [P], obs_scale [], kl_scale [],
+    eps [P] | None, z [R] | None)``, where ``theta`` packs the variational
+    parameters (:attr:`slots`) and ``eps``/``z`` are the standard-normal noise
+    of the guide's draw (``None``: Pyro draws it, e.g. under ``Predictive``).
     ``obs_scale`` = beta / n and ``kl_scale`` = 1 / N_t scale the two ELBO
-    terms (see the module docstring).
+    terms (see :func:`step`).
 
-    :meth:`loss` is the one-particle negative ELBO of Pyro's
-    ``TraceMeanField_ELBO`` for this model and guide (its
-    ``_differentiable_loss_particle``, as Pyro's own JIT ELBO sums it).  With
-    ``jit=True`` it is traced once by ``torch.jit.trace`` (Pyro validation
-    off, RNG untouched by the trace) and the TorchScript function is called
-    directly afterwards, run unoptimised (see ``_OPTIMIZED_EXECUTION``): the
-    graph is the Pyro program's ELBO, without Pyro's per-call JIT
-    bookkeeping.  The trace is shape-generic in the batch rows N.
+    :meth:`objective` is the per-observation loss of :func:`step` for one
+    :class:`Variant`.  With ``jit=True`` each variant is traced once by
+    ``torch.jit.trace`` (Pyro validation off; the trace draws nothing) and
+    the TorchScript function is called directly afterwards, run unoptimised
+    (see ``_OPTIMIZED_EXECUTION``).  The trace is shape-generic in the batch
+    rows N.
     """
 
     def __init__(
@@ -216,12 +335,13 @@ class Program:
             pos += n
         self.total = pos
         self.lowrank = config.guide == "lowrank"
-        self.elbo = TraceMeanField_ELBO()
+        self.rank = config.rank if self.lowrank else 0
         self.model = self._model
         self.guide = self._guide
-        self._traced: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._traced: dict[Variant, Callable[..., tuple[torch.Tensor, ...]]] = {}
         self._split = [sl.end - sl.start for sl in self.slots.values()]
         self._scalars: dict[float, torch.Tensor] = {}
+        self._groups: dict[float, tuple[ParamGroup, ...]] = {}
 
     # -- packing -----------------------------------------------------------
     def pack(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -245,6 +365,13 @@ class Program:
             t = self._scalars[value] = torch.tensor(value, device=self.device)
         return t
 
+    def groups(self, cov_factor_lr_scale: float = 1.0) -> tuple[ParamGroup, ...]:
+        """The optimizer's parameter groups (:func:`param_groups`), memoised."""
+        g = self._groups.get(cov_factor_lr_scale)
+        if g is None:
+            g = self._groups[cov_factor_lr_scale] = param_groups(self, cov_factor_lr_scale)
+        return g
+
     # -- the Pyro program --------------------------------------------------
     def _df(self, theta: torch.Tensor) -> torch.Tensor | None:
         if self.config.learns_df:
@@ -254,12 +381,14 @@ class Program:
     def _model(
         self,
         x: torch.Tensor,
-        y: torch.Tensor,
+        y: torch.Tensor | None,
         theta: torch.Tensor,
         prior_loc: torch.Tensor,
         prior_scale: torch.Tensor,
         obs_scale: torch.Tensor,
         kl_scale: torch.Tensor,
+        eps: torch.Tensor | None = None,
+        z: torch.Tensor | None = None,
     ) -> None:
         with poutine.scale(scale=kl_scale):
             w = pyro.sample("w", dist.Normal(prior_loc, prior_scale).to_event(1))
@@ -274,12 +403,14 @@ class Program:
     def _guide(
         self,
         x: torch.Tensor,
-        y: torch.Tensor,
+        y: torch.Tensor | None,
         theta: torch.Tensor,
         prior_loc: torch.Tensor,
         prior_scale: torch.Tensor,
         obs_scale: torch.Tensor,
         kl_scale: torch.Tensor,
+        eps: torch.Tensor | None = None,
+        z: torch.Tensor | None = None,
     ) -> None:
         parts = theta.split(self._split)
         loc = parts[0]
@@ -287,57 +418,81 @@ class Program:
         with poutine.scale(scale=kl_scale):
             if self.lowrank:
                 factor = parts[2].view(self.slots["cov_factor"].shape)
-                pyro.sample("w", dist.LowRankMultivariateNormal(loc, factor, scale.pow(2)))
+                pyro.sample("w", _NoisedLowRank(loc, factor, scale, eps, z))
             else:
-                pyro.sample("w", _RandnNormal(loc, scale).to_event(1))
+                pyro.sample("w", _NoisedNormal(loc, scale, eps).to_event(1))
 
-    def _eager_loss_and_kl(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # The mean-field ELBO particle, summed as Pyro's JitTraceMeanField_ELBO
-        # does: ``TraceMeanField_ELBO.differentiable_loss`` returns
-        # L + (S - item(S)), whose item() would be frozen into a trace as a
-        # constant (right gradient, wrong value for any other input).
-        # One particle (num_particles = 1), so no accumulation op in the graph.
-        ((model_trace, guide_trace),) = self.elbo._get_traces(self.model, self.guide, args, {})
-        _, loss = self.elbo._differentiable_loss_particle(model_trace, guide_trace)
-        # loss = kl_scale KL - obs_lp with obs_lp = obs_scale sum_i log p(y_i | x_i, w)
-        # (the model trace's scaled log-likelihood), so the ELBO's own KL term is
-        # KL = (loss + obs_lp) / kl_scale: two scalar ops instead of re-deriving
-        # it from theta (float32 cancellation: ~1e-7 * N_t nats, negligible).
-        obs_lp = model_trace.nodes["obs"]["log_prob_sum"].detach()
-        return loss, (loss.detach() + obs_lp) / args[6]
+    def _particle(
+        self, args: tuple[torch.Tensor | None, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        guide_trace = poutine.trace(self.guide).get_trace(*args)
+        model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(*args)
+        return mean_field_elbo_particle(model_trace, guide_trace)
 
-    def loss_and_kl(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(differentiable per-observation negative ELBO, KL(q || prior) in nats, detached).
+    def _eager_objective(
+        self, variant: Variant, *tensors: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y, theta, prior_loc, prior_scale, obs_scale, kl_scale, eps = tensors[:8]
+        z = tensors[8] if self.lowrank else None
+        rest = tensors[9:] if self.lowrank else tensors[8:]
+        loss, kl, lp = self._particle(
+            (x, y, theta, prior_loc, prior_scale, obs_scale, kl_scale, eps[0], _row(z, 0))
+        )
+        for s in range(1, variant.particles):
+            loss_s, _, lp_s = self._particle(
+                (x, y, theta, prior_loc, prior_scale, obs_scale, kl_scale, eps[s], _row(z, s))
+            )
+            loss, lp = loss + loss_s, lp + lp_s
+        if variant.particles > 1:
+            loss, lp = loss / variant.particles, lp / variant.particles
+        if variant.functional:
+            x_ood, f_weight, f_loc, f_scale = rest
+            p = self.unpack(theta)
+            w_sp = draw_weights(
+                p["loc"], F.softplus(p["scale_unconstrained"]), eps, p.get("cov_factor"), z
+            )
+            mean_sn = _forward_many(w_sp, x_ood, self.config)[..., 0]
+            loss = loss + f_weight * functional_kl_tensor(mean_sn, f_loc, f_scale)
+        return loss, kl.detach(), lp.detach()
 
-        The KL diagnostic is part of the same traced graph (recovered from the
-        ELBO's two terms), so it costs no extra dispatch per step.
+    def objective(
+        self, variant: Variant, *tensors: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(differentiable loss, KL(q || prior) in nats, log-likelihood sum; both detached).
+
+        ``tensors`` = ``(x, y, theta, prior_loc, prior_scale, obs_scale,
+        kl_scale, eps [S, P])``, then ``z [S, R]`` for the low-rank guide, then
+        for a functional variant ``(x_ood [N, D], gamma [], mu_0 [], sigma_0 [])``.
+        The log-likelihood is sum_i log p(y_i | x_i, w), averaged over the
+        particles.  The diagnostics come from the same traced graph, so they
+        cost no extra dispatch per step.
         """
         if not self.jit:
-            return self._eager_loss_and_kl(*args)
-        fn = self._traced
+            return self._eager_objective(variant, *tensors)
+        fn = self._traced.get(variant)
         if fn is None:
-            fn = self._traced = self._trace(args)
+            fn = self._traced[variant] = self._trace(variant, tensors)
         with torch.jit.optimized_execution(_OPTIMIZED_EXECUTION):
-            return fn(*args)
+            loss, kl, lp = fn(*tensors)
+        return loss, kl, lp
 
-    def loss(self, *args: torch.Tensor) -> torch.Tensor:
-        """Differentiable per-observation negative ELBO for the packed arguments."""
-        return self.loss_and_kl(*args)[0]
+    def loss(self, *tensors: torch.Tensor) -> torch.Tensor:
+        """Differentiable per-observation negative ELBO (one particle, no functional term)."""
+        return self.objective(Variant(), *tensors)[0]
 
     def _trace(
-        self, args: tuple[torch.Tensor, ...]
-    ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-        """``torch.jit.trace`` of the ELBO; the tracing run's draws do not touch the RNG stream."""
-        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-        with (
-            torch.random.fork_rng(devices=cuda),
-            pyro.validation_enabled(False),
-            warnings.catch_warnings(),
-        ):
+        self, variant: Variant, args: tuple[torch.Tensor, ...]
+    ) -> Callable[..., tuple[torch.Tensor, ...]]:
+        """``torch.jit.trace`` of one variant of the objective (draws nothing: the noise is input)."""
+
+        def objective(*tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return self._eager_objective(variant, *tensors)
+
+        with pyro.validation_enabled(False), warnings.catch_warnings():
             # shape checks inside torch.distributions are constant for a fixed P
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            traced: Callable[..., tuple[torch.Tensor, torch.Tensor]] = torch.jit.trace(
-                self._eager_loss_and_kl, args, check_trace=False
+            traced: Callable[..., tuple[torch.Tensor, ...]] = torch.jit.trace(
+                objective, args, check_trace=False
             )
         return traced
 
@@ -347,9 +502,12 @@ class Program:
         p = self.unpack(theta)
         scale = F.softplus(p["scale_unconstrained"])
         if self.lowrank:
-            q = LowRankMultivariateNormal(p["loc"], p["cov_factor"], scale.pow(2))
-            return _kl_lowrank_diag(q, Independent(Normal(prior.loc, prior.scale), 1))
+            return lowrank_kl(p["loc"], p["cov_factor"], scale, prior.loc, prior.scale)
         return kl_to_prior(p["loc"], scale, prior)
+
+
+def _row(t: torch.Tensor | None, i: int) -> torch.Tensor | None:
+    return None if t is None else t[i]
 
 
 _PROGRAMS: dict[tuple[ModelConfig, torch.device, bool], Program] = {}
@@ -359,7 +517,7 @@ def program(config: ModelConfig, device: torch.device, *, jit: bool = True) -> P
     """The (memoised) :class:`Program` of ``config``; JIT traces are per device.
 
     Keyed on the (frozen, hashable) config itself: equal configs share one
-    program and one trace.
+    program and one trace per variant.
     """
     key = (config, device, jit)
     prog = _PROGRAMS.get(key)
@@ -384,7 +542,8 @@ def init_state(
 
     The initial posterior scale is ``config.init_scale`` for every weight; the
     low-rank factor starts at ``init_scale / sqrt(rank)`` (random signs) so its
-    marginal variance matches; a learned Student-t df starts at 10.
+    marginal variance matches; a learned Student-t df starts at 10.  The
+    state's RNG is a fresh generator of ``device`` seeded with ``seed``.
     """
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
@@ -437,33 +596,273 @@ def reset_optimizer(state: PosteriorState) -> PosteriorState:
 
 
 # ---------------------------------------------------------------------------
+# the optimizer: one Adam over parameter groups of the packed vector
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParamGroup:
+    """A contiguous slice ``[start, end)`` of theta [T] stepped with ``lr * lr_scale``."""
+
+    start: int
+    end: int
+    lr_scale: float = 1.0
+
+
+def param_groups(prog: Program, cov_factor_lr_scale: float = 1.0) -> tuple[ParamGroup, ...]:
+    """Parameter groups of ``prog``'s packed vector: the low-rank factor V may have its own lr.
+
+    Adam moves every entry by about lr at once; for V that is coherent along
+    a column (one draw z then perturbs all weights together), so the warm
+    start gives V the step ``lr * cov_factor_lr_scale``.  Neighbouring
+    parameters with the same multiplier form one group (a mean-field state is
+    one group: one kernel call).
+    """
+    groups: list[ParamGroup] = []
+    for name in prog.names:
+        sl = prog.slots[name]
+        c = cov_factor_lr_scale if name == "cov_factor" else 1.0
+        if groups and groups[-1].lr_scale == c and groups[-1].end == sl.start:
+            groups[-1] = ParamGroup(groups[-1].start, sl.end, c)
+        else:
+            groups.append(ParamGroup(sl.start, sl.end, c))
+    return tuple(groups)
+
+
+def adam_(
+    theta: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    opt_step: torch.Tensor,
+    lr: float,
+    groups: Sequence[ParamGroup],
+    *,
+    fused: bool | None = None,
+) -> None:
+    """One in-place Adam step on theta [T] over parameter ``groups`` (shared step count t).
+
+    t <- t + 1;  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;
+    theta_G <- theta_G - lr c_G (m_G / (1 - b1^t)) / (sqrt(v_G / (1 - b2^t)) + eps)
+    for each group G with multiplier c_G.  ``fused=True`` calls torch's fused
+    kernel directly (``torch._fused_adam_``, private); ``False`` the public
+    ``torch.optim.adam.adam(fused=True)``, which runs the same kernel after
+    its per-call dispatch (same bits); ``None`` picks the kernel when this
+    torch has it.
+    """
+    fast = _FUSED_ADAM is not None if fused is None else fused
+    whole = len(groups) == 1 and groups[0].start == 0 and groups[0].end == theta.shape[0]
+    # the public function increments the count itself: it gets a copy of t - 1 per group
+    t_before = None if fast else opt_step.clone()
+    opt_step.add_(1)  # the kernel reads the incremented count t
+    for g in groups:
+        sl = slice(g.start, g.end)
+        p, d, m, v = (
+            (theta, grad, exp_avg, exp_avg_sq)
+            if whole
+            else (
+                theta[sl],
+                grad[sl],
+                exp_avg[sl],
+                exp_avg_sq[sl],
+            )
+        )
+        if fast:
+            assert _FUSED_ADAM is not None
+            _FUSED_ADAM(
+                [p],
+                [d],
+                [m],
+                [v],
+                [],
+                [opt_step],
+                amsgrad=False,
+                lr=lr * g.lr_scale,
+                beta1=ADAM_BETAS[0],
+                beta2=ADAM_BETAS[1],
+                weight_decay=0.0,
+                eps=ADAM_EPS,
+                maximize=False,
+                grad_scale=None,
+                found_inf=None,
+            )
+        else:
+            assert t_before is not None
+            _public_adam(
+                [p],
+                [d],
+                [m],
+                [v],
+                [],
+                [t_before.clone()],
+                fused=True,
+                amsgrad=False,
+                beta1=ADAM_BETAS[0],
+                beta2=ADAM_BETAS[1],
+                lr=lr * g.lr_scale,
+                weight_decay=0.0,
+                eps=ADAM_EPS,
+                maximize=False,
+            )
+
+
+def grad_(
+    loss: torch.Tensor, theta: torch.Tensor, one: torch.Tensor, *, engine: bool | None = None
+) -> torch.Tensor:
+    """d loss / d theta: ``torch.autograd.grad(loss, theta)``, or the engine call it makes.
+
+    ``engine=True`` calls the autograd engine's ``run_backward`` directly
+    (private; skips ~40 us of argument normalisation a call, 3-6% of a step
+    at batch 256); ``False`` the public function; ``None`` picks the engine
+    when this torch has it.  Both compute the same gradient.
+    """
+    fast = _ENGINE_RUN_BACKWARD is not None if engine is None else engine
+    if not fast:
+        return torch.autograd.grad(loss, (theta,), grad_outputs=(one,))[0]
+    assert _ENGINE_RUN_BACKWARD is not None
+    return _ENGINE_RUN_BACKWARD((loss,), (one,), False, False, (theta,), False, False)[0]
+
+
+# ---------------------------------------------------------------------------
 # the update
 # ---------------------------------------------------------------------------
-class _DeviceRng:
-    """Run a block under the state's generator and capture it afterwards."""
+def check_step_args(batch: Minibatch, num_steps: int, likelihood_weight: float) -> None:
+    """The argument checks of :func:`step` (ValueError naming the argument)."""
+    if num_steps < 1:
+        raise ValueError("num_steps must be >= 1")
+    if not 0.0 <= likelihood_weight <= 1.0:
+        raise ValueError(f"likelihood_weight must lie in [0, 1], got {likelihood_weight}")
+    if batch.rows == 0:
+        raise ValueError("empty minibatch")
 
-    def __init__(self, device: torch.device, rng_state: torch.Tensor) -> None:
-        self.device = device
-        self.rng_state = rng_state
-        self.saved: torch.Tensor | None = None
 
-    def __enter__(self) -> _DeviceRng:
-        if self.device.type == "cuda":
-            self.saved = torch.cuda.get_rng_state(self.device)
-            torch.cuda.set_rng_state(self.rng_state, self.device)
-        else:
-            self.saved = torch.get_rng_state()
-            torch.set_rng_state(self.rng_state)
-        return self
+def generator_of(state: PosteriorState) -> torch.Generator:
+    """A ``torch.Generator`` on the state's device holding ``state.rng_state``."""
+    gen = torch.Generator(device=state.device)
+    gen.set_state(state.rng_state)
+    return gen
 
-    def __exit__(self, *exc: object) -> None:
-        assert self.saved is not None
-        if self.device.type == "cuda":
-            self.rng_state = torch.cuda.get_rng_state(self.device)
-            torch.cuda.set_rng_state(self.saved, self.device)
-        else:
-            self.rng_state = torch.get_rng_state()
-            torch.set_rng_state(self.saved)
+
+def step(
+    state: PosteriorState,
+    batch: Minibatch,
+    *,
+    num_steps: int = 1,
+    data_size: int | None = None,
+    likelihood_weight: float = 1.0,
+    functional_prior: FunctionalPrior | None = None,
+    particles: int = 1,
+    cov_factor_lr_scale: float = 1.0,
+    jit: bool = True,
+) -> tuple[PosteriorState, StepInfo]:
+    """Absorb ``batch``: ``num_steps`` Adam steps on ONE per-observation objective.
+
+    Mathematics.  With prior pi_t (the base prior p0, the previous posterior
+    for streaming VB, or the forgetting mix of :mod:`fogline.drift.policy`),
+    likelihood weight beta in [0, 1], data size N_t (``data_size``, default
+    the batch's rows n) and, optionally, a functional prior with weight
+    gamma >= 0 (:class:`fogline.models.fprior.FunctionalPrior`), each inner
+    step takes one Adam step on
+
+        L(lambda) = -(beta/n) sum_{i<=n} E_q log p(y_i | x_i, w)     (likelihood)
+                    + KL(q_lambda || pi_t) / N_t                      (weight space)
+                    + gamma mean_j KL(N(m(x~_j), v(x~_j)) || N(mu_0, sigma_0^2))
+
+    (the last term only with a functional prior; m, v are the moments of the
+    mean output at out-of-data inputs x~ under S draws of w ~ q).  The
+    expectation uses ``particles`` reparameterised draws, the KLs in weight
+    space are closed-form (Pyro's ``TraceMeanField_ELBO``; the low-rank one
+    by a float64 Cholesky).  With gamma = 0, q after the call approximates
+
+        p_t(w) ∝ pi_t(w) · prod_i p(y_i | x_i, w)^(beta N_t / n) ≈ p(w | D_1:t),
+
+    i.e. the batch stands for N_t observations: ``data_size = n`` is plain
+    posterior-as-prior streaming, a large ``data_size`` with a frozen prior
+    classic minibatch SVI of a fixed data set, beta < 1 tempers an anomalous
+    batch (generalised Bayes).  gamma > 0 adds the data prior in function
+    space (Hafner et al. 2019): N_t gamma times the functional KL acts as a
+    log-prior over functions at x~.
+
+    Optimizer.  One Adam (:func:`adam_`) over the packed parameters theta with
+    parameter groups (:func:`param_groups`): the low-rank factor V moves with
+    ``lr * cov_factor_lr_scale``.  Its moments and step count live in
+    ``state.opt_state``.
+
+    Randomness.  The noise (eps [S, P], z [S, R], then x~) of each inner
+    step is drawn from a generator on the state's device restored from
+    ``state.rng_state``; its new state is returned in the new state.  Torch's
+    global RNG is neither read nor set: same state and batch, same bits.
+
+    Returns the new state (``step_count`` + ``num_steps``; ``records_absorbed``
+    + the batch's rows, the one place the models layer counts records;
+    offsets are the caller's business) and a :class:`StepInfo` whose
+    ``loss``, ``kl``, ``nll`` (unweighted, per observation) and
+    ``grad_norm`` are those of the last inner step at the parameters it was
+    evaluated at.  A non-finite loss or parameter returns ``state`` itself
+    with ``rejected=True`` (NumPyro's ``stable_update``).  Never mutates
+    ``state``.
+    """
+    check_step_args(batch, num_steps, likelihood_weight)
+    if particles < 1:
+        raise ValueError("particles must be >= 1")
+    fp = functional_prior if functional_prior is not None and functional_prior.weight > 0 else None
+    variant = Variant(
+        particles, max(particles, fp.samples if fp is not None else 1), fp is not None
+    )
+    n = batch.rows
+    big_n = float(data_size if data_size is not None else n)
+    dev = state.device
+    prog = program(state.config, dev, jit=jit)
+    groups = prog.groups(cov_factor_lr_scale if prog.lowrank else 1.0)
+    x = batch.x.to(dev, torch.float32)
+    y = batch.y.to(dev, torch.float32)
+    theta = prog.pack(state.params).requires_grad_(True)  # a fresh copy: state is not touched
+    exp_avg = state.opt_state["exp_avg"].clone()
+    exp_avg_sq = state.opt_state["exp_avg_sq"].clone()
+    opt_step = state.opt_state["step"].clone()
+    # (prior_loc [P], prior_scale [P], obs_scale = beta / n, kl_scale = 1 / N_t)
+    fixed = (
+        state.prior.loc,
+        state.prior.scale,
+        prog.scalar(likelihood_weight / n),
+        prog.scalar(1.0 / big_n),
+    )
+    fterm = (
+        () if fp is None else (prog.scalar(fp.weight), prog.scalar(fp.loc), prog.scalar(fp.scale))
+    )
+    gen = generator_of(state)
+    one = prog.scalar(1.0)
+    last = num_steps - 1
+    diag = torch.empty(0)
+    s, p, r = variant.samples, prog.size, prog.rank
+    with _no_fusion(prog.lowrank):
+        for k in range(num_steps):
+            eps = torch.randn(s, p, generator=gen, device=dev)
+            noise = (eps, torch.randn(s, r, generator=gen, device=dev)) if r else (eps,)
+            extra = () if fp is None else (fp.ood_inputs(x, gen), *fterm)
+            try:
+                loss, kl, lp = prog.objective(variant, x, y, theta, *fixed, *noise, *extra)
+            except ValueError:  # argument validation (eager path): a non-finite value
+                nan = float("nan")
+                return state, StepInfo(nan, nan, nan, nan, n, num_steps, rejected=True)
+            grad = grad_(loss, theta, one)
+            with torch.no_grad():
+                if k == last:
+                    diag = torch.stack((loss.detach(), kl, lp, torch.linalg.vector_norm(grad)))
+                adam_(theta, grad, exp_avg, exp_avg_sq, opt_step, state.lr, groups)
+    theta = theta.detach()
+    # sum(theta) is finite iff every entry is (or the sum overflows, |theta| ~ 1e38:
+    # rejected too); then the one host synchronisation of the call
+    loss_f, kl_f, lp_f, grad_norm_f, theta_sum = torch.cat((diag, theta.sum().reshape(1))).tolist()
+    nll = -lp_f / n
+    if not (math.isfinite(loss_f) and math.isfinite(theta_sum)):
+        return state, StepInfo(loss_f, nll, kl_f, grad_norm_f, n, num_steps, rejected=True)
+    new = state.replace(
+        params=prog.unpack(theta),
+        opt_state={"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "step": opt_step},
+        step_count=state.step_count + num_steps,
+        rng_state=gen.get_state(),
+        records_absorbed=state.records_absorbed + n,
+    )
+    return new, StepInfo(loss_f, nll, kl_f, grad_norm_f, n, num_steps)
 
 
 @contextlib.contextmanager
@@ -482,133 +881,6 @@ def _no_fusion(active: bool) -> Iterator[None]:
         yield
     finally:
         torch.jit.set_fusion_strategy(old)
-
-
-def _adam_(
-    theta: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    opt_step: torch.Tensor,
-    lr: float,
-) -> None:
-    """One in-place Adam step on theta (torch's fused kernel, CPU or CUDA).
-
-    t <- t + 1;  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;
-    theta <- theta - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps).
-    The same kernel ``torch.optim.adam.adam(fused=True)`` calls, without its
-    per-call dispatch over devices and dtypes.
-    """
-    opt_step.add_(1)
-    torch._fused_adam_(
-        [theta],
-        [grad],
-        [exp_avg],
-        [exp_avg_sq],
-        [],
-        [opt_step],
-        amsgrad=False,
-        lr=lr,
-        beta1=ADAM_BETAS[0],
-        beta2=ADAM_BETAS[1],
-        weight_decay=0.0,
-        eps=ADAM_EPS,
-        maximize=False,
-        grad_scale=None,
-        found_inf=None,
-    )
-
-
-_ENGINE_RUN_BACKWARD = getattr(
-    getattr(torch.autograd.Variable, "_execution_engine", None), "run_backward", None
-)
-
-
-def _grad(loss: torch.Tensor, theta: torch.Tensor, one: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """d loss / d theta: ``torch.autograd.grad(loss, theta)`` without its Python wrapper.
-
-    The wrapper's argument normalisation costs ~40 us a call here (3-6% of a
-    step at batch 256); the engine call is the one it makes.  Falls back to
-    the public function where the engine entry point is absent.
-    """
-    if _ENGINE_RUN_BACKWARD is None:
-        return torch.autograd.grad(loss, (theta,), grad_outputs=(one,))
-    grads: tuple[torch.Tensor, ...] = _ENGINE_RUN_BACKWARD(
-        (loss,), (one,), False, False, (theta,), False, False
-    )
-    return grads
-
-
-def check_step_args(batch: Minibatch, num_steps: int, likelihood_weight: float) -> None:
-    """The argument checks every streaming step shares (ValueError naming the argument)."""
-    if num_steps < 1:
-        raise ValueError("num_steps must be >= 1")
-    if not 0.0 <= likelihood_weight <= 1.0:
-        raise ValueError(f"likelihood_weight must lie in [0, 1], got {likelihood_weight}")
-    if batch.rows == 0:
-        raise ValueError("empty minibatch")
-
-
-def step(
-    state: PosteriorState,
-    batch: Minibatch,
-    *,
-    num_steps: int = 1,
-    data_size: int | None = None,
-    likelihood_weight: float = 1.0,
-    jit: bool = True,
-) -> tuple[PosteriorState, StepInfo]:
-    """Absorb ``batch``: ``num_steps`` Adam steps on the per-observation negative ELBO.
-
-    See the module docstring for the objective.  ``data_size`` is N_t (default:
-    the batch's rows), ``likelihood_weight`` is beta in [0, 1].  The returned
-    state has ``step_count`` advanced and ``records_absorbed`` increased by the
-    batch's rows; offsets are the caller's business.  Never mutates ``state``.
-
-    ``StepInfo.loss`` is the loss of the last inner step, and ``kl`` and
-    ``grad_norm`` are taken at the parameters that loss was evaluated at (the
-    diagnostics of earlier inner steps are not computed).
-    """
-    check_step_args(batch, num_steps, likelihood_weight)
-    n = batch.rows
-    big_n = float(data_size if data_size is not None else n)
-    dev = state.device
-    prog = program(state.config, dev, jit=jit)
-    x = batch.x.to(dev, torch.float32)
-    y = batch.y.to(dev, torch.float32)
-    theta = prog.pack(state.params).requires_grad_(True)  # a fresh copy: state is not touched
-    exp_avg = state.opt_state["exp_avg"].clone()
-    exp_avg_sq = state.opt_state["exp_avg_sq"].clone()
-    opt_step = state.opt_state["step"].clone()
-    obs_scale = prog.scalar(likelihood_weight / n)
-    kl_scale = prog.scalar(1.0 / big_n)
-    prior = state.prior
-    one = prog.scalar(1.0)
-    last = num_steps - 1
-    diag = torch.empty(0)
-    with _DeviceRng(dev, state.rng_state) as rng, _no_fusion(prog.lowrank):
-        for k in range(num_steps):
-            loss, kl = prog.loss_and_kl(x, y, theta, prior.loc, prior.scale, obs_scale, kl_scale)
-            (grad,) = _grad(loss, theta, one)
-            with torch.no_grad():
-                if k == last:
-                    diag = torch.stack((loss.detach(), kl, torch.linalg.vector_norm(grad)))
-                _adam_(theta, grad, exp_avg, exp_avg_sq, opt_step, state.lr)
-    theta = theta.detach()
-    # sum(theta) is finite iff every entry is (or the sum overflows, |theta| ~ 1e38:
-    # rejected too); then the one host synchronisation of the call
-    loss_f, kl_f, grad_norm_f, theta_sum = torch.cat((diag, theta.sum().reshape(1))).tolist()
-    nll = (loss_f - kl_f / big_n) / likelihood_weight if likelihood_weight > 0 else float("nan")
-    if not (math.isfinite(loss_f) and math.isfinite(theta_sum)):
-        return state, StepInfo(loss_f, nll, kl_f, grad_norm_f, n, num_steps, rejected=True)
-    new = state.replace(
-        params=prog.unpack(theta),
-        opt_state={"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "step": opt_step},
-        step_count=state.step_count + num_steps,
-        rng_state=rng.rng_state,
-        records_absorbed=state.records_absorbed + n,
-    )
-    return new, StepInfo(loss_f, nll, kl_f, grad_norm_f, n, num_steps)
 
 
 StepCallback = Callable[[PosteriorState, StepInfo, int], "PosteriorState | None"]

@@ -55,12 +55,10 @@ from fogline.models.data import (
 )
 from fogline.models.fprior import EXTRA_KEY as FPRIOR_KEY
 from fogline.models.fprior import LR_SCALE_KEY, FunctionalPrior
-from fogline.models.fprior import step as fprior_step
 from fogline.models.predictive import Ensemble, log_predictive_density, predict, sample_ensemble
 from fogline.models.serialize import save
 from fogline.models.state import Minibatch, PosteriorState
-from fogline.models.svi import init_state
-from fogline.models.svi import step as svi_step
+from fogline.models.svi import init_state, step
 
 Z95 = 1.959963984540054
 GRID_POINTS = 401
@@ -74,8 +72,7 @@ OUT_DRAWS = 50
 class WarmstartOptions:
     """Every knob of the recipe; the defaults are the recipe that meets the quality bar.
 
-    ``fprior_weight = 0`` trains with plain ``models.svi.step`` (no functional
-    prior); ``noise_max = None`` means 3 std(y_train); ``fprior_scale = None``
+    ``fprior_weight = 0`` trains without the functional-prior term; ``noise_max = None`` means 3 std(y_train); ``fprior_scale = None``
     means sigma_0 = 2 std(y_train).  ``from_net`` (a ``state_dict`` file of an
     ``nn.Sequential`` MLP with 8 inputs) starts from that net: prior
     N(w_net, net_prior_scale^2) and posterior mean w_net (:mod:`fogline.models.bayesianize`);
@@ -164,7 +161,10 @@ def train(
 ) -> tuple[PosteriorState, list[dict[str, float]]]:
     """Minibatch SVI over ``opts.epochs`` epochs; returns the state and the history.
 
-    Each epoch is one shuffled pass (data_size = N_train, frozen prior).  The
+    Each epoch is one shuffled pass (data_size = N_train, frozen prior) of
+    :func:`fogline.models.svi.step` with the recipe's functional prior,
+    particles and factor step scale; the shuffle draws from a generator
+    seeded with ``opts.seed``, the step's noise from the state's RNG.  The
     history holds the mean training loss and the held-out negative log
     predictive density -mean_i log p(y_i | x_i, D) (20-sample ensemble).
     """
@@ -178,19 +178,14 @@ def train(
         for start in range(0, n, opts.batch):
             idx = perm[start : start + opts.batch]
             batch = Minibatch(data.x_train[idx], data.y_train[idx])
-            plain = opts.guide == "meanfield" or opts.cov_factor_lr_scale == 1.0
-            if fprior is None and opts.particles == 1 and plain:
-                state, info = svi_step(state, batch, data_size=n)
-            else:
-                state, info = fprior_step(
-                    state,
-                    batch,
-                    data_size=n,
-                    fprior=fprior,
-                    generator=gen,
-                    particles=opts.particles,
-                    cov_factor_lr_scale=opts.cov_factor_lr_scale,
-                )
+            state, info = step(
+                state,
+                batch,
+                data_size=n,
+                functional_prior=fprior,
+                particles=opts.particles,
+                cov_factor_lr_scale=opts.cov_factor_lr_scale,
+            )
             rejected += int(info.rejected)
             if not info.rejected:
                 total += info.loss
