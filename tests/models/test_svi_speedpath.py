@@ -55,22 +55,36 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+def _fprior_kwargs(name: str) -> dict[str, object]:
+    """Step arguments of a case: the ``+fprior`` cases add every optional term."""
+    if not name.endswith("+fprior"):
+        return {}
+    from fogline.models.fprior import FunctionalPrior
+
+    fp = FunctionalPrior.from_data(_batch().x, weight=0.05, scale=1.5, features=(0, 3))
+    return {"functional_prior": fp, "particles": 2, "cov_factor_lr_scale": 0.05}
+
+
+RESUME_CASES = [*sorted(CONFIGS), "meanfield+fprior", "lowrank+fprior"]
+
+
+@pytest.mark.parametrize("name", RESUME_CASES)
 def test_resume_through_bytes_is_bit_exact_even_with_a_fresh_program(name: str) -> None:
-    config = CONFIGS[name]
+    config = CONFIGS[name.split("+")[0]]
+    kw = _fprior_kwargs(name)
     s = init_state(config, seed=4)
     for i in range(3):
-        s, _ = step(s, _batch(seed=i))
+        s, _ = step(s, _batch(seed=i), **kw)  # type: ignore[arg-type]
     blob = to_bytes(s)
     a = s
     for i in range(3, 6):
-        a, _ = step(a, _batch(seed=i), num_steps=2)
+        a, _ = step(a, _batch(seed=i), num_steps=2, **kw)  # type: ignore[arg-type]
     # a restarted process: no cached program, so the first call traces again;
     # tracing must not consume draws from the state's RNG stream
     svi._PROGRAMS.clear()
     b = from_bytes(blob)
     for i in range(3, 6):
-        b, _ = step(b, _batch(seed=i), num_steps=2)
+        b, _ = step(b, _batch(seed=i), num_steps=2, **kw)  # type: ignore[arg-type]
     _assert_same(a, b)
 
 
