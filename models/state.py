@@ -62,10 +62,11 @@ class Minibatch:
 class StepInfo:
     """What one call of :func:`fogline.models.svi.step` did.
 
-    ``loss`` is the negative ELBO per observation (divided by the data size),
-    ``nll`` the expected negative log-likelihood per observation (one-sample
-    estimate), ``kl`` the KL(q || prior) in nats, ``grad_norm`` the L2 norm of
-    the last gradient.  ``rejected`` is True when the step produced a
+    ``loss`` is the step's objective per observation (negative ELBO, plus the
+    functional-prior term when on), ``nll`` the expected negative
+    log-likelihood per observation, unweighted by beta (Monte Carlo over the
+    step's particles; also for beta = 0), ``kl`` the KL(q || prior) in nats,
+    ``grad_norm`` the L2 norm of the last gradient.  ``rejected`` is True when the step produced a
     non-finite loss or parameter and the old state was returned.
     """
 

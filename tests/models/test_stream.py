@@ -69,6 +69,26 @@ def test_functional_prior_step_contract_and_exact_restarts() -> None:
     assert to_bytes(resumed) == to_bytes(full)
 
 
+def test_with_a_functional_prior_it_is_svi_step_with_that_term() -> None:
+    """One step: stream_step only reads the state's terms and calls svi.step."""
+    cfg = ModelConfig.model_validate({"hidden": (16, 16), "guide": "lowrank"})
+    st = init_state(cfg, seed=0, lr=5e-3)
+    fp = FunctionalPrior(weight=0.05, scale=1.5, lo=(-2.0,) * 8, hi=(2.0,) * 8)
+    st = st.replace(extra={EXTRA_KEY: fp.to_dict(), LR_SCALE_KEY: 0.05})
+    b = _batches(1)[0]
+    a, ia = stream_step(st, b, num_steps=2, data_size=1000, likelihood_weight=0.7)
+    c, ic = step(
+        st,
+        b,
+        num_steps=2,
+        data_size=1000,
+        likelihood_weight=0.7,
+        functional_prior=fp,
+        cov_factor_lr_scale=0.05,
+    )
+    assert to_bytes(a) == to_bytes(c) and ia == ic
+
+
 def test_likelihood_weight_and_rejection() -> None:
     st = _state(True)
     b = _batches(1)[0]

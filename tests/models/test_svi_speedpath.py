@@ -55,22 +55,36 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+def _fprior_kwargs(name: str) -> dict[str, object]:
+    """Step arguments of a case: the ``+fprior`` cases add every optional term."""
+    if not name.endswith("+fprior"):
+        return {}
+    from fogline.models.fprior import FunctionalPrior
+
+    fp = FunctionalPrior.from_data(_batch().x, weight=0.05, scale=1.5, features=(0, 3))
+    return {"functional_prior": fp, "particles": 2, "cov_factor_lr_scale": 0.05}
+
+
+RESUME_CASES = [*sorted(CONFIGS), "meanfield+fprior", "lowrank+fprior"]
+
+
+@pytest.mark.parametrize("name", RESUME_CASES)
 def test_resume_through_bytes_is_bit_exact_even_with_a_fresh_program(name: str) -> None:
-    config = CONFIGS[name]
+    config = CONFIGS[name.split("+")[0]]
+    kw = _fprior_kwargs(name)
     s = init_state(config, seed=4)
     for i in range(3):
-        s, _ = step(s, _batch(seed=i))
+        s, _ = step(s, _batch(seed=i), **kw)  # type: ignore[arg-type]
     blob = to_bytes(s)
     a = s
     for i in range(3, 6):
-        a, _ = step(a, _batch(seed=i), num_steps=2)
+        a, _ = step(a, _batch(seed=i), num_steps=2, **kw)  # type: ignore[arg-type]
     # a restarted process: no cached program, so the first call traces again;
     # tracing must not consume draws from the state's RNG stream
     svi._PROGRAMS.clear()
     b = from_bytes(blob)
     for i in range(3, 6):
-        b, _ = step(b, _batch(seed=i), num_steps=2)
+        b, _ = step(b, _batch(seed=i), num_steps=2, **kw)  # type: ignore[arg-type]
     _assert_same(a, b)
 
 
@@ -397,3 +411,18 @@ def test_one_lowrank_kl_is_the_dense_gaussian_kl_and_serves_the_elbo() -> None:
         pr.scale,
     )
     assert torch.equal(prog.kl(prog.pack(st.params), pr), ref)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_torch_without_the_private_entry_points_steps_the_same_bits(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``torch._fused_adam_`` and the engine entry point absent (as import would find
+    them on a torch without them), the step takes the public fallbacks: same bits."""
+    kw = {"cov_factor_lr_scale": 0.05} if name == "lowrank" else {}
+    s0 = init_state(CONFIGS[name], seed=7)
+    fast, _ = step(s0, _batch(), num_steps=3, **kw)  # type: ignore[arg-type]
+    monkeypatch.setattr(svi, "_FUSED_ADAM", None)
+    monkeypatch.setattr(svi, "_ENGINE_RUN_BACKWARD", None)
+    public, _ = step(s0, _batch(), num_steps=3, **kw)  # type: ignore[arg-type]
+    assert to_bytes(fast) == to_bytes(public)
