@@ -103,8 +103,9 @@ class PosteriorState:
         State of the device's random generator (uint8), restored before and
         captured after every step, so a resumed run draws the same noise.
     offsets:
-        ``"topic:partition" -> next offset to read``: the stream position this
-        posterior has absorbed up to.
+        ``(topic, partition) -> next offset to read``: the stream position this
+        posterior has absorbed up to (spelt ``"topic:partition"`` only in the
+        serialised JSON, see :func:`fogline.models.serialize.offsets_to_json`).
     records_absorbed:
         Valid records absorbed.
     extra:
@@ -122,7 +123,7 @@ class PosteriorState:
     lr: float
     step_count: int = 0
     rng_state: torch.Tensor = field(default_factory=lambda: torch.get_rng_state())
-    offsets: dict[str, int] = field(default_factory=dict)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     records_absorbed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
