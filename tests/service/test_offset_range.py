@@ -7,11 +7,13 @@ written) and resumes from the earliest offset when told to.
 
 from __future__ import annotations
 
+import json
 import uuid
+from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from fogline.bench.crash_replay import make_records, produce
+from fogline.bench.crash_replay import make_records, produce, start_daemon, write_config
 from fogline.daemon import metrics
 from fogline.daemon.config import Settings
 from fogline.daemon.embedded import EmbeddedKafka
@@ -58,7 +60,7 @@ def _count(action: str, topic: str) -> float:
 
 
 def test_broker_restarted_empty_fails_loudly_then_resumes_from_earliest(
-    kafka_server: EmbeddedKafka, redis_url: str, redis_prefix: str
+    kafka_server: EmbeddedKafka, redis_url: str, redis_prefix: str, tmp_path: Path
 ) -> None:
     bootstrap = kafka_server.bootstrap_servers
     topic = f"oor-{uuid.uuid4().hex[:8]}"
@@ -87,6 +89,28 @@ def test_broker_restarted_empty_fails_loudly_then_resumes_from_earliest(
     assert failed and "stream.offset_out_of_range" in failed[0]["error"]
     assert _count("fail", topic) == fails + 1
     assert store.read_meta().version == before.meta.version  # nothing written
+
+    # the same through `fogline run`: exit status 4 and a message naming the setting
+    cfg = write_config(
+        tmp_path / "d.yaml",
+        bootstrap=bootstrap,
+        topic=topic,
+        redis_url=redis_url,
+        model="oor",
+        prefix=redis_prefix,
+        group=f"g-cli-{uuid.uuid4().hex[:8]}",
+        batch_size=BATCH,
+        snapshot_every_batches=2,
+    )
+    log = tmp_path / "d.log"
+    proc = start_daemon(cfg, log, "--idle-exit-s", "5")
+    assert proc.wait(timeout=120) == EXIT_OUT_OF_RANGE, log.read_text()[-3000:]
+    lines = log.read_text().splitlines()
+    assert any(line.startswith("fogline run: partition ") for line in lines)
+    assert any("stream.offset_out_of_range" in line for line in lines)
+    events = [json.loads(line) for line in lines if line.startswith("{")]
+    assert [e["action"] for e in events if e.get("event") == "offset_out_of_range"] == ["fail"]
+    assert store.read_meta().version == before.meta.version
 
     with capture_logs() as logs:
         settings = _settings(
