@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 import pytest
 from daemon_fakes import FakeConsumer, FakeDeadLetters, FakeStore
+from hypothesis import given
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from fogline.daemon.stream.batching import Rows
@@ -150,3 +152,24 @@ def test_resume_offsets_are_the_first_unabsorbed_row_per_partition() -> None:
     }
     # nothing buffered: after the last handled record (dead letters included)
     assert resume_offsets(absorbed, handled, []) == {("t", 0): 20, ("t", 1): 9, ("t", 2): 7}
+
+
+@given(
+    st.lists(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 50)), max_size=8), max_size=5),
+    st.dictionaries(st.integers(0, 3), st.integers(0, 60), max_size=4),
+    st.dictionaries(st.integers(0, 3), st.integers(0, 60), max_size=4),
+)
+def test_resume_offsets_match_a_row_by_row_scan(
+    chunks: list[list[tuple[int, int]]], absorbed: dict[int, int], handled: dict[int, int]
+) -> None:
+    rows = [_rows([p for p, _ in c], [o for _, o in c]) for c in chunks]
+    a = {("t", p): o for p, o in absorbed.items()}
+    h = {("t", p): o for p, o in handled.items()}
+    expected = {**a, **h}
+    seen: set[int] = set()
+    for chunk in chunks:  # the slow exact version: first row per handled partition
+        for p, o in chunk:
+            if p in handled and p not in seen:
+                expected["t", p] = o
+                seen.add(p)
+    assert resume_offsets(a, h, rows) == expected

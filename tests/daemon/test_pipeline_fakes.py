@@ -138,3 +138,24 @@ def test_an_offset_beyond_the_partition_end_resumes_where_the_setting_says(
     assert ("reset", action) in shrunk.events
     state = from_bytes(store.blobs[-1][1])
     assert state.records_absorbed == absorbed and state.offsets == {("t", 0): 32}
+
+
+def test_a_lease_taken_over_mid_run_stops_the_daemon_without_writing() -> None:
+    world = World([record(i) for i in range(200)])
+    stolen_at: list[int] = []
+
+    def on_batch(stats: Any, state: Any) -> None:
+        if stats.batches == 3 and not stolen_at:
+            world.store.steal(write=True)  # another daemon took over and wrote
+            stolen_at.append(len(world.events))
+
+    settings = _settings(snapshot_every_batches=4)
+    pipe = Pipeline(
+        settings, RunOptions(idle_exit_s=0.05, on_batch=on_batch), clients=world.clients()
+    )
+    with capture_logs() as logs:
+        assert pipe.run() == 3
+    after = world.events[stolen_at[0] :]
+    assert not any(e[0] in ("write", "commit") for e in after)
+    assert any(e["event"] == "lease_lost" for e in logs)
+    assert world.store.blobs == []  # the first snapshot was due at batch 4
