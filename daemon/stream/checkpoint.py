@@ -172,6 +172,10 @@ class Checkpoint:
         if dead_lettered and not valid:
             self.dirty = True
 
+    def moved(self) -> None:
+        """The state's offsets moved without a step (a partition reset): snapshot it."""
+        self.dirty = True
+
     def stepped(self) -> None:
         """Step 1 happened: one batch was absorbed into the posterior."""
         self.dirty = True

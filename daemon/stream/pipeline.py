@@ -483,7 +483,7 @@ class Pipeline:
             else:
                 offsets[oor.key] = oor.high_watermark
         self.state = self.state.replace(offsets=offsets)
-        self.checkpoint.dirty = True
+        self.checkpoint.moved()
         return True
 
     def _ingest(self, raws: list[RawRecord]) -> None:
@@ -519,7 +519,7 @@ class Pipeline:
             self.stats.records_valid += len(dec.good)
             good = [raws[i] for i in dec.good]
             rows = Rows.of(
-                good[0].topic,
+                topic,  # the one topic the consumer subscribes to
                 dec.x,
                 dec.y,
                 [r.partition for r in good],
