@@ -160,6 +160,10 @@ class StreamSettings(_Section):
     #: Keep applying the functional prior a warm-start state carries (out-of-range uncertainty).
     functional_prior: bool = True
     seed: int = 0
+    #: A snapshot offset beyond a partition's end (broker restarted empty, topic recreated):
+    #: ``fail`` exits non-zero (status 4), ``earliest``/``latest`` resume there; always logged
+    #: (``offset_out_of_range``) and counted (``fogline_offset_out_of_range_total``).
+    offset_out_of_range: Literal["fail", "earliest", "latest"] = "fail"
 
 
 class DriftSettings(_Section):

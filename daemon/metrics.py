@@ -31,6 +31,12 @@ RECORDS_DEAD_LETTERED = Counter(
 CONSUMER_LAG = Gauge(
     "fogline_consumer_lag", "Records behind the high-water mark.", ["partition"], registry=REGISTRY
 )
+OFFSET_OUT_OF_RANGE = Counter(
+    "fogline_offset_out_of_range",
+    "Snapshot offsets found beyond a partition's high-water mark at assignment.",
+    ["partition", "action"],
+    registry=REGISTRY,
+)
 # --- daemon: inference -----------------------------------------------------
 BATCH_SECONDS = Histogram(
     "fogline_batch_seconds",

@@ -5,18 +5,32 @@ Layout of the bytes: one safetensors file.  Tensors are stored under
 ``aux.<name>`` and ``rng_state``; the safetensors header metadata holds one key ``fogline`` whose
 value is a JSON document::
 
-    {"schema_version": 1, "config": {...ModelConfig...}, "lr": ..., "step_count": ...,
-     "offsets": {...}, "records_absorbed": ..., "extra": {...}, "checksum": "<sha256>"}
+    {"schema_version": 2, "config": {...ModelConfig...}, "lr": ..., "step_count": ...,
+     "offsets": {"topic:partition": next_offset}, "records_absorbed": ...,
+     "extra": {...}, "checksum": "<sha256>"}
 
-``checksum`` is the SHA-256 of every tensor's name, dtype, shape and raw bytes
-in sorted name order; :func:`from_bytes` verifies it.  No pickle is involved.
-``to_bytes(from_bytes(b)) == b`` for every ``b`` this module wrote.
+``checksum`` covers every byte that is restored (schema 2)::
+
+    sha256( canonical_json(header without "checksum") || 0x00 ||
+            for each tensor in sorted name order: name|dtype|shape| raw bytes )
+
+where ``canonical_json`` is ``json.dumps(sort_keys=True, separators=(",", ":"),
+allow_nan=False)``.  :func:`from_bytes` recomputes it from the header it
+parsed and the tensors it loaded *before* reading any field, so a forged or
+flipped offset, ``records_absorbed``, ``lr``, config or ``extra`` value is
+rejected like a flipped tensor byte (schema 1 hashed the tensors only).  No
+pickle is involved.  ``to_bytes(from_bytes(b)) == b`` for every ``b`` this
+module wrote.
+
+Schema-1 blobs (header outside the checksum) are refused by :func:`from_bytes`;
+:func:`upgrade_schema1` re-signs one deliberately (see ``docs/snapshots.md``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -26,21 +40,56 @@ from safetensors.torch import save as st_save
 from fogline.models.config import ModelConfig
 from fogline.models.state import PosteriorState, PriorSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: The previous layout: tensors checksummed, header not (read only by :func:`upgrade_schema1`).
+LEGACY_SCHEMA_VERSION = 1
 
 
 class SnapshotFormatError(ValueError):
     """The bytes are not a valid fogline state (bad header, schema or checksum)."""
 
 
-def checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes of ``tensors`` (sorted by name)."""
+def _canonical(meta: dict[str, Any]) -> str:
+    return json.dumps(meta, sort_keys=True, allow_nan=False, separators=(",", ":"))
+
+
+def checksum(tensors: dict[str, torch.Tensor], header: dict[str, Any] | None = None) -> str:
+    """SHA-256 over ``header`` (canonical JSON, its ``checksum`` key left out) and the
+    names, dtypes, shapes and bytes of ``tensors`` (sorted by name).
+
+    ``header=None`` hashes the tensors only (the schema-1 digest).
+    """
     h = hashlib.sha256()
+    if header is not None:
+        h.update(_canonical({k: v for k, v in header.items() if k != "checksum"}).encode())
+        h.update(b"\x00")
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def offsets_to_json(offsets: Mapping[tuple[str, int], int]) -> dict[str, int]:
+    """``{(topic, partition): next}`` as the JSON spelling ``{"topic:partition": next}``, sorted.
+
+    The serialisation boundary: in memory offsets are keyed by tuples only.
+
+    >>> offsets_to_json({("t", 1): 5, ("t", 0): 9})
+    {'t:0': 9, 't:1': 5}
+    """
+    return {f"{t}:{p}": int(v) for (t, p), v in sorted(offsets.items())}
+
+
+def offsets_from_json(raw: Mapping[str, Any]) -> dict[tuple[str, int], int]:
+    """Inverse of :func:`offsets_to_json` (the topic is everything before the last ``:``)."""
+    out: dict[tuple[str, int], int] = {}
+    for key, value in raw.items():
+        topic, sep, part = str(key).rpartition(":")
+        if not sep or not topic:
+            raise SnapshotFormatError(f"offset key {key!r} is not 'topic:partition'")
+        out[topic, int(part)] = int(value)
+    return out
 
 
 def state_tensors(state: PosteriorState) -> dict[str, torch.Tensor]:
@@ -76,13 +125,12 @@ def to_bytes(state: PosteriorState) -> bytes:
         "config": state.config.model_dump(mode="json"),
         "lr": state.lr,
         "step_count": state.step_count,
-        "offsets": dict(sorted(state.offsets.items())),
+        "offsets": offsets_to_json(state.offsets),
         "records_absorbed": state.records_absorbed,
         "extra": state.extra,
-        "checksum": checksum(tensors),
     }
-    doc = json.dumps(meta, sort_keys=True, allow_nan=False, separators=(",", ":"))
-    return st_save(tensors, metadata={"fogline": doc})
+    meta["checksum"] = checksum(tensors, meta)
+    return st_save(tensors, metadata={"fogline": _canonical(meta)})
 
 
 def read_header(blob: bytes) -> dict[str, Any]:
@@ -102,19 +150,60 @@ def read_header(blob: bytes) -> dict[str, Any]:
     return meta
 
 
-def from_bytes(blob: bytes, device: torch.device | str = "cpu") -> PosteriorState:
-    """Deserialise bytes written by :func:`to_bytes`; verifies schema and checksum."""
-    meta = read_header(blob)
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise SnapshotFormatError(
-            f"schema_version {meta.get('schema_version')!r} is not supported (expected {SCHEMA_VERSION})"
-        )
+def _load_tensors(blob: bytes) -> dict[str, torch.Tensor]:
     try:
-        tensors = st_load(blob)
+        return st_load(blob)
     except Exception as exc:  # safetensors raises its own error types
         raise SnapshotFormatError(f"unreadable tensors: {exc}") from exc
+
+
+def from_bytes(blob: bytes, device: torch.device | str = "cpu") -> PosteriorState:
+    """Deserialise bytes written by :func:`to_bytes`; verifies schema and checksum.
+
+    Raises :class:`SnapshotFormatError` for anything but an intact schema-2 blob
+    (a schema-1 blob names :func:`upgrade_schema1`).
+    """
+    meta = read_header(blob)
+    schema = meta.get("schema_version")
+    if schema == LEGACY_SCHEMA_VERSION:
+        raise SnapshotFormatError(
+            "schema_version 1: its header (offsets, records_absorbed, extra) is not covered by "
+            "the checksum, so it is not restored; re-sign it deliberately with "
+            "fogline.models.serialize.upgrade_schema1 (see docs/snapshots.md)"
+        )
+    if schema != SCHEMA_VERSION:
+        raise SnapshotFormatError(
+            f"schema_version {schema!r} is not supported (expected {SCHEMA_VERSION})"
+        )
+    tensors = _load_tensors(blob)
+    try:
+        digest = checksum(tensors, meta)
+    except ValueError as exc:  # e.g. NaN in an edited header: not canonical JSON
+        raise SnapshotFormatError(f"header is not canonical JSON: {exc}") from exc
+    if digest != meta.get("checksum"):
+        raise SnapshotFormatError("checksum mismatch: the snapshot is corrupt or was edited")
+    return _restore(meta, tensors, device)
+
+
+def upgrade_schema1(blob: bytes) -> bytes:
+    """Re-serialise a schema-1 blob as schema 2 (its tensor checksum is verified first).
+
+    Schema 1 did not cover the header, so this trusts its offsets,
+    ``records_absorbed`` and ``extra`` as they are: run it only on a blob you
+    know was not edited.
+    """
+    meta = read_header(blob)
+    if meta.get("schema_version") != LEGACY_SCHEMA_VERSION:
+        raise SnapshotFormatError(f"not a schema-1 blob: {meta.get('schema_version')!r}")
+    tensors = _load_tensors(blob)
     if checksum(tensors) != meta.get("checksum"):
-        raise SnapshotFormatError("checksum mismatch: the snapshot is corrupt")
+        raise SnapshotFormatError("checksum mismatch: the schema-1 snapshot is corrupt")
+    return to_bytes(_restore(meta, tensors, "cpu"))
+
+
+def _restore(
+    meta: dict[str, Any], tensors: dict[str, torch.Tensor], device: torch.device | str
+) -> PosteriorState:
     params = {k[len("params.") :]: v for k, v in tensors.items() if k.startswith("params.")}
     opt = {k[len("opt.") :]: v for k, v in tensors.items() if k.startswith("opt.")}
     aux = {k[len("aux.") :]: v for k, v in tensors.items() if k.startswith("aux.")}
@@ -127,7 +216,7 @@ def from_bytes(blob: bytes, device: torch.device | str = "cpu") -> PosteriorStat
         lr=float(meta["lr"]),
         step_count=int(meta["step_count"]),
         rng_state=tensors["rng_state"],
-        offsets={str(k): int(v) for k, v in meta["offsets"].items()},
+        offsets=offsets_from_json(meta["offsets"]),
         records_absorbed=int(meta["records_absorbed"]),
         extra=dict(meta["extra"]),
         aux=aux,

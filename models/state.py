@@ -107,8 +107,9 @@ class PosteriorState:
         state back, so a resumed run draws the same noise.  Torch's global
         RNG is never read or set (default: a CPU generator seeded with 0).
     offsets:
-        ``"topic:partition" -> next offset to read``: the stream position this
-        posterior has absorbed up to.
+        ``(topic, partition) -> next offset to read``: the stream position this
+        posterior has absorbed up to (spelt ``"topic:partition"`` only in the
+        serialised JSON, see :func:`fogline.models.serialize.offsets_to_json`).
     records_absorbed:
         Valid records absorbed.
     extra:
@@ -128,7 +129,7 @@ class PosteriorState:
     rng_state: torch.Tensor = field(
         default_factory=lambda: _fresh_rng_state(torch.device("cpu"), 0)
     )
-    offsets: dict[str, int] = field(default_factory=dict)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     records_absorbed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     aux: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -2,32 +2,30 @@
 
 Wiring only: the mathematics lives in :mod:`fogline.models.svi` (and :mod:`fogline.drift`),
 serialisation in :mod:`fogline.models.serialize`, Kafka in :mod:`fogline.daemon.stream.source`,
-Redis in :mod:`fogline.daemon.stream.store`.
+Redis in :mod:`fogline.daemon.stream.store`, the commit path in
+:mod:`fogline.daemon.stream.checkpoint`, the writer lease in :mod:`fogline.daemon.stream.lease`.
 
-Commit path
------------
-Every micro-batch goes through these steps, in this order (the code of
-:meth:`Pipeline._absorb` and :meth:`Pipeline._snapshot` is numbered the same):
+Collaborators are passed in: :class:`Clients` holds factories of the store, the
+consumer and the dead-letter producer (Kafka and Redis by default), so the
+loop runs against fakes as well as against the real services.
 
-1. **Step the posterior**: the update rule of ``drift.policy``
-   (:mod:`fogline.daemon.stream.update`): the drift loop's signals, alarm and policy action
-   around ``K = stream.steps_per_batch`` steps of
-   :func:`fogline.models.stream.stream_step` (``data_size = stream.data_size`` in
-   normal operation), on the configured device.  The new state's ``offsets`` are the next offsets
-   to read such that everything before them is absorbed or dead-lettered and
-   nothing after them is absorbed.
-2. **Write the snapshot** (every ``snapshot_every_batches`` batches and/or
-   ``snapshot_every_seconds`` seconds, and at shutdown): first flush the
-   dead-letter producer, then ``to_bytes(state)`` (safetensors carrying the
-   offsets, ``records_absorbed`` and the drift state) in one atomic Redis
-   write that succeeds only while this daemon holds the writer lease.
-3. **Only then commit the offsets to Kafka** (monitoring of lag only; the
-   snapshot is the source of truth).
+Per poll: decode (bad records to the dead-letter producer), put the decoded
+``[N, D]`` arrays into the micro-batcher (:class:`~fogline.daemon.stream.batching.Rows`
+slices, never per-row tuples), absorb each complete batch (commit path step 1:
+the update rule of :mod:`fogline.daemon.stream.update`), and when a snapshot is
+due let the :class:`~fogline.daemon.stream.checkpoint.Checkpoint` run steps 2-4
+(flush dead letters, write the snapshot in one lease-guarded Redis
+transaction, only then commit offsets to Kafka).
 
 Start-up: take the writer lease (waiting while another daemon holds it, or
 exiting with status 3), restore the latest snapshot, else the ``--init``
 state file, else a fresh prior; every assigned partition is sought to the
-snapshot's offsets (Kafka's committed offsets are ignored).
+snapshot's offsets (Kafka's committed offsets are ignored).  A snapshot
+offset beyond the partition's end (broker restarted empty, topic recreated)
+is handled by ``stream.offset_out_of_range``: ``fail`` (default) exits with
+status 4 and writes nothing; ``earliest``/``latest`` move on from there.
+Either way ``offset_out_of_range`` is logged and
+``fogline_offset_out_of_range_total`` counted.
 
 Exactly-once absorption across crashes: batch boundaries depend only on the
 record sequence in ``stream.batching = "count"`` mode, snapshots are taken
@@ -51,16 +49,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-import numpy.typing as npt
 import structlog
 import torch
 
 from fogline.daemon import metrics
 from fogline.daemon.config import Settings
-from fogline.daemon.stream.batching import MicroBatcher
+from fogline.daemon.stream.batching import MicroBatcher, Rows, TopicPartition
+from fogline.daemon.stream.checkpoint import Checkpoint
 from fogline.daemon.stream.decode import (
     Decoder,
     RawRecord,
@@ -68,40 +66,126 @@ from fogline.daemon.stream.decode import (
     partition_key,
     reason_code,
 )
-from fogline.daemon.stream.runtime import (
-    LeaseKeeper,
-    LeaseUnavailable,
-    Retry,
-    StopFlag,
-    call_with_retry,
-    select_device,
+from fogline.daemon.stream.lease import LeaseKeeper, LeaseStore, LeaseUnavailable
+from fogline.daemon.stream.runtime import StopFlag, call_with_retry, select_device
+from fogline.daemon.stream.source import (
+    DeadLetterProducer,
+    KafkaSource,
+    OutOfRange,
+    security_kwargs,
 )
-from fogline.daemon.stream.source import DeadLetterProducer, KafkaSource, security_kwargs
-from fogline.daemon.stream.store import LeaseLost, SnapshotNotFound, SnapshotStore, StoreUnavailable
+from fogline.daemon.stream.store import Lease, SnapshotMeta, SnapshotNotFound, SnapshotStore
 from fogline.daemon.stream.update import make_update_rule, warm_up
 from fogline.drift.runner import without_loop
 from fogline.models.config import ModelConfig
-from fogline.models.serialize import from_bytes, load, to_bytes
+from fogline.models.serialize import from_bytes, load, offsets_to_json
 from fogline.models.state import PosteriorState
 from fogline.models.svi import init_state
 
 log = structlog.get_logger(__name__)
 
-#: One buffered record: (``"topic:partition"``, offset, x row [D], y).
-Item = tuple[str, int, npt.NDArray[np.float32], float]
-
 #: Longest the shutdown snapshot keeps retrying an unreachable Redis.
 SHUTDOWN_RETRY_S = 30.0
 #: How often consumer lag is measured.
 LAG_EVERY_S = 1.0
+#: Exit status when a snapshot offset lies beyond its partition's end and
+#: ``stream.offset_out_of_range = "fail"``.
+EXIT_OUT_OF_RANGE = 4
 
 
-class _Batcher(MicroBatcher[Item]):
-    """:class:`MicroBatcher` that lets the pipeline look at what it buffers."""
+# -- what the pipeline needs of the outside world (real clients or fakes) -----------
+class Store(LeaseStore, Protocol):
+    """The snapshot store: :class:`~fogline.daemon.stream.store.SnapshotStore` or a fake."""
 
-    def buffered(self) -> list[Item]:
-        """The items of the current partial batch, oldest first (do not mutate)."""
-        return self._buf
+    def read(self, version: int | None = None) -> Any: ...
+    def write(
+        self,
+        blob: bytes,
+        *,
+        records_absorbed: int,
+        offsets: Mapping[str, int],
+        model_config: Mapping[str, Any] | None = ...,
+        drift: Mapping[str, Any] | None = ...,
+        lease: Lease | None = ...,
+        writer: str | None = ...,
+    ) -> SnapshotMeta: ...
+    def close(self) -> None: ...
+
+
+class Source(Protocol):
+    """The consumer: :class:`~fogline.daemon.stream.source.KafkaSource` or a fake."""
+
+    @property
+    def assignment(self) -> list[TopicPartition]: ...
+    def poll(self, max_records: int | None = ..., timeout_ms: int = ...) -> list[RawRecord]: ...
+    def out_of_range(self) -> list[OutOfRange]: ...
+    def reset(self, key: TopicPartition, to: str, high_watermark: int | None = ...) -> None: ...
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> bool: ...
+    def pause_all(self) -> None: ...
+    def resume_all(self) -> None: ...
+    def lag(
+        self, absorbed: Mapping[TopicPartition, int] | None = ...
+    ) -> dict[TopicPartition, int]: ...
+    def close(self) -> None: ...
+
+
+class DeadLetters(Protocol):
+    """The dead-letter producer: :class:`~fogline.daemon.stream.source.DeadLetterProducer` or a fake."""
+
+    def send(self, raw: RawRecord, reason: str) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+#: ``source(settings, offsets_for, on_revoked)``: the consumer, seeking assigned partitions
+#: to ``offsets_for(keys)`` and telling ``on_revoked(keys)`` what it lost.
+SourceFactory = Callable[
+    [
+        Settings,
+        Callable[[list[TopicPartition]], Mapping[TopicPartition, int]],
+        Callable[[list[TopicPartition]], None],
+    ],
+    Source,
+]
+
+
+def kafka_source(
+    s: Settings,
+    offsets_for: Callable[[list[TopicPartition]], Mapping[TopicPartition, int]],
+    on_revoked: Callable[[list[TopicPartition]], None],
+) -> Source:
+    """The real consumer for ``s.kafka``."""
+    return KafkaSource(
+        s.kafka.bootstrap_servers,
+        s.kafka.topic,
+        s.kafka.group_id,
+        offsets_for=offsets_for,
+        on_revoked=on_revoked,
+        session_timeout_ms=s.kafka.session_timeout_ms,
+        max_poll_records=s.kafka.max_poll_records,
+        **security_kwargs(s.kafka),
+    )
+
+
+def kafka_dead_letters(s: Settings) -> DeadLetters:
+    """The real dead-letter producer for ``s.kafka``."""
+    return DeadLetterProducer(
+        s.kafka.bootstrap_servers, dlq_topic=s.kafka.dlq_topic, **security_kwargs(s.kafka)
+    )
+
+
+def redis_store(s: Settings) -> Store:
+    """The real snapshot store for ``s.redis``."""
+    return SnapshotStore.from_settings(s)
+
+
+@dataclass(frozen=True)
+class Clients:
+    """Factories of the pipeline's collaborators (Kafka and Redis by default)."""
+
+    store: Callable[[Settings], Store] = redis_store
+    source: SourceFactory = kafka_source
+    dead_letters: Callable[[Settings], DeadLetters] = kafka_dead_letters
 
 
 @dataclass
@@ -136,6 +220,10 @@ class RunOptions:
     on_batch: Callable[[RunStats, PosteriorState], None] | None = None
 
 
+class OffsetOutOfRange(RuntimeError):
+    """A snapshot offset lies beyond its partition's end and the setting says ``fail``."""
+
+
 def fresh_stream(state: PosteriorState) -> PosteriorState:
     """``state`` as the start of a new stream: no offsets, no records, no drift loop.
 
@@ -148,7 +236,7 @@ def fresh_stream(state: PosteriorState) -> PosteriorState:
 
 def initial_state(
     settings: Settings,
-    store: SnapshotStore,
+    store: Store,
     device: torch.device,
     init_path: Path | None,
     stop: StopFlag,
@@ -181,24 +269,25 @@ def initial_state(
 
 
 class Pipeline:
-    """One daemon: consume, decode, batch, step, snapshot, commit (see the module docstring)."""
+    """One daemon: consume, decode, batch, step, checkpoint (see the module docstring)."""
 
     def __init__(
-        self, settings: Settings, options: RunOptions | None = None, stop: StopFlag | None = None
+        self,
+        settings: Settings,
+        options: RunOptions | None = None,
+        stop: StopFlag | None = None,
+        clients: Clients | None = None,
     ) -> None:
         self.settings = settings
         self.options = options or RunOptions()
         self.stop = stop if stop is not None else StopFlag()
+        self.clients = clients or Clients()
         self.stats = RunStats()
         self.state: PosteriorState | None = None
-        self._pending: collections.deque[list[Item]] = collections.deque()
-        self._processed: dict[str, int] = {}
-        self._revoked: list[str] = []
-        self._dirty = False
-        self._batches_since_snapshot = 0
-        self._last_snapshot_at = time.monotonic()
-        self._store_retry = Retry()
-        self._dlq_unflushed = 0
+        #: Complete batches not yet absorbed, oldest first.
+        self._pending: collections.deque[Rows] = collections.deque()
+        #: Partitions revoked since the last poll (set on the consumer's callback).
+        self._revoked: list[TopicPartition] = []
         self._last_lag = -math.inf
 
     # -- the whole run ----------------------------------------------------------
@@ -207,14 +296,17 @@ class Pipeline:
 
         0: clean exit after a final snapshot; 3: the writer lease is held by
         (or was lost to) another daemon; 1: the final snapshot could not be
-        written (nothing is lost: the offsets were not committed either).
+        written (nothing is lost: the offsets were not committed either);
+        4: a snapshot offset is beyond its partition's end
+        (``stream.offset_out_of_range = "fail"``; nothing written).
         """
         s = self.settings
+        structlog.contextvars.clear_contextvars()  # no batch context left from an earlier run
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
         device = select_device(s.stream.device)
         metrics.DEVICE_INFO.labels(device=str(device)).set(1)
-        store = SnapshotStore.from_settings(s)
+        store = self.clients.store(s)
         keeper = LeaseKeeper(store, s.redis.lease_ttl_s)
         try:
             if not keeper.acquire(self.options.lease_wait_s, self.stop):
@@ -230,11 +322,15 @@ class Pipeline:
             log.error("lease_lost", error=str(exc))
             self.stats.exit_reason = str(exc)
             return 3
+        except OffsetOutOfRange as exc:
+            log.error("daemon_failed", reason="offset_out_of_range", error=str(exc))
+            self.stats.exit_reason = str(exc)
+            return EXIT_OUT_OF_RANGE
         finally:
             keeper.release()
             store.close()
 
-    def _run_with_lease(self, store: SnapshotStore, keeper: LeaseKeeper, device: Any) -> int:
+    def _run_with_lease(self, store: Store, keeper: LeaseKeeper, device: Any) -> int:
         s = self.settings
         state, version, origin = initial_state(s, store, device, self.options.init_path, self.stop)
         self.state = state
@@ -249,7 +345,7 @@ class Pipeline:
             origin=origin,
             device=str(device),
             records_absorbed=state.records_absorbed,
-            offsets=state.offsets,
+            offsets=offsets_to_json(state.offsets),
             batching=s.stream.batching,
             batch_size=s.stream.batch_size,
         )
@@ -259,20 +355,17 @@ class Pipeline:
         log.info("svi_warmed_up", seconds=round(time.perf_counter() - t0, 3))
         self.decoder = Decoder(state.config.features())
         count_mode = s.stream.batching == "count"
-        self.batcher = _Batcher(s.stream.batch_size, None if count_mode else s.stream.max_wait_ms)
-        kwargs = security_kwargs(s.kafka)
-        dlq = DeadLetterProducer(s.kafka.bootstrap_servers, dlq_topic=s.kafka.dlq_topic, **kwargs)
-        source = KafkaSource(
-            s.kafka.bootstrap_servers,
-            s.kafka.topic,
-            s.kafka.group_id,
-            offsets_for=self._offsets_for,
-            on_revoked=self._on_revoked,
-            session_timeout_ms=s.kafka.session_timeout_ms,
-            max_poll_records=s.kafka.max_poll_records,
-            **kwargs,
+        self.batcher = MicroBatcher(
+            s.stream.batch_size, None if count_mode else s.stream.max_wait_ms
         )
-        self.source, self.dlq, self.store, self.keeper = source, dlq, store, keeper
+        dlq = self.clients.dead_letters(s)
+        try:
+            source = self.clients.source(s, self._offsets_for, self._on_revoked)
+        except BaseException:
+            dlq.close()
+            raise
+        self.source, self.dlq = source, dlq
+        self.checkpoint = Checkpoint(store=store, keeper=keeper, dead_letters=dlq, consumer=source)
         try:
             code = self._loop()
         finally:
@@ -280,35 +373,41 @@ class Pipeline:
             dlq.close()
         return code
 
-    # -- rebalance callbacks (may run on kafka-python's thread) ------------------
-    def _offsets_for(self, keys: list[str]) -> Mapping[str, int]:
+    # -- rebalance callbacks -------------------------------------------------------
+    def _offsets_for(self, keys: list[TopicPartition]) -> Mapping[TopicPartition, int]:
         state = self.state
         return state.offsets if state is not None else {}
 
-    def _on_revoked(self, keys: list[str]) -> None:
+    def _on_revoked(self, keys: list[TopicPartition]) -> None:
         self._revoked.extend(keys)
 
     def _drop_revoked(self) -> None:
-        """Forget buffered records of revoked partitions: they are read again after assignment."""
+        """Forget buffered rows of revoked partitions: they are read again after assignment."""
         if not self._revoked:
             return
-        revoked = set(self._revoked)
+        revoked = sorted({p for t, p in self._revoked if t == self.settings.kafka.topic})
+        self.checkpoint.forget(self._revoked)
         self._revoked.clear()
-        kept = [it for b in self._pending for it in b if it[0] not in revoked]
-        kept += [it for it in self.batcher.discard() if it[0] not in revoked]
+
+        def keep(rows: Rows) -> np.ndarray[Any, np.dtype[np.bool_]]:
+            return ~np.isin(rows.partition, revoked)
+
+        # the kept rows of complete batches, then of the partial one, re-enter in order
+        kept = [r[keep(r)] for r in (*self._pending, *self.batcher.discard())]
         self._pending.clear()
-        self._pending.extend(self.batcher.add(kept))
-        for key in revoked:
-            self._processed.pop(key, None)
+        for rows in kept:
+            if len(rows):
+                self._pending.extend(self.batcher.add(rows))
 
     # -- the loop -----------------------------------------------------------------
     def _loop(self) -> int:
         s = self.settings
         opts = self.options
+        cp = self.checkpoint
         idle_since = time.monotonic()
         while not self.stop:
-            self._maintain_lease()
-            if self._store_retry.failing and self._store_retry.due():
+            cp.maintain_lease()
+            if cp.due(0, 0) == "retry":
                 self._snapshot("retry")
             remaining = None
             if opts.max_records is not None:
@@ -323,27 +422,23 @@ class Pipeline:
             )
             raws = self.source.poll(max_records=cap, timeout_ms=int(self.batcher.timeout_ms(100)))
             self._drop_revoked()
+            moved = self._handle_out_of_range()
             now = time.monotonic()
             assigned = bool(self.source.assignment)
-            if raws or not assigned:
+            if raws or moved or not assigned:
                 idle_since = now  # the idle clock runs only while partitions are assigned
                 self._ingest(raws)
             due = self.batcher.poll_due()
-            if due:
+            if due is not None:
                 self._pending.append(due)
             self._drain()
             self._maybe_update_lag(now)
-            if (
-                self._dirty
-                and s.stream.snapshot_every_seconds > 0
-                and now - self._last_snapshot_at >= s.stream.snapshot_every_seconds
-                and not self._store_retry.failing
-            ):
+            if cp.due(0, s.stream.snapshot_every_seconds) == "interval":
                 self._snapshot("interval")
             if (
                 opts.idle_exit_s is not None
                 and not raws
-                and not self._store_retry.failing
+                and not cp.failing
                 and now - idle_since >= opts.idle_exit_s
             ):
                 self.stats.exit_reason = "idle"
@@ -351,6 +446,45 @@ class Pipeline:
         else:
             self.stats.exit_reason = f"signal {self.stop.signal_name}"
         return self._shutdown()
+
+    def _handle_out_of_range(self) -> bool:
+        """Apply ``stream.offset_out_of_range`` to offsets the consumer found beyond the end.
+
+        Returns whether a partition was moved (raises :class:`OffsetOutOfRange` for ``fail``).
+        """
+        found = self.source.out_of_range()
+        if not found:
+            return False
+        action = self.settings.stream.offset_out_of_range
+        assert self.state is not None
+        offsets = dict(self.state.offsets)
+        for oor in found:
+            label = partition_key(*oor.key)
+            metrics.OFFSET_OUT_OF_RANGE.labels(partition=label, action=action).inc()
+            log.error(
+                "offset_out_of_range",
+                partition=label,
+                snapshot_offset=oor.offset,
+                high_watermark=oor.high_watermark,
+                action=action,
+                hint="the broker lost the topic (restarted empty, topic recreated?)",
+            )
+            if action == "fail":
+                raise OffsetOutOfRange(
+                    f"partition {label}: the snapshot resumes at offset {oor.offset} but the "
+                    f"partition ends at {oor.high_watermark} (broker restarted empty or topic "
+                    f"recreated?); set stream.offset_out_of_range to 'earliest' or 'latest' to "
+                    f"continue from there"
+                )
+            self.source.reset(oor.key, action, oor.high_watermark)
+            self.checkpoint.forget([oor.key])
+            if action == "earliest":
+                offsets.pop(oor.key, None)  # no offset: the next assignment starts at the earliest
+            else:
+                offsets[oor.key] = oor.high_watermark
+        self.state = self.state.replace(offsets=offsets)
+        self.checkpoint.moved()
+        return True
 
     def _ingest(self, raws: list[RawRecord]) -> None:
         """Decode a poll's records: bad ones to the DLQ, good ones into the batcher.
@@ -366,7 +500,6 @@ class Pipeline:
         dec = decode_batch(raws, self.decoder)
         for raw, reason, _ in dec.bad:
             self.dlq.send(raw, reason)
-            self._dlq_unflushed += 1
             self.stats.dead_lettered += 1
             metrics.RECORDS_DEAD_LETTERED.labels(reason=reason_code(reason)).inc()
             log.warning(
@@ -377,38 +510,28 @@ class Pipeline:
                 reason=reason,
             )
         # processed horizon: the next offset after the last handled record
-        last = {(r.topic, r.partition): r.offset for r in raws}
-        keys = {tp: partition_key(*tp) for tp in last}
-        for tp, offset in last.items():
-            self._processed[keys[tp]] = offset + 1
+        self.checkpoint.read(
+            {(r.topic, r.partition): r.offset + 1 for r in raws},
+            dead_lettered=len(dec.bad),
+            valid=len(dec.good),
+        )
         if dec.good:
             self.stats.records_valid += len(dec.good)
-            xs, ys = dec.x, dec.y.tolist()
-            items: list[Item] = []
-            for row, pos in enumerate(dec.good):
-                raw = raws[pos]
-                items.append((keys[raw.topic, raw.partition], raw.offset, xs[row], ys[row]))
-            self._pending.extend(self.batcher.add(items))
-        else:
-            self._dirty = True  # only dead letters: the offsets still move on
+            good = [raws[i] for i in dec.good]
+            rows = Rows.of(
+                topic,  # the one topic the consumer subscribes to
+                dec.x,
+                dec.y,
+                [r.partition for r in good],
+                [r.offset for r in good],
+            )
+            self._pending.extend(self.batcher.add(rows))
 
-    def _resume_offsets(self) -> dict[str, int]:
-        """Next offsets to read: the first unabsorbed record of each partition.
-
-        A partition with nothing buffered resumes after its last handled record
-        (dead letters included: they are flushed before any snapshot).
-        """
+    def _resume_offsets(self) -> dict[TopicPartition, int]:
+        """Next offsets to read: the first unabsorbed row of each partition."""
         assert self.state is not None
-        out = {**self.state.offsets, **self._processed}
-        need = set(self._processed)
-        for items in (*self._pending, self.batcher.buffered()):
-            for key, offset, _, _ in items:
-                if key in need:
-                    out[key] = offset
-                    need.discard(key)
-                    if not need:
-                        return out
-        return out
+        unabsorbed = (*self._pending, *self.batcher.buffered())
+        return self.checkpoint.offsets(self.state.offsets, unabsorbed)
 
     def _drain(self) -> None:
         """Absorb every complete pending batch (stopping early on a stop request).
@@ -416,34 +539,37 @@ class Pipeline:
         A long backlog (catching up after downtime) can take many seconds here,
         so the lag gauge and the writer lease keep being refreshed between batches.
         """
+        every = self.settings.stream.snapshot_every_batches
         while self._pending and not self.stop:
-            batch = self._pending.popleft()
-            self._absorb(batch)
+            self._absorb(self._pending.popleft())
             self._maybe_update_lag(time.monotonic())
-            self._maintain_lease()
-            every = self.settings.stream.snapshot_every_batches
-            if every and self._batches_since_snapshot >= every and not self._store_retry.failing:
+            self.checkpoint.maintain_lease()
+            if self.checkpoint.due(every, 0) == "batches":
                 self._snapshot("batches")
 
-    def _absorb(self, batch: list[Item]) -> None:
+    def _regime(self) -> str:
+        """The drift regime for the log context (the one read of drift state here)."""
+        assert self.state is not None
+        return str(self.state.extra.get("drift", {}).get("mode", "none"))
+
+    def _absorb(self, batch: Rows) -> None:
         """Commit path step 1: K SVI steps on one batch; advance the state's offsets."""
         assert self.state is not None
         t0 = time.perf_counter()
-        x = torch.from_numpy(np.stack([it[2] for it in batch]))
-        y = torch.from_numpy(np.asarray([it[3] for it in batch], dtype=np.float32))
-        parts = sorted({it[0] for it in batch})
+        x = torch.from_numpy(batch.x)
+        y = torch.from_numpy(batch.y)
+        parts = np.unique(batch.partition)
         structlog.contextvars.bind_contextvars(
-            topic=self.settings.kafka.topic,
-            partition=parts[0].rsplit(":", 1)[1] if len(parts) == 1 else ",".join(parts),
-            offset=batch[-1][1],
+            topic=batch.topic,
+            partition=int(parts[0]) if len(parts) == 1 else ",".join(map(str, parts)),
+            offset=batch.last_offset(),
             snapshot_version=self.stats.last_version,
-            regime=str(self.state.extra.get("drift", {}).get("mode", "none")),
+            regime=self._regime(),
         )
         # 1. step the posterior
         new, info, signals = self.update(self.state, x, y)
         self.state = new.replace(offsets=self._resume_offsets())
-        self._dirty = True
-        self._batches_since_snapshot += 1
+        self.checkpoint.stepped()
         self.stats.batches += 1
         self.stats.last_loss = info.loss
         self.stats.last_kl = info.kl
@@ -471,93 +597,21 @@ class Pipeline:
             self.options.on_batch(self.stats, self.state)
 
     def _snapshot(self, why: str) -> bool:
-        """Commit path steps 2 and 3: snapshot to Redis, then commit offsets to Kafka.
+        """Commit path steps 2-4 through the checkpoint; ``False`` while Redis is unreachable.
 
-        Returns ``False`` when Redis is unreachable: consumption is then paused
-        and the write retried after a backoff (``True`` once it succeeded).
-        Raises :class:`LeaseUnavailable` when another daemon owns the model.
+        Raises :class:`~fogline.daemon.stream.lease.LeaseUnavailable` when another
+        daemon owns the model.
         """
         assert self.state is not None
         self.state = self.state.replace(offsets=self._resume_offsets())
-        state = self.state
-        # 2. write the snapshot (dead letters first, so the offsets never skip one)
-        if self._dlq_unflushed:
-            self.dlq.flush()
-            self._dlq_unflushed = 0
-        blob = to_bytes(state)
-        t0 = time.perf_counter()
-        try:
-            lease = self.keeper.ensure()
-            try:
-                meta = self._write(blob, state, lease)
-            except LeaseLost:
-                self.keeper.lease = None
-                meta = self._write(blob, state, self.keeper.ensure())
-        except StoreUnavailable as exc:
-            self._store_down(exc, why)
+        failures = self.checkpoint.failures
+        meta = self.checkpoint.commit(self.state, why)
+        self.stats.store_failures += self.checkpoint.failures - failures
+        if meta is None:
             return False
-        elapsed = time.perf_counter() - t0
-        self.keeper.last_version = meta.version
         self.stats.last_version = meta.version
         self.stats.snapshots += 1
-        self._dirty = False
-        self._batches_since_snapshot = 0
-        self._last_snapshot_at = time.monotonic()
-        metrics.SNAPSHOT_WRITE_SECONDS.observe(elapsed)
-        metrics.SNAPSHOT_VERSION.set(meta.version)
-        metrics.SNAPSHOT_LAST_WRITE.set(meta.created_at)
-        metrics.REDIS_UP.set(1)
-        structlog.contextvars.bind_contextvars(snapshot_version=meta.version)
-        log.info(
-            "snapshot_written",
-            snapshot_version=meta.version,
-            records_absorbed=state.records_absorbed,
-            offsets=state.offsets,
-            bytes=len(blob),
-            seconds=round(elapsed, 6),
-            trigger=why,
-        )
-        if self._store_retry.failing:
-            down = time.monotonic() - (self._store_retry.failing_since or time.monotonic())
-            log.info("redis_recovered", down_s=round(down, 3))
-            self._store_retry.ok()
-            self.source.resume_all()
-        # 3. only then commit the offsets to Kafka (lag monitoring only)
-        committed: dict[tuple[str, int] | str, int] = {}
-        committed.update(state.offsets)
-        self.source.commit(committed)
         return True
-
-    def _write(self, blob: bytes, state: PosteriorState, lease: Any) -> Any:
-        return self.store.write(
-            blob,
-            records_absorbed=state.records_absorbed,
-            offsets=state.offsets,
-            model_config=state.config.model_dump(mode="json"),
-            drift=state.extra.get("drift", {}),
-            lease=lease,
-            writer=self.keeper.owner,
-        )
-
-    def _store_down(self, exc: Exception, op: str) -> None:
-        """Redis is unreachable: pause consumption and schedule a retry."""
-        first = not self._store_retry.failing
-        wait = self._store_retry.failed()
-        self.stats.store_failures += 1
-        metrics.REDIS_UP.set(0)
-        if first:
-            self.source.pause_all()
-        log.warning(
-            "redis_unavailable", op=op, error=str(exc), retry_in_s=round(wait, 3), paused=True
-        )
-
-    def _maintain_lease(self) -> None:
-        if self._store_retry.failing or not self.keeper.renew_due():
-            return
-        try:
-            self.keeper.renew()
-        except StoreUnavailable as exc:
-            self._store_down(exc, "renew_lease")
 
     def _maybe_update_lag(self, now: float) -> None:
         """Measure the consumer lag at most every ``LAG_EVERY_S`` seconds."""
@@ -573,7 +627,7 @@ class Pipeline:
             log.debug("lag_unavailable", error=repr(exc))
             return
         for key, value in lag.items():
-            metrics.CONSUMER_LAG.labels(partition=key).set(value)
+            metrics.CONSUMER_LAG.labels(partition=partition_key(*key)).set(value)
 
     def _shutdown(self) -> int:
         """Absorb what is complete, write the final snapshot, commit, and report."""
@@ -584,22 +638,23 @@ class Pipeline:
             # the record sequence; the partial batch is read again after a restart).
             if not self.batcher.count_based:
                 rest = self.batcher.flush()
-                if rest:
+                if rest is not None:
                     self._pending.append(rest)
             while self._pending:
                 self._absorb(self._pending.popleft())
+        retry = self.checkpoint.retry
         deadline = time.monotonic() + SHUTDOWN_RETRY_S
         while True:
             if self._snapshot("shutdown"):
                 break
-            if self._store_retry.next_at > deadline:
+            if retry.next_at > deadline:
                 log.error(
                     "final_snapshot_failed",
                     reason="redis unreachable",
                     records_absorbed=self.state.records_absorbed if self.state else None,
                 )
                 return 1
-            time.sleep(max(0.0, self._store_retry.next_at - time.monotonic()))
+            time.sleep(max(0.0, retry.next_at - time.monotonic()))
         assert self.state is not None
         log.info(
             "daemon_stopped",
@@ -608,6 +663,6 @@ class Pipeline:
             records_absorbed=self.state.records_absorbed,
             dead_lettered=self.stats.dead_lettered,
             snapshot_version=self.stats.last_version,
-            offsets=self.state.offsets,
+            offsets=offsets_to_json(self.state.offsets),
         )
         return 0

@@ -1,4 +1,4 @@
-"""Process mechanics of the daemon: stop signals, device choice, retry pacing, the writer lease.
+"""Process mechanics of the daemon: stop signals, device choice, retry pacing.
 
 Nothing here knows about Kafka records or the model's mathematics; the
 pipeline (:mod:`fogline.daemon.stream.pipeline`) composes these pieces.
@@ -6,18 +6,15 @@ pipeline (:mod:`fogline.daemon.stream.pipeline`) composes these pieces.
 - :class:`StopFlag` turns SIGTERM/SIGINT into a flag the loop checks between
   SVI steps, so the step in progress always finishes.
 - :func:`select_device` maps ``stream.device`` (``auto|cpu|cuda``) to a torch device.
-- :class:`Retry` paces retries of an unavailable service with
-  :func:`fogline.daemon.stream.store.retry_backoff`.
-- :class:`LeaseKeeper` takes, renews and releases the Redis writer lease of
-  one model, and decides whether a lost lease may be taken back.
+- :class:`Retry` paces retries of an unavailable service with redis-py's
+  equal-jitter exponential backoff (:func:`fogline.daemon.stream.store.retry_backoff`).
+
+The writer lease lives in :mod:`fogline.daemon.stream.lease`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -26,16 +23,9 @@ from typing import Any
 
 import structlog
 
-from fogline.daemon.stream.store import Lease, SnapshotStore, StoreUnavailable, retry_backoff
+from fogline.daemon.stream.store import StoreUnavailable, retry_backoff
 
 log = structlog.get_logger(__name__)
-
-#: Exit status when the writer lease is held by another daemon or lost to one.
-EXIT_LEASE = 3
-
-
-class LeaseUnavailable(RuntimeError):
-    """Another daemon holds (or took over) the writer lease of this model."""
 
 
 class StopFlag:
@@ -98,13 +88,12 @@ def select_device(choice: str) -> Any:
     return torch.device(choice)
 
 
-def default_owner() -> str:
-    """Lease owner name of this process: ``host:pid``."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 class Retry:
-    """Paces retries: ``due()`` says when to try again, ``failed()`` backs off, ``ok()`` resets."""
+    """Paces retries: ``due()`` says when to try again, ``failed()`` backs off, ``ok()`` resets.
+
+    The ``n``-th consecutive failure waits ``retry_backoff(n)``: redis-py's
+    ``EqualJitterBackoff`` (uniform in ``[d/2, d]``, ``d = min(cap_s, base_s * 2**n)``).
+    """
 
     def __init__(self, *, base_s: float = 0.1, cap_s: float = 5.0) -> None:
         self.base_s = base_s
@@ -137,105 +126,6 @@ class Retry:
         self.attempt = 0
         self.next_at = 0.0
         self.failing_since = None
-
-
-class LeaseKeeper:
-    """The writer lease of one model: acquire (waiting if asked), renew, release.
-
-    ``lease`` is ``None`` while the lease is not held (e.g. Redis restarted
-    empty during an outage).  :meth:`ensure` takes it back only when no other
-    writer has written since our last snapshot (``latest`` is ours or gone);
-    otherwise another daemon owns the model now and :class:`LeaseUnavailable`
-    is raised, so this one exits without writing.
-    """
-
-    def __init__(self, store: SnapshotStore, ttl_s: float, owner: str | None = None) -> None:
-        self.store = store
-        self.ttl_s = ttl_s
-        self.owner = owner or default_owner()
-        self.lease: Lease | None = None
-        self.last_version: int | None = None
-        self._renewed_at = 0.0
-
-    def acquire(self, wait_s: float | None, stop: StopFlag, poll_s: float | None = None) -> bool:
-        """Take the lease; wait up to ``wait_s`` seconds (``None``: forever) while it is held.
-
-        Returns ``False`` when ``stop`` was set while waiting.  Raises
-        :class:`LeaseUnavailable` when the wait runs out (at once for
-        ``wait_s=0``).  Redis being unreachable is retried with backoff.
-        """
-        deadline = None if wait_s is None else time.monotonic() + wait_s
-        poll = poll_s if poll_s is not None else min(1.0, max(0.05, self.ttl_s / 5))
-        retry = Retry()
-        announced = False
-        while not stop:
-            try:
-                self.lease = self.store.acquire_lease(self.owner, self.ttl_s)
-                holder = None if self.lease else self.store.lease_owner()
-            except StoreUnavailable as exc:
-                log.warning("redis_unavailable", op="acquire_lease", error=str(exc))
-                stop.wait(retry.failed())
-                continue
-            retry.ok()
-            if self.lease is not None:
-                self._renewed_at = time.monotonic()
-                log.info("lease_acquired", owner=self.owner, ttl_s=self.ttl_s)
-                return True
-            if deadline is not None and time.monotonic() >= deadline:
-                raise LeaseUnavailable(
-                    f"model {self.store.model_name!r}: another daemon ({holder}) holds the "
-                    f"writer lease; not starting a second writer"
-                )
-            if not announced:
-                log.warning("lease_held_elsewhere", holder=holder, waiting_s=wait_s)
-                announced = True
-            stop.wait(poll)
-        return False
-
-    def renew_due(self) -> bool:
-        """True when a third of the ttl has passed since the last renewal."""
-        return time.monotonic() - self._renewed_at >= self.ttl_s / 3
-
-    def renew(self) -> None:
-        """Renew the lease (or take it back, see :meth:`ensure`); raises StoreUnavailable."""
-        if self.lease is not None and self.store.renew(self.lease):
-            self._renewed_at = time.monotonic()
-            return
-        self.lease = None
-        self.ensure()
-
-    def ensure(self) -> Lease:
-        """The held lease, re-acquired if it vanished and nobody else wrote since.
-
-        Raises :class:`LeaseUnavailable` or :class:`StoreUnavailable`.
-        """
-        if self.lease is not None:
-            return self.lease
-        lease = self.store.acquire_lease(self.owner, self.ttl_s)
-        if lease is None:
-            raise LeaseUnavailable(
-                f"model {self.store.model_name!r}: writer lease lost to "
-                f"{self.store.lease_owner()}; stopping without writing"
-            )
-        latest = self.store.latest_version()
-        if latest is not None and latest != self.last_version:
-            self.store.release(lease)
-            raise LeaseUnavailable(
-                f"model {self.store.model_name!r}: writer lease lapsed and version {latest} "
-                f"was written by someone else; stopping without writing"
-            )
-        self.lease = lease
-        self._renewed_at = time.monotonic()
-        log.warning("lease_reacquired", owner=self.owner, latest_version=latest)
-        return lease
-
-    def release(self) -> None:
-        """Give the lease up (best effort)."""
-        if self.lease is None:
-            return
-        with contextlib.suppress(StoreUnavailable):
-            self.store.release(self.lease)
-        self.lease = None
 
 
 def call_with_retry(

@@ -2,16 +2,28 @@
 
 This is the only module that imports ``kafka`` (kafka-python >= 3).  It hands
 the rest of the daemon plain :class:`~fogline.daemon.stream.decode.RawRecord` tuples and
-takes plain ``{"topic:partition": next_offset}`` mappings, so nothing else
+takes plain ``{(topic, partition): next_offset}`` mappings, so nothing else
 needs to know kafka-python's types.
 
 Offsets
 -------
 An offset mapping always holds the **next offset to read** (last absorbed
-offset + 1), keyed by ``"topic:partition"`` -- the same convention as
-``PosteriorState.offsets``.  :meth:`KafkaSource.commit` also accepts
-``(topic, partition)`` keys.  The posterior snapshot is the source of truth
-for where to resume; offsets committed to Kafka only feed lag monitoring.
+offset + 1), keyed by ``(topic, partition)`` tuples -- the same convention as
+``PosteriorState.offsets`` (kafka-python's ``TopicPartition`` is such a tuple).
+The posterior snapshot is the source of truth for where to resume; offsets
+committed to Kafka only feed lag monitoring.
+
+Out-of-range offsets
+--------------------
+After a broker restarted empty or a topic was recreated, the snapshot's
+offsets can lie beyond a partition's end; Tansu then answers fetches with no
+records and no error, so the daemon would stall silently.  On every
+assignment :class:`KafkaSource` remembers the offsets it sought to and, once a
+fetch response told it the partition's high-water mark
+(:meth:`kafka.KafkaConsumer.highwater`), reports each sought offset above it
+as an :class:`OutOfRange` (:meth:`KafkaSource.out_of_range`).  The caller
+decides what to do (``stream.offset_out_of_range``); :meth:`KafkaSource.reset`
+moves a partition to its earliest or latest offset.
 
 Tansu gaps avoided here (see ``docs/kafka.md``)
 ----------------------------------------------
@@ -32,7 +44,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 from kafka import (
@@ -49,6 +61,9 @@ from fogline.daemon.stream.decode import RawRecord, partition_key
 
 log = structlog.get_logger(__name__)
 
+#: ``(topic, partition)``: the key of every offset mapping.
+TP = tuple[str, int]
+
 #: Header names of a dead-lettered record (values are UTF-8 bytes).
 DLQ_REASON = "fogline-reason"
 DLQ_SOURCE_TOPIC = "fogline-source-topic"
@@ -57,8 +72,16 @@ DLQ_SOURCE_OFFSET = "fogline-source-offset"
 #: Longest reason kept in the header (bytes of UTF-8); longer ones are cut.
 DLQ_REASON_MAX_BYTES = 1000
 
-#: ``offsets_for(["topic:partition", ...]) -> {"topic:partition": next_offset}``.
-OffsetsCallback = Callable[[list[str]], Mapping[str, int]]
+#: ``offsets_for([(topic, partition), ...]) -> {(topic, partition): next_offset}``.
+OffsetsCallback = Callable[[list[TP]], Mapping[TP, int]]
+
+
+class OutOfRange(NamedTuple):
+    """A sought offset beyond the partition's high-water mark (its next offset to be written)."""
+
+    key: TP
+    offset: int
+    high_watermark: int
 
 
 def dlq_topic_for(topic: str) -> str:
@@ -66,17 +89,17 @@ def dlq_topic_for(topic: str) -> str:
     return f"{topic}.dlq"
 
 
-def _tp_key(tp: TopicPartition) -> str:
-    return partition_key(tp.topic, tp.partition)
+def _tp_key(tp: TopicPartition) -> TP:
+    return (tp.topic, tp.partition)
 
 
-def _parse_key(key: tuple[str, int] | str) -> TopicPartition:
-    if isinstance(key, tuple):
-        return TopicPartition(key[0], int(key[1]))
-    topic, sep, part = key.rpartition(":")
-    if not sep or not topic:
-        raise ValueError(f"offset key {key!r} is not 'topic:partition'")
-    return TopicPartition(topic, int(part))
+def _tp(key: TP) -> TopicPartition:
+    return TopicPartition(key[0], int(key[1]))
+
+
+def _spelt(keys: Iterable[TP]) -> list[str]:
+    """``"topic:partition"`` spellings, for logs (JSON keys and values)."""
+    return [partition_key(*k) for k in sorted(keys)]
 
 
 def _to_raw(rec: Any) -> RawRecord:
@@ -256,13 +279,14 @@ class KafkaSource:
     - On every assignment each assigned partition is sought to the offset
       that ``offsets_for`` returns for it (the snapshot's next offsets);
       partitions it does not name -- or all, when it is ``None`` -- start at
-      the earliest offset.  Kafka's committed offsets are ignored.
-    - ``offsets_for`` and ``on_revoked`` run on kafka-python's IO thread
-      during a rebalance: keep them quick, non-blocking and thread-safe
-      (e.g. read an immutable offsets dict that the pipeline replaces).
-      ``on_revoked`` tells the caller to drop buffered, unabsorbed records of
-      the revoked partitions, since they will be read again from the
-      offsets ``offsets_for`` gives on the next assignment.
+      the earliest offset.  Kafka's committed offsets are ignored.  A sought
+      offset beyond the partition's end is reported by :meth:`out_of_range`.
+    - ``offsets_for`` and ``on_revoked`` run inside kafka-python's poll during a
+      rebalance: keep them quick, non-blocking and thread-safe (e.g. read an
+      immutable offsets dict that the pipeline replaces).  ``on_revoked``
+      tells the caller to drop buffered, unabsorbed records of the revoked
+      partitions, since they will be read again from the offsets
+      ``offsets_for`` gives on the next assignment.
     - After :meth:`pause_all`, partitions assigned later are paused too until
       :meth:`resume_all`; keep calling :meth:`poll` while paused so the
       member stays in the group.
@@ -276,9 +300,9 @@ class KafkaSource:
     group_id:
         Consumer group.
     offsets_for:
-        Callback giving the next offset to read per ``"topic:partition"``.
+        Callback giving the next offset to read per ``(topic, partition)``.
     on_revoked:
-        Callback told which ``"topic:partition"`` keys were revoked or lost.
+        Callback told which ``(topic, partition)`` keys were revoked or lost.
     session_timeout_ms:
         Group session timeout; Tansu's join takes about half of it.
     client_kwargs:
@@ -292,7 +316,7 @@ class KafkaSource:
         group_id: str,
         *,
         offsets_for: OffsetsCallback | None = None,
-        on_revoked: Callable[[list[str]], None] | None = None,
+        on_revoked: Callable[[list[TP]], None] | None = None,
         session_timeout_ms: int = 10000,
         max_poll_records: int = 1000,
         client_id: str | None = None,
@@ -304,6 +328,9 @@ class KafkaSource:
         self._on_revoked_cb = on_revoked
         self._paused = False
         self._assigned: frozenset[TopicPartition] = frozenset()
+        #: Offsets sought at assignment whose range is not checked yet (no high-water mark).
+        self._unchecked: dict[TopicPartition, int] = {}
+        self._out_of_range: list[OutOfRange] = []
         self.rebalances = 0
         self._consumer = KafkaConsumer(
             bootstrap_servers=bootstrap_servers,
@@ -319,37 +346,58 @@ class KafkaSource:
         )
         self._consumer.subscribe(self.topics, listener=_Listener(self))
 
-    # -- rebalance callbacks (kafka-python IO thread) -----------------------
+    # -- rebalance callbacks ------------------------------------------------
     def _on_assigned(self, tps: list[TopicPartition]) -> None:
         self.rebalances += 1
         self._assigned = frozenset(tps)
         keys = [_tp_key(tp) for tp in tps]
-        wanted: Mapping[str, int] = self._offsets_for(keys) if self._offsets_for else {}
+        wanted: Mapping[TP, int] = self._offsets_for(keys) if self._offsets_for else {}
         earliest = []
+        unchecked: dict[TopicPartition, int] = {}
         for tp, key in zip(tps, keys, strict=True):
             off = wanted.get(key)
             if off is None:
                 earliest.append(tp)
             else:
                 self._consumer.seek(tp, int(off))
+                unchecked[tp] = int(off)
+        self._unchecked = unchecked
         if earliest:
             self._consumer.seek_to_beginning(*earliest)
         if self._paused and tps:
             self._consumer.pause(*tps)
-        log.info("partitions_assigned", partitions=keys, offsets=dict(wanted))
+        log.info(
+            "partitions_assigned",
+            partitions=_spelt(keys),
+            offsets={partition_key(*k): v for k, v in sorted(wanted.items()) if k in keys},
+        )
 
     def _on_revoked(self, tps: list[TopicPartition]) -> None:
         keys = [_tp_key(tp) for tp in tps]
         self._assigned = self._assigned - frozenset(tps)
+        for tp in tps:
+            self._unchecked.pop(tp, None)
         if self._on_revoked_cb is not None and keys:
             self._on_revoked_cb(keys)
         if keys:
-            log.info("partitions_revoked", partitions=keys)
+            log.info("partitions_revoked", partitions=_spelt(keys))
+
+    def _check_ranges(self) -> None:
+        """Compare offsets sought at assignment with high-water marks learnt since."""
+        if not self._unchecked:
+            return
+        for tp, off in list(self._unchecked.items()):
+            hw = self._consumer.highwater(tp)
+            if hw is None:
+                continue  # no fetch answered yet
+            del self._unchecked[tp]
+            if off > int(hw):
+                self._out_of_range.append(OutOfRange(_tp_key(tp), off, int(hw)))
 
     # -- public API ---------------------------------------------------------
     @property
-    def assignment(self) -> list[str]:
-        """Assigned partitions as sorted ``"topic:partition"`` keys."""
+    def assignment(self) -> list[TP]:
+        """Assigned partitions as sorted ``(topic, partition)`` keys."""
         return sorted(_tp_key(tp) for tp in self._consumer.assignment())
 
     @property
@@ -367,7 +415,30 @@ class KafkaSource:
         out: list[RawRecord] = []
         for recs in batches.values():
             out.extend(_to_raw(r) for r in recs)
+        self._check_ranges()
         return out
+
+    def out_of_range(self) -> list[OutOfRange]:
+        """Sought offsets found beyond their partition's end since the last call (then cleared).
+
+        A partition is checked once per assignment, after the first fetch
+        response that carries its high-water mark.
+        """
+        found, self._out_of_range = self._out_of_range, []
+        return found
+
+    def reset(self, key: TP, to: str, high_watermark: int | None = None) -> None:
+        """Move ``key`` to its ``"earliest"`` offset, or ``"latest"`` (``high_watermark``)."""
+        tp = _tp(key)
+        if to == "earliest":
+            self._consumer.seek_to_beginning(tp)
+        elif to == "latest":
+            if high_watermark is None:
+                raise ValueError("reset to 'latest' needs the high-water mark")
+            # seek_to_end() is wrong on Tansu: seek to the mark learnt from a fetch
+            self._consumer.seek(tp, int(high_watermark))
+        else:
+            raise ValueError(f"reset to {to!r}: expected 'earliest' or 'latest'")
 
     def pause_all(self) -> None:
         """Stop fetching from every assigned (and later assigned) partition."""
@@ -375,7 +446,7 @@ class KafkaSource:
         tps = self._consumer.assignment()
         if tps:
             self._consumer.pause(*tps)
-        log.info("consumption_paused", partitions=sorted(_tp_key(tp) for tp in tps))
+        log.info("consumption_paused", partitions=_spelt(_tp_key(tp) for tp in tps))
 
     def resume_all(self) -> None:
         """Undo :meth:`pause_all`."""
@@ -383,27 +454,27 @@ class KafkaSource:
         tps = self._consumer.paused()
         if tps:
             self._consumer.resume(*tps)
-        log.info("consumption_resumed", partitions=sorted(_tp_key(tp) for tp in tps))
+        log.info("consumption_resumed", partitions=_spelt(_tp_key(tp) for tp in tps))
 
-    def seek(self, offsets: Mapping[tuple[str, int] | str, int]) -> None:
+    def seek(self, offsets: Mapping[TP, int]) -> None:
         """Move assigned partitions to the given next offsets (unassigned keys are ignored)."""
         assigned = self._consumer.assignment()
         for key, off in offsets.items():
-            tp = _parse_key(key)
+            tp = _tp(key)
             if tp in assigned:
                 self._consumer.seek(tp, int(off))
 
-    def commit(self, offsets: Mapping[tuple[str, int] | str, int], timeout_ms: int = 5000) -> bool:
+    def commit(self, offsets: Mapping[TP, int], timeout_ms: int = 5000) -> bool:
         """Commit next offsets to the group (for lag monitoring only).
 
-        Keys are ``(topic, partition)`` or ``"topic:partition"``, values the
-        next offset to read.  A failed commit (e.g. during a rebalance) is
-        logged as ``offset_commit_failed`` and returns ``False``; it never
-        raises, since the snapshot, not Kafka, holds the resume offsets.
+        Keys are ``(topic, partition)``, values the next offset to read.  A
+        failed commit (e.g. during a rebalance) is logged as
+        ``offset_commit_failed`` and returns ``False``; it never raises, since
+        the snapshot, not Kafka, holds the resume offsets.
         """
         if not offsets:
             return True
-        payload = {_parse_key(k): OffsetAndMetadata(int(v), "", -1) for k, v in offsets.items()}
+        payload = {_tp(k): OffsetAndMetadata(int(v), "", -1) for k, v in offsets.items()}
         try:
             self._consumer.commit(payload, timeout_ms=timeout_ms)
         except (KafkaError, OSError) as exc:
@@ -411,16 +482,16 @@ class KafkaSource:
             return False
         return True
 
-    def committed(self, key: tuple[str, int] | str) -> int | None:
+    def committed(self, key: TP) -> int | None:
         """The group's committed next offset of one partition, or ``None``."""
-        return self._consumer.committed(_parse_key(key))  # type: ignore[no-any-return]
+        return self._consumer.committed(_tp(key))  # type: ignore[no-any-return]
 
-    def position(self, key: tuple[str, int] | str) -> int | None:
+    def position(self, key: TP) -> int | None:
         """The consumer's fetch position (next offset ``poll`` returns) of an assigned partition."""
-        return self._consumer.position(_parse_key(key))  # type: ignore[no-any-return]
+        return self._consumer.position(_tp(key))  # type: ignore[no-any-return]
 
-    def lag(self, absorbed: Mapping[str, int] | None = None) -> dict[str, int]:
-        """Records behind the high-water mark, per assigned ``"topic:partition"``.
+    def lag(self, absorbed: Mapping[TP, int] | None = None) -> dict[TP, int]:
+        """Records behind the high-water mark, per assigned ``(topic, partition)``.
 
         Uses :meth:`kafka.KafkaConsumer.highwater` (learnt from fetch
         responses; ``end_offsets`` is wrong on Tansu).  Lag is measured from
@@ -428,7 +499,7 @@ class KafkaSource:
         from the consumer's position.  Partitions whose high-water mark is not
         known yet (no fetch answered) are left out.
         """
-        out: dict[str, int] = {}
+        out: dict[TP, int] = {}
         for tp in self._consumer.assignment():
             hw = self._consumer.highwater(tp)
             if hw is None:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import socket
 import time
@@ -59,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Final, Self
 import redis
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
-from redis.backoff import NoBackoff
+from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.retry import Retry
 
 if TYPE_CHECKING:
@@ -198,25 +197,20 @@ class Lease:
     ttl_s: float
 
 
-def retry_backoff(
-    attempt: int, *, base_s: float = 0.1, cap_s: float = 10.0, rng: random.Random | None = None
-) -> float:
-    """Seconds to wait before retry number ``attempt`` (0-based).
+def retry_backoff(attempt: int, *, base_s: float = 0.1, cap_s: float = 10.0) -> float:
+    """Seconds to wait before retry number ``attempt`` (0-based): redis-py's equal jitter.
 
-    Exponential with "equal jitter": ``d = min(cap_s, base_s * 2**attempt)``,
-    result uniform in ``[d/2, d]``, so waits grow and never exceed ``cap_s``
-    while many clients do not retry in lockstep.  Pass a seeded ``rng`` for a
-    deterministic sequence (tests, replays); by default the module's
-    ``random`` is used.
+    :class:`redis.backoff.EqualJitterBackoff` computes ``d = min(cap_s, base_s * 2**attempt)``
+    and returns a value uniform in ``[d/2, d]``, so waits grow, never exceed
+    ``cap_s``, and many clients do not retry in lockstep.  ``attempt`` is
+    clamped at 64 (``d`` has long reached ``cap_s`` by then).
 
-    >>> [round(retry_backoff(a, rng=random.Random(0)), 3) for a in (0, 3, 20)]
-    [0.092, 0.738, 9.222]
+    >>> 0.05 <= retry_backoff(0) <= 0.1 and 5.0 <= retry_backoff(1000) <= 10.0
+    True
     """
     if attempt < 0:
         raise ValueError("attempt must be >= 0")
-    d = min(cap_s, base_s * 2.0 ** min(attempt, 64))
-    u = (rng or random).random()
-    return d / 2 + u * d / 2
+    return float(EqualJitterBackoff(cap=cap_s, base=base_s).compute(min(attempt, 64)))
 
 
 # --------------------------------------------------------------------------

@@ -312,7 +312,7 @@ def crash_replay(
     so the kills also land in the drift loop's calibration, alarm, shifted and
     recovering phases.
     """
-    from fogline.models.serialize import from_bytes, to_bytes
+    from fogline.models.serialize import from_bytes, offsets_to_json, to_bytes
 
     rnd = random.Random(seed)
     tag = uuid.uuid4().hex[:8]
@@ -409,7 +409,7 @@ def crash_replay(
     missing = sorted(recs.bad_offsets - set(sources))
     details = {
         "reference_absorbed": ref_state.records_absorbed,
-        "offsets": crash_state.offsets,
+        "offsets": offsets_to_json(crash_state.offsets),
         "dlq_records": len(dlq),
         "dlq_duplicates": len(sources) - len(set(sources)),
         "dlq_missing": len(missing),

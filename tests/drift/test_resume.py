@@ -135,7 +135,7 @@ def test_an_init_file_starts_a_fresh_loop(warm_state: PosteriorState) -> None:
     loop = _loop(state, "forget")
     for x, y in _stream()[:3]:
         state = loop.process(state, x, y)[0]
-    state = state.replace(offsets={"t:0": 192})
+    state = state.replace(offsets={("t", 0): 192})
     fresh = fresh_stream(from_bytes(to_bytes(state)))
     assert fresh.offsets == {} and fresh.records_absorbed == 0
     assert "drift" not in fresh.extra and EXTRA_LOOP not in fresh.extra

@@ -102,14 +102,14 @@ def test_serialisation_round_trip_is_bit_exact() -> None:
     s = init_state(ModelConfig(guide="lowrank", likelihood="student-t"), seed=0)
     s, _ = step(s, _data())
     s = s.replace(
-        offsets={"telemetry:0": 42},
+        offsets={("telemetry", 0): 42},
         extra={"policy": {"state": "stable"}, "x": 0.1},
         aux={"reference.loc": torch.randn(7)},
     )
     blob = to_bytes(s)
     back = from_bytes(blob)
     assert to_bytes(back) == blob
-    assert back.offsets == {"telemetry:0": 42} and back.extra["x"] == 0.1
+    assert back.offsets == {("telemetry", 0): 42} and back.extra["x"] == 0.1
     assert torch.equal(back.aux["reference.loc"], s.aux["reference.loc"])
     for k in s.params:
         assert torch.equal(s.params[k], back.params[k])

@@ -84,7 +84,7 @@ def test_produce_consume_snapshot_restart_resume(
     assert snap.meta.records_absorbed == first.valid == 300
     assert snap.meta.offsets == {f"{topic}:0": n1}
     state = from_bytes(snap.blob)
-    assert state.records_absorbed == 300 and state.offsets == {f"{topic}:0": n1}
+    assert state.records_absorbed == 300 and state.offsets == {(topic, 0): n1}
     v1 = snap.meta.version
 
     dlq = read_topic(kafka_bootstrap, f"{topic}.dlq", timeout_s=15, min_records=12)

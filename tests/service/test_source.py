@@ -66,7 +66,7 @@ def test_produce_then_consume_in_a_group_keeps_keys_timestamps_headers(
         kafka_bootstrap, fresh_topic, fresh_group, session_timeout_ms=session_timeout_ms
     ) as src:
         recs = _consume(src, 300)
-        assert src.assignment == [f"{fresh_topic}:0"]
+        assert src.assignment == [(fresh_topic, 0)]
     assert [r.offset for r in recs] == list(range(300))
     for i, r in enumerate(recs):
         assert (r.topic, r.partition, r.key, r.value) == (
@@ -91,11 +91,11 @@ def test_assignment_seeks_to_the_given_offsets_and_ignores_committed_ones(
 ) -> None:
     topic = topic_factory(2)
     _produce(kafka_bootstrap, topic, 200, partitions=2)  # 100 per partition
-    asked: list[list[str]] = []
+    asked: list[list[tuple[str, int]]] = []
 
-    def offsets_for(keys: list[str]) -> dict[str, int]:
+    def offsets_for(keys: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         asked.append(sorted(keys))
-        return {f"{topic}:0": 60}  # partition 1 not named -> earliest
+        return {(topic, 0): 60}  # partition 1 not named -> earliest
 
     with KafkaSource(
         kafka_bootstrap,
@@ -107,16 +107,17 @@ def test_assignment_seeks_to_the_given_offsets_and_ignores_committed_ones(
         recs = _consume(src, 140)
         offs = _by_partition(recs)
         assert offs == {0: list(range(60, 100)), 1: list(range(100))}
-        assert asked == [[f"{topic}:0", f"{topic}:1"]]
+        assert asked == [[(topic, 0), (topic, 1)]]
         # commit (for monitoring) and read it back
-        assert src.commit({f"{topic}:0": 100, (topic, 1): 100})
-        assert src.committed(f"{topic}:0") == 100
+        assert src.commit({(topic, 0): 100, (topic, 1): 100})
+        assert src.committed((topic, 0)) == 100
         assert src.committed((topic, 1)) == 100
-        assert src.lag() == {f"{topic}:0": 0, f"{topic}:1": 0}
-        assert src.lag(absorbed={f"{topic}:0": 90, f"{topic}:1": 25}) == {
-            f"{topic}:0": 10,
-            f"{topic}:1": 75,
+        assert src.lag() == {(topic, 0): 0, (topic, 1): 0}
+        assert src.lag(absorbed={(topic, 0): 90, (topic, 1): 25}) == {
+            (topic, 0): 10,
+            (topic, 1): 75,
         }
+        assert src.out_of_range() == []  # 60 and the earliest offset are within both partitions
         # explicit seek on an assigned partition
         src.seek({(topic, 1): 95})
         again = _consume(src, 5)
@@ -188,7 +189,7 @@ def test_dead_letter_headers_round_trip(kafka_bootstrap: str, fresh_topic: str) 
 def test_closing_tells_the_revoke_callback(
     kafka_bootstrap: str, fresh_topic: str, fresh_group: str, session_timeout_ms: int
 ) -> None:
-    revoked: list[list[str]] = []
+    revoked: list[list[tuple[str, int]]] = []
     src = KafkaSource(
         kafka_bootstrap,
         fresh_topic,
@@ -204,7 +205,7 @@ def test_closing_tells_the_revoke_callback(
         assert src.rebalances == 1
     finally:
         src.close()
-    assert revoked == [[f"{fresh_topic}:0"]]
+    assert revoked == [[(fresh_topic, 0)]]
 
 
 # On Tansu a second member makes the group settle only after 20-90 s (members keep
@@ -218,7 +219,7 @@ def test_a_second_member_takes_partitions_and_the_first_is_told(
 ) -> None:
     topic = topic_factory(2)
     _produce(kafka_bootstrap, topic, 40, partitions=2)
-    revoked: list[list[str]] = []
+    revoked: list[list[tuple[str, int]]] = []
     first = KafkaSource(
         kafka_bootstrap,
         topic,
@@ -229,7 +230,7 @@ def test_a_second_member_takes_partitions_and_the_first_is_told(
     second: KafkaSource | None = None
     try:
         _consume(first, 40)
-        assert first.assignment == [f"{topic}:0", f"{topic}:1"]
+        assert first.assignment == [(topic, 0), (topic, 1)]
         second = KafkaSource(
             kafka_bootstrap, topic, fresh_group, session_timeout_ms=session_timeout_ms
         )
@@ -239,8 +240,8 @@ def test_a_second_member_takes_partitions_and_the_first_is_told(
                 pytest.fail(f"no rebalance: {first.assignment} / {second.assignment}")
             first.poll(timeout_ms=100)
             second.poll(timeout_ms=100)
-        assert sorted(first.assignment + second.assignment) == [f"{topic}:0", f"{topic}:1"]
-        assert revoked and revoked[0] == [f"{topic}:0", f"{topic}:1"]
+        assert sorted(first.assignment + second.assignment) == [(topic, 0), (topic, 1)]
+        assert revoked and revoked[0] == [(topic, 0), (topic, 1)]
     finally:
         first.close()
         if second is not None:

@@ -3,7 +3,8 @@
 ``fogline run`` exit statuses: 0 clean stop (final snapshot written, offsets
 committed); 1 the final snapshot could not be written; 2 bad configuration
 (one line naming the field); 3 another daemon holds the writer lease of the
-model (with ``--lease-wait-s``) or took it over.
+model (with ``--lease-wait-s``) or took it over; 4 a snapshot offset lies beyond
+its partition's end and ``stream.offset_out_of_range`` is ``fail``.
 """
 
 from __future__ import annotations
@@ -66,12 +67,15 @@ def _run(args: argparse.Namespace) -> int:
         lease_wait_s=args.lease_wait_s,
         threads=args.threads or None,
     )
+    pipe = Pipeline(settings, options, stop)
     try:
-        code = Pipeline(settings, options, stop).run()
+        code = pipe.run()
     finally:
         stop.restore()
     if code == 3:
         print("fogline run: another daemon holds the writer lease of this model", file=sys.stderr)
+    elif code == 4:
+        print(f"fogline run: {pipe.stats.exit_reason}", file=sys.stderr)
     return code
 
 

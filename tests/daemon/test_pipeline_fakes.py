@@ -1,0 +1,161 @@
+"""The whole loop against fake collaborators: commit order, dead letters, out-of-range offsets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from daemon_fakes import FakeConsumer, FakeDeadLetters, FakeStore, record
+from structlog.testing import capture_logs
+
+from fogline.daemon import metrics
+from fogline.daemon.config import Settings
+from fogline.daemon.stream.pipeline import EXIT_OUT_OF_RANGE, Clients, Pipeline, RunOptions
+from fogline.models.serialize import from_bytes
+
+BATCH = 16
+
+
+def _settings(**stream: Any) -> Settings:
+    return Settings.load(
+        None,
+        model_name="fake",
+        metrics_port=0,
+        kafka={"bootstrap_servers": "unused:9092", "topic": "t", "group_id": "g"},
+        stream={
+            "batch_size": BATCH,
+            "batching": "count",
+            "snapshot_every_batches": 2,
+            "snapshot_every_seconds": 0,
+            "device": "cpu",
+            **stream,
+        },
+        drift={"policy": "off"},
+    )
+
+
+class World:
+    """One fake store, consumer and DLQ producer sharing an event log."""
+
+    def __init__(self, log: list[bytes], store: FakeStore | None = None) -> None:
+        self.events: list[Any] = []
+        self.store = store or FakeStore(self.events)
+        self.store.events = self.events
+        self.log = log
+        self.consumer: FakeConsumer | None = None
+        self.dlq = FakeDeadLetters(self.events)
+
+    def clients(self) -> Clients:
+        def source(s: Settings, offsets_for: Any, on_revoked: Any) -> FakeConsumer:
+            self.consumer = FakeConsumer(
+                self.events, self.log, offsets_for=offsets_for, on_revoked=on_revoked, per_poll=24
+            )
+            return self.consumer
+
+        return Clients(store=lambda s: self.store, source=source, dead_letters=lambda s: self.dlq)
+
+    def run(self, **stream: Any) -> int:
+        opts = RunOptions(idle_exit_s=0.05)
+        return Pipeline(_settings(**stream), opts, clients=self.clients()).run()
+
+
+def test_the_loop_flushes_writes_then_commits_and_absorbs_every_valid_record() -> None:
+    log = [record(i) for i in range(100)]
+    log[5] = b"{not json"
+    log[40] = b'{"x": [1], "y": 0}'
+    world = World(log)
+    assert world.run() == 0
+    kinds = [e[0] for e in world.events if e[0] in ("flush", "write", "commit")]
+    # every write is followed by its commit; the first write is preceded by the flush of record 5
+    assert kinds[:3] == ["flush", "write", "commit"]
+    writes = [i for i, k in enumerate(kinds) if k == "write"]
+    assert all(kinds[i + 1] == "commit" for i in writes)
+    flushes = [e for e in world.events if e[0] == "flush"]
+    sends = [i for i, e in enumerate(world.events) if e[0] == "dlq_send"]
+    first_flush = world.events.index(flushes[0])
+    assert sends[0] < first_flush  # record 5 is in the DLQ before any offset passes it
+    assert [raw.offset for raw, _ in world.dlq.sent] == [5, 40]
+    # count mode: 98 valid records -> 6 batches of 16 absorbed, the last 2 read again later
+    state = from_bytes(world.store.blobs[-1][1])
+    assert state.records_absorbed == 96
+    resume = state.offsets[("t", 0)]
+    assert sum(1 for o in range(resume) if o not in (5, 40)) == 96
+    assert world.consumer is not None and world.consumer.committed == {("t", 0): resume}
+
+
+def test_restart_resumes_at_the_snapshot_offsets() -> None:
+    log = [record(i) for i in range(64)]
+    world = World(log)
+    assert world.run() == 0
+    first = from_bytes(world.store.blobs[-1][1])
+    assert first.offsets == {("t", 0): 64} and first.records_absorbed == 64
+    world.log.extend(record(i) for i in range(64, 96))
+    again = World(world.log, store=world.store)
+    assert again.run() == 0
+    second = from_bytes(again.store.blobs[-1][1])
+    assert second.records_absorbed == 96 and second.offsets == {("t", 0): 96}
+
+
+def _oor_count(action: str) -> float:
+    v = metrics.REGISTRY.get_sample_value(
+        "fogline_offset_out_of_range_total", {"partition": "t:0", "action": action}
+    )
+    return v or 0.0
+
+
+def _snapshot_at(store_world: World, n: int) -> FakeStore:
+    """A store whose latest snapshot absorbed ``n`` records of a log that is now gone."""
+    assert store_world.run() == 0
+    return store_world.store
+
+
+def test_an_offset_beyond_the_partition_end_fails_loudly_by_default() -> None:
+    store = _snapshot_at(World([record(i) for i in range(64)]), 64)
+    versions = len(store.blobs)
+    shrunk = World([record(i) for i in range(20)], store=store)  # broker restarted empty
+    before = _oor_count("fail")
+    with capture_logs() as logs:
+        assert shrunk.run() == EXIT_OUT_OF_RANGE
+    oor = [e for e in logs if e["event"] == "offset_out_of_range"]
+    assert oor and oor[0]["snapshot_offset"] == 64 and oor[0]["high_watermark"] == 20
+    assert oor[0]["log_level"] == "error" and oor[0]["action"] == "fail"
+    assert _oor_count("fail") == before + 1
+    assert len(store.blobs) == versions  # nothing written
+    assert not any(e[0] == "commit" for e in shrunk.events)
+
+
+@pytest.mark.parametrize(("action", "absorbed"), [("earliest", 64 + 32), ("latest", 64)])
+def test_an_offset_beyond_the_partition_end_resumes_where_the_setting_says(
+    action: str, absorbed: int
+) -> None:
+    store = _snapshot_at(World([record(i) for i in range(64)]), 64)
+    shrunk = World([record(i) for i in range(32)], store=store)
+    before = _oor_count(action)
+    with capture_logs() as logs:
+        assert shrunk.run(offset_out_of_range=action) == 0
+    assert [e["action"] for e in logs if e["event"] == "offset_out_of_range"] == [action]
+    assert _oor_count(action) == before + 1
+    assert ("reset", action) in shrunk.events
+    state = from_bytes(store.blobs[-1][1])
+    assert state.records_absorbed == absorbed and state.offsets == {("t", 0): 32}
+
+
+def test_a_lease_taken_over_mid_run_stops_the_daemon_without_writing() -> None:
+    world = World([record(i) for i in range(200)])
+    stolen_at: list[int] = []
+
+    def on_batch(stats: Any, state: Any) -> None:
+        if stats.batches == 3 and not stolen_at:
+            world.store.steal(write=True)  # another daemon took over and wrote
+            stolen_at.append(len(world.events))
+
+    settings = _settings(snapshot_every_batches=4)
+    pipe = Pipeline(
+        settings, RunOptions(idle_exit_s=0.05, on_batch=on_batch), clients=world.clients()
+    )
+    with capture_logs() as logs:
+        assert pipe.run() == 3
+    after = world.events[stolen_at[0] :]
+    assert not any(e[0] in ("write", "commit") for e in after)
+    assert any(e["event"] == "lease_lost" for e in logs)
+    assert world.store.blobs == []  # the first snapshot was due at batch 4

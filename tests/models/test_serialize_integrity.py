@@ -1,0 +1,130 @@
+"""The blob's SHA-256 covers every restored byte: header fields as well as tensors.
+
+Issue 11 item 6: schema 1 hashed the tensors only, so a blob whose header had
+forged offsets (or records_absorbed, lr, extra...) was restored as if intact.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from fogline.models.config import ModelConfig
+from fogline.models.serialize import (
+    SnapshotFormatError,
+    checksum,
+    from_bytes,
+    read_header,
+    to_bytes,
+    upgrade_schema1,
+)
+from fogline.models.svi import init_state
+
+
+@pytest.fixture(scope="module")
+def blob() -> bytes:
+    state = init_state(ModelConfig(in_features=2, hidden=(4,)), seed=0)
+    state = state.replace(
+        offsets={("telemetry", 0): 14_004, ("telemetry", 1): 7},
+        records_absorbed=14_000,
+        extra={"drift": {"mode": "stable", "alarms": 3}},
+    )
+    return to_bytes(state)
+
+
+def _reheader(blob: bytes, meta: dict[str, Any]) -> bytes:
+    """The same tensors under an edited header, written as a forger would (valid safetensors)."""
+    doc = json.dumps(meta, sort_keys=True, separators=(",", ":"))
+    return st_save(st_load(blob), metadata={"fogline": doc})
+
+
+#: (field, forged value): every top-level header field a restore reads.
+FORGERIES: list[tuple[str, Any]] = [
+    ("offsets", {"telemetry:0": 1_000, "telemetry:1": 7}),
+    ("offsets", {"telemetry:0": 14_004}),
+    ("records_absorbed", 0),
+    ("lr", 0.5),
+    ("step_count", 99),
+    ("extra", {"drift": {"mode": "recovering", "alarms": 3}}),
+    ("config", {**ModelConfig(in_features=2, hidden=(4,)).model_dump(mode="json"), "hidden": [5]}),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), FORGERIES)
+def test_a_forged_header_field_is_rejected(blob: bytes, field: str, value: Any) -> None:
+    meta = read_header(blob)
+    assert meta[field] != value
+    forged = _reheader(blob, {**meta, field: value})
+    with pytest.raises(SnapshotFormatError, match="checksum"):
+        from_bytes(forged)
+
+
+def test_a_forger_who_recomputes_the_tensor_only_digest_is_rejected(blob: bytes) -> None:
+    meta = read_header(blob)
+    meta["offsets"] = {"telemetry:0": 1_000, "telemetry:1": 7}
+    meta["checksum"] = checksum(st_load(blob))  # the schema-1 digest
+    with pytest.raises(SnapshotFormatError, match="checksum"):
+        from_bytes(_reheader(blob, meta))
+
+
+def test_the_unedited_header_rewritten_is_accepted(blob: bytes) -> None:
+    back = from_bytes(_reheader(blob, read_header(blob)))
+    assert back.offsets == {("telemetry", 0): 14_004, ("telemetry", 1): 7}
+    assert to_bytes(back) == blob
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_any_flipped_bit_is_rejected(blob: bytes, data: st.DataObject) -> None:
+    n = int.from_bytes(blob[:8], "little")
+    # half the flips land in the header (8-byte length + JSON), half anywhere
+    pos = data.draw(st.one_of(st.integers(0, 8 + n - 1), st.integers(0, len(blob) - 1)))
+    bit = data.draw(st.integers(0, 7))
+    flipped = bytearray(blob)
+    flipped[pos] ^= 1 << bit
+    with pytest.raises(SnapshotFormatError):
+        from_bytes(bytes(flipped))
+
+
+def test_nan_in_an_edited_header_is_a_format_error(blob: bytes) -> None:
+    meta = read_header(blob)
+    doc = json.dumps({**meta, "lr": float("nan")}, sort_keys=True)
+    forged = st_save(st_load(blob), metadata={"fogline": doc})
+    with pytest.raises(SnapshotFormatError):
+        from_bytes(forged)
+
+
+def _schema1(blob: bytes, **edits: Any) -> bytes:
+    meta = {**read_header(blob), "schema_version": 1, **edits}
+    meta["checksum"] = checksum(st_load(blob))
+    return _reheader(blob, meta)
+
+
+def test_a_schema1_blob_is_refused_and_can_be_upgraded_deliberately(blob: bytes) -> None:
+    old = _schema1(blob)
+    with pytest.raises(SnapshotFormatError, match="upgrade_schema1"):
+        from_bytes(old)
+    assert upgrade_schema1(old) == blob
+    tampered = bytearray(old)
+    tampered[-3] ^= 0x01
+    with pytest.raises(SnapshotFormatError, match="checksum"):
+        upgrade_schema1(bytes(tampered))
+    with pytest.raises(SnapshotFormatError, match="not a schema-1"):
+        upgrade_schema1(blob)
+
+
+def test_tensor_bytes_are_still_covered(blob: bytes) -> None:
+    tensors = st_load(blob)
+    tensors["params.loc"] = tensors["params.loc"] + torch.finfo(torch.float32).eps
+    forged = st_save(tensors, metadata={"fogline": json.dumps(read_header(blob))})
+    with pytest.raises(SnapshotFormatError, match="checksum"):
+        from_bytes(forged)
