@@ -48,10 +48,13 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from fogline.daemon.names import MODEL_NAME_PATTERN, dlq_topic_for, mask_url_credentials
+
 __all__ = [
     "ENV_CONFIG_PATH",
     "ENV_PREFIX",
     "MASK",
+    "MODEL_NAME_PATTERN",
     "ApiSettings",
     "ConfigError",
     "DriftSettings",
@@ -62,6 +65,7 @@ __all__ = [
     "env_var_name",
     "format_validation_error",
     "load_or_exit",
+    "mask_url_credentials",
     "read_config_file",
 ]
 
@@ -70,8 +74,6 @@ ENV_PREFIX = "FOGLINE_"
 ENV_CONFIG_PATH = "FOGLINE_CONFIG"
 #: How secrets are shown by :meth:`Settings.masked` and ``fogline config show``.
 MASK = "**********"
-#: Model names become part of Redis keys: keep them plain.
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 _SECRET_FIELDS = frozenset({"sasl_password", "password", "token"})
 
@@ -112,7 +114,7 @@ class KafkaSettings(_Section):
     def _default_dlq(self) -> KafkaSettings:
         if self.dlq_topic is None:
             # object.__setattr__ avoids re-running validation on assignment.
-            object.__setattr__(self, "dlq_topic", f"{self.topic}.dlq")
+            object.__setattr__(self, "dlq_topic", dlq_topic_for(self.topic))
         return self
 
 
@@ -301,14 +303,30 @@ class Settings(BaseSettings):
 
     # -- presentation ------------------------------------------------------
     def masked(self) -> dict[str, Any]:
-        """JSON-able dict of the effective settings with secrets shown as ``MASK``."""
+        """JSON-able dict of the effective settings with secrets shown as ``MASK``.
+
+        Secret fields become ``MASK``; the password inside any URL-valued
+        string (``redis.url`` = ``redis://:pw@host``) becomes ``***``
+        (:func:`~fogline.daemon.names.mask_url_credentials`).
+        """
         data: dict[str, Any] = json.loads(self.model_dump_json())
         for section in data.values():
             if isinstance(section, dict):
                 for key in _SECRET_FIELDS & section.keys():
                     if section[key] is not None:
                         section[key] = MASK
-        return data
+        return _mask_strings(data)
+
+
+def _mask_strings(value: Any) -> Any:
+    """``value`` with :func:`mask_url_credentials` applied to every string in it."""
+    if isinstance(value, str):
+        return mask_url_credentials(value)
+    if isinstance(value, dict):
+        return {k: _mask_strings(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask_strings(v) for v in value]
+    return value
 
 
 def load_or_exit(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
@@ -338,7 +356,7 @@ def format_validation_error(exc: ValidationError) -> list[str]:
         # Drop pydantic's union/tag members (e.g. 'literal[...]', 'constrained-str').
         loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.endswith("-str"))))
         field = ".".join(str(p) for p in loc) or "<root>"
-        line = f"{field}: {err['msg']}"
+        line = f"{field}: {mask_url_credentials(err['msg'])}"
         value = err.get("input")
         secret = any(isinstance(p, str) and p in _SECRET_FIELDS for p in loc)
         if (
@@ -346,7 +364,8 @@ def format_validation_error(exc: ValidationError) -> list[str]:
             and not secret
             and isinstance(value, str | int | float | bool)
         ):
-            line += f" (got {value!r})"
+            shown = mask_url_credentials(value) if isinstance(value, str) else value
+            line += f" (got {shown!r})"
         if loc and err["type"] != "extra_forbidden":
             line += f" [env {env_var_name(loc)}]"
         lines.append(line)

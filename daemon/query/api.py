@@ -37,16 +37,16 @@ from starlette.concurrency import run_in_threadpool
 
 from fogline.daemon.config import ApiSettings, Settings
 from fogline.daemon.metrics import QUERY_REGISTRY, QUERY_SECONDS
+from fogline.daemon.names import MODEL_NAME_PATTERN
 from fogline.daemon.query.serving import Loaded, Registry, StoreFactory
 from fogline.daemon.stream.store import SnapshotMeta, SnapshotStore, StoreError, StoreUnavailable
 
 DEFAULT_LEVELS: tuple[float, ...] = (0.5, 0.9, 0.95)
 MAX_LEVELS = 16
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 #: Bytes of JSON a single number may take in a body (generous), for the size guard.
 _BYTES_PER_NUMBER = 40
 
-ModelName = Annotated[str, Path(pattern=_NAME, description="Model name")]
+ModelName = Annotated[str, Path(pattern=MODEL_NAME_PATTERN, description="Model name")]
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]

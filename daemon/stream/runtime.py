@@ -15,9 +15,7 @@ pipeline (:mod:`fogline.daemon.stream.pipeline`) composes these pieces.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +24,7 @@ from typing import Any
 
 import structlog
 
+from fogline.daemon.names import process_identity
 from fogline.daemon.stream.store import Lease, SnapshotStore, StoreUnavailable, retry_backoff
 
 log = structlog.get_logger(__name__)
@@ -98,9 +97,8 @@ def select_device(choice: str) -> Any:
     return torch.device(choice)
 
 
-def default_owner() -> str:
-    """Lease owner name of this process: ``host:pid``."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+#: Lease owner name of this process: ``host:pid`` (the snapshot writer's name too).
+default_owner = process_identity
 
 
 class Retry:

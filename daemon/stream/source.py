@@ -45,6 +45,7 @@ from kafka import (
 )
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from fogline.daemon.names import dlq_topic_for
 from fogline.daemon.stream.decode import RawRecord, partition_key
 
 log = structlog.get_logger(__name__)
@@ -59,11 +60,6 @@ DLQ_REASON_MAX_BYTES = 1000
 
 #: ``offsets_for(["topic:partition", ...]) -> {"topic:partition": next_offset}``.
 OffsetsCallback = Callable[[list[str]], Mapping[str, int]]
-
-
-def dlq_topic_for(topic: str) -> str:
-    """Name of the dead-letter topic of ``topic``: ``<topic>.dlq``."""
-    return f"{topic}.dlq"
 
 
 def _tp_key(tp: TopicPartition) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,3 +172,79 @@ def test_config_cli_exits_2_on_bad_config(
     good = _write(tmp_path, "g.yaml", "model_name: ok\n")
     assert main(["config", "validate", "--config", str(good)]) == 0
     assert "ok" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------
+# URL credentials are masked on every surface
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("rediss://app:s3cret@cache:6380/1", "rediss://app:***@cache:6380/1"),
+        ("redis://app:p@ss:w0rd@cache/0", "redis://app:***@cache/0"),  # '@' inside the password
+        ("redis://cache:6379/0", "redis://cache:6379/0"),
+        ("redis://app@cache/0", "redis://app@cache/0"),  # a user name alone is no secret
+        ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+        (
+            "redis unavailable at redis://:s3cret@h:1/0 (ping): ConnectionError: x; "
+            "also http://u:s3cret@other:80/p",
+            "redis unavailable at redis://:***@h:1/0 (ping): ConnectionError: x; "
+            "also http://u:***@other:80/p",
+        ),
+    ],
+)
+def test_mask_url_credentials(raw: str, shown: str) -> None:
+    from fogline.daemon.config import mask_url_credentials
+
+    assert mask_url_credentials(raw) == shown
+
+
+def test_config_show_masks_the_password_in_redis_url(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FOGLINE_REDIS__URL", "redis://app:hunter2@cache:6379/0")
+    assert Settings.load(None).redis.url == "redis://app:hunter2@cache:6379/0"  # used as given
+    for argv in (["config", "show", "--json"], ["config", "show"]):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "hunter2" not in out and "redis://app:***@cache:6379/0" in out
+
+
+def test_invalid_url_is_not_echoed_with_its_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.load(None, redis={"url": "http://app:hunter2@cache:6379/0"})
+    assert "redis.url" in str(info.value) and "hunter2" not in str(info.value)
+    assert "http://app:***@cache:6379/0" in str(info.value)
+
+
+def test_snapshot_cli_and_store_errors_mask_the_url_password(
+    redis_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``fogline snapshot list`` (table, JSON, empty) and StoreUnavailable messages."""
+    import redis as redis_lib
+
+    from fogline.daemon.stream.store import SnapshotStore, StoreUnavailable
+
+    redis_lib.Redis(host=redis_server.host, port=redis_server.port).config_set(
+        "requirepass", "hunter2"
+    )
+    url = f"redis://:hunter2@{redis_server.host}:{redis_server.port}/0"
+    for extra in ([], ["--json"]):
+        rc = main(["snapshot", "list", "--redis-url", url, "--model", "m1", *extra])
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err
+        assert "hunter2" not in captured.out + captured.err
+    assert main(["snapshot", "list", "--redis-url", url, "--model", "m1"]) == 0
+    shown = "".join(capsys.readouterr().out.split())  # rich may wrap the line
+    assert f"redis://:***@{redis_server.host}:{redis_server.port}/0" in shown
+    redis_server.stop()
+    with (
+        SnapshotStore(url, "m1", socket_timeout=0.5) as store,
+        pytest.raises(StoreUnavailable) as info,
+    ):
+        store.latest_version()
+    assert "hunter2" not in str(info.value) and ":***@" in str(info.value)
+    rc = main(["snapshot", "list", "--redis-url", url, "--model", "m1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "hunter2" not in err and ":***@" in err
