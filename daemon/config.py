@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Mapping
@@ -47,6 +48,7 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from pydantic_settings.exceptions import SettingsError
 
 from fogline.daemon.names import MODEL_NAME_PATTERN, dlq_topic_for, mask_url_credentials
 
@@ -67,6 +69,7 @@ __all__ = [
     "load_or_exit",
     "mask_url_credentials",
     "read_config_file",
+    "settings_error_problem",
 ]
 
 ENV_PREFIX = "FOGLINE_"
@@ -188,7 +191,7 @@ class ApiSettings(_Section):
     """Query service."""
 
     host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
+    port: int = Field(default=8000, ge=1, le=65535)
     #: Bearer token; when set every request but /healthz must carry it.
     token: SecretStr | None = None
     max_rows: int = Field(default=1024, ge=1)
@@ -277,6 +280,9 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             origin = f" (file {path} and {ENV_PREFIX}* environment)" if path else ""
             raise _config_error(exc, origin) from None
+        except SettingsError as exc:  # e.g. FOGLINE_API='{"port": 80' (broken JSON)
+            problem = settings_error_problem(exc)
+            raise ConfigError(f"invalid configuration:\n  {problem}", [problem]) from None
         finally:
             _FILE_DATA.reset(token)
 
@@ -370,6 +376,29 @@ def format_validation_error(exc: ValidationError) -> list[str]:
             line += f" [env {env_var_name(loc)}]"
         lines.append(line)
     return lines
+
+
+_SETTINGS_ERROR = re.compile(r'field "(?P<field>[^"]+)" from source "(?P<source>[^"]+)"')
+
+
+def settings_error_problem(exc: SettingsError) -> str:
+    """One ``"<field>: <reason>"`` line for pydantic-settings' :class:`SettingsError`.
+
+    pydantic-settings raises it (not a ``ValidationError``) when a complex
+    field's environment value is not JSON, e.g. ``FOGLINE_API='{"port": 80'``.
+    The line names the field, the variable and the JSON error, never the value
+    (it may hold a secret)::
+
+        api: not valid JSON (Expecting ',' delimiter: line 1 column 12 (char 11)) [env FOGLINE_API]
+    """
+    m = _SETTINGS_ERROR.search(str(exc))
+    cause = exc.__cause__ or exc.__context__
+    reason = f"not valid JSON ({cause})" if isinstance(cause, ValueError) else str(exc)
+    if m is None:
+        return f"<settings>: {reason}"
+    field = m["field"]
+    where = f" [env {env_var_name((field,))}]" if m["source"] == "EnvSettingsSource" else ""
+    return f"{field}: {reason}{where}"
 
 
 def _config_error(exc: ValidationError, origin: str) -> ConfigError:

@@ -248,3 +248,79 @@ def test_snapshot_cli_and_store_errors_mask_the_url_password(
     rc = main(["snapshot", "list", "--redis-url", url, "--model", "m1"])
     err = capsys.readouterr().err
     assert rc == 1 and "hunter2" not in err and ":***@" in err
+
+
+# --------------------------------------------------------------------------
+# settings errors: a field-naming message and exit 2 at every entry point
+# --------------------------------------------------------------------------
+def _exit_code(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+ENTRY_POINTS = [
+    ["run"],
+    ["serve"],
+    ["query", "--x", "1,2"],
+    ["snapshot", "list"],
+    ["snapshot", "models"],
+    ["demo", "--out", "{tmp}/demo"],
+    ["replay", "{tmp}/r.jsonl", "--topic", "t"],
+    ["config", "show"],
+    ["config", "validate", "--config", "{tmp}/ok.yaml"],
+]
+
+
+@pytest.mark.parametrize("argv", ENTRY_POINTS, ids=lambda a: " ".join(a[:2]))
+def test_broken_json_in_a_nested_env_var_names_the_field_and_exits_2(
+    argv: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _write(tmp_path, "ok.yaml", "model_name: ok\n")
+    _write(tmp_path, "r.jsonl", '{"x": [1], "y": 1}\n')
+    monkeypatch.setenv("FOGLINE_API", '{"port": 80, "token": "s3cret"')  # no closing brace
+    code = _exit_code([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "api: not valid JSON (Expecting ',' delimiter" in err and "[env FOGLINE_API]" in err
+    assert "Traceback" not in err and "s3cret" not in err
+    assert not (tmp_path / "demo").exists()  # nothing started
+
+
+@pytest.mark.parametrize("port", ["0", "99999", "-1"])
+def test_serve_port_out_of_range_is_a_usage_error(
+    port: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _exit_code(["serve", "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fogline: invalid configuration:") and "api.port: Input should be" in err
+    assert "Traceback" not in err
+
+
+def test_ports_are_settings_constraints(monkeypatch: pytest.MonkeyPatch) -> None:
+    for bad in ("0", "65536"):
+        monkeypatch.setenv("FOGLINE_API__PORT", bad)
+        with pytest.raises(ConfigError, match=r"api\.port: Input should be"):
+            Settings.load(None)
+    monkeypatch.setenv("FOGLINE_API__PORT", "65535")
+    assert Settings.load(None).api.port == 65535
+    with pytest.raises(ConfigError, match=r"metrics_port: Input should be less than"):
+        Settings.load(None, metrics_port=70000)
+    assert Settings.load(None, metrics_port=0).metrics_port == 0  # 0 turns the endpoint off
+
+
+def test_settings_error_problem_without_a_json_cause() -> None:
+    from pydantic_settings.exceptions import SettingsError
+
+    from fogline.daemon.config import settings_error_problem
+
+    err = SettingsError('error parsing value for field "kafka" from source "EnvSettingsSource"')
+    assert settings_error_problem(err) == (
+        'kafka: error parsing value for field "kafka" from source "EnvSettingsSource" '
+        "[env FOGLINE_KAFKA]"
+    )
+    assert settings_error_problem(SettingsError("odd")) == "<settings>: odd"
