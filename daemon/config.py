@@ -47,8 +47,8 @@ from pydantic_settings import (
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
-from pydantic_settings.exceptions import SettingsError
 
 from fogline.daemon.names import MODEL_NAME_PATTERN, dlq_topic_for, mask_url_credentials
 

@@ -47,6 +47,7 @@ import random
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -167,13 +168,25 @@ def nab_root() -> Path:
 # --------------------------------------------------------------------------
 
 
+def _testcontainers(module: str) -> object:
+    """``testcontainers.<module>``, or an error naming the extra that provides it."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"testcontainers.{module}")
+    except ImportError as exc:
+        raise RuntimeError(
+            "a Docker engine answers but testcontainers is missing: it is in the 'dev' extra "
+            "(pip install -e '.[dev]')"
+        ) from exc
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
     """``host:port`` of a Kafka-protocol broker for the whole session."""
     if docker_available():
-        from testcontainers.community.kafka import KafkaContainer
-
-        with KafkaContainer() as kafka:
+        kafka_module: Any = _testcontainers("community.kafka")
+        with kafka_module.KafkaContainer() as kafka:
             yield kafka.get_bootstrap_server()
         return
     with EmbeddedKafka() as kafka:
@@ -184,9 +197,8 @@ def kafka_bootstrap() -> Iterator[str]:
 def redis_url() -> Iterator[str]:
     """``redis://host:port/0`` of a Redis server for the whole session."""
     if docker_available():
-        from testcontainers.community.redis import RedisContainer
-
-        with RedisContainer() as redis:
+        redis_module: Any = _testcontainers("community.redis")
+        with redis_module.RedisContainer() as redis:
             host = redis.get_container_host_ip()
             port = redis.get_exposed_port(redis.port)
             yield f"redis://{host}:{port}/0"

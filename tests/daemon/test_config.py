@@ -314,7 +314,7 @@ def test_ports_are_settings_constraints(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_settings_error_problem_without_a_json_cause() -> None:
-    from pydantic_settings.exceptions import SettingsError
+    from pydantic_settings import SettingsError
 
     from fogline.daemon.config import settings_error_problem
 
