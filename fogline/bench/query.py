@@ -34,8 +34,10 @@ two hidden layers of 32, heteroscedastic Gaussian, a few SVI steps in):
   - ``closed+attack`` / ``open+attack``: the same while one more client,
     without a token, sends oversized bodies over raw sockets, alternately a
     declared ``--attack-mb`` MB ``Content-Length`` body and a chunked
-    ``--attack-chunked-mb`` MB body, 1 MiB at a time, and records when and how
-    the server answered (status, seconds, bytes it had sent by then).
+    ``--attack-chunked-mb`` MB body, 1 MiB at a time at most ``--attack-mbps``
+    MB/s (a client on a 1 Gbit/s link by default: on loopback one client could
+    otherwise spend the shared cores copying gigabytes a second), and records
+    when and how the server answered (status, seconds, bytes it had sent by then).
 
   Everything is on loopback; each scenario is bounded in time and count.
 
@@ -101,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--attack-chunked-mb", type=float, default=170.0, help="attacker's chunked body (MB)"
+    )
+    p.add_argument(
+        "--attack-mbps",
+        type=float,
+        default=100.0,
+        help="attacker's upload rate cap in MB/s (100: a 1 Gbit/s link; loopback is unbounded)",
     )
     p.add_argument(
         "--scenarios",
@@ -410,8 +418,9 @@ class _Attacker:
 
     CHUNK = 1 << 20
 
-    def __init__(self, port: int, mb: float, chunked_mb: float) -> None:
+    def __init__(self, port: int, mb: float, chunked_mb: float, mbps: float) -> None:
         self.port = port
+        self.bytes_per_s = mbps * 1e6
         self.sizes = (int(mb * 1e6), int(chunked_mb * 1e6))
         self.stop = threading.Event()
         self.attempts: list[dict[str, Any]] = []
@@ -462,6 +471,9 @@ class _Attacker:
                         f"{len(piece):x}\r\n".encode() + piece + b"\r\n" if chunked else piece
                     )
                     sent += len(piece)
+                    ahead = sent / self.bytes_per_s - (time.perf_counter() - t0)
+                    if ahead > 0:  # keep to the upload rate cap
+                        time.sleep(ahead)
                 if chunked and sent >= size:
                     sock.sendall(b"0\r\n\r\n")
                 line = sock.recv(4096).split(b"\r\n", 1)[0].split()
@@ -508,7 +520,7 @@ def _scenario(
         raise ValueError(f"unknown scenario {name!r}")
     run = _closed if mode == "closed" else _open
     if extra:
-        with _Attacker(port, args.attack_mb, args.attack_chunked_mb) as attacker:
+        with _Attacker(port, args.attack_mb, args.attack_chunked_mb, args.attack_mbps) as attacker:
             res = run(base, args, log)
         res["attack"] = attacker.summary()
     else:
