@@ -40,6 +40,9 @@ DICT_TRACEBACKS = structlog.processors.ExceptionRenderer(
 
 #: Library loggers kept at WARNING or above unless fogline logs at DEBUG (chatty at INFO).
 QUIET_LIBRARIES: tuple[str, ...] = ("kafka",)
+#: Library loggers whose own handlers are removed so that they propagate to the root
+#: handler (uvicorn's default logging config gives "uvicorn" its own, non-propagating one).
+ROUTED_LIBRARIES: tuple[str, ...] = ("kafka", "redis", "uvicorn", "uvicorn.error", "uvicorn.access")
 
 
 def _stderr_logger(*_args: object) -> structlog.PrintLogger:
@@ -94,8 +97,10 @@ def configure(fmt: LogFormat = "auto", level: str = "INFO") -> None:
 
     ``auto`` picks the console renderer when stderr is a terminal, else JSON.
     The root logger gets one handler (replacing any earlier one of fogline's)
-    rendering library records like fogline's events; libraries in
-    :data:`QUIET_LIBRARIES` log at WARNING or above unless ``level`` is DEBUG.
+    rendering library records like fogline's events; the loggers in
+    :data:`ROUTED_LIBRARIES` lose their own handlers and levels and propagate to it, and
+    libraries in :data:`QUIET_LIBRARIES` log at WARNING or above unless
+    ``level`` is DEBUG.
     """
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
@@ -134,6 +139,11 @@ def configure(fmt: LogFormat = "auto", level: str = "INFO") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric)
+    for name in ROUTED_LIBRARIES:
+        lib = logging.getLogger(name)
+        lib.handlers.clear()
+        lib.propagate = True
+        lib.setLevel(logging.NOTSET)  # the root's level, unless set below (or by uvicorn.run)
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(
             numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING)

@@ -16,14 +16,33 @@ from fogline.daemon import logs
 @pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
     """Undo :func:`logs.configure` on the root logger and structlog after each test."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    kafka_level = logging.getLogger("kafka").level
+    saved = {
+        name: (list(lg.handlers), lg.level, lg.propagate)
+        for name in ("", *logs.ROUTED_LIBRARIES)
+        for lg in [logging.getLogger(name or None)]
+    }
     yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.getLogger("kafka").setLevel(kafka_level)
+    for name, (handlers, level, propagate) in saved.items():
+        lg = logging.getLogger(name or None)
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
     structlog.reset_defaults()
+
+
+def test_library_loggers_configured_elsewhere_are_routed_to_the_root(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """uvicorn's default logging config (own handler, no propagation) does not bypass ours."""
+    import logging.config
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    logging.config.dictConfig(LOGGING_CONFIG)
+    logs.configure("json", "INFO")
+    logging.getLogger("uvicorn.error").info("Started server process [%d]", 42)
+    (line,) = _json_lines(capsys.readouterr().err)
+    assert line["logger"] == "uvicorn.error" and line["event"] == "Started server process [42]"
 
 
 def _json_lines(text: str) -> list[dict[str, object]]:
