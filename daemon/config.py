@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Mapping
@@ -46,12 +47,16 @@ from pydantic_settings import (
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
+
+from fogline.daemon.names import MODEL_NAME_PATTERN, dlq_topic_for, mask_url_credentials
 
 __all__ = [
     "ENV_CONFIG_PATH",
     "ENV_PREFIX",
     "MASK",
+    "MODEL_NAME_PATTERN",
     "ApiSettings",
     "ConfigError",
     "DriftSettings",
@@ -62,7 +67,9 @@ __all__ = [
     "env_var_name",
     "format_validation_error",
     "load_or_exit",
+    "mask_url_credentials",
     "read_config_file",
+    "settings_error_problem",
 ]
 
 ENV_PREFIX = "FOGLINE_"
@@ -70,8 +77,6 @@ ENV_PREFIX = "FOGLINE_"
 ENV_CONFIG_PATH = "FOGLINE_CONFIG"
 #: How secrets are shown by :meth:`Settings.masked` and ``fogline config show``.
 MASK = "**********"
-#: Model names become part of Redis keys: keep them plain.
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 _SECRET_FIELDS = frozenset({"sasl_password", "password", "token"})
 
@@ -112,7 +117,7 @@ class KafkaSettings(_Section):
     def _default_dlq(self) -> KafkaSettings:
         if self.dlq_topic is None:
             # object.__setattr__ avoids re-running validation on assignment.
-            object.__setattr__(self, "dlq_topic", f"{self.topic}.dlq")
+            object.__setattr__(self, "dlq_topic", dlq_topic_for(self.topic))
         return self
 
 
@@ -190,7 +195,7 @@ class ApiSettings(_Section):
     """Query service."""
 
     host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
+    port: int = Field(default=8000, ge=1, le=65535)
     #: Bearer token; when set every request but /healthz must carry it.
     token: SecretStr | None = None
     max_rows: int = Field(default=1024, ge=1)
@@ -279,6 +284,9 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             origin = f" (file {path} and {ENV_PREFIX}* environment)" if path else ""
             raise _config_error(exc, origin) from None
+        except SettingsError as exc:  # e.g. FOGLINE_API='{"port": 80' (broken JSON)
+            problem = settings_error_problem(exc)
+            raise ConfigError(f"invalid configuration:\n  {problem}", [problem]) from None
         finally:
             _FILE_DATA.reset(token)
 
@@ -305,14 +313,30 @@ class Settings(BaseSettings):
 
     # -- presentation ------------------------------------------------------
     def masked(self) -> dict[str, Any]:
-        """JSON-able dict of the effective settings with secrets shown as ``MASK``."""
+        """JSON-able dict of the effective settings with secrets shown as ``MASK``.
+
+        Secret fields become ``MASK``; the password inside any URL-valued
+        string (``redis.url`` = ``redis://:pw@host``) becomes ``***``
+        (:func:`~fogline.daemon.names.mask_url_credentials`).
+        """
         data: dict[str, Any] = json.loads(self.model_dump_json())
         for section in data.values():
             if isinstance(section, dict):
                 for key in _SECRET_FIELDS & section.keys():
                     if section[key] is not None:
                         section[key] = MASK
-        return data
+        return _mask_strings(data)
+
+
+def _mask_strings(value: Any) -> Any:
+    """``value`` with :func:`mask_url_credentials` applied to every string in it."""
+    if isinstance(value, str):
+        return mask_url_credentials(value)
+    if isinstance(value, dict):
+        return {k: _mask_strings(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask_strings(v) for v in value]
+    return value
 
 
 def load_or_exit(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
@@ -342,7 +366,7 @@ def format_validation_error(exc: ValidationError) -> list[str]:
         # Drop pydantic's union/tag members (e.g. 'literal[...]', 'constrained-str').
         loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.endswith("-str"))))
         field = ".".join(str(p) for p in loc) or "<root>"
-        line = f"{field}: {err['msg']}"
+        line = f"{field}: {mask_url_credentials(err['msg'])}"
         value = err.get("input")
         secret = any(isinstance(p, str) and p in _SECRET_FIELDS for p in loc)
         if (
@@ -350,11 +374,35 @@ def format_validation_error(exc: ValidationError) -> list[str]:
             and not secret
             and isinstance(value, str | int | float | bool)
         ):
-            line += f" (got {value!r})"
+            shown = mask_url_credentials(value) if isinstance(value, str) else value
+            line += f" (got {shown!r})"
         if loc and err["type"] != "extra_forbidden":
             line += f" [env {env_var_name(loc)}]"
         lines.append(line)
     return lines
+
+
+_SETTINGS_ERROR = re.compile(r'field "(?P<field>[^"]+)" from source "(?P<source>[^"]+)"')
+
+
+def settings_error_problem(exc: SettingsError) -> str:
+    """One ``"<field>: <reason>"`` line for pydantic-settings' :class:`SettingsError`.
+
+    pydantic-settings raises it (not a ``ValidationError``) when a complex
+    field's environment value is not JSON, e.g. ``FOGLINE_API='{"port": 80'``.
+    The line names the field, the variable and the JSON error, never the value
+    (it may hold a secret)::
+
+        api: not valid JSON (Expecting ',' delimiter: line 1 column 12 (char 11)) [env FOGLINE_API]
+    """
+    m = _SETTINGS_ERROR.search(str(exc))
+    cause = exc.__cause__ or exc.__context__
+    reason = f"not valid JSON ({cause})" if isinstance(cause, ValueError) else str(exc)
+    if m is None:
+        return f"<settings>: {reason}"
+    field = m["field"]
+    where = f" [env {env_var_name((field,))}]" if m["source"] == "EnvSettingsSource" else ""
+    return f"{field}: {reason}{where}"
 
 
 def _config_error(exc: ValidationError, origin: str) -> ConfigError:

@@ -41,6 +41,7 @@ def main(args: argparse.Namespace) -> int:
     from fogline.daemon import logs
     from fogline.daemon.config import Settings
     from fogline.daemon.embedded import EmbeddedKafka, EmbeddedRedis
+    from fogline.daemon.names import dlq_topic_for
     from fogline.daemon.stream.pipeline import Pipeline, RunOptions, RunStats
     from fogline.daemon.stream.runtime import StopFlag
     from fogline.daemon.stream.source import ReplayProducer, create_topic, read_topic
@@ -167,7 +168,7 @@ def main(args: argparse.Namespace) -> int:
                 )
                 code = pipe.run()
             meta = SnapshotStore(redis.url, "demo").read_meta()
-            dlq = read_topic(kafka.bootstrap_servers, f"{topic}.dlq", timeout_s=10)
+            dlq = read_topic(kafka.bootstrap_servers, dlq_topic_for(topic), timeout_s=10)
             ps = pipe.state.extra.get("drift", {}) if pipe.state else {}
             alarm_batches = [
                 t["batch"] for t in ps.get("transitions", []) if t["reason"] == "alarm"

@@ -57,7 +57,6 @@ from fogline.replay_data.generator import SCENARIOS, generate, read_jsonl
 
 log = structlog.get_logger()
 
-NAB_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nab"
 Z95 = 1.959963984540054
 
 
@@ -129,12 +128,28 @@ def load_source(source: str, cfg: ExperimentConfig) -> StreamData:
     raise ValueError(f"{source!r} is neither a scenario ({sorted(SCENARIOS)}) nor a .jsonl/.csv")
 
 
-def nab_labels(path: Path, timestamps: list[str]) -> np.ndarray:
-    """0/1 label per record from NAB's ``combined_windows.json`` (0 if not listed)."""
+def nab_windows_file(path: Path) -> Path | None:
+    """NAB's ``combined_windows.json`` for a file at ``<root>/data/<category>/<name>.csv``.
+
+    Looked for at ``<root>/`` and ``<root>/labels/`` (NAB's own layout), i.e.
+    only beside the data the caller passed; ``None`` when there is none.
+    """
+    root = path.resolve().parents[2] if len(path.resolve().parents) > 2 else path.parent
+    for candidate in (root / "combined_windows.json", root / "labels" / "combined_windows.json"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def nab_labels(path: Path, timestamps: list[str], windows_file: Path | None = None) -> np.ndarray:
+    """0/1 label per record from NAB's ``combined_windows.json`` (0 if not listed).
+
+    ``windows_file`` defaults to :func:`nab_windows_file` of ``path``.
+    """
     labels = np.zeros(len(timestamps), dtype=np.int64)
-    windows_file = NAB_ROOT / "combined_windows.json"
+    windows_file = windows_file if windows_file is not None else nab_windows_file(path)
     key = f"{path.parent.name}/{path.name}"
-    if not windows_file.exists():
+    if windows_file is None or not windows_file.exists():
         return labels
     windows = json.loads(windows_file.read_text()).get(key, [])
     ts = [datetime.fromisoformat(t) for t in timestamps]

@@ -19,6 +19,16 @@ Services
 - ``SESSION_TIMEOUT_MS`` (6000): the consumer-group session timeout tests
   should use (Tansu's join takes about half of it).
 
+Outside data
+------------
+- ``shared_dir`` (session): the folder of data that is not part of the
+  repository (``cal_housing.csv``, NAB): ``$FOGLINE_SHARED_DIR``, else
+  ``../shared`` beside the repository root.  Only tests look there; package
+  code never reaches outside the installed package.
+- ``cal_housing_csv`` / ``nab_root`` (session): ``data/cal_housing.csv`` and
+  ``data/nab`` under it; a test that asks for one is skipped, with the path in
+  the reason, when it is absent (a fresh clone has no ``../shared``).
+
 Markers: ``container`` tests are skipped cleanly when no Docker engine
 answers; ``service`` is applied automatically to tests that use a service
 fixture.
@@ -36,6 +46,8 @@ import os
 import random
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -45,6 +57,7 @@ from fogline.daemon.embedded import EmbeddedKafka, EmbeddedRedis
 
 SESSION_TIMEOUT_MS = 6000
 SEED = 0
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # No deadline and no "too slow" health check: on a shared 2-core machine a
 # timing is noise, and timings are never assertions here.
@@ -115,17 +128,65 @@ def _seed_and_clear() -> None:
 
 
 # --------------------------------------------------------------------------
+# outside data (never needed by package code; tests skip without it)
+# --------------------------------------------------------------------------
+
+
+def shared_dir_path() -> Path:
+    """``$FOGLINE_SHARED_DIR``, else ``../shared`` beside the repository root."""
+    env = os.environ.get("FOGLINE_SHARED_DIR")
+    return Path(env).expanduser() if env else REPO_ROOT.parent / "shared"
+
+
+def _shared(*parts: str) -> Path:
+    path = shared_dir_path().joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"outside data not found: {path} (set FOGLINE_SHARED_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The outside-data folder; skips the test when it does not exist."""
+    return _shared()
+
+
+@pytest.fixture(scope="session")
+def cal_housing_csv() -> Path:
+    """The raw StatLib ``cal_housing.csv``; skips when absent (no network fetch)."""
+    return _shared("data", "cal_housing.csv")
+
+
+@pytest.fixture(scope="session")
+def nab_root() -> Path:
+    """The NAB tree (``combined_windows.json``, ``data/<category>/*.csv``); skips when absent."""
+    return _shared("data", "nab")
+
+
+# --------------------------------------------------------------------------
 # services
 # --------------------------------------------------------------------------
+
+
+def _testcontainers(module: str) -> object:
+    """``testcontainers.<module>``, or an error naming the extra that provides it."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"testcontainers.{module}")
+    except ImportError as exc:
+        raise RuntimeError(
+            "a Docker engine answers but testcontainers is missing: it is in the 'dev' extra "
+            "(pip install -e '.[dev]')"
+        ) from exc
 
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
     """``host:port`` of a Kafka-protocol broker for the whole session."""
     if docker_available():
-        from testcontainers.community.kafka import KafkaContainer
-
-        with KafkaContainer() as kafka:
+        kafka_module: Any = _testcontainers("community.kafka")
+        with kafka_module.KafkaContainer() as kafka:
             yield kafka.get_bootstrap_server()
         return
     with EmbeddedKafka() as kafka:
@@ -136,9 +197,8 @@ def kafka_bootstrap() -> Iterator[str]:
 def redis_url() -> Iterator[str]:
     """``redis://host:port/0`` of a Redis server for the whole session."""
     if docker_available():
-        from testcontainers.community.redis import RedisContainer
-
-        with RedisContainer() as redis:
+        redis_module: Any = _testcontainers("community.redis")
+        with redis_module.RedisContainer() as redis:
             host = redis.get_container_host_ip()
             port = redis.get_exposed_port(redis.port)
             yield f"redis://{host}:{port}/0"

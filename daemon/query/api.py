@@ -14,39 +14,54 @@ current).  Safety: with ``api.token`` set, every request but ``/healthz`` must
 carry ``Authorization: Bearer <token>`` (compared in constant time);
 requests over ``api.max_rows`` rows or ``api.max_features`` features per row
 are refused with 413; a row of the wrong length, a non-finite number or a bad
-level is a 422 naming the row and the problem.  Bodies larger than the limits
-could need are refused (413) before they are parsed.
+level is a 422 naming the row and the problem.
+
+Order of the guards (:class:`RequestGuard`, a pure ASGI middleware, runs
+before any route and before a single body byte is read):
+
+1. the bearer token is checked from the headers alone: a request without it
+   gets its 401 at once, whatever body it announces or streams;
+2. a declared ``Content-Length`` over the body cap is a 413 at once;
+3. the body is counted as it streams in (any transfer encoding, chunked
+   included): the moment it passes the cap the client gets a 413 and the
+   route sees a disconnect.
+
+The predict route reads the (capped) body on the event loop, then parses,
+validates and predicts in the thread pool, so a large or slow request never
+stalls ``/healthz`` or other requests.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 import torch
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from fogline.daemon.config import ApiSettings, Settings
 from fogline.daemon.metrics import QUERY_REGISTRY, QUERY_SECONDS
+from fogline.daemon.names import MODEL_NAME_PATTERN
 from fogline.daemon.query.serving import Loaded, Registry, StoreFactory
 from fogline.daemon.stream.store import SnapshotMeta, SnapshotStore, StoreError, StoreUnavailable
 
 DEFAULT_LEVELS: tuple[float, ...] = (0.5, 0.9, 0.95)
 MAX_LEVELS = 16
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 #: Bytes of JSON a single number may take in a body (generous), for the size guard.
 _BYTES_PER_NUMBER = 40
 
-ModelName = Annotated[str, Path(pattern=_NAME, description="Model name")]
+ModelName = Annotated[str, Path(pattern=MODEL_NAME_PATTERN, description="Model name")]
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -304,47 +319,129 @@ def snapshot_info(name: str, loaded: Loaded, latest: int | None) -> dict[str, An
     )
 
 
-def _bearer_check(token: SecretStr | None) -> Callable[[Request], None]:
-    expected = token.get_secret_value().encode() if token is not None else None
+def body_limit(api: ApiSettings) -> int:
+    """Body cap in bytes: what ``max_rows`` rows of ``max_features`` numbers could need.
 
-    def check(request: Request) -> None:
-        if expected is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
-        if not ok:
-            raise HTTPException(
-                status_code=401,
-                detail="missing or wrong bearer token (send 'Authorization: Bearer <token>')",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    return check
+    ``max_rows * (max_features + 1) * 40 + 65536`` (40 bytes of JSON per number,
+    generous, one extra number per row for ``y``, 64 KiB for the rest).
+    """
+    return api.max_rows * (api.max_features + 1) * _BYTES_PER_NUMBER + 65536
 
 
-class _BodyLimit:
-    """Refuse bodies larger than ``limit`` bytes (413) before anything parses them."""
+#: Paths that never need the token: liveness, and the schema pages (no data in them).
+OPEN_PATHS: frozenset[str] = frozenset(
+    {"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
+UNAUTHORIZED_DETAIL = "missing or wrong bearer token (send 'Authorization: Bearer <token>')"
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+
+async def _send_json(send: Send, status: int, body: dict[str, Any], **headers: str) -> None:
+    """Send a whole JSON response; ``connection: close`` when the body was not read."""
+    payload = json.dumps(body).encode()
+    raw = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        (b"connection", b"close"),
+        *((k.lower().encode(), v.encode()) for k, v in headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+
+class RequestGuard:
+    """Pure ASGI middleware: the token before the body, then the body cap as it streams.
+
+    Parameters
+    ----------
+    app
+        The wrapped ASGI app.
+    token
+        Expected bearer token; ``None`` lets every request through step 1.
+    limit
+        Body cap in bytes (:func:`body_limit`).
+    open_paths
+        Paths that never need the token (:data:`OPEN_PATHS`: ``/healthz`` and the
+        schema pages).
+
+    Steps, per HTTP request (see the module docstring): 1. token from the
+    ``authorization`` header (constant-time compare) else 401 without reading
+    the body; 2. declared ``content-length`` over ``limit`` else 413 without
+    reading it; 3. ``receive`` counts body bytes; past ``limit`` it sends the 413
+    itself, tells the app the client went away (``http.disconnect``) and drops
+    whatever the app then tries to send.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        token: SecretStr | None,
+        limit: int,
+        open_paths: frozenset[str] = OPEN_PATHS,
+    ) -> None:
         self.app = app
+        self.expected = token.get_secret_value().encode() if token is not None else None
         self.limit = limit
+        self.open_paths = open_paths
+
+    def authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """True when no token is set or ``Authorization: Bearer <token>`` matches it."""
+        if self.expected is None:
+            return True
+        value = next((v for k, v in headers if k == b"authorization"), b"")
+        scheme, _, given = value.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.expected)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            for key, value in scope.get("headers", ()):
-                if key == b"content-length":
-                    try:
-                        size = int(value)
-                    except ValueError:
-                        size = 0
-                    if size > self.limit:
-                        detail = f"body of {size} bytes exceeds the limit of {self.limit} bytes"
-                        resp = JSONResponse({"detail": detail}, status_code=413)
-                        await resp(scope, receive, send)
-                        return
-                    break
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers: list[tuple[bytes, bytes]] = list(scope.get("headers", ()))
+        if scope.get("path") not in self.open_paths and not self.authorized(headers):
+            await _send_json(
+                send, 401, {"detail": UNAUTHORIZED_DETAIL}, **{"WWW-Authenticate": "Bearer"}
+            )
+            return
+        declared = next((v for k, v in headers if k == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            detail = f"body of {int(declared)} bytes exceeds the limit of {self.limit} bytes"
+            await _send_json(send, 413, {"detail": detail})
+            return
+        received = 0
+        refused = False
+        started = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return  # the 413 went out; the app's late answer is dropped
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        async def guarded_receive() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    if not started:
+                        detail = (
+                            f"body of more than {self.limit} bytes exceeds the limit "
+                            f"of {self.limit} bytes"
+                        )
+                        await _send_json(send, 413, {"detail": detail})
+                    refused = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        try:
+            await self.app(scope, guarded_receive, guarded_send)
+        except Exception:
+            if not refused:  # after a 413 the app's ClientDisconnect is expected
+                raise
 
 
 # --------------------------------------------------------------------------
@@ -394,17 +491,14 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
         """422 naming each bad field; the offending input is not echoed (it may be NaN)."""
-        errors = [
-            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
-            for e in exc.errors()
-        ]
-        return JSONResponse({"detail": errors}, status_code=422)
+        return JSONResponse({"detail": _validation_detail(exc.errors())}, status_code=422)
 
     app.state.registry = registry
     app.state.settings = settings
-    auth = Depends(_bearer_check(api.token))
-    v1 = APIRouter(prefix="/v1", dependencies=[auth])
-    ops = APIRouter(dependencies=[auth])
+    # The token is checked by RequestGuard before any route (and any body read);
+    # the routers only document it.
+    v1 = APIRouter(prefix="/v1")
+    ops = APIRouter()
 
     def holder_loaded(name: str) -> Loaded:
         try:
@@ -491,30 +585,61 @@ def create_app(
         "/models/{name}/predict",
         response_model=PredictResponse,
         tags=["models"],
+        # The body is read and parsed by hand (off the event loop); document its schema.
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+            }
+        },
         responses={
             401: {"description": "missing or wrong bearer token"},
             404: {"description": "no such model"},
-            413: {"description": "too many rows or features"},
+            413: {"description": "too many rows or features, or a body over the cap"},
             422: {"description": "wrong feature count, non-finite value, bad level"},
             503: {"description": "no snapshot loaded yet"},
         },
     )
-    async def predict_rows(name: ModelName, req: PredictRequest) -> JSONResponse:
+    async def predict_rows(name: ModelName, request: Request) -> Response:
         """Predictive mean, std (total, epistemic, aleatoric), intervals and anomaly scores."""
         t0 = time.perf_counter()
-        holder = registry.get(name, create=False)
-        if holder is not None and holder.current is not None:
-            # A loaded model answers inline: ~1 ms of tensor work, cheaper than a
-            # hop to the thread pool and back.  The snapshot is read once here.
-            loaded = holder.current
-        else:  # may read Redis: off the event loop
-            loaded = await run_in_threadpool(holder_loaded, name)
-        body = _predict_body(name, loaded, req, api)
+        try:
+            raw = await request.body()  # capped by RequestGuard as it streams
+        except ClientDisconnect:
+            return Response(status_code=400)  # never sent: the guard answered 413 / client left
+        status, body = await run_in_threadpool(answer_predict, name, raw)
         QUERY_SECONDS.labels(endpoint="predict").observe(time.perf_counter() - t0)
-        return JSONResponse(body)
+        return JSONResponse(body, status_code=status)
+
+    def answer_predict(name: str, raw: bytes) -> tuple[int, Any]:
+        """Parse, validate and predict (in the thread pool): ``(status, JSON body)``."""
+        try:
+            req = PredictRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+            # same shape as FastAPI's own body errors: loc starts with "body"
+            return 422, {
+                "detail": _validation_detail([{**e, "loc": ("body", *e["loc"])} for e in errors])
+            }
+        try:
+            loaded = holder_loaded(name)
+            return 200, _predict_body(name, loaded, req, api)
+        except HTTPException as exc:
+            return exc.status_code, {"detail": exc.detail}
 
     app.include_router(ops)
     app.include_router(v1)
-    limit = api.max_rows * (api.max_features + 1) * _BYTES_PER_NUMBER + 65536
-    app.add_middleware(_BodyLimit, limit=limit)  # type: ignore[arg-type]
+    app.add_middleware(
+        RequestGuard,  # type: ignore[arg-type]
+        token=api.token,
+        limit=body_limit(api),
+    )
     return app
+
+
+def _validation_detail(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """422 detail naming each bad field; the offending input is not echoed (it may be NaN)."""
+    return [
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+        for e in errors
+    ]

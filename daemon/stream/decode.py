@@ -9,6 +9,11 @@ Wire format (one JSON object per Kafka record value, UTF-8)::
 
 Rules, checked against the model's ordered feature list ``features``:
 
+- a value given as bytes is UTF-8 (RFC 8259 §8.1): anything else -- UTF-16 or
+  UTF-32 with or without a BOM (which ``json.loads`` would otherwise detect and
+  accept), invalid UTF-8 -- is rejected as ``not_utf8``.  A leading UTF-8 BOM
+  is ignored, as RFC 8259 allows.
+
 - ``x`` as a list has exactly ``len(features)`` numbers in feature order; as an
   object it has exactly the feature names as keys (no missing, no extra).
 - every ``x`` value and ``y`` is a JSON number (not a bool, not a string),
@@ -56,7 +61,7 @@ _FLOAT_ONLY = {float}
 class DecodeError(ValueError):
     """A record that cannot be decoded or does not validate.
 
-    ``reason`` is a short stable code (``invalid_json``, ``not_object``,
+    ``reason`` is a short stable code (``not_utf8``, ``invalid_json``, ``not_object``,
     ``missing_field``, ``bad_x``, ``x_length``, ``missing_feature``,
     ``unknown_feature``, ``non_numeric``, ``non_finite``, ``out_of_range``,
     ``bad_ts``, ``bad_key``, ``empty``) fit for a metric label; ``detail``
@@ -261,6 +266,8 @@ class Decoder:
         """Decode one record value; raise :class:`DecodeError` and nothing else."""
         if not value:
             raise DecodeError("empty", "no value")
+        if isinstance(value, bytes | bytearray):
+            value = _utf8(value)
         try:
             obj = _loads(value)
         except (ValueError, TypeError, RecursionError) as exc:
@@ -278,6 +285,15 @@ class Decoder:
         ) as exc:  # pragma: no cover
             # defensive: every known path raises DecodeError already
             raise DecodeError("invalid", type(exc).__name__) from None
+
+
+def _utf8(value: bytes | bytearray) -> str:
+    """``value`` as UTF-8 text (a leading BOM dropped); :class:`DecodeError` ``not_utf8`` else."""
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError("not_utf8", f"{exc.reason} at byte {exc.start}") from None
+    return text[1:] if text.startswith("\ufeff") else text
 
 
 def decode(
@@ -363,7 +379,9 @@ def decode_batch(
         else:
             value, default_ts = raw, None
         try:
-            obj = loads(value)
+            # bytes must be UTF-8: json.loads(bytes) would also accept UTF-16/32
+            # (a failure here sends the record to the exact path, which names it)
+            obj = loads(value.decode("utf-8") if type(value) is bytes else value)
             xv = obj["x"]
             yv = obj["y"]
             tsv = obj.get("ts")

@@ -10,13 +10,12 @@ other writer wrote since our last snapshot.
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 import time
 from typing import Protocol
 
 import structlog
 
+from fogline.daemon.names import process_identity
 from fogline.daemon.stream.runtime import Retry, StopFlag
 from fogline.daemon.stream.store import Lease, StoreUnavailable
 
@@ -42,9 +41,8 @@ class LeaseStore(Protocol):
     def latest_version(self) -> int | None: ...
 
 
-def default_owner() -> str:
-    """Lease owner name of this process: ``host:pid``."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+#: Lease owner name of this process: ``host:pid`` (the snapshot writer's name too).
+default_owner = process_identity
 
 
 class LeaseKeeper:

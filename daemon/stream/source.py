@@ -57,6 +57,7 @@ from kafka import (
 )
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from fogline.daemon.names import dlq_topic_for
 from fogline.daemon.stream.decode import RawRecord, partition_key
 
 log = structlog.get_logger(__name__)
@@ -82,11 +83,6 @@ class OutOfRange(NamedTuple):
     key: TP
     offset: int
     high_watermark: int
-
-
-def dlq_topic_for(topic: str) -> str:
-    """Name of the dead-letter topic of ``topic``: ``<topic>.dlq``."""
-    return f"{topic}.dlq"
 
 
 def _tp_key(tp: TopicPartition) -> TP:

@@ -44,9 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import socket
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -60,6 +58,8 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.retry import Retry
+
+from fogline.daemon.names import MODEL_NAME_RE, mask_url_credentials, process_identity
 
 if TYPE_CHECKING:
     from fogline.daemon.config import Settings
@@ -84,7 +84,7 @@ SCHEMA_VERSION: Final = 1
 #: Approximate length cap of the events stream.
 EVENTS_MAXLEN: Final = 1000
 
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_MODEL_NAME = MODEL_NAME_RE
 #: Expiry of a staging key whose script did not run (removed on success).
 _STAGING_TTL_MS: Final = 600_000
 #: Replies meaning "not now" rather than "wrong": the caller backs off and retries.
@@ -291,10 +291,6 @@ return 0
 """
 
 
-def _default_writer() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 def _glob_escape(text: str) -> str:
     return re.sub(r"([\\*?\[\]])", r"\\\1", text)
 
@@ -357,7 +353,8 @@ class SnapshotStore:
                 decode_responses=False,
             )
             self._owns_client = True
-            self.url = url_or_client
+            #: The URL as shown in messages and CLI output: its password masked.
+            self.url = mask_url_credentials(url_or_client)
         else:
             if url_or_client.get_encoder().decode_responses:
                 raise ValueError(
@@ -473,7 +470,7 @@ class SnapshotStore:
             checksum=hashlib.sha256(blob).hexdigest(),
             model_config=dict(model_config or {}),
             drift=dict(drift or {}),
-            writer=writer or (lease.owner if lease else _default_writer()),
+            writer=writer or (lease.owner if lease else process_identity()),
             size=len(blob),
         )
         fields = [x for kv in meta.to_hash().items() if kv[0] != "version" for x in kv]

@@ -19,7 +19,27 @@ two hidden layers of 32, heteroscedastic Gaussian, a few SVI steps in):
   ``--reloads``), then 1-row predicts from ``--clients`` concurrent client
   threads (one ``httpx.Client`` each) for ``--duration`` seconds:
   p50/p95/p99 latency, requests, throughput and errors (any non-200 or
-  transport error).
+  transport error);
+* the same service under load, four ways, each for ``--duration`` seconds
+  (the service runs with a bearer token, which the legitimate clients send):
+
+  - ``closed``: ``--clients`` threads, each sending its next request when the
+    last one is answered (throughput-bound: latency includes the queue the
+    clients themselves build);
+  - ``open``: requests scheduled at fixed times, ``--rate`` per second
+    (request i at t0 + i / rate, ``--open-workers`` threads take them in
+    order), latency measured **from the scheduled time**, so a stall delays
+    every request due during it (no coordinated omission); bounded to
+    ``rate * duration`` requests;
+  - ``closed+attack`` / ``open+attack``: the same while one more client,
+    without a token, sends oversized bodies over raw sockets, alternately a
+    declared ``--attack-mb`` MB ``Content-Length`` body and a chunked
+    ``--attack-chunked-mb`` MB body, 1 MiB at a time at most ``--attack-mbps``
+    MB/s (a client on a 1 Gbit/s link by default: on loopback one client could
+    otherwise spend the shared cores copying gigabytes a second), and records
+    when and how the server answered (status, seconds, bytes it had sent by then).
+
+  Everything is on loopback; each scenario is bounded in time and count.
 
 ``speedup_1row = predictive_p95_ms_1row / inproc_p95_ms_1row`` (and
 ``speedup_1row_p50`` from the medians, ``speedup_1row_cpu_p95`` from the p95
@@ -57,6 +77,9 @@ from fogline.models.svi import init_state, program, step
 
 LEVELS = (0.5, 0.9, 0.95)
 MODEL = "bench"
+#: Bearer token of the service under test (the attacker sends none).
+TOKEN = "bench-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +94,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=20.0, help="HTTP load seconds")
     p.add_argument("--reloads", type=int, default=5, help="snapshot writes timed for reload_ms")
     p.add_argument("--no-http", action="store_true", help="skip the service measurements")
+    p.add_argument("--rate", type=float, default=100.0, help="open-loop offered rate (req/s)")
+    p.add_argument(
+        "--open-workers", type=int, default=32, help="threads serving the open-loop schedule"
+    )
+    p.add_argument(
+        "--attack-mb", type=float, default=62.0, help="attacker's Content-Length body (MB)"
+    )
+    p.add_argument(
+        "--attack-chunked-mb", type=float, default=170.0, help="attacker's chunked body (MB)"
+    )
+    p.add_argument(
+        "--attack-mbps",
+        type=float,
+        default=100.0,
+        help="attacker's upload rate cap in MB/s (100: a 1 Gbit/s link; loopback is unbounded)",
+    )
+    p.add_argument(
+        "--scenarios",
+        default="closed,open,closed+attack,open+attack",
+        help="comma-separated load scenarios (closed, open, closed+attack, open+attack)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object last")
     return p
 
@@ -164,12 +208,13 @@ def _http(
         base = f"http://127.0.0.1:{port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("FOGLINE_")}
         env["FOGLINE_LOG_LEVEL"] = "WARNING"
+        env["FOGLINE_API__TOKEN"] = TOKEN
         cmd = [sys.executable, "-m", "fogline.cli", "serve", "--host", "127.0.0.1"]
         cmd += ["--port", str(port), "--redis-url", redis_server.url, "--model", MODEL]
         cmd += ["--ensemble-size", str(args.samples)]
         server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            with httpx.Client(base_url=base, timeout=10.0) as client:
+            with httpx.Client(base_url=base, timeout=10.0, headers=AUTH) as client:
                 deadline = time.monotonic() + 60
                 while True:
                     try:
@@ -197,6 +242,9 @@ def _http(
                 before = _server_predict_seconds(client)
                 out.update(_load(base, args, log))
                 after = _server_predict_seconds(client)
+                out["load"] = {}
+                for name in [n.strip() for n in args.scenarios.split(",") if n.strip()]:
+                    out["load"][name] = _scenario(name, base, port, args, log)
                 n = after[1] - before[1]
                 # time inside the handler (validation to JSON), as the service's histogram saw it
                 out["server_mean_ms"] = (after[0] - before[0]) / n * 1e3 if n else float("nan")
@@ -223,6 +271,35 @@ def _server_predict_seconds(client: Any) -> tuple[float, float]:
 
 
 def _load(base: str, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    """The closed-loop run of the plain HTTP figures (``http_*`` keys)."""
+    res = _closed(base, args, log)
+    return {
+        "http_clients": args.clients,
+        "http_duration_s": res["duration_s"],
+        "requests": res["requests"],
+        "http_rps": res["rps"],
+        "http_p50_ms": res["p50_ms"],
+        "http_p95_ms": res["p95_ms"],
+        "http_p99_ms": res["p99_ms"],
+        "http_errors": res["errors"],
+    }
+
+
+def _summary(lat: list[float], errors: int, wall: float) -> dict[str, Any]:
+    return {
+        "duration_s": round(wall, 2),
+        "requests": len(lat),
+        "rps": round(len(lat) / wall, 1) if wall > 0 else 0.0,
+        "p50_ms": round(_pct(lat, 50), 2) if lat else None,
+        "p95_ms": round(_pct(lat, 95), 2) if lat else None,
+        "p99_ms": round(_pct(lat, 99), 2) if lat else None,
+        "max_ms": round(max(lat), 2) if lat else None,
+        "errors": errors,
+    }
+
+
+def _closed(base: str, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    """``--clients`` threads, each sending its next request when the last is answered."""
     import httpx
 
     body = {"rows": [[0.1, -0.2, 0.3, 0.0, 0.5, -1.0, 0.2, 0.0]], "levels": list(LEVELS)}
@@ -233,7 +310,7 @@ def _load(base: str, args: argparse.Namespace, log: Callable[[str], None]) -> di
     stop_at = [0.0]
 
     def client(i: int) -> None:
-        with httpx.Client(base_url=base, timeout=10.0) as c:
+        with httpx.Client(base_url=base, timeout=10.0, headers=AUTH) as c:
             c.post(f"/v1/models/{MODEL}/predict", json=body)  # connect + warm
             start.wait()
             while time.perf_counter() < stop_at[0]:
@@ -263,23 +340,208 @@ def _load(base: str, args: argparse.Namespace, log: Callable[[str], None]) -> di
     lat = [v for per in latencies for v in per]
     for s in samples:
         log(f"error sample: {s}")
-    return {
-        "http_clients": args.clients,
-        "http_duration_s": round(wall, 2),
-        "requests": len(lat),
-        "http_rps": round(len(lat) / wall, 1),
-        "http_p50_ms": _pct(lat, 50),
-        "http_p95_ms": _pct(lat, 95),
-        "http_p99_ms": _pct(lat, 99),
-        "http_errors": sum(errors),
-    }
+    return _summary(lat, sum(errors), wall)
+
+
+def _open(base: str, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    """Open loop: request i is due at t0 + i / rate; latency counts from that time.
+
+    ``--open-workers`` threads take the requests in schedule order; a worker
+    that picks a request late (all were busy) still counts from its due time,
+    so a stall shows in every request scheduled during it.
+    """
+    import httpx
+
+    body = {"rows": [[0.1, -0.2, 0.3, 0.0, 0.5, -1.0, 0.2, 0.0]], "levels": list(LEVELS)}
+    total = max(1, int(args.rate * args.duration))
+    lock = threading.Lock()
+    next_i = [0]
+    lat: list[float] = []
+    errors = [0]
+    samples: list[str] = []
+    ready = threading.Barrier(args.open_workers + 1)
+    t0 = [0.0]
+
+    def worker() -> None:
+        with httpx.Client(base_url=base, timeout=30.0, headers=AUTH) as c:
+            c.post(f"/v1/models/{MODEL}/predict", json=body)  # connect + warm
+            ready.wait()
+            while True:
+                with lock:
+                    i = next_i[0]
+                    next_i[0] += 1
+                if i >= total:
+                    return
+                due = t0[0] + i / args.rate
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                ok = False
+                try:
+                    r = c.post(f"/v1/models/{MODEL}/predict", json=body)
+                    ok = r.status_code == 200
+                    if not ok and len(samples) < 5:
+                        samples.append(f"{r.status_code}: {r.text[:200]}")
+                except httpx.HTTPError as exc:
+                    if len(samples) < 5:
+                        samples.append(repr(exc))
+                done = (time.perf_counter() - due) * 1e3
+                with lock:
+                    lat.append(done)
+                    if not ok:
+                        errors[0] += 1
+
+    threads = [threading.Thread(target=worker) for _ in range(args.open_workers)]
+    for t in threads:
+        t.start()
+    t0[0] = time.perf_counter() + 0.05
+    ready.wait()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0[0]
+    for s in samples:
+        log(f"error sample: {s}")
+    out = _summary(lat, errors[0], wall)
+    out["offered_rps"] = args.rate
+    return out
+
+
+class _Attacker:
+    """One client without a token sending oversized bodies over raw sockets, until stopped.
+
+    Alternates a declared ``Content-Length`` body of ``mb`` MB and a chunked
+    body of ``chunked_mb`` MB, 1 MiB per send; between sends it checks whether
+    the server has answered.  Each attempt records the status (or
+    ``"closed"``/``"timeout"``), the seconds to the answer and the bytes of body
+    it had sent by then.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, port: int, mb: float, chunked_mb: float, mbps: float) -> None:
+        self.port = port
+        self.bytes_per_s = mbps * 1e6
+        self.sizes = (int(mb * 1e6), int(chunked_mb * 1e6))
+        self.stop = threading.Event()
+        self.attempts: list[dict[str, Any]] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        # A valid predict body, so that a server that reads it also has to parse it all:
+        # {"rows": [[0.0, ...], ..., [0.0, ...]]}, sent as a head, 1 MiB blocks, a tail.
+        row = b"[" + b",".join([b"0.0"] * 8) + b"],"
+        self.head_bytes = b'{"rows": ['
+        self.block = row * (self.CHUNK // len(row))
+        self.tail = row[:-1] + b"]}"
+
+    def __enter__(self) -> _Attacker:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop.set()
+        self.thread.join(60)
+
+    def _run(self) -> None:
+        chunked = False
+        while not self.stop.is_set():
+            self.attempts.append(self._attempt(chunked))
+            chunked = not chunked
+
+    def _attempt(self, chunked: bool) -> dict[str, Any]:
+        import select
+
+        target = self.sizes[1] if chunked else self.sizes[0]
+        pieces = [self.head_bytes, *[self.block] * max(1, target // len(self.block)), self.tail]
+        size = sum(len(p) for p in pieces)
+        framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
+        head = (
+            f"POST /v1/models/{MODEL}/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\n{framing}\r\n\r\n"
+        ).encode()
+        t0 = time.perf_counter()
+        sent = 0
+        status: str = "timeout"
+        with socket.create_connection(("127.0.0.1", self.port), timeout=30) as sock:
+            try:
+                sock.sendall(head)
+                for piece in pieces:
+                    readable, _, _ = select.select([sock], [], [], 0)
+                    if readable or self.stop.is_set():
+                        break
+                    sock.sendall(
+                        f"{len(piece):x}\r\n".encode() + piece + b"\r\n" if chunked else piece
+                    )
+                    sent += len(piece)
+                    ahead = sent / self.bytes_per_s - (time.perf_counter() - t0)
+                    if ahead > 0:  # keep to the upload rate cap
+                        time.sleep(ahead)
+                if chunked and sent >= size:
+                    sock.sendall(b"0\r\n\r\n")
+                line = sock.recv(4096).split(b"\r\n", 1)[0].split()
+                status = line[1].decode() if len(line) > 1 else "closed"
+            except (BrokenPipeError, ConnectionResetError):
+                try:
+                    line = sock.recv(4096).split(b"\r\n", 1)[0].split()
+                    status = line[1].decode() if len(line) > 1 else "closed"
+                except OSError:
+                    status = "closed"
+            except TimeoutError:
+                status = "timeout"
+        return {
+            "framing": "chunked" if chunked else "content-length",
+            "status": status,
+            "seconds": round(time.perf_counter() - t0, 4),
+            "body_bytes_sent": sent,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"attempts": len(self.attempts)}
+        for framing in ("content-length", "chunked"):
+            mine = [a for a in self.attempts if a["framing"] == framing]
+            statuses: dict[str, int] = {}
+            for a in mine:
+                statuses[a["status"]] = statuses.get(a["status"], 0) + 1
+            secs = [a["seconds"] * 1e3 for a in mine]
+            out[framing] = {
+                "attempts": len(mine),
+                "statuses": statuses,
+                "answer_p50_ms": round(_pct(secs, 50), 2) if secs else None,
+                "answer_max_ms": round(max(secs), 2) if secs else None,
+                "max_body_bytes_sent": max((a["body_bytes_sent"] for a in mine), default=0),
+            }
+        return out
+
+
+def _scenario(
+    name: str, base: str, port: int, args: argparse.Namespace, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Run one load scenario (``closed``, ``open``, ``closed+attack``, ``open+attack``)."""
+    mode, _, extra = name.partition("+")
+    if mode not in ("closed", "open") or extra not in ("", "attack"):
+        raise ValueError(f"unknown scenario {name!r}")
+    run = _closed if mode == "closed" else _open
+    if extra:
+        with _Attacker(port, args.attack_mb, args.attack_chunked_mb, args.attack_mbps) as attacker:
+            res = run(base, args, log)
+        res["attack"] = attacker.summary()
+    else:
+        res = run(base, args, log)
+    res["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    log(
+        f"{name:>13}: {res['requests']} requests ({res['rps']}/s), p50 {res['p50_ms']} ms, "
+        f"p95 {res['p95_ms']} ms, p99 {res['p99_ms']} ms, max {res['max_ms']} ms, "
+        f"errors {res['errors']}" + (f"; attack {res['attack']}" if extra else "")
+    )
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print a summary and, with ``--json``, one JSON object last."""
     args = _parser().parse_args(argv)
-    if args.clients < 1 or args.duration <= 0:
-        print("fogline bench query: --clients >= 1 and --duration > 0", file=sys.stderr)
+    if args.clients < 1 or args.duration <= 0 or args.rate <= 0 or args.open_workers < 1:
+        print(
+            "fogline bench query: --clients >= 1, --duration > 0, --rate > 0, --open-workers >= 1",
+            file=sys.stderr,
+        )
         return 2
     torch.set_num_threads(1)
     from fogline.daemon.logs import configure

@@ -49,7 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
-    return int(func(args) or 0)
+    from fogline.daemon.config import ConfigError
+
+    try:
+        return int(func(args) or 0)
+    except ConfigError as exc:
+        # Any entry point: a settings problem (bad value, broken JSON in a
+        # FOGLINE_* variable, a CLI override out of range) is a usage error.
+        print(f"fogline: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,3 +172,155 @@ def test_config_cli_exits_2_on_bad_config(
     good = _write(tmp_path, "g.yaml", "model_name: ok\n")
     assert main(["config", "validate", "--config", str(good)]) == 0
     assert "ok" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------
+# URL credentials are masked on every surface
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("rediss://app:s3cret@cache:6380/1", "rediss://app:***@cache:6380/1"),
+        ("redis://app:p@ss:w0rd@cache/0", "redis://app:***@cache/0"),  # '@' inside the password
+        ("redis://cache:6379/0", "redis://cache:6379/0"),
+        ("redis://app@cache/0", "redis://app@cache/0"),  # a user name alone is no secret
+        ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+        (
+            "redis unavailable at redis://:s3cret@h:1/0 (ping): ConnectionError: x; "
+            "also http://u:s3cret@other:80/p",
+            "redis unavailable at redis://:***@h:1/0 (ping): ConnectionError: x; "
+            "also http://u:***@other:80/p",
+        ),
+    ],
+)
+def test_mask_url_credentials(raw: str, shown: str) -> None:
+    from fogline.daemon.config import mask_url_credentials
+
+    assert mask_url_credentials(raw) == shown
+
+
+def test_config_show_masks_the_password_in_redis_url(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FOGLINE_REDIS__URL", "redis://app:hunter2@cache:6379/0")
+    assert Settings.load(None).redis.url == "redis://app:hunter2@cache:6379/0"  # used as given
+    for argv in (["config", "show", "--json"], ["config", "show"]):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "hunter2" not in out and "redis://app:***@cache:6379/0" in out
+
+
+def test_invalid_url_is_not_echoed_with_its_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.load(None, redis={"url": "http://app:hunter2@cache:6379/0"})
+    assert "redis.url" in str(info.value) and "hunter2" not in str(info.value)
+    assert "http://app:***@cache:6379/0" in str(info.value)
+
+
+def test_snapshot_cli_and_store_errors_mask_the_url_password(
+    redis_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``fogline snapshot list`` (table, JSON, empty) and StoreUnavailable messages."""
+    import redis as redis_lib
+
+    from fogline.daemon.stream.store import SnapshotStore, StoreUnavailable
+
+    redis_lib.Redis(host=redis_server.host, port=redis_server.port).config_set(
+        "requirepass", "hunter2"
+    )
+    url = f"redis://:hunter2@{redis_server.host}:{redis_server.port}/0"
+    for extra in ([], ["--json"]):
+        rc = main(["snapshot", "list", "--redis-url", url, "--model", "m1", *extra])
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err
+        assert "hunter2" not in captured.out + captured.err
+    assert main(["snapshot", "list", "--redis-url", url, "--model", "m1"]) == 0
+    shown = "".join(capsys.readouterr().out.split())  # rich may wrap the line
+    assert f"redis://:***@{redis_server.host}:{redis_server.port}/0" in shown
+    redis_server.stop()
+    with (
+        SnapshotStore(url, "m1", socket_timeout=0.5) as store,
+        pytest.raises(StoreUnavailable) as info,
+    ):
+        store.latest_version()
+    assert "hunter2" not in str(info.value) and ":***@" in str(info.value)
+    rc = main(["snapshot", "list", "--redis-url", url, "--model", "m1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "hunter2" not in err and ":***@" in err
+
+
+# --------------------------------------------------------------------------
+# settings errors: a field-naming message and exit 2 at every entry point
+# --------------------------------------------------------------------------
+def _exit_code(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+ENTRY_POINTS = [
+    ["run"],
+    ["serve"],
+    ["query", "--x", "1,2"],
+    ["snapshot", "list"],
+    ["snapshot", "models"],
+    ["demo", "--out", "{tmp}/demo"],
+    ["replay", "{tmp}/r.jsonl", "--topic", "t"],
+    ["config", "show"],
+    ["config", "validate", "--config", "{tmp}/ok.yaml"],
+]
+
+
+@pytest.mark.parametrize("argv", ENTRY_POINTS, ids=lambda a: " ".join(a[:2]))
+def test_broken_json_in_a_nested_env_var_names_the_field_and_exits_2(
+    argv: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _write(tmp_path, "ok.yaml", "model_name: ok\n")
+    _write(tmp_path, "r.jsonl", '{"x": [1], "y": 1}\n')
+    monkeypatch.setenv("FOGLINE_API", '{"port": 80, "token": "s3cret"')  # no closing brace
+    code = _exit_code([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "api: not valid JSON (Expecting ',' delimiter" in err and "[env FOGLINE_API]" in err
+    assert "Traceback" not in err and "s3cret" not in err
+    assert not (tmp_path / "demo").exists()  # nothing started
+
+
+@pytest.mark.parametrize("port", ["0", "99999", "-1"])
+def test_serve_port_out_of_range_is_a_usage_error(
+    port: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _exit_code(["serve", "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fogline: invalid configuration:") and "api.port: Input should be" in err
+    assert "Traceback" not in err
+
+
+def test_ports_are_settings_constraints(monkeypatch: pytest.MonkeyPatch) -> None:
+    for bad in ("0", "65536"):
+        monkeypatch.setenv("FOGLINE_API__PORT", bad)
+        with pytest.raises(ConfigError, match=r"api\.port: Input should be"):
+            Settings.load(None)
+    monkeypatch.setenv("FOGLINE_API__PORT", "65535")
+    assert Settings.load(None).api.port == 65535
+    with pytest.raises(ConfigError, match=r"metrics_port: Input should be less than"):
+        Settings.load(None, metrics_port=70000)
+    assert Settings.load(None, metrics_port=0).metrics_port == 0  # 0 turns the endpoint off
+
+
+def test_settings_error_problem_without_a_json_cause() -> None:
+    from pydantic_settings import SettingsError
+
+    from fogline.daemon.config import settings_error_problem
+
+    err = SettingsError('error parsing value for field "kafka" from source "EnvSettingsSource"')
+    assert settings_error_problem(err) == (
+        'kafka: error parsing value for field "kafka" from source "EnvSettingsSource" '
+        "[env FOGLINE_KAFKA]"
+    )
+    assert settings_error_problem(SettingsError("odd")) == "<settings>: odd"

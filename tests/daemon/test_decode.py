@@ -78,7 +78,12 @@ def test_missing_ts_falls_back_to_the_kafka_timestamp() -> None:
     [
         (None, "empty"),
         (b"", "empty"),
-        (b"\xff\xfe\x00garbage", "invalid_json"),
+        (b"\xff\xfe\x00garbage", "not_utf8"),
+        ('{"ts": 1, "x": [1, 2, 3], "y": 1}'.encode("utf-16"), "not_utf8"),  # BOM FF FE
+        ('{"ts": 1, "x": [1, 2, 3], "y": 1}'.encode("utf-16-be"), "invalid_json"),  # no BOM
+        ('{"ts": 1, "x": [1, 2, 3], "y": 1}'.encode("utf-32"), "not_utf8"),
+        (b'{"ts": 1, "x": [1, 2, 3], "y": "\xe9"}', "not_utf8"),  # latin-1 byte
+        (b'{"ts": 1, "x": [1, 2, 3], "y": 1, "key": "\xed\xa0\x80"}', "not_utf8"),  # surrogate
         (b"{not json", "invalid_json"),
         (b"[" * 100_000 + b"]" * 100_000, "invalid_json"),  # RecursionError inside json
         (b"[1, 2, 3]", "not_object"),
@@ -266,3 +271,42 @@ def test_batch_agrees_with_per_record_decode(values: list[bytes]) -> None:
 def test_empty_batch_has_the_right_shapes() -> None:
     x, y, good, bad = decode_batch([], FEATURES)
     assert x.shape == (0, 3) and y.shape == (0,) and good == [] and bad == []
+
+
+# --------------------------------------------------------------------------
+# the wire format is UTF-8
+# --------------------------------------------------------------------------
+GOOD_TEXT = '{"ts": 1, "x": [1, 2, 3], "y": 0.5, "key": "capteur-é"}'
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "latin-1"])
+def test_non_utf8_encodings_of_a_good_record_are_rejected(encoding: str) -> None:
+    """json.loads(bytes) would detect UTF-16/32 and accept them: the decoder does not."""
+    value = GOOD_TEXT.encode(encoding)
+    if encoding.startswith("utf"):
+        assert json.loads(value)["key"] == "capteur-é"  # json alone accepts it
+    with pytest.raises(DecodeError) as info:
+        DEC.decode(value)
+    assert info.value.reason in ("not_utf8", "invalid_json")  # no-BOM UTF-16 is valid UTF-8 text
+    ((_, reason, _),) = decode_batch([value], FEATURES).bad
+    assert reason == str(info.value)
+
+
+def test_utf8_and_a_utf8_bom_are_accepted_the_same() -> None:
+    rec = DEC.decode(GOOD_TEXT.encode())
+    assert rec.key == "capteur-é"
+    assert DEC.decode(b"\xef\xbb\xbf" + GOOD_TEXT.encode()) == rec
+    batch = decode_batch([GOOD_TEXT.encode(), b"\xef\xbb\xbf" + GOOD_TEXT.encode()], FEATURES)
+    assert batch.good == [0, 1] and batch.keys == ["capteur-é", "capteur-é"]
+    assert DEC.decode(GOOD_TEXT) == rec  # a str is already text
+
+
+@given(st.binary(min_size=1, max_size=120))
+def test_bytes_that_are_not_utf8_are_not_utf8(data: bytes) -> None:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        with pytest.raises(DecodeError) as info:
+            DEC.decode(data)
+        assert info.value.reason == "not_utf8"
+        assert reason_code(decode_batch([data], FEATURES).bad[0][1]) == "not_utf8"

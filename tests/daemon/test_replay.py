@@ -23,11 +23,14 @@ from fogline.daemon.replay import (
 from fogline.daemon.stream.decode import Decoder, decode_batch
 from fogline.daemon.stream.source import read_topic
 
-NAB_DIR = (
-    Path(__file__).resolve().parents[3] / "shared" / "data" / "nab" / "data" / "realAWSCloudwatch"
-)
-NAB_FILE = NAB_DIR / "ec2_cpu_utilization_24ae8d.csv"
-needs_nab = pytest.mark.skipif(not NAB_FILE.is_file(), reason=f"NAB data not at {NAB_DIR}")
+
+@pytest.fixture
+def nab_file(nab_root: Path) -> Path:
+    """A real NAB file from the outside data (skipped when absent: tests/conftest.py)."""
+    path = nab_root / "data" / "realAWSCloudwatch" / "ec2_cpu_utilization_24ae8d.csv"
+    if not path.is_file():
+        pytest.skip(f"NAB file not found: {path}")
+    return path
 
 
 def _write(path: Path, text: str) -> Path:
@@ -114,11 +117,10 @@ def test_nab_records_are_lagged_and_standardised_on_the_probation_period(tmp_pat
     assert y[0] == pytest.approx(z[3], rel=1e-6)
 
 
-@needs_nab
-def test_real_nab_file_decodes_completely() -> None:
-    recs = nab_records(NAB_FILE, lags=8)
+def test_real_nab_file_decodes_completely(nab_file: Path) -> None:
+    recs = nab_records(nab_file, lags=8)
     assert len(recs) == 4032 - 8
-    fmt, items = iter_items(NAB_FILE)
+    fmt, items = iter_items(nab_file)
     assert fmt == "nab"
     dec = decode_batch([it.value for it in items], Decoder(nab_features(8)))
     assert len(dec.good) == len(recs) and dec.bad == []
@@ -167,15 +169,14 @@ def test_cli_replays_jsonl_keeping_timestamps_and_keys(
     assert recs[2].key is None  # the broken line has no key
 
 
-@needs_nab
 def test_cli_replays_nab_at_a_speed(
-    kafka_bootstrap: str, capsys: pytest.CaptureFixture[str]
+    kafka_bootstrap: str, capsys: pytest.CaptureFixture[str], nab_file: Path
 ) -> None:
     topic = "replay-nab"
     code = main(
         [
             "replay",
-            str(NAB_FILE),
+            str(nab_file),
             "--topic",
             topic,
             "--bootstrap",
@@ -194,7 +195,7 @@ def test_cli_replays_nab_at_a_speed(
     dec = decode_batch(recs, nab_features(4))
     assert len(dec.good) == 50
     assert [r.timestamp_ms for r in recs] == dec.ts_ms.tolist()
-    assert {r.key for r in recs} == {NAB_FILE.stem.encode()}
+    assert {r.key for r in recs} == {nab_file.stem.encode()}
 
 
 def test_cli_reports_a_missing_file(tmp_path: Path) -> None:

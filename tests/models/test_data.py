@@ -21,12 +21,10 @@ from fogline.models.data import (
     true_noise_std,
 )
 
-CSV = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cal_housing.csv"
-
 
 @pytest.fixture(scope="module")
-def table() -> data.Table:
-    return load_csv(CSV)
+def table(cal_housing_csv: Path) -> data.Table:
+    return load_csv(cal_housing_csv)
 
 
 def test_csv_gives_sklearn_features(table: data.Table) -> None:

@@ -14,8 +14,6 @@ from fogline.models.state import Minibatch, PosteriorState
 from fogline.models.stream import stream_step
 from fogline.models.svi import init_state, step
 
-CSV = Path(__file__).resolve().parents[3] / "shared" / "data" / "cal_housing.csv"
-
 
 def _batches(n: int, rows: int = 32, seed: int = 0) -> list[Minibatch]:
     g = torch.Generator().manual_seed(seed)
@@ -111,18 +109,16 @@ def test_roundtrip_of_the_stored_prior() -> None:
 
 
 @pytest.mark.slow
-def test_streaming_keeps_the_warm_starts_out_of_range_uncertainty() -> None:
+def test_streaming_keeps_the_warm_starts_out_of_range_uncertainty(cal_housing_csv: Path) -> None:
     """60-epoch warm start, then 600 batches of in-range rows: 95% coverage beyond
     |x0| >= 3 stays >= 0.95 (plain streaming SVI erodes it: docs/model.md)."""
-    if not CSV.exists():
-        pytest.skip(f"{CSV} not found")
     from fogline.models.data import load, recipe_data
     from fogline.models.predictive import sample_ensemble
     from fogline.models.warmstart import WarmstartOptions, evaluate, run
 
-    res = run(WarmstartOptions(data=str(CSV), epochs=60))
+    res = run(WarmstartOptions(data=str(cal_housing_csv), epochs=60))
     assert EXTRA_KEY in res.state.extra
-    data = recipe_data(load(str(CSV)), seed=0)
+    data = recipe_data(load(str(cal_housing_csv)), seed=0)
     n = data.x_train.shape[0]
     g = torch.Generator().manual_seed(5)
     st = res.state

@@ -23,7 +23,6 @@ SMALL = {
     "n_streams": 200,
     "policy": {"calibration_batches": 20},
 }
-NAB = Path(__file__).resolve().parents[3] / "shared" / "data" / "nab"
 
 
 @pytest.fixture(autouse=True)
@@ -78,9 +77,8 @@ def test_cli_experiment_prints_json_last(capsys: pytest.CaptureFixture[str]) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not NAB.exists(), reason="../shared/data/nab not present")
-def test_nab_results_file(tmp_path: Path) -> None:
-    src = NAB / "data" / "realAWSCloudwatch" / "ec2_cpu_utilization_24ae8d.csv"
+def test_nab_results_file(tmp_path: Path, nab_root: Path) -> None:
+    src = nab_root / "data" / "realAWSCloudwatch" / "ec2_cpu_utilization_24ae8d.csv"
     cfg = ExperimentConfig(seed=0, **{**SMALL, "batch_size": 64})  # type: ignore[arg-type]
     res = run_experiment(str(src), ["forget"], cfg, nab_out=tmp_path)
     (path,) = res["nab_files"]

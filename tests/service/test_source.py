@@ -183,7 +183,7 @@ def test_dead_letter_headers_round_trip(kafka_bootstrap: str, fresh_topic: str) 
         assert int(h[DLQ_SOURCE_OFFSET]) == raw.offset
         assert h["origin"] == b"t"
     reasons = [dict(d.headers)[DLQ_REASON].decode().split(":")[0] for d in out]
-    assert reasons == ["invalid_json", "non_finite", "invalid_json"]
+    assert reasons == ["invalid_json", "non_finite", "not_utf8"]
 
 
 def test_closing_tells_the_revoke_callback(

@@ -117,6 +117,9 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.api.host,
         port=settings.api.port,
         log_level=settings.log_level.lower(),
+        # uvicorn's records propagate to the root handler of daemon.logs
+        # (same renderer as fogline's events) instead of uvicorn's own format.
+        log_config=None,
         access_log=False,
     )
     return 0

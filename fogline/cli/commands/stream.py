@@ -82,6 +82,10 @@ def _run(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from fogline.daemon.demo import main as demo_main
 
+    # The demo builds its settings only after starting the broker and redis;
+    # check the environment's FOGLINE_* values first (exit 2 before anything starts).
+    Settings.load(None)
+
     return demo_main(args)
 
 
