@@ -107,6 +107,9 @@ class KafkaSettings(_Section):
     sasl_password: SecretStr | None = None
     session_timeout_ms: int = Field(default=10_000, ge=1)
     max_poll_records: int = Field(default=2048, ge=1)
+    #: Largest dead-letter produce request (the broker's ``message.max.bytes``);
+    #: a dead letter that does not fit is sent as a truncated copy.
+    dlq_max_request_bytes: int = Field(default=1_048_576, ge=65_536)
 
     @model_validator(mode="after")
     def _default_dlq(self) -> KafkaSettings:

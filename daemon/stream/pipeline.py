@@ -261,7 +261,12 @@ class Pipeline:
         count_mode = s.stream.batching == "count"
         self.batcher = _Batcher(s.stream.batch_size, None if count_mode else s.stream.max_wait_ms)
         kwargs = security_kwargs(s.kafka)
-        dlq = DeadLetterProducer(s.kafka.bootstrap_servers, dlq_topic=s.kafka.dlq_topic, **kwargs)
+        dlq = DeadLetterProducer(
+            s.kafka.bootstrap_servers,
+            dlq_topic=s.kafka.dlq_topic,
+            max_request_bytes=s.kafka.dlq_max_request_bytes,
+            **kwargs,
+        )
         source = KafkaSource(
             s.kafka.bootstrap_servers,
             s.kafka.topic,
