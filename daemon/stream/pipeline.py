@@ -48,7 +48,7 @@ from __future__ import annotations
 import collections
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,7 @@ from fogline.daemon.stream.decode import (
     partition_key,
     reason_code,
 )
+from fogline.daemon.stream.isolate import STEP_REJECTED, isolate, rejected_record
 from fogline.daemon.stream.runtime import (
     LeaseKeeper,
     LeaseUnavailable,
@@ -78,11 +79,11 @@ from fogline.daemon.stream.runtime import (
 )
 from fogline.daemon.stream.source import DeadLetterProducer, KafkaSource, security_kwargs
 from fogline.daemon.stream.store import LeaseLost, SnapshotNotFound, SnapshotStore, StoreUnavailable
-from fogline.daemon.stream.update import make_update_rule, warm_up
+from fogline.daemon.stream.update import PlainUpdate, make_update_rule, warm_up
 from fogline.drift.runner import without_loop
 from fogline.models.config import ModelConfig
 from fogline.models.serialize import from_bytes, load, to_bytes
-from fogline.models.state import PosteriorState
+from fogline.models.state import PosteriorState, StepInfo
 from fogline.models.svi import init_state
 
 log = structlog.get_logger(__name__)
@@ -444,8 +445,10 @@ class Pipeline:
             snapshot_version=self.stats.last_version,
             regime=str(self.state.extra.get("drift", {}).get("mode", "none")),
         )
-        # 1. step the posterior
+        # 1. step the posterior (rejected: learn what can be learnt, dead-letter the rest)
         new, info, signals = self.update(self.state, x, y)
+        if info.rejected:
+            new, info, signals, batch = self._absorb_rejected(batch, x, y, info)
         self.state = new.replace(offsets=self._resume_offsets())
         self._dirty = True
         self._batches_since_snapshot += 1
@@ -474,6 +477,49 @@ class Pipeline:
         )
         if self.options.on_batch is not None:
             self.options.on_batch(self.stats, self.state)
+
+    def _absorb_rejected(
+        self, batch: list[Item], x: torch.Tensor, y: torch.Tensor, info: StepInfo
+    ) -> tuple[PosteriorState, StepInfo, dict[str, float], list[Item]]:
+        """A rejected step: dead-letter the rows that make it non-finite, learn the others.
+
+        The rows are found by :func:`fogline.daemon.stream.isolate.isolate` with the plain
+        streaming step from the unchanged state as the oracle (deterministic, so a
+        restart learns the same rows); a drift rule is first rebuilt from that state,
+        so its loop never counts the rejected batch.  Returns the update of the
+        learnt rows and those rows (empty, with the old state, when none is left).
+        """
+        assert self.state is not None
+        s, state = self.settings, self.state
+        probe = PlainUpdate(
+            num_steps=s.stream.steps_per_batch,
+            data_size=s.stream.data_size,
+            functional_prior=s.stream.functional_prior,
+        )
+
+        def rejected(rows: Sequence[int]) -> bool:
+            idx = torch.as_tensor(list(rows), dtype=torch.long)
+            return probe(state, x[idx], y[idx])[1].rejected
+
+        iso = isolate(len(batch), rejected)
+        bad = list(iso.bad)
+        new, signals = state, dict[str, float]()
+        if iso.good:
+            if self.update.name != "off":
+                self.update = make_update_rule(s, state)
+            idx = torch.as_tensor(iso.good, dtype=torch.long)
+            new, info, signals = self.update(state, x[idx], y[idx])
+            if info.rejected:  # the rule steps differently from the probe: set all aside
+                new, bad = state, list(range(len(batch)))
+        for i in bad:
+            key, offset, row, target = batch[i]
+            self.dlq.send(*rejected_record(key, offset, row, target))
+            self._dlq_unflushed += 1
+            self.stats.dead_lettered += 1
+            metrics.RECORDS_DEAD_LETTERED.labels(reason=STEP_REJECTED).inc()
+            log.warning("record_rejected", offset=offset, reason=STEP_REJECTED, probes=iso.probes)
+        kept = set(bad)
+        return new, info, signals, [it for i, it in enumerate(batch) if i not in kept]
 
     def _snapshot(self, why: str) -> bool:
         """Commit path steps 2 and 3: snapshot to Redis, then commit offsets to Kafka.
