@@ -160,6 +160,9 @@ class StreamSettings(_Section):
     snapshot_every_seconds: float = Field(default=30.0, ge=0)
     #: Warm-start state file used when Redis holds no snapshot.
     init_path: Path | None = None
+    #: Start from ``init_path`` or a fresh prior even though the model has snapshot
+    #: versions and none of them is intact (else the daemon exits with status 4).
+    allow_fresh: bool = False
     #: Keep applying the functional prior a warm-start state carries (out-of-range uncertainty).
     functional_prior: bool = True
     seed: int = 0

@@ -25,9 +25,11 @@ Every micro-batch goes through these steps, in this order (the code of
    snapshot is the source of truth).
 
 Start-up: take the writer lease (waiting while another daemon holds it, or
-exiting with status 3), restore the latest snapshot, else the ``--init``
-state file, else a fresh prior; every assigned partition is sought to the
-snapshot's offsets (Kafka's committed offsets are ignored).
+exiting with status 3), restore the latest snapshot (or, when it is missing
+or damaged, the newest intact version, loudly; status 4 when versions exist
+but none is intact), else the ``--init`` state file, else a fresh prior;
+every assigned partition is sought to the snapshot's offsets (Kafka's
+committed offsets are ignored).
 
 Exactly-once absorption across crashes: batch boundaries depend only on the
 record sequence in ``stream.batching = "count"`` mode, snapshots are taken
@@ -78,7 +80,7 @@ from fogline.daemon.stream.runtime import (
     select_device,
 )
 from fogline.daemon.stream.source import DeadLetterProducer, KafkaSource, security_kwargs
-from fogline.daemon.stream.store import LeaseLost, SnapshotNotFound, SnapshotStore, StoreUnavailable
+from fogline.daemon.stream.store import LeaseLost, SnapshotStore, StoreUnavailable
 from fogline.daemon.stream.update import PlainUpdate, make_update_rule, warm_up
 from fogline.drift.runner import without_loop
 from fogline.models.config import ModelConfig
@@ -147,6 +149,10 @@ def fresh_stream(state: PosteriorState) -> PosteriorState:
     return without_loop(state).replace(offsets={}, records_absorbed=0)
 
 
+class NoIntactSnapshot(RuntimeError):
+    """The model has snapshot versions but none is intact (and ``stream.allow_fresh`` is off)."""
+
+
 def initial_state(
     settings: Settings,
     store: SnapshotStore,
@@ -154,19 +160,46 @@ def initial_state(
     init_path: Path | None,
     stop: StopFlag,
 ) -> tuple[PosteriorState, int | None, str]:
-    """The state to start from: latest snapshot, else ``init_path``, else a fresh prior.
+    """The state to start from: the newest intact snapshot, else ``init_path``, else a fresh prior.
 
-    Returns ``(state, snapshot version or None, origin)``.  An ``--init`` state
-    starts the stream afresh (:func:`fresh_stream`) and takes ``stream.lr``; a
-    restored snapshot is used exactly as written.
+    Returns ``(state, snapshot version or None, origin)``.  ``latest`` is used
+    when it is intact (checksum verified, blob decodes); when it is missing or
+    damaged, the newest intact version is (:meth:`SnapshotStore.newest_intact`),
+    with a ``snapshot_fallback`` warning and ``fogline_snapshot_fallbacks``
+    counted.  When versions exist but none is intact the daemon never starts
+    from scratch silently: it raises :class:`NoIntactSnapshot` unless
+    ``stream.allow_fresh`` is set.  An ``--init`` state starts the stream
+    afresh (:func:`fresh_stream`) and takes ``stream.lr``; a restored snapshot
+    is used exactly as written.
     """
-    try:
-        snap = call_with_retry(store.read, stop, what="read_snapshot")
-    except SnapshotNotFound:
-        snap = None
-    if snap is not None:
-        state = from_bytes(snap.blob, device)
-        return state, snap.meta.version, f"snapshot v{snap.meta.version}"
+    scan = call_with_retry(
+        lambda: store.newest_intact(lambda snap: from_bytes(snap.blob, device)),
+        stop,
+        what="read_snapshot",
+    )
+    if scan.snapshot is not None and scan.value is not None:
+        version = scan.snapshot.meta.version
+        origin = f"snapshot v{version}"
+        if scan.fallback:
+            metrics.SNAPSHOT_FALLBACKS.inc()
+            log.warning(
+                "snapshot_fallback",
+                snapshot_version=version,
+                latest=scan.latest,
+                skipped=[{"version": v, "why": why} for v, why in scan.skipped],
+            )
+            origin += f" (fallback: latest {scan.latest or 'missing'} not intact)"
+        return scan.value, version, origin
+    if scan.versions:
+        problem = (
+            f"model {settings.model_name!r} has snapshot versions {list(scan.versions)} "
+            f"but none is intact"
+        )
+        skipped = [{"version": v, "why": why} for v, why in scan.skipped]
+        if not settings.stream.allow_fresh:
+            log.error("no_intact_snapshot", versions=list(scan.versions), skipped=skipped)
+            raise NoIntactSnapshot(problem + "; set stream.allow_fresh to start afresh")
+        log.warning("starting_fresh_over_damaged_snapshots", versions=list(scan.versions))
     path = init_path or settings.stream.init_path
     if path is not None:
         state = load(str(path), device)
@@ -208,7 +241,8 @@ class Pipeline:
 
         0: clean exit after a final snapshot; 3: the writer lease is held by
         (or was lost to) another daemon; 1: the final snapshot could not be
-        written (nothing is lost: the offsets were not committed either).
+        written (nothing is lost: the offsets were not committed either);
+        4: snapshot versions exist but none is intact (:class:`NoIntactSnapshot`).
         """
         s = self.settings
         if self.options.threads:
@@ -231,6 +265,9 @@ class Pipeline:
             log.error("lease_lost", error=str(exc))
             self.stats.exit_reason = str(exc)
             return 3
+        except NoIntactSnapshot as exc:
+            self.stats.exit_reason = str(exc)
+            return 4
         finally:
             keeper.release()
             store.close()

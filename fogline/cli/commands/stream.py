@@ -3,7 +3,8 @@
 ``fogline run`` exit statuses: 0 clean stop (final snapshot written, offsets
 committed); 1 the final snapshot could not be written; 2 bad configuration
 (one line naming the field); 3 another daemon holds the writer lease of the
-model (with ``--lease-wait-s``) or took it over.
+model (with ``--lease-wait-s``) or took it over; 4 the model has snapshot
+versions but none is intact (``--allow-fresh`` starts afresh instead).
 """
 
 from __future__ import annotations
@@ -26,8 +27,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "metrics_port": args.metrics_port,
         "log_format": args.log_format,
     }
+    stream: dict[str, Any] = {}
     if args.init is not None:
-        out["stream"] = {"init_path": args.init}
+        stream["init_path"] = args.init
+    if getattr(args, "allow_fresh", False):
+        stream["allow_fresh"] = True
+    if stream:
+        out["stream"] = stream
     return out
 
 
@@ -72,6 +78,12 @@ def _run(args: argparse.Namespace) -> int:
         stop.restore()
     if code == 3:
         print("fogline run: another daemon holds the writer lease of this model", file=sys.stderr)
+    if code == 4:
+        print(
+            "fogline run: the model has snapshot versions but none is intact "
+            "(see the no_intact_snapshot log event); --allow-fresh starts afresh",
+            file=sys.stderr,
+        )
     return code
 
 
@@ -104,6 +116,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         type=Path,
         default=None,
         help="warm-start state file used when Redis holds no snapshot (fogline warmstart)",
+    )
+    p.add_argument(
+        "--allow-fresh",
+        action="store_true",
+        help="start from --init or a fresh prior even if the model's snapshots are all damaged",
     )
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (0: off)")
     p.add_argument("--log-format", choices=("json", "console", "auto"), default=None)
