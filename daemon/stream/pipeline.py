@@ -188,7 +188,8 @@ def initial_state(
                 latest=scan.latest,
                 skipped=[{"version": v, "why": why} for v, why in scan.skipped],
             )
-            origin += f" (fallback: latest {scan.latest or 'missing'} not intact)"
+            why = "missing" if scan.latest is None else f"v{scan.latest} not intact"
+            origin += f" (fallback: latest {why})"
         return scan.value, version, origin
     if scan.versions:
         problem = (
