@@ -264,7 +264,7 @@ class Scenario:
             if mark != seen:
                 seen, last_change = mark, now
             end = len(self.stream.values) - self.end_shift
-            waiting = meta is None or self.offset_of(meta.offsets) < end
+            waiting = meta is None or self.offset_of(meta.offsets) != end  # beyond: stuck too
             if waiting and now - last_change >= self.stall_s:
                 self.out.silent_stalls += 1
                 self.out.notes.append(f"silent stall of {self.stall_s:.0f} s; killed")
