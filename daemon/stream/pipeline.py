@@ -557,6 +557,15 @@ class Pipeline:
             metrics.RECORDS_DEAD_LETTERED.labels(reason=STEP_REJECTED).inc()
             log.warning("record_rejected", offset=offset, reason=STEP_REJECTED, probes=iso.probes)
         kept = set(bad)
+        if not info.rejected:  # (a batch rejected to the end is counted by the caller)
+            metrics.STEPS_REJECTED.inc()
+        log.warning(
+            "rejected_rows_isolated",
+            rows=len(batch),
+            dead_lettered=len(bad),
+            learnt=len(batch) - len(bad),
+            probes=iso.probes,
+        )
         return new, info, signals, [it for i, it in enumerate(batch) if i not in kept]
 
     def _snapshot(self, why: str) -> bool:
