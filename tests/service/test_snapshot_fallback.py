@@ -19,7 +19,7 @@ import redis
 import torch
 from structlog.testing import capture_logs
 
-from fogline.bench.crash_replay import write_config
+from fogline.bench.crash_replay import log_events, start_daemon, write_config
 from fogline.daemon import metrics
 from fogline.daemon.config import Settings
 from fogline.daemon.stream.pipeline import NoIntactSnapshot, initial_state
@@ -197,3 +197,33 @@ def test_fogline_run_exits_4_when_no_version_is_intact(
     assert proc.returncode == 4, proc.stderr.decode()[-2000:]
     assert b"none is intact" in proc.stderr
     assert b"no_intact_snapshot" in proc.stdout + proc.stderr
+
+
+def test_fogline_run_allow_fresh_starts_afresh_and_says_so(
+    store: SnapshotStore,
+    raw: redis.Redis,
+    kafka_bootstrap: str,
+    fresh_topic: str,
+    redis_url: str,
+    redis_prefix: str,
+    model: str,
+    tmp_path: Path,
+) -> None:
+    _write_versions(store, 2)
+    for v in (1, 2):
+        _corrupt(raw, store, v, "checksum")
+    cfg = write_config(
+        tmp_path / "d.yaml",
+        bootstrap=kafka_bootstrap,
+        topic=fresh_topic,
+        redis_url=redis_url,
+        model=model,
+        prefix=redis_prefix,
+    )
+    log = tmp_path / "d.log"
+    proc = start_daemon(cfg, log, "--allow-fresh", "--idle-exit-s", "1")
+    assert proc.wait(timeout=120) == 0, log.read_text()[-2000:]
+    events = log_events(log)
+    assert any(e.get("event") == "starting_fresh_over_damaged_snapshots" for e in events)
+    (started,) = [e for e in events if e.get("event") == "daemon_started"]
+    assert started["origin"] == "fresh prior"
