@@ -592,8 +592,10 @@ class DeadLetterProducer(_AckedProducer):
         dlq_topic: str | None = None,
         create_topics: bool = True,
         max_request_bytes: int = DLQ_MAX_REQUEST_BYTES,
+        producer: Any | None = None,
         **client_kwargs: Any,
     ) -> None:
+        """``producer``: a ready ``KafkaProducer``-like object to use (tests); default: built."""
         self.bootstrap_servers = bootstrap_servers
         self.dlq_topic = dlq_topic
         self.max_request_bytes = int(max_request_bytes)
@@ -604,7 +606,10 @@ class DeadLetterProducer(_AckedProducer):
         #: (future, raw, reason) of every send since the last flush.
         self._pending: list[tuple[Any, RawRecord, str]] = []
         client_kwargs.setdefault("max_request_size", self.max_request_bytes)
-        super().__init__(bootstrap_servers, **client_kwargs)
+        if producer is None:
+            super().__init__(bootstrap_servers, **client_kwargs)
+        else:
+            self._producer, self._futures, self.sent = producer, [], 0
 
     def send(self, raw: RawRecord, reason: str) -> None:
         """Queue ``raw`` for its DLQ topic with ``reason`` in the headers (cut if too large)."""
