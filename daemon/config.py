@@ -112,6 +112,9 @@ class KafkaSettings(_Section):
     sasl_password: SecretStr | None = None
     session_timeout_ms: int = Field(default=10_000, ge=1)
     max_poll_records: int = Field(default=2048, ge=1)
+    #: Largest dead-letter produce request (the broker's ``message.max.bytes``);
+    #: a dead letter that does not fit is sent as a truncated copy.
+    dlq_max_request_bytes: int = Field(default=1_048_576, ge=65_536)
 
     @model_validator(mode="after")
     def _default_dlq(self) -> KafkaSettings:
@@ -162,6 +165,9 @@ class StreamSettings(_Section):
     snapshot_every_seconds: float = Field(default=30.0, ge=0)
     #: Warm-start state file used when Redis holds no snapshot.
     init_path: Path | None = None
+    #: Start from ``init_path`` or a fresh prior even though the model has snapshot
+    #: versions and none of them is intact (else the daemon exits with status 4).
+    allow_fresh: bool = False
     #: Keep applying the functional prior a warm-start state carries (out-of-range uncertainty).
     functional_prior: bool = True
     seed: int = 0

@@ -62,6 +62,11 @@ SNAPSHOT_WRITE_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
     registry=REGISTRY,
 )
+SNAPSHOT_FALLBACKS = Counter(
+    "fogline_snapshot_fallbacks",
+    "Start-ups that restored an older version because latest was missing or not intact.",
+    registry=REGISTRY,
+)
 SNAPSHOT_VERSION = Gauge(
     "fogline_snapshot_version", "Last snapshot version written.", registry=REGISTRY
 )

@@ -18,7 +18,9 @@ due let the :class:`~fogline.daemon.stream.checkpoint.Checkpoint` run steps 2-4
 transaction, only then commit offsets to Kafka).
 
 Start-up: take the writer lease (waiting while another daemon holds it, or
-exiting with status 3), restore the latest snapshot, else the ``--init``
+exiting with status 3), restore the latest snapshot (or, when it is missing
+or damaged, the newest intact version, loudly; status 5 when versions exist
+but none is intact, unless ``stream.allow_fresh``), else the ``--init``
 state file, else a fresh prior; every assigned partition is sought to the
 snapshot's offsets (Kafka's committed offsets are ignored).  A snapshot
 offset beyond the partition's end (broker restarted empty, topic recreated)
@@ -46,7 +48,7 @@ from __future__ import annotations
 import collections
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,6 +68,7 @@ from fogline.daemon.stream.decode import (
     partition_key,
     reason_code,
 )
+from fogline.daemon.stream.isolate import STEP_REJECTED, isolate, rejected_record
 from fogline.daemon.stream.lease import LeaseKeeper, LeaseStore, LeaseUnavailable
 from fogline.daemon.stream.runtime import StopFlag, call_with_retry, select_device
 from fogline.daemon.stream.source import (
@@ -74,12 +77,12 @@ from fogline.daemon.stream.source import (
     OutOfRange,
     security_kwargs,
 )
-from fogline.daemon.stream.store import Lease, SnapshotMeta, SnapshotNotFound, SnapshotStore
-from fogline.daemon.stream.update import make_update_rule, warm_up
+from fogline.daemon.stream.store import Lease, SnapshotMeta, SnapshotStore
+from fogline.daemon.stream.update import PlainUpdate, make_update_rule, warm_up
 from fogline.drift.runner import without_loop
 from fogline.models.config import ModelConfig
 from fogline.models.serialize import from_bytes, load, offsets_to_json
-from fogline.models.state import PosteriorState
+from fogline.models.state import PosteriorState, StepInfo
 from fogline.models.svi import init_state
 
 log = structlog.get_logger(__name__)
@@ -91,6 +94,8 @@ LAG_EVERY_S = 1.0
 #: Exit status when a snapshot offset lies beyond its partition's end and
 #: ``stream.offset_out_of_range = "fail"``.
 EXIT_OUT_OF_RANGE = 4
+#: Exit status of ``fogline run`` when versions exist but none is intact.
+EXIT_NO_INTACT_SNAPSHOT = 5
 
 
 # -- what the pipeline needs of the outside world (real clients or fakes) -----------
@@ -170,7 +175,10 @@ def kafka_source(
 def kafka_dead_letters(s: Settings) -> DeadLetters:
     """The real dead-letter producer for ``s.kafka``."""
     return DeadLetterProducer(
-        s.kafka.bootstrap_servers, dlq_topic=s.kafka.dlq_topic, **security_kwargs(s.kafka)
+        s.kafka.bootstrap_servers,
+        dlq_topic=s.kafka.dlq_topic,
+        max_request_bytes=s.kafka.dlq_max_request_bytes,
+        **security_kwargs(s.kafka),
     )
 
 
@@ -234,6 +242,10 @@ def fresh_stream(state: PosteriorState) -> PosteriorState:
     return without_loop(state).replace(offsets={}, records_absorbed=0)
 
 
+class NoIntactSnapshot(RuntimeError):
+    """The model has snapshot versions but none is intact (and ``stream.allow_fresh`` is off)."""
+
+
 def initial_state(
     settings: Settings,
     store: Store,
@@ -241,19 +253,47 @@ def initial_state(
     init_path: Path | None,
     stop: StopFlag,
 ) -> tuple[PosteriorState, int | None, str]:
-    """The state to start from: latest snapshot, else ``init_path``, else a fresh prior.
+    """The state to start from: the newest intact snapshot, else ``init_path``, else a fresh prior.
 
-    Returns ``(state, snapshot version or None, origin)``.  An ``--init`` state
-    starts the stream afresh (:func:`fresh_stream`) and takes ``stream.lr``; a
-    restored snapshot is used exactly as written.
+    Returns ``(state, snapshot version or None, origin)``.  ``latest`` is used
+    when it is intact (checksum verified, blob decodes); when it is missing or
+    damaged, the newest intact version is (:meth:`SnapshotStore.newest_intact`),
+    with a ``snapshot_fallback`` warning and ``fogline_snapshot_fallbacks``
+    counted.  When versions exist but none is intact the daemon never starts
+    from scratch silently: it raises :class:`NoIntactSnapshot` unless
+    ``stream.allow_fresh`` is set.  An ``--init`` state starts the stream
+    afresh (:func:`fresh_stream`) and takes ``stream.lr``; a restored snapshot
+    is used exactly as written.
     """
-    try:
-        snap = call_with_retry(store.read, stop, what="read_snapshot")
-    except SnapshotNotFound:
-        snap = None
-    if snap is not None:
-        state = from_bytes(snap.blob, device)
-        return state, snap.meta.version, f"snapshot v{snap.meta.version}"
+    scan = call_with_retry(
+        lambda: store.newest_intact(lambda snap: from_bytes(snap.blob, device)),
+        stop,
+        what="read_snapshot",
+    )
+    if scan.snapshot is not None and scan.value is not None:
+        version = scan.snapshot.meta.version
+        origin = f"snapshot v{version}"
+        if scan.fallback:
+            metrics.SNAPSHOT_FALLBACKS.inc()
+            log.warning(
+                "snapshot_fallback",
+                snapshot_version=version,
+                latest=scan.latest,
+                skipped=[{"version": v, "why": why} for v, why in scan.skipped],
+            )
+            why = "missing" if scan.latest is None else f"v{scan.latest} not intact"
+            origin += f" (fallback: latest {why})"
+        return scan.value, version, origin
+    if scan.versions:
+        problem = (
+            f"model {settings.model_name!r} has snapshot versions {list(scan.versions)} "
+            f"but none is intact"
+        )
+        skipped = [{"version": v, "why": why} for v, why in scan.skipped]
+        if not settings.stream.allow_fresh:
+            log.error("no_intact_snapshot", versions=list(scan.versions), skipped=skipped)
+            raise NoIntactSnapshot(problem + "; set stream.allow_fresh to start afresh")
+        log.warning("starting_fresh_over_damaged_snapshots", versions=list(scan.versions))
     path = init_path or settings.stream.init_path
     if path is not None:
         state = load(str(path), device)
@@ -299,6 +339,8 @@ class Pipeline:
         written (nothing is lost: the offsets were not committed either);
         4: a snapshot offset is beyond its partition's end
         (``stream.offset_out_of_range = "fail"``; nothing written).
+        5: snapshot versions exist but none is intact (:class:`NoIntactSnapshot`;
+        ``stream.allow_fresh`` starts afresh instead).
         """
         s = self.settings
         structlog.contextvars.clear_contextvars()  # no batch context left from an earlier run
@@ -326,6 +368,10 @@ class Pipeline:
             log.error("daemon_failed", reason="offset_out_of_range", error=str(exc))
             self.stats.exit_reason = str(exc)
             return EXIT_OUT_OF_RANGE
+        except NoIntactSnapshot as exc:
+            log.error("daemon_failed", reason="no_intact_snapshot", error=str(exc))
+            self.stats.exit_reason = str(exc)
+            return EXIT_NO_INTACT_SNAPSHOT
         finally:
             keeper.release()
             store.close()
@@ -566,8 +612,10 @@ class Pipeline:
             snapshot_version=self.stats.last_version,
             regime=self._regime(),
         )
-        # 1. step the posterior
+        # 1. step the posterior (rejected: learn what can be learnt, dead-letter the rest)
         new, info, signals = self.update(self.state, x, y)
+        if info.rejected:
+            new, info, signals, batch = self._absorb_rejected(batch, x, y, info)
         self.state = new.replace(offsets=self._resume_offsets())
         self.checkpoint.stepped()
         self.stats.batches += 1
@@ -595,6 +643,63 @@ class Pipeline:
         )
         if self.options.on_batch is not None:
             self.options.on_batch(self.stats, self.state)
+
+    def _absorb_rejected(
+        self, batch: Rows, x: torch.Tensor, y: torch.Tensor, info: StepInfo
+    ) -> tuple[PosteriorState, StepInfo, dict[str, float], Rows]:
+        """A rejected step: dead-letter the rows that make it non-finite, learn the others.
+
+        The rows are found by :func:`fogline.daemon.stream.isolate.isolate` with the plain
+        streaming step from the unchanged state as the oracle (deterministic, so a
+        restart learns the same rows); a drift rule is first rebuilt from that state,
+        so its loop never counts the rejected batch.  Returns the update of the
+        learnt rows and those rows (empty, with the old state, when none is left).
+        """
+        assert self.state is not None
+        s, state = self.settings, self.state
+        probe = PlainUpdate(
+            num_steps=s.stream.steps_per_batch,
+            data_size=s.stream.data_size,
+            functional_prior=s.stream.functional_prior,
+        )
+
+        def rejected(rows: Sequence[int]) -> bool:
+            idx = torch.as_tensor(list(rows), dtype=torch.long)
+            return probe(state, x[idx], y[idx])[1].rejected
+
+        iso = isolate(len(batch), rejected)
+        bad = list(iso.bad)
+        new, signals = state, dict[str, float]()
+        if iso.good:
+            if self.update.name != "off":
+                self.update = make_update_rule(s, state)
+            idx = torch.as_tensor(iso.good, dtype=torch.long)
+            new, info, signals = self.update(state, x[idx], y[idx])
+            if info.rejected:  # the rule steps differently from the probe: set all aside
+                new, bad = state, list(range(len(batch)))
+        for i in bad:
+            offset = int(batch.offset[i])
+            self.dlq.send(
+                *rejected_record(
+                    batch.topic, int(batch.partition[i]), offset, batch.x[i], float(batch.y[i])
+                )
+            )
+            self.checkpoint.unflushed += 1
+            self.stats.dead_lettered += 1
+            metrics.RECORDS_DEAD_LETTERED.labels(reason=STEP_REJECTED).inc()
+            log.warning("record_rejected", offset=offset, reason=STEP_REJECTED, probes=iso.probes)
+        learnt = np.ones(len(batch), dtype=np.bool_)
+        learnt[bad] = False
+        if not info.rejected:  # (a batch rejected to the end is counted by the caller)
+            metrics.STEPS_REJECTED.inc()
+        log.warning(
+            "rejected_rows_isolated",
+            rows=len(batch),
+            dead_lettered=len(bad),
+            learnt=len(batch) - len(bad),
+            probes=iso.probes,
+        )
+        return new, info, signals, batch[learnt]
 
     def _snapshot(self, why: str) -> bool:
         """Commit path steps 2-4 through the checkpoint; ``False`` while Redis is unreachable.

@@ -41,6 +41,7 @@ kafka-python setting pass through each constructor's ``**client_kwargs``.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -55,7 +56,12 @@ from kafka import (
     OffsetAndMetadata,
     TopicPartition,
 )
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import (
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAlreadyExistsError,
+)
 
 from fogline.daemon.names import dlq_topic_for
 from fogline.daemon.stream.decode import RawRecord, partition_key
@@ -72,6 +78,18 @@ DLQ_SOURCE_PARTITION = "fogline-source-partition"
 DLQ_SOURCE_OFFSET = "fogline-source-offset"
 #: Longest reason kept in the header (bytes of UTF-8); longer ones are cut.
 DLQ_REASON_MAX_BYTES = 1000
+#: Headers of a dead letter whose value had to be cut to fit the broker's limit:
+#: ``fogline-truncated`` is ``b"1"``, the others the original value's length and sha256 (hex).
+DLQ_TRUNCATED = "fogline-truncated"
+DLQ_ORIGINAL_SIZE = "fogline-original-size"
+DLQ_ORIGINAL_SHA256 = "fogline-original-sha256"
+#: Default largest dead-letter request: Kafka's default ``message.max.bytes`` and
+#: kafka-python's ``max_request_size`` (Tansu answers no DescribeConfigs, so it is a setting).
+DLQ_MAX_REQUEST_BYTES = 1_048_576
+#: Bytes left for the record batch framing, key and headers when a value is cut.
+DLQ_FRAMING_BYTES = 4096
+#: Value budget of the second attempt when the broker refused a cut copy as too large.
+DLQ_FALLBACK_VALUE_BYTES = 64 * 1024
 
 #: ``offsets_for([(topic, partition), ...]) -> {(topic, partition): next_offset}``.
 OffsetsCallback = Callable[[list[TP]], Mapping[TP, int]]
@@ -568,19 +586,70 @@ class _AckedProducer:
             self._producer.close()
 
 
+def dead_letter_headers(raw: RawRecord, reason: str) -> list[tuple[str, bytes]]:
+    """The record's own headers (``fogline-*`` ones dropped) plus reason and source."""
+    reason_b = reason.encode("utf-8", "replace")[:DLQ_REASON_MAX_BYTES]
+    return [
+        *[(k, v) for k, v in raw.headers if not k.startswith("fogline-")],
+        (DLQ_REASON, reason_b),
+        (DLQ_SOURCE_TOPIC, raw.topic.encode()),
+        (DLQ_SOURCE_PARTITION, str(raw.partition).encode()),
+        (DLQ_SOURCE_OFFSET, str(raw.offset).encode()),
+    ]
+
+
+def record_bytes(
+    key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]
+) -> int:
+    """Key, value and header bytes of one record (the framing is not counted)."""
+    return len(key or b"") + len(value or b"") + sum(len(k.encode()) + len(v) for k, v in headers)
+
+
+def truncated_copy(
+    raw: RawRecord, reason: str, value_budget: int
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """A dead letter of ``raw`` whose value is its first ``value_budget`` bytes.
+
+    The headers are those of :func:`dead_letter_headers` plus ``fogline-truncated: 1``,
+    ``fogline-original-size`` (bytes) and ``fogline-original-sha256`` (hex digest of
+    the whole original value), so the original can be identified and re-read from
+    the source topic at ``fogline-source-offset``.
+    """
+    value = raw.value or b""
+    headers = dead_letter_headers(raw, reason)
+    headers += [
+        (DLQ_TRUNCATED, b"1"),
+        (DLQ_ORIGINAL_SIZE, str(len(value)).encode()),
+        (DLQ_ORIGINAL_SHA256, hashlib.sha256(value).hexdigest().encode()),
+    ]
+    return value[: max(0, value_budget)], headers
+
+
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
+
+
 class DeadLetterProducer(_AckedProducer):
-    """Sends records that fail to decode to ``<source topic>.dlq``.
+    """Sends records that fail to decode (or to learn) to ``<source topic>.dlq``.
 
     The dead-lettered record keeps the original key, value bytes, timestamp
     and headers, plus four UTF-8 headers: ``fogline-reason``,
     ``fogline-source-topic``, ``fogline-source-partition``,
     ``fogline-source-offset``.
 
+    Size: the producer's ``max_request_size`` is ``max_request_bytes`` (the
+    broker's ``message.max.bytes``; a setting, ``kafka.dlq_max_request_bytes``).
+    A record that does not fit is still dead-lettered, as a truncated copy
+    (:func:`truncated_copy`: the first bytes of the value, with the original's
+    size and sha256 in the headers).  A copy the broker still refuses as too
+    large is sent again cut to ``DLQ_FALLBACK_VALUE_BYTES``; so no single
+    record can stop the loop (``dlq_record_truncated`` is logged).
+
     Flush semantics: :meth:`send` is asynchronous (buffered by the producer).
     Call :meth:`flush` *before* writing a snapshot or committing offsets that
     cover the bad record: then a crash can at worst send a record to the DLQ
     twice (at-least-once; deduplicate on source partition/offset), never
-    lose it.  :meth:`flush` raises if any buffered send failed.
+    lose it.  :meth:`flush` raises if any buffered send failed (other than
+    for its size).
     """
 
     def __init__(
@@ -589,35 +658,92 @@ class DeadLetterProducer(_AckedProducer):
         *,
         dlq_topic: str | None = None,
         create_topics: bool = True,
+        max_request_bytes: int = DLQ_MAX_REQUEST_BYTES,
+        producer: Any | None = None,
         **client_kwargs: Any,
     ) -> None:
+        """``producer``: a ready ``KafkaProducer``-like object to use (tests); default: built."""
         self.bootstrap_servers = bootstrap_servers
         self.dlq_topic = dlq_topic
+        self.max_request_bytes = int(max_request_bytes)
+        self.truncated = 0
         self._create = create_topics
         self._created: set[str] = set()
         self._client_kwargs = dict(client_kwargs)
-        super().__init__(bootstrap_servers, **client_kwargs)
+        #: (future, raw, reason) of every send since the last flush.
+        self._pending: list[tuple[Any, RawRecord, str]] = []
+        client_kwargs.setdefault("max_request_size", self.max_request_bytes)
+        if producer is None:
+            super().__init__(bootstrap_servers, **client_kwargs)
+        else:
+            self._producer, self._futures, self.sent = producer, [], 0
 
     def send(self, raw: RawRecord, reason: str) -> None:
-        """Queue ``raw`` for its DLQ topic with ``reason`` in the headers."""
+        """Queue ``raw`` for its DLQ topic with ``reason`` in the headers (cut if too large)."""
         topic = self.dlq_topic or dlq_topic_for(raw.topic)
         if self._create and topic not in self._created:
             create_topic(self.bootstrap_servers, topic, 1, **self._client_kwargs)
             self._created.add(topic)
-        reason_b = reason.encode("utf-8", "replace")[:DLQ_REASON_MAX_BYTES]
-        headers = [
-            *[(k, v) for k, v in raw.headers if not k.startswith("fogline-")],
-            (DLQ_REASON, reason_b),
-            (DLQ_SOURCE_TOPIC, raw.topic.encode()),
-            (DLQ_SOURCE_PARTITION, str(raw.partition).encode()),
-            (DLQ_SOURCE_OFFSET, str(raw.offset).encode()),
-        ]
-        ts = raw.timestamp_ms if raw.timestamp_ms is not None and raw.timestamp_ms >= 0 else None
-        fut = self._producer.send(
-            topic, value=raw.value, key=raw.key, headers=headers, timestamp_ms=ts
-        )
-        self._futures.append(fut)
+        headers = dead_letter_headers(raw, reason)
+        value = raw.value
+        if record_bytes(raw.key, value, headers) + DLQ_FRAMING_BYTES > self.max_request_bytes:
+            budget = (
+                self.max_request_bytes - DLQ_FRAMING_BYTES - record_bytes(raw.key, b"", headers)
+            )
+            value, headers = self._cut(raw, reason, budget)
+        try:
+            fut = self._send(topic, raw, value, headers)
+        except _TOO_LARGE:  # the client's own estimate says it does not fit
+            value, headers = self._cut(raw, reason, DLQ_FALLBACK_VALUE_BYTES)
+            fut = self._send(topic, raw, value, headers)
+        self._pending.append((fut, raw, reason))
         self.sent += 1
+
+    def _send(
+        self, topic: str, raw: RawRecord, value: bytes | None, headers: list[tuple[str, bytes]]
+    ) -> Any:
+        ts = raw.timestamp_ms if raw.timestamp_ms is not None and raw.timestamp_ms >= 0 else None
+        return self._producer.send(
+            topic, value=value, key=raw.key, headers=headers, timestamp_ms=ts
+        )
+
+    def _cut(
+        self, raw: RawRecord, reason: str, budget: int
+    ) -> tuple[bytes, list[tuple[str, bytes]]]:
+        value, headers = truncated_copy(raw, reason, budget)
+        self.truncated += 1
+        log.warning(
+            "dlq_record_truncated",
+            topic=raw.topic,
+            partition=raw.partition,
+            offset=raw.offset,
+            original_bytes=len(raw.value or b""),
+            kept_bytes=len(value),
+            max_request_bytes=self.max_request_bytes,
+        )
+        return value, headers
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Block until every queued dead letter is acknowledged; raise if any failed.
+
+        A dead letter the broker refused as too large is sent again, cut to
+        ``DLQ_FALLBACK_VALUE_BYTES`` (once; a refusal of that raises).
+        """
+        timeout = self.flush_timeout_s if timeout_s is None else timeout_s
+        self._producer.flush(timeout=timeout)
+        pending, self._pending = self._pending, []
+        retry: list[Any] = []
+        for fut, raw, reason in pending:
+            try:
+                fut.get(timeout=timeout)
+            except _TOO_LARGE:
+                topic = self.dlq_topic or dlq_topic_for(raw.topic)
+                value, headers = self._cut(raw, reason, DLQ_FALLBACK_VALUE_BYTES)
+                retry.append(self._send(topic, raw, value, headers))
+        if retry:
+            self._producer.flush(timeout=timeout)
+            for fut in retry:
+                fut.get(timeout=timeout)
 
 
 class ReplayProducer(_AckedProducer):

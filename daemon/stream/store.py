@@ -47,11 +47,11 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Generic, Self, TypeVar
 
 import redis
 import structlog
@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SCHEMA_VERSION",
     "CorruptSnapshot",
+    "IntactScan",
     "Lease",
     "LeaseLost",
     "Snapshot",
@@ -185,6 +186,33 @@ class Snapshot:
 
     meta: SnapshotMeta
     blob: bytes
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class IntactScan(Generic[T]):
+    """What :meth:`SnapshotStore.newest_intact` found.
+
+    ``snapshot`` and ``value`` (what the verify callback returned for it) are
+    ``None`` when no version is intact; ``latest`` is the version ``latest``
+    pointed to (``None``: the pointer is missing); ``versions`` every version
+    found, newest first; ``skipped`` ``(version, why)`` for each one rejected
+    before the one returned.  ``fallback`` is true when the snapshot returned
+    is not the one ``latest`` names.
+    """
+
+    snapshot: Snapshot | None
+    value: T | None
+    latest: int | None
+    versions: tuple[int, ...]
+    skipped: tuple[tuple[int, str], ...]
+
+    @property
+    def fallback(self) -> bool:
+        """True when the snapshot found is not ``latest`` (missing or not intact)."""
+        return self.snapshot is not None and self.snapshot.meta.version != self.latest
 
 
 @dataclass(frozen=True)
@@ -602,6 +630,51 @@ class SnapshotStore:
             pipe.get(self.snap_key(v))
         out = pipe.execute()
         return (out[1] if with_blob else None), out[0]
+
+    def version_numbers(self) -> list[int]:
+        """Every version with a metadata hash or in the versions set, newest first.
+
+        The set is the index; the ``meta:*`` scan also finds versions whose
+        index entry was lost (e.g. a hand-deleted key).
+        """
+        with self._guard("version_numbers"):
+            found = {_to_int(m) for m in self._client.zrange(self.keys_versions, 0, -1)}
+            head = f"{self.base}:meta:"
+            for k in self._client.scan_iter(match=f"{_glob_escape(head)}*", count=500):
+                tail = (k.decode() if isinstance(k, bytes) else str(k))[len(head) :]
+                if tail.isdigit():
+                    found.add(int(tail))
+        return sorted((v for v in found if v is not None), reverse=True)
+
+    def newest_intact(self, verify: Callable[[Snapshot], T]) -> IntactScan[T]:
+        """``latest`` if it is intact, else the newest intact version (``latest`` untouched).
+
+        A version is intact when its metadata parses, its blob's sha256 matches
+        the recorded checksum (:meth:`read`) and ``verify(snapshot)`` returns
+        without raising (the caller decodes the blob there; the store stays
+        ignorant of what a blob holds).  Its return value comes back as
+        ``IntactScan.value``, so nothing is decoded twice.  Versions are tried
+        ``latest`` first, then newest first; :class:`StoreUnavailable` propagates.
+        """
+        latest = self.latest_version()
+        versions = self.version_numbers()
+        order = ([latest] if latest is not None else []) + [v for v in versions if v != latest]
+        skipped: list[tuple[int, str]] = []
+        for v in order:
+            try:
+                snap = self.read(v)
+            except (SnapshotNotFound, CorruptSnapshot) as exc:
+                skipped.append((v, str(exc)))
+                continue
+            try:
+                value = verify(snap)
+            except StoreUnavailable:
+                raise
+            except Exception as exc:  # any decode failure means "not intact"
+                skipped.append((v, f"{type(exc).__name__}: {exc}"))
+                continue
+            return IntactScan(snap, value, latest, tuple(versions), tuple(skipped))
+        return IntactScan(None, None, latest, tuple(versions), tuple(skipped))
 
     def list_versions(self) -> list[SnapshotMeta]:
         """Metadata of every kept version, newest first."""

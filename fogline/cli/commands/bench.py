@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, str] = {
     "crash_replay": "kill -9 the daemon repeatedly; check exactly-once absorption",
     "false_alarms": "run length to a false alarm on stable streams vs the ERT target",
     "compare": "Gaussian vs Student-t, mean-field vs low-rank outside the data",
+    "faults": "fault scenarios (kill -9, outages, poison records): lost, duplicated, stalled",
 }
 
 

@@ -4,7 +4,9 @@
 committed); 1 the final snapshot could not be written; 2 bad configuration
 (one line naming the field); 3 another daemon holds the writer lease of the
 model (with ``--lease-wait-s``) or took it over; 4 a snapshot offset lies beyond
-its partition's end and ``stream.offset_out_of_range`` is ``fail``.
+its partition's end and ``stream.offset_out_of_range`` is ``fail``;
+5 the model has snapshot versions but none is intact (``--allow-fresh``
+starts afresh instead).
 """
 
 from __future__ import annotations
@@ -27,8 +29,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "metrics_port": args.metrics_port,
         "log_format": args.log_format,
     }
+    stream: dict[str, Any] = {}
     if args.init is not None:
-        out["stream"] = {"init_path": args.init}
+        stream["init_path"] = args.init
+    if getattr(args, "allow_fresh", False):
+        stream["allow_fresh"] = True
+    if stream:
+        out["stream"] = stream
     return out
 
 
@@ -76,6 +83,12 @@ def _run(args: argparse.Namespace) -> int:
         print("fogline run: another daemon holds the writer lease of this model", file=sys.stderr)
     elif code == 4:
         print(f"fogline run: {pipe.stats.exit_reason}", file=sys.stderr)
+    elif code == 5:
+        print(
+            "fogline run: the model has snapshot versions but none is intact "
+            "(see the no_intact_snapshot log event); --allow-fresh starts afresh",
+            file=sys.stderr,
+        )
     return code
 
 
@@ -112,6 +125,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         type=Path,
         default=None,
         help="warm-start state file used when Redis holds no snapshot (fogline warmstart)",
+    )
+    p.add_argument(
+        "--allow-fresh",
+        action="store_true",
+        help="start from --init or a fresh prior even if the model's snapshots are all damaged",
     )
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (0: off)")
     p.add_argument("--log-format", choices=("json", "console", "auto"), default=None)
