@@ -77,7 +77,7 @@ from fogline.daemon.stream.source import (
     OutOfRange,
     security_kwargs,
 )
-from fogline.daemon.stream.store import Lease, SnapshotMeta, SnapshotStore
+from fogline.daemon.stream.store import IntactScan, Lease, Snapshot, SnapshotMeta, SnapshotStore
 from fogline.daemon.stream.update import PlainUpdate, make_update_rule, warm_up
 from fogline.drift.runner import without_loop
 from fogline.models.config import ModelConfig
@@ -103,6 +103,7 @@ class Store(LeaseStore, Protocol):
     """The snapshot store: :class:`~fogline.daemon.stream.store.SnapshotStore` or a fake."""
 
     def read(self, version: int | None = None) -> Any: ...
+    def newest_intact(self, verify: Callable[[Snapshot], Any]) -> IntactScan[Any]: ...
     def write(
         self,
         blob: bytes,

@@ -15,12 +15,14 @@ from typing import Any
 from fogline.daemon.stream.decode import RawRecord
 from fogline.daemon.stream.source import OutOfRange
 from fogline.daemon.stream.store import (
+    IntactScan,
     Lease,
     LeaseLost,
     Snapshot,
     SnapshotMeta,
     SnapshotNotFound,
     StoreUnavailable,
+    T,
 )
 
 TP = tuple[str, int]
@@ -108,6 +110,21 @@ class FakeStore:
             raise SnapshotNotFound("no snapshot")
         meta, blob = self.blobs[-1]
         return Snapshot(meta, blob)
+
+    def newest_intact(self, verify: Callable[[Snapshot], T]) -> IntactScan[T]:
+        """The newest blob that ``verify`` accepts (the fake's blobs have no checksum)."""
+        self._check()
+        versions = tuple(m.version for m, _ in reversed(self.blobs))
+        skipped: list[tuple[int, str]] = []
+        for meta, blob in reversed(self.blobs):
+            try:
+                value = verify(Snapshot(meta, blob))
+            except Exception as exc:
+                skipped.append((meta.version, repr(exc)))
+                continue
+            snap = Snapshot(meta, blob)
+            return IntactScan(snap, value, self.version or None, versions, tuple(skipped))
+        return IntactScan(None, None, self.version or None, versions, tuple(skipped))
 
     def close(self) -> None:
         pass
