@@ -45,7 +45,7 @@ import structlog
 import torch
 
 from fogline.drift.monitors import ThresholdMonitor
-from fogline.drift.policy import POLICIES, PolicyConfig, threshold_value
+from fogline.drift.policy import POLICIES, PolicyConfig
 from fogline.drift.runner import DriftLoop
 from fogline.drift.signals import _moments_and_scores
 from fogline.models.config import ModelConfig
@@ -263,10 +263,10 @@ def run_policy(
         run.nll.append(nll)
         run.covered.append(cov)
         run.signal.append(sig[pcfg.signal])
-        run.threshold.append(threshold_value(ps["threshold"]))
+        run.threshold.append(ps.threshold)
         run.predictive_kl.append(sig["predictive_kl"])
         run.step_kl.append(sig["step_kl"])
-        run.kl_threshold.append(threshold_value(ps["kl_threshold"]))
+        run.kl_threshold.append(ps.kl_threshold)
         run.modes.append(
             "calibrating" if action.calibrating and action.mode == "stable" else action.mode
         )
@@ -277,8 +277,11 @@ def run_policy(
             run.anomaly.append(loop_scores(loop, x, y))
         if progress is not None:
             progress()
-    run.transitions = list(loop.policy_state["transitions"])
-    run.calibration = loop.policy_state.get("calibration")
+    run.transitions = [
+        {"batch": t.batch, "from": t.from_mode, "to": t.to_mode, "reason": t.reason}
+        for t in loop.policy_state.transitions
+    ]
+    run.calibration = loop.policy_state.calibration
     return run
 
 

@@ -79,7 +79,7 @@ from fogline.daemon.stream.runtime import (
 from fogline.daemon.stream.source import DeadLetterProducer, KafkaSource, security_kwargs
 from fogline.daemon.stream.store import LeaseLost, SnapshotNotFound, SnapshotStore, StoreUnavailable
 from fogline.daemon.stream.update import make_update_rule, warm_up
-from fogline.drift.runner import without_loop
+from fogline.drift.runner import drift_mode, drift_summary, without_loop
 from fogline.models.config import ModelConfig
 from fogline.models.serialize import from_bytes, load, to_bytes
 from fogline.models.state import PosteriorState
@@ -437,7 +437,7 @@ class Pipeline:
             partition=parts[0].rsplit(":", 1)[1] if len(parts) == 1 else ",".join(parts),
             offset=batch[-1][1],
             snapshot_version=self.stats.last_version,
-            regime=str(self.state.extra.get("drift", {}).get("mode", "none")),
+            regime=drift_mode(self.state),
         )
         # 1. step the posterior
         new, info, signals = self.update(self.state, x, y)
@@ -534,7 +534,7 @@ class Pipeline:
             records_absorbed=state.records_absorbed,
             offsets=state.offsets,
             model_config=state.config.model_dump(mode="json"),
-            drift=state.extra.get("drift", {}),
+            drift=drift_summary(state),
             lease=lease,
             writer=self.keeper.owner,
         )

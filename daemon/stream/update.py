@@ -16,10 +16,10 @@ rules exist, chosen by ``drift.policy``:
     prior but still measures, alarms and exports the drift metrics; the
     other policies also act (see ``docs/drift.md``).
 
-Everything the drift loop needs to continue after a restart rides in the
-returned state (``extra["drift"]``, ``extra["drift_loop"]`` and
-``aux["drift.*"]``), so a daemon restarted from a snapshot reaches the same
-posterior bit for bit (:meth:`DriftLoop.resume`).
+Everything the drift loop needs to continue after a restart, the monitor's
+running state included, rides in the returned state
+(:func:`fogline.drift.runner.store_drift`), so a daemon restarted from a
+snapshot reaches the same posterior bit for bit (:meth:`DriftLoop.resume`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import torch
 from fogline.daemon import metrics
 from fogline.daemon.config import Settings
 from fogline.drift.monitors import ThresholdMonitor, make_monitor
-from fogline.drift.policy import PolicyConfig, threshold_value
-from fogline.drift.runner import DriftLoop
+from fogline.drift.policy import PolicyConfig
+from fogline.drift.runner import DriftLoop, has_drift
 from fogline.models.state import Minibatch, PosteriorState, StepInfo
 from fogline.models.stream import stream_step
 from fogline.models.svi import init_state, step
@@ -93,9 +93,9 @@ class DriftUpdate:
         signal = self.loop.policy.signal
         metrics.PREDICTIVE_KL.set(signals["predictive_kl"])
         metrics.STEP_KL.set(signals["step_kl"])
-        metrics.PREDICTIVE_KL_THRESHOLD.set(_gauge_threshold(ps.get("kl_threshold")))
+        metrics.PREDICTIVE_KL_THRESHOLD.set(_gauge_threshold(ps.kl_threshold))
         metrics.SURPRISAL.set(signals[signal])
-        metrics.SURPRISAL_THRESHOLD.set(_gauge_threshold(ps.get("threshold")))
+        metrics.SURPRISAL_THRESHOLD.set(_gauge_threshold(ps.threshold))
         metrics.LIKELIHOOD_WEIGHT.set(action.likelihood_weight)
         metrics.DRIFT_CALIBRATING.set(1 if action.calibrating else 0)
         for mode in MODES:
@@ -117,10 +117,9 @@ class DriftUpdate:
         return new, info, out
 
 
-def _gauge_threshold(value: float | None) -> float:
-    """A stored threshold for a gauge: NaN while it is not fitted."""
-    v = threshold_value(value)
-    return v if math.isfinite(v) else math.nan
+def _gauge_threshold(value: float) -> float:
+    """A threshold for a gauge: NaN while it is not fitted (+inf)."""
+    return value if math.isfinite(value) else math.nan
 
 
 def policy_config(settings: Settings) -> PolicyConfig:
@@ -169,11 +168,11 @@ def make_update_rule(settings: Settings, state: PosteriorState) -> UpdateRule:
         policy=settings.drift.policy,
         detector=settings.drift.detector,
         signal=settings.drift.signal,
-        mode=ps["mode"],
-        batch=ps["batch"],
-        calibrating=ps["calibrating"],
-        threshold=ps["threshold"],
-        resumed=bool(state.extra.get("drift")),
+        mode=ps.mode,
+        batch=ps.batch,
+        calibrating=ps.calibrating,
+        threshold=ps.threshold if math.isfinite(ps.threshold) else None,
+        resumed=has_drift(state),
     )
     return DriftUpdate(loop=loop, name=settings.drift.policy)
 

@@ -73,7 +73,7 @@ def run_seed(
     thresholds: list[float] = []
     b = batch_size
     for t in range(data.n_batches):
-        live = loop.policy_state["mode"] == "stable" and loop.policy_state["calibrating"] == 0
+        live = loop.policy_state.mode == "stable" and loop.policy_state.calibrating == 0
         x = torch.from_numpy(np.ascontiguousarray(data.x[t * b : (t + 1) * b]))
         y = torch.from_numpy(np.ascontiguousarray(data.y[t * b : (t + 1) * b]))
         state, _, _, action = loop.process(state, x, y)

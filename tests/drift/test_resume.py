@@ -10,13 +10,7 @@ import torch
 
 from fogline.drift.monitors import ThresholdMonitor
 from fogline.drift.policy import PolicyConfig
-from fogline.drift.runner import (
-    AUX_BASE_PRIOR,
-    AUX_CAL_RECORDS,
-    AUX_REFERENCE,
-    EXTRA_LOOP,
-    DriftLoop,
-)
+from fogline.drift.runner import DriftLoop, drift_summary, has_drift, load_drift
 from fogline.models.fprior import EXTRA_KEY as FPRIOR_KEY
 from fogline.models.fprior import FunctionalPrior
 from fogline.models.serialize import from_bytes, to_bytes
@@ -89,17 +83,19 @@ def test_state_carries_the_loop(warm_state: PosteriorState) -> None:
     for x, y in _stream()[:10]:
         state = loop.process(state, x, y)[0]
     st = from_bytes(to_bytes(state))
-    assert st.extra["drift"]["calibrating"] == 20 and st.extra["drift"]["threshold"] is None
-    assert len(st.extra[EXTRA_LOOP]["cal_sizes"]) == 10
-    assert st.aux[AUX_CAL_RECORDS].shape == (640, 2)
-    assert st.aux[AUX_REFERENCE + "loc"].equal(warm_state.params["loc"])
-    assert st.aux[AUX_BASE_PRIOR + "scale"].equal(warm_state.prior.scale)
-    assert math.isfinite(st.extra[EXTRA_LOOP]["last_step_kl"])
+    summary = drift_summary(st)
+    assert summary["calibrating"] == 20 and summary["threshold"] is None
+    d = load_drift(st, loop.policy, monitor=ThresholdMonitor(consecutive=2), ensemble_size=32)
+    assert d is not None
+    assert len(d.cal_records) == 10 and sum(len(r) for r in d.cal_records) == 640
+    assert [r.tolist() for r in d.cal_records] == [r.tolist() for r in loop.drift.cal_records]
+    assert d.reference.loc.equal(warm_state.params["loc"])
+    assert d.base_prior.scale.equal(warm_state.prior.scale)
+    assert math.isfinite(d.last_step_kl) and d.last_step_kl == loop.drift.last_step_kl
     again = _loop(st, "forget")
-    assert again.policy_state == loop.policy_state
-    assert [r.tolist() for r in again._cal_records] == [r.tolist() for r in loop._cal_records]
-    assert again.reference is not None and loop.reference is not None
+    assert again.policy_state.replace(monitor=None) == loop.policy_state.replace(monitor=None)
     assert again.reference.loc.equal(loop.reference.loc)
+    assert again.reference.ensemble.layers[0][0].equal(loop.reference.ensemble.layers[0][0])
 
 
 def test_changed_policy_setting_wins_and_keeps_the_mode(warm_state: PosteriorState) -> None:
@@ -108,8 +104,42 @@ def test_changed_policy_setting_wins_and_keeps_the_mode(warm_state: PosteriorSta
     for x, y in _stream()[:5]:
         state = loop.process(state, x, y)[0]
     other = _loop(from_bytes(to_bytes(state)), "none")
-    assert other.policy_state["config"]["name"] == "none"
-    assert other.policy_state["batch"] == 5 and other.policy_state["mode"] == "stable"
+    assert other.policy_state.config.name == "none"
+    assert other.policy_state.batch == 5 and other.policy_state.mode == "stable"
+
+
+@pytest.mark.parametrize("detector", ["adwin", "page_hinkley", "kswin"])
+def test_river_monitors_survive_restarts(warm_state: PosteriorState, detector: str) -> None:
+    """A River detector's running state rides in the snapshot: restarts change nothing."""
+    from fogline.drift.monitors import make_monitor, monitor_state
+
+    def run(restarts: set[int]) -> tuple[bytes, list[int], dict[str, object]]:
+        state = warm_state.replace(lr=5e-3)
+        alarms: list[int] = []
+        loop = None
+        for t, (x, y) in enumerate(_stream()[:80]):
+            if loop is None or t in restarts:
+                state = from_bytes(to_bytes(state))
+                loop = DriftLoop.resume(
+                    state,
+                    base_lr=5e-3,
+                    data_size=20_000,
+                    policy=PolicyConfig(name="none", calibration_batches=10),
+                    monitor=make_monitor(detector),
+                    ert=200.0,
+                    ensemble_size=16,
+                    n_streams=100,
+                )
+            state, _info, _sig, action = loop.process(state, x, y)
+            if action.alarm:
+                alarms.append(t)
+        assert loop is not None
+        return to_bytes(state), alarms, monitor_state(loop.monitor)
+
+    blob, alarms, mon = run(set())
+    assert mon["state"]  # the detector has seen values: there is state to carry
+    blob2, alarms2, mon2 = run({11, 12, 30, 47, 51, 52, 70})
+    assert alarms2 == alarms and mon2 == mon and blob2 == blob
 
 
 def test_restarts_with_the_functional_prior_give_the_same_posterior(
@@ -138,9 +168,10 @@ def test_an_init_file_starts_a_fresh_loop(warm_state: PosteriorState) -> None:
     state = state.replace(offsets={"t:0": 192})
     fresh = fresh_stream(from_bytes(to_bytes(state)))
     assert fresh.offsets == {} and fresh.records_absorbed == 0
-    assert "drift" not in fresh.extra and EXTRA_LOOP not in fresh.extra
-    assert not any(k.startswith("drift.") for k in fresh.aux)
+    assert not has_drift(fresh) and not drift_summary(fresh)
+    assert set(fresh.extra) == set(warm_state.extra) | {FPRIOR_KEY}
+    assert set(fresh.aux) == set(warm_state.aux)
     assert FunctionalPrior.of(fresh) == fp and fresh.params["loc"].equal(state.params["loc"])
     again = _loop(fresh, "forget")
-    assert again.policy_state["batch"] == 0 and again.reference is not None
+    assert again.policy_state.batch == 0
     assert again.reference.loc.equal(state.params["loc"])  # anchored at the init state
