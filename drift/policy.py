@@ -62,78 +62,20 @@ from typing import Any, Literal
 import structlog
 import torch
 
-from fogline.drift.monitors import ThresholdMonitor
+from fogline.drift.config import PolicyConfig
+from fogline.drift.monitors import ThresholdMonitor, make_monitor
 
-PolicyName = Literal["none", "reset", "forget", "vb"]
-POLICIES: tuple[str, ...] = ("none", "reset", "forget", "vb")
 Mode = Literal["stable", "shifted", "recovering"]
 
 log = structlog.get_logger()
 
 
-@dataclass(frozen=True)
-class PolicyConfig:
-    """Settings of the policy (carried by the policy state, stored with it in snapshots).
-
-    Parameters
-    ----------
-    name:
-        ``none``, ``reset``, ``forget`` or ``vb``.
-    signal:
-        Which signal feeds the monitor (default ``surprisal_inlier``).
-    gamma:
-        Forgetting weight on the base prior on entering ``shifted``.
-    lr_boost:
-        Learning-rate multiplier on entering ``shifted``; lowered geometrically
-        by ``decay`` per batch in ``recovering``, back to 1 in ``stable``.
-    shift_steps:
-        SVI steps per batch while ``shifted`` (the daemon's own count otherwise).
-    recovery_steps:
-        SVI steps per batch while ``recovering`` (``forget`` only).
-    recovery_streaming:
-        ``forget`` only: absorb the forgetting prior with data size = the
-        batch's rows while ``recovering`` too (as in ``shifted``).  Default
-        False: the configured data size N, so the prior term weighs 1/N per
-        record and does not hold back the extra recovery steps.
-    cooldown:
-        Batches spent in ``shifted`` before ``recovering``.
-    recovery_window:
-        W: consecutive batches with ``step_kl <= kl_threshold`` that end recovery
-        (once at least ``min_recovery`` batches were spent recovering).
-    max_recovery:
-        Recovery ends after this many batches in any case.
-    calibration_batches:
-        Batches of no-drift data collected after (re-)anchoring to fit the thresholds.
-    max_outlier_fraction, min_weight:
-        Outlier down-weighting (see the module docstring).
-    """
-
-    name: PolicyName = "forget"
-    signal: str = "surprisal_inlier"
-    gamma: float = 0.1
-    lr_boost: float = 1.0
-    decay: float = 0.9
-    shift_steps: int = 1
-    recovery_steps: int = 2
-    recovery_streaming: bool = False
-    reset_adam: Literal["alarm", "recovering", "never"] = "recovering"
-    cooldown: int = 5
-    recovery_window: int = 5
-    min_recovery: int = 15
-    max_recovery: int = 60
-    calibration_batches: int = 40
-    max_outlier_fraction: float = 0.4
-    min_weight: float = 0.2
-
-    def __post_init__(self) -> None:
-        if self.name not in POLICIES:
-            raise ValueError(f"policy {self.name!r}: choose from {POLICIES}")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ValueError("gamma must lie in [0, 1]")
-        if self.shift_steps < 1 or self.recovery_steps < 1:
-            raise ValueError("shift_steps and recovery_steps must be >= 1")
-        if not 0.0 < self.min_weight <= 1.0:
-            raise ValueError("min_weight must lie in (0, 1]")
+def make_monitor_for(config: PolicyConfig) -> Any:
+    """The configured detector (fresh): a threshold monitor (fitted to ``config.ert``
+    after each calibration window) with ``config.consecutive``, or River's."""
+    if config.detector == "threshold":
+        return ThresholdMonitor(consecutive=config.consecutive)
+    return make_monitor(config.detector)
 
 
 @dataclass(frozen=True)
@@ -228,12 +170,12 @@ class PolicyState:
 def init(config: PolicyConfig, monitor: Any = None, threshold: float = math.inf) -> PolicyState:
     """A fresh policy state, calibrating from the first batch.
 
-    ``monitor``: any River-protocol detector (default: an unfitted
-    :class:`~fogline.drift.monitors.ThresholdMonitor`).
+    ``monitor``: any River-protocol detector (default: the configured one,
+    :func:`make_monitor_for`).
     """
     return PolicyState(
         config=config,
-        monitor=monitor if monitor is not None else ThresholdMonitor(),
+        monitor=monitor if monitor is not None else make_monitor_for(config),
         calibrating=config.calibration_batches,
         threshold=threshold,
     )

@@ -55,6 +55,7 @@ from fogline.drift.policy import (
     Transition,
     forgetting_prior,
     json_threshold,
+    make_monitor_for,
     threshold_value,
 )
 from fogline.drift.policy import init as policy_init
@@ -140,13 +141,13 @@ def init_drift(
     base_prior: PriorSpec,
     *,
     monitor: Any = None,
-    ensemble_size: int = 64,
+    ensemble_size: int | None = None,
     seed: int = 0,
 ) -> DriftState:
     """A fresh drift state anchored at ``reference_state`` (calibrating from the first batch)."""
     return DriftState(
-        policy=policy_init(config, monitor),
-        reference=make_reference(reference_state, ensemble_size, seed),
+        policy=policy_init(config, monitor if monitor is not None else make_monitor_for(config)),
+        reference=make_reference(reference_state, ensemble_size or config.ensemble_size, seed),
         base_prior=base_prior,
     )
 
@@ -175,7 +176,7 @@ def _float(v: Any) -> float:
 
 @functools.lru_cache(maxsize=16)
 def _config_json(config: PolicyConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    return config.model_dump(mode="json")
 
 
 def policy_to_json(ps: PolicyState) -> dict[str, Any]:
@@ -213,10 +214,10 @@ def policy_from_json(
     configured type and settings (:func:`~fogline.drift.monitors.restore_monitor`);
     otherwise the configured one starts empty (``drift_monitor_restarted``).
     """
-    now = dataclasses.asdict(config)
+    now = _config_json(config)
     if data.get("config") != now:
         log.info("drift_policy_changed", stored=data.get("config"), now=now)
-    fresh = monitor if monitor is not None else ThresholdMonitor()
+    fresh = monitor if monitor is not None else make_monitor_for(config)
     threshold = threshold_value(data.get("threshold"))
     if isinstance(fresh, ThresholdMonitor):
         fresh = fresh.clone({"threshold": threshold})
@@ -267,7 +268,7 @@ def load_drift(
     config: PolicyConfig,
     *,
     monitor: Any = None,
-    ensemble_size: int = 64,
+    ensemble_size: int | None = None,
     seed: int = 0,
 ) -> DriftState | None:
     """The drift state :func:`store_drift` put in ``state``, or ``None`` if it carries none.
@@ -285,7 +286,9 @@ def load_drift(
     n_cal = len(loop.get("cal_sizes", []))
     return DriftState(
         policy=policy_from_json(stored, config, monitor),
-        reference=make_reference(state.replace(params=ref_params), ensemble_size, seed),
+        reference=make_reference(
+            state.replace(params=ref_params), ensemble_size or config.ensemble_size, seed
+        ),
         base_prior=PriorSpec(
             state.aux[_AUX_BASE_PRIOR + "loc"], state.aux[_AUX_BASE_PRIOR + "scale"]
         ),
@@ -348,9 +351,11 @@ class DriftLoop:
     base_lr, data_size, num_steps:
         Normal-operation step settings (``data_size`` N, ``num_steps`` K).
     policy:
-        The :class:`PolicyConfig`.
+        The :class:`PolicyConfig` (its ``ert``, ``ensemble_size``,
+        ``n_streams`` and detector unless given here).
     monitor:
-        Any River-protocol detector (default: ``ThresholdMonitor()``); a
+        Any River-protocol detector (default: the configured one,
+        :func:`~fogline.drift.policy.make_monitor_for`); a
         :class:`ThresholdMonitor`'s threshold is (re)fitted for ``ert`` after
         each calibration window.  The loop works on copies: the object passed
         in is never updated.
@@ -375,22 +380,23 @@ class DriftLoop:
         data_size: int | None,
         policy: PolicyConfig,
         monitor: Any = None,
-        ert: float = 1000.0,
+        ert: float | None = None,
         num_steps: int = 1,
-        ensemble_size: int = 64,
+        ensemble_size: int | None = None,
         seed: int = 0,
-        n_streams: int = 500,
+        n_streams: int | None = None,
         functional_prior: bool = True,
         drift: DriftState | None = None,
     ) -> None:
+        policy.name  # noqa: B018 -- raises for policy "off" (no loop)
         self.base_lr = base_lr
         self.data_size = data_size
         self.policy = policy
-        self.ert = ert
+        self.ert = ert if ert is not None else policy.ert
         self.num_steps = num_steps
-        self.ensemble_size = ensemble_size
+        self.ensemble_size = ensemble_size if ensemble_size is not None else policy.ensemble_size
         self.seed = seed
-        self.n_streams = n_streams
+        self.n_streams = n_streams if n_streams is not None else policy.n_streams
         self.functional_prior = functional_prior
         self.drift = (
             drift
@@ -438,11 +444,11 @@ class DriftLoop:
         data_size: int | None,
         policy: PolicyConfig,
         monitor: Any = None,
-        ert: float = 1000.0,
+        ert: float | None = None,
         num_steps: int = 1,
-        ensemble_size: int = 64,
+        ensemble_size: int | None = None,
         seed: int = 0,
-        n_streams: int = 500,
+        n_streams: int | None = None,
         functional_prior: bool = True,
     ) -> DriftLoop:
         """The loop for ``state``: continued from the drift state it carries, if any.
@@ -473,7 +479,7 @@ class DriftLoop:
             drift=loaded,
         )
         if loaded is not None and loaded.policy.batch > 0:
-            loop._prev_ens = loop._noise.ensemble(state, ensemble_size, seed)
+            loop._prev_ens = loop._noise.ensemble(state, loop.ensemble_size, seed)
         return loop
 
     # -- per batch -----------------------------------------------------------------
@@ -544,12 +550,18 @@ class DriftLoop:
         """Step 3: post-update signals, re-anchoring/calibration, the drift state into ``state``."""
         d = prepared.drift
         after = self._noise.ensemble(state, d.reference.num_samples, d.reference.seed)
+        scores, x_kl = prepared.scores, prepared.x_all
+        step_kl_needed = _step_kl_needed(d.policy)
+        rows = self.policy.predictive_kl_rows
+        if not step_kl_needed and 0 < rows < x_kl.shape[0]:
+            # the predictive KL is only a metric here: estimate it on a subset of rows
+            scores, x_kl = scores.head(rows), x_kl[:rows]
         post = post_update_signals(
             d.reference,
-            prepared.scores,
-            prepared.x_all,
+            scores,
+            x_kl,
             state,
-            self._prev_ens if _step_kl_needed(d.policy) else None,
+            self._prev_ens if step_kl_needed else None,
             ensemble=after,
         )[0]
         self._prev_ens = after

@@ -112,6 +112,12 @@ class RecordScores:
     mean: torch.Tensor
     var: torch.Tensor
 
+    def head(self, n: int) -> RecordScores:
+        """The scores of the first ``n`` records."""
+        return RecordScores(
+            self.nll[:n], self.anomaly[:n], self.outlier[:n], self.mean[:n], self.var[:n]
+        )
+
 
 def _moments_and_scores(
     ens: Ensemble, x: torch.Tensor, y: torch.Tensor | None

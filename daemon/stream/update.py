@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 import torch
 
 from fogline.daemon import metrics
 from fogline.daemon.config import Settings
-from fogline.drift.monitors import ThresholdMonitor, make_monitor
-from fogline.drift.policy import PolicyConfig
+from fogline.drift.policy import make_monitor_for
 from fogline.drift.runner import DriftLoop, has_drift
 from fogline.models.state import Minibatch, PosteriorState, StepInfo
 from fogline.models.stream import stream_step
@@ -122,25 +121,6 @@ def _gauge_threshold(value: float) -> float:
     return value if math.isfinite(value) else math.nan
 
 
-def policy_config(settings: Settings) -> PolicyConfig:
-    """The :class:`PolicyConfig` of ``settings.drift`` (unset fields keep the policy's defaults)."""
-    d = settings.drift
-    fields: dict[str, Any] = {"name": d.policy, "signal": d.signal}
-    if d.gamma is not None:
-        fields["gamma"] = d.gamma
-    if d.calibration_batches is not None:
-        fields["calibration_batches"] = d.calibration_batches
-    return PolicyConfig(**fields)
-
-
-def make_monitor_for(settings: Settings) -> Any:
-    """The alarm detector of ``settings.drift`` (a threshold monitor is calibrated to the ERT)."""
-    d = settings.drift
-    if d.detector == "threshold":
-        return ThresholdMonitor(consecutive=d.consecutive)
-    return make_monitor(d.detector)
-
-
 def make_update_rule(settings: Settings, state: PosteriorState) -> UpdateRule:
     """The update rule for ``settings.drift.policy``, resumed from ``state`` where it carries one."""
     s = settings.stream
@@ -154,11 +134,9 @@ def make_update_rule(settings: Settings, state: PosteriorState) -> UpdateRule:
         state,
         base_lr=s.lr,
         data_size=s.data_size,
-        policy=policy_config(settings),
-        monitor=make_monitor_for(settings),
-        ert=settings.drift.ert,
+        policy=settings.drift,
+        monitor=make_monitor_for(settings.drift),
         num_steps=s.steps_per_batch,
-        ensemble_size=settings.drift.ensemble_size,
         seed=s.seed,
         functional_prior=s.functional_prior,
     )

@@ -52,7 +52,9 @@ def run_seed(
     from fogline.drift.runner import DriftLoop
     from fogline.models.priors import default_prior
 
-    cfg = ExperimentConfig(seed=seed, n_batches=batches, batch_size=batch_size, ert=ert)
+    cfg = ExperimentConfig(
+        seed=seed, n_batches=batches, batch_size=batch_size, policy=PolicyConfig(ert=ert)
+    )
     data = load_source("stable", cfg)
     warm = warm_start(data, cfg)
     loop = DriftLoop(
@@ -60,7 +62,7 @@ def run_seed(
         base_prior=default_prior(warm.config),
         base_lr=cfg.lr,
         data_size=len(data.warm_y),
-        policy=PolicyConfig(name="none", calibration_batches=calibration_batches),
+        policy=PolicyConfig(policy="none", calibration_batches=calibration_batches),
         monitor=ThresholdMonitor(consecutive=cfg.consecutive),
         ert=ert,
         ensemble_size=cfg.ensemble_size,

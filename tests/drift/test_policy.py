@@ -14,7 +14,7 @@ from fogline.drift.policy import PolicyConfig, PolicyState, init, step
 from fogline.drift.runner import policy_from_json, policy_to_json
 
 CFG = PolicyConfig(
-    name="forget",
+    policy="forget",
     gamma=0.3,
     lr_boost=3.0,
     shift_steps=2,
@@ -87,7 +87,7 @@ def test_recovery_waits_for_the_kl_and_is_bounded() -> None:
 
 @pytest.mark.parametrize("name", ["none", "vb", "reset"])
 def test_other_policies_actions(name: str) -> None:
-    cfg = PolicyConfig(name=name, cooldown=2, calibration_batches=0)  # type: ignore[arg-type]
+    cfg = PolicyConfig(policy=name, cooldown=2, calibration_batches=0)  # type: ignore[arg-type]
     _, actions = _run(cfg, rdrift.DummyDriftDetector(t_0=5), 12, outlier_fraction=0.2)
     assert actions[4].alarm and actions[4].mode == "shifted"  # all policies monitor alike
     for a in actions:
@@ -105,7 +105,7 @@ def test_outlier_batches_get_a_bounded_weight() -> None:
     assert actions[0].drop_outliers and math.isclose(actions[0].likelihood_weight, 0.75)
     _, actions = _run(CFG, rdrift.NoDrift(), 1, outlier_fraction=0.39)
     assert actions[0].likelihood_weight == pytest.approx(0.61)
-    cfg = PolicyConfig(name="forget", min_weight=0.7, calibration_batches=0)
+    cfg = PolicyConfig(policy="forget", min_weight=0.7, calibration_batches=0)
     _, actions = _run(cfg, rdrift.NoDrift(), 1, outlier_fraction=0.35)
     assert actions[0].likelihood_weight == 0.7
     # more than max_outlier_fraction is a shift, not an outlier burst: nothing dropped
@@ -114,7 +114,7 @@ def test_outlier_batches_get_a_bounded_weight() -> None:
 
 
 def test_calibration_window_blocks_alarms_and_threshold_monitor_state_is_saved() -> None:
-    cfg = PolicyConfig(name="forget", calibration_batches=5)
+    cfg = PolicyConfig(policy="forget", calibration_batches=5)
     mon = ThresholdMonitor(threshold=0.1)
     ps = init(cfg, mon)
     alarms = []
@@ -140,7 +140,7 @@ def test_input_state_and_monitor_are_not_mutated() -> None:
 
 def test_bad_config() -> None:
     with pytest.raises(ValueError):
-        PolicyConfig(name="bogus")  # type: ignore[arg-type]
+        PolicyConfig(policy="bogus")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         PolicyConfig(gamma=1.5)
     with pytest.raises(ValueError):
@@ -148,7 +148,7 @@ def test_bad_config() -> None:
 
 
 def test_default_forget_resets_adam_when_recovery_starts() -> None:
-    cfg = PolicyConfig(name="forget", cooldown=2, calibration_batches=0)
+    cfg = PolicyConfig(policy="forget", cooldown=2, calibration_batches=0)
     _, actions = _run(cfg, rdrift.DummyDriftDetector(t_0=5), 12)
     resets = [i for i, a in enumerate(actions) if a.reset_optimizer]
     assert resets == [6]  # alarm at 4, cooldown 2: first recovering batch
@@ -157,7 +157,11 @@ def test_default_forget_resets_adam_when_recovery_starts() -> None:
 
 def test_recovery_streaming_option() -> None:
     cfg = PolicyConfig(
-        name="forget", cooldown=2, calibration_batches=0, recovery_steps=1, recovery_streaming=True
+        policy="forget",
+        cooldown=2,
+        calibration_batches=0,
+        recovery_steps=1,
+        recovery_streaming=True,
     )
     _, actions = _run(cfg, rdrift.DummyDriftDetector(t_0=5), 12)
     rec = actions[6]

@@ -39,7 +39,7 @@ def _loop(state: PosteriorState, policy: str) -> DriftLoop:
         state,
         base_lr=5e-3,
         data_size=20_000,
-        policy=PolicyConfig(name=policy, calibration_batches=30),  # type: ignore[arg-type]
+        policy=PolicyConfig(policy=policy, calibration_batches=30),  # type: ignore[arg-type]
         monitor=ThresholdMonitor(consecutive=2),
         ert=200.0,
         num_steps=2,
@@ -124,7 +124,7 @@ def test_river_monitors_survive_restarts(warm_state: PosteriorState, detector: s
                     state,
                     base_lr=5e-3,
                     data_size=20_000,
-                    policy=PolicyConfig(name="none", calibration_batches=10),
+                    policy=PolicyConfig(policy="none", calibration_batches=10),
                     monitor=make_monitor(detector),
                     ert=200.0,
                     ensemble_size=16,
@@ -175,3 +175,43 @@ def test_an_init_file_starts_a_fresh_loop(warm_state: PosteriorState) -> None:
     again = _loop(fresh, "forget")
     assert again.policy_state.batch == 0
     assert again.reference.loc.equal(state.params["loc"])  # anchored at the init state
+
+
+def test_predictive_kl_rows_only_thins_the_metric(warm_state: PosteriorState) -> None:
+    """While stable and calibrated the predictive KL is estimated on the first rows; the
+    policy's inputs (surprisal, step KL) and so the posterior do not change."""
+    from fogline.drift.signals import gaussian_kl, posterior_moments
+
+    def run(rows: int) -> tuple[dict[str, object], list[dict[str, float]], list[PosteriorState]]:
+        state = warm_state.replace(lr=5e-3)
+        cfg = PolicyConfig(calibration_batches=4, predictive_kl_rows=rows, n_streams=50)
+        loop = DriftLoop.resume(state, base_lr=5e-3, data_size=20_000, policy=cfg)
+        sigs, states = [], []
+        for x, y in _stream()[:12]:
+            state, _info, sig, _action = loop.process(state, x, y)
+            sigs.append(sig)
+            states.append(state)
+        summary = {k: v for k, v in drift_summary(state).items() if k != "config"}
+        return summary, sigs, states
+
+    summary_all, all_rows, states_all = run(0)
+    summary_16, head, states = run(16)
+    assert summary_16 == summary_all and summary_16["calibrating"] == 0
+    for name, value in states[-1].params.items():
+        assert value.equal(states_all[-1].params[name])
+    for t, (a, h) in enumerate(zip(all_rows, head, strict=True)):
+        assert a.keys() == h.keys()
+        for k in a.keys() - {"predictive_kl"}:
+            assert a[k] == h[k] or (math.isnan(a[k]) and math.isnan(h[k])), (t, k)
+        if t < 3:  # calibrating (the step KL is read): every row
+            assert h["predictive_kl"] == a["predictive_kl"]
+    # stable and calibrated: the KL over the first 16 rows, under the same reference
+    x, _y = _stream()[11]
+    ref = DriftLoop.resume(
+        warm_state, base_lr=5e-3, data_size=20_000, policy=PolicyConfig()
+    ).reference
+    m, v = posterior_moments(states[11], x[:16], ref.num_samples, ref.seed)
+    m0, v0 = posterior_moments(warm_state, x[:16], ref.num_samples, ref.seed)
+    want = float(gaussian_kl(m, v, m0, v0).mean())
+    assert math.isclose(head[11]["predictive_kl"], want, rel_tol=1e-5)  # float32 matmuls
+    assert head[11]["predictive_kl"] != all_rows[11]["predictive_kl"]

@@ -72,7 +72,7 @@ def test_forget_policy_in_the_daemon(
     snap = store.read()
     assert snap.meta.records_absorbed == VALID
     drift = snap.meta.drift
-    assert drift["config"]["name"] == "forget" and drift["alarms"] >= 1
+    assert drift["config"]["policy"] == "forget" and drift["alarms"] >= 1
     first_alarm = next(t for t in drift["transitions"] if t["reason"] == "alarm")
     assert 48 <= first_alarm["batch"] <= 48 + 5  # detection delay <= 5 batches
     entered = {t["to"] for t in drift["transitions"]}
@@ -102,7 +102,7 @@ def test_forget_policy_in_the_daemon(
     assert Pipeline(other, RunOptions(idle_exit_s=2.0)).run() == 0
     snap2 = store.read()
     assert snap2.meta.records_absorbed == VALID + 8 * BATCH
-    assert snap2.meta.drift["config"]["name"] == "none"
+    assert snap2.meta.drift["config"]["policy"] == "none"
     assert snap2.meta.drift["batch"] == drift["batch"] + 8
     # the snapshot carries the ADWIN detector's running state for the next restart
     assert snap2.meta.drift["monitor"]["type"].endswith("ADWINMonitor")
