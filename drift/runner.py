@@ -164,6 +164,8 @@ _AUX_PREFIX = "drift."
 _AUX_REFERENCE = _AUX_PREFIX + "reference."
 _AUX_BASE_PRIOR = _AUX_PREFIX + "base_prior."
 _AUX_CAL_RECORDS = _AUX_PREFIX + "calibration_records."
+#: The calibration window as one concatenated tensor (snapshots written before the typed state).
+_AUX_CAL_RECORDS_V0 = _AUX_PREFIX + "calibration_records"
 
 
 def _json_float(v: float) -> float | None:
@@ -283,7 +285,14 @@ def load_drift(
     if not stored or not ref_params:
         return None
     loop = state.extra.get(_EXTRA_LOOP, {})
-    n_cal = len(loop.get("cal_sizes", []))
+    sizes = [int(n) for n in loop.get("cal_sizes", [])]
+    if sizes and _AUX_CAL_RECORDS_V0 in state.aux:  # written before the per-batch layout
+        joined = state.aux[_AUX_CAL_RECORDS_V0].cpu().numpy()
+        cal_records = tuple(np.split(joined, np.cumsum(sizes)[:-1]))
+    else:
+        cal_records = tuple(
+            state.aux[f"{_AUX_CAL_RECORDS}{i}"].cpu().numpy() for i in range(len(sizes))
+        )
     return DriftState(
         policy=policy_from_json(stored, config, monitor),
         reference=make_reference(
@@ -293,7 +302,7 @@ def load_drift(
             state.aux[_AUX_BASE_PRIOR + "loc"], state.aux[_AUX_BASE_PRIOR + "scale"]
         ),
         last_step_kl=_float(loop.get("last_step_kl")),
-        cal_records=tuple(state.aux[f"{_AUX_CAL_RECORDS}{i}"].cpu().numpy() for i in range(n_cal)),
+        cal_records=cal_records,
         cal_kl=tuple(float(v) for v in loop.get("cal_kl", [])),
     )
 

@@ -215,3 +215,32 @@ def test_predictive_kl_rows_only_thins_the_metric(warm_state: PosteriorState) ->
     want = float(gaussian_kl(m, v, m0, v0).mean())
     assert math.isclose(head[11]["predictive_kl"], want, rel_tol=1e-5)  # float32 matmuls
     assert head[11]["predictive_kl"] != all_rows[11]["predictive_kl"]
+
+
+def test_a_snapshot_of_the_previous_layout_resumes(warm_state: PosteriorState) -> None:
+    """Before the typed state: one concatenated calibration tensor, the threshold monitor's own
+    dict, ``config.name``.  Such a snapshot resumes (the monitor restarts, logged)."""
+    import torch
+    from structlog.testing import capture_logs
+
+    state = warm_state.replace(lr=5e-3)
+    loop = _loop(state, "forget")
+    for x, y in _stream()[:12]:  # calibrating: 12 batches of the window collected
+        state = loop.process(state, x, y)[0]
+    d = loop.drift
+    assert len(d.cal_records) == 12
+    aux = {k: v for k, v in state.aux.items() if not k.startswith("drift.calibration_records")}
+    aux["drift.calibration_records"] = torch.from_numpy(np.concatenate(d.cal_records))
+    old = dict(drift_summary(state))
+    old["config"] = {**{k: v for k, v in old["config"].items() if k != "policy"}, "name": "forget"}
+    old["monitor"] = {"streak": 0, "armed": True, "n_seen": 10, "n_detections": 0}
+    v0 = state.replace(aux=aux, extra={**state.extra, "drift": old})
+    with capture_logs() as logs:
+        back = load_drift(
+            v0, loop.policy, monitor=ThresholdMonitor(consecutive=2), ensemble_size=32
+        )
+    assert back is not None
+    assert [r.tolist() for r in back.cal_records] == [r.tolist() for r in d.cal_records]
+    assert back.policy.calibrating == d.policy.calibrating == 18 and back.policy.batch == 12
+    assert back.last_step_kl == d.last_step_kl and back.cal_kl == d.cal_kl
+    assert {e["event"] for e in logs} >= {"drift_monitor_restarted", "drift_policy_changed"}
