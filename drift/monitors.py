@@ -213,6 +213,13 @@ class ThresholdMonitor(base.DriftAndWarningDetector):
         self.n_seen = 0
         self.n_detections = 0
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> ThresholdMonitor:
+        """Every attribute is an immutable scalar: copying ``__dict__`` is a deep copy
+        (the policy step copies its monitor every batch)."""
+        out = object.__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        return out
+
     def update(self, x: float) -> None:
         """Feed one value (a batch's signal)."""
         v = float(x)

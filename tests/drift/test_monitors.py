@@ -155,3 +155,14 @@ def test_unknown_attribute_types_fail_loudly() -> None:
     m.extra = object()  # type: ignore[attr-defined]
     with pytest.raises(TypeError, match="cannot store"):
         monitor_state(m)
+
+
+def test_threshold_monitor_copies_are_independent() -> None:
+    import copy
+
+    m = ThresholdMonitor(threshold=1.0, consecutive=2, rearm_below=0.0)
+    m.update(2.0)
+    c = copy.deepcopy(m)
+    assert monitor_state(c) == monitor_state(m) and c is not m
+    c.update(2.0)
+    assert c.drift_detected and not m.drift_detected and m.streak == 1 and m.n_seen == 1
