@@ -276,7 +276,7 @@ def run_policy(
         y = torch.from_numpy(np.ascontiguousarray(data.y[t * b : (t + 1) * b]))
         nll, cov = _prequential(ens, x, y)
         state, _info, sig, action = loop.process(state, x, y)
-        ens = loop._prev_ens if loop._prev_ens is not None else ens
+        ens = loop.last_ensemble if loop.last_ensemble is not None else ens
         ps = loop.policy_state
         run.nll.append(nll)
         run.covered.append(cov)

@@ -30,8 +30,8 @@ stored running state (:func:`fogline.drift.monitors.monitor_state`).  Code
 outside :mod:`fogline.drift` reads the stored state through typed accessors
 (:func:`drift_mode`, :func:`drift_summary`, :func:`has_drift`).
 
-The previous batch's ensemble (for the step KL) is re-sampled from the
-restored posterior itself, with the same seed.
+The ensemble of the posterior before the batch (for the step KL) is formed from
+the state passed in, with the same draws, so nothing but the state is needed.
 """
 
 from __future__ import annotations
@@ -346,6 +346,7 @@ class Prepared:
     x_all: torch.Tensor
     rows: int
     drift: DriftState
+    before: PosteriorState
 
 
 class DriftLoop:
@@ -419,9 +420,11 @@ class DriftLoop:
                 seed=seed,
             )
         )
+        #: The last threshold fit of this loop object (diagnostics).
         self.calibration: Calibration | None = None
+        #: The last post-update ensemble (the experiments' prequential scores reuse it).
+        self.last_ensemble: Ensemble | None = None
         self._noise = NoiseCache()
-        self._prev_ens: Ensemble | None = None
 
     # read-only views of the current drift state
     @property
@@ -487,14 +490,36 @@ class DriftLoop:
             functional_prior=functional_prior,
             drift=loaded,
         )
-        if loaded is not None and loaded.policy.batch > 0:
-            loop._prev_ens = loop._noise.ensemble(state, loop.ensemble_size, seed)
         return loop
 
     # -- per batch -----------------------------------------------------------------
-    def prepare(self, state: PosteriorState, x: torch.Tensor, y: torch.Tensor) -> Prepared:
-        """Step 1: signals, policy, apply the action; returns what to step."""
-        d = self.drift
+    def step(
+        self, drift: DriftState, state: PosteriorState, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[DriftState, PosteriorState, StepInfo, dict[str, float], Action]:
+        """One batch, as a function: ``(drift, state, x, y) -> (drift, state, info, signals, action)``.
+
+        ``drift`` and ``state`` are not modified (the loop object holds only settings and
+        caches derived from its inputs: the ensemble draws, the last threshold fit).
+        """
+        prep = self.prepare(state, x, y, drift)
+        new, info = stream_step(
+            prep.state, prep.batch, functional_prior=self.functional_prior, **prep.step_kwargs
+        )
+        d, new, signals = self._finish(prep, new)
+        return d, new, info, signals, prep.action
+
+    def prepare(
+        self,
+        state: PosteriorState,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        drift: DriftState | None = None,
+    ) -> Prepared:
+        """Step 1: signals, policy, apply the action; returns what to step.
+
+        ``drift``: the drift state to advance (default: the loop's current one).
+        """
+        d = drift if drift is not None else self.drift
         pre, scores = pre_update_signals(
             d.reference, x, y, max_outlier_fraction=self.policy.max_outlier_fraction
         )
@@ -507,7 +532,6 @@ class DriftLoop:
             )
         ps, action = policy_step(d.policy, signals)
         d = d.replace(policy=ps)
-        state = self.apply(state, action, d.base_prior)
         keep = ~scores.outlier if action.drop_outliers else torch.ones_like(scores.outlier)
         batch = Minibatch(x[keep], y[keep]) if not bool(keep.all()) else Minibatch(x, y)
         kwargs = {
@@ -515,7 +539,18 @@ class DriftLoop:
             "data_size": batch.rows if action.streaming else self.data_size,
             "likelihood_weight": action.likelihood_weight,
         }
-        return Prepared(state, batch, kwargs, action, signals, scores, x, int(x.shape[0]), d)
+        return Prepared(
+            self.apply(state, action, d.base_prior),
+            batch,
+            kwargs,
+            action,
+            signals,
+            scores,
+            x,
+            int(x.shape[0]),
+            d,
+            state,
+        )
 
     def apply(
         self, state: PosteriorState, action: Action, base_prior: PriorSpec | None = None
@@ -556,24 +591,30 @@ class DriftLoop:
     def finish(
         self, prepared: Prepared, state: PosteriorState, info: StepInfo
     ) -> tuple[PosteriorState, dict[str, float]]:
-        """Step 3: post-update signals, re-anchoring/calibration, the drift state into ``state``."""
+        """Step 3: post-update signals, re-anchoring/calibration, the drift state into ``state``
+        (and into the loop: :attr:`drift`)."""
+        self.drift, state, signals = self._finish(prepared, state)
+        return state, signals
+
+    def _finish(
+        self, prepared: Prepared, state: PosteriorState
+    ) -> tuple[DriftState, PosteriorState, dict[str, float]]:
         d = prepared.drift
-        after = self._noise.ensemble(state, d.reference.num_samples, d.reference.seed)
-        scores, x_kl = prepared.scores, prepared.x_all
+        ref = d.reference
+        after = self._noise.ensemble(state, ref.num_samples, ref.seed)
+        before = None
         step_kl_needed = _step_kl_needed(d.policy)
+        if step_kl_needed and d.policy.batch > 1:
+            # the posterior before this batch (as it came in, before any reset), same draws;
+            # a loop's first batch has no step KL (NaN), as its input is the anchor itself
+            before = self._noise.ensemble(prepared.before, ref.num_samples, ref.seed)
+        scores, x_kl = prepared.scores, prepared.x_all
         rows = self.policy.predictive_kl_rows
         if not step_kl_needed and 0 < rows < x_kl.shape[0]:
             # the predictive KL is only a metric here: estimate it on a subset of rows
             scores, x_kl = scores.head(rows), x_kl[:rows]
-        post = post_update_signals(
-            d.reference,
-            scores,
-            x_kl,
-            state,
-            self._prev_ens if step_kl_needed else None,
-            ensemble=after,
-        )[0]
-        self._prev_ens = after
+        post = post_update_signals(ref, scores, x_kl, state, before, ensemble=after)[0]
+        self.last_ensemble = after
         d = d.replace(last_step_kl=post["step_kl"])
         if prepared.action.reanchor:
             d = d.replace(
@@ -584,21 +625,16 @@ class DriftLoop:
             log.info("reference_reanchored", batch=d.policy.batch - 1)
         if d.policy.calibrating == 0 and d.policy.mode == "stable" and d.cal_records:
             d = self._fit_thresholds(d)
-        self.drift = d
-        absorbed = prepared.state.records_absorbed + prepared.rows
+        absorbed = prepared.before.records_absorbed + prepared.rows
         state = store_drift(state.replace(records_absorbed=absorbed), d)
-        return state, {**prepared.signals, **post}
+        return d, state, {**prepared.signals, **post}
 
     def process(
         self, state: PosteriorState, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[PosteriorState, StepInfo, dict[str, float], Action]:
-        """``prepare`` + ``models.stream.stream_step`` + ``finish`` for one batch."""
-        prep = self.prepare(state, x, y)
-        new, info = stream_step(
-            prep.state, prep.batch, functional_prior=self.functional_prior, **prep.step_kwargs
-        )
-        new, signals = self.finish(prep, new, info)
-        return new, info, signals, prep.action
+        """:meth:`step` from the loop's current drift state, which it then replaces."""
+        self.drift, new, info, signals, action = self.step(self.drift, state, x, y)
+        return new, info, signals, action
 
     # -- calibration ---------------------------------------------------------------
     def _fit_thresholds(self, d: DriftState) -> DriftState:

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pytest
+import structlog
 
 from fogline.bench import drift_loop
 from fogline.drift import runner, signals
 
 
+@pytest.fixture
+def _keep_structlog() -> Iterator[None]:
+    """The benchmark configures structlog (warnings only); give the next tests theirs back."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+@pytest.mark.usefixtures("_keep_structlog")
 def test_json_contract_and_the_wrappers_are_removed(capsys: pytest.CaptureFixture[str]) -> None:
     before = (runner.pre_update_signals, runner.store_drift, signals.NoiseCache.ensemble)
     assert drift_loop.main(["--batches", "50", "--batch-size", "32", "--json"]) == 0
