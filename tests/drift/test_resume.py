@@ -244,3 +244,22 @@ def test_a_snapshot_of_the_previous_layout_resumes(warm_state: PosteriorState) -
     assert back.policy.calibrating == d.policy.calibrating == 18 and back.policy.batch == 12
     assert back.last_step_kl == d.last_step_kl and back.cal_kl == d.cal_kl
     assert {e["event"] for e in logs} >= {"drift_monitor_restarted", "drift_policy_changed"}
+
+
+def test_step_is_a_function_of_its_inputs(warm_state: PosteriorState) -> None:
+    """``DriftLoop.step`` leaves its inputs alone: the same inputs give the same outputs."""
+    from fogline.drift.runner import drift_mode
+
+    state = warm_state.replace(lr=5e-3)
+    loop = _loop(state, "forget")
+    assert drift_mode(state) == "none" and not has_drift(state)
+    (x, y), (x2, y2) = _stream()[:2]
+    d0 = loop.drift
+    d1, s1, _info, sig1, _a = loop.step(d0, state, x, y)
+    assert loop.drift is d0 and d0.policy.batch == 0 and len(d0.cal_records) == 0
+    d2, s2, _info2, sig2, _a2 = loop.step(d1, s1, x2, y2)
+    again, s2b, _info3, sig2b, _a3 = loop.step(d1, s1, x2, y2)
+    assert to_bytes(s2) == to_bytes(s2b) and sig2.keys() == sig2b.keys()
+    assert again.policy.replace(monitor=None) == d2.policy.replace(monitor=None)
+    assert d1.policy.batch == 1 and d2.policy.batch == 2 and drift_mode(s2) == "stable"
+    assert math.isnan(sig1["step_kl"]) and math.isfinite(sig2["step_kl"])  # first batch: none
