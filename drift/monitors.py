@@ -377,9 +377,10 @@ def restore_monitor(detector: Any, stored: dict[str, Any] | None) -> Any | None:
     """A copy of ``detector`` continued from ``stored`` (:func:`monitor_state`), or ``None``.
 
     ``detector`` is the configured (fresh) detector and is not modified.
-    ``None`` when nothing is stored, or when the stored detector is of another
-    type or has other settings (:data:`FITTED_PARAMS` aside): the caller then
-    starts the configured detector empty.  A restored detector's next
+    ``None`` when nothing is stored, when the stored detector is of another
+    type or has other settings (:data:`FITTED_PARAMS` aside), or when its state
+    cannot be read back (e.g. a helper state written by another River version):
+    the caller then starts the configured detector empty.  A restored detector's next
     ``update`` gives exactly what the uninterrupted one would have.
     """
     if not stored or "type" not in stored:
@@ -388,5 +389,12 @@ def restore_monitor(detector: Any, stored: dict[str, Any] | None) -> Any | None:
     if stored["type"] != name or stored.get("settings") != _settings(detector):
         return None
     out = copy.deepcopy(detector)
-    _load_attributes(out, stored["state"])
+    try:
+        _load_attributes(out, stored["state"])
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except (
+        BaseException
+    ):  # a Rust helper's bad state raises pyo3's PanicException (not an Exception)
+        return None
     return out

@@ -144,6 +144,10 @@ def test_restore_refuses_another_type_or_setting() -> None:
     assert restore_monitor(KSWINMonitor(), stored) is None
     assert restore_monitor(ADWINMonitor(), None) is None
     assert restore_monitor(ADWINMonitor(), stored) is not None
+    # an unreadable helper state (another River version's) restarts the detector instead
+    bad = json.loads(json.dumps(stored))
+    bad["state"]["_inner"]["__river__"]["_helper"]["__bytes__"] = "AAAA"
+    assert restore_monitor(ADWINMonitor(), bad) is None
     # the fitted threshold is not a setting: it is restored with the state
     t = ThresholdMonitor(threshold=1.5)
     back = restore_monitor(ThresholdMonitor(), monitor_state(t))
