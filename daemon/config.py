@@ -51,6 +51,7 @@ from pydantic_settings import (
 )
 
 from fogline.daemon.names import MODEL_NAME_PATTERN, dlq_topic_for, mask_url_credentials
+from fogline.drift.config import PolicyConfig
 
 __all__ = [
     "ENV_CONFIG_PATH",
@@ -177,24 +178,14 @@ class StreamSettings(_Section):
     offset_out_of_range: Literal["fail", "earliest", "latest"] = "fail"
 
 
-class DriftSettings(_Section):
-    """Drift signal, detector and adaptation policy (``docs/drift.md``)."""
+class DriftSettings(PolicyConfig):
+    """Drift signal, detector and adaptation policy (``docs/drift.md``).
 
-    #: ``off``: plain SVI, no drift monitoring; ``none``: monitor and alarm only.
-    policy: Literal["off", "none", "reset", "forget", "vb"] = "forget"
-    #: Target average run length between false alarms (batches).
-    ert: float = Field(default=1000, gt=1)
-    #: Batch statistic fed to the detector (both are calibrated to ``ert``).
-    signal: Literal["surprisal_inlier", "surprisal"] = "surprisal_inlier"
-    detector: Literal["threshold", "adwin", "page_hinkley", "kswin"] = "threshold"
-    #: Exceedances in a row that raise an alarm (threshold detector).
-    consecutive: int = Field(default=2, ge=1)
-    #: Forgetting weight on the base prior after an alarm (unset: the policy's default).
-    gamma: float | None = Field(default=None, ge=0, le=1)
-    #: No-drift batches used to fit the threshold (unset: the policy's default).
-    calibration_batches: int | None = Field(default=None, ge=2)
-    #: Posterior samples of the reference predictive.
-    ensemble_size: int = Field(default=64, ge=2)
+    The drift loop's own :class:`fogline.drift.config.PolicyConfig`, field for
+    field (one definition: the daemon hands ``settings.drift`` to the loop as
+    it is).  ``policy = "off"``: plain SVI, no drift monitoring; ``none``:
+    monitor and alarm only.
+    """
 
 
 class ApiSettings(_Section):

@@ -47,6 +47,7 @@ def main(args: argparse.Namespace) -> int:
     from fogline.daemon.stream.source import ReplayProducer, create_topic, read_topic
     from fogline.daemon.stream.store import SnapshotStore
     from fogline.drift.policy import threshold_value
+    from fogline.drift.runner import drift_summary
     from fogline.models.config import ModelConfig
     from fogline.models.serialize import save
     from fogline.models.state import PosteriorState
@@ -145,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
             with Live(console=console, refresh_per_second=8) as live:
 
                 def on_batch(stats: RunStats, st: PosteriorState) -> None:
-                    ps = st.extra.get("drift", {})
+                    ps = drift_summary(st)
                     mode = str(ps.get("mode", "off"))
                     if ps.get("calibrating", 0) and mode == "stable":
                         mode = "calibrating"
@@ -169,7 +170,7 @@ def main(args: argparse.Namespace) -> int:
                 code = pipe.run()
             meta = SnapshotStore(redis.url, "demo").read_meta()
             dlq = read_topic(kafka.bootstrap_servers, dlq_topic_for(topic), timeout_s=10)
-            ps = pipe.state.extra.get("drift", {}) if pipe.state else {}
+            ps = drift_summary(pipe.state) if pipe.state else {}
             alarm_batches = [
                 t["batch"] for t in ps.get("transitions", []) if t["reason"] == "alarm"
             ]

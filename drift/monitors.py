@@ -17,11 +17,22 @@ object.  Any signal of :mod:`fogline.drift.signals` can feed any monitor.
 River's own ``NoDrift`` and ``DummyDriftDetector`` satisfy the same protocol
 (minus the warning flag) and drive the policy tests; use :func:`warning_of`
 to read a warning from any detector.
+
+:func:`monitor_state` / :func:`restore_monitor` write any of these detectors'
+running state as strict JSON and continue a fresh detector from it, so a
+monitor survives a daemon restart (River objects pickle, but snapshots do not
+hold pickles).
 """
 
 from __future__ import annotations
 
+import base64
+import collections
+import copy
+import functools
+import inspect
 import math
+import random
 from typing import Any
 
 from river import base
@@ -171,9 +182,8 @@ class ThresholdMonitor(base.DriftAndWarningDetector):
         dropped below ``rearm_below`` (``None``: re-arm at once; the streak
         counter always restarts from zero after an alarm).
 
-    The state (``streak``, ``armed``, ``n_seen``, ``n_detections``) is
-    JSON-able through :meth:`state_dict` / :meth:`load_state`, so it can ride
-    in a snapshot.
+    Its running state (``streak``, ``armed``, ``n_seen``, ``n_detections``)
+    rides in snapshots like any detector's (:func:`monitor_state`).
 
     >>> m = ThresholdMonitor(threshold=1.0, consecutive=2)
     >>> [(m.update(v), m.drift_detected)[1] for v in [2, 0, 2, 2, 2]]
@@ -203,6 +213,13 @@ class ThresholdMonitor(base.DriftAndWarningDetector):
         self.n_seen = 0
         self.n_detections = 0
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> ThresholdMonitor:
+        """Every attribute is an immutable scalar: copying ``__dict__`` is a deep copy
+        (the policy step copies its monitor every batch)."""
+        out = object.__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        return out
+
     def update(self, x: float) -> None:
         """Feed one value (a batch's signal)."""
         v = float(x)
@@ -221,22 +238,6 @@ class ThresholdMonitor(base.DriftAndWarningDetector):
             self.streak = 0
             self.armed = self.rearm_below is None
 
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-able running state (not the settings)."""
-        return {
-            "streak": self.streak,
-            "armed": self.armed,
-            "n_seen": self.n_seen,
-            "n_detections": self.n_detections,
-        }
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        """Restore the running state written by :meth:`state_dict`."""
-        self.streak = int(state.get("streak", 0))
-        self.armed = bool(state.get("armed", True))
-        self.n_seen = int(state.get("n_seen", 0))
-        self.n_detections = int(state.get("n_detections", 0))
-
 
 MONITORS: dict[str, type[base.DriftDetector]] = {
     "threshold": ThresholdMonitor,
@@ -254,3 +255,146 @@ def make_monitor(name: str, **params: Any) -> base.DriftDetector:
     if name not in MONITORS:
         raise ValueError(f"unknown monitor {name!r}; choose from {[*sorted(MONITORS), 'none']}")
     return MONITORS[name](**params)
+
+
+# ----------------------------------------------------------------------------- persistence
+#: Constructor arguments the drift loop fits itself (not compared on restore).
+FITTED_PARAMS: frozenset[str] = frozenset({"threshold"})
+
+
+def _encode(value: Any) -> Any:
+    """One attribute of a detector as strict JSON (see :func:`monitor_state`)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else {"__float__": repr(float(value))}
+    if isinstance(value, collections.deque):
+        return {"__deque__": [_encode(v) for v in value], "maxlen": value.maxlen}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {"__dict__": {k: _encode(v) for k, v in value.items()}}
+    if isinstance(value, random.Random):
+        return {"__random__": _encode(value.getstate())}
+    if isinstance(value, base.Base):
+        return {"__river__": _attributes(value)}
+    getstate = getattr(value, "__getstate__", None)
+    if callable(getstate) and hasattr(value, "__setstate__"):
+        blob = getstate()
+        if isinstance(blob, bytes):  # River's Rust helpers (ADWIN's AdaptiveWindowing)
+            return {"__bytes__": base64.b64encode(blob).decode("ascii")}
+    raise TypeError(f"cannot store a detector attribute of type {type(value).__name__}")
+
+
+def _attributes(obj: Any) -> dict[str, Any]:
+    """``vars(obj)`` as JSON; bound methods and other callables are rebuilt by ``__init__``."""
+    return {k: _encode(v) for k, v in vars(obj).items() if not callable(v)}
+
+
+def _decode(enc: Any, current: Any) -> Any:
+    """Inverse of :func:`_encode`; ``current`` is the attribute of a fresh detector (loaded
+    in place for River objects and Rust helpers)."""
+    if isinstance(enc, list):
+        return [_decode(v, None) for v in enc]
+    if not isinstance(enc, dict):
+        return enc
+    if "__float__" in enc:
+        return float(enc["__float__"])
+    if "__deque__" in enc:
+        return collections.deque((_decode(v, None) for v in enc["__deque__"]), enc["maxlen"])
+    if "__tuple__" in enc:
+        return tuple(_decode(v, None) for v in enc["__tuple__"])
+    if "__dict__" in enc:
+        return {k: _decode(v, None) for k, v in enc["__dict__"].items()}
+    if "__random__" in enc:
+        rng = random.Random()
+        rng.setstate(_decode(enc["__random__"], None))
+        return rng
+    if "__river__" in enc:
+        if current is None:
+            raise ValueError("a stored River object has no counterpart in the fresh detector")
+        _load_attributes(current, enc["__river__"])
+        return current
+    if "__bytes__" in enc:
+        if current is None:
+            raise ValueError("a stored helper state has no counterpart in the fresh detector")
+        current.__setstate__(base64.b64decode(enc["__bytes__"]))
+        return current
+    raise ValueError(f"unreadable detector attribute {sorted(enc)}")
+
+
+def _load_attributes(obj: Any, attrs: dict[str, Any]) -> None:
+    for k, v in attrs.items():
+        setattr(obj, k, _decode(v, getattr(obj, k, None)))
+
+
+@functools.cache
+def _param_names(cls: Any) -> tuple[str, ...]:
+    """The keyword arguments of ``cls.__init__`` (what River's ``_get_params`` reads)."""
+    return tuple(
+        name
+        for name, p in inspect.signature(cls).parameters.items()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    )
+
+
+def _settings(detector: Any) -> dict[str, Any]:
+    """The scalar constructor arguments of a detector, minus :data:`FITTED_PARAMS`."""
+    if not isinstance(detector, base.Base):
+        return {}
+    out: dict[str, Any] = {}
+    cls: Any = type(detector)
+    for k in _param_names(cls):
+        v = getattr(detector, k, None)
+        if k not in FITTED_PARAMS and (v is None or isinstance(v, (bool, int, float, str))):
+            out[k] = _encode(v)
+    return out
+
+
+def monitor_state(detector: Any) -> dict[str, Any]:
+    """The running state of any River-protocol detector as strict JSON (no pickle).
+
+    ``{"type", "settings", "state"}``: the class, its scalar constructor
+    arguments and every non-callable attribute, recursively: numbers
+    (non-finite ones tagged), deques, tuples, ``random.Random`` states (KSWIN's
+    sampler), nested River objects (PageHinkley's running ``Mean``, the
+    wrapped detector of :class:`ADWINMonitor`) and helpers with a bytes
+    ``__getstate__`` (ADWIN's Rust ``AdaptiveWindowing``, stored base64).  A
+    detector holding anything else raises ``TypeError``, so an unsupported
+    detector fails loudly instead of restarting silently.  Inverse:
+    :func:`restore_monitor`.
+    """
+    return {
+        "type": f"{type(detector).__module__}.{type(detector).__qualname__}",
+        "settings": _settings(detector),
+        "state": _attributes(detector),
+    }
+
+
+def restore_monitor(detector: Any, stored: dict[str, Any] | None) -> Any | None:
+    """A copy of ``detector`` continued from ``stored`` (:func:`monitor_state`), or ``None``.
+
+    ``detector`` is the configured (fresh) detector and is not modified.
+    ``None`` when nothing is stored, when the stored detector is of another
+    type or has other settings (:data:`FITTED_PARAMS` aside), or when its state
+    cannot be read back (e.g. a helper state written by another River version):
+    the caller then starts the configured detector empty.  A restored detector's next
+    ``update`` gives exactly what the uninterrupted one would have.
+    """
+    if not stored or "type" not in stored:
+        return None
+    name = f"{type(detector).__module__}.{type(detector).__qualname__}"
+    if stored["type"] != name or stored.get("settings") != _settings(detector):
+        return None
+    out = copy.deepcopy(detector)
+    try:
+        _load_attributes(out, stored["state"])
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except (
+        BaseException
+    ):  # a Rust helper's bad state raises pyo3's PanicException (not an Exception)
+        return None
+    return out

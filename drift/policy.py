@@ -1,13 +1,15 @@
 """The adaptation policy: a pure state machine over per-batch signals.
 
-``policy_step(policy_state, signals, monitor) -> (policy_state, Action)`` is
-called once per batch *before* the SVI step (by the daemon's pipeline and by
-:mod:`fogline.drift.experiment` alike, through :class:`fogline.drift.runner.DriftLoop`).  The
-policy state is a JSON-able dict (it rides in ``PosteriorState.extra["drift"]``
-and so in every snapshot); the monitor is any River-protocol detector.
+``step(state, signals) -> (state, Action)`` is called once per batch *before*
+the SVI step (by the daemon's pipeline and by :mod:`fogline.drift.experiment`
+alike, through :class:`fogline.drift.runner.DriftLoop`); ``init(config,
+monitor)`` makes the first state.  The state is a frozen :class:`PolicyState`
+that holds the monitor, any River-protocol detector; ``step`` updates a copy
+of it, never the caller's.  :mod:`fogline.drift.runner` writes the state into
+every snapshot.
 
 States and transitions (every transition is logged as ``policy_transition``
-and appended to ``policy_state["transitions"]``)::
+and appended to ``state.transitions``)::
 
     stable --alarm--> shifted --cooldown batches--> recovering
     recovering --step_kl <= kl_threshold for W batches (or max_recovery)--> stable
@@ -51,85 +53,29 @@ up past s_0^2/γ), and γ = 0 is exact Bayesian streaming (prior = posterior).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import structlog
 import torch
 
-from fogline.drift.monitors import ThresholdMonitor
+from fogline.drift.config import PolicyConfig
+from fogline.drift.monitors import ThresholdMonitor, make_monitor
 
-PolicyName = Literal["none", "reset", "forget", "vb"]
-POLICIES: tuple[str, ...] = ("none", "reset", "forget", "vb")
 Mode = Literal["stable", "shifted", "recovering"]
 
 log = structlog.get_logger()
 
 
-@dataclass(frozen=True)
-class PolicyConfig:
-    """Settings of the policy (stored inside the policy state as a dict).
-
-    Parameters
-    ----------
-    name:
-        ``none``, ``reset``, ``forget`` or ``vb``.
-    signal:
-        Which signal feeds the monitor (default ``surprisal_inlier``).
-    gamma:
-        Forgetting weight on the base prior on entering ``shifted``.
-    lr_boost:
-        Learning-rate multiplier on entering ``shifted``; lowered geometrically
-        by ``decay`` per batch in ``recovering``, back to 1 in ``stable``.
-    shift_steps:
-        SVI steps per batch while ``shifted`` (the daemon's own count otherwise).
-    recovery_steps:
-        SVI steps per batch while ``recovering`` (``forget`` only).
-    recovery_streaming:
-        ``forget`` only: absorb the forgetting prior with data size = the
-        batch's rows while ``recovering`` too (as in ``shifted``).  Default
-        False: the configured data size N, so the prior term weighs 1/N per
-        record and does not hold back the extra recovery steps.
-    cooldown:
-        Batches spent in ``shifted`` before ``recovering``.
-    recovery_window:
-        W: consecutive batches with ``step_kl <= kl_threshold`` that end recovery
-        (once at least ``min_recovery`` batches were spent recovering).
-    max_recovery:
-        Recovery ends after this many batches in any case.
-    calibration_batches:
-        Batches of no-drift data collected after (re-)anchoring to fit the thresholds.
-    max_outlier_fraction, min_weight:
-        Outlier down-weighting (see the module docstring).
-    """
-
-    name: PolicyName = "forget"
-    signal: str = "surprisal_inlier"
-    gamma: float = 0.1
-    lr_boost: float = 1.0
-    decay: float = 0.9
-    shift_steps: int = 1
-    recovery_steps: int = 2
-    recovery_streaming: bool = False
-    reset_adam: Literal["alarm", "recovering", "never"] = "recovering"
-    cooldown: int = 5
-    recovery_window: int = 5
-    min_recovery: int = 15
-    max_recovery: int = 60
-    calibration_batches: int = 40
-    max_outlier_fraction: float = 0.4
-    min_weight: float = 0.2
-
-    def __post_init__(self) -> None:
-        if self.name not in POLICIES:
-            raise ValueError(f"policy {self.name!r}: choose from {POLICIES}")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ValueError("gamma must lie in [0, 1]")
-        if self.shift_steps < 1 or self.recovery_steps < 1:
-            raise ValueError("shift_steps and recovery_steps must be >= 1")
-        if not 0.0 < self.min_weight <= 1.0:
-            raise ValueError("min_weight must lie in (0, 1]")
+def make_monitor_for(config: PolicyConfig) -> Any:
+    """The configured detector (fresh): a threshold monitor (fitted to ``config.ert``
+    after each calibration window) with ``config.consecutive``, or River's."""
+    if config.detector == "threshold":
+        return ThresholdMonitor(consecutive=config.consecutive)
+    return make_monitor(config.detector)
 
 
 @dataclass(frozen=True)
@@ -176,139 +122,157 @@ def json_threshold(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def init_policy_state(config: PolicyConfig, threshold: float = math.inf) -> dict[str, Any]:
-    """A fresh JSON-able policy state (calibrating from the first batch).
+@dataclass(frozen=True)
+class Transition:
+    """One mode change: at ``batch``, ``from_mode`` -> ``to_mode`` because of ``reason``."""
 
-    Thresholds are stored as numbers or ``None`` (+inf, see :func:`threshold_value`).
+    batch: int
+    from_mode: Mode
+    to_mode: Mode
+    reason: str
+
+
+#: Transitions kept in the state (the newest ones).
+MAX_TRANSITIONS = 50
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    """Everything the policy carries from batch to batch (immutable; :func:`step` returns a new one).
+
+    ``monitor`` is the River-protocol detector itself: :func:`step` updates a
+    copy, so a state (and the detector a caller handed in) never changes behind
+    anyone's back.  ``threshold`` / ``kl_threshold`` are +inf until fitted;
+    ``calibrating`` counts the no-drift batches still to collect.
+    ``calibration`` is the last fit's summary
+    (:meth:`fogline.drift.calibration.Calibration.to_dict`).
     """
-    return {
-        "config": asdict(config),
-        "mode": "stable",
-        "batch": 0,
-        "mode_since": 0,
-        "quiet": 0,
-        "calibrating": config.calibration_batches,
-        "threshold": json_threshold(threshold),
-        "kl_threshold": None,
-        "alarms": 0,
-        "last_alarm": None,
-        "transitions": [],
-        "monitor": {},
-    }
+
+    config: PolicyConfig
+    monitor: Any
+    mode: Mode = "stable"
+    batch: int = 0
+    mode_since: int = 0
+    quiet: int = 0
+    calibrating: int = 0
+    threshold: float = math.inf
+    kl_threshold: float = math.inf
+    alarms: int = 0
+    last_alarm: int | None = None
+    transitions: tuple[Transition, ...] = ()
+    calibration: dict[str, Any] | None = None
+
+    def replace(self, **changes: Any) -> PolicyState:
+        """A copy with ``changes`` (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
 
 
-def _transition(ps: dict[str, Any], new: str, reason: str) -> tuple[str, str]:
-    old = ps["mode"]
-    ps["transitions"] = [
-        *ps["transitions"][-49:],
-        {"batch": ps["batch"], "from": old, "to": new, "reason": reason},
-    ]
-    ps["mode"] = new
-    ps["mode_since"] = ps["batch"]
-    ps["quiet"] = 0
+def init(config: PolicyConfig, monitor: Any = None, threshold: float = math.inf) -> PolicyState:
+    """A fresh policy state, calibrating from the first batch.
+
+    ``monitor``: any River-protocol detector (default: the configured one,
+    :func:`make_monitor_for`).
+    """
+    return PolicyState(
+        config=config,
+        monitor=monitor if monitor is not None else make_monitor_for(config),
+        calibrating=config.calibration_batches,
+        threshold=threshold,
+    )
+
+
+def _transition(ps: PolicyState, new: Mode, reason: str) -> PolicyState:
+    tr = Transition(ps.batch, ps.mode, new, reason)
     log.info(
         "policy_transition",
-        policy=ps["config"]["name"],
-        batch=ps["batch"],
-        from_mode=old,
+        policy=ps.config.name,
+        batch=ps.batch,
+        from_mode=ps.mode,
         to_mode=new,
         reason=reason,
     )
-    return old, new
+    return ps.replace(
+        transitions=(*ps.transitions[-(MAX_TRANSITIONS - 1) :], tr),
+        mode=new,
+        mode_since=ps.batch,
+        quiet=0,
+    )
 
 
-def policy_step(
-    policy_state: dict[str, Any], signals: dict[str, float], monitor: Any
-) -> tuple[dict[str, Any], Action]:
-    """Advance the policy by one batch.
+def step(state: PolicyState, signals: Mapping[str, float]) -> tuple[PolicyState, Action]:
+    """Advance the policy by one batch: ``(state, signals) -> (state, action)``.
 
     Parameters
     ----------
-    policy_state:
-        The JSON-able state (:func:`init_policy_state`); not mutated.
+    state:
+        The :class:`PolicyState` (:func:`init`); not mutated, nor is its monitor.
     signals:
         This batch's pre-update signals (``surprisal_inlier``,
         ``outlier_fraction``, ...) plus the previous batch's ``step_kl``.
-    monitor:
-        A River-protocol detector; ``update`` is called with
-        ``signals[config.signal]`` in ``stable`` once calibrated.  A
-        :class:`~fogline.drift.monitors.ThresholdMonitor`'s running state is mirrored
-        into ``policy_state["monitor"]``.
+        A copy of ``state.monitor`` is updated with ``signals[config.signal]``
+        in ``stable`` once calibrated, and goes into the returned state.
 
     Returns
     -------
     The new policy state and the :class:`Action` for this batch.
     """
-    ps = copy.deepcopy(policy_state)
-    cfg = PolicyConfig(**ps["config"])
-    b = int(ps["batch"])
+    ps = state
+    cfg = ps.config
+    b = ps.batch
     alarm = False
     transition: tuple[str, str] | None = None
-    calibrating = ps["calibrating"] > 0
-    if ps["mode"] == "stable" and not calibrating:
+    calibrating = ps.calibrating > 0
+    if ps.mode == "stable" and not calibrating:
+        monitor = copy.deepcopy(ps.monitor)
         monitor.update(float(signals[cfg.signal]))
         alarm = bool(monitor.drift_detected)
+        ps = ps.replace(monitor=monitor)
         if alarm:
-            ps["alarms"] += 1
-            ps["last_alarm"] = b
+            ps = ps.replace(alarms=ps.alarms + 1, last_alarm=b)
             log.info(
                 "drift_detected",
                 policy=cfg.name,
                 batch=b,
                 signal=cfg.signal,
                 value=float(signals[cfg.signal]),
-                threshold=ps["threshold"],
+                threshold=json_threshold(ps.threshold),
             )
-            transition = _transition(ps, "shifted", "alarm")
-    elif ps["mode"] == "shifted" and b - ps["mode_since"] >= cfg.cooldown:
-        transition = _transition(ps, "recovering", "cooldown_over")
+            ps = _transition(ps, "shifted", "alarm")
+            transition = ("stable", "shifted")
+    elif ps.mode == "shifted" and b - ps.mode_since >= cfg.cooldown:
+        ps = _transition(ps, "recovering", "cooldown_over")
+        transition = ("shifted", "recovering")
     reanchor = False
-    if ps["mode"] == "recovering":
+    if ps.mode == "recovering":
         step_kl = float(signals.get("step_kl", math.nan))
-        ps["quiet"] = ps["quiet"] + 1 if step_kl <= threshold_value(ps["kl_threshold"]) else 0
-        settled = ps["quiet"] >= cfg.recovery_window and b - ps["mode_since"] >= cfg.min_recovery
-        if settled or b - ps["mode_since"] >= cfg.max_recovery:
-            reason = "kl_settled" if settled else "max_recovery"
-            transition = _transition(ps, "stable", reason)
+        ps = ps.replace(quiet=ps.quiet + 1 if step_kl <= ps.kl_threshold else 0)
+        settled = ps.quiet >= cfg.recovery_window and b - ps.mode_since >= cfg.min_recovery
+        if settled or b - ps.mode_since >= cfg.max_recovery:
+            ps = _transition(ps, "stable", "kl_settled" if settled else "max_recovery")
+            ps = ps.replace(calibrating=cfg.calibration_batches)
+            transition = ("recovering", "stable")
             reanchor = True
-            ps["calibrating"] = cfg.calibration_batches
     elif calibrating:
-        ps["calibrating"] -= 1
-    if isinstance(monitor, ThresholdMonitor):
-        ps["monitor"] = monitor.state_dict()
+        ps = ps.replace(calibrating=ps.calibrating - 1)
 
     frac = float(signals.get("outlier_fraction", 0.0))
     outlier_batch = 0.0 < frac <= cfg.max_outlier_fraction
-    mode = ps["mode"]
-    since = b - ps["mode_since"]
-    action = Action(mode=mode, alarm=alarm, transition=transition, reanchor=reanchor)
+    mode = ps.mode
+    since = b - ps.mode_since
+    common: dict[str, Any] = {
+        "mode": mode,
+        "alarm": alarm,
+        "transition": transition,
+        "calibrating": ps.calibrating > 0,
+    }
+    action = Action(reanchor=reanchor, **common)
     if cfg.name == "vb":
-        action = Action(
-            mode=mode,
-            prior="posterior",
-            streaming=True,
-            alarm=alarm,
-            transition=transition,
-            reanchor=reanchor,
-        )
+        action = Action(prior="posterior", streaming=True, reanchor=reanchor, **common)
     elif cfg.name == "reset" and alarm:
-        action = Action(
-            mode=mode,
-            reset_posterior=True,
-            reset_optimizer=True,
-            alarm=alarm,
-            transition=transition,
-        )
+        action = Action(reset_posterior=True, reset_optimizer=True, **common)
     elif cfg.name == "forget":
         weight = max(cfg.min_weight, 1.0 - frac) if outlier_batch else 1.0
-        common: dict[str, Any] = {
-            "mode": mode,
-            "alarm": alarm,
-            "transition": transition,
-            "reanchor": reanchor,
-            "drop_outliers": outlier_batch,
-            "likelihood_weight": weight,
-        }
+        common.update(reanchor=reanchor, drop_outliers=outlier_batch, likelihood_weight=weight)
         if mode == "shifted":
             action = Action(
                 prior="forget",
@@ -332,9 +296,7 @@ def policy_step(
             )
         else:
             action = Action(reset_optimizer=reanchor, **common)
-    action = Action(**{**asdict(action), "calibrating": ps["calibrating"] > 0})
-    ps["batch"] = b + 1
-    return ps, action
+    return ps.replace(batch=b + 1), action
 
 
 def forgetting_prior(

@@ -6,7 +6,7 @@ experiment`` share.  Per batch (``process`` = ``prepare`` + ``models.svi.step``
 
 1. ``prepare``: score the batch under the reference posterior *before* the
    update (surprisal, anomaly scores, outlier fraction), call
-   :func:`fogline.drift.policy.policy_step`, and apply its :class:`~fogline.drift.policy.Action`
+   :func:`fogline.drift.policy.step`, and apply its :class:`~fogline.drift.policy.Action`
    to the state (prior swap, learning rate, posterior/optimizer reset) and to
    the batch (drop gross outliers); return the step's keyword arguments
    (``num_steps``, ``data_size``, ``likelihood_weight``).
@@ -15,32 +15,31 @@ experiment`` share.  Per batch (``process`` = ``prepare`` + ``models.svi.step``
    carries one).
 3. ``finish``: post-update signals (predictive KL vs the reference, step KL,
    weight KL), collect calibration data, re-anchor the reference and refit the
-   thresholds when the policy asks, and store the policy state in
-   ``state.extra["drift"]``.  ``records_absorbed`` counts every record of the
+   thresholds when the policy asks, and store the drift state in the
+   returned posterior state (:func:`store_drift`).  ``records_absorbed`` counts every record of the
    batch, dropped outliers included (they were seen and given weight 0).
 
-Everything the loop needs to continue exactly rides in the returned state, so
-a snapshot taken after any batch resumes bit for bit (:meth:`DriftLoop.resume`):
+The loop's state is a frozen :class:`DriftState` (policy state with its
+monitor, reference, base prior, calibration window); each batch replaces it.
+Everything the loop needs to continue exactly rides in the returned
+``PosteriorState`` (:func:`store_drift`, the one function that writes the
+drift part of a snapshot, and :func:`load_drift`, the one that reads it), so
+a snapshot taken after any batch resumes bit for bit (:meth:`DriftLoop.resume`),
+monitors included: River's ADWIN, Page-Hinkley and KSWIN continue from their
+stored running state (:func:`fogline.drift.monitors.monitor_state`).  Code
+outside :mod:`fogline.drift` reads the stored state through typed accessors
+(:func:`drift_mode`, :func:`drift_summary`, :func:`has_drift`).
 
-* ``extra["drift"]``: the policy state (mode, counters, thresholds,
-  transitions, the threshold monitor's running state; strict JSON);
-* ``extra["drift_loop"]``: the previous batch's step KL, the calibration
-  window's step KLs and batch sizes;
-* ``aux["drift.reference.<param>"]``: the reference posterior's variational
-  parameters (its ensemble is re-sampled from them with the same seed);
-* ``aux["drift.base_prior.loc|scale"]``: the base prior p0;
-* ``aux["drift.calibration_records"]`` [n, 2] float64: per-record NLL and
-  outlier flag of the calibration window collected so far.
-
-The previous batch's ensemble (for the step KL) is re-sampled from the
-restored posterior itself, with the same seed.
+The ensemble of the posterior before the batch (for the step KL) is formed from
+the state passed in, with the same draws, so nothing but the state is needed.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import functools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,24 +47,28 @@ import structlog
 import torch
 
 from fogline.drift.calibration import Calibration, calibrate_batch_statistic
-from fogline.drift.monitors import ThresholdMonitor
+from fogline.drift.monitors import ThresholdMonitor, monitor_state, restore_monitor
 from fogline.drift.policy import (
     Action,
     PolicyConfig,
+    PolicyState,
+    Transition,
     forgetting_prior,
-    init_policy_state,
     json_threshold,
-    policy_step,
+    make_monitor_for,
     threshold_value,
 )
+from fogline.drift.policy import init as policy_init
+from fogline.drift.policy import step as policy_step
 from fogline.drift.signals import (
+    NoiseCache,
     RecordScores,
     Reference,
     make_reference,
     post_update_signals,
     pre_update_signals,
 )
-from fogline.models.predictive import Ensemble, sample_ensemble
+from fogline.models.predictive import Ensemble
 from fogline.models.priors import posterior_as_prior
 from fogline.models.state import Minibatch, PosteriorState, PriorSpec, StepInfo
 from fogline.models.stream import stream_step
@@ -85,24 +88,6 @@ def inlier_batch_statistic(max_outlier_fraction: float) -> Any:
         return np.asarray((nll * keep).sum(-1) / np.maximum(keep.sum(-1), 1))
 
     return stat
-
-
-#: Prefixes/keys of what :meth:`DriftLoop.finish` stores in ``PosteriorState.aux``.
-AUX_PREFIX = "drift."
-AUX_REFERENCE = AUX_PREFIX + "reference."
-AUX_BASE_PRIOR = AUX_PREFIX + "base_prior."
-AUX_CAL_RECORDS = AUX_PREFIX + "calibration_records"
-#: Key of the loop's own JSON state in ``PosteriorState.extra``.
-EXTRA_LOOP = "drift_loop"
-
-
-def without_loop(state: PosteriorState) -> PosteriorState:
-    """``state`` with everything :meth:`DriftLoop.finish` stored removed (``extra["drift"]``,
-    ``extra["drift_loop"]``, ``aux["drift.*"]``): the next :meth:`DriftLoop.resume` anchors
-    a new loop at it."""
-    extra = {k: v for k, v in state.extra.items() if k not in ("drift", EXTRA_LOOP)}
-    aux = {k: v for k, v in state.aux.items() if not k.startswith(AUX_PREFIX)}
-    return state.replace(extra=extra, aux=aux)
 
 
 def mean_batch_statistic(v: np.ndarray) -> np.ndarray:
@@ -126,6 +111,228 @@ def batch_statistic(signal: str, max_outlier_fraction: float) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class DriftState:
+    """Everything the drift loop carries from batch to batch (immutable).
+
+    ``policy`` (mode, counters, thresholds, the monitor), ``reference`` (q_ref
+    and its cached ensemble), ``base_prior`` p0, the previous batch's
+    ``last_step_kl`` (NaN when it was not computed) and the calibration window
+    collected so far: ``cal_records`` (per batch, [n_b, 2] float64 per-record
+    NLL and outlier flag) and ``cal_kl`` (step KLs).  It rides in the
+    posterior's snapshot through :func:`store_drift` / :func:`load_drift`.
+    """
+
+    policy: PolicyState
+    reference: Reference
+    base_prior: PriorSpec
+    last_step_kl: float = math.nan
+    cal_records: tuple[np.ndarray, ...] = ()
+    cal_kl: tuple[float, ...] = ()
+
+    def replace(self, **changes: Any) -> DriftState:
+        """A copy with ``changes`` (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+
+def init_drift(
+    config: PolicyConfig,
+    reference_state: PosteriorState,
+    base_prior: PriorSpec,
+    *,
+    monitor: Any = None,
+    ensemble_size: int | None = None,
+    seed: int = 0,
+) -> DriftState:
+    """A fresh drift state anchored at ``reference_state`` (calibrating from the first batch)."""
+    return DriftState(
+        policy=policy_init(config, monitor if monitor is not None else make_monitor_for(config)),
+        reference=make_reference(reference_state, ensemble_size or config.ensemble_size, seed),
+        base_prior=base_prior,
+    )
+
+
+# ----------------------------------------------------------------------------- snapshot layout
+# The one place that reads and writes the drift state's part of a PosteriorState:
+#   extra["drift"]       the policy state (strict JSON, monitor included);
+#   extra["drift_loop"]  last step KL, the calibration window's step KLs and batch sizes;
+#   aux["drift.reference.<param>"], aux["drift.base_prior.loc|scale"],
+#   aux["drift.calibration_records.<i>"]  [n_i, 2] float64, one per collected batch.
+_EXTRA_POLICY = "drift"
+_EXTRA_LOOP = "drift_loop"
+_AUX_PREFIX = "drift."
+_AUX_REFERENCE = _AUX_PREFIX + "reference."
+_AUX_BASE_PRIOR = _AUX_PREFIX + "base_prior."
+_AUX_CAL_RECORDS = _AUX_PREFIX + "calibration_records."
+#: The calibration window as one concatenated tensor (snapshots written before the typed state).
+_AUX_CAL_RECORDS_V0 = _AUX_PREFIX + "calibration_records"
+
+
+def _json_float(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def _float(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
+@functools.lru_cache(maxsize=16)
+def _config_json(config: PolicyConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json")
+
+
+def policy_to_json(ps: PolicyState) -> dict[str, Any]:
+    """The policy state as strict JSON (thresholds +inf as ``None``; the monitor by
+    :func:`~fogline.drift.monitors.monitor_state`)."""
+    out: dict[str, Any] = {
+        "config": dict(_config_json(ps.config)),
+        "mode": ps.mode,
+        "batch": ps.batch,
+        "mode_since": ps.mode_since,
+        "quiet": ps.quiet,
+        "calibrating": ps.calibrating,
+        "threshold": json_threshold(ps.threshold),
+        "kl_threshold": json_threshold(ps.kl_threshold),
+        "alarms": ps.alarms,
+        "last_alarm": ps.last_alarm,
+        "transitions": [
+            {"batch": t.batch, "from": t.from_mode, "to": t.to_mode, "reason": t.reason}
+            for t in ps.transitions
+        ],
+        "monitor": monitor_state(ps.monitor),
+    }
+    if ps.calibration is not None:
+        out["calibration"] = ps.calibration
+    return out
+
+
+def policy_from_json(
+    data: dict[str, Any], config: PolicyConfig, monitor: Any = None
+) -> PolicyState:
+    """Inverse of :func:`policy_to_json` with the *configured* ``config`` and ``monitor``.
+
+    A changed setting wins (logged as ``drift_policy_changed``; mode and
+    counters are kept).  The stored monitor continues when it is of the
+    configured type and settings (:func:`~fogline.drift.monitors.restore_monitor`);
+    otherwise the configured one starts empty (``drift_monitor_restarted``).
+    """
+    now = _config_json(config)
+    if data.get("config") != now:
+        log.info("drift_policy_changed", stored=data.get("config"), now=now)
+    fresh = monitor if monitor is not None else make_monitor_for(config)
+    threshold = threshold_value(data.get("threshold"))
+    if isinstance(fresh, ThresholdMonitor):
+        fresh = fresh.clone({"threshold": threshold})
+    restored = restore_monitor(fresh, data.get("monitor"))
+    if restored is None and int(data.get("batch", 0)) > 0:
+        log.warning("drift_monitor_restarted", monitor=type(fresh).__name__)
+    return PolicyState(
+        config=config,
+        monitor=restored if restored is not None else fresh,
+        mode=data["mode"],
+        batch=int(data["batch"]),
+        mode_since=int(data["mode_since"]),
+        quiet=int(data["quiet"]),
+        calibrating=int(data["calibrating"]),
+        threshold=threshold,
+        kl_threshold=threshold_value(data.get("kl_threshold")),
+        alarms=int(data["alarms"]),
+        last_alarm=data.get("last_alarm"),
+        transitions=tuple(
+            Transition(int(t["batch"]), t["from"], t["to"], t["reason"])
+            for t in data.get("transitions", [])
+        ),
+        calibration=data.get("calibration"),
+    )
+
+
+def store_drift(state: PosteriorState, drift: DriftState) -> PosteriorState:
+    """``state`` carrying ``drift`` in its ``extra`` / ``aux`` (the layout above)."""
+    base = without_loop(state)
+    aux = dict(base.aux)
+    for name, value in drift.reference.state.params.items():
+        aux[_AUX_REFERENCE + name] = value.detach()
+    aux[_AUX_BASE_PRIOR + "loc"] = drift.base_prior.loc
+    aux[_AUX_BASE_PRIOR + "scale"] = drift.base_prior.scale
+    for i, rec in enumerate(drift.cal_records):
+        aux[f"{_AUX_CAL_RECORDS}{i}"] = torch.from_numpy(rec)
+    loop = {
+        "last_step_kl": _json_float(drift.last_step_kl),
+        "cal_kl": list(drift.cal_kl),
+        "cal_sizes": [len(r) for r in drift.cal_records],
+    }
+    extra = {**base.extra, _EXTRA_POLICY: policy_to_json(drift.policy), _EXTRA_LOOP: loop}
+    return base.replace(extra=extra, aux=aux)
+
+
+def load_drift(
+    state: PosteriorState,
+    config: PolicyConfig,
+    *,
+    monitor: Any = None,
+    ensemble_size: int | None = None,
+    seed: int = 0,
+) -> DriftState | None:
+    """The drift state :func:`store_drift` put in ``state``, or ``None`` if it carries none.
+
+    The reference ensemble is re-sampled from the stored reference parameters
+    with the same seed, so it is the one the uninterrupted loop holds.
+    """
+    ref_params = {
+        k[len(_AUX_REFERENCE) :]: v for k, v in state.aux.items() if k.startswith(_AUX_REFERENCE)
+    }
+    stored = state.extra.get(_EXTRA_POLICY)
+    if not stored or not ref_params:
+        return None
+    loop = state.extra.get(_EXTRA_LOOP, {})
+    sizes = [int(n) for n in loop.get("cal_sizes", [])]
+    if sizes and _AUX_CAL_RECORDS_V0 in state.aux:  # written before the per-batch layout
+        joined = state.aux[_AUX_CAL_RECORDS_V0].cpu().numpy()
+        cal_records = tuple(np.split(joined, np.cumsum(sizes)[:-1]))
+    else:
+        cal_records = tuple(
+            state.aux[f"{_AUX_CAL_RECORDS}{i}"].cpu().numpy() for i in range(len(sizes))
+        )
+    return DriftState(
+        policy=policy_from_json(stored, config, monitor),
+        reference=make_reference(
+            state.replace(params=ref_params), ensemble_size or config.ensemble_size, seed
+        ),
+        base_prior=PriorSpec(
+            state.aux[_AUX_BASE_PRIOR + "loc"], state.aux[_AUX_BASE_PRIOR + "scale"]
+        ),
+        last_step_kl=_float(loop.get("last_step_kl")),
+        cal_records=cal_records,
+        cal_kl=tuple(float(v) for v in loop.get("cal_kl", [])),
+    )
+
+
+def without_loop(state: PosteriorState) -> PosteriorState:
+    """``state`` with everything :func:`store_drift` stored removed: the next
+    :meth:`DriftLoop.resume` anchors a new loop at it."""
+    if _EXTRA_POLICY not in state.extra and not any(k.startswith(_AUX_PREFIX) for k in state.aux):
+        return state
+    extra = {k: v for k, v in state.extra.items() if k not in (_EXTRA_POLICY, _EXTRA_LOOP)}
+    aux = {k: v for k, v in state.aux.items() if not k.startswith(_AUX_PREFIX)}
+    return state.replace(extra=extra, aux=aux)
+
+
+def has_drift(state: PosteriorState) -> bool:
+    """Does ``state`` carry a drift loop?"""
+    return bool(state.extra.get(_EXTRA_POLICY))
+
+
+def drift_mode(state: PosteriorState) -> str:
+    """The policy mode ``state`` carries (``stable``/``shifted``/``recovering``), ``none`` without a loop."""
+    return str(state.extra.get(_EXTRA_POLICY, {}).get("mode", "none"))
+
+
+def drift_summary(state: PosteriorState) -> dict[str, Any]:
+    """The stored policy state as JSON (snapshot metadata); ``{}`` without a loop."""
+    return dict(state.extra.get(_EXTRA_POLICY, {}))
+
+
+# ----------------------------------------------------------------------------- the loop
 @dataclass
 class Prepared:
     """Output of :meth:`DriftLoop.prepare`."""
@@ -138,11 +345,12 @@ class Prepared:
     scores: RecordScores
     x_all: torch.Tensor
     rows: int
+    drift: DriftState
+    before: PosteriorState
 
 
-@dataclass
 class DriftLoop:
-    """Reference, monitor, policy state and calibration of one model's stream.
+    """The drift loop of one model's stream: settings plus the current :class:`DriftState`.
 
     Parameters
     ----------
@@ -153,10 +361,14 @@ class DriftLoop:
     base_lr, data_size, num_steps:
         Normal-operation step settings (``data_size`` N, ``num_steps`` K).
     policy:
-        The :class:`PolicyConfig`.
+        The :class:`PolicyConfig` (its ``ert``, ``ensemble_size``,
+        ``n_streams`` and detector unless given here).
     monitor:
-        Any River-protocol detector; a :class:`ThresholdMonitor`'s threshold
-        is (re)fitted for ``ert`` after each calibration window.
+        Any River-protocol detector (default: the configured one,
+        :func:`~fogline.drift.policy.make_monitor_for`); a
+        :class:`ThresholdMonitor`'s threshold is (re)fitted for ``ert`` after
+        each calibration window.  The loop works on copies: the object passed
+        in is never updated.
     ert:
         Target expected run time between false alarms, in batches.
     ensemble_size, seed:
@@ -166,35 +378,74 @@ class DriftLoop:
     functional_prior:
         Keep applying the functional prior a warm-start state carries
         (:func:`fogline.models.stream.stream_step`).
+    drift:
+        A drift state to continue from (:meth:`resume`); default a fresh one.
     """
 
-    reference_state: PosteriorState
-    base_prior: PriorSpec
-    base_lr: float
-    data_size: int | None
-    policy: PolicyConfig
-    monitor: Any = None
-    ert: float = 1000.0
-    num_steps: int = 1
-    ensemble_size: int = 64
-    seed: int = 0
-    n_streams: int = 500
-    functional_prior: bool = True
-    policy_state: dict[str, Any] = field(default_factory=dict)
-    reference: Reference | None = None
-    calibration: Calibration | None = None
-    _cal_records: list[np.ndarray] = field(default_factory=list)
-    _cal_kl: list[float] = field(default_factory=list)
-    _prev_ens: Ensemble | None = None
-    _last_step_kl: float = math.nan
+    def __init__(
+        self,
+        reference_state: PosteriorState,
+        base_prior: PriorSpec,
+        base_lr: float,
+        data_size: int | None,
+        policy: PolicyConfig,
+        monitor: Any = None,
+        ert: float | None = None,
+        num_steps: int = 1,
+        ensemble_size: int | None = None,
+        seed: int = 0,
+        n_streams: int | None = None,
+        functional_prior: bool = True,
+        drift: DriftState | None = None,
+    ) -> None:
+        policy.name  # noqa: B018 -- raises for policy "off" (no loop)
+        self.base_lr = base_lr
+        self.data_size = data_size
+        self.policy = policy
+        self.ert = ert if ert is not None else policy.ert
+        self.num_steps = num_steps
+        self.ensemble_size = ensemble_size if ensemble_size is not None else policy.ensemble_size
+        self.seed = seed
+        self.n_streams = n_streams if n_streams is not None else policy.n_streams
+        self.functional_prior = functional_prior
+        self.drift = (
+            drift
+            if drift is not None
+            else init_drift(
+                policy,
+                reference_state,
+                base_prior,
+                monitor=monitor,
+                ensemble_size=ensemble_size,
+                seed=seed,
+            )
+        )
+        #: The last threshold fit of this loop object (diagnostics).
+        self.calibration: Calibration | None = None
+        #: The last post-update ensemble (the experiments' prequential scores reuse it).
+        self.last_ensemble: Ensemble | None = None
+        self._noise = NoiseCache()
 
-    def __post_init__(self) -> None:
-        if self.monitor is None:
-            self.monitor = ThresholdMonitor()
-        if not self.policy_state:
-            self.policy_state = init_policy_state(self.policy)
-        if self.reference is None:
-            self.reference = make_reference(self.reference_state, self.ensemble_size, self.seed)
+    # read-only views of the current drift state
+    @property
+    def policy_state(self) -> PolicyState:
+        """The current :class:`PolicyState`."""
+        return self.drift.policy
+
+    @property
+    def reference(self) -> Reference:
+        """The current reference posterior."""
+        return self.drift.reference
+
+    @property
+    def base_prior(self) -> PriorSpec:
+        """p0."""
+        return self.drift.base_prior
+
+    @property
+    def monitor(self) -> Any:
+        """The current monitor (a copy is updated each batch)."""
+        return self.drift.policy.monitor
 
     @classmethod
     def resume(
@@ -205,107 +456,82 @@ class DriftLoop:
         data_size: int | None,
         policy: PolicyConfig,
         monitor: Any = None,
-        ert: float = 1000.0,
+        ert: float | None = None,
         num_steps: int = 1,
-        ensemble_size: int = 64,
+        ensemble_size: int | None = None,
         seed: int = 0,
-        n_streams: int = 500,
+        n_streams: int | None = None,
         functional_prior: bool = True,
     ) -> DriftLoop:
-        """The loop for ``state``: continued from what :meth:`finish` stored in it, if anything.
+        """The loop for ``state``: continued from the drift state it carries, if any.
 
         A state that carries no drift loop (a warm-start file, a fresh prior,
-        a snapshot of policy ``none`` from before) anchors a new loop: the
-        reference is ``state`` itself and the base prior p0 is ``state.prior``.
-        Otherwise the reference, base prior, policy state, calibration window
-        and the threshold monitor's running state are restored, so the next
-        batch computes exactly what it would have without the restart.  The
-        ``policy`` given wins over the stored one (a changed setting is logged
-        as ``drift_policy_changed``; mode and counters are kept).  Only the
-        :class:`ThresholdMonitor` has a persistent state; River's detectors
-        start empty after a restart (logged as ``drift_monitor_restarted``).
+        a snapshot of policy ``off``) anchors a new loop: the reference is
+        ``state`` itself and the base prior p0 is ``state.prior``.  Otherwise
+        the stored :class:`DriftState` is restored (:func:`load_drift`), the
+        monitor's running state included (River's ADWIN, Page-Hinkley and
+        KSWIN as well as the threshold monitor), so the next batch computes
+        exactly what it would have without the restart.  The ``policy`` and
+        ``monitor`` given win over stored ones of other settings.
         """
-        kwargs: dict[str, Any] = {
-            "base_lr": base_lr,
-            "data_size": data_size,
-            "policy": policy,
-            "monitor": monitor,
-            "ert": ert,
-            "num_steps": num_steps,
-            "ensemble_size": ensemble_size,
-            "seed": seed,
-            "n_streams": n_streams,
-            "functional_prior": functional_prior,
-        }
-        ref_params = {
-            k[len(AUX_REFERENCE) :]: v for k, v in state.aux.items() if k.startswith(AUX_REFERENCE)
-        }
-        stored = state.extra.get("drift")
-        if not stored or not ref_params:
-            return cls(reference_state=state, base_prior=state.prior, **kwargs)
-        ps = copy.deepcopy(stored)
-        new_cfg = asdict(policy)
-        if ps.get("config") != new_cfg:
-            log.info("drift_policy_changed", stored=ps.get("config"), now=new_cfg)
-            ps["config"] = new_cfg
-        base = PriorSpec(state.aux[AUX_BASE_PRIOR + "loc"], state.aux[AUX_BASE_PRIOR + "scale"])
-        ref_state = state.replace(params=ref_params)
-        if monitor is None:
-            monitor = ThresholdMonitor()
-        if isinstance(monitor, ThresholdMonitor):
-            monitor = monitor.clone({"threshold": threshold_value(ps.get("threshold"))})
-            monitor.load_state(ps.get("monitor", {}))
-        elif int(ps.get("batch", 0)) > 0:
-            log.warning("drift_monitor_restarted", monitor=type(monitor).__name__)
-        kwargs["monitor"] = monitor
-        loop = cls(reference_state=ref_state, base_prior=base, policy_state=ps, **kwargs)
-        extra = state.extra.get(EXTRA_LOOP, {})
-        last = extra.get("last_step_kl")
-        loop._last_step_kl = math.nan if last is None else float(last)
-        loop._cal_kl = [float(v) for v in extra.get("cal_kl", [])]
-        sizes = [int(n) for n in extra.get("cal_sizes", [])]
-        if sizes:
-            records = state.aux[AUX_CAL_RECORDS].cpu().numpy()
-            loop._cal_records = list(np.split(records, np.cumsum(sizes)[:-1]))
-        if int(ps.get("batch", 0)) > 0:
-            loop._prev_ens = sample_ensemble(state, ensemble_size, seed)
+        loaded = load_drift(state, policy, monitor=monitor, ensemble_size=ensemble_size, seed=seed)
+        loop = cls(
+            reference_state=state,
+            base_prior=state.prior,
+            base_lr=base_lr,
+            data_size=data_size,
+            policy=policy,
+            monitor=monitor,
+            ert=ert,
+            num_steps=num_steps,
+            ensemble_size=ensemble_size,
+            seed=seed,
+            n_streams=n_streams,
+            functional_prior=functional_prior,
+            drift=loaded,
+        )
         return loop
 
-    def _persist(self, state: PosteriorState) -> PosteriorState:
-        """Store the loop's state in ``state.extra`` / ``state.aux`` (module docstring)."""
-        assert self.reference is not None
-        aux = dict(without_loop(state).aux)
-        for name, value in self.reference.state.params.items():
-            aux[AUX_REFERENCE + name] = value.detach()
-        aux[AUX_BASE_PRIOR + "loc"] = self.base_prior.loc
-        aux[AUX_BASE_PRIOR + "scale"] = self.base_prior.scale
-        if self._cal_records:
-            aux[AUX_CAL_RECORDS] = torch.from_numpy(np.concatenate(self._cal_records))
-        last = self._last_step_kl
-        loop = {
-            "last_step_kl": last if math.isfinite(last) else None,
-            "cal_kl": list(self._cal_kl),
-            "cal_sizes": [len(r) for r in self._cal_records],
-        }
-        extra = {**state.extra, "drift": self.policy_state, EXTRA_LOOP: loop}
-        return state.replace(extra=extra, aux=aux)
-
     # -- per batch -----------------------------------------------------------------
-    def prepare(self, state: PosteriorState, x: torch.Tensor, y: torch.Tensor) -> Prepared:
-        """Steps 1: signals, policy, apply the action; returns what to step."""
-        assert self.reference is not None
-        pre, scores = pre_update_signals(
-            self.reference, x, y, max_outlier_fraction=self.policy.max_outlier_fraction
+    def step(
+        self, drift: DriftState, state: PosteriorState, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[DriftState, PosteriorState, StepInfo, dict[str, float], Action]:
+        """One batch, as a function: ``(drift, state, x, y) -> (drift, state, info, signals, action)``.
+
+        ``drift`` and ``state`` are not modified (the loop object holds only settings and
+        caches derived from its inputs: the ensemble draws, the last threshold fit).
+        """
+        prep = self.prepare(state, x, y, drift)
+        new, info = stream_step(
+            prep.state, prep.batch, functional_prior=self.functional_prior, **prep.step_kwargs
         )
-        signals = {**pre, "step_kl": self._last_step_kl}
-        if self.policy_state["calibrating"] > 0 and self.policy_state["mode"] == "stable":
-            self._cal_records.append(
-                np.stack([scores.nll.numpy(), scores.outlier.numpy().astype(np.float64)], 1)
+        d, new, signals = self._finish(prep, new)
+        return d, new, info, signals, prep.action
+
+    def prepare(
+        self,
+        state: PosteriorState,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        drift: DriftState | None = None,
+    ) -> Prepared:
+        """Step 1: signals, policy, apply the action; returns what to step.
+
+        ``drift``: the drift state to advance (default: the loop's current one).
+        """
+        d = drift if drift is not None else self.drift
+        pre, scores = pre_update_signals(
+            d.reference, x, y, max_outlier_fraction=self.policy.max_outlier_fraction
+        )
+        signals = {**pre, "step_kl": d.last_step_kl}
+        if d.policy.calibrating > 0 and d.policy.mode == "stable":
+            rec = np.stack([scores.nll.numpy(), scores.outlier.numpy().astype(np.float64)], 1)
+            d = d.replace(
+                cal_records=(*d.cal_records, rec),
+                cal_kl=(*d.cal_kl, d.last_step_kl) if math.isfinite(d.last_step_kl) else d.cal_kl,
             )
-            if math.isfinite(self._last_step_kl):
-                self._cal_kl.append(self._last_step_kl)
-        self.policy_state, action = policy_step(self.policy_state, signals, self.monitor)
-        state = self.apply(state, action)
+        ps, action = policy_step(d.policy, signals)
+        d = d.replace(policy=ps)
         keep = ~scores.outlier if action.drop_outliers else torch.ones_like(scores.outlier)
         batch = Minibatch(x[keep], y[keep]) if not bool(keep.all()) else Minibatch(x, y)
         kwargs = {
@@ -313,16 +539,30 @@ class DriftLoop:
             "data_size": batch.rows if action.streaming else self.data_size,
             "likelihood_weight": action.likelihood_weight,
         }
-        return Prepared(state, batch, kwargs, action, signals, scores, x, int(x.shape[0]))
+        return Prepared(
+            self.apply(state, action, d.base_prior),
+            batch,
+            kwargs,
+            action,
+            signals,
+            scores,
+            x,
+            int(x.shape[0]),
+            d,
+            state,
+        )
 
-    def apply(self, state: PosteriorState, action: Action) -> PosteriorState:
+    def apply(
+        self, state: PosteriorState, action: Action, base_prior: PriorSpec | None = None
+    ) -> PosteriorState:
         """Apply an action's prior, learning rate and resets to ``state``."""
+        p0 = base_prior if base_prior is not None else self.drift.base_prior
         if action.reset_posterior:
             fresh = init_state(
                 state.config,
                 seed=self.seed + 7919 * (state.step_count + 1),
                 lr=self.base_lr,
-                prior=self.base_prior,
+                prior=p0,
                 device=state.device,
             )
             state = fresh.replace(
@@ -334,15 +574,15 @@ class DriftLoop:
         if action.reset_optimizer:
             state = reset_optimizer(state)
         if action.prior == "base":
-            prior = self.base_prior
+            prior = p0
         elif action.prior == "posterior":
             prior = posterior_as_prior(state)
         else:
             loc, scale = forgetting_prior(
                 state.params["loc"].detach(),
                 state.posterior_scale().detach(),
-                self.base_prior.loc,
-                self.base_prior.scale,
+                p0.loc,
+                p0.scale,
                 action.gamma,
             )
             prior = PriorSpec(loc, scale)
@@ -351,57 +591,57 @@ class DriftLoop:
     def finish(
         self, prepared: Prepared, state: PosteriorState, info: StepInfo
     ) -> tuple[PosteriorState, dict[str, float]]:
-        """Step 3: post-update signals, re-anchoring/calibration, policy state into ``extra``."""
-        assert self.reference is not None
-        post, ens = post_update_signals(
-            self.reference,
-            prepared.scores,
-            prepared.x_all,
-            state,
-            self._prev_ens if self._step_kl_needed() else None,
-        )
-        self._prev_ens = ens
-        self._last_step_kl = post["step_kl"]
+        """Step 3: post-update signals, re-anchoring/calibration, the drift state into ``state``
+        (and into the loop: :attr:`drift`)."""
+        self.drift, state, signals = self._finish(prepared, state)
+        return state, signals
+
+    def _finish(
+        self, prepared: Prepared, state: PosteriorState
+    ) -> tuple[DriftState, PosteriorState, dict[str, float]]:
+        d = prepared.drift
+        ref = d.reference
+        after = self._noise.ensemble(state, ref.num_samples, ref.seed)
+        before = None
+        step_kl_needed = _step_kl_needed(d.policy)
+        if step_kl_needed and d.policy.batch > 1:
+            # the posterior before this batch (as it came in, before any reset), same draws;
+            # a loop's first batch has no step KL (NaN), as its input is the anchor itself
+            before = self._noise.ensemble(prepared.before, ref.num_samples, ref.seed)
+        scores, x_kl = prepared.scores, prepared.x_all
+        rows = self.policy.predictive_kl_rows
+        if not step_kl_needed and 0 < rows < x_kl.shape[0]:
+            # the predictive KL is only a metric here: estimate it on a subset of rows
+            scores, x_kl = scores.head(rows), x_kl[:rows]
+        post = post_update_signals(ref, scores, x_kl, state, before, ensemble=after)[0]
+        self.last_ensemble = after
+        d = d.replace(last_step_kl=post["step_kl"])
         if prepared.action.reanchor:
-            self.reference = make_reference(state, self.ensemble_size, self.seed)
-            self._cal_records, self._cal_kl = [], []
-            log.info("reference_reanchored", batch=self.policy_state["batch"] - 1)
-        if (
-            self.policy_state["calibrating"] == 0
-            and self.policy_state["mode"] == "stable"
-            and self._cal_records
-        ):
-            self._fit_thresholds()
-        absorbed = prepared.state.records_absorbed + prepared.rows
-        state = self._persist(state.replace(records_absorbed=absorbed))
-        return state, {**prepared.signals, **post}
-
-    def _step_kl_needed(self) -> bool:
-        """Will the next batch read this batch's step KL?
-
-        Only the recovery test (next mode ``shifted``/``recovering``) and the
-        calibration window (``stable`` while calibrating) do; elsewhere the
-        third ensemble pass is skipped and ``step_kl`` is NaN.
-        """
-        ps = self.policy_state
-        return ps["mode"] != "stable" or ps["calibrating"] > 0
+            d = d.replace(
+                reference=make_reference(state, self.ensemble_size, self.seed),
+                cal_records=(),
+                cal_kl=(),
+            )
+            log.info("reference_reanchored", batch=d.policy.batch - 1)
+        if d.policy.calibrating == 0 and d.policy.mode == "stable" and d.cal_records:
+            d = self._fit_thresholds(d)
+        absorbed = prepared.before.records_absorbed + prepared.rows
+        state = store_drift(state.replace(records_absorbed=absorbed), d)
+        return d, state, {**prepared.signals, **post}
 
     def process(
         self, state: PosteriorState, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[PosteriorState, StepInfo, dict[str, float], Action]:
-        """``prepare`` + ``models.stream.stream_step`` + ``finish`` for one batch."""
-        prep = self.prepare(state, x, y)
-        new, info = stream_step(
-            prep.state, prep.batch, functional_prior=self.functional_prior, **prep.step_kwargs
-        )
-        new, signals = self.finish(prep, new, info)
-        return new, info, signals, prep.action
+        """:meth:`step` from the loop's current drift state, which it then replaces."""
+        self.drift, new, info, signals, action = self.step(self.drift, state, x, y)
+        return new, info, signals, action
 
     # -- calibration ---------------------------------------------------------------
-    def _fit_thresholds(self) -> None:
-        records = np.concatenate(self._cal_records)
-        batch_size = max(1, int(np.median([len(r) for r in self._cal_records])))
-        consecutive = int(getattr(self.monitor, "consecutive", 1))
+    def _fit_thresholds(self, d: DriftState) -> DriftState:
+        records = np.concatenate(d.cal_records)
+        batch_size = max(1, int(np.median([len(r) for r in d.cal_records])))
+        monitor = d.policy.monitor
+        consecutive = int(getattr(monitor, "consecutive", 1))
         cal = calibrate_batch_statistic(
             records,
             batch_size,
@@ -412,15 +652,10 @@ class DriftLoop:
             seed=self.seed,
         )
         self.calibration = cal
-        kl = np.asarray(self._cal_kl) if self._cal_kl else np.asarray([math.inf])
+        kl = np.asarray(d.cal_kl) if d.cal_kl else np.asarray([math.inf])
         kl_thr = float(2.0 * np.quantile(kl, 0.9))
-        self.policy_state["threshold"] = json_threshold(cal.threshold)
-        self.policy_state["kl_threshold"] = json_threshold(kl_thr)
-        self.policy_state["calibration"] = cal.to_dict()
-        if isinstance(self.monitor, ThresholdMonitor):
-            self.monitor = self.monitor.clone({"threshold": cal.threshold})
-            self.policy_state["monitor"] = self.monitor.state_dict()
-        self._cal_records, self._cal_kl = [], []
+        if isinstance(monitor, ThresholdMonitor):
+            monitor = monitor.clone({"threshold": cal.threshold})
         log.info(
             "thresholds_calibrated",
             threshold=cal.threshold,
@@ -429,3 +664,20 @@ class DriftLoop:
             kl_threshold=kl_thr,
             reference_records=cal.reference_size,
         )
+        ps = d.policy.replace(
+            threshold=cal.threshold,
+            kl_threshold=kl_thr,
+            calibration=cal.to_dict(),
+            monitor=monitor,
+        )
+        return d.replace(policy=ps, cal_records=(), cal_kl=())
+
+
+def _step_kl_needed(ps: PolicyState) -> bool:
+    """Will the next batch read this batch's step KL?
+
+    Only the recovery test (next mode ``shifted``/``recovering``) and the
+    calibration window (``stable`` while calibrating) do; elsewhere the
+    third ensemble pass is skipped and ``step_kl`` is NaN.
+    """
+    return ps.mode != "stable" or ps.calibrating > 0

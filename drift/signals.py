@@ -46,12 +46,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from fogline.models.likelihoods import df_from_unconstrained
 from fogline.models.predictive import (
     Ensemble,
     component_params,
+    ensemble_from_weights,
     log_predictive_density,
     mixture_cdf,
     predictive_moments,
@@ -108,6 +111,12 @@ class RecordScores:
     outlier: torch.Tensor
     mean: torch.Tensor
     var: torch.Tensor
+
+    def head(self, n: int) -> RecordScores:
+        """The scores of the first ``n`` records."""
+        return RecordScores(
+            self.nll[:n], self.anomaly[:n], self.outlier[:n], self.mean[:n], self.var[:n]
+        )
 
 
 def _moments_and_scores(
@@ -216,15 +225,17 @@ def post_update_signals(
     x: torch.Tensor,
     after: PosteriorState,
     before: Ensemble | None = None,
+    ensemble: Ensemble | None = None,
 ) -> tuple[dict[str, float], Ensemble]:
     """Signals after absorbing the batch: ``predictive_kl``, ``step_kl``, ``weight_kl``.
 
     ``before`` is the ensemble of the posterior *before* the update (the
     previous call's return value; same seed); without it ``step_kl`` is NaN.
     Returns the signals and the updated posterior's ensemble (cache it for the
-    next batch).
+    next batch).  ``ensemble``: ``after``'s ensemble if the caller already has it
+    (e.g. from a :class:`NoiseCache`).
     """
-    ens = sample_ensemble(after, ref.num_samples, ref.seed)
+    ens = ensemble if ensemble is not None else sample_ensemble(after, ref.num_samples, ref.seed)
     mean, var, _, _ = _moments_and_scores(ens, x, None)
     out = {
         "predictive_kl": float(gaussian_kl(mean, var, scores.mean, scores.var).mean()),
@@ -237,6 +248,49 @@ def post_update_signals(
         m0, v0, _, _ = _moments_and_scores(before, x, None)
         out["step_kl"] = float(gaussian_kl(mean, var, m0, v0).mean())
     return out, ens
+
+
+class NoiseCache:
+    """The standard-normal draws behind ``sample_ensemble(state, S, seed)``, drawn once.
+
+    Every ensemble of the drift loop uses the same seed (common random
+    numbers), so eps [S, P] (and z [S, K] for a low-rank posterior) are the
+    same on every batch; only ``w_s = loc + scale * eps_s (+ z_s V^T)``
+    changes.  :meth:`ensemble` computes exactly what
+    :func:`fogline.models.predictive.sample_ensemble` does (same draws, same
+    operations, so bit for bit) without re-running the generator.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._eps: torch.Tensor | None = None
+        self._z: torch.Tensor | None = None
+
+    def _draws(
+        self, state: PosteriorState, num_samples: int, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        p = state.params["loc"].shape[0]
+        k = state.params["cov_factor"].shape[1] if "cov_factor" in state.params else 0
+        key = (num_samples, seed, p, k, str(state.device))
+        if key != self._key or self._eps is None:
+            gen = torch.Generator(device=state.device).manual_seed(seed)
+            self._eps = torch.randn(num_samples, p, generator=gen, device=state.device)
+            self._z = torch.randn(num_samples, k, generator=gen, device=state.device) if k else None
+            self._key = key
+        return self._eps, self._z
+
+    def ensemble(self, state: PosteriorState, num_samples: int, seed: int) -> Ensemble:
+        """``sample_ensemble(state, num_samples, seed)`` from the cached draws."""
+        eps, z = self._draws(state, num_samples, seed)
+        loc = state.params["loc"].detach()
+        scale = torch.nn.functional.softplus(state.params["scale_unconstrained"].detach())
+        w = loc + scale * eps
+        if z is not None:
+            w = w + z @ state.params["cov_factor"].detach().T
+        df: float | None = state.config.df
+        if state.config.learns_df:
+            df = float(df_from_unconstrained(state.params["df_unconstrained"].detach())[0])
+        return ensemble_from_weights(state.config, w, df)
 
 
 def posterior_moments(
@@ -253,6 +307,7 @@ def softplus_inv(s: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "NoiseCache",
     "RecordScores",
     "Reference",
     "anomaly_scores",

@@ -49,6 +49,7 @@ from fogline.daemon.stream.batching import Rows, TopicPartition
 from fogline.daemon.stream.lease import LeaseKeeper
 from fogline.daemon.stream.runtime import Retry
 from fogline.daemon.stream.store import Lease, LeaseLost, SnapshotMeta, StoreUnavailable
+from fogline.drift.runner import drift_summary
 from fogline.models.serialize import offsets_to_json, to_bytes
 from fogline.models.state import PosteriorState
 
@@ -266,7 +267,7 @@ class Checkpoint:
             records_absorbed=state.records_absorbed,
             offsets=offsets_to_json(state.offsets),
             model_config=state.config.model_dump(mode="json"),
-            drift=state.extra.get("drift", {}),
+            drift=drift_summary(state),
             lease=lease,
             writer=self.keeper.owner,
         )

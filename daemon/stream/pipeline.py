@@ -79,7 +79,7 @@ from fogline.daemon.stream.source import (
 )
 from fogline.daemon.stream.store import IntactScan, Lease, Snapshot, SnapshotMeta, SnapshotStore
 from fogline.daemon.stream.update import PlainUpdate, make_update_rule, warm_up
-from fogline.drift.runner import without_loop
+from fogline.drift.runner import drift_mode, without_loop
 from fogline.models.config import ModelConfig
 from fogline.models.serialize import from_bytes, load, offsets_to_json
 from fogline.models.state import PosteriorState, StepInfo
@@ -597,7 +597,7 @@ class Pipeline:
     def _regime(self) -> str:
         """The drift regime for the log context (the one read of drift state here)."""
         assert self.state is not None
-        return str(self.state.extra.get("drift", {}).get("mode", "none"))
+        return drift_mode(self.state)
 
     def _absorb(self, batch: Rows) -> None:
         """Commit path step 1: K SVI steps on one batch; advance the state's offsets."""

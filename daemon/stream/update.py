@@ -16,26 +16,25 @@ rules exist, chosen by ``drift.policy``:
     prior but still measures, alarms and exports the drift metrics; the
     other policies also act (see ``docs/drift.md``).
 
-Everything the drift loop needs to continue after a restart rides in the
-returned state (``extra["drift"]``, ``extra["drift_loop"]`` and
-``aux["drift.*"]``), so a daemon restarted from a snapshot reaches the same
-posterior bit for bit (:meth:`DriftLoop.resume`).
+Everything the drift loop needs to continue after a restart, the monitor's
+running state included, rides in the returned state
+(:func:`fogline.drift.runner.store_drift`), so a daemon restarted from a
+snapshot reaches the same posterior bit for bit (:meth:`DriftLoop.resume`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 import torch
 
 from fogline.daemon import metrics
 from fogline.daemon.config import Settings
-from fogline.drift.monitors import ThresholdMonitor, make_monitor
-from fogline.drift.policy import PolicyConfig, threshold_value
-from fogline.drift.runner import DriftLoop
+from fogline.drift.policy import make_monitor_for
+from fogline.drift.runner import DriftLoop, has_drift
 from fogline.models.state import Minibatch, PosteriorState, StepInfo
 from fogline.models.stream import stream_step
 from fogline.models.svi import init_state, step
@@ -93,9 +92,9 @@ class DriftUpdate:
         signal = self.loop.policy.signal
         metrics.PREDICTIVE_KL.set(signals["predictive_kl"])
         metrics.STEP_KL.set(signals["step_kl"])
-        metrics.PREDICTIVE_KL_THRESHOLD.set(_gauge_threshold(ps.get("kl_threshold")))
+        metrics.PREDICTIVE_KL_THRESHOLD.set(_gauge_threshold(ps.kl_threshold))
         metrics.SURPRISAL.set(signals[signal])
-        metrics.SURPRISAL_THRESHOLD.set(_gauge_threshold(ps.get("threshold")))
+        metrics.SURPRISAL_THRESHOLD.set(_gauge_threshold(ps.threshold))
         metrics.LIKELIHOOD_WEIGHT.set(action.likelihood_weight)
         metrics.DRIFT_CALIBRATING.set(1 if action.calibrating else 0)
         for mode in MODES:
@@ -117,29 +116,9 @@ class DriftUpdate:
         return new, info, out
 
 
-def _gauge_threshold(value: float | None) -> float:
-    """A stored threshold for a gauge: NaN while it is not fitted."""
-    v = threshold_value(value)
-    return v if math.isfinite(v) else math.nan
-
-
-def policy_config(settings: Settings) -> PolicyConfig:
-    """The :class:`PolicyConfig` of ``settings.drift`` (unset fields keep the policy's defaults)."""
-    d = settings.drift
-    fields: dict[str, Any] = {"name": d.policy, "signal": d.signal}
-    if d.gamma is not None:
-        fields["gamma"] = d.gamma
-    if d.calibration_batches is not None:
-        fields["calibration_batches"] = d.calibration_batches
-    return PolicyConfig(**fields)
-
-
-def make_monitor_for(settings: Settings) -> Any:
-    """The alarm detector of ``settings.drift`` (a threshold monitor is calibrated to the ERT)."""
-    d = settings.drift
-    if d.detector == "threshold":
-        return ThresholdMonitor(consecutive=d.consecutive)
-    return make_monitor(d.detector)
+def _gauge_threshold(value: float) -> float:
+    """A threshold for a gauge: NaN while it is not fitted (+inf)."""
+    return value if math.isfinite(value) else math.nan
 
 
 def make_update_rule(settings: Settings, state: PosteriorState) -> UpdateRule:
@@ -155,11 +134,9 @@ def make_update_rule(settings: Settings, state: PosteriorState) -> UpdateRule:
         state,
         base_lr=s.lr,
         data_size=s.data_size,
-        policy=policy_config(settings),
-        monitor=make_monitor_for(settings),
-        ert=settings.drift.ert,
+        policy=settings.drift,
+        monitor=make_monitor_for(settings.drift),
         num_steps=s.steps_per_batch,
-        ensemble_size=settings.drift.ensemble_size,
         seed=s.seed,
         functional_prior=s.functional_prior,
     )
@@ -169,11 +146,11 @@ def make_update_rule(settings: Settings, state: PosteriorState) -> UpdateRule:
         policy=settings.drift.policy,
         detector=settings.drift.detector,
         signal=settings.drift.signal,
-        mode=ps["mode"],
-        batch=ps["batch"],
-        calibrating=ps["calibrating"],
-        threshold=ps["threshold"],
-        resumed=bool(state.extra.get("drift")),
+        mode=ps.mode,
+        batch=ps.batch,
+        calibrating=ps.calibrating,
+        threshold=ps.threshold if math.isfinite(ps.threshold) else None,
+        resumed=has_drift(state),
     )
     return DriftUpdate(loop=loop, name=settings.drift.policy)
 

@@ -63,6 +63,7 @@ from fogline.daemon.stream.store import (
     SnapshotStore,
     StoreUnavailable,
 )
+from fogline.drift.runner import drift_summary
 
 #: Malformed payloads cycled through by :func:`make_records`.
 BAD_PAYLOADS: tuple[bytes, ...] = (
@@ -432,8 +433,8 @@ def crash_replay(
         "kills": done,
         "identical": bool(identical),
         "policy": policy,
-        "drift_mode": crash_state.extra.get("drift", {}).get("mode"),
-        "alarms": crash_state.extra.get("drift", {}).get("alarms"),
+        "drift_mode": drift_summary(crash_state).get("mode"),
+        "alarms": drift_summary(crash_state).get("alarms"),
     }
 
 

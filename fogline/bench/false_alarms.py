@@ -52,7 +52,9 @@ def run_seed(
     from fogline.drift.runner import DriftLoop
     from fogline.models.priors import default_prior
 
-    cfg = ExperimentConfig(seed=seed, n_batches=batches, batch_size=batch_size, ert=ert)
+    cfg = ExperimentConfig(
+        seed=seed, n_batches=batches, batch_size=batch_size, policy=PolicyConfig(ert=ert)
+    )
     data = load_source("stable", cfg)
     warm = warm_start(data, cfg)
     loop = DriftLoop(
@@ -60,7 +62,7 @@ def run_seed(
         base_prior=default_prior(warm.config),
         base_lr=cfg.lr,
         data_size=len(data.warm_y),
-        policy=PolicyConfig(name="none", calibration_batches=calibration_batches),
+        policy=PolicyConfig(policy="none", calibration_batches=calibration_batches),
         monitor=ThresholdMonitor(consecutive=cfg.consecutive),
         ert=ert,
         ensemble_size=cfg.ensemble_size,
@@ -73,7 +75,7 @@ def run_seed(
     thresholds: list[float] = []
     b = batch_size
     for t in range(data.n_batches):
-        live = loop.policy_state["mode"] == "stable" and loop.policy_state["calibrating"] == 0
+        live = loop.policy_state.mode == "stable" and loop.policy_state.calibrating == 0
         x = torch.from_numpy(np.ascontiguousarray(data.x[t * b : (t + 1) * b]))
         y = torch.from_numpy(np.ascontiguousarray(data.y[t * b : (t + 1) * b]))
         state, _, _, action = loop.process(state, x, y)

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from fogline.daemon.config import Settings
     from fogline.daemon.stream.pipeline import Pipeline, RunOptions, RunStats
     from fogline.daemon.stream.source import KafkaSource, create_topic
+    from fogline.drift.runner import drift_summary
     from fogline.models.state import PosteriorState
 
     logs.configure("json", "WARNING")
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             marks: list[tuple[float, int, bool]] = []
 
             def on_batch(stats: RunStats, state: PosteriorState) -> None:
-                calibrated = state.extra.get("drift", {}).get("calibrating", 0) == 0
+                calibrated = drift_summary(state).get("calibrating", 0) == 0
                 marks.append((time.perf_counter(), state.records_absorbed, calibrated))
 
             settings = Settings.load(

@@ -324,3 +324,22 @@ def test_settings_error_problem_without_a_json_cause() -> None:
         "[env FOGLINE_KAFKA]"
     )
     assert settings_error_problem(SettingsError("odd")) == "<settings>: odd"
+
+
+def test_drift_section_is_the_policy_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One definition: ``settings.drift`` is the drift loop's PolicyConfig, checked at start-up."""
+    from fogline.drift.config import PolicyConfig
+
+    monkeypatch.setenv("FOGLINE_DRIFT__GAMMA", "0.3")
+    s = Settings.load(None, drift={"cooldown": 7})
+    assert isinstance(s.drift, PolicyConfig)
+    assert s.drift.gamma == 0.3 and s.drift.cooldown == 7 and s.drift.name == "forget"
+    monkeypatch.setenv("FOGLINE_DRIFT__GAMMA", "1.5")
+    with pytest.raises(ConfigError) as info:
+        Settings.load(None)
+    assert [p.split(":")[0] for p in info.value.problems] == ["drift.gamma"]
+    monkeypatch.delenv("FOGLINE_DRIFT__GAMMA")
+    with pytest.raises(ConfigError, match=r"drift\.min_recovery: Input should be greater"):
+        Settings.load(None, drift={"min_recovery": -1})
+    with pytest.raises(ConfigError, match=r"drift\.bogus: Extra inputs are not permitted"):
+        Settings.load(None, drift={"bogus": 1})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 
 import pytest
@@ -10,10 +10,11 @@ from river import drift as rdrift
 from structlog.testing import capture_logs
 
 from fogline.drift.monitors import ThresholdMonitor
-from fogline.drift.policy import PolicyConfig, init_policy_state, policy_step
+from fogline.drift.policy import PolicyConfig, PolicyState, init, step
+from fogline.drift.runner import policy_from_json, policy_to_json
 
 CFG = PolicyConfig(
-    name="forget",
+    policy="forget",
     gamma=0.3,
     lr_boost=3.0,
     shift_steps=2,
@@ -27,22 +28,28 @@ CFG = PolicyConfig(
 
 
 def _run(cfg: PolicyConfig, monitor: object, n: int, step_kl: float = 0.0, **sig: float):  # type: ignore[no-untyped-def]
-    ps = init_policy_state(cfg)
-    ps["kl_threshold"] = 0.01
+    ps = init(cfg, monitor).replace(kl_threshold=0.01)
     actions = []
     for _ in range(n):
         signals = {"surprisal_inlier": 0.5, "outlier_fraction": 0.0, "step_kl": step_kl, **sig}
-        ps, a = policy_step(ps, signals, monitor)
+        ps, a = step(ps, signals)
         actions.append(a)
     return ps, actions
+
+
+def _json_round_trip(ps: PolicyState) -> None:
+    """The stored form restores an equal state (monitor compared by its stored form)."""
+    back = policy_from_json(policy_to_json(ps), ps.config, ps.monitor.clone())
+    assert policy_to_json(back) == policy_to_json(ps)
+    assert dataclasses.replace(back, monitor=None) == dataclasses.replace(ps, monitor=None)
 
 
 def test_no_drift_stays_stable_and_plain() -> None:
     ps, actions = _run(CFG, rdrift.NoDrift(), 50)
     assert {a.mode for a in actions} == {"stable"} and not any(a.alarm for a in actions)
     assert all(a.prior == "base" and a.lr_scale == 1.0 and not a.streaming for a in actions)
-    assert ps["transitions"] == [] and ps["batch"] == 50
-    json.dumps(ps)
+    assert ps.transitions == () and ps.batch == 50
+    _json_round_trip(ps)
 
 
 def test_full_cycle_with_logged_transitions() -> None:
@@ -65,9 +72,9 @@ def test_full_cycle_with_logged_transitions() -> None:
         ("shifted", "recovering"),
         ("recovering", "stable"),
     ]
-    assert [t["batch"] for t in ps["transitions"][:3]] == [9, 11, 15]
+    assert [t.batch for t in ps.transitions[:3]] == [9, 11, 15]
     assert any(e["event"] == "drift_detected" for e in logs)
-    assert json.loads(json.dumps(ps)) == ps
+    _json_round_trip(ps)
 
 
 def test_recovery_waits_for_the_kl_and_is_bounded() -> None:
@@ -80,7 +87,7 @@ def test_recovery_waits_for_the_kl_and_is_bounded() -> None:
 
 @pytest.mark.parametrize("name", ["none", "vb", "reset"])
 def test_other_policies_actions(name: str) -> None:
-    cfg = PolicyConfig(name=name, cooldown=2, calibration_batches=0)  # type: ignore[arg-type]
+    cfg = PolicyConfig(policy=name, cooldown=2, calibration_batches=0)  # type: ignore[arg-type]
     _, actions = _run(cfg, rdrift.DummyDriftDetector(t_0=5), 12, outlier_fraction=0.2)
     assert actions[4].alarm and actions[4].mode == "shifted"  # all policies monitor alike
     for a in actions:
@@ -98,7 +105,7 @@ def test_outlier_batches_get_a_bounded_weight() -> None:
     assert actions[0].drop_outliers and math.isclose(actions[0].likelihood_weight, 0.75)
     _, actions = _run(CFG, rdrift.NoDrift(), 1, outlier_fraction=0.39)
     assert actions[0].likelihood_weight == pytest.approx(0.61)
-    cfg = PolicyConfig(name="forget", min_weight=0.7, calibration_batches=0)
+    cfg = PolicyConfig(policy="forget", min_weight=0.7, calibration_batches=0)
     _, actions = _run(cfg, rdrift.NoDrift(), 1, outlier_fraction=0.35)
     assert actions[0].likelihood_weight == 0.7
     # more than max_outlier_fraction is a shift, not an outlier burst: nothing dropped
@@ -107,27 +114,33 @@ def test_outlier_batches_get_a_bounded_weight() -> None:
 
 
 def test_calibration_window_blocks_alarms_and_threshold_monitor_state_is_saved() -> None:
-    cfg = PolicyConfig(name="forget", calibration_batches=5)
+    cfg = PolicyConfig(policy="forget", calibration_batches=5)
     mon = ThresholdMonitor(threshold=0.1)
-    ps = init_policy_state(cfg)
+    ps = init(cfg, mon)
     alarms = []
     for _ in range(8):
-        ps, a = policy_step(ps, {"surprisal_inlier": 1.0, "outlier_fraction": 0.0}, mon)
+        ps, a = step(ps, {"surprisal_inlier": 1.0, "outlier_fraction": 0.0})
         alarms.append(a.alarm)
     assert alarms == [False] * 5 + [True, False, False]
-    assert ps["monitor"]["n_detections"] == 1 and ps["calibrating"] == 0
+    assert ps.monitor.n_detections == 1 and ps.calibrating == 0
+    assert mon.n_seen == 0  # the caller's monitor was not touched
+    _json_round_trip(ps)
 
 
-def test_input_state_is_not_mutated() -> None:
-    ps = init_policy_state(CFG)
-    before = json.dumps(ps)
-    policy_step(ps, {"surprisal_inlier": 1.0}, rdrift.DummyDriftDetector(t_0=1))
-    assert json.dumps(ps) == before
+def test_input_state_and_monitor_are_not_mutated() -> None:
+    dummy = rdrift.DummyDriftDetector(t_0=3)
+    ps = init(CFG, dummy)
+    first, _ = step(ps, {"surprisal_inlier": 1.0})
+    again, _ = step(ps, {"surprisal_inlier": 1.0})
+    assert ps.batch == 0 and ps.monitor is dummy and dummy._n == 0
+    assert first.monitor is not dummy and first.monitor._n == again.monitor._n == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ps.batch = 3  # type: ignore[misc]
 
 
 def test_bad_config() -> None:
     with pytest.raises(ValueError):
-        PolicyConfig(name="bogus")  # type: ignore[arg-type]
+        PolicyConfig(policy="bogus")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         PolicyConfig(gamma=1.5)
     with pytest.raises(ValueError):
@@ -135,7 +148,7 @@ def test_bad_config() -> None:
 
 
 def test_default_forget_resets_adam_when_recovery_starts() -> None:
-    cfg = PolicyConfig(name="forget", cooldown=2, calibration_batches=0)
+    cfg = PolicyConfig(policy="forget", cooldown=2, calibration_batches=0)
     _, actions = _run(cfg, rdrift.DummyDriftDetector(t_0=5), 12)
     resets = [i for i, a in enumerate(actions) if a.reset_optimizer]
     assert resets == [6]  # alarm at 4, cooldown 2: first recovering batch
@@ -144,7 +157,11 @@ def test_default_forget_resets_adam_when_recovery_starts() -> None:
 
 def test_recovery_streaming_option() -> None:
     cfg = PolicyConfig(
-        name="forget", cooldown=2, calibration_batches=0, recovery_steps=1, recovery_streaming=True
+        policy="forget",
+        cooldown=2,
+        calibration_batches=0,
+        recovery_steps=1,
+        recovery_streaming=True,
     )
     _, actions = _run(cfg, rdrift.DummyDriftDetector(t_0=5), 12)
     rec = actions[6]

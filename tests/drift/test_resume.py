@@ -10,13 +10,7 @@ import torch
 
 from fogline.drift.monitors import ThresholdMonitor
 from fogline.drift.policy import PolicyConfig
-from fogline.drift.runner import (
-    AUX_BASE_PRIOR,
-    AUX_CAL_RECORDS,
-    AUX_REFERENCE,
-    EXTRA_LOOP,
-    DriftLoop,
-)
+from fogline.drift.runner import DriftLoop, drift_summary, has_drift, load_drift
 from fogline.models.fprior import EXTRA_KEY as FPRIOR_KEY
 from fogline.models.fprior import FunctionalPrior
 from fogline.models.serialize import from_bytes, to_bytes
@@ -45,7 +39,7 @@ def _loop(state: PosteriorState, policy: str) -> DriftLoop:
         state,
         base_lr=5e-3,
         data_size=20_000,
-        policy=PolicyConfig(name=policy, calibration_batches=30),  # type: ignore[arg-type]
+        policy=PolicyConfig(policy=policy, calibration_batches=30),  # type: ignore[arg-type]
         monitor=ThresholdMonitor(consecutive=2),
         ert=200.0,
         num_steps=2,
@@ -89,17 +83,19 @@ def test_state_carries_the_loop(warm_state: PosteriorState) -> None:
     for x, y in _stream()[:10]:
         state = loop.process(state, x, y)[0]
     st = from_bytes(to_bytes(state))
-    assert st.extra["drift"]["calibrating"] == 20 and st.extra["drift"]["threshold"] is None
-    assert len(st.extra[EXTRA_LOOP]["cal_sizes"]) == 10
-    assert st.aux[AUX_CAL_RECORDS].shape == (640, 2)
-    assert st.aux[AUX_REFERENCE + "loc"].equal(warm_state.params["loc"])
-    assert st.aux[AUX_BASE_PRIOR + "scale"].equal(warm_state.prior.scale)
-    assert math.isfinite(st.extra[EXTRA_LOOP]["last_step_kl"])
+    summary = drift_summary(st)
+    assert summary["calibrating"] == 20 and summary["threshold"] is None
+    d = load_drift(st, loop.policy, monitor=ThresholdMonitor(consecutive=2), ensemble_size=32)
+    assert d is not None
+    assert len(d.cal_records) == 10 and sum(len(r) for r in d.cal_records) == 640
+    assert [r.tolist() for r in d.cal_records] == [r.tolist() for r in loop.drift.cal_records]
+    assert d.reference.loc.equal(warm_state.params["loc"])
+    assert d.base_prior.scale.equal(warm_state.prior.scale)
+    assert math.isfinite(d.last_step_kl) and d.last_step_kl == loop.drift.last_step_kl
     again = _loop(st, "forget")
-    assert again.policy_state == loop.policy_state
-    assert [r.tolist() for r in again._cal_records] == [r.tolist() for r in loop._cal_records]
-    assert again.reference is not None and loop.reference is not None
+    assert again.policy_state.replace(monitor=None) == loop.policy_state.replace(monitor=None)
     assert again.reference.loc.equal(loop.reference.loc)
+    assert again.reference.ensemble.layers[0][0].equal(loop.reference.ensemble.layers[0][0])
 
 
 def test_changed_policy_setting_wins_and_keeps_the_mode(warm_state: PosteriorState) -> None:
@@ -108,8 +104,42 @@ def test_changed_policy_setting_wins_and_keeps_the_mode(warm_state: PosteriorSta
     for x, y in _stream()[:5]:
         state = loop.process(state, x, y)[0]
     other = _loop(from_bytes(to_bytes(state)), "none")
-    assert other.policy_state["config"]["name"] == "none"
-    assert other.policy_state["batch"] == 5 and other.policy_state["mode"] == "stable"
+    assert other.policy_state.config.name == "none"
+    assert other.policy_state.batch == 5 and other.policy_state.mode == "stable"
+
+
+@pytest.mark.parametrize("detector", ["adwin", "page_hinkley", "kswin"])
+def test_river_monitors_survive_restarts(warm_state: PosteriorState, detector: str) -> None:
+    """A River detector's running state rides in the snapshot: restarts change nothing."""
+    from fogline.drift.monitors import make_monitor, monitor_state
+
+    def run(restarts: set[int]) -> tuple[bytes, list[int], dict[str, object]]:
+        state = warm_state.replace(lr=5e-3)
+        alarms: list[int] = []
+        loop = None
+        for t, (x, y) in enumerate(_stream()[:80]):
+            if loop is None or t in restarts:
+                state = from_bytes(to_bytes(state))
+                loop = DriftLoop.resume(
+                    state,
+                    base_lr=5e-3,
+                    data_size=20_000,
+                    policy=PolicyConfig(policy="none", calibration_batches=10),
+                    monitor=make_monitor(detector),
+                    ert=200.0,
+                    ensemble_size=16,
+                    n_streams=100,
+                )
+            state, _info, _sig, action = loop.process(state, x, y)
+            if action.alarm:
+                alarms.append(t)
+        assert loop is not None
+        return to_bytes(state), alarms, monitor_state(loop.monitor)
+
+    blob, alarms, mon = run(set())
+    assert mon["state"]  # the detector has seen values: there is state to carry
+    blob2, alarms2, mon2 = run({11, 12, 30, 47, 51, 52, 70})
+    assert alarms2 == alarms and mon2 == mon and blob2 == blob
 
 
 def test_restarts_with_the_functional_prior_give_the_same_posterior(
@@ -138,9 +168,98 @@ def test_an_init_file_starts_a_fresh_loop(warm_state: PosteriorState) -> None:
     state = state.replace(offsets={("t", 0): 192})
     fresh = fresh_stream(from_bytes(to_bytes(state)))
     assert fresh.offsets == {} and fresh.records_absorbed == 0
-    assert "drift" not in fresh.extra and EXTRA_LOOP not in fresh.extra
-    assert not any(k.startswith("drift.") for k in fresh.aux)
+    assert not has_drift(fresh) and not drift_summary(fresh)
+    assert set(fresh.extra) == set(warm_state.extra) | {FPRIOR_KEY}
+    assert set(fresh.aux) == set(warm_state.aux)
     assert FunctionalPrior.of(fresh) == fp and fresh.params["loc"].equal(state.params["loc"])
     again = _loop(fresh, "forget")
-    assert again.policy_state["batch"] == 0 and again.reference is not None
+    assert again.policy_state.batch == 0
     assert again.reference.loc.equal(state.params["loc"])  # anchored at the init state
+
+
+def test_predictive_kl_rows_only_thins_the_metric(warm_state: PosteriorState) -> None:
+    """While stable and calibrated the predictive KL is estimated on the first rows; the
+    policy's inputs (surprisal, step KL) and so the posterior do not change."""
+    from fogline.drift.signals import gaussian_kl, posterior_moments
+
+    def run(rows: int) -> tuple[dict[str, object], list[dict[str, float]], list[PosteriorState]]:
+        state = warm_state.replace(lr=5e-3)
+        cfg = PolicyConfig(calibration_batches=4, predictive_kl_rows=rows, n_streams=50)
+        loop = DriftLoop.resume(state, base_lr=5e-3, data_size=20_000, policy=cfg)
+        sigs, states = [], []
+        for x, y in _stream()[:12]:
+            state, _info, sig, _action = loop.process(state, x, y)
+            sigs.append(sig)
+            states.append(state)
+        summary = {k: v for k, v in drift_summary(state).items() if k != "config"}
+        return summary, sigs, states
+
+    summary_all, all_rows, states_all = run(0)
+    summary_16, head, states = run(16)
+    assert summary_16 == summary_all and summary_16["calibrating"] == 0
+    for name, value in states[-1].params.items():
+        assert value.equal(states_all[-1].params[name])
+    for t, (a, h) in enumerate(zip(all_rows, head, strict=True)):
+        assert a.keys() == h.keys()
+        for k in a.keys() - {"predictive_kl"}:
+            assert a[k] == h[k] or (math.isnan(a[k]) and math.isnan(h[k])), (t, k)
+        if t < 3:  # calibrating (the step KL is read): every row
+            assert h["predictive_kl"] == a["predictive_kl"]
+    # stable and calibrated: the KL over the first 16 rows, under the same reference
+    x, _y = _stream()[11]
+    ref = DriftLoop.resume(
+        warm_state, base_lr=5e-3, data_size=20_000, policy=PolicyConfig()
+    ).reference
+    m, v = posterior_moments(states[11], x[:16], ref.num_samples, ref.seed)
+    m0, v0 = posterior_moments(warm_state, x[:16], ref.num_samples, ref.seed)
+    want = float(gaussian_kl(m, v, m0, v0).mean())
+    assert math.isclose(head[11]["predictive_kl"], want, rel_tol=1e-5)  # float32 matmuls
+    assert head[11]["predictive_kl"] != all_rows[11]["predictive_kl"]
+
+
+def test_a_snapshot_of_the_previous_layout_resumes(warm_state: PosteriorState) -> None:
+    """Before the typed state: one concatenated calibration tensor, the threshold monitor's own
+    dict, ``config.name``.  Such a snapshot resumes (the monitor restarts, logged)."""
+    import torch
+    from structlog.testing import capture_logs
+
+    state = warm_state.replace(lr=5e-3)
+    loop = _loop(state, "forget")
+    for x, y in _stream()[:12]:  # calibrating: 12 batches of the window collected
+        state = loop.process(state, x, y)[0]
+    d = loop.drift
+    assert len(d.cal_records) == 12
+    aux = {k: v for k, v in state.aux.items() if not k.startswith("drift.calibration_records")}
+    aux["drift.calibration_records"] = torch.from_numpy(np.concatenate(d.cal_records))
+    old = dict(drift_summary(state))
+    old["config"] = {**{k: v for k, v in old["config"].items() if k != "policy"}, "name": "forget"}
+    old["monitor"] = {"streak": 0, "armed": True, "n_seen": 10, "n_detections": 0}
+    v0 = state.replace(aux=aux, extra={**state.extra, "drift": old})
+    with capture_logs() as logs:
+        back = load_drift(
+            v0, loop.policy, monitor=ThresholdMonitor(consecutive=2), ensemble_size=32
+        )
+    assert back is not None
+    assert [r.tolist() for r in back.cal_records] == [r.tolist() for r in d.cal_records]
+    assert back.policy.calibrating == d.policy.calibrating == 18 and back.policy.batch == 12
+    assert back.last_step_kl == d.last_step_kl and back.cal_kl == d.cal_kl
+    assert {e["event"] for e in logs} >= {"drift_monitor_restarted", "drift_policy_changed"}
+
+
+def test_step_is_a_function_of_its_inputs(warm_state: PosteriorState) -> None:
+    """``DriftLoop.step`` leaves its inputs alone: the same inputs give the same outputs."""
+    from fogline.drift.runner import drift_mode
+
+    state = warm_state.replace(lr=5e-3)
+    loop = _loop(state, "forget")
+    assert drift_mode(state) == "none" and not has_drift(state)
+    (x, y), (x2, y2) = _stream()[:2]
+    d0 = loop.drift
+    d1, s1, _info, sig1, _a = loop.step(d0, state, x, y)
+    assert loop.drift is d0 and d0.policy.batch == 0 and len(d0.cal_records) == 0
+    d2, s2, _info2, sig2, _a2 = loop.step(d1, s1, x2, y2)
+    again, s2b, _info3, sig2b, _a3 = loop.step(d1, s1, x2, y2)
+    assert to_bytes(s2) == to_bytes(s2b) and sig2.keys() == sig2b.keys()
+    assert again.policy.replace(monitor=None) == d2.policy.replace(monitor=None)
+    assert d1.policy.batch == 1 and d2.policy.batch == 2 and drift_mode(s2) == "stable"
+    assert math.isnan(sig1["step_kl"]) and math.isfinite(sig2["step_kl"])  # first batch: none

@@ -79,3 +79,22 @@ def test_outliers_are_trimmed_from_the_inlier_surprisal(warm_state: PosteriorSta
     assert dirty["surprisal"] > clean["surprisal"] + 3.0
     assert abs(dirty["surprisal_inlier"] - clean["surprisal_inlier"]) < 0.15
     assert math.isclose(dirty["outlier_fraction"], 10 / 64, abs_tol=2 / 64)
+
+
+def test_noise_cache_is_sample_ensemble_bit_for_bit(warm_state: PosteriorState) -> None:
+    """The cached draws give exactly ``sample_ensemble`` (same seed), however the state moves."""
+    from fogline.drift.signals import NoiseCache
+    from fogline.models.predictive import sample_ensemble
+
+    cache = NoiseCache()
+    state = warm_state
+    for k in range(3):
+        moved = {**state.params, "loc": state.params["loc"] + 0.1 * k}
+        state = state.replace(params=moved)
+        got = cache.ensemble(state, 16, 5)
+        want = sample_ensemble(state, 16, 5)
+        assert all(
+            a.equal(b) and c.equal(d)
+            for (a, c), (b, d) in zip(got.layers, want.layers, strict=True)
+        )
+        assert got.df == want.df

@@ -20,8 +20,7 @@ SMALL = {
     "warm_epochs": 1,
     "warm_steps": 400,
     "warm_batch": 128,
-    "n_streams": 200,
-    "policy": {"calibration_batches": 20},
+    "policy": {"calibration_batches": 20, "n_streams": 200},
 }
 
 

@@ -16,7 +16,8 @@ from fogline.daemon import metrics
 from fogline.daemon.config import Settings
 from fogline.daemon.stream.pipeline import Pipeline, RunOptions
 from fogline.daemon.stream.store import SnapshotStore
-from fogline.drift.runner import AUX_REFERENCE, EXTRA_LOOP
+from fogline.drift.policy import PolicyConfig
+from fogline.drift.runner import drift_mode, drift_summary, load_drift
 from fogline.models.fprior import FunctionalPrior
 from fogline.models.serialize import from_bytes
 from tests.conftest import SESSION_TIMEOUT_MS
@@ -71,7 +72,7 @@ def test_forget_policy_in_the_daemon(
     snap = store.read()
     assert snap.meta.records_absorbed == VALID
     drift = snap.meta.drift
-    assert drift["config"]["name"] == "forget" and drift["alarms"] >= 1
+    assert drift["config"]["policy"] == "forget" and drift["alarms"] >= 1
     first_alarm = next(t for t in drift["transitions"] if t["reason"] == "alarm")
     assert 48 <= first_alarm["batch"] <= 48 + 5  # detection delay <= 5 batches
     entered = {t["to"] for t in drift["transitions"]}
@@ -79,9 +80,11 @@ def test_forget_policy_in_the_daemon(
     assert drift["threshold"] is not None and math.isfinite(drift["threshold"])
 
     state = from_bytes(snap.blob)
-    assert state.extra["drift"] == drift
+    assert drift_summary(state) == drift and drift_mode(state) == drift["mode"]
     assert FunctionalPrior.of(state) is not None  # the warm start's prior streams along
-    assert EXTRA_LOOP in state.extra and AUX_REFERENCE + "loc" in state.aux
+    loaded = load_drift(state, PolicyConfig(calibration_batches=30))
+    assert loaded is not None and loaded.policy.alarms == drift["alarms"]
+    assert loaded.policy.monitor.threshold == drift["threshold"]  # the fitted monitor is back
 
     assert _value("fogline_drift_alarms_total") - alarms_before == drift["alarms"]
     mode = drift["mode"]
@@ -99,6 +102,8 @@ def test_forget_policy_in_the_daemon(
     assert Pipeline(other, RunOptions(idle_exit_s=2.0)).run() == 0
     snap2 = store.read()
     assert snap2.meta.records_absorbed == VALID + 8 * BATCH
-    assert snap2.meta.drift["config"]["name"] == "none"
+    assert snap2.meta.drift["config"]["policy"] == "none"
     assert snap2.meta.drift["batch"] == drift["batch"] + 8
+    # the snapshot carries the ADWIN detector's running state for the next restart
+    assert snap2.meta.drift["monitor"]["type"].endswith("ADWINMonitor")
     store.close()

@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "query": "cached-ensemble predict latency vs pyro Predictive; HTTP load",
     "crash_replay": "kill -9 the daemon repeatedly; check exactly-once absorption",
     "false_alarms": "run length to a false alarm on stable streams vs the ERT target",
+    "drift_loop": "per-batch CPU ms of the drift loop by part vs the plain SVI update",
     "compare": "Gaussian vs Student-t, mean-field vs low-rank outside the data",
     "faults": "fault scenarios (kill -9, outages, poison records): lost, duplicated, stalled",
 }
