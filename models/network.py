@@ -98,7 +98,8 @@ def forward_layers(
     """
     act = _ACTIVATIONS[activation]
     s = params[0][0].shape[0]
-    h = x_nd.expand(s, *x_nd.shape[-2:]) if x_nd.dim() == 2 else x_nd
+    # expand(S, -1, -1) rather than a literal shape keeps a JIT trace generic in N
+    h = x_nd.expand(s, -1, -1) if x_nd.dim() == 2 else x_nd
     last = len(params) - 1
     for i, (weight, bias) in enumerate(params):
         h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))

@@ -66,7 +66,7 @@ from torch.types import _size
 from fogline.models.config import ModelConfig
 from fogline.models.fprior import FunctionalPrior, functional_kl_tensor, lowrank_kl
 from fogline.models.likelihoods import df_from_unconstrained, df_to_unconstrained, observation_dist
-from fogline.models.network import _ACTIVATIONS, Layout, layout, unflatten
+from fogline.models.network import _ACTIVATIONS, Layout, forward_layers, layout, unflatten
 from fogline.models.priors import default_prior, kl_to_prior
 from fogline.models.state import Minibatch, PosteriorState, PriorSpec, StepInfo, _fresh_rng_state
 
@@ -228,18 +228,10 @@ def _forward_one(w_p: torch.Tensor, x_nd: torch.Tensor, config: ModelConfig) -> 
 def _forward_many(w_sp: torch.Tensor, x_nd: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """Raw outputs [S, N, O] for S weight vectors ``w_sp`` [S, P] at shared rows ``x_nd`` [N, D].
 
-    ``models.network.forward`` with ``expand(S, -1, -1)``, so a trace of it
-    stays generic in N.
+    :func:`fogline.models.network.forward_layers`, whose ``expand(S, -1, -1)`` keeps a
+    trace of it generic in N.
     """
-    act = _ACTIVATIONS[config.activation]
-    params = unflatten(w_sp, layout(config))
-    h = x_nd.expand(w_sp.shape[0], -1, -1)
-    last = len(params) - 1
-    for i, (weight, bias) in enumerate(params):
-        h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
-        if i < last:
-            h = act(h)
-    return h
+    return forward_layers(unflatten(w_sp, layout(config)), x_nd, config.activation)
 
 
 @functools.cache

@@ -298,6 +298,21 @@ def _summary(lat: list[float], errors: int, wall: float) -> dict[str, Any]:
     }
 
 
+def _predict_once(c: Any, body: dict[str, Any], samples: list[str]) -> bool:
+    """One predict request on the httpx client ``c``; ``True`` on 200 (first errors kept)."""
+    import httpx
+
+    try:
+        r = c.post(f"/v1/models/{MODEL}/predict", json=body)
+    except httpx.HTTPError as exc:
+        if len(samples) < 5:
+            samples.append(repr(exc))
+        return False
+    if r.status_code != 200 and len(samples) < 5:
+        samples.append(f"{r.status_code}: {r.text[:200]}")
+    return bool(r.status_code == 200)
+
+
 def _closed(base: str, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     """``--clients`` threads, each sending its next request when the last is answered."""
     import httpx
@@ -315,15 +330,7 @@ def _closed(base: str, args: argparse.Namespace, log: Callable[[str], None]) -> 
             start.wait()
             while time.perf_counter() < stop_at[0]:
                 t0 = time.perf_counter()
-                try:
-                    r = c.post(f"/v1/models/{MODEL}/predict", json=body)
-                    ok = r.status_code == 200
-                    if not ok and len(samples) < 5:
-                        samples.append(f"{r.status_code}: {r.text[:200]}")
-                except httpx.HTTPError as exc:
-                    ok = False
-                    if len(samples) < 5:
-                        samples.append(repr(exc))
+                ok = _predict_once(c, body, samples)
                 latencies[i].append((time.perf_counter() - t0) * 1e3)
                 if not ok:
                     errors[i] += 1
@@ -376,15 +383,7 @@ def _open(base: str, args: argparse.Namespace, log: Callable[[str], None]) -> di
                 wait = due - time.perf_counter()
                 if wait > 0:
                     time.sleep(wait)
-                ok = False
-                try:
-                    r = c.post(f"/v1/models/{MODEL}/predict", json=body)
-                    ok = r.status_code == 200
-                    if not ok and len(samples) < 5:
-                        samples.append(f"{r.status_code}: {r.text[:200]}")
-                except httpx.HTTPError as exc:
-                    if len(samples) < 5:
-                        samples.append(repr(exc))
+                ok = _predict_once(c, body, samples)
                 done = (time.perf_counter() - due) * 1e3
                 with lock:
                     lat.append(done)
