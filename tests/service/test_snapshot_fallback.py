@@ -26,7 +26,7 @@ from fogline.daemon.stream.pipeline import NoIntactSnapshot, initial_state
 from fogline.daemon.stream.runtime import StopFlag
 from fogline.daemon.stream.store import Snapshot, SnapshotStore
 from fogline.models.config import ModelConfig
-from fogline.models.serialize import from_bytes, to_bytes
+from fogline.models.serialize import from_bytes, offsets_to_json, to_bytes
 from fogline.models.state import PosteriorState
 from fogline.models.svi import init_state
 
@@ -59,14 +59,16 @@ def _states(n: int) -> list[PosteriorState]:
     """``n`` distinct states (records_absorbed 100 v) as versions 1..n would hold them."""
     base = init_state(ModelConfig.model_validate({}), seed=3, lr=1e-3)
     return [
-        base.replace(records_absorbed=100 * v, offsets={"t:0": 100 * v}) for v in range(1, n + 1)
+        base.replace(records_absorbed=100 * v, offsets={("t", 0): 100 * v}) for v in range(1, n + 1)
     ]
 
 
 def _write_versions(store: SnapshotStore, n: int) -> list[PosteriorState]:
     states = _states(n)
     for st in states:
-        store.write(to_bytes(st), records_absorbed=st.records_absorbed, offsets=st.offsets)
+        store.write(
+            to_bytes(st), records_absorbed=st.records_absorbed, offsets=offsets_to_json(st.offsets)
+        )
     return states
 
 
@@ -169,7 +171,7 @@ def test_a_new_model_still_starts_from_a_fresh_prior(
     assert (version, origin, state.records_absorbed) == (None, "fresh prior", 0)
 
 
-def test_fogline_run_exits_4_when_no_version_is_intact(
+def test_fogline_run_exits_5_when_no_version_is_intact(
     store: SnapshotStore,
     raw: redis.Redis,
     redis_url: str,
