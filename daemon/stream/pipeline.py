@@ -70,11 +70,11 @@ from fogline.daemon.stream.decode import (
 )
 from fogline.daemon.stream.isolate import STEP_REJECTED, isolate, rejected_record
 from fogline.daemon.stream.lease import LeaseKeeper, LeaseStore, LeaseUnavailable
+from fogline.daemon.stream.prefetch import Polled, SerialSource, Source
 from fogline.daemon.stream.runtime import StopFlag, call_with_retry, select_device
 from fogline.daemon.stream.source import (
     DeadLetterProducer,
     KafkaSource,
-    OutOfRange,
     security_kwargs,
 )
 from fogline.daemon.stream.store import IntactScan, Lease, Snapshot, SnapshotMeta, SnapshotStore
@@ -115,23 +115,6 @@ class Store(LeaseStore, Protocol):
         lease: Lease | None = ...,
         writer: str | None = ...,
     ) -> SnapshotMeta: ...
-    def close(self) -> None: ...
-
-
-class Source(Protocol):
-    """The consumer: :class:`~fogline.daemon.stream.source.KafkaSource` or a fake."""
-
-    @property
-    def assignment(self) -> list[TopicPartition]: ...
-    def poll(self, max_records: int | None = ..., timeout_ms: int = ...) -> list[RawRecord]: ...
-    def out_of_range(self) -> list[OutOfRange]: ...
-    def reset(self, key: TopicPartition, to: str, high_watermark: int | None = ...) -> None: ...
-    def commit(self, offsets: Mapping[TopicPartition, int]) -> bool: ...
-    def pause_all(self) -> None: ...
-    def resume_all(self) -> None: ...
-    def lag(
-        self, absorbed: Mapping[TopicPartition, int] | None = ...
-    ) -> dict[TopicPartition, int]: ...
     def close(self) -> None: ...
 
 
@@ -226,6 +209,9 @@ class RunOptions:
     #: ``None``: wait for the lease as long as it takes; ``0``: exit at once.
     lease_wait_s: float | None = None
     threads: int | None = 1
+    #: Fetch and decode the next poll on a worker thread while batches are absorbed
+    #: (:mod:`fogline.daemon.stream.prefetch`); ``False``: the sequential loop.
+    prefetch: bool = True
     on_batch: Callable[[RunStats, PosteriorState], None] | None = None
 
 
@@ -411,19 +397,36 @@ class Pipeline:
         except BaseException:
             dlq.close()
             raise
-        self.source, self.dlq = source, dlq
-        self.checkpoint = Checkpoint(store=store, keeper=keeper, dead_letters=dlq, consumer=source)
+        self.source = SerialSource(
+            source,
+            lambda raws: decode_batch(raws, self.decoder),
+            prefetch=self.options.prefetch,
+        )
+        self.dlq = dlq
+        self.checkpoint = Checkpoint(
+            store=store, keeper=keeper, dead_letters=dlq, consumer=self.source
+        )
         try:
             code = self._loop()
         finally:
-            source.close()
+            self.source.close()
             dlq.close()
         return code
 
     # -- rebalance callbacks -------------------------------------------------------
     def _offsets_for(self, keys: list[TopicPartition]) -> Mapping[TopicPartition, int]:
+        """Where assigned partitions start: the state's offsets (runs inside ``poll``).
+
+        With prefetching this runs on the worker while batches may still be
+        absorbed, so what it returned is recorded and checked after the poll
+        (:meth:`_reseek`).
+        """
         state = self.state
-        return state.offsets if state is not None else {}
+        offsets = state.offsets if state is not None else {}
+        serial = getattr(self, "source", None)
+        if isinstance(serial, SerialSource):
+            serial.assigned.update({k: offsets.get(k) for k in keys})
+        return offsets
 
     def _on_revoked(self, keys: list[TopicPartition]) -> None:
         self._revoked.extend(keys)
@@ -467,17 +470,20 @@ class Pipeline:
                 if remaining is None
                 else min(remaining, s.kafka.max_poll_records)
             )
-            raws = self.source.poll(max_records=cap, timeout_ms=int(self.batcher.timeout_ms(100)))
+            polled = self.source.take(cap, int(self.batcher.timeout_ms(100)))
             self._drop_revoked()
+            polled = self._reseek(polled)
+            raws = polled.raws
             moved = self._handle_out_of_range()
             now = time.monotonic()
             assigned = bool(self.source.assignment)
             if raws or moved or not assigned:
                 idle_since = now  # the idle clock runs only while partitions are assigned
-                self._ingest(raws)
+                self._ingest(polled)
             due = self.batcher.poll_due()
             if due is not None:
                 self._pending.append(due)
+            self._prefetch()
             self._drain()
             self._maybe_update_lag(now)
             if cp.due(0, s.stream.snapshot_every_seconds) == "interval":
@@ -533,18 +539,63 @@ class Pipeline:
         self.checkpoint.moved()
         return True
 
-    def _ingest(self, raws: list[RawRecord]) -> None:
-        """Decode a poll's records: bad ones to the DLQ, good ones into the batcher.
+    def _prefetch(self) -> None:
+        """Start the next poll on the worker when batches are waiting to be absorbed.
+
+        Only then is there a step to overlap with; an idle daemon polls on the
+        main thread as before.  The cap honours ``max_records``.
+        """
+        if not self._pending or self.stop:
+            return
+        cap = self.settings.kafka.max_poll_records
+        if self.options.max_records is not None:
+            cap = min(cap, self.options.max_records - self.stats.records_in)
+            if cap <= 0:
+                return
+        self.source.start(cap, int(self.batcher.timeout_ms(100)))
+
+    def _reseek(self, polled: Polled) -> Polled:
+        """Undo a rebalance's seek that raced with absorption (prefetching only).
+
+        A partition assigned during a poll was sought to the state's offsets *at
+        that moment*; when the poll ran ahead, batches may have been absorbed
+        since, so the first unabsorbed offset can now lie further on.  Those
+        partitions' records of this poll are dropped and the consumer is sought
+        to the first unabsorbed offset here, on the main thread (or to the
+        earliest, when the state has none): nothing is absorbed twice, nothing
+        skipped.  Where the offsets agree (the usual case) the poll is kept.
+        """
+        if not polled.assigned:
+            return polled
+        resume = self._resume_offsets()
+        stale = {k for k, off in polled.assigned.items() if resume.get(k) != off}
+        if not stale:
+            return polled
+        log.info(
+            "partitions_resought",
+            partitions=[partition_key(*k) for k in sorted(stale)],
+            offsets={partition_key(*k): resume.get(k) for k in sorted(stale)},
+        )
+        seek = {k: resume[k] for k in stale if k in resume}
+        if seek:
+            self.source.seek(seek)
+        for k in stale - seek.keys():
+            self.source.reset(k, "earliest")
+        kept = [r for r in polled.raws if (r.topic, r.partition) not in stale]
+        return Polled(kept, decode_batch(kept, self.decoder) if kept else None)
+
+    def _ingest(self, polled: Polled) -> None:
+        """A poll's decoded records: bad ones to the DLQ, good ones into the batcher.
 
         An empty poll changes nothing (in particular it does not make the state
         dirty, so an idle or not-yet-assigned daemon writes no snapshots).
         """
-        if not raws:
+        raws, dec = polled.raws, polled.decoded
+        if not raws or dec is None:
             return
         topic = self.settings.kafka.topic
         self.stats.records_in += len(raws)
         metrics.RECORDS_IN.labels(topic=topic).inc(len(raws))
-        dec = decode_batch(raws, self.decoder)
         for raw, reason, _ in dec.bad:
             self.dlq.send(raw, reason)
             self.stats.dead_lettered += 1

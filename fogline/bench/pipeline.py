@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=("none", "reset", "forget", "vb"),
         help="policy of the second pipeline run (the first runs drift.policy=off)",
     )
+    p.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="the sequential loop (no poll fetched and decoded ahead on a worker thread)",
+    )
     p.add_argument("--bootstrap", default=None)
     p.add_argument("--redis-url", default=None)
     p.add_argument("--json", action="store_true")
@@ -118,7 +123,13 @@ def main(argv: list[str] | None = None) -> int:
                 drift={"policy": policy},
             )
             pipe = Pipeline(
-                settings, RunOptions(max_records=args.records, threads=1, on_batch=on_batch)
+                settings,
+                RunOptions(
+                    max_records=args.records,
+                    threads=1,
+                    prefetch=not args.no_prefetch,
+                    on_batch=on_batch,
+                ),
             )
             code = pipe.run()
             if code != 0 or len(marks) < 2:
@@ -153,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": 1,
         "device": "cpu",
         "drift_policy": args.drift_policy,
+        "prefetch": not args.no_prefetch,
         "script": Path(__file__).name,
     }
     print(json.dumps(detail))

@@ -203,6 +203,11 @@ class FakeConsumer:
         self.events.append(("reset", to))
         self.position = 0 if to == "earliest" else int(high_watermark or 0)
 
+    def seek(self, offsets: Mapping[TP, int]) -> None:
+        self.events.append(("seek", dict(offsets)))
+        if self.key in offsets and self.position is not None:
+            self.position = int(offsets[self.key])
+
     def commit(self, offsets: Mapping[TP, int]) -> bool:
         self.committed.update(offsets)
         self.events.append(("commit", dict(offsets)))
