@@ -171,6 +171,11 @@ class StreamSettings(_Section):
     allow_fresh: bool = False
     #: Keep applying the functional prior a warm-start state carries (out-of-range uncertainty).
     functional_prior: bool = True
+    #: Fetch and decode the next poll on a worker thread while batches are absorbed
+    #: (every consumer call serialised; exactly-once unchanged).  Off by default: on
+    #: 2 CPU cores it measured no gain (kafka-python, json and the drift loop all hold
+    #: the GIL); meant for CUDA, where the step waits on the device without the GIL.
+    prefetch: bool = False
     seed: int = 0
     #: A snapshot offset beyond a partition's end (broker restarted empty, topic recreated):
     #: ``fail`` exits non-zero (status 4), ``earliest``/``latest`` resume there; always logged

@@ -210,8 +210,8 @@ class RunOptions:
     lease_wait_s: float | None = None
     threads: int | None = 1
     #: Fetch and decode the next poll on a worker thread while batches are absorbed
-    #: (:mod:`fogline.daemon.stream.prefetch`); ``False``: the sequential loop.
-    prefetch: bool = True
+    #: (:mod:`fogline.daemon.stream.prefetch`); ``None``: ``stream.prefetch``.
+    prefetch: bool | None = None
     on_batch: Callable[[RunStats, PosteriorState], None] | None = None
 
 
@@ -400,7 +400,7 @@ class Pipeline:
         self.source = SerialSource(
             source,
             lambda raws: decode_batch(raws, self.decoder),
-            prefetch=self.options.prefetch,
+            prefetch=s.stream.prefetch if self.options.prefetch is None else self.options.prefetch,
         )
         self.dlq = dlq
         self.checkpoint = Checkpoint(

@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         help="policy of the second pipeline run (the first runs drift.policy=off)",
     )
     p.add_argument(
-        "--no-prefetch",
+        "--prefetch",
         action="store_true",
-        help="the sequential loop (no poll fetched and decoded ahead on a worker thread)",
+        help="fetch and decode the next poll on a worker thread (stream.prefetch; default off)",
     )
     p.add_argument("--bootstrap", default=None)
     p.add_argument("--redis-url", default=None)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 RunOptions(
                     max_records=args.records,
                     threads=1,
-                    prefetch=not args.no_prefetch,
+                    prefetch=args.prefetch,
                     on_batch=on_batch,
                 ),
             )
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": 1,
         "device": "cpu",
         "drift_policy": args.drift_policy,
-        "prefetch": not args.no_prefetch,
+        "prefetch": args.prefetch,
         "script": Path(__file__).name,
     }
     print(json.dumps(detail))
