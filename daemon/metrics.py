@@ -33,8 +33,9 @@ CONSUMER_LAG = Gauge(
 )
 OFFSET_OUT_OF_RANGE = Counter(
     "fogline_offset_out_of_range",
-    "Snapshot offsets found beyond a partition's high-water mark at assignment.",
-    ["partition", "action"],
+    "Snapshot offsets a partition cannot resume from at assignment (cause: beyond_end, "
+    "fingerprint_mismatch, record_gone).",
+    ["partition", "action", "cause"],
     registry=REGISTRY,
 )
 # --- daemon: inference -----------------------------------------------------

@@ -7,7 +7,14 @@ value is a JSON document::
 
     {"schema_version": 2, "config": {...ModelConfig...}, "lr": ..., "step_count": ...,
      "offsets": {"topic:partition": next_offset}, "records_absorbed": ...,
-     "extra": {...}, "checksum": "<sha256>"}
+     "extra": {...}, "fingerprints": {"topic:partition": {"offset": o, "sha256": "<hex>"}},
+     "checksum": "<sha256>"}
+
+``fingerprints`` (written only when the state has some, so older schema-2 blobs
+round-trip unchanged) identifies, per partition, the last record absorbed or
+dead-lettered before its offset (:class:`~fogline.models.state.RecordFingerprint`);
+like every header field it is under the checksum.  A blob without it restores
+with no fingerprints (the daemon then skips the recreated-topic check).
 
 ``checksum`` covers every byte that is restored (schema 2)::
 
@@ -38,7 +45,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fogline.models.config import ModelConfig
-from fogline.models.state import PosteriorState, PriorSpec
+from fogline.models.state import PosteriorState, PriorSpec, RecordFingerprint
 
 SCHEMA_VERSION = 2
 #: The previous layout: tensors checksummed, header not (read only by :func:`upgrade_schema1`).
@@ -92,6 +99,32 @@ def offsets_from_json(raw: Mapping[str, Any]) -> dict[tuple[str, int], int]:
     return out
 
 
+def fingerprints_to_json(
+    prints: Mapping[tuple[str, int], RecordFingerprint],
+) -> dict[str, dict[str, Any]]:
+    """``{(topic, partition): fingerprint}`` as ``{"topic:partition": {"offset", "sha256"}}``.
+
+    >>> fingerprints_to_json({("t", 0): RecordFingerprint(9, "ab")})
+    {'t:0': {'offset': 9, 'sha256': 'ab'}}
+    """
+    return {
+        f"{t}:{p}": {"offset": int(fp.offset), "sha256": str(fp.digest)}
+        for (t, p), fp in sorted(prints.items())
+    }
+
+
+def fingerprints_from_json(raw: Mapping[str, Any]) -> dict[tuple[str, int], RecordFingerprint]:
+    """Inverse of :func:`fingerprints_to_json`."""
+    out: dict[tuple[str, int], RecordFingerprint] = {}
+    for key, value in raw.items():
+        (tp,) = offsets_from_json({key: 0})
+        try:
+            out[tp] = RecordFingerprint(int(value["offset"]), str(value["sha256"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SnapshotFormatError(f"fingerprint of {key!r} is malformed: {exc}") from exc
+    return out
+
+
 def state_tensors(state: PosteriorState) -> dict[str, torch.Tensor]:
     """The state's tensors by storage name (on CPU, contiguous; a tensor whose
     storage another entry already uses is copied, as safetensors requires)."""
@@ -129,6 +162,8 @@ def to_bytes(state: PosteriorState) -> bytes:
         "records_absorbed": state.records_absorbed,
         "extra": state.extra,
     }
+    if state.fingerprints:
+        meta["fingerprints"] = fingerprints_to_json(state.fingerprints)
     meta["checksum"] = checksum(tensors, meta)
     return st_save(tensors, metadata={"fogline": _canonical(meta)})
 
@@ -218,6 +253,7 @@ def _restore(
         rng_state=tensors["rng_state"],
         offsets=offsets_from_json(meta["offsets"]),
         records_absorbed=int(meta["records_absorbed"]),
+        fingerprints=fingerprints_from_json(meta.get("fingerprints") or {}),
         extra=dict(meta["extra"]),
         aux=aux,
     )

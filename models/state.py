@@ -40,6 +40,43 @@ class PriorSpec:
 
 
 @dataclass(frozen=True)
+class RecordFingerprint:
+    """The identity of one stream record: its offset and a digest of its contents.
+
+    ``digest`` is the hex SHA-256 of ``len(key) | key | len(value) | value |
+    timestamp_ms`` (lengths and the timestamp as 8-byte signed big-endian
+    integers; ``-1`` stands for a missing key, value or timestamp).  A record
+    produced again with the same key, value and timestamp has the same
+    fingerprint; a recreated topic almost never has the same record at the
+    same offset.
+
+    >>> RecordFingerprint.of(4, None, b"v", 7) == RecordFingerprint.of(4, None, b"v", 7)
+    True
+    >>> RecordFingerprint.of(4, None, b"v", 7) == RecordFingerprint.of(4, None, b"v", 8)
+    False
+    """
+
+    offset: int
+    digest: str
+
+    @classmethod
+    def of(
+        cls, offset: int, key: bytes | None, value: bytes | None, timestamp_ms: int | None
+    ) -> RecordFingerprint:
+        """The fingerprint of the record at ``offset`` with this key, value and timestamp."""
+        h = hashlib.sha256()
+        for part in (key, value):
+            if part is None:
+                h.update((-1).to_bytes(8, "big", signed=True))
+            else:
+                h.update(len(part).to_bytes(8, "big", signed=True))
+                h.update(part)
+        ts = -1 if timestamp_ms is None else int(timestamp_ms)
+        h.update(ts.to_bytes(8, "big", signed=True))
+        return cls(int(offset), h.hexdigest())
+
+
+@dataclass(frozen=True)
 class Minibatch:
     """A batch of observations: ``x`` [N, D] float, ``y`` [N] float (0/1 for Bernoulli)."""
 
@@ -112,6 +149,12 @@ class PosteriorState:
         serialised JSON, see :func:`fogline.models.serialize.offsets_to_json`).
     records_absorbed:
         Valid records absorbed.
+    fingerprints:
+        ``(topic, partition) -> RecordFingerprint`` of a record before that
+        partition's offset in ``offsets`` (written: the last one absorbed or
+        dead-lettered before it), so a restart can check that the partition
+        still holds the stream this posterior absorbed (a recreated topic does
+        not).  A partition without one is not checked.
     extra:
         JSON-able slot for other layers (drift/policy state).
     aux:
@@ -131,6 +174,7 @@ class PosteriorState:
     )
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     records_absorbed: int = 0
+    fingerprints: dict[tuple[str, int], RecordFingerprint] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
 

@@ -31,6 +31,17 @@ and consumption resumes after the first write that succeeds.  A lost lease
 :class:`~fogline.daemon.stream.lease.LeaseUnavailable` before anything is
 written or committed.
 
+Fingerprints
+------------
+Beside its offsets a snapshot carries, per partition, the
+:class:`~fogline.models.state.RecordFingerprint` of the last record absorbed or
+dead-lettered before the offset (:meth:`Checkpoint.stamp`), so a restart can
+tell the partition it resumes is still the one it absorbed (a recreated topic
+at least as long as the offset is not found by the range check).  The
+checkpoint keeps the records of the polls that can still hold that record --
+those reaching at least the record before a partition's resume offset -- and
+hashes only the one record it needs, when a snapshot is written.
+
 Offsets are keyed by ``(topic, partition)`` tuples throughout; only the
 serialised JSON spells them ``"topic:partition"`` (at the boundary:
 :func:`fogline.models.serialize.offsets_to_json`).
@@ -39,19 +50,20 @@ serialised JSON spells them ``"topic:partition"`` (at the boundary:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import structlog
 
 from fogline.daemon import metrics
 from fogline.daemon.stream.batching import Rows, TopicPartition
+from fogline.daemon.stream.decode import RawRecord
 from fogline.daemon.stream.lease import LeaseKeeper
 from fogline.daemon.stream.runtime import Retry
 from fogline.daemon.stream.store import Lease, LeaseLost, SnapshotMeta, StoreUnavailable
 from fogline.drift.runner import drift_summary
 from fogline.models.serialize import offsets_to_json, to_bytes
-from fogline.models.state import PosteriorState
+from fogline.models.state import PosteriorState, RecordFingerprint
 
 log = structlog.get_logger(__name__)
 
@@ -130,6 +142,9 @@ class Checkpoint:
         State to bytes (:func:`fogline.models.serialize.to_bytes`).
     clock:
         Monotonic seconds (default :func:`time.monotonic`).
+    start:
+        The state the daemon started from: its fingerprints stay valid while
+        its offsets do (nothing read yet, or a partition revoked and assigned again).
     """
 
     def __init__(
@@ -142,6 +157,7 @@ class Checkpoint:
         retry: Retry | None = None,
         serialize: Callable[[PosteriorState], bytes] = to_bytes,
         clock: Callable[[], float] = time.monotonic,
+        start: PosteriorState | None = None,
     ) -> None:
         self.store = store
         self.keeper = keeper
@@ -159,15 +175,32 @@ class Checkpoint:
         self.last_at = clock()
         self.last_meta: SnapshotMeta | None = None
         self.failures = 0
+        #: Records of recent polls with each poll's next offsets (oldest first).
+        self._recent: list[tuple[Sequence[RawRecord], dict[TopicPartition, int]]] = []
+        #: The fingerprint last found for a partition, with the offset it precedes.
+        self._prints: dict[TopicPartition, tuple[int, RecordFingerprint]] = {}
+        if start is not None:
+            for key, fp in start.fingerprints.items():
+                if key in start.offsets:
+                    self._prints[key] = (start.offsets[key], fp)
 
     # -- what happened since the last snapshot ---------------------------------
-    def read(self, handled: Offsets, dead_lettered: int = 0, valid: int = 0) -> None:
+    def read(
+        self,
+        handled: Offsets,
+        dead_lettered: int = 0,
+        valid: int = 0,
+        records: Sequence[RawRecord] = (),
+    ) -> None:
         """One poll was read up to ``handled`` (next offsets): ``dead_lettered`` records went
-        to the DLQ, ``valid`` into the batcher.
+        to the DLQ, ``valid`` into the batcher; ``records`` are the poll's raw records
+        (kept, unhashed, until no resume offset can follow them: :meth:`stamp`).
 
         A poll of dead letters only makes the state dirty (its offsets move on
         though no batch follows); valid records do when their batch is stepped.
         """
+        if records:
+            self._recent.append((records, dict(handled)))
         self.handled.update(handled)
         self.unflushed += dead_lettered
         if dead_lettered and not valid:
@@ -182,14 +215,71 @@ class Checkpoint:
         self.dirty = True
         self.batches_since += 1
 
-    def forget(self, keys: Iterable[TopicPartition]) -> None:
-        """Partitions were revoked: their reads no longer count (they are read again)."""
-        for key in keys:
+    def forget(self, keys: Iterable[TopicPartition], *, reset: bool = False) -> None:
+        """Partitions were revoked: their reads no longer count (they are read again).
+
+        ``reset``: the partitions were moved to another stream position (the
+        topic was recreated): their kept records and fingerprints are dropped too.
+        """
+        gone = set(keys)
+        for key in gone:
             self.handled.pop(key, None)
+        if not reset or not gone:
+            return
+        for key in gone:
+            self._prints.pop(key, None)
+        kept: list[tuple[Sequence[RawRecord], dict[TopicPartition, int]]] = []
+        for records, handled in self._recent:
+            rest = [r for r in records if (r.topic, r.partition) not in gone]
+            if rest:
+                kept.append((rest, {k: v for k, v in handled.items() if k not in gone}))
+        self._recent = kept
 
     def offsets(self, absorbed: Offsets, unabsorbed: Iterable[Rows]) -> dict[TopicPartition, int]:
-        """The offsets a state that absorbed everything but ``unabsorbed`` resumes from."""
-        return resume_offsets(absorbed, self.handled, unabsorbed)
+        """The offsets a state that absorbed everything but ``unabsorbed`` resumes from.
+
+        Polls whose every record lies before the record preceding these
+        offsets are let go (no later resume offset can need them).
+        """
+        out = resume_offsets(absorbed, self.handled, unabsorbed)
+        self._recent = [
+            (records, handled)
+            for records, handled in self._recent
+            if any(k in out and nxt >= out[k] for k, nxt in handled.items())
+        ]
+        return out
+
+    def fingerprint(self, key: TopicPartition, offset: int) -> RecordFingerprint | None:
+        """The fingerprint of the last record read before ``offset`` on ``key`` (``None``: not known).
+
+        Searches the kept polls newest first; a partition whose offset did not
+        move keeps the fingerprint found (or restored) for it.
+        """
+        known = self._prints.get(key)
+        if known is not None and known[0] == offset:
+            return known[1]
+        for records, handled in reversed(self._recent):
+            if key not in handled:
+                continue
+            for r in reversed(records):
+                if r.offset < offset and (r.topic, r.partition) == key:
+                    fp = RecordFingerprint.of(r.offset, r.key, r.value, r.timestamp_ms)
+                    self._prints[key] = (offset, fp)
+                    return fp
+        return None
+
+    def stamp(self, state: PosteriorState) -> PosteriorState:
+        """``state`` with the fingerprint of the record before each of its offsets.
+
+        A partition whose record is not known (e.g. its offset was moved to the
+        end of a recreated topic) gets none: a restart does not check it.
+        """
+        prints = {}
+        for key, offset in state.offsets.items():
+            fp = self.fingerprint(key, offset) if offset > 0 else None
+            if fp is not None:
+                prints[key] = fp
+        return state.replace(fingerprints=prints)
 
     # -- when -------------------------------------------------------------------
     @property

@@ -25,9 +25,12 @@ state file, else a fresh prior; every assigned partition is sought to the
 snapshot's offsets (Kafka's committed offsets are ignored).  A snapshot
 offset beyond the partition's end (broker restarted empty, topic recreated)
 is handled by ``stream.offset_out_of_range``: ``fail`` (default) exits with
-status 4 and writes nothing; ``earliest``/``latest`` move on from there.
-Either way ``offset_out_of_range`` is logged and
-``fogline_offset_out_of_range_total`` counted.
+status 4 and writes nothing; ``earliest``/``latest`` move on from there.  So
+is a recreated topic at least as long as the offset: the snapshot's
+fingerprint of the record before the offset does not match (``cause``
+``fingerprint_mismatch`` or ``record_gone``; see
+:mod:`fogline.daemon.stream.source`).  Either way ``offset_out_of_range`` is
+logged and ``fogline_offset_out_of_range_total`` counted.
 
 Exactly-once absorption across crashes: batch boundaries depend only on the
 record sequence in ``stream.batching = "count"`` mode, snapshots are taken
@@ -82,7 +85,7 @@ from fogline.daemon.stream.update import PlainUpdate, make_update_rule, warm_up
 from fogline.drift.runner import drift_mode, without_loop
 from fogline.models.config import ModelConfig
 from fogline.models.serialize import from_bytes, load, offsets_to_json
-from fogline.models.state import PosteriorState, StepInfo
+from fogline.models.state import PosteriorState, RecordFingerprint, StepInfo
 from fogline.models.svi import init_state
 
 log = structlog.get_logger(__name__)
@@ -126,13 +129,15 @@ class DeadLetters(Protocol):
     def close(self) -> None: ...
 
 
-#: ``source(settings, offsets_for, on_revoked)``: the consumer, seeking assigned partitions
-#: to ``offsets_for(keys)`` and telling ``on_revoked(keys)`` what it lost.
+#: ``source(settings, offsets_for, on_revoked, fingerprints_for)``: the consumer, seeking
+#: assigned partitions to ``offsets_for(keys)``, verifying the record before each with
+#: ``fingerprints_for(keys)`` and telling ``on_revoked(keys)`` what it lost.
 SourceFactory = Callable[
     [
         Settings,
         Callable[[list[TopicPartition]], Mapping[TopicPartition, int]],
         Callable[[list[TopicPartition]], None],
+        Callable[[list[TopicPartition]], Mapping[TopicPartition, RecordFingerprint]],
     ],
     Source,
 ]
@@ -142,6 +147,7 @@ def kafka_source(
     s: Settings,
     offsets_for: Callable[[list[TopicPartition]], Mapping[TopicPartition, int]],
     on_revoked: Callable[[list[TopicPartition]], None],
+    fingerprints_for: Callable[[list[TopicPartition]], Mapping[TopicPartition, RecordFingerprint]],
 ) -> Source:
     """The real consumer for ``s.kafka``."""
     return KafkaSource(
@@ -150,6 +156,7 @@ def kafka_source(
         s.kafka.group_id,
         offsets_for=offsets_for,
         on_revoked=on_revoked,
+        fingerprints_for=fingerprints_for,
         session_timeout_ms=s.kafka.session_timeout_ms,
         max_poll_records=s.kafka.max_poll_records,
         **security_kwargs(s.kafka),
@@ -226,7 +233,7 @@ def fresh_stream(state: PosteriorState) -> PosteriorState:
     loop (reference, calibration, counters) belongs to that stream, so the new
     one anchors its own (the warm start's functional prior is kept).
     """
-    return without_loop(state).replace(offsets={}, records_absorbed=0)
+    return without_loop(state).replace(offsets={}, fingerprints={}, records_absorbed=0)
 
 
 class NoIntactSnapshot(RuntimeError):
@@ -393,7 +400,9 @@ class Pipeline:
         )
         dlq = self.clients.dead_letters(s)
         try:
-            source = self.clients.source(s, self._offsets_for, self._on_revoked)
+            source = self.clients.source(
+                s, self._offsets_for, self._on_revoked, self._fingerprints_for
+            )
         except BaseException:
             dlq.close()
             raise
@@ -404,7 +413,11 @@ class Pipeline:
         )
         self.dlq = dlq
         self.checkpoint = Checkpoint(
-            store=store, keeper=keeper, dead_letters=dlq, consumer=self.source
+            store=store,
+            keeper=keeper,
+            dead_letters=dlq,
+            consumer=self.source,
+            start=state,
         )
         try:
             code = self._loop()
@@ -427,6 +440,13 @@ class Pipeline:
         if isinstance(serial, SerialSource):
             serial.assigned.update({k: offsets.get(k) for k in keys})
         return offsets
+
+    def _fingerprints_for(
+        self, keys: list[TopicPartition]
+    ) -> Mapping[TopicPartition, RecordFingerprint]:
+        # those of the last snapshot (or the start): a record before the offsets either way
+        state = self.state
+        return state.fingerprints if state is not None else {}
 
     def _on_revoked(self, keys: list[TopicPartition]) -> None:
         self._revoked.extend(keys)
@@ -511,31 +531,40 @@ class Pipeline:
         action = self.settings.stream.offset_out_of_range
         assert self.state is not None
         offsets = dict(self.state.offsets)
+        prints = dict(self.state.fingerprints)
         for oor in found:
             label = partition_key(*oor.key)
-            metrics.OFFSET_OUT_OF_RANGE.labels(partition=label, action=action).inc()
+            metrics.OFFSET_OUT_OF_RANGE.labels(
+                partition=label, action=action, cause=oor.cause
+            ).inc()
             log.error(
                 "offset_out_of_range",
                 partition=label,
                 snapshot_offset=oor.offset,
                 high_watermark=oor.high_watermark,
                 action=action,
+                cause=oor.cause,
                 hint="the broker lost the topic (restarted empty, topic recreated?)",
             )
             if action == "fail":
+                what = (
+                    f"the partition ends at {oor.high_watermark}"
+                    if oor.cause == "beyond_end"
+                    else f"the record before it is not the one absorbed ({oor.cause})"
+                )
                 raise OffsetOutOfRange(
-                    f"partition {label}: the snapshot resumes at offset {oor.offset} but the "
-                    f"partition ends at {oor.high_watermark} (broker restarted empty or topic "
-                    f"recreated?); set stream.offset_out_of_range to 'earliest' or 'latest' to "
-                    f"continue from there"
+                    f"partition {label}: the snapshot resumes at offset {oor.offset} but "
+                    f"{what} (broker restarted empty or topic recreated?); set "
+                    f"stream.offset_out_of_range to 'earliest' or 'latest' to continue from there"
                 )
             self.source.reset(oor.key, action, oor.high_watermark)
-            self.checkpoint.forget([oor.key])
+            self.checkpoint.forget([oor.key], reset=True)
+            prints.pop(oor.key, None)
             if action == "earliest":
                 offsets.pop(oor.key, None)  # no offset: the next assignment starts at the earliest
             else:
                 offsets[oor.key] = oor.high_watermark
-        self.state = self.state.replace(offsets=offsets)
+        self.state = self.state.replace(offsets=offsets, fingerprints=prints)
         self.checkpoint.moved()
         return True
 
@@ -612,6 +641,7 @@ class Pipeline:
             {(r.topic, r.partition): r.offset + 1 for r in raws},
             dead_lettered=len(dec.bad),
             valid=len(dec.good),
+            records=raws,
         )
         if dec.good:
             self.stats.records_valid += len(dec.good)
@@ -760,7 +790,7 @@ class Pipeline:
         daemon owns the model.
         """
         assert self.state is not None
-        self.state = self.state.replace(offsets=self._resume_offsets())
+        self.state = self.checkpoint.stamp(self.state.replace(offsets=self._resume_offsets()))
         failures = self.checkpoint.failures
         meta = self.checkpoint.commit(self.state, why)
         self.stats.store_failures += self.checkpoint.failures - failures

@@ -25,6 +25,25 @@ as an :class:`OutOfRange` (:meth:`KafkaSource.out_of_range`).  The caller
 decides what to do (``stream.offset_out_of_range``); :meth:`KafkaSource.reset`
 moves a partition to its earliest or latest offset.
 
+Recreated topics
+----------------
+A recreated topic at least as long as the snapshot's offset passes that range
+check, and the daemon would silently skip its first records.  So the snapshot
+also carries, per partition, the fingerprint of the record just before its
+offset (:class:`~fogline.models.state.RecordFingerprint`: offset and sha256 of
+key, value and timestamp).  On assignment :class:`KafkaSource` seeks such a
+partition to that record's offset instead; the first fetch that returns data
+for it is checked before :meth:`KafkaSource.poll` hands anything of the
+partition out: the fingerprinted record must come first and be unchanged.  It
+is then withheld with anything else before the resume offset, so the stream
+goes on at the resume offset with no second seek.  A different record
+(``cause="fingerprint_mismatch"``) or a first record at another offset -- the
+record is gone (``cause="record_gone"``) -- is reported by
+:meth:`KafkaSource.out_of_range` like an offset beyond the end
+(``cause="beyond_end"``), and the partition's records are withheld.  A
+snapshot without fingerprints (written before they existed) is not checked
+(``fingerprint_check_skipped``).
+
 Tansu gaps avoided here (see ``docs/kafka.md``)
 ----------------------------------------------
 - ``end_offsets()`` / ``seek_to_end()`` return wrong values: lag uses
@@ -65,6 +84,7 @@ from kafka.errors import (
 
 from fogline.daemon.names import dlq_topic_for
 from fogline.daemon.stream.decode import RawRecord, partition_key
+from fogline.models.state import RecordFingerprint
 
 log = structlog.get_logger(__name__)
 
@@ -93,14 +113,27 @@ DLQ_FALLBACK_VALUE_BYTES = 64 * 1024
 
 #: ``offsets_for([(topic, partition), ...]) -> {(topic, partition): next_offset}``.
 OffsetsCallback = Callable[[list[TP]], Mapping[TP, int]]
+#: ``fingerprints_for([(topic, partition), ...]) -> {(topic, partition): fingerprint}``.
+FingerprintsCallback = Callable[[list[TP]], Mapping[TP, RecordFingerprint]]
+
+#: Causes of an :class:`OutOfRange`.
+BEYOND_END = "beyond_end"
+FINGERPRINT_MISMATCH = "fingerprint_mismatch"
+RECORD_GONE = "record_gone"
 
 
 class OutOfRange(NamedTuple):
-    """A sought offset beyond the partition's high-water mark (its next offset to be written)."""
+    """A sought offset the partition cannot resume from.
+
+    ``cause``: ``"beyond_end"`` (above the high-water mark, the next offset to
+    be written), ``"fingerprint_mismatch"`` (the record before it is another
+    one) or ``"record_gone"`` (the record before it is no longer there).
+    """
 
     key: TP
     offset: int
     high_watermark: int
+    cause: str = BEYOND_END
 
 
 def _tp_key(tp: TopicPartition) -> TP:
@@ -295,7 +328,10 @@ class KafkaSource:
       partitions it does not name -- or all, when it is ``None`` -- start at
       the earliest offset.  Kafka's committed offsets are ignored.  A sought
       offset beyond the partition's end is reported by :meth:`out_of_range`.
-    - ``offsets_for`` and ``on_revoked`` run inside kafka-python's poll during a
+    - A partition that ``fingerprints_for`` names a fingerprint for is
+      first sought to the fingerprinted record, which the first fetch
+      verifies (see *Recreated topics* in the module docstring).
+    - ``offsets_for``, ``fingerprints_for`` and ``on_revoked`` run inside kafka-python's poll during a
       rebalance: keep them quick, non-blocking and thread-safe (e.g. read an
       immutable offsets dict that the pipeline replaces).  ``on_revoked``
       tells the caller to drop buffered, unabsorbed records of the revoked
@@ -315,6 +351,9 @@ class KafkaSource:
         Consumer group.
     offsets_for:
         Callback giving the next offset to read per ``(topic, partition)``.
+    fingerprints_for:
+        Callback giving the fingerprint of the record before that offset
+        (the snapshot's), where known.
     on_revoked:
         Callback told which ``(topic, partition)`` keys were revoked or lost.
     session_timeout_ms:
@@ -331,6 +370,7 @@ class KafkaSource:
         *,
         offsets_for: OffsetsCallback | None = None,
         on_revoked: Callable[[list[TP]], None] | None = None,
+        fingerprints_for: FingerprintsCallback | None = None,
         session_timeout_ms: int = 10000,
         max_poll_records: int = 1000,
         client_id: str | None = None,
@@ -339,12 +379,15 @@ class KafkaSource:
         self.topics = [topics] if isinstance(topics, str) else list(topics)
         self.group_id = group_id
         self._offsets_for = offsets_for
+        self._fingerprints_for = fingerprints_for
         self._on_revoked_cb = on_revoked
         self._paused = False
         self._assigned: frozenset[TopicPartition] = frozenset()
         #: Offsets sought at assignment whose range is not checked yet (no high-water mark).
         self._unchecked: dict[TopicPartition, int] = {}
         self._out_of_range: list[OutOfRange] = []
+        #: Partitions sought to a fingerprinted record not yet fetched: (resume offset, print).
+        self._verifying: dict[TopicPartition, tuple[int, RecordFingerprint]] = {}
         self.rebalances = 0
         self._consumer = KafkaConsumer(
             bootstrap_servers=bootstrap_servers,
@@ -366,16 +409,29 @@ class KafkaSource:
         self._assigned = frozenset(tps)
         keys = [_tp_key(tp) for tp in tps]
         wanted: Mapping[TP, int] = self._offsets_for(keys) if self._offsets_for else {}
+        prints: Mapping[TP, RecordFingerprint] = (
+            self._fingerprints_for(keys) if self._fingerprints_for else {}
+        )
         earliest = []
         unchecked: dict[TopicPartition, int] = {}
+        verifying: dict[TopicPartition, tuple[int, RecordFingerprint]] = {}
+        unprinted = []
         for tp, key in zip(tps, keys, strict=True):
             off = wanted.get(key)
             if off is None:
                 earliest.append(tp)
+                continue
+            fp = prints.get(key)
+            if fp is not None and 0 <= fp.offset < int(off):
+                self._consumer.seek(tp, fp.offset)  # read the record before first
+                verifying[tp] = (int(off), fp)
             else:
                 self._consumer.seek(tp, int(off))
-                unchecked[tp] = int(off)
+                if int(off) > 0:
+                    unprinted.append(key)
+            unchecked[tp] = int(off)
         self._unchecked = unchecked
+        self._verifying = verifying
         if earliest:
             self._consumer.seek_to_beginning(*earliest)
         if self._paused and tps:
@@ -384,13 +440,21 @@ class KafkaSource:
             "partitions_assigned",
             partitions=_spelt(keys),
             offsets={partition_key(*k): v for k, v in sorted(wanted.items()) if k in keys},
+            verifying=_spelt(_tp_key(tp) for tp in verifying),
         )
+        if unprinted:
+            log.info(
+                "fingerprint_check_skipped",
+                partitions=_spelt(unprinted),
+                reason="the snapshot has no fingerprint for the record before the offset",
+            )
 
     def _on_revoked(self, tps: list[TopicPartition]) -> None:
         keys = [_tp_key(tp) for tp in tps]
         self._assigned = self._assigned - frozenset(tps)
         for tp in tps:
             self._unchecked.pop(tp, None)
+            self._verifying.pop(tp, None)
         if self._on_revoked_cb is not None and keys:
             self._on_revoked_cb(keys)
         if keys:
@@ -406,7 +470,49 @@ class KafkaSource:
                 continue  # no fetch answered yet
             del self._unchecked[tp]
             if off > int(hw):
+                self._verifying.pop(tp, None)  # nothing to verify: the offset is gone
                 self._out_of_range.append(OutOfRange(_tp_key(tp), off, int(hw)))
+
+    def _verify(self, batches: dict[Any, list[Any]]) -> dict[Any, list[Any]]:
+        """Check the fingerprinted first record of each verifying partition in ``batches``.
+
+        Returns ``batches`` with, per checked partition, the records before its
+        resume offset withheld (all of them on a mismatch, which is reported).
+        """
+        out = {}
+        for tp, recs in batches.items():
+            pending = self._verifying.pop(tp, None)
+            if pending is None or not recs:
+                if pending is not None:
+                    self._verifying[tp] = pending
+                out[tp] = recs
+                continue
+            resume, fp = pending
+            first = recs[0]
+            seen = RecordFingerprint.of(first.offset, first.key, first.value, first.timestamp)
+            if seen == fp:
+                log.info(
+                    "fingerprint_verified",
+                    partition=partition_key(*_tp_key(tp)),
+                    offset=fp.offset,
+                    resume_offset=resume,
+                )
+                out[tp] = [r for r in recs if r.offset >= resume]
+                continue
+            cause = FINGERPRINT_MISMATCH if first.offset == fp.offset else RECORD_GONE
+            hw = self._consumer.highwater(tp)
+            self._unchecked.pop(tp, None)
+            self._out_of_range.append(
+                OutOfRange(_tp_key(tp), resume, int(hw) if hw is not None else -1, cause)
+            )
+            log.warning(
+                "fingerprint_mismatch",
+                partition=partition_key(*_tp_key(tp)),
+                expected_offset=fp.offset,
+                found_offset=first.offset,
+                cause=cause,
+            )
+        return out
 
     # -- public API ---------------------------------------------------------
     @property
@@ -426,6 +532,8 @@ class KafkaSource:
         nothing for a few seconds).  Returns ``[]`` while paused.
         """
         batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        if self._verifying:
+            batches = self._verify(batches)
         out: list[RawRecord] = []
         for recs in batches.values():
             out.extend(_to_raw(r) for r in recs)
@@ -433,10 +541,11 @@ class KafkaSource:
         return out
 
     def out_of_range(self) -> list[OutOfRange]:
-        """Sought offsets found beyond their partition's end since the last call (then cleared).
+        """Sought offsets found unusable since the last call (then cleared).
 
-        A partition is checked once per assignment, after the first fetch
-        response that carries its high-water mark.
+        A partition is checked once per assignment: beyond its end after the
+        first fetch response that carries its high-water mark, its fingerprint
+        on the first fetch that returns its records.
         """
         found, self._out_of_range = self._out_of_range, []
         return found

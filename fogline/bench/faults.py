@@ -15,8 +15,22 @@ Scenarios (one topic, one partition, count batching, ``drift.policy = off``):
                        takes over.
 ``malformed_mix``      every malformed kind the decoder knows, through the producer.
 ``oversized``          malformed records of 1.5 and 3 MiB (above the DLQ request limit).
-``broker_restart``     the broker restarts empty (its topic recreated) between two runs;
-                       needs the offset-out-of-range handling of the source.
+``broker_restart_fail``
+                       the broker restarts empty and the topic is recreated shorter
+                       than the snapshot's offset; with the default
+                       ``stream.offset_out_of_range = fail`` the daemon must exit 4 with
+                       an ``offset_out_of_range`` error (``cause`` ``beyond_end``) and
+                       write nothing; the new topic's records are *held back* for the
+                       operator (not lost).
+``broker_restart_earliest``
+                       the same with ``offset_out_of_range = earliest``: every record
+                       of the new topic absorbed exactly once.
+``topic_recreated_longer``
+                       the broker restarts empty and the topic is recreated *longer*
+                       than the snapshot's offset (the range check cannot see it): one
+                       run with the default must exit 4 (``cause``
+                       ``fingerprint_mismatch``), then one with ``earliest`` must absorb
+                       the whole new topic exactly once.
 ``rejected_steps``     ten records at ±3e38 (they decode, the step goes non-finite).
 ``latest_deleted``     the ``latest`` key deleted between two runs.
 ``latest_corrupt``     the latest blob overwritten between two runs.
@@ -26,13 +40,17 @@ the distinct source offsets in the scenario's dead-letter topic; ``absorbed`` th
 final snapshot's ``records_absorbed`` (each snapshot counts what its posterior
 learnt); ``duplicates_absorbed = max(0, absorbed - learnable)`` where
 ``learnable`` is the number of records that can be learnt, known by construction;
-``lost = sent - (absorbed - duplicates_absorbed) - dead_lettered``.  A loss and a
+``lost = sent - (absorbed - duplicates_absorbed) - dead_lettered - held_back``,
+``held_back`` the records a loud ``fail`` left in a recreated topic on purpose.  A loss and a
 duplicate in one scenario would cancel in those counts, so a scenario also needs
 its final snapshot's offset at the end of the topic and no malformed record
 missing from the DLQ.  ``crash_loops`` counts scenarios whose daemon died by
 itself twice in a row; ``silent_stalls`` counts runs that made no progress and
 wrote no log line for ``--stall-s`` (30) seconds while records were waiting (the
-run is then killed).  ``passed`` is all of that.
+run is then killed).  A scenario that expects ``offset_out_of_range`` also
+needs the events it expects (``action:cause``, in order) and, for ``fail``,
+exit status 4 with the snapshot untouched (``failed_loudly``); an exit 4 that
+was expected is not a crash.  ``passed`` is all of that.
 """
 
 from __future__ import annotations
@@ -53,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import yaml
 
 from fogline.bench.crash_replay import (
     BAD_PAYLOADS,
@@ -82,8 +101,10 @@ MORE_BAD: tuple[bytes, ...] = (
 ALL_BAD = BAD_PAYLOADS + MORE_BAD
 #: A malformed record is this prefix plus padding (``x`` a string: ``bad_x``).
 HUGE_PREFIX = b'{"ts": 1, "y": 1.0, "x": "'
-#: Scenarios whose fix lives on another branch (reported, expected to fail here).
-NEEDS_OTHER_FIX = {"broker_restart": "offset-out-of-range handling in daemon/stream/source.py"}
+#: Exit status of ``fogline run`` for an offset it cannot resume from (``fail``).
+EXIT_OUT_OF_RANGE = 4
+#: Scenarios that restart the broker (each gets its own).
+BROKER_RESTARTS = ("broker_restart_fail", "broker_restart_earliest", "topic_recreated_longer")
 SCENARIOS = (
     "kill9",
     "redis_pause",
@@ -91,7 +112,7 @@ SCENARIOS = (
     "two_daemons",
     "malformed_mix",
     "oversized",
-    "broker_restart",
+    *BROKER_RESTARTS,
     "rejected_steps",
     "latest_deleted",
     "latest_corrupt",
@@ -115,13 +136,25 @@ class Outcome:
     learnable: int = 0
     end_offset: int = 0
     dlq_missing: int = 0
+    #: Records a loud ``fail`` left in a recreated topic on purpose (for the operator).
+    held_back: int = 0
+    #: ``offset_out_of_range`` events seen (``action:cause``) and those the scenario needs.
+    oor_events: list[str] = field(default_factory=list)
+    oor_expected: list[str] = field(default_factory=list)
+    #: For a run expected to ``fail``: exit 4, an error logged, the snapshot untouched.
+    failed_loudly: bool | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     def finish(self) -> Outcome:
         """Fill in ``duplicates_absorbed``, ``lost`` and ``passed`` from the counts."""
         self.duplicates_absorbed = max(0, self.absorbed - self.learnable)
-        self.lost = self.sent - (self.absorbed - self.duplicates_absorbed) - self.dead_lettered
+        self.lost = (
+            self.sent
+            - (self.absorbed - self.duplicates_absorbed)
+            - self.dead_lettered
+            - self.held_back
+        )
         self.passed = (
             self.lost == 0
             and self.duplicates_absorbed == 0
@@ -129,6 +162,8 @@ class Outcome:
             and self.silent_stalls == 0
             and self.end_offset == self.sent
             and self.dlq_missing == 0
+            and self.oor_events == self.oor_expected
+            and self.failed_loudly is not False
         )
         return self
 
@@ -223,11 +258,21 @@ class Scenario:
         produce_values(self.bootstrap, self.topic, part.values)
         self.stream = self.stream.extend(part)
 
-    def start(self, *extra: str, log: Path | None = None) -> subprocess.Popen[bytes]:
+    def config_with(self, **stream: Any) -> Path:
+        """A copy of the daemon's config with these ``stream`` settings."""
+        cfg = yaml.safe_load(self.config.read_text(encoding="utf-8"))
+        cfg["stream"].update(stream)
+        path = self.dir / ("d-" + "-".join(f"{k}-{v}" for k, v in sorted(stream.items())) + ".yaml")
+        path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+        return path
+
+    def start(
+        self, *extra: str, log: Path | None = None, config: Path | None = None
+    ) -> subprocess.Popen[bytes]:
         """Start one daemon (``--idle-exit-s 4`` unless given)."""
         self.runs += 1
         args = extra if "--idle-exit-s" in extra else ("--idle-exit-s", "4", *extra)
-        return start_daemon(self.config, log or self.log, *args)
+        return start_daemon(config or self.config, log or self.log, *args)
 
     def absorbed_now(self) -> int:
         """``records_absorbed`` of the latest snapshot (0 when none, or Redis is down)."""
@@ -240,10 +285,12 @@ class Scenario:
         *,
         until: Callable[[], bool] | None = None,
         log: Path | None = None,
+        expect: int | None = None,
     ) -> int | None:
         """Wait for ``proc`` to exit (or for ``until()``); count a silent stall or a crash.
 
         Returns the exit status, or ``None`` when ``until()`` came true first.
+        An exit with status ``expect`` is not a crash.
         A stall: for ``stall_s`` neither the log grew nor the snapshot moved
         while the snapshot's offset is short of the topic's end; the daemon is
         then killed.
@@ -255,7 +302,7 @@ class Scenario:
         while True:
             rc = proc.poll()
             if rc is not None:
-                return self._exited(rc, proc.pid)
+                return self._exited(rc, proc.pid, expect)
             if until is not None and until():
                 return None
             now = time.monotonic()
@@ -282,8 +329,8 @@ class Scenario:
         self._killed.add(proc.pid)
         kill(proc)
 
-    def _exited(self, rc: int, pid: int) -> int:
-        if rc == 0 or pid in self._killed:
+    def _exited(self, rc: int, pid: int, expect: int | None = None) -> int:
+        if rc == 0 or rc == expect or pid in self._killed:
             self._died_in_a_row = 0
             return rc
         self._died_in_a_row += 1
@@ -292,10 +339,10 @@ class Scenario:
             self.out.crash_loops += 1
         return rc
 
-    def drain(self, *extra: str, tries: int = 3) -> None:
+    def drain(self, *extra: str, tries: int = 3, config: Path | None = None) -> None:
         """Run daemons until one exits cleanly (idle at the topic's end) or ``tries`` die."""
         for _ in range(tries):
-            rc = self.watch(self.start(*extra))
+            rc = self.watch(self.start(*extra, config=config))
             if rc == 0 or rc is None:
                 return
 
@@ -420,47 +467,109 @@ def run_oversized(sc: Scenario, n: int) -> None:
     sc.drain()
 
 
-def run_broker_restart(sc: Scenario, kafka: EmbeddedKafka, n: int) -> Stream:
-    """Half the stream, the broker restarts empty, the topic is recreated, the other half.
+def _recreate(sc: Scenario, kafka: EmbeddedKafka, n: int, second: Stream) -> Stream:
+    """Half the stream drained; the broker restarts empty; the topic is recreated with ``second``.
 
-    Returns the second half (its offsets start at 0 again, in the new topic).
+    Returns the first half (the second's offsets start at 0 again, in the new topic).
     """
     sc.produce(stream(n // 2, n // 100, seed=17))
     sc.drain()
     kafka.stop()
     kafka.start()
     create_topic(sc.bootstrap, sc.topic, 1)
-    # shorter than the first half: the snapshot's offset lies beyond the new topic's end
-    second = stream(n // 4, n // 100, seed=18)
     produce_values(sc.bootstrap, sc.topic, second.values)
     first = sc.stream
     sc.stream = first.extend(second)
     # a correct daemon ends at the recreated topic's end: follow that in ``watch``
     sc.end_shift = len(first.values)
-    # a long idle exit: a daemon that sits silently behind a wrong offset is a stall
-    sc.drain("--idle-exit-s", str(round(sc.stall_s + 5)))
-    return second
+    return first
 
 
-def count_broker_restart(sc: Scenario, second: Stream) -> Outcome:
-    """Counts when the second half lives in a recreated topic (offsets from 0 again).
+def _quiet_s(sc: Scenario) -> str:
+    """A long idle exit: a daemon that sits silently behind a wrong offset is a stall."""
+    return str(round(sc.stall_s + 5))
 
-    The first half's dead letters were on the wiped broker: they are counted as
-    delivered (they were acknowledged before the restart); the second half's are read.
+
+def _fail_loudly(sc: Scenario) -> None:
+    """One run with the default ``fail``: it must exit 4 and write no snapshot."""
+    version = sc.store.latest_version()
+    rc = sc.watch(sc.start("--idle-exit-s", _quiet_s(sc)), expect=EXIT_OUT_OF_RANGE)
+    untouched = sc.store.latest_version() == version
+    sc.out.failed_loudly = rc == EXIT_OUT_OF_RANGE and untouched
+    sc.out.notes.append(f"default run exited {rc}{'' if untouched else ', snapshot written'}")
+
+
+def _absorb_earliest(sc: Scenario) -> None:
+    """Runs with ``offset_out_of_range = earliest`` until the new topic is drained.
+
+    The usual short idle exit: a batch absorbed after the last due snapshot is
+    only written by the shutdown snapshot, and a daemon that resumed at a wrong
+    offset shows in the counts (``lost``, ``end_offset``) either way.
+    """
+    sc.drain(config=sc.config_with(offset_out_of_range="earliest"))
+
+
+def run_broker_restart_fail(sc: Scenario, kafka: EmbeddedKafka, n: int) -> tuple[Stream, Stream]:
+    """Recreated shorter than the offset; the default must fail loudly (``beyond_end``)."""
+    second = stream(n // 4, n // 100, seed=18)
+    first = _recreate(sc, kafka, n, second)
+    sc.out.oor_expected = ["fail:beyond_end"]
+    _fail_loudly(sc)
+    return first, second
+
+
+def run_broker_restart_earliest(
+    sc: Scenario, kafka: EmbeddedKafka, n: int
+) -> tuple[Stream, Stream]:
+    """Recreated shorter than the offset; ``earliest`` absorbs the new topic exactly once."""
+    second = stream(n // 4, n // 100, seed=18)
+    first = _recreate(sc, kafka, n, second)
+    sc.out.oor_expected = ["earliest:beyond_end"]
+    _absorb_earliest(sc)
+    return first, second
+
+
+def run_topic_recreated_longer(sc: Scenario, kafka: EmbeddedKafka, n: int) -> tuple[Stream, Stream]:
+    """Recreated longer than the offset: the default fails (``fingerprint_mismatch``), then
+    ``earliest`` absorbs the whole new topic exactly once."""
+    second = stream(n // 2 + 32, n // 100, seed=23)
+    first = _recreate(sc, kafka, n, second)
+    assert len(second.values) >= len(first.values)
+    sc.out.oor_expected = ["fail:fingerprint_mismatch", "earliest:fingerprint_mismatch"]
+    _fail_loudly(sc)
+    _absorb_earliest(sc)
+    return first, second
+
+
+def count_recreated(sc: Scenario, first: Stream, second: Stream) -> Outcome:
+    """Counts when the second part lives in a recreated topic (offsets from 0 again).
+
+    The first part's dead letters were on the wiped broker: they are counted as
+    delivered (they were acknowledged before the restart); the second part's are
+    read.  When the scenario ends on a loud ``fail`` the second part is held back
+    and the snapshot must still stand at the first part's end.
     """
     out = sc.out
+    held = out.oor_expected[-1].startswith("fail:")
     out.sent = len(sc.stream.values)
-    out.learnable = sc.stream.learnable
+    out.learnable = first.learnable if held else sc.stream.learnable
+    out.held_back = len(second.values) if held else 0
     meta = latest_meta(sc.store)
     out.absorbed = meta.records_absorbed if meta is not None else 0
     end = sc.offset_of(meta.offsets) if meta is not None else 0
-    out.end_offset = out.sent if end == len(second.values) else end
+    want = len(first.values) if held else len(second.values)
+    out.end_offset = out.sent if end == want else end
     dlq = read_topic(sc.bootstrap, f"{sc.topic}.dlq", timeout_s=10)
     sources = set(dlq_source_offsets(dlq))
-    first_bad = len(sc.stream.bad) - len(second.bad)
-    out.dead_lettered = len(sources & second.bad) + first_bad
-    out.dlq_missing = len(second.bad - sources)
-    out.notes.append(f"final offset {end} in the recreated topic of {len(second.values)}")
+    out.dead_lettered = len(sources & second.bad) + len(first.bad)
+    out.dlq_missing = 0 if held else len(second.bad - sources)
+    out.oor_events = [
+        f"{e.get('action')}:{e.get('cause')}"
+        for e in log_events(sc.log)
+        if e.get("event") == "offset_out_of_range"
+    ]
+    where = "the old topic's end" if held else "the recreated topic"
+    out.notes.append(f"final offset {end} (want {want}: {where}); oor {out.oor_events}")
     return out.finish()
 
 
@@ -539,7 +648,7 @@ def run_faults(
             if name in ("redis_pause", "redis_wiped"):
                 own_redis = stack.enter_context(EmbeddedRedis())
                 r = own_redis.url
-            if name == "broker_restart":
+            if name in BROKER_RESTARTS:
                 own_kafka = stack.enter_context(EmbeddedKafka())
                 b = own_kafka.bootstrap_servers
             sc = Scenario(
@@ -551,7 +660,7 @@ def run_faults(
                 timeout_s=timeout_s,
             )
             stack.callback(sc.close)
-            second: Stream | None = None
+            parts: tuple[Stream, Stream] | None = None
             try:
                 if name == "kill9":
                     run_kill9(sc, n)
@@ -564,9 +673,14 @@ def run_faults(
                     run_malformed(sc, n)
                 elif name == "oversized":
                     run_oversized(sc, n)
-                elif name == "broker_restart":
+                elif name in BROKER_RESTARTS:
                     assert own_kafka is not None
-                    second = run_broker_restart(sc, own_kafka, n)
+                    run = {
+                        "broker_restart_fail": run_broker_restart_fail,
+                        "broker_restart_earliest": run_broker_restart_earliest,
+                        "topic_recreated_longer": run_topic_recreated_longer,
+                    }[name]
+                    parts = run(sc, own_kafka, n)
                 elif name == "rejected_steps":
                     run_rejected(sc, n)
                 elif name == "latest_deleted":
@@ -575,17 +689,15 @@ def run_faults(
                     run_latest_corrupt(sc, n)
                 else:
                     raise ValueError(f"unknown scenario {name!r}")
-                out = count_broker_restart(sc, second) if second is not None else sc.count()
+                out = count_recreated(sc, *parts) if parts is not None else sc.count()
             except Exception as exc:  # a harness failure is a failed scenario, not a crash
                 out = sc.out
                 out.notes.append(f"harness error: {type(exc).__name__}: {exc}")
                 out.passed = False
             out.seconds = round(time.monotonic() - t0, 1)
-            if name in NEEDS_OTHER_FIX and not out.passed:
-                out.notes.append(f"needs {NEEDS_OTHER_FIX[name]} (not on this branch)")
             results[name] = out
             say(_row(out))
-    keys = ("sent", "absorbed", "dead_lettered", "lost", "duplicates_absorbed")
+    keys = ("sent", "absorbed", "dead_lettered", "held_back", "lost", "duplicates_absorbed")
     total: dict[str, Any] = {k: sum(getattr(o, k) for o in results.values()) for k in keys}
     total["crash_loops"] = sum(o.crash_loops for o in results.values())
     total["silent_stalls"] = sum(o.silent_stalls for o in results.values())
@@ -594,15 +706,17 @@ def run_faults(
 
 
 HEADER = (
-    f"{'scenario':<16}{'sent':>7}{'absorbed':>10}{'dlq':>6}{'lost':>6}{'dups':>6}"
-    f"{'loops':>7}{'stalls':>8}{'s':>7}  passed"
+    f"{'scenario':<24}{'sent':>6}{'absorbed':>9}{'dlq':>5}{'held':>5}{'lost':>5}{'dups':>5}"
+    f"{'loops':>6}{'stalls':>7}{'loud':>5}{'s':>7}  passed"
 )
 
 
 def _row(o: Outcome) -> str:
+    loud = "-" if o.failed_loudly is None else ("yes" if o.failed_loudly else "NO")
     return (
-        f"{o.scenario:<16}{o.sent:>7}{o.absorbed:>10}{o.dead_lettered:>6}{o.lost:>6}"
-        f"{o.duplicates_absorbed:>6}{o.crash_loops:>7}{o.silent_stalls:>8}{o.seconds:>7.1f}  "
+        f"{o.scenario:<24}{o.sent:>6}{o.absorbed:>9}{o.dead_lettered:>5}{o.held_back:>5}"
+        f"{o.lost:>5}{o.duplicates_absorbed:>5}{o.crash_loops:>6}{o.silent_stalls:>7}"
+        f"{loud:>5}{o.seconds:>7.1f}  "
         f"{'yes' if o.passed else 'NO'}" + (f"  ({'; '.join(o.notes)})" if o.notes else "")
     )
 

@@ -24,6 +24,7 @@ from fogline.daemon.stream.store import (
     StoreUnavailable,
     T,
 )
+from fogline.models.state import RecordFingerprint
 
 TP = tuple[str, int]
 
@@ -157,7 +158,10 @@ class FakeConsumer:
     At the first poll it is "assigned": it asks ``offsets_for`` where to start
     (earliest when unnamed).  A start beyond ``len(log)`` is reported once by
     :meth:`out_of_range`, like :class:`~fogline.daemon.stream.source.KafkaSource`
-    after its first fetch; :meth:`reset` moves the position.
+    after its first fetch; so is a ``fingerprints_for`` fingerprint that the
+    record at its offset does not match (``fingerprint_mismatch``); every
+    record read for a check is counted in ``verified``.  :meth:`reset` moves
+    the position.
     """
 
     events: list[Any]
@@ -165,11 +169,17 @@ class FakeConsumer:
     topic: str = "t"
     offsets_for: Callable[[list[TP]], Mapping[TP, int]] | None = None
     on_revoked: Callable[[list[TP]], None] | None = None
+    fingerprints_for: Callable[[list[TP]], Mapping[TP, RecordFingerprint]] | None = None
     per_poll: int = 100
     position: int | None = None
     paused: bool = False
     committed: dict[TP, int] = field(default_factory=dict)
     _oor: list[OutOfRange] = field(default_factory=list)
+    verified: list[int] = field(default_factory=list)
+
+    def timestamp(self, offset: int) -> int:
+        """The fake broker's timestamp of the record at ``offset``."""
+        return 1_700_000_000_000 + offset
 
     @property
     def key(self) -> TP:
@@ -183,13 +193,24 @@ class FakeConsumer:
         if self.position is None:  # the assignment
             wanted = self.offsets_for([self.key]) if self.offsets_for else {}
             self.position = wanted.get(self.key, 0)
+            prints = self.fingerprints_for([self.key]) if self.fingerprints_for else {}
+            fp = prints.get(self.key)
             if self.position > len(self.log):
                 self._oor.append(OutOfRange(self.key, self.position, len(self.log)))
+            elif fp is not None and fp.offset < self.position:
+                o = fp.offset
+                self.verified.append(o)
+                seen = RecordFingerprint.of(o, None, self.log[o], self.timestamp(o))
+                if seen != fp:
+                    self._oor.append(
+                        OutOfRange(self.key, self.position, len(self.log), "fingerprint_mismatch")
+                    )
+                    return []
         if self.paused or self.position >= len(self.log):
             return []
         n = min(self.per_poll, max_records or self.per_poll, len(self.log) - self.position)
         out = [
-            RawRecord(self.topic, 0, o, None, self.log[o], 1_700_000_000_000 + o)
+            RawRecord(self.topic, 0, o, None, self.log[o], self.timestamp(o))
             for o in range(self.position, self.position + n)
         ]
         self.position += n

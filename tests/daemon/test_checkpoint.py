@@ -13,11 +13,12 @@ from structlog.testing import capture_logs
 
 from fogline.daemon.stream.batching import Rows
 from fogline.daemon.stream.checkpoint import Checkpoint, resume_offsets
+from fogline.daemon.stream.decode import RawRecord
 from fogline.daemon.stream.lease import LeaseKeeper, LeaseUnavailable
 from fogline.daemon.stream.runtime import Retry, StopFlag
 from fogline.models.config import ModelConfig
 from fogline.models.serialize import from_bytes
-from fogline.models.state import PosteriorState
+from fogline.models.state import PosteriorState, RecordFingerprint
 from fogline.models.svi import init_state
 
 
@@ -173,3 +174,49 @@ def test_resume_offsets_match_a_row_by_row_scan(
                 expected["t", p] = o
                 seen.add(p)
     assert resume_offsets(a, h, rows) == expected
+
+
+def _raws(offsets: range, partition: int = 0) -> list[RawRecord]:
+    return [RawRecord("t", partition, o, None, b"v%d" % o, 1000 + o) for o in offsets]
+
+
+def _print(o: int) -> RecordFingerprint:
+    return RecordFingerprint.of(o, None, b"v%d" % o, 1000 + o)
+
+
+def test_stamp_fingerprints_the_record_before_each_offset_across_polls(
+    state: PosteriorState,
+) -> None:
+    cp, _, _ = _checkpoint([])
+    first, second = _raws(range(0, 10)), _raws(range(10, 20))
+    cp.read({("t", 0): 10}, valid=10, records=first)
+    cp.read({("t", 0): 20}, valid=10, records=second)
+    # rows 16.. are unabsorbed: the resume offset is 16, its record before is 15
+    unabsorbed = [Rows.of("t", np.zeros((4, 2)), np.zeros(4), [0] * 4, [16, 17, 18, 19])]
+    offsets = cp.offsets({}, unabsorbed)
+    assert offsets == {("t", 0): 16}
+    stamped = cp.stamp(state.replace(offsets=offsets))
+    assert stamped.fingerprints == {("t", 0): _print(15)}
+    assert len(cp._recent) == 1  # the first poll can no longer hold a record before an offset
+    # records let go (offset 9) and partitions never read (t:1) get no fingerprint
+    assert cp.stamp(state.replace(offsets={("t", 0): 10, ("t", 1): 3})).fingerprints == {}
+
+
+def test_a_start_fingerprint_holds_until_the_offset_moves(state: PosteriorState) -> None:
+    start = state.replace(offsets={("t", 0): 10}, fingerprints={("t", 0): _print(9)})
+    cp, _, _ = _checkpoint([], start=start)
+    assert cp.stamp(start).fingerprints == {("t", 0): _print(9)}
+    cp.read({("t", 0): 13}, valid=3, records=_raws(range(10, 13)))
+    moved = start.replace(offsets=cp.offsets(start.offsets, []))
+    assert cp.stamp(moved).fingerprints == {("t", 0): _print(12)}
+
+
+def test_forget_with_reset_drops_the_old_stream_s_records(state: PosteriorState) -> None:
+    start = state.replace(offsets={("t", 0): 10}, fingerprints={("t", 0): _print(9)})
+    cp, _, _ = _checkpoint([], start=start)
+    cp.read({("t", 0): 10, ("t", 1): 2}, valid=12, records=_raws(range(5, 10)) + _raws(range(2), 1))
+    cp.forget([("t", 0)], reset=True)
+    # the same offset on the recreated topic is another record: nothing is known of it
+    assert cp.stamp(start).fingerprints == {}
+    kept = cp.stamp(state.replace(offsets={("t", 1): 2}))
+    assert kept.fingerprints == {("t", 1): _print(1)}

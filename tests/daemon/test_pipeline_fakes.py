@@ -12,6 +12,7 @@ from fogline.daemon import metrics
 from fogline.daemon.config import Settings
 from fogline.daemon.stream.pipeline import EXIT_OUT_OF_RANGE, Clients, Pipeline, RunOptions
 from fogline.models.serialize import from_bytes
+from fogline.models.state import RecordFingerprint
 
 BATCH = 16
 
@@ -46,9 +47,16 @@ class World:
         self.dlq = FakeDeadLetters(self.events)
 
     def clients(self) -> Clients:
-        def source(s: Settings, offsets_for: Any, on_revoked: Any) -> FakeConsumer:
+        def source(
+            s: Settings, offsets_for: Any, on_revoked: Any, fingerprints_for: Any
+        ) -> FakeConsumer:
             self.consumer = FakeConsumer(
-                self.events, self.log, offsets_for=offsets_for, on_revoked=on_revoked, per_poll=24
+                self.events,
+                self.log,
+                offsets_for=offsets_for,
+                on_revoked=on_revoked,
+                fingerprints_for=fingerprints_for,
+                per_poll=24,
             )
             return self.consumer
 
@@ -96,9 +104,10 @@ def test_restart_resumes_at_the_snapshot_offsets() -> None:
     assert second.records_absorbed == 96 and second.offsets == {("t", 0): 96}
 
 
-def _oor_count(action: str) -> float:
+def _oor_count(action: str, cause: str = "beyond_end") -> float:
     v = metrics.REGISTRY.get_sample_value(
-        "fogline_offset_out_of_range_total", {"partition": "t:0", "action": action}
+        "fogline_offset_out_of_range_total",
+        {"partition": "t:0", "action": action, "cause": cause},
     )
     return v or 0.0
 
@@ -159,3 +168,76 @@ def test_a_lease_taken_over_mid_run_stops_the_daemon_without_writing() -> None:
     assert not any(e[0] in ("write", "commit") for e in after)
     assert any(e["event"] == "lease_lost" for e in logs)
     assert world.store.blobs == []  # the first snapshot was due at batch 4
+
+
+def _print_of(log: list[bytes], offset: int) -> RecordFingerprint:
+    return RecordFingerprint.of(offset, None, log[offset], 1_700_000_000_000 + offset)
+
+
+def test_each_snapshot_fingerprints_the_record_before_its_offset() -> None:
+    log = [record(i) for i in range(100)]
+    log[5] = b"{not json"
+    log[63] = b"{also not json"  # a dead letter can be the record before an offset
+    world = World(log)
+    assert world.run() == 0
+    assert len(world.store.blobs) >= 3
+    for _, blob in world.store.blobs:
+        state = from_bytes(blob)
+        resume = state.offsets[("t", 0)]
+        assert state.fingerprints == {("t", 0): _print_of(log, resume - 1)}
+    # count mode: the final offset is a partial batch's first row, not the end of the log
+    assert from_bytes(world.store.blobs[-1][1]).offsets[("t", 0)] < 100
+
+
+def test_a_restart_on_the_same_log_verifies_the_fingerprint_and_resumes() -> None:
+    log = [record(i) for i in range(64)]
+    world = World(log)
+    assert world.run() == 0
+    world.log.extend(record(i) for i in range(64, 96))
+    again = World(world.log, store=world.store)
+    assert again.run() == 0
+    assert again.consumer is not None and again.consumer.verified == [63]
+    state = from_bytes(again.store.blobs[-1][1])
+    assert state.records_absorbed == 96 and state.offsets == {("t", 0): 96}
+    assert state.fingerprints == {("t", 0): _print_of(world.log, 95)}
+
+
+def _recreated(n_old: int, n_new: int) -> tuple[FakeStore, list[bytes]]:
+    """A snapshot at ``n_old`` and a recreated log of ``n_new`` other records."""
+    store = _snapshot_at(World([record(i) for i in range(n_old)]), n_old)
+    return store, [record(1000 + i) for i in range(n_new)]
+
+
+@pytest.mark.parametrize("n_new", [64, 130])
+def test_a_recreated_log_at_least_as_long_fails_loudly_by_default(n_new: int) -> None:
+    store, new = _recreated(64, n_new)
+    versions = len(store.blobs)
+    before = _oor_count("fail", "fingerprint_mismatch")
+    recreated = World(new, store=store)
+    with capture_logs() as logs:
+        assert recreated.run() == EXIT_OUT_OF_RANGE
+    oor = [e for e in logs if e["event"] == "offset_out_of_range"]
+    assert len(oor) == 1 and oor[0]["cause"] == "fingerprint_mismatch"
+    assert oor[0]["snapshot_offset"] == 64 and oor[0]["action"] == "fail"
+    failed = [e for e in logs if e["event"] == "daemon_failed"]
+    assert failed and "fingerprint_mismatch" in failed[0]["error"]
+    assert _oor_count("fail", "fingerprint_mismatch") == before + 1
+    assert len(store.blobs) == versions  # nothing written, nothing committed
+    assert not any(e[0] == "commit" for e in recreated.events)
+
+
+def test_a_recreated_log_at_least_as_long_is_absorbed_from_0_with_earliest() -> None:
+    store, new = _recreated(64, 130)
+    before = _oor_count("earliest", "fingerprint_mismatch")
+    recreated = World(new, store=store)
+    with capture_logs() as logs:
+        assert recreated.run(offset_out_of_range="earliest") == 0
+    assert [e["cause"] for e in logs if e["event"] == "offset_out_of_range"] == [
+        "fingerprint_mismatch"
+    ]
+    assert _oor_count("earliest", "fingerprint_mismatch") == before + 1
+    state = from_bytes(store.blobs[-1][1])
+    resume = state.offsets[("t", 0)]
+    assert resume == 128  # 130 valid records: 8 batches of 16, two read again later
+    assert state.records_absorbed == 64 + 128
+    assert state.fingerprints == {("t", 0): _print_of(new, 127)}

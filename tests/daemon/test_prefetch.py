@@ -80,12 +80,15 @@ class CheckedWorld(World):
         self.checked: CheckedConsumer | None = None
 
     def clients(self) -> Clients:
-        def source(s: Any, offsets_for: Any, on_revoked: Any) -> CheckedConsumer:
+        def source(
+            s: Any, offsets_for: Any, on_revoked: Any, fingerprints_for: Any
+        ) -> CheckedConsumer:
             self.checked = CheckedConsumer(
                 self.events,
                 self.log,
                 offsets_for=offsets_for,
                 on_revoked=on_revoked,
+                fingerprints_for=fingerprints_for,
                 per_poll=24,
                 rebalance_at=self.rebalance_at,
             )

@@ -25,7 +25,11 @@ from fogline.models.serialize import (
     to_bytes,
     upgrade_schema1,
 )
+from fogline.models.state import RecordFingerprint
 from fogline.models.svi import init_state
+
+#: The fingerprint of the record before offset 14 004 of telemetry:0.
+PRINT = RecordFingerprint.of(14_003, b"k", b'{"x": [1, 2], "y": 0}', 1_700_000_000_000)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +39,7 @@ def blob() -> bytes:
         offsets={("telemetry", 0): 14_004, ("telemetry", 1): 7},
         records_absorbed=14_000,
         extra={"drift": {"mode": "stable", "alarms": 3}},
+        fingerprints={("telemetry", 0): PRINT},
     )
     return to_bytes(state)
 
@@ -49,6 +54,9 @@ def _reheader(blob: bytes, meta: dict[str, Any]) -> bytes:
 FORGERIES: list[tuple[str, Any]] = [
     ("offsets", {"telemetry:0": 1_000, "telemetry:1": 7}),
     ("offsets", {"telemetry:0": 14_004}),
+    ("fingerprints", {"telemetry:0": {"offset": 14_003, "sha256": "0" * 64}}),
+    ("fingerprints", {"telemetry:0": {"offset": 14_002, "sha256": PRINT.digest}}),
+    ("fingerprints", {}),
     ("records_absorbed", 0),
     ("lr", 0.5),
     ("step_count", 99),
@@ -128,3 +136,39 @@ def test_tensor_bytes_are_still_covered(blob: bytes) -> None:
     forged = st_save(tensors, metadata={"fogline": json.dumps(read_header(blob))})
     with pytest.raises(SnapshotFormatError, match="checksum"):
         from_bytes(forged)
+
+
+def test_fingerprints_round_trip_under_the_checksum(blob: bytes) -> None:
+    state = from_bytes(blob)
+    assert state.fingerprints == {("telemetry", 0): PRINT}
+    assert read_header(blob)["fingerprints"] == {
+        "telemetry:0": {"offset": 14_003, "sha256": PRINT.digest}
+    }
+    assert to_bytes(state) == blob
+
+
+def test_a_blob_from_before_fingerprints_restores_without_them_unchanged(blob: bytes) -> None:
+    meta = {k: v for k, v in read_header(blob).items() if k not in ("fingerprints", "checksum")}
+    tensors = st_load(blob)
+    meta["checksum"] = checksum(tensors, meta)
+    old = st_save(
+        tensors, metadata={"fogline": json.dumps(meta, sort_keys=True, separators=(",", ":"))}
+    )
+    state = from_bytes(old)
+    assert state.fingerprints == {} and state.offsets[("telemetry", 0)] == 14_004
+    assert to_bytes(state) == old  # no empty field is added: old blobs stay bit for bit
+
+
+def test_a_fingerprint_names_key_value_and_timestamp() -> None:
+    base = RecordFingerprint.of(3, b"k", b"v", 5)
+    assert base == RecordFingerprint.of(3, b"k", b"v", 5)
+    others = [
+        RecordFingerprint.of(3, None, b"v", 5),
+        RecordFingerprint.of(3, b"", b"v", 5),
+        RecordFingerprint.of(3, b"k", b"v2", 5),
+        RecordFingerprint.of(3, b"k", None, 5),
+        RecordFingerprint.of(3, b"k", b"v", None),
+        RecordFingerprint.of(3, b"kv", b"", 5),  # the lengths keep key and value apart
+    ]
+    assert all(o.digest != base.digest for o in others)
+    assert len({o.digest for o in others}) == len(others)

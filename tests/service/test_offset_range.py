@@ -2,7 +2,9 @@
 
 Before, the daemon sought to them, absorbed nothing, logged nothing and
 reported zero lag.  Now it fails loudly by default (exit status 4, nothing
-written) and resumes from the earliest offset when told to.
+written) and resumes from the earliest offset when told to.  The same holds
+for a recreated topic at least as long as the snapshot's offset, found by the
+fingerprint of the record before the offset.
 """
 
 from __future__ import annotations
@@ -52,9 +54,10 @@ def _settings(
     )
 
 
-def _count(action: str, topic: str) -> float:
+def _count(action: str, topic: str, cause: str = "beyond_end") -> float:
     v = metrics.REGISTRY.get_sample_value(
-        "fogline_offset_out_of_range_total", {"partition": f"{topic}:0", "action": action}
+        "fogline_offset_out_of_range_total",
+        {"partition": f"{topic}:0", "action": action, "cause": cause},
     )
     return v or 0.0
 
@@ -123,4 +126,64 @@ def test_broker_restarted_empty_fails_loudly_then_resumes_from_earliest(
     assert after.meta.offsets == {f"{topic}:0": 2 * BATCH}
     assert state.records_absorbed == 8 * BATCH
     assert _count("earliest", topic) == 1
+    store.close()
+
+
+def test_a_recreated_topic_as_long_as_the_offset_fails_loudly_then_resumes_from_0(
+    kafka_server: EmbeddedKafka, redis_url: str, redis_prefix: str
+) -> None:
+    bootstrap = kafka_server.bootstrap_servers
+    topic = f"oor-long-{uuid.uuid4().hex[:8]}"
+    create_topic(bootstrap, topic, 1)
+    old = make_records(6 * BATCH, 0, seed=3).values
+    produce(bootstrap, topic, old)
+    opts = RunOptions(idle_exit_s=2.0)
+    assert Pipeline(_settings(bootstrap, topic, redis_url, redis_prefix), opts).run() == 0
+    store = SnapshotStore(redis_url, "oor", prefix=redis_prefix)
+    before = store.read()
+    assert before.meta.offsets == {f"{topic}:0": 6 * BATCH}
+    fp = from_bytes(before.blob).fingerprints[(topic, 0)]
+    assert fp.offset == 6 * BATCH - 1
+
+    # a restart on the same topic reads the fingerprinted record and resumes after it
+    produce(bootstrap, topic, make_records(2 * BATCH, 0, seed=4).values)
+    with capture_logs() as logs:
+        assert Pipeline(_settings(bootstrap, topic, redis_url, redis_prefix), opts).run() == 0
+    assert [e["offset"] for e in logs if e["event"] == "fingerprint_verified"] == [fp.offset]
+    assert not [e for e in logs if e["event"] == "offset_out_of_range"]
+    same = store.read()
+    assert from_bytes(same.blob).records_absorbed == 8 * BATCH
+    assert same.meta.offsets == {f"{topic}:0": 8 * BATCH}
+
+    # the broker loses the topic; it is recreated with more records than the offset
+    kafka_server.stop()
+    kafka_server.start()
+    create_topic(bootstrap, topic, 1)
+    new = make_records(130, 0, seed=5).values
+    assert len(new) >= 8 * BATCH
+    produce(bootstrap, topic, new)
+
+    fails = _count("fail", topic, "fingerprint_mismatch")
+    with capture_logs() as logs:
+        code = Pipeline(_settings(bootstrap, topic, redis_url, redis_prefix), opts).run()
+    assert code == EXIT_OUT_OF_RANGE
+    oor = [e for e in logs if e["event"] == "offset_out_of_range"]
+    assert len(oor) == 1 and oor[0]["log_level"] == "error"
+    assert oor[0]["cause"] == "fingerprint_mismatch" and oor[0]["snapshot_offset"] == 8 * BATCH
+    assert _count("fail", topic, "fingerprint_mismatch") == fails + 1
+    assert store.read_meta().version == same.meta.version  # nothing written
+
+    with capture_logs() as logs:
+        settings = _settings(
+            bootstrap, topic, redis_url, redis_prefix, offset_out_of_range="earliest"
+        )
+        assert Pipeline(settings, opts).run() == 0
+    oor = [e for e in logs if e["event"] == "offset_out_of_range"]
+    assert [(e["action"], e["cause"]) for e in oor] == [("earliest", "fingerprint_mismatch")]
+    after = store.read()
+    state = from_bytes(after.blob)
+    # absorbed from offset 0: 8 batches of 16 of the 130 new records (2 wait for a batch)
+    assert after.meta.offsets == {f"{topic}:0": 128}
+    assert state.records_absorbed == 8 * BATCH + 128
+    assert state.fingerprints[(topic, 0)].offset == 127
     store.close()
