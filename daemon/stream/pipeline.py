@@ -63,7 +63,7 @@ import torch
 from fogline.daemon import metrics
 from fogline.daemon.config import Settings
 from fogline.daemon.stream.batching import MicroBatcher, Rows, TopicPartition
-from fogline.daemon.stream.checkpoint import Checkpoint
+from fogline.daemon.stream.checkpoint import Checkpoint, SnapshotSink
 from fogline.daemon.stream.decode import (
     Decoder,
     RawRecord,
@@ -80,7 +80,7 @@ from fogline.daemon.stream.source import (
     KafkaSource,
     security_kwargs,
 )
-from fogline.daemon.stream.store import IntactScan, Lease, Snapshot, SnapshotMeta, SnapshotStore
+from fogline.daemon.stream.store import IntactScan, Snapshot, SnapshotStore
 from fogline.daemon.stream.update import PlainUpdate, make_update_rule, warm_up
 from fogline.drift.runner import drift_mode, without_loop
 from fogline.models.config import ModelConfig
@@ -102,22 +102,15 @@ EXIT_NO_INTACT_SNAPSHOT = 5
 
 
 # -- what the pipeline needs of the outside world (real clients or fakes) -----------
-class Store(LeaseStore, Protocol):
-    """The snapshot store: :class:`~fogline.daemon.stream.store.SnapshotStore` or a fake."""
+class Store(LeaseStore, SnapshotSink, Protocol):
+    """The snapshot store: :class:`~fogline.daemon.stream.store.SnapshotStore` or a fake.
+
+    The lease calls (:class:`~fogline.daemon.stream.lease.LeaseStore`) and ``write``
+    (:class:`~fogline.daemon.stream.checkpoint.SnapshotSink`), plus what start-up reads.
+    """
 
     def read(self, version: int | None = None) -> Any: ...
     def newest_intact(self, verify: Callable[[Snapshot], Any]) -> IntactScan[Any]: ...
-    def write(
-        self,
-        blob: bytes,
-        *,
-        records_absorbed: int,
-        offsets: Mapping[str, int],
-        model_config: Mapping[str, Any] | None = ...,
-        drift: Mapping[str, Any] | None = ...,
-        lease: Lease | None = ...,
-        writer: str | None = ...,
-    ) -> SnapshotMeta: ...
     def close(self) -> None: ...
 
 
