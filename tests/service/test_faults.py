@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
+from daemon_runs import run_daemon
 
 from fogline.bench.crash_replay import (
     dlq_reasons,
     dlq_source_offsets,
     log_events,
     make_records,
-    start_daemon,
     write_config,
 )
 from fogline.daemon.stream.isolate import STEP_REJECTED
@@ -35,18 +34,6 @@ from fogline.daemon.stream.source import (
     read_topic,
 )
 from fogline.daemon.stream.store import SnapshotStore
-
-RUN_TIMEOUT_S = 180
-
-
-def _run(config: Path, log: Path, *extra: str) -> int:
-    proc = start_daemon(config, log, *extra)
-    try:
-        return proc.wait(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"daemon did not exit; log tail:\n{log.read_text()[-3000:]}")
 
 
 def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
@@ -73,7 +60,7 @@ def test_oversized_malformed_record_is_dead_lettered_truncated(
         batch_size=32,
     )
     log = tmp_path / "d.log"
-    assert _run(cfg, log, "--idle-exit-s", "2") == 0, log.read_text()[-3000:]
+    assert run_daemon(cfg, log, "--idle-exit-s", "2") == 0, log.read_text()[-3000:]
 
     with SnapshotStore(redis_url, "big", prefix=redis_prefix) as store:
         meta = store.read_meta()
@@ -137,7 +124,7 @@ def test_rejected_steps_dead_letter_the_poison_and_learn_the_rest(
         policy=policy,
     )
     log = tmp_path / "d.log"
-    assert _run(cfg, log, "--idle-exit-s", "2") == 0, log.read_text()[-3000:]
+    assert run_daemon(cfg, log, "--idle-exit-s", "2") == 0, log.read_text()[-3000:]
     with SnapshotStore(redis_url, "rej", prefix=redis_prefix) as store:
         meta = store.read_meta()
     dlq = read_topic(kafka_bootstrap, f"{topic}.dlq", timeout_s=15, min_records=len(positions))

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from daemon_runs import RUN_TIMEOUT_S, run_daemon
 
 from fogline.bench.crash_replay import (
     daemon_argv,
@@ -30,18 +31,6 @@ from fogline.bench.crash_replay import (
 from fogline.daemon.stream.source import DLQ_SOURCE_PARTITION, DLQ_SOURCE_TOPIC, read_topic
 from fogline.daemon.stream.store import SnapshotStore
 from fogline.models.serialize import from_bytes
-
-RUN_TIMEOUT_S = 180
-
-
-def _run(config: Path, log: Path, *extra: str) -> int:
-    proc = start_daemon(config, log, *extra)
-    try:
-        return proc.wait(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"daemon did not exit; log tail:\n{log.read_text()[-3000:]}")
 
 
 def _wait_for_absorbed(
@@ -77,7 +66,7 @@ def test_produce_consume_snapshot_restart_resume(
     first = make_records(300, 12, seed=1)
     produce(kafka_bootstrap, topic, first.values)
 
-    assert _run(cfg, log, "--idle-exit-s", "2") == 0
+    assert run_daemon(cfg, log, "--idle-exit-s", "2") == 0
     store = SnapshotStore(redis_url, "m1", prefix=redis_prefix)
     snap = store.read()
     n1 = len(first.values)
@@ -100,7 +89,7 @@ def test_produce_consume_snapshot_restart_resume(
     # restart: resumes from the snapshot's offsets, not from the start
     second = make_records(200, 8, seed=2)
     produce(kafka_bootstrap, topic, second.values)
-    assert _run(cfg, log, "--idle-exit-s", "2") == 0
+    assert run_daemon(cfg, log, "--idle-exit-s", "2") == 0
     snap2 = store.read()
     assert snap2.meta.version > v1
     assert snap2.meta.records_absorbed == 500
