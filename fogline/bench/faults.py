@@ -573,10 +573,12 @@ def count_recreated(sc: Scenario, first: Stream, second: Stream) -> Outcome:
     return out.finish()
 
 
-def _rejected_stream(n: int, seed: int) -> Stream:
-    """``n`` records, ten of them at ±3e38 (they decode; the step goes non-finite)."""
-    values = list(make_records(n, 0, seed).values)
-    positions = sorted({(k * 97 + 5) % n for k in range(10)})
+def huge_value_records(n_valid: int, positions: list[int], seed: int = 0) -> list[bytes]:
+    """``n_valid`` good records with records at ``positions`` replaced by ±3e38 ones.
+
+    They decode (finite in float32) but square to infinity in the likelihood.
+    """
+    values = list(make_records(n_valid, 0, seed=seed).values)
     for j, pos in enumerate(positions):
         x = [0.1] * 8
         sign = 1 if j % 2 == 0 else -1
@@ -585,7 +587,13 @@ def _rejected_stream(n: int, seed: int) -> Stream:
         else:
             x[j % 8] = sign * 3e38
             values[pos] = json.dumps({"ts": 1, "x": x, "y": 0.5}).encode()
-    return Stream(values, set(positions))
+    return values
+
+
+def _rejected_stream(n: int, seed: int) -> Stream:
+    """``n`` records, ten of them at ±3e38 (they decode; the step goes non-finite)."""
+    positions = sorted({(k * 97 + 5) % n for k in range(10)})
+    return Stream(huge_value_records(n, positions, seed), set(positions))
 
 
 def run_rejected(sc: Scenario, n: int) -> None:

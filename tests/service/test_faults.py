@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from fogline.bench.crash_replay import (
     make_records,
     write_config,
 )
+from fogline.bench.faults import huge_value_records
 from fogline.daemon.stream.isolate import STEP_REJECTED
 from fogline.daemon.stream.source import (
     DLQ_ORIGINAL_SHA256,
@@ -81,23 +81,6 @@ def test_oversized_malformed_record_is_dead_lettered_truncated(
     events = log_events(log)
     assert [e["offset"] for e in events if e.get("event") == "dlq_record_truncated"] == [40]
     assert any(e.get("event") == "daemon_stopped" for e in events), "a clean exit, no crash"
-
-
-def huge_value_records(n_valid: int, positions: list[int], seed: int = 0) -> list[bytes]:
-    """``n_valid`` good records with records at ``positions`` replaced by ±3e38 ones.
-
-    They decode (finite in float32) but square to infinity in the likelihood.
-    """
-    values = make_records(n_valid, 0, seed=seed).values
-    for j, pos in enumerate(positions):
-        x = [0.1] * 8
-        sign = 1 if j % 2 == 0 else -1
-        if j % 3 == 2:
-            values[pos] = json.dumps({"ts": 1, "x": x, "y": sign * 3e38}).encode()
-        else:
-            x[j % 8] = sign * 3e38
-            values[pos] = json.dumps({"ts": 1, "x": x, "y": 0.5}).encode()
-    return values
 
 
 @pytest.mark.parametrize("policy", ["off", "forget"])
