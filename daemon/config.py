@@ -52,6 +52,7 @@ from pydantic_settings import (
 
 from fogline.daemon.names import MODEL_NAME_PATTERN, dlq_topic_for, mask_url_credentials
 from fogline.drift.config import PolicyConfig
+from fogline.models.spec import ModelSpec
 
 __all__ = [
     "ENV_CONFIG_PATH",
@@ -228,6 +229,10 @@ class Settings(BaseSettings):
     )
 
     model_name: str = Field(default="default", pattern=MODEL_NAME_PATTERN)
+    #: The model spec (``docs/model.md``): features, target, transforms, the BNN.
+    #: ``None``: the model is whatever the warm-start state or snapshot holds
+    #: (a fresh start without either builds ``ModelSpec()``).
+    model: ModelSpec | None = None
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)

@@ -10,6 +10,10 @@ value is a JSON document::
      "extra": {...}, "fingerprints": {"topic:partition": {"offset": o, "sha256": "<hex>"}},
      "checksum": "<sha256>"}
 
+``schema`` (written only when the state has one: the named columns and
+their fitted transforms, :class:`~fogline.models.schema.DataSchema`) is under
+the checksum like every header field.
+
 ``fingerprints`` (written only when the state has some, so older schema-2 blobs
 round-trip unchanged) identifies, per partition, the last record absorbed or
 dead-lettered before its offset (:class:`~fogline.models.state.RecordFingerprint`);
@@ -45,6 +49,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fogline.models.config import ModelConfig
+from fogline.models.schema import DataSchema
 from fogline.models.state import PosteriorState, PriorSpec, RecordFingerprint
 
 SCHEMA_VERSION = 2
@@ -164,6 +169,8 @@ def to_bytes(state: PosteriorState) -> bytes:
     }
     if state.fingerprints:
         meta["fingerprints"] = fingerprints_to_json(state.fingerprints)
+    if state.schema is not None:
+        meta["schema"] = state.schema.to_dict()
     meta["checksum"] = checksum(tensors, meta)
     return st_save(tensors, metadata={"fogline": _canonical(meta)})
 
@@ -256,6 +263,7 @@ def _restore(
         fingerprints=fingerprints_from_json(meta.get("fingerprints") or {}),
         extra=dict(meta["extra"]),
         aux=aux,
+        schema=_schema(meta.get("schema")),
     )
     if dev.type != "cpu":
         moved = state.to(dev)
@@ -264,6 +272,15 @@ def _restore(
             return moved.replace(rng_state=state.rng_state)
         return moved
     return state
+
+
+def _schema(raw: Any) -> DataSchema | None:
+    if raw is None:
+        return None
+    try:
+        return DataSchema.from_dict(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SnapshotFormatError(f"schema is malformed: {exc}") from exc
 
 
 def save(state: PosteriorState, path: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from fogline.models.config import ModelConfig
+from fogline.models.schema import DataSchema
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,11 @@ class PosteriorState:
         Named auxiliary tensors other layers need to resume exactly (e.g. the
         drift layer's reference posterior and base prior); serialised under
         ``aux.<name>``; never touched by :func:`fogline.models.svi.step`.
+    schema:
+        The named record fields and their fitted transforms (raw units <->
+        model units, :mod:`fogline.models.schema`), set by a warm start on
+        the user's data; ``None``: the features of ``config``, target ``y``,
+        inputs and target used as they come (see :meth:`data_schema`).
     """
 
     config: ModelConfig
@@ -177,6 +183,13 @@ class PosteriorState:
     fingerprints: dict[tuple[str, int], RecordFingerprint] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    schema: DataSchema | None = None
+
+    def data_schema(self) -> DataSchema:
+        """The stored :class:`DataSchema`, else identity columns named by ``config``."""
+        if self.schema is not None:
+            return self.schema
+        return DataSchema.identity(self.config.features())
 
     @property
     def device(self) -> torch.device:
