@@ -141,8 +141,12 @@ def attach_history(
         gen = torch.Generator().manual_seed(seed)
         keep = torch.randperm(total, generator=gen)[:max_records].sort().values
         x, y = x[keep].contiguous(), y[keep].contiguous()
-    info = {"rows": int(x.shape[0]), "rows_offered": total, "features": int(x.shape[1])}
-    info["source"] = source
+    info: dict[str, Any] = {
+        "rows": int(x.shape[0]),
+        "rows_offered": total,
+        "features": int(x.shape[1]),
+        "source": source,
+    }
     return state.replace(
         extra={**state.extra, EXTRA_KEY: info},
         aux={**state.aux, _AUX_X: x, _AUX_Y: y},
