@@ -51,6 +51,7 @@ and never stop the loop.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -265,6 +266,21 @@ def spec_problems(settings: Settings, state: PosteriorState) -> list[str]:
     )
 
 
+def record_schema(settings: Settings, state: PosteriorState) -> DataSchema:
+    """The schema records are decoded by: the state's, else identity columns named by the spec.
+
+    A state written before schemas existed has none; with a ``model`` section
+    its (non-contradicting) names, target, key and timestamp fields are used,
+    without transforms (nothing was fitted).
+    """
+    spec = settings.model
+    if state.schema is not None or spec is None:
+        return state.data_schema()
+    return dataclasses.replace(
+        DataSchema.identity(spec.features, spec.target), key=spec.key, timestamp=spec.timestamp
+    )
+
+
 def fresh_prior(settings: Settings, device: torch.device) -> PosteriorState:
     """A prior state: the model of ``settings.model`` (else the default ``ModelConfig``).
 
@@ -445,7 +461,7 @@ class Pipeline:
         warm_up(state, s.stream.batch_size, s.stream.steps_per_batch, s.stream.data_size)
         log.info("svi_warmed_up", seconds=round(time.perf_counter() - t0, 3))
         # raw units in, model units out: the stored schema's names and transforms
-        self.decoder = Decoder(state.data_schema())
+        self.decoder = Decoder(record_schema(s, state))
         count_mode = s.stream.batching == "count"
         self.batcher = MicroBatcher(
             s.stream.batch_size, None if count_mode else s.stream.max_wait_ms

@@ -211,3 +211,12 @@ def test_fogline_run_prints_each_contradiction_and_exits_2(
     assert "fogline run: invalid configuration" in err
     assert "model.features: settings say ['a', 'b'], the state has ['a', 'b', 'c']" in err
     assert "model.hidden: settings say (16,), the state has (32, 32)" in err
+
+
+def test_a_state_without_a_schema_reads_records_by_the_spec_names(tmp_path: Path) -> None:
+    init = tmp_path / "old.safetensors"
+    save(_state(("cpu", "mem", "disk")), str(init))  # no schema: written before schemas
+    world = World([flat(i) for i in range(32)])
+    pipe = world.run(_settings(SPEC), init=init)
+    assert pipe.code == 0 and pipe.stats.dead_lettered == 0  # type: ignore[attr-defined]
+    assert world.latest().records_absorbed == 32
