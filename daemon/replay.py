@@ -14,6 +14,16 @@ Input formats (``fmt="auto"`` picks by extension and CSV header):
     ``{"ts": ..., "x": {feature: value, ...}, "y": ..., "key": ...}``; a cell
     that is not a number is passed on as a string (and dead-lettered by the
     daemon), never silently dropped.
+
+    With a model spec (``spec``: the settings' ``model`` section, ``fogline
+    replay --config``) the columns are the spec's: the header must hold every
+    feature and the target (a missing one is named), the timestamp column is
+    ``spec.timestamp`` (else ``ts``/``timestamp``/``time`` when present), the
+    key column ``spec.key`` (else ``key_field``), other columns are left out.
+    Each row becomes a flat named record, ``{"<timestamp>": ..., "<feature>":
+    value, ..., "<target>": value, "<key>": ...}``, with the row's own time as
+    the Kafka timestamp.  JSONL lines are sent as they are; their time and key
+    are read from the spec's fields.
 ``nab``
     a Numenta Anomaly Benchmark file, header ``timestamp,value``.  Values are
     standardised with the mean and standard deviation of the first 15 % of
@@ -40,6 +50,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fogline.daemon.stream.decode import DecodeError, Record, encode, parse_ts
+from fogline.models.spec import ModelSpec
 
 Format = Literal["auto", "jsonl", "csv", "nab"]
 FORMATS: tuple[str, ...] = ("auto", "jsonl", "csv", "nab")
@@ -123,7 +134,9 @@ def _key_or_none(v: Any) -> str | None:
     return None
 
 
-def read_jsonl(path: str | Path, key_field: str = "key") -> Iterator[ReplayItem]:
+def read_jsonl(
+    path: str | Path, key_field: str = "key", ts_field: str = "ts"
+) -> Iterator[ReplayItem]:
     """Items of a fogline JSONL file; every non-blank line is kept verbatim."""
     with Path(path).open("rb") as f:
         for line in f:
@@ -136,7 +149,7 @@ def read_jsonl(path: str | Path, key_field: str = "key") -> Iterator[ReplayItem]
             except (ValueError, RecursionError):
                 obj = None
             if isinstance(obj, dict):
-                ts = _ts_or_none(obj.get("ts"))
+                ts = _ts_or_none(obj.get(ts_field, obj.get("ts")))
                 key = _key_or_none(obj.get(key_field))
             yield ReplayItem(value, key, ts)
 
@@ -177,6 +190,48 @@ def read_csv(path: str | Path, key_field: str = "key") -> Iterator[ReplayItem]:
                 ts = _ts_or_none(obj["ts"])
             if key is not None:
                 obj["key"] = key
+            yield ReplayItem(encode(obj), key, ts)
+
+
+def read_spec_csv(
+    path: str | Path, spec: ModelSpec, key_field: str = "key"
+) -> Iterator[ReplayItem]:
+    """Flat named records of a CSV file, by the columns of ``spec`` (see the module doc)."""
+    with Path(path).open(newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = [c.strip() for c in next(reader, [])]
+        idx = {c: i for i, c in enumerate(header)}
+        need = [*spec.features, spec.target]
+        missing = [c for c in need if c not in idx]
+        for name in (spec.timestamp, spec.key):
+            if name is not None and name not in idx:
+                missing.append(name)
+        if missing:
+            raise ValueError(
+                f"{path}: CSV header lacks the model's columns {missing} (header {header}); "
+                "the model section of the settings names them"
+            )
+        ts_col = spec.timestamp or next((c for c in _TS_COLUMNS if c in idx), None)
+        ts_name = spec.timestamp or "ts"
+        key_col = spec.key or (key_field if key_field in idx else None)
+        key_name = spec.key or "key"
+        for row in reader:
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                # keep the record: the daemon dead-letters it with a reason
+                yield ReplayItem(",".join(row).encode(), None, None)
+                continue
+            obj: dict[str, Any] = {}
+            ts = None
+            if ts_col is not None:
+                obj[ts_name] = _cell(row[idx[ts_col]].strip())
+                ts = _ts_or_none(obj[ts_name])
+            for c in need:
+                obj[c] = _cell(row[idx[c]])
+            key = row[idx[key_col]] if key_col is not None else None
+            if key is not None:
+                obj[key_name] = key
             yield ReplayItem(encode(obj), key, ts)
 
 
@@ -222,13 +277,22 @@ def read_nab(path: str | Path, lags: int = 8) -> Iterator[ReplayItem]:
 
 
 def iter_items(
-    path: str | Path, fmt: Format = "auto", *, key_field: str = "key", lags: int = 8
+    path: str | Path,
+    fmt: Format = "auto",
+    *,
+    key_field: str = "key",
+    lags: int = 8,
+    spec: ModelSpec | None = None,
 ) -> tuple[str, Iterator[ReplayItem]]:
-    """The resolved format and the items of ``path``."""
+    """The resolved format and the items of ``path`` (by the columns of ``spec`` when given)."""
     resolved = detect_format(path) if fmt == "auto" else fmt
     if resolved == "jsonl":
+        if spec is not None:
+            return resolved, read_jsonl(path, spec.key or key_field, spec.timestamp or "ts")
         return resolved, read_jsonl(path, key_field)
     if resolved == "csv":
+        if spec is not None:
+            return resolved, read_spec_csv(path, spec, key_field)
         return resolved, read_csv(path, key_field)
     if resolved == "nab":
         return resolved, read_nab(path, lags)
@@ -325,15 +389,19 @@ def replay_file(
     partitions: int = 1,
     limit: int | None = None,
     progress: bool = False,
+    spec: ModelSpec | None = None,
     **client_kwargs: Any,
 ) -> ReplaySummary:
     """Replay ``path`` into ``topic`` (created with ``partitions`` if missing).
 
-    ``progress=True`` shows a rich progress bar on stderr.
+    ``progress=True`` shows a rich progress bar on stderr; ``spec`` reads
+    the model's named columns (see the module doc).
     """
     from fogline.daemon.stream.source import ReplayProducer, create_topic
 
-    resolved, items = iter_items(path, fmt, key_field=key_field, lags=lags)
+    resolved, items = iter_items(path, fmt, key_field=key_field, lags=lags, spec=spec)
+    if resolved == "csv" and spec is not None:
+        items = _peeked(items)  # a header problem fails before the topic is created
     create_topic(bootstrap_servers, topic, partitions, **client_kwargs)
     start = time.monotonic()
     with ReplayProducer(bootstrap_servers, topic, **client_kwargs) as producer:
@@ -342,6 +410,18 @@ def replay_file(
         else:
             n = produce_items(items, producer, speed=speed, limit=limit)
     return ReplaySummary(topic, n, time.monotonic() - start, resolved)
+
+
+def _peeked(items: Iterator[ReplayItem]) -> Iterator[ReplayItem]:
+    """``items`` with its first element read now (so a bad header raises here)."""
+    first = next(items, None)
+
+    def chain() -> Iterator[ReplayItem]:
+        if first is not None:
+            yield first
+        yield from items
+
+    return chain()
 
 
 def _with_progress(

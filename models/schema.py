@@ -144,6 +144,22 @@ class DataSchema:
         return cls(tuple(Column(f) for f in features), Column(target))
 
     @classmethod
+    def unfitted(cls, spec: ModelSpec) -> DataSchema:
+        """The columns of ``spec`` with their transform kinds but nothing fitted (loc 0, scale 1).
+
+        What a model built from the spec alone (no warm start) uses: a
+        ``standardise`` column is taken in raw units, a ``log1p`` one as
+        log(1 + v).  The kinds match the spec, so a restart with the same
+        spec finds no contradiction.
+        """
+        return cls(
+            tuple(Column(f, spec.transform_of(f)) for f in spec.features),
+            Column(spec.target, spec.transform_of(spec.target)),
+            spec.key,
+            spec.timestamp,
+        )
+
+    @classmethod
     def fit(
         cls,
         x_raw: torch.Tensor,
@@ -194,17 +210,20 @@ class DataSchema:
         """:meth:`x_to_model` for a float32 numpy array (the daemon's decoded batch).
 
         Affine columns are done as one vectorised ``(x - loc) / scale``; the
-        result is float32.
+        result is float32.  A value outside a transform's domain (log1p of
+        <= -1) comes out non-finite instead of raising.
         """
         if all(c.transform == "none" for c in self.features):
             return x_raw
         out = x_raw.astype(np.float64, copy=True)
         for j, c in enumerate(self.features):
             if c.transform == "log1p":
-                out[:, j] = np.log1p(out[:, j])
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    out[:, j] = np.log1p(out[:, j])
         loc = np.array([c.loc if c.transform != "none" else 0.0 for c in self.features])
         scale = np.array([c.scale if c.transform != "none" else 1.0 for c in self.features])
-        return ((out - loc) / scale).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, caller checks
+            return ((out - loc) / scale).astype(np.float32)
 
     def y_to_model(self, y_raw: torch.Tensor) -> torch.Tensor:
         """Raw target [N] -> model units."""
@@ -213,6 +232,28 @@ class DataSchema:
     def y_from_model(self, z: torch.Tensor) -> torch.Tensor:
         """Model-unit target values (means, quantiles) -> target units."""
         return self.target.inverse(z)
+
+    def y_to_model_np(self, y_raw: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """:meth:`y_to_model` for a float32 numpy array [N] (the daemon's decoded targets).
+
+        Computed in float64, returned as float32.  A value outside the
+        transform's domain comes out non-finite (log1p of -1 is -inf, below
+        it NaN) instead of raising: the caller decides what to do with it.
+        """
+        c = self.target
+        if c.transform == "none":
+            return y_raw
+        v = y_raw.astype(np.float64)
+        if c.transform == "log1p":
+            with np.errstate(divide="ignore", invalid="ignore"):
+                v = np.log1p(v)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return ((v - c.loc) / c.scale).astype(np.float32)
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether every column is used as it comes (no transform at all)."""
+        return all(c.transform == "none" for c in (*self.features, self.target))
 
     def check_raw(self, x_raw: torch.Tensor) -> None:
         """Raise :class:`SchemaError` naming the first column/row a transform cannot take."""

@@ -55,6 +55,7 @@ from fogline.daemon.metrics import QUERY_REGISTRY, QUERY_SECONDS
 from fogline.daemon.names import MODEL_NAME_PATTERN
 from fogline.daemon.query.serving import Loaded, Registry, StoreFactory
 from fogline.daemon.stream.store import SnapshotMeta, SnapshotStore, StoreError, StoreUnavailable
+from fogline.models.schema import SchemaError
 
 DEFAULT_LEVELS: tuple[float, ...] = (0.5, 0.9, 0.95)
 MAX_LEVELS = 16
@@ -78,12 +79,15 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     rows: list[list[float]] | list[dict[str, float]] = Field(
-        description="Feature rows: lists in the model's feature order, or objects "
-        "mapping every feature name (GET .../snapshot lists them) to a value.",
+        description="Feature rows in raw units (the stored transforms are applied): objects "
+        "mapping every feature name (GET .../snapshot lists them) to a value, or lists in "
+        "the model's feature order.",
         examples=[[[0.1, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]],
     )
     y: list[float] | None = Field(
-        None, description="Observed targets, one per row: adds anomaly_score and tail_prob."
+        None,
+        description="Observed targets in target units, one per row: adds anomaly_score and "
+        "tail_prob.",
     )
     levels: list[float] | None = Field(
         None, description="Central credible levels in (0, 1); default [0.5, 0.9, 0.95]."
@@ -96,7 +100,7 @@ class PredictRequest(BaseModel):
 
 
 class RowPrediction(BaseModel):
-    """Predictive summaries of one row."""
+    """Predictive summaries of one row, in target units (see :mod:`fogline.models.units`)."""
 
     mean: float
     total_std: float
@@ -146,6 +150,15 @@ class SnapshotInfo(BaseModel):
     drift: dict[str, Any]
     model_config_: dict[str, Any] = Field(alias="model_config")
     features: list[str]
+    target: str = Field(description="The target's name (answers are in its units).")
+    transforms: dict[str, str] = Field(
+        description="Column -> transform (standardise, log1p or none) applied to raw values."
+    )
+    schema_: dict[str, Any] = Field(
+        alias="schema",
+        description="The fitted columns: features and target with transform, loc and scale; "
+        "key and timestamp field names.",
+    )
     checksum: str
     writer: str
     ensemble_size: int
@@ -164,13 +177,13 @@ def _problem(status: int, detail: str | list[dict[str, Any]]) -> HTTPException:
 
 
 def _rows_tensor(req: PredictRequest, loaded: Loaded, limits: ApiSettings) -> torch.Tensor:
-    """Validate the rows against the model and the limits; return x [N, D]."""
+    """Validate the rows against the model and the limits; return raw x [N, D] (float64)."""
     rows = req.rows
     if not rows:
         raise _problem(422, "rows: at least one row is required")
     if len(rows) > limits.max_rows:
         raise _problem(413, f"rows: {len(rows)} rows exceed the limit of {limits.max_rows}")
-    features = loaded.config.features()
+    features = loaded.data_schema.feature_names
     d = len(features)
     if isinstance(rows[0], dict):
         index = {name: i for i, name in enumerate(features)}
@@ -195,7 +208,7 @@ def _rows_tensor(req: PredictRequest, loaded: Loaded, limits: ApiSettings) -> to
                     f"expects {d} features {list(features)[:20]})",
                 )
             out.append([row[f] for f in features])
-        return torch.tensor(out, dtype=torch.float32)
+        return _finite32(torch.tensor(out, dtype=torch.float64))
     for r, lrow in enumerate(rows):
         assert isinstance(lrow, list)
         if len(lrow) > limits.max_features:
@@ -208,8 +221,12 @@ def _rows_tensor(req: PredictRequest, loaded: Loaded, limits: ApiSettings) -> to
                 f"rows[{r}]: {len(lrow)} features, model {loaded.meta.model_name!r} "
                 f"expects {d} ({', '.join(features[:20])})",
             )
-    x = torch.tensor(rows, dtype=torch.float32)
-    if not bool(torch.isfinite(x).all()):  # finite doubles beyond float32's range
+    return _finite32(torch.tensor(rows, dtype=torch.float64))
+
+
+def _finite32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` when every value is finite in float32 (finite doubles can exceed its range), else 422."""
+    if not bool(torch.isfinite(x.float()).all()):
         raise _problem(422, "rows: every value must be finite in float32 (|x| < 3.4e38)")
     return x
 
@@ -232,8 +249,8 @@ def _y_tensor(req: PredictRequest, n: int) -> torch.Tensor | None:
         return None
     if len(req.y) != n:
         raise _problem(422, f"y: {len(req.y)} values for {n} rows (give one per row)")
-    y = torch.tensor(req.y, dtype=torch.float32)
-    if not bool(torch.isfinite(y).all()):
+    y = torch.tensor(req.y, dtype=torch.float64)
+    if not bool(torch.isfinite(y.float()).all()):
         raise _problem(422, "y: every value must be finite in float32")
     return y
 
@@ -248,7 +265,10 @@ def _predict_body(
     levels = _levels(req)
     x = _rows_tensor(req, loaded, limits)
     y = _y_tensor(req, x.shape[0])
-    pred = loaded.predict(x, levels, y, req.method)
+    try:
+        pred = loaded.predict_raw(x, levels, y, req.method)
+    except SchemaError as exc:
+        raise _problem(422, f"rows: {exc}") from None
     mean = pred.mean.tolist()
     total = pred.total_std.tolist()
     epi = pred.epistemic_std.tolist()
@@ -298,6 +318,7 @@ def _finite(value: Any) -> Any:
 def snapshot_info(name: str, loaded: Loaded, latest: int | None) -> dict[str, Any]:
     """JSON body of ``GET /v1/models/{name}/snapshot``."""
     meta: SnapshotMeta = loaded.meta
+    schema = loaded.data_schema
     return _finite(
         {
             "model": name,
@@ -308,7 +329,10 @@ def snapshot_info(name: str, loaded: Loaded, latest: int | None) -> dict[str, An
             "offsets": meta.offsets,
             "drift": meta.drift,
             "model_config": loaded.config.model_dump(mode="json"),
-            "features": list(loaded.config.features()),
+            "features": list(schema.feature_names),
+            "target": schema.target.name,
+            "transforms": schema.transforms(),
+            "schema": schema.to_dict(),
             "checksum": meta.checksum,
             "writer": meta.writer,
             "ensemble_size": loaded.ensemble.size,

@@ -33,7 +33,9 @@ from fogline.daemon.stream.store import SnapshotMeta, SnapshotNotFound, Snapshot
 from fogline.models.config import ModelConfig
 from fogline.models.predictive import Ensemble, Prediction, predict, sample_ensemble
 from fogline.models.quantize import QuantizedEnsemble, quantization_report, quantize_ensemble
+from fogline.models.schema import DataSchema
 from fogline.models.serialize import from_bytes
+from fogline.models.units import predict_raw
 
 log = structlog.get_logger(__name__)
 
@@ -52,6 +54,15 @@ class Loaded:
     quantization: dict[str, Any] | None
     loaded_at: float
     load_seconds: float
+    #: The state's named columns and fitted transforms (``None``: identity, named by ``config``).
+    schema: DataSchema | None = None
+
+    @property
+    def data_schema(self) -> DataSchema:
+        """The schema answers are mapped through (identity for old states)."""
+        return (
+            self.schema if self.schema is not None else DataSchema.identity(self.config.features())
+        )
 
     @property
     def version(self) -> int:
@@ -68,6 +79,21 @@ class Loaded:
         """Predictive summaries from the cached (or 8-bit) ensemble."""
         ens = self.quantized.dequantize() if self.quantized is not None else self.ensemble
         return predict(ens, x_nd, levels=levels, y=y, method=method)
+
+    def predict_raw(
+        self,
+        x_raw: torch.Tensor,
+        levels: tuple[float, ...],
+        y_raw: torch.Tensor | None = None,
+        method: str = "mixture",
+    ) -> Prediction:
+        """Predictive summaries in target units for raw rows (:func:`fogline.models.units.predict_raw`).
+
+        Raises :class:`~fogline.models.schema.SchemaError` naming the column
+        and row a transform cannot take.
+        """
+        ens = self.quantized.dequantize() if self.quantized is not None else self.ensemble
+        return predict_raw(ens, self.data_schema, x_raw, levels, y_raw, method)
 
 
 def load_snapshot(
@@ -94,6 +120,7 @@ def load_snapshot(
         quantization=report,
         loaded_at=time.time(),
         load_seconds=time.perf_counter() - t0,
+        schema=state.schema,
     )
 
 

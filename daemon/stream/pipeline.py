@@ -21,7 +21,9 @@ Start-up: take the writer lease (waiting while another daemon holds it, or
 exiting with status 3), restore the latest snapshot (or, when it is missing
 or damaged, the newest intact version, loudly; status 5 when versions exist
 but none is intact, unless ``stream.allow_fresh``), else the ``--init``
-state file, else a fresh prior; every assigned partition is sought to the
+state file, else a fresh prior of the settings' ``model`` spec; a spec that
+contradicts the restored state exits with status 2, naming each field.  Every
+assigned partition is sought to the
 snapshot's offsets (Kafka's committed offsets are ignored).  A snapshot
 offset beyond the partition's end (broker restarted empty, topic recreated)
 is handled by ``stream.offset_out_of_range``: ``fail`` (default) exits with
@@ -49,6 +51,7 @@ and never stop the loop.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -84,7 +87,9 @@ from fogline.daemon.stream.store import IntactScan, Snapshot, SnapshotStore
 from fogline.daemon.stream.update import PlainUpdate, make_update_rule, warm_up
 from fogline.drift.runner import drift_mode, without_loop
 from fogline.models.config import ModelConfig
+from fogline.models.schema import DataSchema
 from fogline.models.serialize import from_bytes, load, offsets_to_json
+from fogline.models.spec import contradictions
 from fogline.models.state import PosteriorState, RecordFingerprint, StepInfo
 from fogline.models.svi import init_state
 
@@ -99,6 +104,8 @@ LAG_EVERY_S = 1.0
 EXIT_OUT_OF_RANGE = 4
 #: Exit status of ``fogline run`` when versions exist but none is intact.
 EXIT_NO_INTACT_SNAPSHOT = 5
+#: Exit status when the settings' ``model`` section contradicts the stored state.
+EXIT_BAD_CONFIG = 2
 
 
 # -- what the pipeline needs of the outside world (real clients or fakes) -----------
@@ -233,6 +240,70 @@ class NoIntactSnapshot(RuntimeError):
     """The model has snapshot versions but none is intact (and ``stream.allow_fresh`` is off)."""
 
 
+class SpecContradiction(RuntimeError):
+    """The settings' ``model`` section contradicts the state the daemon would resume.
+
+    ``problems`` holds one ``"model.<field>: ..."`` line each
+    (:func:`fogline.models.spec.contradictions`).
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+def spec_problems(settings: Settings, state: PosteriorState) -> list[str]:
+    """Where ``settings.model`` contradicts ``state`` (none when the section is unset)."""
+    spec = settings.model
+    if spec is None:
+        return []
+    schema = state.schema
+    return contradictions(
+        spec,
+        state.config,
+        target=schema.target.name if schema is not None else None,
+        transforms=schema.transforms() if schema is not None else None,
+    )
+
+
+def record_schema(settings: Settings, state: PosteriorState) -> DataSchema:
+    """The schema records are decoded by: the state's, else identity columns named by the spec.
+
+    A state written before schemas existed has none; with a ``model`` section
+    its (non-contradicting) names, target, key and timestamp fields are used,
+    without transforms (nothing was fitted).
+    """
+    spec = settings.model
+    if state.schema is not None or spec is None:
+        return state.data_schema()
+    return dataclasses.replace(
+        DataSchema.identity(spec.features, spec.target), key=spec.key, timestamp=spec.timestamp
+    )
+
+
+def fresh_prior(settings: Settings, device: torch.device) -> PosteriorState:
+    """A prior state: the model of ``settings.model`` (else the default ``ModelConfig``).
+
+    Built from the spec alone there is nothing fitted, so the columns carry the
+    spec's names and transform kinds with loc 0 and scale 1
+    (:meth:`DataSchema.unfitted`): inputs and target in raw units, which the
+    ``fresh_prior_raw_units`` warning says.
+    """
+    spec = settings.model
+    config = spec.to_config() if spec is not None else ModelConfig.model_validate({})
+    state = init_state(config, seed=settings.stream.seed, lr=settings.stream.lr, device=device)
+    if spec is None:
+        return state
+    log.warning(
+        "fresh_prior_raw_units",
+        features=list(spec.features),
+        target=spec.target,
+        detail="no warm start: nothing is standardised, inputs and target are used in raw "
+        "units (fogline warmstart fits the transforms)",
+    )
+    return state.replace(schema=DataSchema.unfitted(spec))
+
+
 def initial_state(
     settings: Settings,
     store: Store,
@@ -250,7 +321,8 @@ def initial_state(
     from scratch silently: it raises :class:`NoIntactSnapshot` unless
     ``stream.allow_fresh`` is set.  An ``--init`` state starts the stream
     afresh (:func:`fresh_stream`) and takes ``stream.lr``; a restored snapshot
-    is used exactly as written.
+    is used exactly as written.  A fresh prior is the model of ``settings.model``
+    (:func:`fresh_prior`).
     """
     scan = call_with_retry(
         lambda: store.newest_intact(lambda snap: from_bytes(snap.blob, device)),
@@ -286,13 +358,7 @@ def initial_state(
         state = load(str(path), device)
         state = fresh_stream(state).replace(lr=settings.stream.lr)
         return state, None, f"init file {path}"
-    state = init_state(
-        ModelConfig.model_validate({}),
-        seed=settings.stream.seed,
-        lr=settings.stream.lr,
-        device=device,
-    )
-    return state, None, "fresh prior"
+    return fresh_prior(settings, device), None, "fresh prior"
 
 
 class Pipeline:
@@ -327,7 +393,8 @@ class Pipeline:
         4: a snapshot offset is beyond its partition's end
         (``stream.offset_out_of_range = "fail"``; nothing written).
         5: snapshot versions exist but none is intact (:class:`NoIntactSnapshot`;
-        ``stream.allow_fresh`` starts afresh instead).
+        ``stream.allow_fresh`` starts afresh instead).  2: the settings' ``model``
+        section contradicts the state (:class:`SpecContradiction`; nothing written).
         """
         s = self.settings
         structlog.contextvars.clear_contextvars()  # no batch context left from an earlier run
@@ -359,6 +426,10 @@ class Pipeline:
             log.error("daemon_failed", reason="no_intact_snapshot", error=str(exc))
             self.stats.exit_reason = str(exc)
             return EXIT_NO_INTACT_SNAPSHOT
+        except SpecContradiction as exc:
+            log.error("daemon_failed", reason="model_spec_contradiction", problems=exc.problems)
+            self.stats.exit_reason = "\n".join(exc.problems)
+            return EXIT_BAD_CONFIG
         finally:
             keeper.release()
             store.close()
@@ -366,6 +437,9 @@ class Pipeline:
     def _run_with_lease(self, store: Store, keeper: LeaseKeeper, device: Any) -> int:
         s = self.settings
         state, version, origin = initial_state(s, store, device, self.options.init_path, self.stop)
+        problems = spec_problems(s, state)
+        if problems:
+            raise SpecContradiction([f"{p} ({origin})" for p in problems])
         self.state = state
         keeper.last_version = version
         self.stats.last_version = version
@@ -386,7 +460,8 @@ class Pipeline:
         t0 = time.perf_counter()
         warm_up(state, s.stream.batch_size, s.stream.steps_per_batch, s.stream.data_size)
         log.info("svi_warmed_up", seconds=round(time.perf_counter() - t0, 3))
-        self.decoder = Decoder(state.config.features())
+        # raw units in, model units out: the stored schema's names and transforms
+        self.decoder = Decoder(record_schema(s, state))
         count_mode = s.stream.batching == "count"
         self.batcher = MicroBatcher(
             s.stream.batch_size, None if count_mode else s.stream.max_wait_ms

@@ -4,6 +4,8 @@
 ``api.host``, 127.0.0.1 unless told otherwise).  ``fogline query`` asks for
 one or more rows, either through a running service (``--url``) or straight
 from the snapshot in Redis (the default), and prints the predictive summaries.
+Rows are raw units, by name (``--x cpu=0.7,mem=2.1``) or in feature order
+(``--x 0.7,2.1``); answers are in the target's units.
 
 Exit codes: 0 done; 1 the service or store failed (one-line message);
 2 invalid configuration or arguments.
@@ -50,11 +52,16 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--x",
         action="append",
         required=True,
-        metavar="V1,V2,...",
-        help="one feature row, comma-separated in feature order (repeat for more rows)",
+        metavar="NAME=V,... | V1,V2,...",
+        help="one feature row in raw units: name=value pairs (e.g. cpu=0.7,mem=2.1) or "
+        "values in feature order (repeat for more rows)",
     )
     q.add_argument(
-        "--y", action="append", type=float, metavar="Y", help="observed value (one per --x)"
+        "--y",
+        action="append",
+        type=float,
+        metavar="Y",
+        help="observed target in its units (one per --x)",
     )
     q.add_argument(
         "--levels",
@@ -128,16 +135,35 @@ def _serve(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------
 # query
 # --------------------------------------------------------------------------
-def _parse_rows(raw: list[str]) -> list[list[float]]:
-    rows = []
+def _parse_rows(raw: list[str]) -> list[list[float]] | list[dict[str, float]]:
+    """``--x`` values: ``name=value,...`` (named, raw units) or ``v1,v2,...`` (feature order)."""
+    named: list[dict[str, float]] = []
+    positional: list[list[float]] = []
     for text in raw:
+        parts = [v.strip() for v in text.split(",") if v.strip() != ""]
         try:
-            rows.append([float(v) for v in text.split(",") if v.strip() != ""])
+            if parts and all("=" in p for p in parts):
+                row: dict[str, float] = {}
+                for p in parts:
+                    name, _, value = p.partition("=")
+                    if name.strip() in row:
+                        raise SystemExit(f"fogline: --x {text!r}: {name.strip()!r} given twice")
+                    row[name.strip()] = float(value)
+                named.append(row)
+            elif any("=" in p for p in parts):
+                raise SystemExit(
+                    f"fogline: --x {text!r}: give every value by name (name=value) or none"
+                )
+            else:
+                positional.append([float(v) for v in parts])
         except ValueError:
             raise SystemExit(
-                f"fogline: --x {text!r}: not a comma-separated list of numbers"
+                f"fogline: --x {text!r}: not a comma-separated list of numbers "
+                "or of name=number pairs"
             ) from None
-    return rows
+    if named and positional:
+        raise SystemExit("fogline: give every --x row by name or every one by position")
+    return named or positional
 
 
 def _query(args: argparse.Namespace) -> int:

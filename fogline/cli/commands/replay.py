@@ -3,7 +3,9 @@
 See :mod:`fogline.daemon.replay` for the formats (fogline JSONL, CSV with a header,
 NAB ``timestamp,value``) and the pacing rule.  The broker and security
 settings come from the settings (``--config``, ``FOGLINE_KAFKA__*``) unless
-``--bootstrap`` is given.  The last line printed is a JSON summary
+``--bootstrap`` is given.  With a ``model`` section in the settings a CSV is
+read by the model's named columns (features, target, timestamp, key) and sent
+as flat named records with the file's own timestamps.  The last line printed is a JSON summary
 (``records``, ``records_per_s``, ...).
 """
 
@@ -46,6 +48,7 @@ def _replay(args: argparse.Namespace) -> int:
             partitions=args.partitions,
             limit=args.limit,
             progress=not args.no_progress and sys.stderr.isatty(),
+            spec=settings.model,
             **security_kwargs(settings.kafka),
         )
     except ValueError as exc:

@@ -2,7 +2,8 @@
 
 ``fogline run`` exit statuses: 0 clean stop (final snapshot written, offsets
 committed); 1 the final snapshot could not be written; 2 bad configuration
-(one line naming the field); 3 another daemon holds the writer lease of the
+(one line naming the field; a ``model`` section that contradicts the
+snapshot or ``--init`` state prints one ``model.<field>: ...`` line each); 3 another daemon holds the writer lease of the
 model (with ``--lease-wait-s``) or took it over; 4 a snapshot offset lies beyond
 its partition's end and ``stream.offset_out_of_range`` is ``fail``;
 5 the model has snapshot versions but none is intact (``--allow-fresh``
@@ -79,7 +80,13 @@ def _run(args: argparse.Namespace) -> int:
         code = pipe.run()
     finally:
         stop.restore()
-    if code == 3:
+    if code == 2:
+        print(
+            "fogline run: invalid configuration (the model section vs the state):", file=sys.stderr
+        )
+        for line in pipe.stats.exit_reason.splitlines():
+            print(f"  {line}", file=sys.stderr)
+    elif code == 3:
         print("fogline run: another daemon holds the writer lease of this model", file=sys.stderr)
     elif code == 4:
         print(f"fogline run: {pipe.stats.exit_reason}", file=sys.stderr)
