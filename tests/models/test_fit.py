@@ -114,9 +114,9 @@ def test_cli_config_warmstart_json(
     cfg = tmp_path / "cfg.toml"
     cfg.write_text(CONFIG)
     out = tmp_path / "out" / "state.safetensors"
+    args = ["warmstart", "--config", str(cfg), "--data", str(history), "--out", str(out)]
     rc = cli_main(
-        ["warmstart", "--config", str(cfg), "--data", str(history), "--out", str(out)]
-        + ["--epochs", "2", "--samples", "20", "--json", "--report-dir", str(tmp_path / "rep")]
+        [*args, "--epochs", "2", "--samples", "20", "--json", "--report-dir", str(tmp_path / "rep")]
     )
     assert rc == 0
     doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
