@@ -176,7 +176,7 @@ def test_parquet_loads_and_checks(tmp_path: Path) -> None:
 
 
 def test_unknown_suffix_and_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(TableError, match="unknown file type '.xlsx'"):
+    with pytest.raises(TableError, match=r"unknown file type '\.xlsx'"):
         load_table(tmp_path / "h.xlsx", SPEC)
     with pytest.raises(TableError, match="no such file"):
         load_table(tmp_path / "h.csv", SPEC)
