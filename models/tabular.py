@@ -37,7 +37,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -297,7 +297,7 @@ def _parse_named(
     return x, y, ts, key
 
 
-def _csv_rows(path: Path, spec: ModelSpec) -> Iterator[tuple[int | None, _Row | RowError]]:
+def _csv_rows(path: Path, spec: ModelSpec) -> Iterator[tuple[str | None, _Row | RowError]]:
     parser = RowParser(spec, text_values=True)
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
@@ -313,40 +313,63 @@ def _csv_rows(path: Path, spec: ModelSpec) -> Iterator[tuple[int | None, _Row | 
         ts_field = spec.timestamp
         key_field = spec.key
         for rec in reader:
-            line = reader.line_num
+            line = f"line {reader.line_num}"
             try:
                 yield line, _parse_named(parser, spec, rec, ts_field, key_field)
             except RowError as exc:
                 yield line, exc
 
 
-def _jsonl_rows(path: Path, spec: ModelSpec) -> Iterator[tuple[int | None, _Row | RowError]]:
+def _jsonl_rows(path: Path, spec: ModelSpec) -> Iterator[tuple[str | None, _Row | RowError]]:
     parser = RowParser(spec)
-    ts_field = spec.timestamp or WIRE_TS
-    key_field = spec.key or WIRE_KEY
-    feats = spec.features
     with path.open(encoding="utf-8-sig") as fh:
         for line_no, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except (ValueError, RecursionError) as exc:
-                why = getattr(exc, "msg", type(exc).__name__)
-                yield line_no, RowError("invalid_json", None, f"not valid JSON ({why})")
-                continue
-            if not isinstance(obj, dict):
-                yield (
-                    line_no,
-                    RowError(
-                        "invalid_json", None, f"a record is an object, got {type(obj).__name__}"
-                    ),
-                )
-                continue
-            try:
-                yield line_no, _parse_record(parser, spec, obj, feats, ts_field, key_field)
-            except RowError as exc:
-                yield line_no, exc
+            if text.strip():
+                yield f"line {line_no}", _json_row(parser, text, None)
+
+
+def _json_row(
+    parser: RowParser, text: str | bytes | None, default_ts_ms: int | None
+) -> _Row | RowError:
+    """One JSON record (text or UTF-8 bytes), or the reason it is bad.
+
+    A record without a timestamp field takes ``default_ts_ms`` (a Kafka
+    record's timestamp) when that is given.
+    """
+    spec = parser.spec
+    if not text:
+        return RowError("invalid_json", None, "empty record")
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        why = getattr(exc, "msg", type(exc).__name__)
+        return RowError("invalid_json", None, f"not valid JSON ({why})")
+    if not isinstance(obj, dict):
+        return RowError("invalid_json", None, f"a record is an object, got {type(obj).__name__}")
+    ts_field = spec.timestamp or WIRE_TS
+    if obj.get(ts_field) is None and default_ts_ms is not None and default_ts_ms >= 0:
+        obj = {**obj, ts_field: int(default_ts_ms)}
+    try:
+        return _parse_record(parser, spec, obj, spec.features, ts_field, spec.key or WIRE_KEY)
+    except RowError as exc:
+        return exc
+
+
+def records_table(
+    records: Iterable[tuple[str, bytes | str | None, int | None]],
+    spec: ModelSpec,
+    drop_invalid: bool = False,
+    source: str = "records",
+) -> tuple[Table, LoadReport]:
+    """:func:`load_table` for JSON record values, e.g. a Kafka topic's history.
+
+    ``records`` yields ``(where, value, timestamp_ms)``: ``where`` names the
+    record in errors (``"topic:partition@offset"``), ``timestamp_ms`` stands in
+    for a missing timestamp field (``None``: none).
+    """
+    parser = RowParser(spec)
+    rows = ((where, _json_row(parser, value, ts)) for where, value, ts in records)
+    return _collect(rows, spec, LoadReport(source, "records"), drop_invalid)
 
 
 def _parse_record(
@@ -395,7 +418,7 @@ def _parse_record(
     return x, y, ts, key
 
 
-def _parquet_rows(path: Path, spec: ModelSpec) -> Iterator[tuple[int | None, _Row | RowError]]:
+def _parquet_rows(path: Path, spec: ModelSpec) -> Iterator[tuple[str | None, _Row | RowError]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -421,7 +444,7 @@ def _parquet_rows(path: Path, spec: ModelSpec) -> Iterator[tuple[int | None, _Ro
             yield None, exc
 
 
-_READERS: dict[str, Callable[[Path, ModelSpec], Iterator[tuple[int | None, _Row | RowError]]]] = {
+_READERS: dict[str, Callable[[Path, ModelSpec], Iterator[tuple[str | None, _Row | RowError]]]] = {
     "csv": _csv_rows,
     "jsonl": _jsonl_rows,
     "parquet": _parquet_rows,
@@ -451,16 +474,26 @@ def load_table(
     fmt = file_format(p)
     if not p.is_file():
         raise TableError(f"{p}: no such file")
-    report = LoadReport(str(p), fmt)
+    return _collect(_READERS[fmt](p, spec), spec, LoadReport(str(p), fmt), drop_invalid)
+
+
+def _collect(
+    rows: Iterable[tuple[str | None, _Row | RowError]],
+    spec: ModelSpec,
+    report: LoadReport,
+    drop_invalid: bool,
+) -> tuple[Table, LoadReport]:
+    """Gather validated rows into a :class:`Table`, raising or counting the bad ones."""
+    src = report.source
     xs: list[tuple[float, ...]] = []
     ys: list[float] = []
     ts: list[int | None] = []
     keys: list[str | None] = []
-    for line, row in _READERS[fmt](p, spec):
+    for where, row in rows:
         report.rows_read += 1
         if isinstance(row, RowError):
-            where = f"row {report.rows_read}" + (f" (line {line})" if line is not None else "")
-            message = f"{p}: {where}: {row} [{row.reason}]"
+            at = f"row {report.rows_read}" + (f" ({where})" if where is not None else "")
+            message = f"{src}: {at}: {row} [{row.reason}]"
             if not drop_invalid:
                 raise TableError(message + "; --drop-invalid skips such rows")
             report.dropped[row.reason] = report.dropped.get(row.reason, 0) + 1
@@ -475,7 +508,7 @@ def load_table(
     report.rows_kept = len(ys)
     if not ys:
         why = f" ({report.rows_dropped} invalid: {report.dropped})" if report.dropped else ""
-        raise TableError(f"{p}: no valid rows{why}")
+        raise TableError(f"{src}: no valid rows{why}")
     has_ts = [t is not None for t in ts]
     ts_t: torch.Tensor | None = None
     if all(has_ts):
@@ -483,7 +516,7 @@ def load_table(
     elif any(has_ts):
         row_no = has_ts.index(False) + 1
         raise TableError(
-            f"{p}: kept row {row_no} has no timestamp while others have one; "
+            f"{src}: kept row {row_no} has no timestamp while others have one; "
             "give every row a timestamp or none"
         )
     table = Table(
@@ -491,7 +524,7 @@ def load_table(
         torch.tensor(ys, dtype=torch.float64),
         ts_t,
         keys if any(k is not None for k in keys) else None,
-        str(p),
+        src,
     )
     return table, report
 
@@ -505,5 +538,6 @@ __all__ = [
     "TableError",
     "file_format",
     "load_table",
+    "records_table",
     "timestamp_ms",
 ]

@@ -39,8 +39,13 @@ def warmstart_config(args: argparse.Namespace) -> int:
     if clash:
         flags = ", ".join("--" + d.replace("_", "-") for d in clash)
         return _fail(f"{flags}: with --config the [model] section sets these (model.<field>)")
-    if not args.data:
-        return _fail("--config needs --data PATH (a .csv, .jsonl or .parquet history)")
+    if bool(args.data) == bool(args.topic):
+        return _fail(
+            "--config needs one of --data PATH (a .csv, .jsonl or .parquet history) "
+            "or --topic T (a Kafka topic's retained history)"
+        )
+    if args.until and not args.topic:
+        return _fail("--until needs --topic")
     try:
         settings = Settings.load(args.config)
     except ConfigError as exc:
@@ -62,7 +67,10 @@ def warmstart_config(args: argparse.Namespace) -> int:
             particles=args.particles,
             cov_factor_lr_scale=args.cov_factor_lr_scale,
         )
-        table, loaded = load_table(args.data, spec, drop_invalid=args.drop_invalid)
+        if args.topic:
+            table, loaded = _topic_table(args, settings, spec)
+        else:
+            table, loaded = load_table(args.data, spec, drop_invalid=args.drop_invalid)
         epochs = epochs_for(table.rows, options)
         quiet = args.quiet or args.json or not sys.stderr.isatty()
         with _progress(epochs, quiet) as on_epoch:
@@ -93,6 +101,52 @@ def warmstart_config(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, sort_keys=True))
     return 0
+
+
+def parse_until(text: str) -> tuple[int | None, int | None]:
+    """``--until``: (timestamp ms, None) or (None, offset).
+
+    An integer below 1e9 is an offset (exclusive, per partition); anything
+    else is a time: an ISO-8601 string or an epoch number (seconds below
+    1e11, else ms).
+    """
+    from fogline.models.tabular import RowError, timestamp_ms
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is not None and 0 <= value < 1_000_000_000:
+        return None, value
+    try:
+        return timestamp_ms(text), None
+    except RowError as exc:
+        raise ValueError(f"--until {text!r}: {exc.detail}") from None
+
+
+def _topic_table(args: argparse.Namespace, settings: Any, spec: Any) -> Any:
+    """Read ``--topic``'s history (bounded by ``--until``) into a table."""
+    from fogline.daemon.stream.source import read_history, security_kwargs
+    from fogline.models.tabular import TableError, records_table
+
+    until_ts, until_offset = parse_until(args.until) if args.until else (None, None)
+    bootstrap = args.bootstrap or settings.kafka.bootstrap_servers
+    try:
+        raws = read_history(
+            bootstrap,
+            args.topic,
+            until_ts_ms=until_ts,
+            until_offset=until_offset,
+            **security_kwargs(settings.kafka),
+        )
+    except Exception as exc:  # kafka-python's NoBrokersAvailable, KafkaError, ...
+        raise TableError(
+            f"topic {args.topic} at {bootstrap}: {type(exc).__name__}: {exc}"
+        ) from None
+    if not raws:
+        raise TableError(f"topic {args.topic} at {bootstrap}: no records (or no such topic)")
+    records = ((f"{r.topic}:{r.partition}@{r.offset}", r.value, r.timestamp_ms) for r in raws)
+    return records_table(records, spec, args.drop_invalid, source=f"topic {args.topic}")
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

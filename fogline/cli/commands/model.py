@@ -75,6 +75,22 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="with --config: where report.json and the PNGs go (default: beside --out)",
     )
     p.add_argument(
+        "--topic",
+        metavar="T",
+        help="with --config, instead of --data: learn from topic T's retained history",
+    )
+    p.add_argument(
+        "--until",
+        metavar="TS|OFFSET",
+        help="with --topic: stop at this time (ISO-8601, or epoch s/ms >= 1e9) or before "
+        "this offset in every partition (an integer < 1e9)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        metavar="HOST:PORT",
+        help="with --topic: the broker (default: the settings' kafka.bootstrap_servers)",
+    )
+    p.add_argument(
         "--write-recipe-data",
         metavar="FILE",
         help="write the recipe's derived CSV (8 raw features + synthetic y) and exit",
@@ -156,8 +172,12 @@ def _warmstart(args: argparse.Namespace) -> int:
         return fit_cmd.write_recipe_data(args)
     if args.config:
         return fit_cmd.warmstart_config(args)
-    if args.drop_invalid or args.report_dir:
-        print("fogline warmstart: --drop-invalid and --report-dir need --config", file=sys.stderr)
+    if args.drop_invalid or args.report_dir or args.topic or args.until or args.bootstrap:
+        print(
+            "fogline warmstart: --drop-invalid, --report-dir, --topic, --until and --bootstrap "
+            "need --config",
+            file=sys.stderr,
+        )
         return 2
     if args.epochs is None:
         args.epochs = 800
