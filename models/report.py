@@ -54,7 +54,6 @@ from fogline.models.schema import DataSchema
 LEVELS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 PIT_BINS = 10
 ECE_BINS = 10
-Z95 = 1.959963984540054
 
 
 def holdout_report(
@@ -255,9 +254,10 @@ def band_plot(
 
     Panel j varies feature j over its training range widened by ``margin``
     model units on each side, the other features at their training medians;
-    the 95 % band of the mixture, its epistemic part (mean +- 1.96 epistemic
-    sd, model units, mapped) shaded apart, the training range marked, and up
-    to 1,500 training rows.
+    the 95 % band of the mixture, its epistemic part (the central 95 % of the S
+    sample means f_s(x), mapped to target units) shaded apart, the training
+    range marked, and up to 1,500 training rows.  ``log1p`` columns get a
+    symlog axis.
     """
     import matplotlib
 
@@ -296,20 +296,25 @@ def band_plot(
             alpha=0.25,
             label="95% band",
         )
-        ep = p.epistemic_std
+        mu, _ = component_params(ens, xg)
+        e_lo, e_hi = torch.quantile(mu.double(), torch.tensor([0.025, 0.975]).double(), dim=0)
         ax.fill_between(
             gx,
-            tcol.inverse((p.mean - Z95 * ep).double()).numpy(),
-            tcol.inverse((p.mean + Z95 * ep).double()).numpy(),
+            tcol.inverse(e_lo).numpy(),
+            tcol.inverse(e_hi).numpy(),
             color="tab:orange",
             alpha=0.4,
-            label="epistemic part",
+            label="epistemic part (95% of the means)",
         )
         ax.plot(gx, tcol.inverse(p.mean.double()).numpy(), color="tab:blue", lw=1.2)
         r_lo, r_hi = fcol.inverse(torch.tensor([lo, hi], dtype=torch.float64)).tolist()
         ax.axvspan(r_lo, r_hi, color="green", alpha=0.06, label="training range")
         ax.axvline(r_lo, color="green", ls=":", lw=1)
         ax.axvline(r_hi, color="green", ls=":", lw=1)
+        if fcol.transform == "log1p":
+            ax.set_xscale("symlog", linthresh=1.0)
+        if tcol.transform == "log1p":
+            ax.set_yscale("symlog", linthresh=1.0)
         ax.set_xlabel(f"{fcol.name} (others at training medians)", fontsize=8)
         ax.set_ylabel(tcol.name, fontsize=8)
         if j == 0:
