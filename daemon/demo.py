@@ -9,7 +9,12 @@
    live ``rich`` progress line (records/s, loss, KL, snapshot version);
 5. print a summary (drift alarms included) and write ``loss.png`` (loss, KL,
    alarm signal with its calibrated threshold and the policy's modes) and
-   ``summary.json`` to ``--out``.
+   ``summary.json`` to ``--out``;
+6. start the query service (:class:`~fogline.daemon.query.background.BackgroundServer`,
+   real HTTP on a loopback port) on the live snapshot, print predictions with
+   credible intervals (epistemic and aleatoric sd apart) for an in-range and an
+   out-of-range input, and write ``bands.png``: the 95 % band along x0 with
+   its epistemic part, as the service answers it.
 
 The drift policy is ``--policy`` (default ``forget``); the first 30 batches
 calibrate the alarm threshold, the ``abrupt`` scenario shifts at batch
@@ -190,9 +195,13 @@ def main(args: argparse.Namespace) -> int:
                 "final_loss": pipe.stats.last_loss,
                 "seconds": round(time.perf_counter() - t_start, 2),
             }
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
             _plot(history, list(stream.change_batches), out / "loss.png")
             console.print_json(json.dumps(summary))
+            base = [0.0] * stream.x.shape[1]
+            summary["query"] = query_step(
+                console, settings, base, feature=0, inside=0.0, outside=6.0, path=out / "bands.png"
+            )
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
             console.print(f"plots and summary in {out}/")
             return code
         finally:
@@ -200,6 +209,113 @@ def main(args: argparse.Namespace) -> int:
             redis.close()
     finally:
         stop.restore()
+
+
+def query_step(
+    console: Any,
+    settings: Any,
+    base: list[float],
+    *,
+    feature: int,
+    inside: float,
+    outside: float,
+    path: Path,
+    names: list[str] | None = None,
+) -> dict[str, Any]:
+    """Ask the query service (started here on the live snapshot) what it believes.
+
+    Predicts ``base`` with feature ``feature`` set to ``inside`` (in the
+    data) and to ``outside`` (beyond it), prints both with their 95 %
+    intervals and epistemic / aleatoric sd, and writes the band along that
+    feature (from ``inside - 2 |outside - inside|`` to ``outside``, 161
+    points) to ``path``.  Rows are sent as objects by name when ``names`` is
+    given (raw units), else as lists in model order.  Returns the two answers.
+    """
+    from rich.table import Table
+
+    from fogline.daemon.query.background import BackgroundServer, request_json, wait_for_snapshot
+
+    model = settings.model_name
+    span = abs(outside - inside)
+    lo = inside - 2 * span if outside > inside else outside
+    hi = outside if outside > inside else inside + 2 * span
+    grid = [lo + (hi - lo) * i / 160 for i in range(161)]
+
+    def row(v: float) -> Any:
+        r = list(base)
+        r[feature] = v
+        return dict(zip(names, r, strict=True)) if names else r
+
+    with BackgroundServer(settings) as url:
+        wait_for_snapshot(url, model)
+        ask = request_json(
+            f"{url}/v1/models/{model}/predict",
+            {"rows": [row(inside), row(outside)], "levels": [0.95]},
+        )
+        sweep = request_json(
+            f"{url}/v1/models/{model}/predict", {"rows": [row(v) for v in grid], "levels": [0.95]}
+        )
+    label = names[feature] if names else f"x{feature}"
+    t = Table(title=f"query service, snapshot v{ask['snapshot_version']} ({url})")
+    for col in ("input", "mean", "95% interval", "epistemic sd", "aleatoric sd"):
+        t.add_column(col)
+    answers: dict[str, Any] = {}
+    for tag, v, p in zip(
+        ("in range", "out of range"), (inside, outside), ask["predictions"], strict=True
+    ):
+        lo95, hi95 = p["intervals"]["0.95"]
+        t.add_row(
+            f"{tag}: {label}={v:g}",
+            f"{p['mean']:.3f}",
+            f"[{lo95:.3f}, {hi95:.3f}]",
+            f"{p['epistemic_std']:.3f}",
+            f"{p['aleatoric_std']:.3f}",
+        )
+        answers[tag.replace(" ", "_")] = {label: v, **p}
+    console.print(t)
+    _plot_band(grid, sweep["predictions"], label, (inside, outside), path)
+    console.print(f"band plot: {path}")
+    return answers
+
+
+def _plot_band(
+    grid: list[float],
+    preds: list[dict[str, Any]],
+    label: str,
+    marks: tuple[float, float],
+    path: Path,
+) -> None:
+    """The 95 % band and its epistemic part (mean ± 1.96 epistemic sd) along one input."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean = [p["mean"] for p in preds]
+    lo = [p["intervals"]["0.95"][0] for p in preds]
+    hi = [p["intervals"]["0.95"][1] for p in preds]
+    ep = [1.959963984540054 * p["epistemic_std"] for p in preds]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.fill_between(grid, lo, hi, color="tab:blue", alpha=0.3, label="95% credible band")
+    ax.fill_between(
+        grid,
+        [m - e for m, e in zip(mean, ep, strict=True)],
+        [m + e for m, e in zip(mean, ep, strict=True)],
+        color="tab:orange",
+        alpha=0.4,
+        label="epistemic part (±1.96 sd)",
+    )
+    ax.plot(grid, mean, color="tab:blue", lw=1.5, label="predictive mean")
+    for v, name in zip(marks, ("in range", "out of range"), strict=True):
+        ax.axvline(v, color="grey", ls=":", lw=1)
+        ax.annotate(name, (v, ax.get_ylim()[1]), fontsize=8, ha="center", va="top")
+    ax.set_xlabel(f"{label} (other inputs fixed)")
+    ax.set_ylabel("prediction")
+    ax.set_title("the live posterior, as the query service answers", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _plot(history: list[dict[str, Any]], changes: list[int], path: Path) -> None:

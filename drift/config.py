@@ -73,8 +73,17 @@ class PolicyConfig(BaseModel):
         (once at least ``min_recovery`` batches were spent recovering).
     max_recovery:
         Recovery ends after this many batches in any case.
+    calibration:
+        Where the first alarm threshold comes from.  ``history`` (default): the
+        warm start's holdout stored in the state (:mod:`fogline.drift.history`),
+        so the loop can alarm from its first batch; a state without one falls
+        back to ``stream`` (logged as ``drift_calibration``).  ``stream``: the
+        first ``calibration_batches`` stream batches, assumed free of drift.
+        After a recovery the thresholds are always re-fitted on the stream.
     calibration_batches:
-        Batches of no-drift data collected after (re-)anchoring to fit the thresholds.
+        Batches of no-drift data collected after (re-)anchoring to fit the thresholds
+        (with ``history`` calibration: the batches whose step KL fits the recovery
+        threshold at the start, while alarms are already live).
     max_outlier_fraction, min_weight:
         Outlier down-weighting (see the module docstring).
     """
@@ -100,6 +109,7 @@ class PolicyConfig(BaseModel):
     recovery_window: int = Field(default=5, ge=1)
     min_recovery: int = Field(default=15, ge=0)
     max_recovery: int = Field(default=60, ge=1)
+    calibration: Literal["history", "stream"] = "history"
     calibration_batches: int = Field(default=40, ge=0)
     max_outlier_fraction: float = Field(default=0.4, gt=0, le=1)
     min_weight: float = Field(default=0.2, gt=0, le=1)

@@ -119,8 +119,11 @@ class DriftState:
     and its cached ensemble), ``base_prior`` p0, the previous batch's
     ``last_step_kl`` (NaN when it was not computed) and the calibration window
     collected so far: ``cal_records`` (per batch, [n_b, 2] float64 per-record
-    NLL and outlier flag) and ``cal_kl`` (step KLs).  It rides in the
-    posterior's snapshot through :func:`store_drift` / :func:`load_drift`.
+    NLL and outlier flag) and ``cal_kl`` (step KLs).  ``kl_window``: batches
+    of step KL still to collect for the recovery threshold while alarms are
+    already live (a loop calibrated from history, :mod:`fogline.drift.history`;
+    0 otherwise).  It rides in the posterior's snapshot through
+    :func:`store_drift` / :func:`load_drift`.
     """
 
     policy: PolicyState
@@ -129,6 +132,7 @@ class DriftState:
     last_step_kl: float = math.nan
     cal_records: tuple[np.ndarray, ...] = ()
     cal_kl: tuple[float, ...] = ()
+    kl_window: int = 0
 
     def replace(self, **changes: Any) -> DriftState:
         """A copy with ``changes`` (``dataclasses.replace``)."""
@@ -155,7 +159,8 @@ def init_drift(
 # ----------------------------------------------------------------------------- snapshot layout
 # The one place that reads and writes the drift state's part of a PosteriorState:
 #   extra["drift"]       the policy state (strict JSON, monitor included);
-#   extra["drift_loop"]  last step KL, the calibration window's step KLs and batch sizes;
+#   extra["drift_loop"]  last step KL, the calibration window's step KLs and batch sizes
+#                        (and ``kl_window`` while a history-calibrated loop collects step KLs);
 #   aux["drift.reference.<param>"], aux["drift.base_prior.loc|scale"],
 #   aux["drift.calibration_records.<i>"]  [n_i, 2] float64, one per collected batch.
 _EXTRA_POLICY = "drift"
@@ -256,11 +261,13 @@ def store_drift(state: PosteriorState, drift: DriftState) -> PosteriorState:
     aux[_AUX_BASE_PRIOR + "scale"] = drift.base_prior.scale
     for i, rec in enumerate(drift.cal_records):
         aux[f"{_AUX_CAL_RECORDS}{i}"] = torch.from_numpy(rec)
-    loop = {
+    loop: dict[str, Any] = {
         "last_step_kl": _json_float(drift.last_step_kl),
         "cal_kl": list(drift.cal_kl),
         "cal_sizes": [len(r) for r in drift.cal_records],
     }
+    if drift.kl_window:
+        loop["kl_window"] = drift.kl_window
     extra = {**base.extra, _EXTRA_POLICY: policy_to_json(drift.policy), _EXTRA_LOOP: loop}
     return base.replace(extra=extra, aux=aux)
 
@@ -304,6 +311,7 @@ def load_drift(
         last_step_kl=_float(loop.get("last_step_kl")),
         cal_records=cal_records,
         cal_kl=tuple(float(v) for v in loop.get("cal_kl", [])),
+        kl_window=int(loop.get("kl_window", 0)),
     )
 
 
@@ -462,12 +470,20 @@ class DriftLoop:
         seed: int = 0,
         n_streams: int | None = None,
         functional_prior: bool = True,
+        batch_size: int | None = None,
     ) -> DriftLoop:
         """The loop for ``state``: continued from the drift state it carries, if any.
 
         A state that carries no drift loop (a warm-start file, a fresh prior,
         a snapshot of policy ``off``) anchors a new loop: the reference is
-        ``state`` itself and the base prior p0 is ``state.prior``.  Otherwise
+        ``state`` itself and the base prior p0 is ``state.prior``.  With
+        ``policy.calibration == "history"`` and a history reference in
+        ``state`` (:func:`fogline.drift.history.calibrate_from_history`), the
+        new loop starts calibrated: its alarm threshold is fitted on the stored
+        holdout for ``batch_size`` records per batch (default: the size the
+        warm start fitted for), so it can alarm from its first batch;
+        otherwise it calibrates on the first ``calibration_batches`` batches
+        (logged as ``drift_calibration``).  Otherwise
         the stored :class:`DriftState` is restored (:func:`load_drift`), the
         monitor's running state included (River's ADWIN, Page-Hinkley and
         KSWIN as well as the threshold monitor), so the next batch computes
@@ -490,6 +506,19 @@ class DriftLoop:
             functional_prior=functional_prior,
             drift=loaded,
         )
+        if loaded is None:
+            # history builds on this module (DriftState, fit_alarm): imported here, not at the top
+            from fogline.drift.history import history_drift
+
+            loop.drift = history_drift(
+                loop.drift,
+                state,
+                policy,
+                batch_size=batch_size,
+                ert=loop.ert,
+                n_streams=loop.n_streams,
+                seed=seed,
+            )
         return loop
 
     # -- per batch -----------------------------------------------------------------
@@ -603,7 +632,7 @@ class DriftLoop:
         ref = d.reference
         after = self._noise.ensemble(state, ref.num_samples, ref.seed)
         before = None
-        step_kl_needed = _step_kl_needed(d.policy)
+        step_kl_needed = _step_kl_needed(d.policy) or d.kl_window > 0
         if step_kl_needed and d.policy.batch > 1:
             # the posterior before this batch (as it came in, before any reset), same draws;
             # a loop's first batch has no step KL (NaN), as its input is the anchor itself
@@ -616,6 +645,8 @@ class DriftLoop:
         post = post_update_signals(ref, scores, x_kl, state, before, ensemble=after)[0]
         self.last_ensemble = after
         d = d.replace(last_step_kl=post["step_kl"])
+        if d.kl_window > 0:
+            d = _kl_window_step(d, post["step_kl"])
         if prepared.action.reanchor:
             d = d.replace(
                 reference=make_reference(state, self.ensemble_size, self.seed),
@@ -641,19 +672,17 @@ class DriftLoop:
         records = np.concatenate(d.cal_records)
         batch_size = max(1, int(np.median([len(r) for r in d.cal_records])))
         monitor = d.policy.monitor
-        consecutive = int(getattr(monitor, "consecutive", 1))
-        cal = calibrate_batch_statistic(
+        cal = fit_alarm(
             records,
             batch_size,
-            self.ert,
-            statistic=batch_statistic(self.policy.signal, self.policy.max_outlier_fraction),
-            consecutive=consecutive,
+            self.policy,
+            ert=self.ert,
+            consecutive=int(getattr(monitor, "consecutive", 1)),
             n_streams=self.n_streams,
             seed=self.seed,
         )
         self.calibration = cal
-        kl = np.asarray(d.cal_kl) if d.cal_kl else np.asarray([math.inf])
-        kl_thr = float(2.0 * np.quantile(kl, 0.9))
+        kl_thr = kl_threshold(d.cal_kl)
         if isinstance(monitor, ThresholdMonitor):
             monitor = monitor.clone({"threshold": cal.threshold})
         log.info(
@@ -671,6 +700,58 @@ class DriftLoop:
             monitor=monitor,
         )
         return d.replace(policy=ps, cal_records=(), cal_kl=())
+
+
+def fit_alarm(
+    records: np.ndarray,
+    batch_size: int,
+    policy: PolicyConfig,
+    *,
+    ert: float,
+    consecutive: int,
+    n_streams: int,
+    seed: int,
+) -> Calibration:
+    """The alarm threshold for ``policy.signal`` from per-record ``[R, 2]`` (NLL, outlier)
+    pairs: :func:`~fogline.drift.calibration.calibrate_batch_statistic` with batches of
+    ``batch_size`` records (the stream window's and the history's fit alike)."""
+    return calibrate_batch_statistic(
+        records,
+        batch_size,
+        ert,
+        statistic=batch_statistic(policy.signal, policy.max_outlier_fraction),
+        consecutive=consecutive,
+        n_streams=n_streams,
+        seed=seed,
+    )
+
+
+def kl_threshold(step_kls: tuple[float, ...]) -> float:
+    """The recovery threshold: twice the 90 % quantile of no-drift step KLs (+inf without any)."""
+    kl = np.asarray(step_kls) if step_kls else np.asarray([math.inf])
+    return float(2.0 * np.quantile(kl, 0.9))
+
+
+def _kl_window_step(d: DriftState, step_kl: float) -> DriftState:
+    """One batch of a history-calibrated loop's step-KL window (alarms already live).
+
+    In ``stable`` the batch's step KL is collected; when the window is full the
+    recovery threshold is fitted (:func:`kl_threshold`).  An alarm first ends the
+    window unfitted (its step KLs may already be the new regime's): the recovery
+    then ends after ``min_recovery`` batches and the re-anchored loop calibrates both
+    thresholds on the stream as usual.
+    """
+    ps = d.policy
+    if ps.mode != "stable":
+        log.info("kl_window_abandoned", batch=ps.batch - 1, collected=len(d.cal_kl))
+        return d.replace(kl_window=0, cal_kl=())
+    cal_kl = (*d.cal_kl, step_kl) if math.isfinite(step_kl) else d.cal_kl
+    left = d.kl_window - 1
+    if left > 0:
+        return d.replace(kl_window=left, cal_kl=cal_kl)
+    thr = kl_threshold(cal_kl)
+    log.info("kl_threshold_calibrated", kl_threshold=thr, batches=len(cal_kl))
+    return d.replace(kl_window=0, cal_kl=(), policy=ps.replace(kl_threshold=thr))
 
 
 def _step_kl_needed(ps: PolicyState) -> bool:

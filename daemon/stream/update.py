@@ -139,6 +139,7 @@ def make_update_rule(settings: Settings, state: PosteriorState) -> UpdateRule:
         num_steps=s.steps_per_batch,
         seed=s.seed,
         functional_prior=s.functional_prior,
+        batch_size=s.batch_size,
     )
     ps = loop.policy_state
     log.info(
@@ -150,6 +151,7 @@ def make_update_rule(settings: Settings, state: PosteriorState) -> UpdateRule:
         batch=ps.batch,
         calibrating=ps.calibrating,
         threshold=ps.threshold if math.isfinite(ps.threshold) else None,
+        calibration=(ps.calibration or {}).get("source", "stream"),
         resumed=has_drift(state),
     )
     return DriftUpdate(loop=loop, name=settings.drift.policy)

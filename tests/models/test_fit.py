@@ -115,9 +115,8 @@ def test_cli_config_warmstart_json(
     cfg.write_text(CONFIG)
     out = tmp_path / "out" / "state.safetensors"
     args = ["warmstart", "--config", str(cfg), "--data", str(history), "--out", str(out)]
-    rc = cli_main(
-        [*args, "--epochs", "2", "--samples", "20", "--json", "--report-dir", str(tmp_path / "rep")]
-    )
+    args += ["--epochs", "2", "--samples", "20", "--json", "--alarm-batch-size", "64"]
+    rc = cli_main([*args, "--report-dir", str(tmp_path / "rep")])
     assert rc == 0
     doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert all(k in doc["holdout"] for k in HOLDOUT_KEYS)
@@ -125,7 +124,10 @@ def test_cli_config_warmstart_json(
     for kind in ("pit", "reliability", "bands"):
         assert Path(doc["files"][kind]).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["holdout"]["n"] == 240
-    assert load(str(out)).schema is not None
+    state = load(str(out))
+    assert state.schema is not None
+    # drift/history.py: the holdout is stored as the alarm's reference
+    assert doc["alarm_reference"]["rows"] == 240 and "drift_history" in state.extra
 
 
 def test_cli_exit_2_messages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -29,3 +29,10 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert summary["snapshot_version"] >= 1
     pngs = list(out.glob("*.png"))
     assert pngs, f"no plot written in {sorted(p.name for p in out.iterdir())}"
+    # the query step: the service answered on the live snapshot, in and out of range
+    q = summary["query"]
+    for tag in ("in_range", "out_of_range"):
+        lo, hi = q[tag]["intervals"]["0.95"]
+        assert lo < q[tag]["mean"] < hi
+        assert q[tag]["epistemic_std"] > 0 and q[tag]["aleatoric_std"] > 0
+    assert (out / "bands.png").stat().st_size > 0

@@ -77,6 +77,7 @@ def warmstart_config(args: argparse.Namespace) -> int:
             result = fit(spec, table, options, on_epoch)
     except (TableError, SchemaError, FitError, ValueError) as exc:
         return _fail(str(exc))
+    alarm = None if args.no_alarm_reference else _alarm_reference(result, settings, args)
     out = Path(args.out or DEFAULT_STATE)
     out.parent.mkdir(parents=True, exist_ok=True)
     save(result.state, str(out))
@@ -95,12 +96,46 @@ def warmstart_config(args: argparse.Namespace) -> int:
     )
     files["report"] = str(report_dir / "report.json")
     report = {**result.report, "data": loaded.to_json(), "files": files}
+    if alarm is not None:
+        report["alarm_reference"] = alarm
     Path(files["report"]).write_text(json.dumps(report, indent=1, sort_keys=True))
     for line in summary_lines(report):
         print(line)
     if args.json:
         print(json.dumps(report, sort_keys=True))
     return 0
+
+
+def _alarm_reference(result: Any, settings: Any, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Store the fit's holdout (model units) as the drift alarm's reference (``drift/history.py``).
+
+    Fitted for the config's drift settings, ``--alarm-batch-size`` and
+    ``stream.seed``; on failure a warning is printed and the daemon will
+    calibrate on the stream instead.
+    """
+    from fogline.drift.history import EXTRA_KEY, calibrate_from_history
+
+    try:
+        result.state = calibrate_from_history(
+            result.state,
+            result.x_held,
+            result.y_held,
+            settings.drift,
+            batch_size=args.alarm_batch_size,
+            seed=settings.stream.seed,
+            source="warm-start holdout",
+        )
+    except (ValueError, RuntimeError) as exc:
+        print(f"fogline warmstart: no alarm reference stored ({exc})", file=sys.stderr)
+        return None
+    info = result.state.extra[EXTRA_KEY]
+    cal = info["calibration"]
+    return {
+        "rows": info["rows"],
+        "batch_size": cal["batch_size"],
+        "ert": cal["ert_target"],
+        "threshold": cal["threshold"],
+    }
 
 
 def parse_until(text: str) -> tuple[int | None, int | None]:

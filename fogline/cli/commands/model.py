@@ -6,7 +6,10 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fogline.models.warmstart import WarmstartOptions, WarmstartResult
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -135,6 +138,19 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="recipe: directory for state, plot, metrics (fogline-out/warmstart); with "
         "--config: the state file (fogline-out/warmstart/state.safetensors)",
     )
+    p.add_argument(
+        "--alarm-batch-size",
+        type=int,
+        default=256,
+        help="stream batch size the stored alarm reference is fitted for (default 256, "
+        "stream.batch_size's default; a daemon with another one refits at start-up)",
+    )
+    p.add_argument(
+        "--no-alarm-reference",
+        action="store_true",
+        help="do not store the holdout as the drift alarm's reference (the daemon then "
+        "calibrates on its first drift.calibration_batches batches)",
+    )
     p.set_defaults(func=_warmstart, spec_flag_defaults={d: p.get_default(d) for d in SPEC_FLAGS})
 
     c = sub.add_parser(
@@ -221,15 +237,63 @@ def _warmstart(args: argparse.Namespace) -> int:
         print(f"fogline warmstart: {exc}", file=sys.stderr)
         return 2
     m = result.metrics
+    alarm = None if args.no_alarm_reference else _alarm_reference(result, opts, args)
     print(
         f"warm start ({opts.likelihood}, {opts.guide}, prior {opts.prior}) in {m['seconds']:.1f} s"
     )
     print("\n".join(summary_lines(m)))
+    if alarm is not None:
+        print(
+            f"  alarm reference        {alarm['rows']} holdout records, threshold "
+            f"{alarm['threshold']:.4f} for batches of {alarm['batch_size']}, ERT {alarm['ert']:g}"
+        )
     for kind, path in result.files.items():
         print(f"  {kind:<8} {path}")
     if args.json:
-        print(json.dumps({**m, "files": result.files}, sort_keys=True))
+        doc = {**m, "files": result.files}
+        if alarm is not None:
+            doc["alarm_reference"] = alarm
+        print(json.dumps(doc, sort_keys=True))
     return 0
+
+
+def _alarm_reference(
+    result: WarmstartResult, opts: WarmstartOptions, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Store the recipe's holdout as the drift alarm's reference window (docs/drift.md).
+
+    The holdout is the recipe's own (same data, seed and split as the fit); the fit
+    uses the drift settings' defaults and ``--alarm-batch-size``.  The state file is
+    rewritten with it.
+    """
+    from fogline.drift.config import PolicyConfig
+    from fogline.drift.history import EXTRA_KEY, calibrate_from_history
+    from fogline.models.data import load, recipe_data
+    from fogline.models.serialize import save
+
+    data = recipe_data(load(opts.data), seed=opts.seed, held_out=opts.held_out)
+    config = PolicyConfig()
+    result.state = calibrate_from_history(
+        result.state,
+        data.x_held,
+        data.y_held,
+        config,
+        batch_size=args.alarm_batch_size,
+        seed=0,  # stream.seed's default: the daemon's reference ensemble
+        source="recipe holdout",
+    )
+    if "state" in result.files:
+        save(result.state, result.files["state"])
+    info = result.state.extra[EXTRA_KEY]
+    cal = info["calibration"]
+    return {
+        "rows": info["rows"],
+        "batch_size": cal["batch_size"],
+        "ert": cal["ert_target"],
+        "consecutive": cal["consecutive"],
+        "threshold": cal["threshold"],
+        "ert_estimate": cal["ert_estimate"],
+    }
 
 
 def _compare(args: argparse.Namespace) -> int:
