@@ -174,3 +174,28 @@ def recipe_data(
     n_held = max(1, round(held_out * z.shape[0]))
     held, train = perm[:n_held], perm[n_held:]
     return RecipeData(z[train], y[train], z[held], y[held], table.source)
+
+
+def write_recipe_csv(
+    path: str | Path, table: Table, *, seed: int = 0, x0_limit: float = 2.0
+) -> int:
+    """Write the recipe's derived rows as CSV: the 8 raw features and the synthetic ``y``.
+
+    The rows and ``y`` are exactly those :func:`recipe_data` keeps (same
+    standardisation over all rows, same seeded draw, ``|x0| <= x0_limit``),
+    before its holdout split; the features are in raw units (a generic warm
+    start fits its own scaler).  Returns the number of rows written.
+    """
+    z, _, _ = standardise(table.x)
+    gen = torch.Generator().manual_seed(seed)
+    y = synthetic_target(z[:, 0], gen)
+    keep = z[:, 0].abs() <= x0_limit
+    x_raw, y_kept = table.x[keep], y[keep].float()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow([*FEATURE_NAMES, "y"])
+        for row, v in zip(x_raw.tolist(), y_kept.tolist(), strict=True):
+            w.writerow([*(repr(float(c)) for c in row), repr(float(v))])
+    return int(keep.sum())

@@ -57,8 +57,9 @@ from fogline.models.fprior import EXTRA_KEY as FPRIOR_KEY
 from fogline.models.fprior import LR_SCALE_KEY, FunctionalPrior
 from fogline.models.predictive import Ensemble, log_predictive_density, predict, sample_ensemble
 from fogline.models.serialize import save
-from fogline.models.state import Minibatch, PosteriorState
-from fogline.models.svi import init_state, step
+from fogline.models.state import PosteriorState
+from fogline.models.svi import init_state
+from fogline.models.training import train_epochs
 
 Z95 = 1.959963984540054
 GRID_POINTS = 401
@@ -161,47 +162,26 @@ def train(
 ) -> tuple[PosteriorState, list[dict[str, float]]]:
     """Minibatch SVI over ``opts.epochs`` epochs; returns the state and the history.
 
-    Each epoch is one shuffled pass (data_size = N_train, frozen prior) of
-    :func:`fogline.models.svi.step` with the recipe's functional prior,
-    particles and factor step scale; the shuffle draws from a generator
-    seeded with ``opts.seed``, the step's noise from the state's RNG.  The
-    history holds the mean training loss and the held-out negative log
+    :func:`fogline.models.training.train_epochs` (one shuffled pass per epoch,
+    data_size = N_train, frozen prior) with the recipe's functional prior,
+    particles and factor step scale, the shuffle seeded with ``opts.seed``.
+    The history holds the mean training loss and the held-out negative log
     predictive density -mean_i log p(y_i | x_i, D) (20-sample ensemble).
     """
-    gen = torch.Generator().manual_seed(opts.seed)
-    fprior = functional_prior(opts, data)
-    n = data.x_train.shape[0]
-    history: list[dict[str, float]] = []
-    for epoch in range(opts.epochs):
-        perm = torch.randperm(n, generator=gen)
-        total, count, rejected = 0.0, 0, 0
-        for start in range(0, n, opts.batch):
-            idx = perm[start : start + opts.batch]
-            batch = Minibatch(data.x_train[idx], data.y_train[idx])
-            state, info = step(
-                state,
-                batch,
-                data_size=n,
-                functional_prior=fprior,
-                particles=opts.particles,
-                cov_factor_lr_scale=opts.cov_factor_lr_scale,
-            )
-            rejected += int(info.rejected)
-            if not info.rejected:
-                total += info.loss
-                count += 1
-        ens = sample_ensemble(state, 20, seed=opts.seed + epoch)
-        held = -float(log_predictive_density(ens, data.x_held, data.y_held).mean())
-        record = {
-            "epoch": float(epoch + 1),
-            "loss": total / max(count, 1),
-            "held_out_nlpd": held,
-            "rejected": float(rejected),
-        }
-        history.append(record)
-        if on_epoch is not None:
-            on_epoch(epoch, record)
-    return state, history
+    return train_epochs(
+        state,
+        data.x_train,
+        data.y_train,
+        data.x_held,
+        data.y_held,
+        epochs=opts.epochs,
+        batch=opts.batch,
+        seed=opts.seed,
+        functional_prior=functional_prior(opts, data),
+        particles=opts.particles,
+        cov_factor_lr_scale=opts.cov_factor_lr_scale,
+        on_epoch=on_epoch,
+    )
 
 
 def grid(num: int = GRID_POINTS, limit: float = GRID_LIMIT) -> tuple[torch.Tensor, torch.Tensor]:

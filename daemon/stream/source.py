@@ -298,6 +298,73 @@ def read_topic(
         consumer.close(autocommit=False)
 
 
+def read_history(
+    bootstrap_servers: str,
+    topic: str,
+    *,
+    until_ts_ms: int | None = None,
+    until_offset: int | None = None,
+    max_records: int = 5_000_000,
+    timeout_s: float = 60.0,
+    **client_kwargs: Any,
+) -> list[RawRecord]:
+    """A topic's retained history for a warm start: bounded, without a consumer group.
+
+    Reads every partition from its beginning until its position reaches the
+    high-water mark the fetch responses report, keeping records with
+    ``offset < until_offset`` and, when
+    ``until_ts_ms`` is set, Kafka timestamp ``<= until_ts_ms`` (a partition
+    stops at its first later record: timestamps are taken as non-decreasing
+    per partition).  Stops at ``max_records`` in all or after ``timeout_s``;
+    records come partition by partition in offset order.
+    """
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        bootstrap_timeout_ms=10000,
+        **client_kwargs,
+    )
+    try:
+        deadline = time.monotonic() + timeout_s
+        parts = consumer.partitions_for_topic(topic) or set()
+        while not parts and time.monotonic() < deadline:
+            time.sleep(0.1)
+            parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        limit = until_offset if until_offset is not None else 2**63
+        out: dict[TopicPartition, list[RawRecord]] = {tp: [] for tp in tps}
+        open_ = set(tps)
+        total = 0
+        while open_ and total < max_records and time.monotonic() < deadline:
+            batch = consumer.poll(timeout_ms=200, max_records=10000)
+            for tp, recs in batch.items():
+                for r in recs:
+                    if tp not in open_ or total >= max_records:
+                        break
+                    late = until_ts_ms is not None and r.timestamp > until_ts_ms
+                    if r.offset >= limit or late:
+                        open_.discard(tp)
+                        break
+                    out[tp].append(_to_raw(r))
+                    total += 1
+            # the high-water mark as the latest fetch response tells it (Tansu's
+            # ListOffsets can lag right after a produce)
+            for tp in list(open_):
+                hw = consumer.highwater(tp)
+                pos = out[tp][-1].offset + 1 if out[tp] else consumer.position(tp)
+                if pos >= limit or (hw is not None and pos >= hw):
+                    open_.discard(tp)
+        return [r for tp in tps for r in out[tp]]
+    finally:
+        consumer.close(autocommit=False)
+
+
 # --------------------------------------------------------------------------
 # the consumer
 # --------------------------------------------------------------------------

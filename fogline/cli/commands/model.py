@@ -22,12 +22,18 @@ def _hidden(text: str) -> tuple[int, ...]:
     return widths
 
 
-def _add_recipe_args(p: argparse.ArgumentParser, epochs: int) -> None:
+def _add_recipe_args(
+    p: argparse.ArgumentParser,
+    epochs: int,
+    data_help: str = "raw cal_housing.csv (default: scikit-learn's fetcher)",
+    epochs_help: str | None = None,
+) -> None:
+    p.add_argument("--data", metavar="PATH", help=data_help)
     p.add_argument(
-        "--data", metavar="PATH", help="raw cal_housing.csv (default: scikit-learn's fetcher)"
-    )
-    p.add_argument(
-        "--epochs", type=int, default=epochs, help=f"passes over the data (default {epochs})"
+        "--epochs",
+        type=int,
+        default=None if epochs_help else epochs,
+        help=epochs_help or f"passes over the data (default {epochs})",
     )
     p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 0.005)")
     p.add_argument("--batch", type=int, default=256, help="minibatch size (default 256)")
@@ -42,11 +48,56 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add ``fogline warmstart`` and ``fogline compare``."""
     p = sub.add_parser(
         "warmstart",
-        help="fit the BNN on the California recipe; bands, plot, saved state",
-        description="Warm-start recipe: standardised California features, y = sin(3 x0) + "
-        "(0.1 + 0.4|x0|) eps, train on |x0| <= 2, 95%% bands on x0 in [-5, 5].",
+        help="warm start: the California recipe, or your own data with --config/--data",
+        description="Without --config: the warm-start recipe (standardised California features, "
+        "y = sin(3 x0) + (0.1 + 0.4|x0|) eps, train on |x0| <= 2, 95%% bands on x0 in [-5, 5]). "
+        "With --config CFG --data PATH: fit the model of CFG's [model] section on a CSV, JSONL "
+        "or Parquet history (docs/model.md, 'Warm start on your own data').",
     )
-    _add_recipe_args(p, 800)
+    _add_recipe_args(
+        p,
+        800,
+        data_help="with --config: your history (.csv, .jsonl, .parquet); without: the raw "
+        "cal_housing.csv (default: scikit-learn's fetcher)",
+        epochs_help="passes over the data (recipe: 800; with --config: about 20,000 steps, "
+        "20 to 800 epochs)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="CFG",
+        help="settings file whose [model] section is the model spec (YAML or TOML)",
+    )
+    p.add_argument(
+        "--drop-invalid",
+        action="store_true",
+        help="with --config: skip bad rows (counted per reason) instead of exiting 2",
+    )
+    p.add_argument(
+        "--report-dir",
+        metavar="DIR",
+        help="with --config: where report.json and the PNGs go (default: beside --out)",
+    )
+    p.add_argument(
+        "--topic",
+        metavar="T",
+        help="with --config, instead of --data: learn from topic T's retained history",
+    )
+    p.add_argument(
+        "--until",
+        metavar="TS|OFFSET",
+        help="with --topic: stop at this time (ISO-8601, or epoch s/ms >= 1e9) or before "
+        "this offset in every partition (an integer < 1e9)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        metavar="HOST:PORT",
+        help="with --topic: the broker (default: the settings' kafka.bootstrap_servers)",
+    )
+    p.add_argument(
+        "--write-recipe-data",
+        metavar="FILE",
+        help="write the recipe's derived CSV (8 raw features + synthetic y) and exit",
+    )
     p.add_argument("--likelihood", choices=("gaussian", "student-t"), default="gaussian")
     p.add_argument("--guide", choices=("meanfield", "lowrank"), default="meanfield")
     p.add_argument("--rank", type=int, default=10, help="low-rank guide rank (default 10)")
@@ -82,7 +133,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--net-prior-scale", type=float, default=0.1, help="prior sd around the net's weights"
     )
     p.add_argument(
-        "--out", default="fogline-out/warmstart", help="directory for state, plot, metrics"
+        "--out",
+        default=None,
+        help="recipe: directory for state, plot, metrics (fogline-out/warmstart); with "
+        "--config: the state file (fogline-out/warmstart/state.safetensors)",
     )
     p.add_argument(
         "--alarm-batch-size",
@@ -97,7 +151,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="do not store the holdout as the drift alarm's reference (the daemon then "
         "calibrates on its first drift.calibration_batches batches)",
     )
-    p.set_defaults(func=_warmstart)
+    p.set_defaults(func=_warmstart, spec_flag_defaults={d: p.get_default(d) for d in SPEC_FLAGS})
 
     c = sub.add_parser(
         "compare",
@@ -109,7 +163,42 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     c.set_defaults(func=_compare)
 
 
+#: Recipe flags that a --config's [model] section owns (dest names).
+SPEC_FLAGS: tuple[str, ...] = (
+    "likelihood",
+    "guide",
+    "rank",
+    "prior",
+    "prior_scale",
+    "init_scale",
+    "noise_head",
+    "noise_max",
+    "df",
+    "fprior_weight",
+    "fprior_scale",
+    "hidden",
+    "from_net",
+)
+
+
 def _warmstart(args: argparse.Namespace) -> int:
+    from fogline.cli.commands import fit as fit_cmd
+
+    if args.write_recipe_data:
+        return fit_cmd.write_recipe_data(args)
+    if args.config:
+        return fit_cmd.warmstart_config(args)
+    if args.drop_invalid or args.report_dir or args.topic or args.until or args.bootstrap:
+        print(
+            "fogline warmstart: --drop-invalid, --report-dir, --topic, --until and --bootstrap "
+            "need --config",
+            file=sys.stderr,
+        )
+        return 2
+    if args.epochs is None:
+        args.epochs = 800
+    if args.out is None:
+        args.out = "fogline-out/warmstart"
     import torch
 
     from fogline.models.data import DataUnavailableError
