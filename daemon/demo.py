@@ -1,8 +1,10 @@
 """``fogline demo``: the whole daemon on one machine, nothing started by hand.
 
 1. start an embedded Tansu broker and a redis-server on free loopback ports;
-2. warm-start: a short SVI fit on regime-0 synthetic data
-   (:func:`fogline.replay_data.generator.generate` ``stable``), saved as the ``--init`` state;
+2. warm-start: the generic fit (:func:`fogline.models.fit.fit`, standardised
+   inputs, functional prior on every feature) on regime-0 synthetic data
+   (:func:`fogline.replay_data.generator.generate` ``stable``), saved as the
+   ``--init`` state;
 3. replay a stream with a regime shift (``--scenario``, default ``abrupt``)
    into the telemetry topic, with a few malformed records mixed in;
 4. run the daemon (:class:`fogline.daemon.stream.pipeline.Pipeline`) in this process with a
@@ -16,8 +18,9 @@
    out-of-range input, and write ``bands.png``: the 95 % band along x0 with
    its epistemic part, as the service answers it.
 
-The drift policy is ``--policy`` (default ``forget``); the first 30 batches
-calibrate the alarm threshold, the ``abrupt`` scenario shifts at batch
+The drift policy is ``--policy`` (default ``forget``); its alarm threshold is
+calibrated on the warm start's holdout (``drift.calibration = history``), so
+it can alarm from the first batch; the ``abrupt`` scenario shifts at batch
 ``--batches / 3``.
 
 Ctrl-C stops the daemon after its current step (final snapshot written);
@@ -40,26 +43,25 @@ def main(args: argparse.Namespace) -> int:
     """Run the demo; return an exit status."""
     import torch
     from rich.console import Console
-    from rich.live import Live
-    from rich.table import Table
 
     from fogline.daemon import logs
     from fogline.daemon.config import Settings
     from fogline.daemon.embedded import EmbeddedKafka, EmbeddedRedis
     from fogline.daemon.names import dlq_topic_for
-    from fogline.daemon.stream.pipeline import Pipeline, RunOptions, RunStats
     from fogline.daemon.stream.runtime import StopFlag
     from fogline.daemon.stream.source import ReplayProducer, create_topic, read_topic
     from fogline.daemon.stream.store import SnapshotStore
-    from fogline.drift.policy import threshold_value
+    from fogline.drift.config import PolicyConfig
+    from fogline.drift.history import calibrate_from_history
     from fogline.drift.runner import drift_summary
-    from fogline.models.config import ModelConfig
+    from fogline.models.fit import FitOptions, fit
     from fogline.models.serialize import save
-    from fogline.models.state import PosteriorState
-    from fogline.models.svi import fit, init_state
+    from fogline.models.spec import ModelSpec
+    from fogline.models.tabular import Table
     from fogline.replay_data.generator import generate, record_lines
 
     console = Console()
+    batch_size = args.batch_size or 64
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     logs.configure("json", "ERROR")
@@ -71,20 +73,37 @@ def main(args: argparse.Namespace) -> int:
             redis = EmbeddedRedis().start()
         console.print(f"broker {kafka.bootstrap_servers}, redis {redis.url}")
         try:
-            with console.status("warm start: SVI fit on regime-0 data"):
+            with console.status("warm start: SVI fit on regime-0 data (functional prior on)"):
                 warm = generate("stable", seed=args.seed + 1, n_batches=40, batch_size=64)
-                state = init_state(ModelConfig.model_validate({}), seed=args.seed, lr=5e-3)
-                res = fit(
-                    state, torch.from_numpy(warm.x), torch.from_numpy(warm.y), epochs=10, seed=0
+                spec = ModelSpec()  # the synthetic stream's shape (examples/synthetic.toml)
+                table = Table(
+                    torch.from_numpy(warm.x).double(),
+                    torch.from_numpy(warm.y).double(),
+                    None,
+                    None,
+                    "replay_data stable",
+                )
+                res = fit(spec, table, FitOptions(epochs=args.warm_epochs, seed=0))
+                # the holdout is the alarm's reference: the daemon can alarm from batch 1
+                state = calibrate_from_history(
+                    res.state,
+                    res.x_held,
+                    res.y_held,
+                    PolicyConfig(policy=args.policy),
+                    batch_size=batch_size,
+                    seed=0,
                 )
                 init_path = out / "init.safetensors"
-                save(res.state, str(init_path))
-            console.print(f"warm start: loss {res.losses[0]:.3f} -> {res.losses[-1]:.3f}")
+                save(state, str(init_path))
+            hold = res.report["holdout"]
+            console.print(
+                f"warm start: holdout nll {hold['nll']:.3f}, coverage_95 {hold['coverage_95']:.3f}"
+            )
 
             topic = f"demo-{uuid.uuid4().hex[:6]}"
             create_topic(kafka.bootstrap_servers, topic, 1)
             stream = generate(
-                args.scenario, seed=args.seed, n_batches=args.batches, batch_size=args.batch_size
+                args.scenario, seed=args.seed, n_batches=args.batches, batch_size=batch_size
             )
             bad = 0
             with (
@@ -115,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
                 },
                 redis={"url": redis.url},
                 stream={
-                    "batch_size": args.batch_size,
+                    "batch_size": batch_size,
                     "batching": "count",
                     "steps_per_batch": 5,
                     "data_size": 5000,
@@ -124,55 +143,10 @@ def main(args: argparse.Namespace) -> int:
                     "lr": 5e-3,
                     "device": "auto",
                 },
-                drift={"policy": args.policy, "calibration_batches": 30},
+                drift={"policy": args.policy},
             )
-            history: list[dict[str, Any]] = []
             t_start = time.perf_counter()
-
-            def table(stats: RunStats, absorbed: int, mode: str, alarms: int) -> Table:
-                dt = max(1e-9, time.perf_counter() - t_start)
-                t = Table(title=f"fogline demo — {args.scenario}")
-                cols = ("records/s", "absorbed", "batches", "loss", "KL", "snapshot", "DLQ")
-                for col in (*cols, "drift mode", "alarms"):
-                    t.add_column(col)
-                t.add_row(
-                    f"{absorbed / dt:,.0f}",
-                    str(absorbed),
-                    str(stats.batches),
-                    f"{stats.last_loss:.4f}",
-                    f"{stats.last_kl:.1f}",
-                    str(stats.last_version),
-                    str(stats.dead_lettered),
-                    mode,
-                    str(alarms),
-                )
-                return t
-
-            with Live(console=console, refresh_per_second=8) as live:
-
-                def on_batch(stats: RunStats, st: PosteriorState) -> None:
-                    ps = drift_summary(st)
-                    mode = str(ps.get("mode", "off"))
-                    if ps.get("calibrating", 0) and mode == "stable":
-                        mode = "calibrating"
-                    history.append(
-                        {
-                            "batch": stats.batches,
-                            "loss": stats.last_loss,
-                            "kl": stats.last_kl,
-                            "signal": stats.last_signals.get("alarm_signal", math.nan),
-                            "threshold": threshold_value(ps.get("threshold")),
-                            "mode": mode,
-                        }
-                    )
-                    live.update(table(stats, st.records_absorbed, mode, int(ps.get("alarms", 0))))
-
-                pipe = Pipeline(
-                    settings,
-                    RunOptions(init_path=init_path, idle_exit_s=3.0, on_batch=on_batch),
-                    stop,
-                )
-                code = pipe.run()
+            pipe, code, history = run_live(console, settings, init_path, stop, args.scenario)
             meta = SnapshotStore(redis.url, "demo").read_meta()
             dlq = read_topic(kafka.bootstrap_servers, dlq_topic_for(topic), timeout_s=10)
             ps = drift_summary(pipe.state) if pipe.state else {}
@@ -209,6 +183,70 @@ def main(args: argparse.Namespace) -> int:
             redis.close()
     finally:
         stop.restore()
+
+
+def run_live(
+    console: Any, settings: Any, init_path: Path, stop: Any, title: str
+) -> tuple[Any, int, list[dict[str, Any]]]:
+    """Run the daemon in this process until the topic is drained, with a live rich table.
+
+    Returns the pipeline, its exit status and one history row per batch
+    (loss, KL, alarm signal, threshold, drift mode).
+    """
+    from rich.live import Live
+    from rich.table import Table
+
+    from fogline.daemon.stream.pipeline import Pipeline, RunOptions, RunStats
+    from fogline.drift.policy import threshold_value
+    from fogline.drift.runner import drift_summary
+    from fogline.models.state import PosteriorState
+
+    history: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+
+    def table(stats: RunStats, absorbed: int, mode: str, alarms: int) -> Table:
+        dt = max(1e-9, time.perf_counter() - t_start)
+        t = Table(title=f"fogline demo — {title}")
+        cols = ("records/s", "absorbed", "batches", "loss", "KL", "snapshot", "DLQ")
+        for col in (*cols, "drift mode", "alarms"):
+            t.add_column(col)
+        t.add_row(
+            f"{absorbed / dt:,.0f}",
+            str(absorbed),
+            str(stats.batches),
+            f"{stats.last_loss:.4f}",
+            f"{stats.last_kl:.1f}",
+            str(stats.last_version),
+            str(stats.dead_lettered),
+            mode,
+            str(alarms),
+        )
+        return t
+
+    with Live(console=console, refresh_per_second=8) as live:
+
+        def on_batch(stats: RunStats, st: PosteriorState) -> None:
+            ps = drift_summary(st)
+            mode = str(ps.get("mode", "off"))
+            if ps.get("calibrating", 0) and mode == "stable":
+                mode = "calibrating"
+            history.append(
+                {
+                    "batch": stats.batches,
+                    "loss": stats.last_loss,
+                    "kl": stats.last_kl,
+                    "signal": stats.last_signals.get("alarm_signal", math.nan),
+                    "threshold": threshold_value(ps.get("threshold")),
+                    "mode": mode,
+                }
+            )
+            live.update(table(stats, st.records_absorbed, mode, int(ps.get("alarms", 0))))
+
+        pipe = Pipeline(
+            settings, RunOptions(init_path=init_path, idle_exit_s=3.0, on_batch=on_batch), stop
+        )
+        code = pipe.run()
+    return pipe, code, history
 
 
 def query_step(

@@ -105,7 +105,13 @@ def _demo(args: argparse.Namespace) -> int:
     # The demo builds its settings only after starting the broker and redis;
     # check the environment's FOGLINE_* values first (exit 2 before anything starts).
     Settings.load(None)
+    if args.data is not None or args.config is not None:
+        if args.data is None or args.config is None:
+            print("fogline demo: --config and --data go together", file=sys.stderr)
+            return 2
+        from fogline.daemon.demo_data import main as demo_data_main
 
+        return demo_data_main(args)
     return demo_main(args)
 
 
@@ -169,10 +175,40 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     d.add_argument("--out", type=Path, default=Path("fogline-out"), help="output directory")
     d.add_argument("--batches", type=int, default=150, help="batches in the replayed stream")
-    d.add_argument("--batch-size", type=int, default=64)
+    d.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="records per batch (default 64; with --data: the config's stream.batch_size)",
+    )
     d.add_argument("--scenario", default="abrupt", help="replay_data scenario")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--speed", type=float, default=0.0, help="records/s to replay (0: all at once)")
+    d.add_argument(
+        "--warm-epochs", type=int, default=60, help="epochs of the synthetic demo's warm start"
+    )
+    d.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="with --data: settings whose [model] section describes the file (docs/model.md)",
+    )
+    d.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="your own CSV/JSONL/Parquet: warm start on its first part, replay the rest, query",
+    )
+    d.add_argument(
+        "--warm-fraction",
+        type=float,
+        default=0.5,
+        help="with --data: share of rows for the warm start",
+    )
+    d.add_argument("--epochs", type=int, default=None, help="with --data: warm-start epochs")
+    d.add_argument(
+        "--drop-invalid", action="store_true", help="with --data: skip rows that do not validate"
+    )
     d.add_argument(
         "--policy",
         choices=("off", "none", "reset", "forget", "vb"),
