@@ -309,7 +309,7 @@ def query_step(
             f"{p['epistemic_std']:.3f}",
             f"{p['aleatoric_std']:.3f}",
         )
-        answers[tag.replace(" ", "_")] = {label: v, **p}
+        answers[tag.replace(" ", "_")] = {"input": row(v), **p}
     console.print(t)
     _plot_band(grid, sweep["predictions"], label, (inside, outside), path)
     console.print(f"band plot: {path}")
