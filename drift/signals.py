@@ -50,10 +50,10 @@ from typing import Any
 
 import torch
 
+from fogline.drift.ensemble_pass import component_params
 from fogline.models.likelihoods import df_from_unconstrained
 from fogline.models.predictive import (
     Ensemble,
-    component_params,
     ensemble_from_weights,
     log_predictive_density,
     mixture_cdf,
