@@ -8,9 +8,10 @@ Recipe (``fogline warmstart``)
 4. Minibatch SVI (Adam, lr 0.005, batch 256, 800 epochs) of the BNN with the
    fan-in prior, a small initial posterior scale (1e-3), a *bounded* noise head
    sigma = noise_min + (noise_max - noise_min) sigmoid(r) with noise_max =
-   3 std(y_train), and the functional prior of :mod:`fogline.models.fprior` at x0
-   beyond the observed range (gamma 0.05, sigma_0 = 2 std(y_train)).  The
-   held-out negative log predictive density is tracked every epoch.
+   3 std(y_train), and the functional prior of :mod:`fogline.models.fprior` on
+   every feature beyond its robust edges (Q(0.005) - 0.5 IQR, Q(0.995) + 0.5 IQR,
+   6 IQR deep; gamma 0.05, sigma_0 = 2 std(y_train)).  The held-out negative
+   log predictive density is tracked every epoch.
 5. Draw S = 100 posterior samples; 95 % credible bands of the predictive
    mixture on a grid of 401 points x0 in [-5, 5] (other features 0).
 
@@ -30,6 +31,10 @@ In range = held-out rows (|x0| <= 2); out of range = grid points with
 * aleatoric_rel_err_in  = mean_i |sigma_learned(x_i) - sigma(x0_i)| / sigma(x0_i)
   (sigma_learned = the aleatoric std of the mixture)
 * rmse_in = sqrt(mean_i (E[y | x_i, D] - sin(3 x0_i))^2)
+* ood (:func:`fogline.models.ood.epistemic_ratios`): per feature, the epistemic
+  sd at its 0.5 / 99.5 % training quantiles pushed out by 2 and 4 IQR (other
+  features at their medians) over the in-range mean; ``epistemic_ratio_min``
+  = the smallest 4-IQR ratio over features (also in ``metrics``).
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ from fogline.models.data import (
     true_noise_std,
 )
 from fogline.models.fprior import EXTRA_KEY as FPRIOR_KEY
-from fogline.models.fprior import LR_SCALE_KEY, FunctionalPrior
+from fogline.models.fprior import GAP, LR_SCALE_KEY, MARGIN, FunctionalPrior
+from fogline.models.ood import OodReport, epistemic_ratios
 from fogline.models.predictive import Ensemble, log_predictive_density, predict, sample_ensemble
 from fogline.models.serialize import save
 from fogline.models.state import Minibatch, PosteriorState
@@ -73,7 +79,9 @@ class WarmstartOptions:
     """Every knob of the recipe; the defaults are the recipe that meets the quality bar.
 
     ``fprior_weight = 0`` trains without the functional-prior term; ``noise_max = None`` means 3 std(y_train); ``fprior_scale = None``
-    means sigma_0 = 2 std(y_train).  ``from_net`` (a ``state_dict`` file of an
+    means sigma_0 = 2 std(y_train); ``fprior_features = None`` puts the
+    functional prior on every feature (``fprior_gap`` k and ``fprior_margin`` m
+    in IQRs: :meth:`fogline.models.fprior.FunctionalPrior.from_data`).  ``from_net`` (a ``state_dict`` file of an
     ``nn.Sequential`` MLP with 8 inputs) starts from that net: prior
     N(w_net, net_prior_scale^2) and posterior mean w_net (:mod:`fogline.models.bayesianize`);
     its widths and activation replace ``hidden``.  ``particles`` samples estimate
@@ -100,7 +108,9 @@ class WarmstartOptions:
     rank: int = 10
     fprior_weight: float = 0.05
     fprior_scale: float | None = None
-    fprior_margin: float = 3.0
+    fprior_margin: float = MARGIN
+    fprior_gap: float = GAP
+    fprior_features: tuple[int, ...] | None = None
     held_out: float = 0.2
     samples: int = 100
     out: str | None = None
@@ -118,6 +128,7 @@ class WarmstartResult:
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
+    ood: OodReport | None = None
 
 
 def build_config(opts: WarmstartOptions, y_train: torch.Tensor) -> ModelConfig:
@@ -140,7 +151,7 @@ def build_config(opts: WarmstartOptions, y_train: torch.Tensor) -> ModelConfig:
 
 
 def functional_prior(opts: WarmstartOptions, data: RecipeData) -> FunctionalPrior | None:
-    """The recipe's functional prior over x0 beyond its observed range (None when off)."""
+    """The recipe's functional prior beyond the training rows' robust edges (None when off)."""
     if opts.fprior_weight <= 0:
         return None
     scale = opts.fprior_scale if opts.fprior_scale is not None else 2.0 * float(data.y_train.std())
@@ -148,8 +159,9 @@ def functional_prior(opts: WarmstartOptions, data: RecipeData) -> FunctionalPrio
         data.x_train,
         weight=opts.fprior_weight,
         scale=scale,
-        features=(0,),
+        features=opts.fprior_features,
         margin=opts.fprior_margin,
+        gap=opts.fprior_gap,
     )
 
 
@@ -341,11 +353,18 @@ def run(
     seconds = time.perf_counter() - t0
     ens = sample_ensemble(state, opts.samples, seed=opts.seed + 1)
     metrics = evaluate(ens, data, seed=opts.seed)
+    ood = epistemic_ratios(ens, data.x_train, data.x_held, FEATURE_NAMES)
     metrics.update(
-        epochs=float(opts.epochs), seconds=seconds, rows_train=float(data.x_train.shape[0])
+        epochs=float(opts.epochs),
+        seconds=seconds,
+        rows_train=float(data.x_train.shape[0]),
+        epistemic_ratio_min=ood.epistemic_ratio_min,
     )
     finite = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
-    extra = {**state.extra, "warmstart": {"options": _jsonable(opts), "metrics": finite}}
+    extra = {
+        **state.extra,
+        "warmstart": {"options": _jsonable(opts), "metrics": finite, "ood": ood.to_json()},
+    }
     fprior = functional_prior(opts, data)
     if fprior is not None:  # streaming updates keep applying it (models.stream)
         extra[FPRIOR_KEY] = fprior.to_dict()
@@ -363,10 +382,16 @@ def run(
         files["metrics"] = str(out / "metrics.json")
         Path(files["metrics"]).write_text(
             json.dumps(
-                {"metrics": metrics, "history": history, "options": _jsonable(opts)}, indent=1
+                {
+                    "metrics": metrics,
+                    "ood": ood.to_json(),
+                    "history": history,
+                    "options": _jsonable(opts),
+                },
+                indent=1,
             )
         )
-    return WarmstartResult(state, metrics, history, files)
+    return WarmstartResult(state, metrics, history, files, ood)
 
 
 def _from_net(opts: WarmstartOptions, config: ModelConfig, y_std: float) -> PosteriorState:
@@ -390,6 +415,8 @@ def _from_net(opts: WarmstartOptions, config: ModelConfig, y_std: float) -> Post
 def _jsonable(opts: WarmstartOptions) -> dict[str, Any]:
     d = asdict(opts)
     d["hidden"] = list(opts.hidden)
+    if opts.fprior_features is not None:
+        d["fprior_features"] = list(opts.fprior_features)
     return d
 
 
@@ -414,6 +441,10 @@ def summary_lines(m: dict[str, float]) -> list[str]:
         ("aleatoric_rel_err_in", f"{m['aleatoric_rel_err_in']:.3f}", "<= 0.25"),
         ("rmse_in", f"{m['rmse_in']:.3f}", ""),
     ]
+    if "epistemic_ratio_min" in m:
+        rows.append(
+            ("epistemic_ratio_min", f"{m['epistemic_ratio_min']:.2f}", ">= 5 (4-IQR probes)")
+        )
     lines = [f"  {k:<22} {v:<18} {t}" for k, v, t in rows]
     lines.append(
         "  quality bar: "

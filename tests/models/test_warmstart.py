@@ -11,7 +11,7 @@ from torch.distributions import Normal, kl_divergence
 
 from fogline.cli import main as cli_main
 from fogline.models.config import ModelConfig
-from fogline.models.data import load_csv, recipe_data
+from fogline.models.data import FEATURE_NAMES, load_csv, recipe_data
 from fogline.models.fprior import FunctionalPrior, functional_kl
 from fogline.models.serialize import load
 from fogline.models.state import Minibatch
@@ -37,9 +37,10 @@ def test_functional_kl_is_the_gaussian_kl() -> None:
     assert torch.allclose(functional_kl(samples, prior), expected, atol=1e-5)
 
 
-def test_ood_inputs_leave_the_observed_range() -> None:
+def test_ood_inputs_leave_the_robust_range() -> None:
     x = torch.rand(500, 3) * 2 - 1
     prior = FunctionalPrior.from_data(x, weight=1.0, scale=1.0, features=(0, 2), margin=2.0)
+    assert prior.spread is not None
     xt = prior.ood_inputs(x, torch.Generator().manual_seed(0))
     moved = (xt != x).sum(1)
     assert torch.all(moved == 1)
@@ -49,7 +50,9 @@ def test_ood_inputs_leave_the_observed_range() -> None:
         v = xt[rows, j]
         assert rows.any()
         assert torch.all((v < prior.lo[j]) | (v > prior.hi[j]))
-        assert torch.all((v >= prior.lo[j] - 2.0) & (v <= prior.hi[j] + 2.0))
+        reach = 2.0 * prior.spread[j]  # margin 2 interquartile ranges
+        assert torch.all((v >= prior.lo[j] - reach) & (v <= prior.hi[j] + reach))
+        assert prior.lo[j] < float(x[:, j].min()) and prior.hi[j] > float(x[:, j].max())
 
 
 @pytest.mark.parametrize("guide", ["meanfield", "lowrank"])
@@ -134,6 +137,13 @@ def test_cli_json_last_line(
     state = load(doc["files"]["state"])
     assert state.config.noise_head == "bounded"
     assert state.extra["warmstart"]["metrics"]["epochs"] == 1
+    # per-feature OOD ratios at the 4-IQR probes, and the prior on every feature
+    assert set(doc["ood"]["epistemic_ratio"]) == set(FEATURE_NAMES)
+    assert doc["ood"]["epistemic_ratio_min"] == min(doc["ood"]["epistemic_ratio"].values())
+    assert doc["epistemic_ratio_min"] == doc["ood"]["epistemic_ratio_min"]
+    assert state.extra["warmstart"]["ood"]["epistemic_ratio_min"] == doc["epistemic_ratio_min"]
+    fp = FunctionalPrior.of(state)
+    assert fp is not None and fp.active_features == tuple(range(len(FEATURE_NAMES)))
 
 
 @pytest.mark.parametrize(

@@ -139,7 +139,8 @@ def _warmstart(args: argparse.Namespace) -> int:
     for kind, path in result.files.items():
         print(f"  {kind:<8} {path}")
     if args.json:
-        print(json.dumps({**m, "files": result.files}, sort_keys=True))
+        ood = {"ood": result.ood.to_json()} if result.ood is not None else {}
+        print(json.dumps({**m, **ood, "files": result.files}, sort_keys=True))
     return 0
 
 
