@@ -37,20 +37,21 @@ quantiles of the (standardised) training data instead, per feature j:
 
     a_j = Q_j(p),  b_j = Q_j(1 - p)                      (p = ``tail``, 0.005)
     s_j = Q_j(0.75) - Q_j(0.25)                          (the IQR; if 0: b_j - a_j; if 0: 1)
-    lo_j = a_j - k s_j,  hi_j = b_j + k s_j              (k = ``gap``, 0.5)
+    lo_j = a_j - k s_j,  hi_j = b_j + k s_j              (k = ``gap``, 0)
 
 and the out-of-data inputs x~ are training rows with one feature j (drawn
 uniformly from ``features``, all D by default) moved beyond an edge:
 
-    x~_j = lo_j - U(0, m s_j)  or  hi_j + U(0, m s_j)    (side at random, m = ``margin``, 6)
+    x~_j = lo_j - U(0, m s_j)  or  hi_j + U(0, m s_j)    (side at random, m = ``margin``, 3)
 
 so the region is [lo_j - m s_j, lo_j) u (hi_j, hi_j + m s_j], measured in
-units of the feature's own spread on both sides.  Light-tailed features get
-a region just outside the data (k s_j past the 0.5 % / 99.5 % quantiles);
-on a heavy tail the region starts inside the sparse 0.5 % of rows, where the
-likelihood of those rows outweighs it.  States written before this rule
-carry min/max edges and an absolute margin (``spread`` absent, s_j = 1) and
-keep that region exactly.
+units of the feature's own spread on both sides.  With the defaults it starts
+at the 0.5 % / 99.5 % quantiles: the outermost 0.5 % of rows on each side lie
+in it, and there their likelihood outweighs the prior (the in-range bands do
+not widen: docs/model.md); on a heavy tail that is where the rows thin out,
+far inside the maximum.  States written before this rule carry min/max edges
+and an absolute margin (``spread`` absent, s_j = 1) and keep that region
+exactly.
 
 The term is one optional term of the single objective of
 :func:`fogline.models.svi.step` (``functional_prior=``); this module holds the
@@ -78,9 +79,9 @@ LR_SCALE_KEY = "cov_factor_lr_scale"
 #: Default tail probability p of the robust edges a_j = Q_j(p), b_j = Q_j(1 - p).
 TAIL = 0.005
 #: Default gap k: the region starts k spreads beyond a_j / b_j.
-GAP = 0.5
+GAP = 0.0
 #: Default margin m: the region is m spreads deep on each side.
-MARGIN = 6.0
+MARGIN = 3.0
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,7 @@ class FunctionalPrior:
     features:
         Features whose edges are crossed to make x~; ``None`` (the default) = all D.
     margin:
-        m: the region is m s_j deep beyond each edge (3 when built by hand;
-        :meth:`from_data` uses :data:`MARGIN`).
+        m: the region is m s_j deep beyond each edge.
     spread:
         s_j per feature (length D); ``None`` = 1 (absolute margin: states
         written before the robust rule).
@@ -163,7 +163,7 @@ class FunctionalPrior:
     hi: tuple[float, ...]
     features: tuple[int, ...] | None = None
     loc: float = 0.0
-    margin: float = 3.0
+    margin: float = MARGIN
     samples: int = 8
     spread: tuple[float, ...] | None = None
 

@@ -86,16 +86,17 @@ class OodReport:
         }
 
     def table(self) -> list[str]:
-        """Markdown rows: feature, sd in, sd at 2 / 4 IQR (lo / hi), ratios at 2 / 4 IQR."""
+        """Markdown rows: feature, 4-IQR probes, sd in, sd at 2 / 4 IQR (lo / hi), ratios."""
         k2, k4 = PROBE_IQRS
         rows = [
-            "| feature | epistemic sd in | sd at 2 IQR (lo / hi) | sd at 4 IQR (lo / hi) "
-            "| ratio 2 IQR | ratio 4 IQR |",
-            "|---|---|---|---|---|---|",
+            "| feature | 4-IQR probes (lo / hi) | epistemic sd in | sd at 2 IQR (lo / hi) "
+            "| sd at 4 IQR (lo / hi) | ratio 2 IQR | ratio 4 IQR |",
+            "|---|---|---|---|---|---|---|",
         ]
         for f in self.features:
             rows.append(
-                f"| {f.name} | {self.epistemic_in:.3f} "
+                f"| {f.name} | {f.probe['lo'][k4]:.2f} / {f.probe['hi'][k4]:.2f} "
+                f"| {self.epistemic_in:.3f} "
                 f"| {f.sd['lo'][k2]:.3f} / {f.sd['hi'][k2]:.3f} "
                 f"| {f.sd['lo'][k4]:.3f} / {f.sd['hi'][k4]:.3f} "
                 f"| {f.ratio[k2]:.1f} | {f.ratio[k4]:.1f} |"

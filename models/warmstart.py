@@ -9,8 +9,8 @@ Recipe (``fogline warmstart``)
    fan-in prior, a small initial posterior scale (1e-3), a *bounded* noise head
    sigma = noise_min + (noise_max - noise_min) sigmoid(r) with noise_max =
    3 std(y_train), and the functional prior of :mod:`fogline.models.fprior` on
-   every feature beyond its robust edges (Q(0.005) - 0.5 IQR, Q(0.995) + 0.5 IQR,
-   6 IQR deep; gamma 0.05, sigma_0 = 2 std(y_train)).  The held-out negative
+   every feature beyond its robust edges (Q(0.005) and Q(0.995), 3 IQR deep;
+   gamma 0.05, sigma_0 = 2 std(y_train)).  The held-out negative
    log predictive density is tracked every epoch.
 5. Draw S = 100 posterior samples; 95 % credible bands of the predictive
    mixture on a grid of 401 points x0 in [-5, 5] (other features 0).
@@ -53,6 +53,7 @@ from fogline.models.config import GuideName, LikelihoodName, ModelConfig, NoiseH
 from fogline.models.data import (
     FEATURE_NAMES,
     RecipeData,
+    Table,
     load,
     recipe_data,
     true_mean,
@@ -81,7 +82,10 @@ class WarmstartOptions:
     ``fprior_weight = 0`` trains without the functional-prior term; ``noise_max = None`` means 3 std(y_train); ``fprior_scale = None``
     means sigma_0 = 2 std(y_train); ``fprior_features = None`` puts the
     functional prior on every feature (``fprior_gap`` k and ``fprior_margin`` m
-    in IQRs: :meth:`fogline.models.fprior.FunctionalPrior.from_data`).  ``from_net`` (a ``state_dict`` file of an
+    in IQRs: :meth:`fogline.models.fprior.FunctionalPrior.from_data`).
+    ``log1p_features`` names raw columns replaced by log(1 + x) before
+    standardising (positive heavy-tailed ones: AveRooms, AveBedrms,
+    Population, AveOccup); the state then expects them in that space.  ``from_net`` (a ``state_dict`` file of an
     ``nn.Sequential`` MLP with 8 inputs) starts from that net: prior
     N(w_net, net_prior_scale^2) and posterior mean w_net (:mod:`fogline.models.bayesianize`);
     its widths and activation replace ``hidden``.  ``particles`` samples estimate
@@ -118,6 +122,7 @@ class WarmstartOptions:
     cov_factor_lr_scale: float = 0.05
     from_net: str | None = None
     net_prior_scale: float = 0.1
+    log1p_features: tuple[str, ...] = ()
 
 
 @dataclass
@@ -342,7 +347,8 @@ def run(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> WarmstartResult:
     """Load, train, evaluate; write state, metrics and plot under ``opts.out`` when set."""
-    data = recipe_data(load(opts.data), seed=opts.seed, held_out=opts.held_out)
+    table = log1p_columns(load(opts.data), opts.log1p_features)
+    data = recipe_data(table, seed=opts.seed, held_out=opts.held_out)
     config = build_config(opts, data.y_train)
     if opts.from_net:
         state = _from_net(opts, config, float(data.y_train.std()))
@@ -394,6 +400,24 @@ def run(
     return WarmstartResult(state, metrics, history, files, ood)
 
 
+def log1p_columns(table: Table, names: tuple[str, ...]) -> Table:
+    """The table with the raw columns ``names`` replaced by log(1 + x) (all must exceed -1)."""
+    if not names:
+        return table
+    unknown = [n for n in names if n not in FEATURE_NAMES]
+    if unknown:
+        raise ValueError(f"log1p_features: unknown columns {unknown}; known {list(FEATURE_NAMES)}")
+    x = table.x.clone()
+    for name in names:
+        j = FEATURE_NAMES.index(name)
+        bad = (x[:, j] <= -1).nonzero()
+        if bad.numel():
+            row = int(bad[0])
+            raise ValueError(f"log1p_features: column {name} row {row} is {float(x[row, j])} <= -1")
+        x[:, j] = torch.log1p(x[:, j])
+    return Table(x, table.target, table.source)
+
+
 def _from_net(opts: WarmstartOptions, config: ModelConfig, y_std: float) -> PosteriorState:
     """Bayesianise the net in ``opts.from_net`` with the recipe's likelihood, guide and head."""
     from fogline.models.bayesianize import bayesianize
@@ -417,6 +441,7 @@ def _jsonable(opts: WarmstartOptions) -> dict[str, Any]:
     d["hidden"] = list(opts.hidden)
     if opts.fprior_features is not None:
         d["fprior_features"] = list(opts.fprior_features)
+    d["log1p_features"] = list(opts.log1p_features)
     return d
 
 
@@ -477,6 +502,7 @@ __all__ = [
     "evaluate",
     "functional_prior",
     "grid",
+    "log1p_columns",
     "plot",
     "predictive_entropy",
     "quality_checks",

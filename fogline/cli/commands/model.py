@@ -19,6 +19,18 @@ def _hidden(text: str) -> tuple[int, ...]:
     return widths
 
 
+def _names(text: str) -> tuple[str, ...]:
+    from fogline.models.data import FEATURE_NAMES
+
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [n for n in names if n not in FEATURE_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown columns {unknown}; known {','.join(FEATURE_NAMES)}"
+        )
+    return names
+
+
 def _add_recipe_args(p: argparse.ArgumentParser, epochs: int) -> None:
     p.add_argument(
         "--data", metavar="PATH", help="raw cal_housing.csv (default: scikit-learn's fetcher)"
@@ -79,6 +91,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--net-prior-scale", type=float, default=0.1, help="prior sd around the net's weights"
     )
     p.add_argument(
+        "--log1p",
+        type=_names,
+        default=(),
+        metavar="NAMES",
+        help="raw columns to log(1 + x) before standardising, e.g. AveRooms,AveOccup",
+    )
+    p.add_argument(
         "--out", default="fogline-out/warmstart", help="directory for state, plot, metrics"
     )
     p.set_defaults(func=_warmstart)
@@ -124,6 +143,7 @@ def _warmstart(args: argparse.Namespace) -> int:
         out=args.out,
         from_net=args.from_net,
         net_prior_scale=args.net_prior_scale,
+        log1p_features=args.log1p,
     )
     try:
         with _progress(args.epochs, args.quiet) as on_epoch:
@@ -136,6 +156,9 @@ def _warmstart(args: argparse.Namespace) -> int:
         f"warm start ({opts.likelihood}, {opts.guide}, prior {opts.prior}) in {m['seconds']:.1f} s"
     )
     print("\n".join(summary_lines(m)))
+    if result.ood is not None:
+        print("  epistemic sd outside the data, per feature (models/ood.py):")
+        print("\n".join(f"  {row}" for row in result.ood.table()))
     for kind, path in result.files.items():
         print(f"  {kind:<8} {path}")
     if args.json:
