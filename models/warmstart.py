@@ -85,7 +85,9 @@ class WarmstartOptions:
     in IQRs: :meth:`fogline.models.fprior.FunctionalPrior.from_data`).
     ``log1p_features`` names raw columns replaced by log(1 + x) before
     standardising (positive heavy-tailed ones: AveRooms, AveBedrms,
-    Population, AveOccup); the state then expects them in that space.  ``from_net`` (a ``state_dict`` file of an
+    Population, AveOccup); the state then expects them in that space.
+
+    ``from_net`` (a ``state_dict`` file of an
     ``nn.Sequential`` MLP with 8 inputs) starts from that net: prior
     N(w_net, net_prior_scale^2) and posterior mean w_net (:mod:`fogline.models.bayesianize`);
     its widths and activation replace ``hidden``.  ``particles`` samples estimate
