@@ -22,6 +22,20 @@ def _hidden(text: str) -> tuple[int, ...]:
     return widths
 
 
+def _names(text: str) -> tuple[str, ...]:
+    from fogline.models.data import FEATURE_NAMES
+
+    if text.strip().lower() == "none":
+        return ()
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [n for n in names if n not in FEATURE_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown columns {unknown}; known {','.join(FEATURE_NAMES)}"
+        )
+    return names
+
+
 def _add_recipe_args(
     p: argparse.ArgumentParser,
     epochs: int,
@@ -133,6 +147,14 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--net-prior-scale", type=float, default=0.1, help="prior sd around the net's weights"
     )
     p.add_argument(
+        "--log1p",
+        type=_names,
+        default=None,
+        metavar="NAMES",
+        help="recipe: raw columns to log(1 + x) before standardising (default "
+        "AveRooms,AveBedrms,Population,AveOccup; 'none' for none)",
+    )
+    p.add_argument(
         "--out",
         default=None,
         help="recipe: directory for state, plot, metrics (fogline-out/warmstart); with "
@@ -202,7 +224,7 @@ def _warmstart(args: argparse.Namespace) -> int:
     import torch
 
     from fogline.models.data import DataUnavailableError
-    from fogline.models.warmstart import WarmstartOptions, run, summary_lines
+    from fogline.models.warmstart import HEAVY_TAILED, WarmstartOptions, run, summary_lines
 
     torch.set_num_threads(args.threads)
     opts = WarmstartOptions(
@@ -229,6 +251,7 @@ def _warmstart(args: argparse.Namespace) -> int:
         out=args.out,
         from_net=args.from_net,
         net_prior_scale=args.net_prior_scale,
+        log1p_features=HEAVY_TAILED if args.log1p is None else args.log1p,
     )
     try:
         with _progress(args.epochs, args.quiet) as on_epoch:
@@ -247,10 +270,15 @@ def _warmstart(args: argparse.Namespace) -> int:
             f"  alarm reference        {alarm['rows']} holdout records, threshold "
             f"{alarm['threshold']:.4f} for batches of {alarm['batch_size']}, ERT {alarm['ert']:g}"
         )
+    if result.ood is not None:
+        print("  epistemic sd outside the data, per feature (models/ood.py):")
+        print("\n".join(f"  {row}" for row in result.ood.table()))
     for kind, path in result.files.items():
         print(f"  {kind:<8} {path}")
     if args.json:
         doc = {**m, "files": result.files}
+        if result.ood is not None:
+            doc["ood"] = result.ood.to_json()
         if alarm is not None:
             doc["alarm_reference"] = alarm
         print(json.dumps(doc, sort_keys=True))
