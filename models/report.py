@@ -167,16 +167,16 @@ def _bernoulli(ens: Ensemble, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any
 
 def ood_section(
     ens: Ensemble, schema: DataSchema, x_train: torch.Tensor, x_held: torch.Tensor
-) -> dict[str, Any] | None:
-    """HOOK for the per-feature out-of-support probes (``models/ood.py``, helper h2).
+) -> dict[str, Any]:
+    """The per-feature out-of-support probes of :func:`fogline.models.ood.epistemic_ratios`.
 
-    To be wired at merge as
-    ``epistemic_ratios(ens, x_train, x_held, schema.feature_names).to_json()``
-    (``ood.epistemic_ratio`` per feature, ``ood.epistemic_ratio_min``); until
-    then the report's ``ood`` is ``None``.
+    ``ood.epistemic_ratio`` per feature (epistemic sd at the 4-IQR probes over
+    the held-out mean, model units), ``ood.epistemic_ratio_min`` over features,
+    and the 2-IQR figures.
     """
-    del ens, schema, x_train, x_held
-    return None
+    from fogline.models.ood import epistemic_ratios
+
+    return epistemic_ratios(ens, x_train, x_held, schema.feature_names).to_json()
 
 
 def write_figures(

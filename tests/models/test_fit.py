@@ -67,7 +67,9 @@ def test_fit_three_features_in_raw_units(history: Path, tmp_path: Path) -> None:
     # report keys and sane figures
     h = res.report["holdout"]
     assert all(k in h for k in HOLDOUT_KEYS) and h["n"] == 240
-    assert res.report["ood"] is None  # hook (models/ood.py) wired at merge
+    ood = res.report["ood"]  # per-feature out-of-support probes (models/ood.py)
+    assert set(ood["epistemic_ratio"]) == set(schema.feature_names)
+    assert ood["epistemic_ratio_min"] == min(ood["epistemic_ratio"].values()) > 1.0
     assert h["rmse"] < 0.35 * h["y_sd"]
     assert 0.8 <= h["coverage_95"] <= 1.0
     x_raw = schema.x_from_model(res.x_held.double()).numpy()
