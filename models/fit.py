@@ -214,7 +214,7 @@ def fit(
                 {
                     "weight": fprior.weight,
                     "scale_model": fprior.scale,
-                    "features": [spec.features[j] for j in fprior.features],
+                    "features": [spec.features[j] for j in fprior.active_features],
                     "margin": fprior.margin,
                 }
                 if fprior is not None
