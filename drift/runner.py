@@ -650,6 +650,7 @@ class DriftLoop:
             consecutive=consecutive,
             n_streams=self.n_streams,
             seed=self.seed,
+            block=min(self.policy.calibration_block * batch_size, len(records)),
         )
         self.calibration = cal
         kl = np.asarray(d.cal_kl) if d.cal_kl else np.asarray([math.inf])
