@@ -18,23 +18,29 @@ statistic record by record with its state explicit):
    is N(0, 1) when the predictive is calibrated (p_i ~ U(0, 1)), clipped to
    [-cap, cap] so one record moves the next statistic by at most cap / K.
 3. **Anomaly likelihood** (:func:`anomaly_likelihood`, after Numenta's HTM
-   detector).  The short-window mean m_t = (1/K) sum_{j<K} zeta_{t-j} is
-   compared with the distribution of the same statistic over the long
-   window of the past W values m_{t-W..t-1}, summarised robustly (median
-   mu_t, sd_t = 1.4826 MAD, floored at ``sd_floor / sqrt(K)``, a fraction of
-   the sd of m under a calibrated model), so autocorrelation and a
-   mis-calibrated model are measured, not assumed:
+   detector).  For each window length K in ``short`` (default 8 and 64
+   records: a sharp event and a subtle sustained one), the window mean
+   m_t = (1/K) sum_{j<K} zeta_{t-j} is compared with the distribution of the
+   same statistic over the past W = ``long`` records, m_{t-W..t-1}, by its
+   mean mu_t and sd sd_t (floored at ``sd_floor / sqrt(K)``, a fraction of
+   the sd of m under a calibrated model).  Autocorrelation (a daily cycle
+   the model does not explain) and a mis-calibrated predictive are thus
+   measured on the series itself, not assumed away:
 
-       z_t = (m_t - mu_t) / sd_t,    q_t = 1 - Phi(z_t)  (upper tail),
+       z_t = (m_t - mu_t) / sd_t,    log10 q_t,K = log10(1 - Phi(z_t)),
 
-   and the written score is its log scale,
+   combined over the scales with a Bonferroni correction,
+   lambda_t = max(0, max_K(-log10 q_t,K) - log10 |short|), and written on a
+   bounded log scale with full resolution near 1,
 
-       score_t = min(1, -log10(q_t) / D),   D = ``decades`` (default 10),
+       score_t = lambda_t / (lambda_t + D),    D = ``decades`` (default 10),
 
-   so a threshold h means "a short-window mean this extreme happens with
-   probability 10^(-D h) per record" (h = 0.5: 1e-5): resolution near 1
-   is the resolution of log q.  Until ``min_history`` window means exist the
-   score is 0 (there is nothing to compare with).
+   so a threshold h means "a window mean this extreme happens with
+   probability q = 10^(-D h / (1 - h)) per record" (h = 0.5: 1e-10, h = 1/3:
+   1e-5).  Until ``min_history`` window means exist the score is 0 (there is
+   nothing to compare with).  The estimator ``median_mad`` (median, 1.4826
+   MAD) is available; on NAB it ignored the regular large excursions of
+   periodic series and scored far worse (docs/drift.md).
 """
 
 from __future__ import annotations
@@ -63,16 +69,17 @@ _LN10 = math.log(10.0)
 class LikelihoodConfig(BaseModel):
     """Settings of the anomaly score (module docstring), frozen and validated.
 
-    ``short`` K and ``long`` W (records), ``min_history`` (window means needed
-    before a score is given), ``decades`` D of the log score, ``cap`` on
-    |zeta|, ``sd_floor`` (fraction of the calibrated sd 1/sqrt(K) below which
-    the long-window sd is not trusted) and ``noise_floor`` (in the model's
-    target units; standardised targets: a fraction of the series' sd).
+    ``short`` the window lengths K and ``long`` W (records), ``min_history``
+    (window means needed before a score is given), ``decades`` D of the log
+    score, ``cap`` on |zeta|, ``sd_floor`` (fraction of the calibrated sd
+    1/sqrt(K) below which the long-window sd is not trusted), ``noise_floor``
+    (in the model's target units; standardised targets: a fraction of the
+    series' sd) and the long-window ``estimator``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    short: int = Field(default=8, ge=1)
+    short: tuple[int, ...] = (8, 64)
     long: int = Field(default=1000, ge=2)
     min_history: int = Field(default=100, ge=1)
     decades: float = Field(default=10.0, gt=0)
@@ -82,7 +89,9 @@ class LikelihoodConfig(BaseModel):
     estimator: Literal["mean_sd", "median_mad"] = "mean_sd"
 
     @model_validator(mode="after")
-    def _history_fits(self) -> LikelihoodConfig:
+    def _check(self) -> LikelihoodConfig:
+        if not self.short or min(self.short) < 1:
+            raise ValueError(f"short: window lengths must be >= 1, got {self.short}")
         if self.min_history > self.long:
             raise ValueError(f"min_history: must be <= long ({self.long}), got {self.min_history}")
         return self
@@ -120,26 +129,26 @@ def normal_scores(log_p: npt.ArrayLike, cap: float = 6.0) -> FloatArray:
 
 
 # ----------------------------------------------------------------------------- 3. likelihood
-def _upper_log10_tail(z: FloatArray) -> FloatArray:
+def _upper_log10_tail(z: Any) -> Any:
     """log10(1 - Phi(z)), accurate for large z."""
-    return np.asarray(_np_log_ndtr(-z) / _LN10)
+    return _np_log_ndtr(-np.asarray(z, dtype=np.float64)) / _LN10
 
 
-def _score_from(m: float | FloatArray, hist_med: Any, hist_sd: Any, cfg: LikelihoodConfig) -> Any:
-    z = (m - hist_med) / hist_sd
-    log10_q = _upper_log10_tail(np.asarray(z, dtype=np.float64))
-    lam = -log10_q
-    return lam / (lam + cfg.decades), log10_q
-
-
-def _robust(hist: FloatArray, cfg: LikelihoodConfig, axis: int = -1) -> tuple[Any, Any]:
+def _location_scale(hist: FloatArray, k: int, cfg: LikelihoodConfig) -> tuple[Any, Any]:
+    """(mu, sd) of window means ``hist`` along the last axis."""
     if cfg.estimator == "median_mad":
-        med = np.median(hist, axis=axis)
-        sd = MAD_TO_SD * np.median(np.abs(hist - np.expand_dims(med, axis)), axis=axis)
+        mu = np.median(hist, axis=-1)
+        sd = MAD_TO_SD * np.median(np.abs(hist - mu[..., None]), axis=-1)
     else:
-        med = np.mean(hist, axis=axis)
-        sd = np.std(hist, axis=axis)
-    return med, np.maximum(sd, cfg.sd_floor / math.sqrt(cfg.short))
+        mu = np.mean(hist, axis=-1)
+        sd = np.std(hist, axis=-1)
+    return mu, np.maximum(sd, cfg.sd_floor / math.sqrt(k))
+
+
+def _score(lam_k: FloatArray, cfg: LikelihoodConfig) -> tuple[FloatArray, FloatArray]:
+    """(score, lambda) from the per-scale -log10 q [n_scales, ...]."""
+    lam = np.maximum(np.max(lam_k, axis=0) - math.log10(len(cfg.short)), 0.0)
+    return lam / (lam + cfg.decades), lam
 
 
 def window_means(zeta: npt.ArrayLike, short: int) -> FloatArray:
@@ -151,76 +160,83 @@ def window_means(zeta: npt.ArrayLike, short: int) -> FloatArray:
     return np.asarray((c[idx] - c[lo]) / (idx - lo))
 
 
+def _scale_lambda(m: FloatArray, k: int, cfg: LikelihoodConfig) -> FloatArray:
+    """-log10 q_t for one window length (0 before ``min_history``)."""
+    n, w = len(m), cfg.long
+    lam = np.zeros(n)
+    for t in range(cfg.min_history, min(w, n)):  # growing history m[:t]
+        mu, sd = _location_scale(m[:t], k, cfg)
+        lam[t] = -_upper_log10_tail((m[t] - mu) / sd)
+    if n > w:
+        hist = np.lib.stride_tricks.sliding_window_view(m[:-1], w)  # row j: m[j : j + W]
+        mu, sd = _location_scale(hist, k, cfg)
+        lam[w:] = -_upper_log10_tail((m[w:] - mu) / sd)
+    return lam
+
+
 def anomaly_likelihood(
     zeta: npt.ArrayLike, cfg: LikelihoodConfig | None = None
 ) -> tuple[FloatArray, FloatArray]:
-    """(score [N] in [0, 1], log10 q [N]) for a whole sequence of normal scores (stage 3).
+    """(score [N] in [0, 1), lambda [N] = -log10 q) of a sequence of normal scores (stage 3).
 
     Causal: record t sees only zeta_0..t.  Equal to feeding the sequence through
     :class:`AnomalyLikelihood` (the test checks it); records without enough
-    history get score 0 and log10 q = 0.
+    history get score 0.
     """
     cfg = cfg or LikelihoodConfig()
-    m = window_means(zeta, cfg.short)
-    n = len(m)
-    score = np.zeros(n)
-    log10_q = np.zeros(n)
-    if n <= cfg.min_history:
-        return score, log10_q
-    # history of record t: m[max(0, t - W) : t]; full windows once t >= W
-    for t in range(cfg.min_history, min(cfg.long, n)):
-        med, sd = _robust(m[:t], cfg)
-        score[t], log10_q[t] = _score_from(m[t], med, sd, cfg)
-    if n > cfg.long:
-        hist = np.lib.stride_tricks.sliding_window_view(m[:-1], cfg.long)  # rows t-W..t-1
-        med, sd = _robust(hist, cfg)
-        s, q = _score_from(m[cfg.long :], med, sd, cfg)
-        score[cfg.long :], log10_q[cfg.long :] = s, q
-    return score, log10_q
+    z = np.asarray(zeta, dtype=np.float64)
+    if len(z) <= cfg.min_history:
+        return np.zeros(len(z)), np.zeros(len(z))
+    lam_k = np.stack([_scale_lambda(window_means(z, k), k, cfg) for k in cfg.short])
+    return _score(lam_k, cfg)
 
 
 class AnomalyLikelihood:
     """:func:`anomaly_likelihood` one record at a time, with explicit state.
 
-    The state is the last ``short`` normal scores and the last ``long`` window
-    means (:meth:`state_dict` / :meth:`from_state`, plain lists of floats), so
-    a restarted scorer continues exactly.
+    The state is the last max(``short``) normal scores and, per window length,
+    the last ``long`` window means (:meth:`state_dict` / :meth:`from_state`,
+    plain lists of floats), so a restarted scorer continues exactly.
     """
 
     def __init__(self, cfg: LikelihoodConfig | None = None) -> None:
         self.cfg = cfg or LikelihoodConfig()
-        self._zeta: deque[float] = deque(maxlen=self.cfg.short)
-        self._means: deque[float] = deque(maxlen=self.cfg.long)
+        self._zeta: deque[float] = deque(maxlen=max(self.cfg.short))
+        self._means: list[deque[float]] = [deque(maxlen=self.cfg.long) for _ in self.cfg.short]
 
     def update(self, zeta: Iterable[float]) -> tuple[FloatArray, FloatArray]:
-        """Score the next records (their normal scores); returns (score, log10 q)."""
-        scores, qs = [], []
-        for z in zeta:
-            self._zeta.append(float(z))
-            m = sum(self._zeta) / len(self._zeta)
-            if len(self._means) >= self.cfg.min_history:
-                med, sd = _robust(np.asarray(self._means), self.cfg)
-                s, q = _score_from(m, med, sd, self.cfg)
-                scores.append(float(s))
-                qs.append(float(q))
-            else:
-                scores.append(0.0)
-                qs.append(0.0)
-            self._means.append(m)
-        return np.asarray(scores), np.asarray(qs)
+        """Score the next records (their normal scores); returns (score, lambda)."""
+        out_s, out_l = [], []
+        for value in zeta:
+            self._zeta.append(float(value))
+            recent = np.asarray(self._zeta)
+            lam_k = np.zeros(len(self.cfg.short))
+            for i, k in enumerate(self.cfg.short):
+                m = float(recent[-k:].mean())
+                hist = self._means[i]
+                if len(hist) >= self.cfg.min_history:
+                    mu, sd = _location_scale(np.asarray(hist), k, self.cfg)
+                    lam_k[i] = -_upper_log10_tail((m - mu) / sd)
+                hist.append(m)
+            ready = len(self._means[0]) > self.cfg.min_history
+            s, lam = _score(lam_k[:, None], self.cfg) if ready else (np.zeros(1), np.zeros(1))
+            out_s.append(float(s[0]))
+            out_l.append(float(lam[0]))
+        return np.asarray(out_s), np.asarray(out_l)
 
-    def state_dict(self) -> dict[str, list[float]]:
+    def state_dict(self) -> dict[str, list[Any]]:
         """The running state as JSON."""
-        return {"zeta": list(self._zeta), "means": list(self._means)}
+        return {"zeta": list(self._zeta), "means": [list(h) for h in self._means]}
 
     @classmethod
     def from_state(
-        cls, state: dict[str, list[float]], cfg: LikelihoodConfig | None = None
+        cls, state: dict[str, list[Any]], cfg: LikelihoodConfig | None = None
     ) -> AnomalyLikelihood:
         """A scorer continued from :meth:`state_dict`."""
         out = cls(cfg)
         out._zeta.extend(float(v) for v in state["zeta"])
-        out._means.extend(float(v) for v in state["means"])
+        for h, stored in zip(out._means, state["means"], strict=True):
+            h.extend(float(v) for v in stored)
         return out
 
 

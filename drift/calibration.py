@@ -14,7 +14,10 @@ the threshold is fitted by simulation on a *no-drift reference window*:
      median over the batch's records* of a per-record value computed against a fixed
      reference posterior (the surprisal): it resamples *records*, so a
      reference window of R records yields far more distinct batch values than
-     R / batch_size, which is what estimating a 1/ERT tail needs.
+     R / batch_size, which is what estimating a 1/ERT tail needs.  With
+     ``block`` > 1 it resamples runs of ``block`` consecutive records instead
+     (moving-block bootstrap of the record sequence), for telemetry whose
+     records are autocorrelated.
 2. For a monitor that alarms on ``k`` consecutive exceedances, a stream raises
    an alarm within ``L`` batches iff ``M = max_t min(s_{t-k+1..t}) > h``.
 3. Model the run length as geometric (memoryless) with mean ``ERT``, so

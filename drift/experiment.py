@@ -90,9 +90,11 @@ class ExperimentConfig(BaseModel):
     rolling: int = 10
     policy: PolicyConfig = PolicyConfig()
     anomaly: LikelihoodConfig = LikelihoodConfig()
-    #: Univariate telemetry (NAB files): the key's last ``lags`` values and calendar terms.
+    #: Univariate telemetry (NAB files): the key's last ``lags`` values, and with
+    #: ``calendar`` hour of day / day of week as sin/cos.  Off by default here: NAB's
+    #: warm-ups are about 2 days, too short to learn a daily shape (docs/drift.md).
     lags: int = Field(default=8, ge=1)
-    calendar: bool = True
+    calendar: bool = False
 
     @property
     def ert(self) -> float:
@@ -293,7 +295,6 @@ class PolicyRun:
     weights: list[float] = field(default_factory=list)
     anomaly: list[np.ndarray] = field(default_factory=list)
     log_tail: list[np.ndarray] = field(default_factory=list)
-    log_tail_ref: list[np.ndarray] = field(default_factory=list)
     warm_log_tail: np.ndarray | None = None
     live: list[bool] = field(default_factory=list)
     transitions: list[dict[str, Any]] = field(default_factory=list)
@@ -333,17 +334,18 @@ def run_policy(
     floor = cfg.anomaly.noise_floor
     if scored:
         run.warm_log_tail = log_tail_probability(
-            ens, torch.from_numpy(data.warm_x), torch.from_numpy(data.warm_y), floor
+            loop.reference.ensemble,
+            torch.from_numpy(data.warm_x),
+            torch.from_numpy(data.warm_y),
+            floor,
         )
     for t in range(data.n_batches):
         x = torch.from_numpy(np.ascontiguousarray(data.x[t * b : (t + 1) * b]))
         y = torch.from_numpy(np.ascontiguousarray(data.y[t * b : (t + 1) * b]))
         nll, cov = _prequential(ens, x, y)
         run.live.append(loop.policy_state.mode == "stable" and loop.policy_state.calibrating == 0)
-        if scored:
-            run.log_tail.append(log_tail_probability(ens, x, y, floor))
-            assert loop.reference is not None
-            run.log_tail_ref.append(log_tail_probability(loop.reference.ensemble, x, y, floor))
+        if scored:  # under the reference posterior, before the batch (as the alarm signal)
+            run.log_tail.append(log_tail_probability(loop.reference.ensemble, x, y, floor))
         state, _info, sig, action = loop.process(state, x, y)
         ens = loop.last_ensemble if loop.last_ensemble is not None else ens
         ps = loop.policy_state
@@ -481,8 +483,9 @@ def nab_scores(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(anomaly score [n], two-sided tail probability [n]) for every row of a NAB file.
 
-    The tail probability is the prequential one (the posterior before it absorbed
-    the record's batch; the warm-start rows in-sample under the warm start); the
+    The tail probability is under the reference posterior before the record's
+    batch (the warm start, re-anchored after a confirmed change; the warm-start
+    rows in-sample); the
     score is :func:`fogline.drift.anomaly.anomaly_likelihood` of their normal
     scores, run over the warm-start rows and then the stream.  The first ``lag``
     rows (no features) get score 0 and tail probability 1.
