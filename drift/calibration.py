@@ -205,7 +205,7 @@ def calibrate_batch_statistic(
 
     if block > v.shape[0]:
         raise ValueError(f"block: {block} records, the window has only {v.shape[0]}")
-    n_blocks = -(-length * batch_size // block)
+    n_blocks = -(-length * batch_size // max(block, 1))
 
     def indices() -> npt.NDArray[np.int64]:
         if block <= 1:

@@ -113,3 +113,13 @@ def test_block_bootstrap_holds_the_ert_on_autocorrelated_records() -> None:
                 assert cal.method == "record_block_bootstrap_mean" and cal.block == 2 * b
     assert monitored / alarms_iid < 0.3 * ert
     assert 0.5 * ert <= monitored / alarms_block <= 1.5 * ert
+
+
+def test_block_zero_or_one_is_the_independent_draw() -> None:
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal(3_000)
+    fits = [
+        calibrate_batch_statistic(ref, 64, 50.0, consecutive=2, n_streams=50, seed=1, block=b)
+        for b in (0, 1)
+    ]
+    assert fits[0] == fits[1] and fits[0].method == "record_bootstrap_mean"
