@@ -84,6 +84,12 @@ class PolicyConfig(BaseModel):
         Batches of no-drift data collected after (re-)anchoring to fit the thresholds
         (with ``history`` calibration: the batches whose step KL fits the recovery
         threshold at the start, while alarms are already live).
+    calibration_block:
+        Block length, in batches, of the record block bootstrap that fits the
+        threshold (:func:`fogline.drift.calibration.calibrate_batch_statistic`):
+        simulated batches are runs of consecutive records, so autocorrelated
+        telemetry is not calibrated as if its records were independent.
+        0: records drawn independently.
     max_outlier_fraction, min_weight:
         Outlier down-weighting (see the module docstring).
     """
@@ -111,6 +117,7 @@ class PolicyConfig(BaseModel):
     max_recovery: int = Field(default=60, ge=1)
     calibration: Literal["history", "stream"] = "history"
     calibration_batches: int = Field(default=40, ge=0)
+    calibration_block: int = Field(default=2, ge=0)
     max_outlier_fraction: float = Field(default=0.4, gt=0, le=1)
     min_weight: float = Field(default=0.2, gt=0, le=1)
 

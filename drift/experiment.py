@@ -43,11 +43,18 @@ from typing import Any
 import numpy as np
 import structlog
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
+from fogline.drift.anomaly import (
+    LikelihoodConfig,
+    anomaly_likelihood,
+    log_tail_probability,
+    normal_scores,
+)
 from fogline.drift.config import POLICIES, PolicyConfig
 from fogline.drift.runner import DriftLoop
 from fogline.drift.signals import _moments_and_scores
+from fogline.models.autoregressive import LagState, Record, build_features, parse_ts
 from fogline.models.config import ModelConfig
 from fogline.models.predictive import Ensemble, sample_ensemble
 from fogline.models.priors import default_prior
@@ -82,6 +89,12 @@ class ExperimentConfig(BaseModel):
     detect_window: int = 50
     rolling: int = 10
     policy: PolicyConfig = PolicyConfig()
+    anomaly: LikelihoodConfig = LikelihoodConfig()
+    #: Univariate telemetry (NAB files): the key's last ``lags`` values, and with
+    #: ``calendar`` hour of day / day of week as sin/cos.  Off by default here: NAB's
+    #: warm-ups are about 2 days, too short to learn a daily shape (docs/drift.md).
+    lags: int = Field(default=8, ge=1)
+    calendar: bool = False
 
     @property
     def ert(self) -> float:
@@ -123,7 +136,8 @@ class StreamData:
 
     @property
     def n_batches(self) -> int:
-        return int(self.y.shape[0] // self.batch_size)
+        """Batches of the stream, the last one partial when the records do not divide."""
+        return int(-(-self.y.shape[0] // self.batch_size))
 
 
 # ----------------------------------------------------------------------------- sources
@@ -183,28 +197,50 @@ def nab_labels(path: Path, timestamps: list[str], windows_file: Path | None = No
     return labels
 
 
-def load_nab(path: Path, cfg: ExperimentConfig, lag: int = 8) -> StreamData:
-    """NAB ``timestamp,value`` CSV as lagged features: x_t = (v_{t-1..t-lag}), y_t = v_t.
+def nab_probation(n: int) -> int:
+    """NAB's probationary period of a file of ``n`` rows: min(floor(0.15 n), 750)."""
+    return min(math.floor(0.15 * n), 750)
 
-    Values are standardised with the mean/std of NAB's probationary period
-    (the first 15%), which is also the warm-start history.
+
+def load_nab(path: Path, cfg: ExperimentConfig) -> StreamData:
+    """NAB ``timestamp,value`` CSV as univariate telemetry: x_t = (v_{t-1..t-L}, calendar), y_t = v_t.
+
+    The inputs are :func:`fogline.models.autoregressive.build_features` of the
+    file as one key: the last ``cfg.lags`` values and, with ``cfg.calendar``,
+    hour of day and day of week as sin/cos.
+
+    The warm start is NAB's probationary period P = min(floor(0.15 n), 750)
+    rows (the first ``lag`` rows have no features and are not scored); every
+    record after it is streamed, the last partial batch included.  Values are
+    standardised with the probationary period's mean and sd; a constant
+    probationary period uses max(|mean|, 1) as its scale.
     """
+    lag, calendar = cfg.lags, cfg.calendar
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
+    for i, r in enumerate(rows):
+        if r.get("timestamp") is None or r.get("value") is None:
+            raise ValueError(f"{path}: row {i + 2} has no timestamp/value column")
     ts = [r["timestamp"] for r in rows]
-    v = np.asarray([float(r["value"]) for r in rows], dtype=np.float64)
-    prob = max(int(0.15 * len(v)), lag + cfg.batch_size)
-    mu, sd = v[:prob].mean(), v[:prob].std() or 1.0
-    z = (v - mu) / sd
-    x = np.stack([z[lag - k - 1 : len(z) - k - 1] for k in range(lag)], 1).astype(np.float32)
-    y = z[lag:].astype(np.float32)
+    try:
+        v = np.asarray([float(r["value"]) for r in rows], dtype=np.float64)
+    except ValueError as e:
+        raise ValueError(f"{path}: column value: {e}") from None
+    prob = max(nab_probation(len(v)), lag + 2)
+    if len(v) <= prob:
+        raise ValueError(f"{path}: {len(v)} rows, need more than the {prob}-row warm start")
+    mu, sd = float(v[:prob].mean()), float(v[:prob].std())
+    scale = sd if sd > 0 else max(abs(mu), 1.0)
+    z = (v - mu) / scale
+    records = [Record(parse_ts(t), float(val)) for t, val in zip(ts, z, strict=True)]
+    xd, yd, _rows, _state = build_features(records, LagState(lag), calendar=calendar)
+    x, y = xd.astype(np.float32), yd.astype(np.float32)
     n_warm = prob - lag
-    n_stream = (len(y) - n_warm) // cfg.batch_size * cfg.batch_size
     labels = nab_labels(path, ts)
     return StreamData(
         path.stem,
-        x[n_warm : n_warm + n_stream],
-        y[n_warm : n_warm + n_stream],
+        x[n_warm:],
+        y[n_warm:],
         cfg.batch_size,
         (),
         x[:n_warm],
@@ -213,7 +249,12 @@ def load_nab(path: Path, cfg: ExperimentConfig, lag: int = 8) -> StreamData:
         raw_values=v,
         labels=labels,
         lag=lag,
-        extra={"warm_records": n_warm, "probationary": prob},
+        extra={
+            "warm_records": n_warm,
+            "probationary": prob,
+            "category": path.parent.name,
+            "scale": scale,
+        },
     )
 
 
@@ -253,6 +294,9 @@ class PolicyRun:
     alarms: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     anomaly: list[np.ndarray] = field(default_factory=list)
+    log_tail: list[np.ndarray] = field(default_factory=list)
+    warm_log_tail: np.ndarray | None = None
+    live: list[bool] = field(default_factory=list)
     transitions: list[dict[str, Any]] = field(default_factory=list)
     calibration: dict[str, Any] | None = None
 
@@ -286,10 +330,22 @@ def run_policy(
     run = PolicyRun(name)
     ens = sample_ensemble(state, cfg.ensemble_size, cfg.seed)
     b = data.batch_size
+    scored = data.labels is not None
+    floor = cfg.anomaly.noise_floor
+    if scored:
+        run.warm_log_tail = log_tail_probability(
+            loop.reference.ensemble,
+            torch.from_numpy(data.warm_x),
+            torch.from_numpy(data.warm_y),
+            floor,
+        )
     for t in range(data.n_batches):
         x = torch.from_numpy(np.ascontiguousarray(data.x[t * b : (t + 1) * b]))
         y = torch.from_numpy(np.ascontiguousarray(data.y[t * b : (t + 1) * b]))
         nll, cov = _prequential(ens, x, y)
+        run.live.append(loop.policy_state.mode == "stable" and loop.policy_state.calibrating == 0)
+        if scored:  # under the reference posterior, before the batch (as the alarm signal)
+            run.log_tail.append(log_tail_probability(loop.reference.ensemble, x, y, floor))
         state, _info, sig, action = loop.process(state, x, y)
         ens = loop.last_ensemble if loop.last_ensemble is not None else ens
         ps = loop.policy_state
@@ -306,8 +362,6 @@ def run_policy(
         run.weights.append(action.likelihood_weight)
         if action.alarm:
             run.alarms.append(t)
-        if data.labels is not None:
-            run.anomaly.append(loop_scores(loop, x, y))
         if progress is not None:
             progress()
     run.transitions = [
@@ -316,14 +370,6 @@ def run_policy(
     ]
     run.calibration = loop.policy_state.calibration
     return run
-
-
-def loop_scores(loop: DriftLoop, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-    """Per-record anomaly scores of a batch under the loop's current reference."""
-    from fogline.drift.signals import anomaly_scores
-
-    assert loop.reference is not None
-    return anomaly_scores(loop.reference, x, y).numpy()
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -377,6 +423,7 @@ def metrics(
             "mean_nll": float(nll.mean()),
             "coverage_95": float(np.mean(r.covered)),
             "transitions": len(r.transitions),
+            "live": [bool(v) for v in r.live],
         }
         for key in ("burst_batches",):
             if key in data.extra:
@@ -431,21 +478,56 @@ def plot_timeline(run: PolicyRun, data: StreamData, cfg: ExperimentConfig, path:
     plt.close(fig)
 
 
-def write_nab(run: PolicyRun, data: StreamData, out_dir: Path) -> Path:
-    """NAB results CSV (``timestamp,value,anomaly_score,label``) for every record."""
+def nab_scores(
+    run: PolicyRun, data: StreamData, cfg: ExperimentConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """(anomaly score [n], two-sided tail probability [n]) for every row of a NAB file.
+
+    The tail probability is under the reference posterior before the record's
+    batch (the warm start, re-anchored after a confirmed change; the warm-start
+    rows in-sample); the
+    score is :func:`fogline.drift.anomaly.anomaly_likelihood` of their normal
+    scores, run over the warm-start rows and then the stream.  The first ``lag``
+    rows (no features) get score 0 and tail probability 1.
+    """
+    n = len(data.y) + len(data.warm_y) + data.lag
+    log_p = np.zeros(n)
+    warm = run.warm_log_tail if run.warm_log_tail is not None else np.zeros(len(data.warm_y))
+    stream = np.concatenate(run.log_tail) if run.log_tail else np.zeros(0)
+    log_p[data.lag : data.lag + len(warm)] = warm
+    log_p[data.lag + len(warm) : data.lag + len(warm) + len(stream)] = stream
+    score = np.zeros(n)
+    zeta = normal_scores(log_p[data.lag :], cfg.anomaly.cap)
+    score[data.lag :] = anomaly_likelihood(zeta, cfg.anomaly)[0]
+    return score, np.exp(log_p)
+
+
+def write_nab(
+    run: PolicyRun, data: StreamData, out_dir: Path, cfg: ExperimentConfig | None = None
+) -> Path:
+    """NAB results CSV for every record, in NAB's results layout
+    ``out_dir/<detector>/<category>/<detector>_<file>.csv`` (detector: the policy).
+
+    Columns ``timestamp,value,anomaly_score,tail_probability,label``, numbers at
+    full float precision (:func:`nab_scores`).
+    """
     assert data.timestamps is not None and data.raw_values is not None and data.labels is not None
-    scores = np.zeros(len(data.timestamps))
-    start = data.lag + int(data.extra.get("warm_records", 0))
-    flat = np.concatenate(run.anomaly) if run.anomaly else np.zeros(0)
-    scores[start : start + len(flat)] = flat
-    path = out_dir / run.name / f"{run.name}_{data.name}.csv"
+    score, tail = nab_scores(run, data, cfg or ExperimentConfig())
+    category = str(data.extra.get("category", "data"))
+    path = out_dir / run.name / category / f"{run.name}_{data.name}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["timestamp", "value", "anomaly_score", "label"])
+        w.writerow(["timestamp", "value", "anomaly_score", "tail_probability", "label"])
         for i, ts in enumerate(data.timestamps):
             w.writerow(
-                [ts, repr(float(data.raw_values[i])), f"{scores[i]:.6f}", int(data.labels[i])]
+                [
+                    ts,
+                    repr(float(data.raw_values[i])),
+                    repr(float(score[i])),
+                    repr(float(tail[i])),
+                    int(data.labels[i]),
+                ]
             )
     return path
 
@@ -491,8 +573,11 @@ def run_experiment(
     if out_dir is not None:
         for r in runs.values():
             plot_timeline(r, data, cfg, out_dir / f"{data.name}_{r.name}.png")
+    if data.labels is not None:
+        result["labels"] = [int(v) for v in data.labels]
+        result["stream_start"] = data.lag + len(data.warm_y)
     if nab_out is not None and data.labels is not None:
-        result["nab_files"] = [str(write_nab(r, data, nab_out)) for r in runs.values()]
+        result["nab_files"] = [str(write_nab(r, data, nab_out, cfg)) for r in runs.values()]
     return result
 
 

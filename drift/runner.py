@@ -680,6 +680,7 @@ class DriftLoop:
             consecutive=int(getattr(monitor, "consecutive", 1)),
             n_streams=self.n_streams,
             seed=self.seed,
+            block=min(self.policy.calibration_block * batch_size, len(records)),
         )
         self.calibration = cal
         kl_thr = kl_threshold(d.cal_kl)
@@ -711,10 +712,12 @@ def fit_alarm(
     consecutive: int,
     n_streams: int,
     seed: int,
+    block: int = 1,
 ) -> Calibration:
     """The alarm threshold for ``policy.signal`` from per-record ``[R, 2]`` (NLL, outlier)
     pairs: :func:`~fogline.drift.calibration.calibrate_batch_statistic` with batches of
-    ``batch_size`` records (the stream window's and the history's fit alike)."""
+    ``batch_size`` records, drawn as runs of ``block`` consecutive records (the stream
+    window's and the history's fit alike)."""
     return calibrate_batch_statistic(
         records,
         batch_size,
@@ -723,6 +726,7 @@ def fit_alarm(
         consecutive=consecutive,
         n_streams=n_streams,
         seed=seed,
+        block=block,
     )
 
 

@@ -83,11 +83,12 @@ def test_nab_results_file(tmp_path: Path, nab_root: Path) -> None:
     (path,) = res["nab_files"]
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["timestamp", "value", "anomaly_score", "label"]
+    assert list(rows[0]) == ["timestamp", "value", "anomaly_score", "tail_probability", "label"]
+    assert Path(path).parent.name == "realAWSCloudwatch"  # NAB's <detector>/<category>/ layout
     n_src = sum(1 for _ in src.open()) - 1
     assert len(rows) == n_src
     scores = [float(r["anomaly_score"]) for r in rows]
-    assert all(0.0 <= s <= 1.0 for s in scores) and max(scores) > 0.9
+    assert all(0.0 <= s < 1.0 for s in scores) and max(scores) > 0.3
     assert {r["label"] for r in rows} == {"0", "1"}
 
 

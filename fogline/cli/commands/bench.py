@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, str] = {
     "drift_loop": "per-batch CPU ms of the drift loop by part vs the plain SVI update",
     "compare": "Gaussian vs Student-t, mean-field vs low-rank outside the data",
     "faults": "fault scenarios (kill -9, outages, poison records): lost, duplicated, stalled",
+    "nab": "NAB corpus: results tree, per-file wall time, NAB scores (--scorer PATH)",
 }
 
 

@@ -1,0 +1,103 @@
+"""The anomaly score: tail probability on the log scale, normal scores, anomaly likelihood."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fogline.drift.anomaly import (
+    AnomalyLikelihood,
+    LikelihoodConfig,
+    anomaly_likelihood,
+    log_tail_probability,
+    normal_scores,
+)
+from fogline.drift.signals import _moments_and_scores
+from fogline.models.config import ModelConfig
+from fogline.models.predictive import sample_ensemble
+from fogline.models.svi import init_state
+
+
+def _ensemble() -> object:
+    state = init_state(ModelConfig.model_validate({"in_features": 3, "hidden": (8,)}), seed=0)
+    return sample_ensemble(state, 16, 0)
+
+
+def test_log_tail_matches_the_mixture_cdf_and_keeps_resolution_in_the_tail() -> None:
+    ens = _ensemble()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=gen)
+    mean, var, _, cdf = _moments_and_scores(ens, x, torch.zeros(40))  # type: ignore[arg-type]
+    assert cdf is not None
+    lp = log_tail_probability(ens, x, torch.zeros(40))  # type: ignore[arg-type]
+    expect = (2 * torch.minimum(cdf, 1 - cdf)).double().log().numpy()
+    ok = expect > -8.0  # where float32's 1 - F still has digits
+    assert ok.sum() > 20 and np.all(lp[~ok] < -7.0)
+    np.testing.assert_allclose(lp[ok], expect[ok], rtol=1e-3, atol=1e-5)
+    far = mean + 60 * var.sqrt()  # 1 - F rounds to 0 in float32 here
+    lp_far = log_tail_probability(ens, x, far)  # type: ignore[arg-type]
+    assert np.all(np.isfinite(lp_far)) and np.all(lp_far < -500)
+    floored = log_tail_probability(ens, x, far, noise_floor=10.0)  # type: ignore[arg-type]
+    assert np.all(floored > lp_far)  # a noise floor tempers the tail
+
+
+def test_normal_scores_are_standard_normal_for_uniform_tails() -> None:
+    rng = np.random.default_rng(0)
+    z = normal_scores(np.log(rng.uniform(size=20_000)))
+    assert abs(z.mean()) < 0.03 and abs(z.std() - 1) < 0.03
+    assert normal_scores([-math.inf, 0.0], cap=5.0).tolist() == [5.0, -5.0]
+
+
+def test_streaming_equals_the_vectorised_score_across_a_restart() -> None:
+    cfg = LikelihoodConfig(short=(5, 20), long=300, min_history=50)
+    rng = np.random.default_rng(1)
+    zeta = rng.standard_normal(900)
+    zeta[600:640] += 3.0
+    score, log10_q = anomaly_likelihood(zeta, cfg)
+    first = AnomalyLikelihood(cfg)
+    s1, q1 = first.update(zeta[:421])
+    second = AnomalyLikelihood.from_state(first.state_dict(), cfg)
+    s2, q2 = second.update(zeta[421:])
+    np.testing.assert_allclose(np.r_[s1, s2], score, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.r_[q1, q2], log10_q, rtol=0, atol=1e-12)
+    assert np.all(score[:50] == 0)
+
+
+def test_a_threshold_is_a_false_alarm_rate_on_calibrated_noise() -> None:
+    """Per-record rate of score >= h is about q = 10^(-D h / (1 - h)) on i.i.d. N(0, 1)
+    (the Bonferroni bound over the scales makes it at most q, up to sampling error)."""
+    cfg = LikelihoodConfig()
+    rng = np.random.default_rng(2)
+    score, lam = anomaly_likelihood(rng.standard_normal(60_000), cfg)
+    live = score[cfg.long :]
+    for decades in (1.0, 2.0, 3.0):  # measured ratios on seeds 0-2: 1.0-1.6
+        h = decades / (decades + cfg.decades)
+        nominal = 10**-decades
+        rate = float(np.mean(live >= h))
+        assert 0.5 * nominal <= rate <= 2.0 * nominal, (h, rate, nominal)
+    np.testing.assert_allclose(score, lam / (lam + cfg.decades))
+
+
+def test_one_noisy_record_is_not_an_anomaly_but_a_change_is_found_quickly() -> None:
+    cfg = LikelihoodConfig()
+    rng = np.random.default_rng(3)
+    zeta = rng.standard_normal(3000)
+    spike = zeta.copy()
+    spike[2000] = cfg.cap  # one record, as extreme as a normal score gets
+    s_spike, _ = anomaly_likelihood(spike, cfg)
+    assert s_spike[2000:2010].max() < 0.25  # the cap bounds one record's weight
+    shift = zeta.copy()
+    shift[2000:] += 4.0  # a real change: every record now 4 sd out
+    s_shift, _ = anomaly_likelihood(shift, cfg)
+    first = int(np.argmax(s_shift[2000:] >= 0.5))  # q = 1e-10
+    assert s_shift[2000 + first] >= 0.5 and first < min(cfg.short)
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="min_history"):
+        LikelihoodConfig(long=10, min_history=20)
+    with pytest.raises(ValueError, match="short"):
+        LikelihoodConfig(short=(0,))

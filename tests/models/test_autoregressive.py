@@ -1,0 +1,78 @@
+"""The autoregressive feature builder: lags per key, calendar terms, a state that restarts exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from fogline.models.autoregressive import (
+    LagState,
+    Record,
+    build_features,
+    calendar_features,
+    feature_names,
+    parse_ts,
+)
+
+
+def _records(n: int, keys: tuple[str, ...] = ("a", "b"), seed: int = 0) -> list[Record]:
+    rng = np.random.default_rng(seed)
+    t0 = datetime(2024, 3, 4, tzinfo=UTC)  # a Monday
+    return [
+        Record(t0 + timedelta(minutes=5 * i), float(rng.normal()), keys[i % len(keys)])
+        for i in range(n)
+    ]
+
+
+def test_lags_are_the_same_keys_last_values_newest_first() -> None:
+    recs = _records(20)
+    x, y, rows, state = build_features(recs, LagState(3), calendar=False)
+    # key a is at even positions: its first featured record is position 6
+    assert rows[0] == 6 and rows[1] == 7 and len(rows) == 20 - 2 * 3
+    np.testing.assert_array_equal(x[0], [recs[4].value, recs[2].value, recs[0].value])
+    np.testing.assert_array_equal(y, [recs[i].value for i in rows])
+    assert state.buffers["a"] == (recs[14].value, recs[16].value, recs[18].value)
+    assert x.shape == (14, 3) and feature_names(3, False) == ("lag_1", "lag_2", "lag_3")
+
+
+def test_calendar_terms() -> None:
+    monday_6h = datetime(2024, 3, 4, 6, 0, tzinfo=UTC)
+    hs, hc, ds, dc = calendar_features(monday_6h)
+    assert math.isclose(hs, 1.0) and abs(hc) < 1e-12  # a quarter of the day
+    d = 0.25 / 7 * 2 * math.pi
+    assert math.isclose(ds, math.sin(d)) and math.isclose(dc, math.cos(d))
+    x, _, _, _ = build_features(_records(10, ("a",)), LagState(2), calendar=True)
+    assert x.shape == (8, 6)
+    assert feature_names(2, True)[2:] == ("hour_sin", "hour_cos", "dow_sin", "dow_cos")
+    # naive time stamps are UTC; epoch seconds and ISO text agree
+    assert parse_ts("2024-03-04 06:00:00") == monday_6h == parse_ts(monday_6h.timestamp())
+
+
+def test_split_runs_with_a_stored_state_equal_one_run() -> None:
+    recs = _records(101, ("a", "b", "c"))
+    whole = build_features(recs, LagState(4))
+    x1, y1, r1, s1 = build_features(recs[:37], LagState(4))
+    restored = LagState.from_json(json.loads(json.dumps(s1.to_json())))
+    assert restored == s1  # floats bit for bit
+    x2, y2, r2, s2 = build_features(recs[37:], restored)
+    np.testing.assert_array_equal(np.concatenate([x1, x2]), whole[0])
+    np.testing.assert_array_equal(np.concatenate([y1, y2]), whole[1])
+    np.testing.assert_array_equal(np.concatenate([r1, r2 + 37]), whole[2])
+    assert s2 == whole[3]
+
+
+def test_bad_input_names_the_row_or_field() -> None:
+    recs = _records(5, ("a",))
+    bad = [*recs[:3], Record(recs[3].ts, math.nan, "a")]
+    with pytest.raises(ValueError, match="row 3"):
+        build_features(bad, LagState(2))
+    with pytest.raises(ValueError, match="ts"):
+        parse_ts("yesterday")
+    with pytest.raises(ValueError, match="lags"):
+        feature_names(0, True)
+    with pytest.raises(ValueError, match=r"buffers\['a'\]"):
+        LagState.from_json({"lags": 1, "buffers": {"a": ["1.0", "2.0"]}})
