@@ -127,6 +127,17 @@ def _seed_and_clear() -> None:
     pyro.clear_param_store()
 
 
+@pytest.fixture(autouse=True)
+def _keep_structlog() -> Iterator[None]:
+    """Give every test the structlog configuration it started with (benchmarks and CLI
+    commands under test configure it globally, which would hide later tests' logs)."""
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
 # --------------------------------------------------------------------------
 # outside data (never needed by package code; tests skip without it)
 # --------------------------------------------------------------------------
