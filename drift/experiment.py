@@ -58,8 +58,11 @@ from fogline.models.autoregressive import LagState, Record, build_features, pars
 from fogline.models.config import ModelConfig
 from fogline.models.predictive import Ensemble, sample_ensemble
 from fogline.models.priors import default_prior
+from fogline.models.schema import DataSchema
+from fogline.models.spec import ModelSpec
 from fogline.models.state import PosteriorState
 from fogline.models.svi import fit, init_state
+from fogline.models.tabular import load_table
 from fogline.replay_data.generator import SCENARIOS, generate, read_jsonl
 
 log = structlog.get_logger()
@@ -141,8 +144,37 @@ class StreamData:
 
 
 # ----------------------------------------------------------------------------- sources
-def load_source(source: str, cfg: ExperimentConfig) -> StreamData:
-    """A scenario name, a fogline JSONL file or a NAB CSV, as :class:`StreamData`."""
+def load_spec_source(path: Path, spec: ModelSpec, cfg: ExperimentConfig) -> StreamData:
+    """A user's CSV / JSONL / Parquet file read by the model spec's columns, in model units.
+
+    Rows are ordered by the spec's timestamp field when there is one; the first
+    fifth (at least one batch) is the warm-start history, the transforms of
+    the spec are fitted on it (:meth:`~fogline.models.schema.DataSchema.fit_spec`)
+    and applied to the whole file, as the warm start and the daemon do.
+    """
+    table, _ = load_table(path, spec)
+    order = (
+        torch.argsort(table.ts, stable=True) if table.ts is not None else torch.arange(table.rows)
+    )
+    n_warm = max(cfg.batch_size, table.rows // 5)
+    if table.rows <= n_warm:
+        raise ValueError(
+            f"{path}: {table.rows} rows, need more than {n_warm} (a warm start + stream)"
+        )
+    x_raw, y_raw = table.x[order], table.y[order]
+    schema = DataSchema.fit_spec(x_raw[:n_warm], y_raw[:n_warm], spec)
+    x = schema.x_to_model(x_raw).float().numpy()
+    y = schema.y_to_model(y_raw).float().numpy()
+    return StreamData(path.stem, x[n_warm:], y[n_warm:], cfg.batch_size, (), x[:n_warm], y[:n_warm])
+
+
+def load_source(source: str, cfg: ExperimentConfig, spec: ModelSpec | None = None) -> StreamData:
+    """A scenario name, a fogline JSONL file or a NAB CSV, as :class:`StreamData`.
+
+    With ``spec`` a file is read by the spec's named columns (:func:`load_spec_source`).
+    """
+    if spec is not None and source not in SCENARIOS:
+        return load_spec_source(Path(source), spec, cfg)
     if source in SCENARIOS:
         s = generate(source, cfg.seed, cfg.n_batches, cfg.batch_size)
         warm = generate(
@@ -539,13 +571,17 @@ def run_experiment(
     out_dir: Path | None = None,
     nab_out: Path | None = None,
     show_progress: bool = False,
+    spec: ModelSpec | None = None,
 ) -> dict[str, Any]:
-    """Warm-start once, run every policy, compute metrics, write plots/NAB files."""
+    """Warm-start once, run every policy, compute metrics, write plots/NAB files.
+
+    ``spec`` (the settings' ``model`` section) reads a file by its named columns.
+    """
     torch.set_num_threads(1)
     for p in policies:
         if p not in POLICIES:
             raise ValueError(f"unknown policy {p!r}; choose from {POLICIES}")
-    data = load_source(source, cfg)
+    data = load_source(source, cfg, spec)
     warm = warm_start(data, cfg)
     runs: dict[str, PolicyRun] = {}
     if show_progress:
@@ -592,6 +628,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         overrides["policy"] = {"ert": args.ert}
     cfg = ExperimentConfig(**overrides)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    spec: ModelSpec | None = getattr(args, "spec", None)  # the CLI reads --config
     res = run_experiment(
         args.source,
         policies,
@@ -599,6 +636,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         out_dir=Path(args.out) if args.out else None,
         nab_out=Path(args.nab_out) if args.nab_out else None,
         show_progress=not args.no_progress,
+        spec=spec,
     )
     from rich.console import Console
     from rich.table import Table

@@ -112,3 +112,46 @@ def test_issue_numbers_at_default_settings() -> None:
     assert abs(stable["forget"]["mean_nll"] / stable["none"]["mean_nll"] - 1) <= 0.02
     burst = run_experiment("outlier", ["none", "forget"], ExperimentConfig(seed=0))["policies"]
     assert burst["forget"]["post_burst_nll"] < burst["none"]["post_burst_nll"]
+
+
+def test_cli_experiment_reads_a_user_csv_by_the_model_spec(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``fogline experiment FILE --config CFG``: own column names, raw units, a mean shift."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    cpu, load = rng.uniform(0, 100, n), rng.lognormal(1.0, 0.7, n)
+    y = 50 + 0.3 * cpu + 4 * np.log1p(load) + rng.normal(0, 2, n)
+    y[3200:] += 15  # the shift: stream batch 48, after the 40 calibrating batches
+    lines = ["time,cpu,load,rps"] + [
+        f"{1_700_000_000 + 10 * i},{cpu[i]:.3f},{load[i]:.4f},{y[i]:.3f}" for i in range(n)
+    ]
+    (tmp_path / "own.csv").write_text("\n".join(lines) + "\n")
+    cfg = tmp_path / "own.toml"
+    cfg.write_text(
+        '[model]\nfeatures = ["cpu", "load"]\ntarget = "rps"\ntimestamp = "time"\n'
+        '[model.transforms]\nload = "log1p"\n'
+    )
+    rc = cli_main(
+        [
+            "experiment", str(tmp_path / "own.csv"), "--config", str(cfg), "--policies", "none",
+            "--json", "--no-progress", "--batch-size", "50",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    m = out["policies"]["none"]
+    assert m["batches"] == (n - 800) // 50  # the first fifth is the warm start
+    # the shift at record 3,200 (stream batch 48) raises an alarm within 5 batches
+    assert m["alarms"] and 48 <= m["alarms"][0] <= 53, m
+    with pytest.raises(SystemExit) as exc:  # a missing settings file: exit 2 before anything runs
+        cli_main(["experiment", str(tmp_path / "own.csv"), "--config", str(tmp_path / "x.toml")])
+    assert exc.value.code == 2
+
+
+def test_cli_experiment_config_without_model_section(tmp_path: Path) -> None:
+    cfg = tmp_path / "plain.toml"
+    cfg.write_text("[stream]\nbatch_size = 64\n")
+    assert cli_main(["experiment", "abrupt", "--config", str(cfg)]) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -23,6 +24,14 @@ def _generate(args: argparse.Namespace) -> int:
 def _experiment(args: argparse.Namespace) -> int:
     from fogline.drift.experiment import main_from_args
 
+    args.spec = None
+    if args.config is not None:
+        from fogline.daemon.config import load_or_exit
+
+        args.spec = load_or_exit(args.config).model
+        if args.spec is None:
+            print(f"fogline experiment: {args.config} has no [model] section", file=sys.stderr)
+            return 2
     return main_from_args(args)
 
 
@@ -65,4 +74,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     ex.add_argument("--out", default=None, help="directory for the PNG timelines")
     ex.add_argument("--nab-out", default=None, help="write NAB results CSVs here (NAB input)")
     ex.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ex.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="settings whose [model] section names the file's columns (CSV/JSONL/Parquet)",
+    )
     ex.set_defaults(func=_experiment)
