@@ -112,3 +112,8 @@ def test_state_carries_schema_through_serialisation() -> None:
     plain = init_state(spec.to_config(), seed=0)
     assert "schema" not in read_header(to_bytes(plain))  # older blobs round-trip unchanged
     assert from_bytes(to_bytes(plain)).data_schema().feature_names == ("a", "b")
+
+
+def test_daemon_settings_refuse_a_mode_it_cannot_run() -> None:
+    with pytest.raises(ConfigError, match="mode 'autoregressive' is not supported"):
+        Settings.load(None, model={"mode": "autoregressive"})
