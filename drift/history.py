@@ -367,10 +367,26 @@ def history_drift(
     return drift.replace(policy=ps, kl_window=config.calibration_batches)
 
 
+def alarm_summary(state: PosteriorState) -> dict[str, Any]:
+    """What a state's stored alarm reference is (for the warm start's report): its rows and
+    the threshold it was fitted to for a batch size, ERT and ``consecutive``."""
+    info = state.extra[EXTRA_KEY]
+    cal = info["calibration"]
+    return {
+        "rows": info["rows"],
+        "batch_size": cal["batch_size"],
+        "ert": cal["ert_target"],
+        "consecutive": cal["consecutive"],
+        "threshold": cal["threshold"],
+        "ert_estimate": cal["ert_estimate"],
+    }
+
+
 __all__ = [
     "EXTRA_KEY",
     "MAX_RECORDS",
     "HistoryReference",
+    "alarm_summary",
     "attach_history",
     "calibrate_from_history",
     "has_history",

@@ -285,6 +285,15 @@ def test_recipe_warm_start_stores_the_alarm_reference(
     assert alarm["batch_size"] == 128 and alarm["rows"] > 3000 and alarm["ert"] == 1000.0
     state = load(doc["files"]["state"])
     assert has_history(state)
+    # the reference is the recipe's holdout in the inputs the model was trained on
+    # (the heavy-tailed columns as log1p), row for row
+    from fogline.models.data import load_csv, recipe_data
+    from fogline.models.warmstart import HEAVY_TAILED, log1p_columns
+
+    held = recipe_data(log1p_columns(load_csv(cal_housing_csv), HEAVY_TAILED), seed=0).x_held
+    stored = state.aux["drift_history.x"]
+    for row in stored[:: max(1, stored.shape[0] // 20)]:
+        assert bool((held == row).all(1).any())
     loop = DriftLoop.resume(
         state, base_lr=1e-3, data_size=None, policy=PolicyConfig(), batch_size=128
     )

@@ -113,7 +113,7 @@ def _alarm_reference(result: Any, settings: Any, args: argparse.Namespace) -> di
     ``stream.seed``; on failure a warning is printed and the daemon will
     calibrate on the stream instead.
     """
-    from fogline.drift.history import EXTRA_KEY, calibrate_from_history
+    from fogline.drift.history import alarm_summary, calibrate_from_history
 
     try:
         result.state = calibrate_from_history(
@@ -128,14 +128,7 @@ def _alarm_reference(result: Any, settings: Any, args: argparse.Namespace) -> di
     except (ValueError, RuntimeError) as exc:
         print(f"fogline warmstart: no alarm reference stored ({exc})", file=sys.stderr)
         return None
-    info = result.state.extra[EXTRA_KEY]
-    cal = info["calibration"]
-    return {
-        "rows": info["rows"],
-        "batch_size": cal["batch_size"],
-        "ert": cal["ert_target"],
-        "threshold": cal["threshold"],
-    }
+    return alarm_summary(result.state)
 
 
 def parse_until(text: str) -> tuple[int | None, int | None]:

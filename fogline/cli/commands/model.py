@@ -295,11 +295,14 @@ def _alarm_reference(
     rewritten with it.
     """
     from fogline.drift.config import PolicyConfig
-    from fogline.drift.history import EXTRA_KEY, calibrate_from_history
+    from fogline.drift.history import alarm_summary, calibrate_from_history
     from fogline.models.data import load, recipe_data
     from fogline.models.serialize import save
+    from fogline.models.warmstart import log1p_columns
 
-    data = recipe_data(load(opts.data), seed=opts.seed, held_out=opts.held_out)
+    # the recipe's own holdout, in the inputs it was trained on (log1p columns included)
+    table = log1p_columns(load(opts.data), opts.log1p_features)
+    data = recipe_data(table, seed=opts.seed, held_out=opts.held_out)
     config = PolicyConfig()
     result.state = calibrate_from_history(
         result.state,
@@ -312,16 +315,7 @@ def _alarm_reference(
     )
     if "state" in result.files:
         save(result.state, result.files["state"])
-    info = result.state.extra[EXTRA_KEY]
-    cal = info["calibration"]
-    return {
-        "rows": info["rows"],
-        "batch_size": cal["batch_size"],
-        "ert": cal["ert_target"],
-        "consecutive": cal["consecutive"],
-        "threshold": cal["threshold"],
-        "ert_estimate": cal["ert_estimate"],
-    }
+    return alarm_summary(result.state)
 
 
 def _compare(args: argparse.Namespace) -> int:
