@@ -247,6 +247,33 @@ def list_topics(bootstrap_servers: str, **client_kwargs: Any) -> list[str]:
         admin.close()
 
 
+def _reader(bootstrap_servers: str, client_kwargs: dict[str, Any]) -> KafkaConsumer:
+    """A consumer without a group that reads from the earliest offset (no commits)."""
+    return KafkaConsumer(
+        bootstrap_servers=bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        bootstrap_timeout_ms=10000,
+        **client_kwargs,
+    )
+
+
+def _assign_from_beginning(
+    consumer: KafkaConsumer, topic: str, deadline: float
+) -> list[TopicPartition]:
+    """Wait (until ``deadline``) for ``topic``'s partitions, assign them all, seek to the start."""
+    parts = consumer.partitions_for_topic(topic) or set()
+    while not parts and time.monotonic() < deadline:
+        time.sleep(0.1)
+        parts = consumer.partitions_for_topic(topic) or set()
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    if tps:
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+    return tps
+
+
 def read_topic(
     bootstrap_servers: str,
     topic: str,
@@ -262,25 +289,12 @@ def read_topic(
     records were read, or ``timeout_s`` passes.  Records come partition by
     partition in offset order.
     """
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        bootstrap_timeout_ms=10000,
-        **client_kwargs,
-    )
+    consumer = _reader(bootstrap_servers, client_kwargs)
     try:
-        parts = consumer.partitions_for_topic(topic) or set()
         deadline = time.monotonic() + timeout_s
-        while not parts and time.monotonic() < deadline:
-            time.sleep(0.1)
-            parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        tps = _assign_from_beginning(consumer, topic, deadline)
         if not tps:
             return []
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
         out: dict[TopicPartition, list[RawRecord]] = {tp: [] for tp in tps}
         while time.monotonic() < deadline:
             batch = consumer.poll(timeout_ms=200, max_records=10000)
@@ -318,25 +332,12 @@ def read_history(
     per partition).  Stops at ``max_records`` in all or after ``timeout_s``;
     records come partition by partition in offset order.
     """
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        bootstrap_timeout_ms=10000,
-        **client_kwargs,
-    )
+    consumer = _reader(bootstrap_servers, client_kwargs)
     try:
         deadline = time.monotonic() + timeout_s
-        parts = consumer.partitions_for_topic(topic) or set()
-        while not parts and time.monotonic() < deadline:
-            time.sleep(0.1)
-            parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        tps = _assign_from_beginning(consumer, topic, deadline)
         if not tps:
             return []
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
         limit = until_offset if until_offset is not None else 2**63
         out: dict[TopicPartition, list[RawRecord]] = {tp: [] for tp in tps}
         open_ = set(tps)
