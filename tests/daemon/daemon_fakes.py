@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fogline.daemon.config import Settings
 from fogline.daemon.stream.decode import RawRecord
 from fogline.daemon.stream.source import OutOfRange
 from fogline.daemon.stream.store import (
@@ -27,6 +28,29 @@ from fogline.daemon.stream.store import (
 from fogline.models.state import RecordFingerprint
 
 TP = tuple[str, int]
+#: Records per batch of :func:`fake_settings`.
+BATCH = 16
+
+
+def fake_settings(model: dict[str, Any] | None = None, **stream: Any) -> Settings:
+    """Settings for a pipeline on the fakes: count batching of :data:`BATCH`, a snapshot
+    every 2 batches, no drift loop; ``stream`` overrides, ``model`` the model section."""
+    return Settings.load(
+        None,
+        model_name="fake",
+        metrics_port=0,
+        kafka={"bootstrap_servers": "unused:9092", "topic": "t", "group_id": "g"},
+        stream={
+            "batch_size": BATCH,
+            "batching": "count",
+            "snapshot_every_batches": 2,
+            "snapshot_every_seconds": 0,
+            "device": "cpu",
+            **stream,
+        },
+        drift={"policy": "off"},
+        **({"model": model} if model is not None else {}),
+    )
 
 
 @dataclass

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from daemon_fakes import FakeConsumer, FakeDeadLetters, FakeStore, record
+from daemon_fakes import fake_settings as _settings
 from structlog.testing import capture_logs
 
 from fogline.daemon import metrics
@@ -13,26 +14,6 @@ from fogline.daemon.config import Settings
 from fogline.daemon.stream.pipeline import EXIT_OUT_OF_RANGE, Clients, Pipeline, RunOptions
 from fogline.models.serialize import from_bytes
 from fogline.models.state import RecordFingerprint
-
-BATCH = 16
-
-
-def _settings(**stream: Any) -> Settings:
-    return Settings.load(
-        None,
-        model_name="fake",
-        metrics_port=0,
-        kafka={"bootstrap_servers": "unused:9092", "topic": "t", "group_id": "g"},
-        stream={
-            "batch_size": BATCH,
-            "batching": "count",
-            "snapshot_every_batches": 2,
-            "snapshot_every_seconds": 0,
-            "device": "cpu",
-            **stream,
-        },
-        drift={"policy": "off"},
-    )
 
 
 class World:

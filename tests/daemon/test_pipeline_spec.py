@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from daemon_fakes import FakeConsumer, FakeDeadLetters, FakeStore
+from daemon_fakes import fake_settings as _settings
 from structlog.testing import capture_logs
 
 import fogline.daemon.stream.pipeline as pipeline_mod
@@ -21,27 +22,7 @@ from fogline.models.spec import ModelSpec
 from fogline.models.state import PosteriorState
 from fogline.models.svi import init_state
 
-BATCH = 16
 SPEC: dict[str, Any] = {"features": ["cpu", "mem", "disk"], "target": "throughput"}
-
-
-def _settings(model: dict[str, Any] | None, **stream: Any) -> Settings:
-    return Settings.load(
-        None,
-        model_name="fake",
-        metrics_port=0,
-        kafka={"bootstrap_servers": "unused:9092", "topic": "t", "group_id": "g"},
-        stream={
-            "batch_size": BATCH,
-            "batching": "count",
-            "snapshot_every_batches": 2,
-            "snapshot_every_seconds": 0,
-            "device": "cpu",
-            **stream,
-        },
-        drift={"policy": "off"},
-        **({"model": model} if model is not None else {}),
-    )
 
 
 def flat(i: int, **override: Any) -> bytes:
