@@ -54,7 +54,15 @@ from fogline.drift.anomaly import (
 from fogline.drift.config import POLICIES, PolicyConfig
 from fogline.drift.runner import DriftLoop
 from fogline.drift.signals import _moments_and_scores
-from fogline.models.autoregressive import LagState, Record, build_features, parse_ts
+from fogline.models.autoregressive import (
+    LagState,
+    Record,
+    build_features,
+    detect_period,
+    parse_ts,
+    seasonal_lags,
+    select_lags,
+)
 from fogline.models.config import ModelConfig
 from fogline.models.predictive import Ensemble, sample_ensemble
 from fogline.models.priors import default_prior
@@ -98,6 +106,9 @@ class ExperimentConfig(BaseModel):
     #: warm-ups are about 2 days, too short to learn a daily shape (docs/drift.md).
     lags: int = Field(default=8, ge=1)
     calendar: bool = False
+    #: Add the value one period ago (lags P - 1, P, P + 1) when the warm-up's
+    #: autocorrelation shows a period P (:func:`fogline.models.autoregressive.detect_period`).
+    seasonal: bool = True
 
     @property
     def ert(self) -> float:
@@ -247,7 +258,7 @@ def load_nab(path: Path, cfg: ExperimentConfig) -> StreamData:
     standardised with the probationary period's mean and sd; a constant
     probationary period uses max(|mean|, 1) as its scale.
     """
-    lag, calendar = cfg.lags, cfg.calendar
+    calendar = cfg.calendar
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     for i, r in enumerate(rows):
@@ -258,14 +269,18 @@ def load_nab(path: Path, cfg: ExperimentConfig) -> StreamData:
         v = np.asarray([float(r["value"]) for r in rows], dtype=np.float64)
     except ValueError as e:
         raise ValueError(f"{path}: column value: {e}") from None
-    prob = max(nab_probation(len(v)), lag + 2)
+    prob = max(nab_probation(len(v)), cfg.lags + 2)
     if len(v) <= prob:
         raise ValueError(f"{path}: {len(v)} rows, need more than the {prob}-row warm start")
+    period = detect_period(v[:prob], min_lag=2 * cfg.lags) if cfg.seasonal else None
+    lags = seasonal_lags(cfg.lags, period)
+    lag = max(lags)
     mu, sd = float(v[:prob].mean()), float(v[:prob].std())
     scale = sd if sd > 0 else max(abs(mu), 1.0)
     z = (v - mu) / scale
     records = [Record(parse_ts(t), float(val)) for t, val in zip(ts, z, strict=True)]
     xd, yd, _rows, _state = build_features(records, LagState(lag), calendar=calendar)
+    xd = select_lags(xd, lag, lags, calendar)
     x, y = xd.astype(np.float32), yd.astype(np.float32)
     n_warm = prob - lag
     labels = nab_labels(path, ts)
@@ -286,6 +301,7 @@ def load_nab(path: Path, cfg: ExperimentConfig) -> StreamData:
             "probationary": prob,
             "category": path.parent.name,
             "scale": scale,
+            "period": period,
         },
     )
 
@@ -327,6 +343,7 @@ class PolicyRun:
     weights: list[float] = field(default_factory=list)
     anomaly: list[np.ndarray] = field(default_factory=list)
     log_tail: list[np.ndarray] = field(default_factory=list)
+    log_tail_current: list[np.ndarray] = field(default_factory=list)
     warm_log_tail: np.ndarray | None = None
     live: list[bool] = field(default_factory=list)
     transitions: list[dict[str, Any]] = field(default_factory=list)
@@ -378,6 +395,7 @@ def run_policy(
         run.live.append(loop.policy_state.mode == "stable" and loop.policy_state.calibrating == 0)
         if scored:  # under the reference posterior, before the batch (as the alarm signal)
             run.log_tail.append(log_tail_probability(loop.reference.ensemble, x, y, floor))
+            run.log_tail_current.append(log_tail_probability(ens, x, y, floor))
         state, _info, sig, action = loop.process(state, x, y)
         ens = loop.last_ensemble if loop.last_ensemble is not None else ens
         ps = loop.policy_state

@@ -140,12 +140,98 @@ def build_features(
     return x, np.asarray(ys, dtype=np.float64), np.asarray(rows, dtype=np.int64), new
 
 
+def detect_period(
+    values: npt.ArrayLike,
+    min_lag: int = 2,
+    max_lag: int | None = None,
+    min_acf: float = 0.5,
+    min_prominence: float = 0.5,
+) -> int | None:
+    """The dominant period of a series (records) from its autocorrelation, or ``None``.
+
+    With r(k) the Pearson correlation of (v_0..v_{n-1-k}) with (v_k..v_{n-1})
+    for k = 2..``max_lag`` (default n // 2, so at least n / 2 pairs), the
+    period is the k >= ``min_lag`` of largest prominence
+
+        r(k) - min_{2 <= j <= k} r(j)
+
+    (how far the correlation climbs back after its first decay: a trend or a
+    smooth series has a slowly decaying r with no such climb), accepted only
+    when r(k) >= ``min_acf`` and the prominence >= ``min_prominence``.  The
+    multiples of a period are periods too: when k*/m (m = 2, 3, ...; within a
+    record) reaches 90 % of the best prominence, the smallest such is taken.  A constant or too short series has no period.
+    """
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    n = len(v)
+    top = n // 2 if max_lag is None else min(max_lag, n // 2)
+    if top < max(min_lag, 2) or not np.all(np.isfinite(v)) or np.ptp(v) == 0:
+        return None
+    ks = np.arange(2, top + 1)
+    r = np.zeros(len(ks))
+    for i, k in enumerate(ks):
+        a, b = v[:-k], v[k:]
+        sa, sb = a.std(), b.std()
+        if sa > 0 and sb > 0:
+            r[i] = float(np.mean((a - a.mean()) * (b - b.mean())) / (sa * sb))
+    prominence = r - np.minimum.accumulate(r)
+    ok = (ks >= min_lag) & (r >= min_acf) & (prominence >= min_prominence)
+    if not ok.any():
+        return None
+    score = np.where(ok, prominence, -np.inf)
+    i = int(np.argmax(score))
+    k_best, best = int(ks[i]), float(score[i])
+    period = k_best
+    for m in range(2, k_best // max(min_lag, 2) + 1):
+        c = round(k_best / m) - 2  # index of lag k*/m (ks[j] = j + 2)
+        near = [j for j in (c - 1, c, c + 1) if 0 <= j < len(ks)]
+        j = max(near, key=lambda j: score[j])
+        if score[j] >= 0.9 * best:
+            period = int(ks[j])
+    return period
+
+
+def seasonal_lags(lags: int, period: int | None) -> tuple[int, ...]:
+    """The lags of the inputs: 1..``lags`` and, with a period P, P - 1, P and P + 1 (sorted, unique).
+
+    The value one season ago (and its neighbours, for a phase that jitters by
+    a record) lets the model predict a daily or weekly pattern that the last
+    ``lags`` values cannot see.
+    """
+    if lags < 1:
+        raise ValueError(f"lags: must be >= 1, got {lags}")
+    out = set(range(1, lags + 1))
+    if period is not None:
+        if period < 2:
+            raise ValueError(f"period: must be >= 2, got {period}")
+        out |= {period - 1, period, period + 1}
+    return tuple(sorted(out))
+
+
+def select_lags(
+    x: npt.NDArray[np.float64], max_lag: int, lags: Sequence[int], calendar: bool
+) -> npt.NDArray[np.float64]:
+    """The columns of ``lags`` (and the calendar terms) out of :func:`build_features` output.
+
+    ``x`` holds lag_1 .. lag_``max_lag`` (newest first) then, with ``calendar``,
+    the four calendar terms.
+    """
+    if not lags or min(lags) < 1 or max(lags) > max_lag:
+        raise ValueError(f"lags: must lie in 1..{max_lag}, got {tuple(lags)}")
+    cols = [k - 1 for k in lags]
+    if calendar:
+        cols += list(range(max_lag, max_lag + len(CALENDAR_FEATURES)))
+    return np.ascontiguousarray(x[:, cols])
+
+
 __all__ = [
     "CALENDAR_FEATURES",
     "LagState",
     "Record",
     "build_features",
     "calendar_features",
+    "detect_period",
     "feature_names",
     "parse_ts",
+    "seasonal_lags",
+    "select_lags",
 ]
