@@ -38,7 +38,19 @@ statistic record by record with its state explicit):
    so a threshold h means "a window mean this extreme happens with
    probability q = 10^(-D h / (1 - h)) per record" (h = 0.5: 1e-10, h = 1/3:
    1e-5).  Until ``min_history`` window means exist the score is 0 (there is
-   nothing to compare with).  The estimator ``median_mad`` (median, 1.4826
+   nothing to compare with).
+4. **Repeat suppression** (:func:`suppress_repeats`).  A detector is worth
+   its *first* detection of an event (NAB counts the earliest detection in a
+   window and charges every detection outside one); an excursion of the
+   score above a threshold lasts several records.  The written score keeps
+   a record's raw score s_t only when ``suppress_ratio`` times s_t exceeds
+   every raw score of the previous ``suppress`` records,
+
+       s'_t = s_t   if r s_t > max(s_{t-S..t-1}),   else 0,
+
+   so at any threshold h the first record of an excursion above h is kept
+   (its predecessors were below h <= s_t) and the rest of the excursion only
+   when it climbs by more than a factor 1/r over its peak so far.  The estimator ``median_mad`` (median, 1.4826
    MAD) is available; on NAB it ignored the regular large excursions of
    periodic series and scored far worse (docs/drift.md).
 """
@@ -74,7 +86,8 @@ class LikelihoodConfig(BaseModel):
     score, ``cap`` on |zeta|, ``sd_floor`` (fraction of the calibrated sd
     1/sqrt(K) below which the long-window sd is not trusted), ``noise_floor``
     (in the model's target units; standardised targets: a fraction of the
-    series' sd) and the long-window ``estimator``.
+    series' sd), the long-window ``estimator``, and the repeat suppression's
+    window ``suppress`` S (records; 0: off) and ratio ``suppress_ratio`` r.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -84,9 +97,11 @@ class LikelihoodConfig(BaseModel):
     min_history: int = Field(default=100, ge=1)
     decades: float = Field(default=10.0, gt=0)
     cap: float = Field(default=6.0, gt=0)
-    sd_floor: float = Field(default=0.25, gt=0)
+    sd_floor: float = Field(default=0.5, gt=0)
     noise_floor: float = Field(default=0.01, ge=0)
     estimator: Literal["mean_sd", "median_mad"] = "mean_sd"
+    suppress: int = Field(default=64, ge=0)
+    suppress_ratio: float = Field(default=0.9, gt=0, le=1)
 
     @model_validator(mode="after")
     def _check(self) -> LikelihoodConfig:
@@ -174,12 +189,27 @@ def _scale_lambda(m: FloatArray, k: int, cfg: LikelihoodConfig) -> FloatArray:
     return lam
 
 
+def suppress_repeats(score: npt.ArrayLike, window: int, ratio: float = 0.9) -> FloatArray:
+    """s'_t = s_t where ``ratio`` s_t > max(s_{t-window..t-1}), else 0 (stage 4; causal).
+
+    ``window = 0`` returns the scores unchanged.
+    """
+    s = np.asarray(score, dtype=np.float64)
+    if window <= 0 or len(s) == 0:
+        return s.copy()
+    padded = np.concatenate([np.full(window, -np.inf), s[:-1]])
+    prev = np.lib.stride_tricks.sliding_window_view(padded, window).max(axis=1)
+    return np.where(ratio * s > prev, s, 0.0)
+
+
 def anomaly_likelihood(
     zeta: npt.ArrayLike, cfg: LikelihoodConfig | None = None
 ) -> tuple[FloatArray, FloatArray]:
-    """(score [N] in [0, 1), lambda [N] = -log10 q) of a sequence of normal scores (stage 3).
+    """(score [N] in [0, 1), lambda [N] = -log10 q) of a sequence of normal scores (stages 3-4).
 
-    Causal: record t sees only zeta_0..t.  Equal to feeding the sequence through
+    The score is repeat-suppressed (:func:`suppress_repeats`, ``cfg.suppress``);
+    lambda is not, so lambda / (lambda + D) is the raw score.  Causal: record t
+    sees only zeta_0..t.  Equal to feeding the sequence through
     :class:`AnomalyLikelihood` (the test checks it); records without enough
     history get score 0.
     """
@@ -188,21 +218,24 @@ def anomaly_likelihood(
     if len(z) <= cfg.min_history:
         return np.zeros(len(z)), np.zeros(len(z))
     lam_k = np.stack([_scale_lambda(window_means(z, k), k, cfg) for k in cfg.short])
-    return _score(lam_k, cfg)
+    raw, lam = _score(lam_k, cfg)
+    return suppress_repeats(raw, cfg.suppress, cfg.suppress_ratio), lam
 
 
 class AnomalyLikelihood:
     """:func:`anomaly_likelihood` one record at a time, with explicit state.
 
-    The state is the last max(``short``) normal scores and, per window length,
-    the last ``long`` window means (:meth:`state_dict` / :meth:`from_state`,
-    plain lists of floats), so a restarted scorer continues exactly.
+    The state is the last max(``short``) normal scores, per window length
+    the last ``long`` window means, and the last ``suppress`` raw scores
+    (:meth:`state_dict` / :meth:`from_state`, plain lists of floats), so a
+    restarted scorer continues exactly.
     """
 
     def __init__(self, cfg: LikelihoodConfig | None = None) -> None:
         self.cfg = cfg or LikelihoodConfig()
         self._zeta: deque[float] = deque(maxlen=max(self.cfg.short))
         self._means: list[deque[float]] = [deque(maxlen=self.cfg.long) for _ in self.cfg.short]
+        self._raw: deque[float] = deque(maxlen=max(self.cfg.suppress, 1))
 
     def update(self, zeta: Iterable[float]) -> tuple[FloatArray, FloatArray]:
         """Score the next records (their normal scores); returns (score, lambda)."""
@@ -220,13 +253,25 @@ class AnomalyLikelihood:
                 hist.append(m)
             ready = len(self._means[0]) > self.cfg.min_history
             s, lam = _score(lam_k[:, None], self.cfg) if ready else (np.zeros(1), np.zeros(1))
-            out_s.append(float(s[0]))
+            raw = float(s[0])
+            keep = (
+                self.cfg.suppress == 0
+                or not self._raw
+                or self.cfg.suppress_ratio * raw > max(self._raw)
+            )
+            if self.cfg.suppress:
+                self._raw.append(raw)
+            out_s.append(raw if keep else 0.0)
             out_l.append(float(lam[0]))
         return np.asarray(out_s), np.asarray(out_l)
 
     def state_dict(self) -> dict[str, list[Any]]:
         """The running state as JSON."""
-        return {"zeta": list(self._zeta), "means": [list(h) for h in self._means]}
+        return {
+            "zeta": list(self._zeta),
+            "means": [list(h) for h in self._means],
+            "raw": list(self._raw),
+        }
 
     @classmethod
     def from_state(
@@ -237,6 +282,7 @@ class AnomalyLikelihood:
         out._zeta.extend(float(v) for v in state["zeta"])
         for h, stored in zip(out._means, state["means"], strict=True):
             h.extend(float(v) for v in stored)
+        out._raw.extend(float(v) for v in state.get("raw", []))
         return out
 
 
@@ -246,5 +292,6 @@ __all__ = [
     "anomaly_likelihood",
     "log_tail_probability",
     "normal_scores",
+    "suppress_repeats",
     "window_means",
 ]

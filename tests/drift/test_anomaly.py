@@ -14,6 +14,7 @@ from fogline.drift.anomaly import (
     anomaly_likelihood,
     log_tail_probability,
     normal_scores,
+    suppress_repeats,
 )
 from fogline.drift.signals import _moments_and_scores
 from fogline.models.config import ModelConfig
@@ -72,13 +73,29 @@ def test_a_threshold_is_a_false_alarm_rate_on_calibrated_noise() -> None:
     cfg = LikelihoodConfig()
     rng = np.random.default_rng(2)
     score, lam = anomaly_likelihood(rng.standard_normal(60_000), cfg)
-    live = score[cfg.long :]
+    raw = lam / (lam + cfg.decades)
+    live = raw[cfg.long :]
     for decades in (1.0, 2.0, 3.0):  # measured ratios on seeds 0-2: 1.0-1.6
         h = decades / (decades + cfg.decades)
         nominal = 10**-decades
         rate = float(np.mean(live >= h))
         assert 0.5 * nominal <= rate <= 2.0 * nominal, (h, rate, nominal)
-    np.testing.assert_allclose(score, lam / (lam + cfg.decades))
+        # the written score keeps the first record of each excursion: fewer, never more
+        kept = float(np.mean(score[cfg.long :] >= h))
+        assert 0 < kept <= rate
+    assert np.all((score == raw) | (score == 0))
+
+
+def test_repeat_suppression_keeps_the_first_record_of_an_excursion() -> None:
+    s = np.array([0.1, 0.5, 0.52, 0.6, 0.3, 0.2, 0.1, 0.1, 0.55, 0.7])
+    out = suppress_repeats(s, window=4, ratio=0.9)
+    # 0.5 is a new high; 0.52 climbs < 1/0.9 over it; 0.6 does (0.54 > 0.52); 0.55 comes
+    # after four records below 0.9 * 0.55; 0.7 climbs enough over 0.55
+    np.testing.assert_allclose(out, [0.1, 0.5, 0, 0.6, 0, 0, 0, 0, 0.55, 0.7])
+    for h in (0.15, 0.4, 0.58):  # at any threshold the first crossing is kept
+        first = int(np.argmax(s >= h))
+        assert out[first] == s[first]
+    np.testing.assert_array_equal(suppress_repeats(s, window=0), s)
 
 
 def test_one_noisy_record_is_not_an_anomaly_but_a_change_is_found_quickly() -> None:
