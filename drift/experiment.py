@@ -61,6 +61,7 @@ from fogline.models.autoregressive import (
     detect_period,
     parse_ts,
     seasonal_lags,
+    seasonal_naive,
     select_lags,
 )
 from fogline.models.config import ModelConfig
@@ -281,6 +282,8 @@ def load_nab(path: Path, cfg: ExperimentConfig) -> StreamData:
     records = [Record(parse_ts(t), float(val)) for t, val in zip(ts, z, strict=True)]
     xd, yd, _rows, _state = build_features(records, LagState(lag), calendar=calendar)
     xd = select_lags(xd, lag, lags, calendar)
+    if period is not None:
+        xd = np.column_stack([xd, seasonal_naive(xd, lags, period)])
     x, y = xd.astype(np.float32), yd.astype(np.float32)
     n_warm = prob - lag
     labels = nab_labels(path, ts)

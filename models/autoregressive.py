@@ -223,6 +223,24 @@ def select_lags(
     return np.ascontiguousarray(x[:, cols])
 
 
+def seasonal_naive(
+    x: npt.NDArray[np.float64], lags: Sequence[int], period: int
+) -> npt.NDArray[np.float64]:
+    """The seasonal naive forecast f_t = v_{t-P} + (v_{t-1} - v_{t-1-P}) [M] from lag columns.
+
+    ``x`` holds the columns of ``lags`` in that order (:func:`select_lags`),
+    which must include 1, P and P + 1.  Last season's value moved by the
+    change of level since then: exact for a repeating pattern on a drifting
+    level, and one input direction the model can follow from a short warm-up
+    (a daily square wave has two edges a day, too few to learn from lags alone).
+    """
+    pos = {k: i for i, k in enumerate(lags)}
+    missing = [k for k in (1, period, period + 1) if k not in pos]
+    if missing:
+        raise ValueError(f"lags: need {missing} for the seasonal naive forecast of period {period}")
+    return np.asarray(x[:, pos[period]] + x[:, pos[1]] - x[:, pos[period + 1]], dtype=np.float64)
+
+
 __all__ = [
     "CALENDAR_FEATURES",
     "LagState",
@@ -233,5 +251,6 @@ __all__ = [
     "feature_names",
     "parse_ts",
     "seasonal_lags",
+    "seasonal_naive",
     "select_lags",
 ]

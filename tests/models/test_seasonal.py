@@ -13,6 +13,7 @@ from fogline.models.autoregressive import (
     build_features,
     detect_period,
     seasonal_lags,
+    seasonal_naive,
     select_lags,
 )
 
@@ -63,3 +64,17 @@ def test_seasonal_lags_and_their_columns() -> None:
     assert rows[0] == 11
     with pytest.raises(ValueError, match="lags"):
         select_lags(x, 11, (1, 12), calendar=True)
+
+
+def test_the_seasonal_naive_forecast_is_exact_on_a_pattern_over_a_drifting_level() -> None:
+    period = 12
+    t = np.arange(120, dtype=np.float64)
+    v = np.sin(2 * np.pi * t / period) + 0.05 * t  # a cycle on a linear trend
+    t0 = datetime(2024, 1, 1, tzinfo=UTC)
+    records = [Record(t0 + timedelta(minutes=5 * i), float(x)) for i, x in enumerate(v)]
+    lags = seasonal_lags(2, period)
+    x, y, _, _ = build_features(records, LagState(max(lags)), calendar=False)
+    f = seasonal_naive(select_lags(x, max(lags), lags, calendar=False), lags, period)
+    np.testing.assert_allclose(f, y, atol=1e-9)
+    with pytest.raises(ValueError, match="seasonal naive"):
+        seasonal_naive(x[:, :2], (1, 2), period)
