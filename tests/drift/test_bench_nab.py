@@ -108,10 +108,12 @@ def test_scorer_table_is_parsed(tmp_path: Path, shared_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_nab_subset_score(tmp_path: Path, nab_root: Path, shared_dir: Path) -> None:
-    """The NAB subset at default settings (about 10 minutes on 2 cores).
+    """The NAB subset at default settings, seed 0 (85-160 s on 2 shared cores).
 
-    The issue's bar is standard >= 60; measured at these defaults: 44 (see
-    docs/drift.md). This asserts what is reached, not the bar.
+    The issue's bar is standard >= 60; measured at these defaults: 63.19 at
+    seed 0, 51.76 at seed 1 (docs/drift.md).  This asserts a margin below what
+    seed 0 reaches (other hardware rounds the warm start differently), and
+    that the seasonal inputs found the daily-pattern breaks.
     """
     scorer = shared_dir / "tools" / "nab_score.py"
     if not scorer.is_file():
@@ -119,5 +121,6 @@ def test_nab_subset_score(tmp_path: Path, nab_root: Path, shared_dir: Path) -> N
     out = tmp_path / "results"
     nab.main(["--data", str(nab_root), "--out", str(out), "--jobs", "2"])
     scored = nab.score(scorer, nab_root, out / "forget")["profiles"]
-    assert scored["standard"]["score"] >= 40.0, scored
-    assert scored["low_fn"]["score"] >= scored["low_fp"]["score"] - 10.0
+    assert scored["standard"]["score"] >= 55.0, scored
+    assert scored["low_fn"]["score"] >= scored["low_fp"]["score"], scored
+    assert scored["standard"]["tp"] >= 25, scored
