@@ -107,8 +107,9 @@ class ExperimentConfig(BaseModel):
     #: warm-ups are about 2 days, too short to learn a daily shape (docs/drift.md).
     lags: int = Field(default=8, ge=1)
     calendar: bool = False
-    #: Add the value one period ago (lags P - 1, P, P + 1) when the warm-up's
-    #: autocorrelation shows a period P (:func:`fogline.models.autoregressive.detect_period`).
+    #: Add the values one period ago (lags P - 1, P, P + 1) and the seasonal naive
+    #: forecast when the warm-up's autocorrelation shows a period P
+    #: (:func:`fogline.models.autoregressive.detect_period`).
     seasonal: bool = True
 
     @property
@@ -250,11 +251,15 @@ def load_nab(path: Path, cfg: ExperimentConfig) -> StreamData:
     """NAB ``timestamp,value`` CSV as univariate telemetry: x_t = (v_{t-1..t-L}, calendar), y_t = v_t.
 
     The inputs are :func:`fogline.models.autoregressive.build_features` of the
-    file as one key: the last ``cfg.lags`` values and, with ``cfg.calendar``,
-    hour of day and day of week as sin/cos.
+    file as one key: the last ``cfg.lags`` values; with ``cfg.seasonal`` and a
+    period P found in the probationary period
+    (:func:`~fogline.models.autoregressive.detect_period`, P >= 2 ``lags``) also
+    the values P - 1, P, P + 1 records ago and the seasonal naive forecast
+    v_{t-P} + v_{t-1} - v_{t-1-P}; with ``cfg.calendar`` hour of day and day of
+    week as sin/cos.
 
-    The warm start is NAB's probationary period P = min(floor(0.15 n), 750)
-    rows (the first ``lag`` rows have no features and are not scored); every
+    The warm start is NAB's probationary period, min(floor(0.15 n), 750) rows
+    (the first max(lags) rows have no features and are not scored); every
     record after it is streamed, the last partial batch included.  Values are
     standardised with the probationary period's mean and sd; a constant
     probationary period uses max(|mean|, 1) as its scale.
@@ -346,7 +351,6 @@ class PolicyRun:
     weights: list[float] = field(default_factory=list)
     anomaly: list[np.ndarray] = field(default_factory=list)
     log_tail: list[np.ndarray] = field(default_factory=list)
-    log_tail_current: list[np.ndarray] = field(default_factory=list)
     warm_log_tail: np.ndarray | None = None
     live: list[bool] = field(default_factory=list)
     transitions: list[dict[str, Any]] = field(default_factory=list)
@@ -398,7 +402,6 @@ def run_policy(
         run.live.append(loop.policy_state.mode == "stable" and loop.policy_state.calibrating == 0)
         if scored:  # under the reference posterior, before the batch (as the alarm signal)
             run.log_tail.append(log_tail_probability(loop.reference.ensemble, x, y, floor))
-            run.log_tail_current.append(log_tail_probability(ens, x, y, floor))
         state, _info, sig, action = loop.process(state, x, y)
         ens = loop.last_ensemble if loop.last_ensemble is not None else ens
         ps = loop.policy_state

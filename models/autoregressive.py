@@ -159,7 +159,8 @@ def detect_period(
     smooth series has a slowly decaying r with no such climb), accepted only
     when r(k) >= ``min_acf`` and the prominence >= ``min_prominence``.  The
     multiples of a period are periods too: when k*/m (m = 2, 3, ...; within a
-    record) reaches 90 % of the best prominence, the smallest such is taken.  A constant or too short series has no period.
+    record) reaches 90 % of the best prominence, the smallest such is taken.
+    A constant or too short series has no period.
     """
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     n = len(v)
