@@ -1,0 +1,281 @@
+"""Keyed mode benchmark and the helpers its service test shares (records, configs, blobs).
+
+``fogline bench keyed --keys 1000 --json``: on an embedded Tansu broker and
+redis-server (or ``--bootstrap`` / ``--redis-url``), produce ``--records``
+keyed records over ``--keys`` keys into a ``--partitions``-partition topic,
+then in the same run measure
+
+1. *baseline*: a bare consume + decode loop (:class:`KafkaSource` and
+   :func:`decode_batch`, nothing else) reading the whole topic in its own group;
+2. *keyed daemon*: ``fogline run`` with ``keyed.enabled`` (one process, count
+   batching, one torch thread) from the first record to the last partition
+   checkpoint (start-up and the group join are excluded: the clock starts at
+   the daemon's first ``partition_resumed`` log event).
+
+The last line printed is ``{"keys", "records", "baseline_records_per_s",
+"keyed_records_per_s", "ratio", "absorbed", "bytes_per_key", ...}``; the goal
+is ``ratio >= 0.7``.  ``bytes_per_key`` is the mean serialised size of a key's
+state in Redis (the in-memory tensors are of the same size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from fogline.bench.crash_replay import daemon_argv, log_events, write_config
+from fogline.daemon.embedded import EmbeddedKafka, EmbeddedRedis
+from fogline.daemon.stream.decode import Decoder, decode_batch
+from fogline.daemon.stream.source import KafkaSource, ReplayProducer, create_topic
+from fogline.daemon.stream.store import PartitionStore, SnapshotStore
+
+#: Features of the keyed benchmark's model.
+FEATURES = ("f0", "f1", "f2", "f3")
+KEY_FIELD = "host"
+
+
+@dataclass(frozen=True)
+class KeyedRecords:
+    """A produced keyed stream: (partition, key, value) in send order, and the bad ones."""
+
+    rows: list[tuple[int, str, bytes]]
+    bad: frozenset[int]
+    partitions: int
+
+    def valid_per_partition(self) -> dict[int, int]:
+        """Valid records per partition."""
+        out: dict[int, int] = dict.fromkeys(range(self.partitions), 0)
+        for i, (p, _, _) in enumerate(self.rows):
+            if i not in self.bad:
+                out[p] += 1
+        return out
+
+    def absorbable(self, batch_size: int) -> int:
+        """Valid records in complete count batches (a partial last batch waits for more)."""
+        return sum(n // batch_size * batch_size for n in self.valid_per_partition().values())
+
+
+def key_partition(key: str, partitions: int) -> int:
+    """The partition a key is produced to (a stable hash, as a keyed producer does)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % partitions
+
+
+def make_keyed_records(
+    n: int, keys: int, partitions: int, *, bad_every: int = 0, seed: int = 0
+) -> KeyedRecords:
+    """``n`` records over ``keys`` keys, ``y = sin(3 f0) + 0.3 * key offset + noise``.
+
+    Each key has its own offset (so key posteriors differ); with ``bad_every``
+    every so many records one is malformed (invalid JSON).
+    """
+    rng = np.random.default_rng(seed)
+    names = [f"h{i:04d}" for i in range(keys)]
+    shift = rng.normal(0.0, 1.0, keys)
+    x = rng.standard_normal((n, len(FEATURES)))
+    who = rng.integers(0, keys, n)
+    noise = rng.standard_normal(n)
+    rows: list[tuple[int, str, bytes]] = []
+    bad: set[int] = set()
+    for i in range(n):
+        k = names[int(who[i])]
+        p = key_partition(k, partitions)
+        if bad_every and i % bad_every == bad_every - 1:
+            rows.append((p, k, b'{"ts": 1, "f0": '))
+            bad.add(i)
+            continue
+        y = np.sin(3 * x[i, 0]) + 0.3 * shift[int(who[i])] + 0.1 * noise[i]
+        rec: dict[str, Any] = {"ts": 1_700_000_000 + i, KEY_FIELD: k, "y": round(float(y), 5)}
+        rec.update({f: round(float(v), 5) for f, v in zip(FEATURES, x[i], strict=True)})
+        rows.append((p, k, json.dumps(rec).encode()))
+    return KeyedRecords(rows, frozenset(bad), partitions)
+
+
+def produce_keyed(bootstrap: str, topic: str, records: KeyedRecords) -> None:
+    """Produce ``records`` (each to its key's partition, Kafka key = the key)."""
+    with ReplayProducer(bootstrap, topic) as prod:
+        for p, k, v in records.rows:
+            prod.send(v, key=k, partition=p)
+
+
+def write_keyed_config(path: Path, *, hidden: Sequence[int] = (16,), **kw: Any) -> Path:
+    """A daemon settings file in keyed mode (``crash_replay.write_config`` plus the keyed parts)."""
+    max_keys = kw.pop("max_keys", 10_000)
+    idle_ttl_s = kw.pop("idle_ttl_s", 600.0)
+    write_config(path, **kw)
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    cfg["model"] = {
+        "features": list(FEATURES),
+        "target": "y",
+        "key": KEY_FIELD,
+        "hidden": list(hidden),
+        "transform": "none",
+    }
+    cfg["keyed"] = {"enabled": True, "max_keys": max_keys, "idle_ttl_s": idle_ttl_s}
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def key_blobs(redis_url: str, model: str, prefix: str) -> dict[str, bytes]:
+    """Every key's checkpointed blob of ``model``."""
+    store = PartitionStore(SnapshotStore(redis_url, model, prefix=prefix))
+    try:
+        keys = sorted(store.key_index())
+        return store.read_keys(keys)
+    finally:
+        store.close()
+
+
+def absorbed_total(redis_url: str, model: str, prefix: str, partitions: int) -> int:
+    """Records absorbed over every partition's last checkpoint."""
+    store = PartitionStore(SnapshotStore(redis_url, model, prefix=prefix))
+    try:
+        total = 0
+        for p in range(partitions):
+            m = store.manifest(p)
+            total += m.records_absorbed if m else 0
+        return total
+    finally:
+        store.close()
+
+
+def baseline_rate(bootstrap: str, topic: str, n: int) -> float:
+    """Records/s of a bare consume + decode loop over the first ``n`` records of ``topic``."""
+    dec = Decoder(list(FEATURES))
+    src = KafkaSource(bootstrap, topic, f"bench-{uuid.uuid4().hex[:8]}", session_timeout_ms=6000)
+    try:
+        seen = 0
+        t0: float | None = None
+        while seen < n:
+            raws = src.poll(2000, 200)
+            if raws and t0 is None:
+                t0 = time.perf_counter()
+            decode_batch(raws, dec)
+            seen += len(raws)
+        assert t0 is not None
+        return n / max(1e-9, time.perf_counter() - t0)
+    finally:
+        src.close()
+
+
+def keyed_rate(
+    config: Path,
+    log: Path,
+    redis_url: str,
+    model: str,
+    prefix: str,
+    n: int,
+    partitions: int,
+    expect: int,
+    timeout_s: float = 600.0,
+) -> tuple[float, int]:
+    """Run the keyed daemon until ``expect`` records are checkpointed; return (rate, absorbed)."""
+    fh = open(log, "ab")  # noqa: SIM115 - owned by the child
+    proc = subprocess.Popen(daemon_argv(config), stdout=fh, stderr=subprocess.STDOUT)
+    fh.close()
+    try:
+        deadline = time.monotonic() + timeout_s
+        absorbed = 0
+        while time.monotonic() < deadline:
+            absorbed = absorbed_total(redis_url, model, prefix, partitions)
+            if absorbed >= expect:
+                break
+            time.sleep(0.2)
+        end = time.time()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    starts = [e for e in log_events(log) if e.get("event") == "partition_resumed"]
+    t0 = min(_ts(e) for e in starts) if starts else end
+    return n / max(1e-9, end - t0), absorbed
+
+
+def _ts(event: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fogline bench keyed``."""
+    ap = argparse.ArgumentParser(prog="fogline bench keyed", description=__doc__)
+    ap.add_argument("--keys", type=int, default=1000)
+    ap.add_argument("--records", type=int, default=40_000)
+    ap.add_argument("--partitions", type=int, default=6)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--bootstrap", default=None)
+    ap.add_argument("--redis-url", default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        kafka = EmbeddedKafka() if args.bootstrap is None else None
+        redis = EmbeddedRedis() if args.redis_url is None else None
+        try:
+            bootstrap = args.bootstrap or kafka.__enter__().bootstrap_servers  # type: ignore[union-attr]
+            redis_url = args.redis_url or redis.__enter__().url  # type: ignore[union-attr]
+            topic = f"keyed-bench-{uuid.uuid4().hex[:8]}"
+            create_topic(bootstrap, topic, args.partitions)
+            recs = make_keyed_records(args.records, args.keys, args.partitions)
+            produce_keyed(bootstrap, topic, recs)
+            base = baseline_rate(bootstrap, topic, args.records)
+            model, prefix = f"keyed-{uuid.uuid4().hex[:6]}", "fogline-bench"
+            cfg = write_keyed_config(
+                tmp / "keyed.yaml",
+                bootstrap=bootstrap,
+                topic=topic,
+                redis_url=redis_url,
+                model=model,
+                prefix=prefix,
+                batch_size=args.batch_size,
+                snapshot_every_batches=0,
+                snapshot_every_seconds=1.0,
+            )
+            expect = recs.absorbable(args.batch_size)
+            rate, absorbed = keyed_rate(
+                cfg,
+                tmp / "keyed.log",
+                redis_url,
+                model,
+                prefix,
+                args.records,
+                args.partitions,
+                expect,
+            )
+            blobs = key_blobs(redis_url, model, prefix)
+        finally:
+            if kafka is not None:
+                kafka.__exit__(None, None, None)
+            if redis is not None:
+                redis.__exit__(None, None, None)
+    out = {
+        "keys": args.keys,
+        "records": args.records,
+        "partitions": args.partitions,
+        "batch_size": args.batch_size,
+        "baseline_records_per_s": round(base, 1),
+        "keyed_records_per_s": round(rate, 1),
+        "ratio": round(rate / base, 3),
+        "absorbed": absorbed,
+        "absorbable": expect,
+        "keys_written": len(blobs),
+        "bytes_per_key": round(sum(map(len, blobs.values())) / max(1, len(blobs))),
+    }
+    print(json.dumps(out) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
