@@ -183,6 +183,8 @@ class KeyedPipeline:
         self._retry_at = 0.0
         self._failures = 0
         self._paused_for_store = False
+        #: Rebalance events queued by the consumer's callbacks: ("assigned"|"revoked", partitions).
+        self._events: collections.deque[tuple[str, list[int]]] = collections.deque()
 
     # -- the whole run ----------------------------------------------------------
     def run(self) -> int:
@@ -249,13 +251,12 @@ class KeyedPipeline:
             return fresh_stream(load(str(path), device)).replace(lr=self.settings.stream.lr)
         return fresh_prior(self.settings, device)
 
-    # -- rebalance callbacks (inside poll) ------------------------------------------
+    # -- rebalance callbacks (kafka-python's IO thread) ------------------------------
+    # They only queue what happened: kafka-python 3 runs them on its IO thread, where
+    # no blocking consumer call may run; the main loop handles them (:meth:`_rebalanced`).
     def _offsets_for(self, keys: list[TopicPartition]) -> Mapping[TopicPartition, int]:
-        """Note newly assigned partitions; they start paused until their lease is taken."""
-        now = time.monotonic()
-        for t, p in keys:
-            if t == self.topic and p not in self.owned:
-                self.claiming.setdefault(p, now)
+        """Queue newly assigned partitions; they stay paused until their lease is taken."""
+        self._events.append(("assigned", [p for t, p in keys if t == self.topic]))
         return {}
 
     def _fingerprints_for(
@@ -264,21 +265,35 @@ class KeyedPipeline:
         return {}
 
     def _on_revoked(self, keys: list[TopicPartition]) -> None:
-        """Finish each revoked partition's complete batches, checkpoint it, release its lease."""
-        for t, p in keys:
-            if t != self.topic:
-                continue
-            self.claiming.pop(p, None)
-            part = self.owned.get(p)
-            if part is None:
-                continue
-            while part.pending:
-                self._absorb(part, part.pending.popleft())
-            try:
-                self._checkpoint(part, "revoked")
-            except StoreUnavailable as exc:
-                log.warning("revoke_checkpoint_failed", partition=p, error=str(exc))
-            self._drop(p, "revoked", release=True)
+        self._events.append(("revoked", [p for t, p in keys if t == self.topic]))
+
+    def _rebalanced(self) -> None:
+        """Handle queued rebalance events in order, on the main thread.
+
+        Revoked: finish the partition's complete batches, checkpoint it (the lease
+        is still ours, so the write is valid even if Kafka already gave the
+        partition to another member, whose claim waits for the lease), release
+        the lease, forget its keys.  Assigned: queue the partition for a claim.
+        """
+        while self._events:
+            kind, parts = self._events.popleft()
+            now = time.monotonic()
+            for p in parts:
+                if kind == "assigned":
+                    if p not in self.owned:
+                        self.claiming.setdefault(p, now)
+                    continue
+                self.claiming.pop(p, None)
+                part = self.owned.get(p)
+                if part is None:
+                    continue
+                while part.pending:
+                    self._absorb(part, part.pending.popleft())
+                try:
+                    self._checkpoint(part, "revoked")
+                except StoreUnavailable as exc:  # the next owner redoes it from the last one
+                    log.warning("revoke_checkpoint_failed", partition=p, error=str(exc))
+                self._drop(p, "revoked", release=True)
 
     # -- ownership ----------------------------------------------------------------------
     def _claim(self) -> None:
@@ -406,8 +421,9 @@ class KeyedPipeline:
                 break
             raws = self.source.poll(s.kafka.max_poll_records, 100)
             self._check_layout()
-            self._ingest(raws)
             try:
+                self._rebalanced()
+                self._ingest(raws)
                 self._drain()
                 self._maybe_checkpoint(time.monotonic())
                 self._bound_memory()
