@@ -1,6 +1,7 @@
-"""Keyed mode benchmark and the helpers its service test shares (records, configs, blobs).
+"""Keyed daemon records/s (the daemon part of ``fogline bench keyed``) and its test helpers.
 
-``fogline bench keyed --keys 1000 --json``: on an embedded Tansu broker and
+``fogline bench keyed --keys 1000 --json`` (its daemon part, :func:`daemon_part`;
+``python -m fogline.bench.keyed_daemon`` runs it alone): on an embedded Tansu broker and
 redis-server (or ``--bootstrap`` / ``--redis-url``), produce ``--records``
 keyed records over ``--keys`` keys into a ``--partitions``-partition topic,
 then in the same run measure
@@ -21,6 +22,7 @@ state in Redis (the in-memory tensors are of the same size).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import subprocess
@@ -208,71 +210,83 @@ def _ts(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
 
 
+def daemon_part(
+    *,
+    keys: int = 1000,
+    records: int = 20_000,
+    partitions: int = 6,
+    batch_size: int = 256,
+    hidden: Sequence[int] = (16,),
+    bootstrap: str | None = None,
+    redis_url: str | None = None,
+) -> dict[str, Any]:
+    """Records/s of the keyed daemon against a bare consume + decode loop, same run."""
+    with tempfile.TemporaryDirectory() as tmp_s, contextlib.ExitStack() as stack:
+        tmp = Path(tmp_s)
+        if bootstrap is None:
+            bootstrap = stack.enter_context(EmbeddedKafka()).bootstrap_servers
+        if redis_url is None:
+            redis_url = stack.enter_context(EmbeddedRedis()).url
+        topic = f"keyed-bench-{uuid.uuid4().hex[:8]}"
+        create_topic(bootstrap, topic, partitions)
+        recs = make_keyed_records(records, keys, partitions)
+        produce_keyed(bootstrap, topic, recs)
+        base = baseline_rate(bootstrap, topic, records)
+        model, prefix = f"keyed-{uuid.uuid4().hex[:6]}", "fogline-bench"
+        cfg = write_keyed_config(
+            tmp / "keyed.yaml",
+            bootstrap=bootstrap,
+            topic=topic,
+            redis_url=redis_url,
+            model=model,
+            prefix=prefix,
+            batch_size=batch_size,
+            snapshot_every_batches=0,
+            snapshot_every_seconds=1.0,
+            hidden=hidden,
+        )
+        expect = recs.absorbable(batch_size)
+        rate, absorbed = keyed_rate(
+            cfg, tmp / "keyed.log", redis_url, model, prefix, records, partitions, expect
+        )
+        blobs = key_blobs(redis_url, model, prefix)
+    return {
+        "daemon_keys": keys,
+        "daemon_records": records,
+        "daemon_partitions": partitions,
+        "daemon_batch_size": batch_size,
+        "daemon_hidden": list(hidden),
+        "baseline_records_per_s": round(base, 1),
+        "keyed_records_per_s": round(rate, 1),
+        "daemon_ratio": round(rate / base, 4),
+        "daemon_absorbed": absorbed,
+        "daemon_absorbable": expect,
+        "daemon_keys_written": len(blobs),
+        "daemon_blob_bytes_per_key": round(sum(map(len, blobs.values())) / max(1, len(blobs))),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``fogline bench keyed``."""
-    ap = argparse.ArgumentParser(prog="fogline bench keyed", description=__doc__)
+    """``python -m fogline.bench.keyed_daemon``: the daemon part alone."""
+    ap = argparse.ArgumentParser(prog="python -m fogline.bench.keyed_daemon", description=__doc__)
     ap.add_argument("--keys", type=int, default=1000)
-    ap.add_argument("--records", type=int, default=40_000)
+    ap.add_argument("--records", type=int, default=20_000)
     ap.add_argument("--partitions", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=16)
     ap.add_argument("--bootstrap", default=None)
     ap.add_argument("--redis-url", default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp_s:
-        tmp = Path(tmp_s)
-        kafka = EmbeddedKafka() if args.bootstrap is None else None
-        redis = EmbeddedRedis() if args.redis_url is None else None
-        try:
-            bootstrap = args.bootstrap or kafka.__enter__().bootstrap_servers  # type: ignore[union-attr]
-            redis_url = args.redis_url or redis.__enter__().url  # type: ignore[union-attr]
-            topic = f"keyed-bench-{uuid.uuid4().hex[:8]}"
-            create_topic(bootstrap, topic, args.partitions)
-            recs = make_keyed_records(args.records, args.keys, args.partitions)
-            produce_keyed(bootstrap, topic, recs)
-            base = baseline_rate(bootstrap, topic, args.records)
-            model, prefix = f"keyed-{uuid.uuid4().hex[:6]}", "fogline-bench"
-            cfg = write_keyed_config(
-                tmp / "keyed.yaml",
-                bootstrap=bootstrap,
-                topic=topic,
-                redis_url=redis_url,
-                model=model,
-                prefix=prefix,
-                batch_size=args.batch_size,
-                snapshot_every_batches=0,
-                snapshot_every_seconds=1.0,
-            )
-            expect = recs.absorbable(args.batch_size)
-            rate, absorbed = keyed_rate(
-                cfg,
-                tmp / "keyed.log",
-                redis_url,
-                model,
-                prefix,
-                args.records,
-                args.partitions,
-                expect,
-            )
-            blobs = key_blobs(redis_url, model, prefix)
-        finally:
-            if kafka is not None:
-                kafka.__exit__(None, None, None)
-            if redis is not None:
-                redis.__exit__(None, None, None)
-    out = {
-        "keys": args.keys,
-        "records": args.records,
-        "partitions": args.partitions,
-        "batch_size": args.batch_size,
-        "baseline_records_per_s": round(base, 1),
-        "keyed_records_per_s": round(rate, 1),
-        "ratio": round(rate / base, 3),
-        "absorbed": absorbed,
-        "absorbable": expect,
-        "keys_written": len(blobs),
-        "bytes_per_key": round(sum(map(len, blobs.values())) / max(1, len(blobs))),
-    }
+    out = daemon_part(
+        keys=args.keys,
+        records=args.records,
+        partitions=args.partitions,
+        batch_size=args.batch_size,
+        hidden=(args.hidden,),
+        bootstrap=args.bootstrap,
+        redis_url=args.redis_url,
+    )
     print(json.dumps(out) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items()))
     return 0
 
