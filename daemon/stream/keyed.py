@@ -420,8 +420,8 @@ class KeyedPipeline:
                 self.stats.exit_reason = "max_records"
                 break
             raws = self.source.poll(s.kafka.max_poll_records, 100)
-            self._check_layout()
             try:
+                self._check_layout()
                 self._rebalanced()
                 self._ingest(raws)
                 self._drain()
@@ -511,6 +511,7 @@ class KeyedPipeline:
                 self._absorb(part, part.pending.popleft())
                 if every and part.batches_since >= every:
                     self._checkpoint(part, "batches")
+                self._renew(time.monotonic())  # a long backlog must not outlive the leases
                 part = self.owned.get(p)
 
     def _load(self, p: int, keys: list[str]) -> dict[str, PosteriorState]:
