@@ -61,7 +61,7 @@ from fogline.daemon.stream.checkpoint import resume_offsets
 from fogline.daemon.stream.decode import Decoder, RawRecord, decode_batch, partition_key
 from fogline.daemon.stream.isolate import STEP_REJECTED, rejected_record
 from fogline.daemon.stream.keycache import KeyCache
-from fogline.daemon.stream.keyed_update import fleet_state, new_key, step_keys
+from fogline.daemon.stream.keyed_update import KeyedUpdate, fleet_state, new_key
 from fogline.daemon.stream.pipeline import (
     DeadLetters,
     RunOptions,
@@ -215,6 +215,7 @@ class KeyedPipeline:
             self.fleet = from_bytes(self.store.fleet_blob(to_bytes(fleet_state(start))), device)
             self.decoder = Decoder(record_schema(s, start))
             self.cache = KeyCache(s.keyed.max_keys, s.keyed.idle_ttl_s)
+            self.update = KeyedUpdate(s)
             warm_up(self.fleet, 8, s.stream.steps_per_batch, s.stream.data_size)
             self.dlq = self.clients.dead_letters(s)
             try:
@@ -564,14 +565,14 @@ class KeyedPipeline:
         for k, idx in rows.items():
             ix = torch.as_tensor(idx, dtype=torch.long)
             batches[k] = Minibatch(x[ix], y[ix])
-        s = self.settings.stream
-        new, infos = step_keys(
-            states,
-            batches,
-            num_steps=s.steps_per_batch,
-            data_size=s.data_size,
-            functional_prior=s.functional_prior,
-        )
+        out = self.update(states, batches)
+        new, infos = out.states, out.infos
+        if out.alarmed:
+            metrics.DRIFT_ALARMS.inc(len(out.alarmed))
+            for k in out.alarmed:  # a key label only on alarms: bounded cardinality
+                log.warning(
+                    "drift_detected", key=k, partition=part.partition, offset=batch.last_offset()
+                )
         absorbed = 0
         for k, info in infos.items():
             if info.rejected:

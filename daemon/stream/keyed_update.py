@@ -22,10 +22,16 @@ keyed API.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from fogline.drift.keyed import KeyedDriftLoop
 from fogline.drift.runner import without_loop
 from fogline.models.keyed import fleet_prior, keyed_step, new_key_state
 from fogline.models.state import Minibatch, PosteriorState, StepInfo
+
+if TYPE_CHECKING:
+    from fogline.daemon.config import Settings
 
 
 def fleet_state(start: PosteriorState) -> PosteriorState:
@@ -62,3 +68,63 @@ def step_keys(
         data_size=data_size,
         functional_prior=functional_prior,
     )
+
+
+@dataclass(frozen=True)
+class KeyedOutcome:
+    """One batch's per-key results: new states, step infos, and the keys that alarmed."""
+
+    states: dict[str, PosteriorState]
+    infos: dict[str, StepInfo]
+    alarmed: tuple[str, ...] = ()
+    not_stable: int = 0
+
+
+class KeyedUpdate:
+    """The per-batch update of keyed mode for ``settings.drift.policy``.
+
+    ``off``: :func:`step_keys`.  Otherwise every key runs the drift loop of
+    :class:`fogline.drift.keyed.KeyedDriftLoop`: its own monitor, alarm and
+    policy state, calibrated on its own first batches, restored from (and
+    stored back into) the key's own state, so a key's blob carries its drift
+    exactly and an evicted or re-owned key resumes it bit for bit.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        s = settings.stream
+        self.settings = settings
+        self.loop: KeyedDriftLoop | None = None
+        if settings.drift.policy != "off":
+            self.loop = KeyedDriftLoop(
+                settings.drift,
+                base_lr=s.lr,
+                data_size=s.data_size,
+                num_steps=s.steps_per_batch,
+                seed=s.seed,
+                functional_prior=s.functional_prior,
+                batch_size=s.batch_size,
+            )
+
+    def new_key(self, fleet: PosteriorState, key: str) -> PosteriorState:
+        """Key ``key``'s first state (the fleet prior, own RNG, no drift loop yet)."""
+        return new_key(fleet, key)
+
+    def __call__(
+        self, states: Mapping[str, PosteriorState], batches: Mapping[str, Minibatch]
+    ) -> KeyedOutcome:
+        s = self.settings.stream
+        if self.loop is None:
+            new, infos = step_keys(
+                states,
+                batches,
+                num_steps=s.steps_per_batch,
+                data_size=s.data_size,
+                functional_prior=s.functional_prior,
+            )
+            return KeyedOutcome(new, infos)
+        keys = sorted(batches)
+        drifts = {k: self.loop.drift_for(states[k]) for k in keys}
+        res = self.loop.step(
+            drifts, {k: states[k] for k in keys}, {k: (batches[k].x, batches[k].y) for k in keys}
+        )
+        return KeyedOutcome(res.states, res.infos, res.fleet.alarmed, res.fleet.not_stable)

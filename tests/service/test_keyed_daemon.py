@@ -106,3 +106,31 @@ def test_repartitioned_topic_and_moved_key_are_refused(
         assert all(store.lease_owner(n) is None for n in range(3))
     finally:
         store.close()
+
+
+def test_per_key_drift_state_survives_eviction_bit_for_bit(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    redis_url: str,
+    redis_prefix: str,
+    topic_factory: Callable[..., str],
+) -> None:
+    """With a drift policy each key carries its own loop; evicting and reloading keys
+    (their drift state restored from their blobs) changes nothing."""
+    topic = topic_factory(1, "keyed")
+    recs = make_keyed_records(240, 4, 1, seed=7)
+    produce_keyed(kafka_bootstrap, topic, recs)
+    common: dict[str, Any] = {"bootstrap": kafka_bootstrap, "topic": topic}
+    common.update(redis_url=redis_url, prefix=redis_prefix, policy="forget")
+    big = _run(_config(tmp_path, "dbig", **common))
+    small = _run(_config(tmp_path, "dsmall", max_keys=1, idle_ttl_s=0.0, **common))
+    assert big.code == small.code == 0  # type: ignore[attr-defined]
+    assert small.cache.evictions > 0
+    a, b = key_blobs(redis_url, "dbig", redis_prefix), key_blobs(redis_url, "dsmall", redis_prefix)
+    assert len(a) == 4 and a == b
+    store = PartitionStore(SnapshotStore(redis_url, "dbig", prefix=redis_prefix))
+    try:
+        modes = {v["drift_mode"] for v in store.key_index().values()}
+    finally:
+        store.close()
+    assert modes <= {"stable", "shifted", "recovering"} and "none" not in modes
