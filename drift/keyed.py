@@ -43,7 +43,7 @@ import torch
 
 from fogline.drift.config import PolicyConfig
 from fogline.drift.policy import Action
-from fogline.drift.runner import DriftLoop, DriftState, Prepared, without_loop
+from fogline.drift.runner import DriftLoop, DriftState, Prepared, has_drift, without_loop
 from fogline.models.keyed import keyed_step
 from fogline.models.state import PosteriorState, StepInfo
 
@@ -134,17 +134,30 @@ class KeyedDriftLoop:
         self.batch_size = batch_size
         self.step_fn = step_fn
         self._loop: DriftLoop | None = None
+        self._anchored: tuple[PosteriorState, DriftState] | None = None
 
     def drift_for(self, state: PosteriorState) -> DriftState:
         """The drift state of a key whose posterior is ``state``.
 
         Restored from the drift state ``state`` carries (a key's snapshot),
         else a new loop anchored at ``state`` (a new key from the fleet prior:
-        its reference is the fleet posterior; see :meth:`DriftLoop.resume`).
+        its reference is the fleet posterior, and with ``drift.calibration =
+        history`` its alarm threshold is fitted on the fleet's history
+        reference; see :meth:`DriftLoop.resume`).  New keys of the same fleet
+        prior (the same parameter tensors, :func:`~fogline.models.keyed.new_key_state`)
+        share that one anchored state: it is fitted once, and its reference
+        ensemble is held once until a key re-anchors.
         """
+        anchored = self._anchored
+        if anchored is not None and not has_drift(state) and _same_posterior(state, anchored[0]):
+            return anchored[1]
         loop = DriftLoop.resume(state, batch_size=self.batch_size, **self.settings)
         if self._loop is None:
             self._loop = loop
+        if not has_drift(state):
+            # every new key of one fleet prior anchors the same loop (its reference is
+            # the fleet posterior): fitted once, shared (immutable) until a key re-anchors
+            self._anchored = (state, loop.drift)
         return loop.drift
 
     def new_key(self, fleet: PosteriorState) -> PosteriorState:
@@ -210,6 +223,18 @@ class KeyedDriftLoop:
             actions,
             fleet_signal(out_d, actions, out_sig),
         )
+
+
+def _same_posterior(a: PosteriorState, b: PosteriorState) -> bool:
+    """Do ``a`` and ``b`` hold the very same variational parameters and prior (by identity)?"""
+    return (
+        a.prior.loc is b.prior.loc
+        and a.prior.scale is b.prior.scale
+        and a.params.keys() == b.params.keys()
+        and all(a.params[k] is b.params[k] for k in a.params)
+        and a.aux.keys() == b.aux.keys()
+        and all(a.aux[k] is b.aux[k] for k in a.aux)
+    )
 
 
 def fleet_signal(

@@ -16,13 +16,22 @@ key's own by :func:`new_key_state` (RNG seeded from the key's name).
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from fogline.models.fprior import FunctionalPrior
+from fogline.models.keyed_batch import KeyJob, batched_step, group_key
 from fogline.models.state import Minibatch, PosteriorState, StepInfo, _fresh_rng_state
 from fogline.models.stream import stream_step
+
+#: Keys per batched pass.  Each key's result does not depend on the other keys of
+#: its pass; passes of ~100 keys keep the [keys, params] temporaries small enough
+#: to be reused by the allocator (1,000 keys at once spent more time in page faults
+#: of fresh 5-30 MB buffers than in arithmetic: docs/model.md).
+CHUNK = int(os.environ.get("FOGLINE_KEYED_CHUNK", "128"))
 
 #: One full posterior state per key.
 KeyedStates = Mapping[str, PosteriorState]
@@ -85,19 +94,45 @@ def keyed_step(
     """All keys of a micro-batch in ONE batched call.
 
     Params stacked per key, batched matmuls, per-key row counts absorbed with
-    their true size, padding masked.  Deterministic: the result for the same
+    their true size, padding masked (:func:`fogline.models.keyed_batch.batched_step`,
+    whose docstring has the mathematics: the objective of ``stream_step`` per
+    key).  Keys of different models (config, device, functional prior's
+    sample count) are stepped in one call per model.  Arguments as
+    :func:`keyed_step_loop`.  Deterministic: the result for the same
     ``(states, batches)`` is bit-identical run to run; randomness only from
     each key's own ``rng_state``.  Only the keys in ``batches`` are stepped and
     returned.
     """
-    return keyed_step_loop(
-        states,
-        batches,
-        data_size=data_size,
-        likelihood_weight=likelihood_weight,
-        num_steps=num_steps,
-        functional_prior=functional_prior,
-    )
+    _check_keys(states, batches)
+    if num_steps < 1:
+        raise ValueError("num_steps must be >= 1")
+    groups: dict[tuple[object, ...], list[tuple[str, KeyJob]]] = {}
+    configs: dict[int, object] = {}  # id -> a canonical equal config (pydantic hashing is slow)
+    for key, batch in batches.items():
+        state = states[key]
+        cfg = configs.get(id(state.config))
+        if cfg is None:
+            cfg = next((c for c in configs.values() if c == state.config), state.config)
+            configs[id(state.config)] = cfg
+        beta = float(_per_key(likelihood_weight, key))
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"likelihood_weight of key {key!r} must lie in [0, 1], got {beta}")
+        if batch.rows == 0:
+            raise ValueError(f"empty minibatch for key {key!r}")
+        fp = FunctionalPrior.of(state) if functional_prior else None
+        fp = fp if fp is not None and fp.weight > 0 else None
+        n_k = _per_key(data_size, key)
+        job = KeyJob(state, batch, float(n_k if n_k is not None else batch.rows), beta, fp)
+        groups.setdefault((id(cfg), *group_key(state, fp)[1:]), []).append((key, job))
+    done: dict[str, tuple[PosteriorState, StepInfo]] = {}
+    for members in groups.values():
+        # keys of similar row counts together (less padding), CHUNK keys per pass
+        members.sort(key=lambda m: m[1].batch.rows)
+        for c in range(0, len(members), CHUNK):
+            part = members[c : c + CHUNK]
+            results = batched_step([job for _, job in part], num_steps=num_steps)
+            done.update(zip((key for key, _ in part), results, strict=True))
+    return {k: done[k][0] for k in batches}, {k: done[k][1] for k in batches}
 
 
 # ----------------------------------------------------------------------------- new keys

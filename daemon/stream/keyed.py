@@ -88,7 +88,7 @@ from fogline.models.state import Minibatch, PosteriorState, RecordFingerprint
 log = structlog.get_logger(__name__)
 
 #: Exit status when the topic was repartitioned (or keys moved between partitions).
-EXIT_REPARTITIONED = 6
+EXIT_REPARTITIONED = 7
 #: Exit status of a configuration keyed mode cannot run (no ``model.key``).
 EXIT_BAD_CONFIG = 2
 #: Longest the shutdown checkpoints keep retrying an unreachable Redis.
@@ -192,7 +192,7 @@ class KeyedPipeline:
 
         0 clean stop (every owned partition checkpointed, leases released); 1 a
         final checkpoint could not be written; 2 keyed mode without ``model.key``
-        or a spec contradicting the start state; 6 repartitioned topic.
+        or a spec contradicting the start state; 7 repartitioned topic.
         """
         s = self.settings
         structlog.contextvars.clear_contextvars()

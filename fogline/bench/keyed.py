@@ -16,8 +16,8 @@ Parts (each a function returning its part of the one JSON record):
   (params, Adam moments, prior, RNG state, aux), its serialised blob
   (:func:`fogline.models.serialize.to_bytes`), the same two with the key's drift
   state (:class:`fogline.drift.keyed.KeyedDriftLoop`: reference ensemble of
-  ``--ensemble-size`` draws included in the tensor bytes), and the growth of
-  the process's resident memory per key over all K stepped states.
+  ``--ensemble-size`` draws included in the tensor bytes), and the distinct
+  tensor storage of all K stepped states per key (a shared fleet prior counted once).
 * **daemon** (:func:`daemon_part`): records/s of the keyed daemon against a
   bare consume + decode loop (``fogline.daemon``; filled in by the daemon side
   of issue 13, absent until then).
@@ -101,14 +101,19 @@ def micro_batch(args: argparse.Namespace, device: torch.device) -> dict[str, Min
     return out
 
 
-def _timed(fn: Callable[[], None], device: torch.device) -> float:
+def _timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, this thread's CPU seconds) of one call of ``fn``.
+
+    The CPU time is reported beside the wall clock: on a shared machine it is
+    less disturbed by other processes (it means little on CUDA).
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    c0, t0 = time.thread_time(), time.perf_counter()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, max(time.thread_time() - c0, 1e-9)
 
 
 def step_part(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -128,10 +133,14 @@ def step_part(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         batched()
         loop()
     runs: dict[str, list[float]] = {"batched": [], "loop": []}
+    cpu: dict[str, list[float]] = {"batched": [], "loop": []}
     for _ in range(args.repeats):
         for name, fn in (("batched", batched), ("loop", loop)):
-            runs[name].append(args.keys / _timed(fn, device))
+            wall, cpu_s = _timed(fn, device)
+            runs[name].append(args.keys / wall)
+            cpu[name].append(args.keys / cpu_s)
     b, lp = statistics.median(runs["batched"]), statistics.median(runs["loop"])
+    b_cpu, lp_cpu = statistics.median(cpu["batched"]), statistics.median(cpu["loop"])
     rows = sum(mb.rows for mb in batches.values())
     # the two paths took the same steps: their final states agree to float tolerance
     worst = max(
@@ -145,6 +154,9 @@ def step_part(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "ratio_paired_median": round(
             statistics.median(x / y for x, y in zip(runs["batched"], runs["loop"], strict=True)), 2
         ),
+        "batched_cpu_key_steps_per_s": round(b_cpu, 1),
+        "loop_cpu_key_steps_per_s": round(lp_cpu, 1),
+        "ratio_cpu_time": round(b_cpu / lp_cpu, 2),
         "batched_rows_per_s": round(b * rows / args.keys),
         "rows_per_micro_batch": rows,
         "batched_runs": [round(v, 1) for v in runs["batched"]],
@@ -166,13 +178,25 @@ def tensor_bytes(state: PosteriorState) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _rss() -> int:
-    """Resident set size of this process in bytes (Linux ``/proc/self/statm``; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
+def unique_storage_bytes(states: list[PosteriorState]) -> int:
+    """Bytes of the distinct tensor storages the ``states`` hold (shared ones counted once).
+
+    Keys started from one fleet prior share its prior tensors until a policy
+    swaps a key's prior; this is what K states occupy, divided by K below.
+    """
+    seen: dict[int, int] = {}
+    for st in states:
+        for t in (
+            *st.params.values(),
+            *st.opt_state.values(),
+            st.prior.loc,
+            st.prior.scale,
+            st.rng_state,
+            *st.aux.values(),
+        ):
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
 
 
 def memory_part(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -183,9 +207,7 @@ def memory_part(args: argparse.Namespace, device: torch.device) -> dict[str, Any
 
     base = fleet(args, device)
     batches = micro_batch(args, device)
-    rss0 = _rss()
     states = keyed_step({k: new_key_state(base, k) for k in batches}, batches)[0]
-    rss1 = _rss()
     one = next(iter(states.values()))
     policy = PolicyConfig(policy="forget", ensemble_size=args.ensemble_size)
     loop = KeyedDriftLoop(policy, base_lr=one.lr, data_size=None)
@@ -200,7 +222,9 @@ def memory_part(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         "with_drift_tensor_bytes_per_key": tensor_bytes(with_drift) + ref_bytes,
         "with_drift_blob_bytes_per_key": len(to_bytes(with_drift)),
         "drift_reference_ensemble_bytes": ens_bytes,
-        "rss_growth_bytes_per_key": round((rss1 - rss0) / max(1, len(states))),
+        "unique_storage_bytes_per_key": round(
+            unique_storage_bytes(list(states.values())) / max(1, len(states))
+        ),
         "num_weights": one.num_weights,
     }
 
@@ -265,12 +289,13 @@ def main(argv: list[str]) -> int:
     print(f"  batched keyed_step:      {rec['batched_key_steps_per_s']:10.1f} key-steps/s")
     print(f"  loop of stream_step:     {rec['loop_key_steps_per_s']:10.1f} key-steps/s")
     print(f"  ratio batched / loop:    {rec['ratio']:10.2f}x  (medians of {rec['repeats']} blocks)")
+    print(f"  ratio in CPU time:       {rec['ratio_cpu_time']:10.2f}x")
     print(
         f"  memory per key: {rec['state_tensor_bytes_per_key']:,} B tensors, "
         f"{rec['blob_bytes_per_key']:,} B blob; with drift "
         f"{rec['with_drift_tensor_bytes_per_key']:,} B tensors, "
         f"{rec['with_drift_blob_bytes_per_key']:,} B blob; "
-        f"resident growth {rec['rss_growth_bytes_per_key']:,} B"
+        f"distinct storage over all keys {rec['unique_storage_bytes_per_key']:,} B/key"
     )
     if args.json:
         print(json.dumps(rec, sort_keys=True))

@@ -79,3 +79,27 @@ def test_key_drift_rides_in_the_key_blob_and_resumes_exactly(warm_state: Posteri
         return {k: to_bytes(s) for k, s in states.items()}
 
     assert run(None) == run(7)
+
+
+def test_one_shifted_key_of_50_alarms_alone_and_in_time() -> None:
+    """The issue's experiment: key 0 of 50 shifts by +1.5 at batch 40 of its own stream."""
+    from fogline.drift.keyed_experiment import KeyedExperimentConfig, run
+
+    rec = run(KeyedExperimentConfig(keys=50, batches=48, shift_at=40))
+    assert rec["detection_batches"] is not None and rec["detection_batches"] <= 5
+    assert "key-000" not in rec["false_alarm_keys"]
+    assert rec["final_mode_shifted_key"] != "stable"
+    assert rec["monitored_key_batches"] >= 49 * 40  # history-calibrated: live from batch 1
+    assert rec["false_alarms"] <= rec["false_alarms_allowed"]
+
+
+def test_new_keys_of_one_fleet_prior_share_one_anchored_drift_state(
+    warm_state: PosteriorState,
+) -> None:
+    fleet = fleet_prior(warm_state)
+    kl = _keyed()
+    a, b = new_key_state(fleet, "a"), new_key_state(fleet, "b")
+    da, db = kl.drift_for(a), kl.drift_for(b)
+    assert da is db  # fitted once; the reference ensemble is held once
+    other = fleet_prior(warm_state)  # equal values, other tensors: anchored on its own
+    assert kl.drift_for(new_key_state(other, "c")) is not da

@@ -15,14 +15,19 @@ from fogline.models.keyed import (
     keyed_step_loop,
     new_key_state,
 )
-from fogline.models.serialize import to_bytes
+from fogline.models.serialize import from_bytes, to_bytes
 from fogline.models.state import Minibatch, PosteriorState
 from fogline.models.stream import stream_step
 from fogline.models.svi import init_state
 
+#: init_scale 0.03, not the default 1e-3: at 1e-3 the functional term's variance over
+#: the draws, v ~ 1e-6, is a difference of nearly equal numbers, and its gradient (via
+#: 1/v) changes by ~1e-4 relative with the summation order of the padded matmul.
+CFG = ModelConfig(in_features=3, hidden=(8, 8), init_scale=0.03)
+
 
 def _fleet(cfg: ModelConfig | None = None, *, fprior: bool = False) -> PosteriorState:
-    st = init_state(cfg or ModelConfig(in_features=3, hidden=(8, 8)), seed=0, lr=5e-3)
+    st = init_state(cfg or CFG, seed=0, lr=5e-3)
     if fprior:
         fp = FunctionalPrior(weight=0.05, scale=1.5, lo=(-2.0,) * 3, hi=(2.0,) * 3)
         st = st.replace(extra={EXTRA_KEY: fp.to_dict(), LR_SCALE_KEY: 0.05})
@@ -67,9 +72,85 @@ def test_each_key_is_stepped_as_stream_step_steps_it_alone(step_fn) -> None:  # 
         for name, v in ref.params.items():
             torch.testing.assert_close(new[k].params[name], v, rtol=1e-5, atol=1e-6)
         for name, v in ref.opt_state.items():
-            torch.testing.assert_close(new[k].opt_state[name], v, rtol=1e-5, atol=1e-8)
+            torch.testing.assert_close(new[k].opt_state[name], v, rtol=1e-4, atol=1e-6)
         assert torch.equal(new[k].rng_state, ref.rng_state)
         assert infos[k].loss == pytest.approx(info.loss, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"guide": "lowrank", "rank": 3},
+        {"likelihood": "student-t"},
+        {"likelihood": "student-t", "df": 4.0, "activation": "tanh", "noise_head": "bounded"},
+        {"likelihood": "bernoulli"},
+    ],
+    ids=["lowrank", "student-t-learned-df", "student-t-fixed-df", "bernoulli"],
+)
+def test_keys_stepped_together_match_each_key_alone(cfg: dict[str, object]) -> None:
+    config = CFG.model_copy(update=cfg)
+    fleet = _fleet(config, fprior=True)
+    keys = [f"k{i}" for i in range(5)]
+    states = {k: new_key_state(fleet, k) for k in keys}
+    batches = {}
+    for i, k in enumerate(keys):
+        b = _batch(1 + 3 * i, 20 + i)
+        y = (b.y > 0).float() if config.likelihood == "bernoulli" else b.y
+        batches[k] = Minibatch(b.x, y)
+    new, infos = keyed_step(states, batches, num_steps=3, data_size=100)
+    for k in keys:
+        ref, info = stream_step(states[k], batches[k], num_steps=3, data_size=100)
+        assert not infos[k].rejected and new[k].step_count == 3
+        for name, v in ref.params.items():
+            torch.testing.assert_close(new[k].params[name], v, rtol=1e-4, atol=1e-5)
+        assert float(new[k].opt_state["step"]) == float(ref.opt_state["step"]) == 3.0
+        assert torch.equal(new[k].rng_state, ref.rng_state)
+        assert infos[k].kl == pytest.approx(info.kl, rel=1e-4)
+        assert infos[k].nll == pytest.approx(info.nll, rel=1e-4, abs=1e-5)
+
+
+def test_bias_correction_follows_each_keys_own_step_count() -> None:
+    """Keys at different step counts and learning rates in one call: each as if alone."""
+    fleet = _fleet()
+    old = stream_step(new_key_state(fleet, "old"), _batch(6, 1), num_steps=7)[0]
+    old = old.replace(lr=1e-3)
+    young = new_key_state(fleet, "young")
+    batches = {"old": _batch(4, 2), "young": _batch(9, 3)}
+    new, _ = keyed_step({"old": old, "young": young}, batches)
+    for k, st in (("old", old), ("young", young)):
+        ref, _ = stream_step(st, batches[k])
+        torch.testing.assert_close(new[k].params["loc"], ref.params["loc"], rtol=1e-5, atol=1e-6)
+    assert float(new["old"].opt_state["step"]) == 8.0
+
+
+def test_consecutive_batched_steps_follow_stream_step() -> None:
+    """A state made by keyed_step is gathered by its packed row next time: same results."""
+    fleet = _fleet(fprior=True)
+    states = {k: new_key_state(fleet, k) for k in "abc"}
+    alone = dict(states)
+    for t in range(4):
+        batches = {k: _batch(2 + 3 * i + t, 10 * t + i) for i, k in enumerate("abc")}
+        if t == 2:
+            del batches["b"]  # b skips a batch; restored blobs take the general path
+            states = {k: from_bytes(to_bytes(s)) for k, s in states.items()}
+        states = {**states, **keyed_step(states, batches, num_steps=2)[0]}
+        for k, b in batches.items():
+            alone[k] = stream_step(alone[k], b, num_steps=2)[0]
+    for k in "abc":
+        assert states[k].step_count == alone[k].step_count
+        for name, v in alone[k].params.items():
+            torch.testing.assert_close(states[k].params[name], v, rtol=1e-4, atol=1e-5)
+        assert torch.equal(states[k].rng_state, alone[k].rng_state)
+
+
+def test_a_non_finite_key_is_rejected_alone() -> None:
+    fleet = _fleet()
+    states = {k: new_key_state(fleet, k) for k in "ab"}
+    bad = _batch(4, 0)
+    bad = Minibatch(bad.x, torch.full_like(bad.y, float("nan")))
+    new, infos = keyed_step(states, {"a": bad, "b": _batch(4, 1)})
+    assert infos["a"].rejected and new["a"] is states["a"]
+    assert not infos["b"].rejected and new["b"].step_count == 1
 
 
 def test_keyed_step_is_bit_identical_run_to_run() -> None:

@@ -5,7 +5,7 @@
   one that keeps every key in memory: eviction loses nothing.
 - A topic with another partition count than the stored layout, and a key that
   arrives on another partition than the one that absorbed it, stop the daemon
-  with exit status 6 and a message naming the cause; nothing more is written.
+  with exit status 7 and a message naming the cause; nothing more is written.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ snapshot or ``--init`` state prints one ``model.<field>: ...`` line each); 3 ano
 model (with ``--lease-wait-s``) or took it over; 4 a snapshot offset lies beyond
 its partition's end and ``stream.offset_out_of_range`` is ``fail``;
 5 the model has snapshot versions but none is intact (``--allow-fresh``
-starts afresh instead); 6 (keyed mode) the topic was repartitioned or a key
+starts afresh instead); 7 (keyed mode) the topic was repartitioned or a key
 moved to another partition.
 """
 
