@@ -8,11 +8,11 @@ then in the same run measure
 
 1. *baseline*: a bare consume + decode loop (:class:`KafkaSource` and
    :func:`decode_batch`, nothing else) reading the whole topic in its own group;
-2. *keyed daemon*: ``fogline run --max-records N`` with ``keyed.enabled`` (one
+2. *keyed daemon*: ``fogline run --idle-exit-s 2`` with ``keyed.enabled`` (one
    process, count batching, one torch thread, checkpoints every 30 s and at the
    stop), from its first ``partition_resumed`` log event (start-up and the group
    join excluded) to ``daemon_stopped`` (every partition's final checkpoint
-   written), counting the records absorbed.
+   written) less the idle wait, counting the records absorbed.
 
 The last line printed (``--json``) holds ``baseline_records_per_s``,
 ``keyed_records_per_s`` and ``daemon_ratio`` (goal >= 0.7), the records absorbed
@@ -47,6 +47,8 @@ from fogline.daemon.stream.store import PartitionStore, SnapshotStore
 #: Features of the keyed benchmark's model.
 FEATURES = ("f0", "f1", "f2", "f3")
 KEY_FIELD = "host"
+#: Idle seconds after which the benchmarked daemon stops (subtracted from its time).
+IDLE_EXIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -182,16 +184,20 @@ def keyed_rate(
     partitions: int,
     timeout_s: float = 900.0,
 ) -> tuple[float, int]:
-    """Run the keyed daemon over the first ``n`` records (``--max-records``); (rate, absorbed).
+    """Run the keyed daemon over the whole topic (``--idle-exit-s``); (rate, absorbed).
 
     The clock runs from the first ``partition_resumed`` log event (after the
     start-up and the group join) to ``daemon_stopped`` (after the final
-    checkpoint of every partition); the rate counts records absorbed (a
-    partial last batch per partition is read, not absorbed).
+    checkpoint of every partition) less the idle wait before the exit; the
+    rate counts records absorbed (a partial last batch per partition is read,
+    not absorbed).  (``--max-records`` would stop early: records read before a
+    start-up rebalance are read again and counted twice.)
     """
     with log.open("ab") as fh:
         proc = subprocess.Popen(
-            [*daemon_argv(config), "--max-records", str(n)], stdout=fh, stderr=subprocess.STDOUT
+            [*daemon_argv(config), "--idle-exit-s", str(IDLE_EXIT_S)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
         )
     try:
         proc.wait(timeout=timeout_s)
@@ -205,7 +211,7 @@ def keyed_rate(
     if not starts or not stops:
         raise RuntimeError(f"keyed daemon did not run to the end; see {log}")
     absorbed = absorbed_total(redis_url, model, prefix, partitions)
-    return absorbed / max(1e-9, stops[-1] - min(starts)), absorbed
+    return absorbed / max(1e-9, stops[-1] - IDLE_EXIT_S - min(starts)), absorbed
 
 
 def _ts(event: dict[str, Any]) -> float:
