@@ -698,7 +698,7 @@ def create_app(
         return JSONResponse({"model": name, "keys": keys, "fleet": fleet})
 
     @v1.post(
-        "/models/{name}/keys/{key}/predict",
+        "/models/{name}/keys/{key:path}/predict",
         response_model=PredictResponse,
         tags=["keys"],
         openapi_extra={

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from urllib.parse import quote
 
 import pytest
 import torch
@@ -26,7 +27,11 @@ def keyed_store(redis_url: str, redis_prefix: str, base_state: PosteriorState) -
     store = PartitionStore(SnapshotStore(redis_url, MODEL, prefix=redis_prefix))
     lease = store.acquire(2, "test", 5.0)
     assert lease is not None
-    states = {"web-1": base_state, "web-2": advance(base_state, steps=5, seed=1)}
+    states = {
+        "web-1": base_state,
+        "web-2": advance(base_state, steps=5, seed=1),
+        "rack/7": advance(base_state, steps=2, seed=2),  # a key with a slash
+    }
     store.commit(
         lease,
         2,
@@ -49,18 +54,19 @@ def test_keys_list_and_key_predict_answer_from_each_keys_posterior(
         r = client.get(f"/v1/models/{MODEL}/keys")
         assert r.status_code == 200
         body = r.json()
-        assert [k["key"] for k in body["keys"]] == ["web-1", "web-2"]
-        assert body["keys"][0] == {
+        assert [k["key"] for k in body["keys"]] == ["rack/7", "web-1", "web-2"]
+        assert body["keys"][1] == {
             "key": "web-1",
             "version": 1,
             "drift_mode": "stable",
             "partition": 2,
             "records_absorbed": 20,
         }
-        assert body["fleet"] == {"keys": 2, "records_absorbed": 40, "drift_modes": {"stable": 2}}
+        assert body["fleet"] == {"keys": 3, "records_absorbed": 60, "drift_modes": {"stable": 3}}
         means = {}
         for key, state in states.items():
-            r = client.post(f"/v1/models/{MODEL}/keys/{key}/predict", json={"rows": ROWS})
+            path = quote(key, safe="")
+            r = client.post(f"/v1/models/{MODEL}/keys/{path}/predict", json={"rows": ROWS})
             assert r.status_code == 200, r.text
             got = r.json()
             assert got["key"] == key and got["snapshot_version"] == 1
