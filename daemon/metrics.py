@@ -144,3 +144,21 @@ QUERY_SNAPSHOT_VERSION = Gauge(
 QUERY_RELOADS = Counter(
     "fogline_query_reloads", "Snapshot reloads by the query service.", registry=QUERY_REGISTRY
 )
+
+# keyed mode (keyed.enabled): bounded cardinality, no key label
+KEYS_IN_MEMORY = Gauge(
+    "fogline_keys_in_memory", "Key states held in memory (keyed mode).", registry=REGISTRY
+)
+KEYS_EVICTED = Counter(
+    "fogline_keys_evicted", "Clean key states evicted from memory (keyed mode).", registry=REGISTRY
+)
+PARTITIONS_OWNED = Gauge(
+    "fogline_partitions_owned",
+    "Partitions whose lease this daemon holds (keyed mode).",
+    registry=REGISTRY,
+)
+PARTITION_RESUME_SECONDS = Histogram(
+    "fogline_partition_resume_seconds",
+    "Seconds from a partition's assignment to its resumption (lease taken, manifest read).",
+    registry=REGISTRY,
+)

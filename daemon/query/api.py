@@ -53,8 +53,14 @@ from starlette.requests import ClientDisconnect
 from fogline.daemon.config import ApiSettings, Settings
 from fogline.daemon.metrics import QUERY_REGISTRY, QUERY_SECONDS
 from fogline.daemon.names import MODEL_NAME_PATTERN
-from fogline.daemon.query.serving import Loaded, Registry, StoreFactory
-from fogline.daemon.stream.store import SnapshotMeta, SnapshotStore, StoreError, StoreUnavailable
+from fogline.daemon.query.serving import KeyedReader, Loaded, Registry, StoreFactory
+from fogline.daemon.stream.store import (
+    PartitionStore,
+    SnapshotMeta,
+    SnapshotStore,
+    StoreError,
+    StoreUnavailable,
+)
 from fogline.models.schema import SchemaError
 
 DEFAULT_LEVELS: tuple[float, ...] = (0.5, 0.9, 0.95)
@@ -650,6 +656,90 @@ def create_app(
             return 200, _predict_body(name, loaded, req, api)
         except HTTPException as exc:
             return exc.status_code, {"detail": exc.detail}
+
+    keyed = KeyedReader(
+        lambda name: PartitionStore((store_factory or default_factory)(name)),
+        ensemble_size=api.ensemble_size,
+        quantize=api.quantize,
+    )
+
+    @v1.get("/models/{name}/keys", tags=["keys"])
+    def list_keys(name: ModelName) -> JSONResponse:
+        """Keys of a keyed model (``keyed.enabled``): version, drift mode, partition, records.
+
+        ``fleet`` sums them up: how many keys, records absorbed, keys per drift mode.
+        """
+        t0 = time.perf_counter()
+        try:
+            index = keyed.keys(name)
+        except StoreError as exc:
+            raise _problem(503, f"snapshot store unavailable: {exc}") from None
+        if not index:
+            raise _problem(404, f"model {name!r} has no keyed snapshots")
+        keys = [
+            {
+                "key": k,
+                "version": v.get("version"),
+                "drift_mode": v.get("drift_mode", "none"),
+                "partition": v.get("partition"),
+                "records_absorbed": v.get("records_absorbed"),
+            }
+            for k, v in sorted(index.items())
+        ]
+        modes: dict[str, int] = {}
+        for k in keys:
+            modes[str(k["drift_mode"])] = modes.get(str(k["drift_mode"]), 0) + 1
+        fleet = {
+            "keys": len(keys),
+            "records_absorbed": sum(int(k["records_absorbed"] or 0) for k in keys),
+            "drift_modes": modes,
+        }
+        QUERY_SECONDS.labels(endpoint="keys").observe(time.perf_counter() - t0)
+        return JSONResponse({"model": name, "keys": keys, "fleet": fleet})
+
+    @v1.post(
+        "/models/{name}/keys/{key:path}/predict",
+        response_model=PredictResponse,
+        tags=["keys"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+            }
+        },
+        responses={404: {"description": "no such model or key"}},
+    )
+    async def predict_key(name: ModelName, key: str, request: Request) -> Response:
+        """As ``/models/{name}/predict``, from key ``key``'s own posterior (keyed mode)."""
+        t0 = time.perf_counter()
+        try:
+            raw = await request.body()
+        except ClientDisconnect:
+            return Response(status_code=400)
+        status, body = await run_in_threadpool(answer_key, name, key, raw)
+        QUERY_SECONDS.labels(endpoint="key_predict").observe(time.perf_counter() - t0)
+        return JSONResponse(body, status_code=status)
+
+    def answer_key(name: str, key: str, raw: bytes) -> tuple[int, Any]:
+        try:
+            req = PredictRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+            return 422, {
+                "detail": _validation_detail([{**e, "loc": ("body", *e["loc"])} for e in errors])
+            }
+        try:
+            loaded = keyed.loaded(name, key)
+        except StoreError as exc:
+            return 503, {"detail": f"snapshot store unavailable: {exc}"}
+        if loaded is None:
+            return 404, {"detail": f"model {name!r} has no key {key!r}"}
+        try:
+            body = _predict_body(name, loaded, req, api)
+        except HTTPException as exc:
+            return exc.status_code, {"detail": exc.detail}
+        body["key"] = key
+        return 200, body
 
     app.include_router(ops)
     app.include_router(v1)

@@ -231,11 +231,10 @@ def memory_part(args: argparse.Namespace, device: torch.device) -> dict[str, Any
 
 # ----------------------------------------------------------------------------- daemon part
 def daemon_part(args: argparse.Namespace) -> dict[str, Any]:
-    """Records/s of the keyed daemon vs a bare consume + decode loop (the daemon side adds it).
+    """Records/s of the keyed daemon vs a bare consume + decode loop (:mod:`.keyed_daemon`)."""
+    from fogline.bench.keyed_daemon import daemon_part as keyed_daemon_part
 
-    Returns ``{}`` until the daemon side of issue 13 implements it.
-    """
-    return {}
+    return keyed_daemon_part(keys=args.keys, hidden=(args.hidden,) * args.layers)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

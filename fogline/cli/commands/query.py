@@ -70,6 +70,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="credible levels (default 0.5,0.9,0.95)",
     )
     q.add_argument("--json", action="store_true", help="print the JSON answer")
+    q.add_argument(
+        "--key",
+        metavar="K",
+        default=None,
+        help="keyed mode (keyed.enabled): answer from key K's own posterior",
+    )
     where = q.add_mutually_exclusive_group()
     where.add_argument("--url", help="query service base URL, e.g. http://127.0.0.1:8000")
     where.add_argument(
@@ -183,10 +189,11 @@ def _query(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"rows": rows, "levels": levels}
     if args.y is not None:
         body["y"] = args.y
+    key = getattr(args, "key", None)
     if args.url:
-        status, answer = _via_http(args.url, settings, body, args.timeout)
+        status, answer = _via_http(args.url, settings, body, args.timeout, key)
     else:
-        status, answer = _via_redis(settings, body)
+        status, answer = _via_redis(settings, body, key)
     if status != 200:
         detail = answer.get("detail", answer) if isinstance(answer, dict) else answer
         print(f"fogline: error {status}: {json.dumps(detail)}", file=sys.stderr)
@@ -199,14 +206,19 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _via_http(
-    url: str, settings: Settings, body: dict[str, Any], timeout: float
+    url: str, settings: Settings, body: dict[str, Any], timeout: float, key: str | None = None
 ) -> tuple[int, Any]:
     import httpx
 
     headers = {}
     if settings.api.token is not None:
         headers["Authorization"] = f"Bearer {settings.api.token.get_secret_value()}"
-    target = f"{url.rstrip('/')}/v1/models/{settings.model_name}/predict"
+    base = f"{url.rstrip('/')}/v1/models/{settings.model_name}"
+    if key is not None:
+        from urllib.parse import quote
+
+        base += f"/keys/{quote(key, safe='')}"
+    target = f"{base}/predict"
     try:
         resp = httpx.post(target, json=body, headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:
@@ -217,8 +229,8 @@ def _via_http(
         return resp.status_code, resp.text
 
 
-def _via_redis(settings: Settings, body: dict[str, Any]) -> tuple[int, Any]:
-    """Answer like the service would, from the latest snapshot in Redis."""
+def _via_redis(settings: Settings, body: dict[str, Any], key: str | None = None) -> tuple[int, Any]:
+    """Answer like the service would, from the latest snapshot (or ``key``'s) in Redis."""
     from fastapi import HTTPException
     from pydantic import ValidationError
 
@@ -230,6 +242,8 @@ def _via_redis(settings: Settings, body: dict[str, Any]) -> tuple[int, Any]:
         req = PredictRequest.model_validate(body)
     except ValidationError as exc:
         return 422, {"detail": [e["msg"] for e in exc.errors(include_url=False)]}
+    if key is not None:
+        return _key_via_redis(settings, req, key)
     try:
         with SnapshotStore.from_settings(settings) as store:
             loaded = load_snapshot(store, None, settings.api.ensemble_size, settings.api.quantize)
@@ -241,6 +255,32 @@ def _via_redis(settings: Settings, body: dict[str, Any]) -> tuple[int, Any]:
         return 200, _predict_body(settings.model_name, loaded, req, settings.api)
     except HTTPException as exc:
         return exc.status_code, {"detail": exc.detail}
+
+
+def _key_via_redis(settings: Settings, req: Any, key: str) -> tuple[int, Any]:
+    """Answer from key ``key``'s last checkpointed posterior (keyed mode)."""
+    from fastapi import HTTPException
+
+    from fogline.daemon.query.api import _predict_body
+    from fogline.daemon.query.serving import load_key
+    from fogline.daemon.stream.store import PartitionStore, StoreError
+
+    try:
+        store = PartitionStore.from_settings(settings)
+        try:
+            loaded = load_key(store, key, settings.api.ensemble_size, settings.api.quantize)
+        finally:
+            store.close()
+    except (StoreError, ValueError) as exc:
+        return 1, {"detail": str(exc)}
+    if loaded is None:
+        return 404, {"detail": f"model {settings.model_name!r} has no key {key!r}"}
+    try:
+        answer = _predict_body(settings.model_name, loaded, req, settings.api)
+    except HTTPException as exc:
+        return exc.status_code, {"detail": exc.detail}
+    answer["key"] = key
+    return 200, answer
 
 
 def _print_table(answer: dict[str, Any]) -> None:
