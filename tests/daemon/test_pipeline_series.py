@@ -152,3 +152,30 @@ def test_restart_is_bit_identical_to_an_uninterrupted_run() -> None:
     assert a.extra[ar.EXTRA_KEY] == b.extra[ar.EXTRA_KEY]
     for name, t in a.params.items():
         assert np.array_equal(t.numpy(), b.params[name].numpy()), name
+
+
+def test_replay_by_an_autoregressive_spec_sends_ts_value_key_records(tmp_path: Any) -> None:
+    from fogline.daemon.replay import iter_items
+    from fogline.daemon.stream.decode import RawRecord
+
+    spec = ModelSpec.model_validate(AR)
+    path = tmp_path / "live.csv"
+    path.write_text("ts,host,value,notes\n1700000000,a,1.5,x\n1700000060,b,oops,\n")
+    fmt, items = iter_items(path, spec=spec)
+    got = list(items)
+    assert fmt == "csv" and [it.key for it in got] == ["a", "b"]
+    assert json.loads(got[0].value) == {"ts": 1700000000.0, "value": 1.5, "host": "a"}
+    batch = SeriesDecoder(DataSchema.unfitted(spec)).decode_batch(
+        [RawRecord("t", 0, i, None, it.value, it.ts_ms) for i, it in enumerate(got)]
+    )
+    assert batch.good == [0] and batch.bad[0][1] == "non_numeric: value is str"
+    # a NAB timestamp,value file goes out unlagged: the daemon builds the lags
+    nab = tmp_path / "nab.csv"
+    nab.write_text("timestamp,value\n2024-01-01 00:00:00,3.0\n2024-01-01 00:05:00,4.0\n")
+    one = ModelSpec.model_validate({**AR, "timestamp": "timestamp", "key": None})
+    fmt, items = iter_items(nab, spec=one)
+    assert fmt == "csv"
+    assert [json.loads(it.value) for it in items] == [
+        {"timestamp": "2024-01-01 00:00:00", "value": 3.0},
+        {"timestamp": "2024-01-01 00:05:00", "value": 4.0},
+    ]
