@@ -128,7 +128,7 @@ class Rows:
             np.concatenate([p.y for p in parts]),
             np.concatenate([p.partition for p in parts]),
             np.concatenate([p.offset for p in parts]),
-            None if parts[0].meta is None else np.concatenate([p.meta for p in parts]),  # type: ignore[misc]
+            _concat_meta(parts),
         )
 
     def keys(self) -> set[TopicPartition]:
@@ -145,6 +145,16 @@ class Rows:
     def last_offset(self) -> int:
         """Offset of the last row (-1 when empty)."""
         return int(self.offset[-1]) if len(self) else -1
+
+
+def _concat_meta(parts: Sequence[Rows]) -> npt.NDArray[np.float64] | None:
+    """The ``meta`` columns of ``parts`` in order (``None`` when they have none)."""
+    metas = [p.meta for p in parts if p.meta is not None]
+    if not metas:
+        return None
+    if len(metas) != len(parts):
+        raise ValueError("Rows with and without meta cannot be concatenated")
+    return np.concatenate(metas)
 
 
 class MicroBatcher:

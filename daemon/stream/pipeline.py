@@ -971,6 +971,7 @@ class Pipeline:
             records_in=self.stats.records_in,
             records_absorbed=self.state.records_absorbed,
             dead_lettered=self.stats.dead_lettered,
+            records_warming=self.stats.records_warming,
             snapshot_version=self.stats.last_version,
             offsets=offsets_to_json(self.state.offsets),
         )
