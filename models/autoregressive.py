@@ -183,7 +183,7 @@ class SeriesState:
         """No history for any key."""
         return cls(LagState(spec.lags))
 
-    def keys(self) -> list[str]:
+    def known_keys(self) -> list[str]:
         """Keys seen so far, sorted."""
         return sorted(self.lags.buffers)
 

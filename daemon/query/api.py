@@ -169,6 +169,11 @@ class SnapshotInfo(BaseModel):
     transforms: dict[str, str] = Field(
         description="Column -> transform (standardise, log1p or none) applied to raw values."
     )
+    series: dict[str, Any] | None = Field(
+        default=None,
+        description="Autoregressive models: lags, calendar, the number of keys seen and of "
+        "keys ready to predict (L past values), and the first ready keys (sorted, at most 100).",
+    )
     schema_: dict[str, Any] = Field(
         alias="schema",
         description="The fitted columns: features and target with transform, loc and scale; "
@@ -395,8 +400,27 @@ def snapshot_info(name: str, loaded: Loaded, latest: int | None) -> dict[str, An
             "quantized": loaded.quantized is not None,
             "quantization": loaded.quantization,
             "loaded_at": loaded.loaded_at,
+            **({"series": _series_info(loaded)} if loaded.series is not None else {}),
         }
     )
+
+
+#: Keys listed by ``GET .../snapshot`` for an autoregressive model.
+MAX_LISTED_KEYS = 100
+
+
+def _series_info(loaded: Loaded) -> dict[str, Any]:
+    """The ``series`` section of the snapshot page (see :class:`SnapshotInfo`)."""
+    assert loaded.series is not None
+    spec, series = loaded.series
+    ready = [k for k in series.known_keys() if series.history(k) >= spec.lags]
+    return {
+        "lags": spec.lags,
+        "calendar": spec.calendar,
+        "keys_seen": len(series.known_keys()),
+        "keys_ready": len(ready),
+        "ready": ready[:MAX_LISTED_KEYS],
+    }
 
 
 def body_limit(api: ApiSettings) -> int:

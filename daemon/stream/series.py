@@ -29,6 +29,7 @@ The series state is opaque JSON here (:meth:`SeriesState.to_json`).
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -88,15 +89,22 @@ class SeriesDecoder:
         self.ts_field = schema.timestamp or "ts"
         self.key_field = schema.key or "key"
         #: Key strings by id (the id is process-local: it only lives in ``Rows.meta``).
+        #: Decoding may run on the prefetch worker while batches are absorbed: ids are
+        #: only ever appended, under a lock.
         self.key_names: list[str] = []
         self._ids: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def key_id(self, key: str) -> int:
         """The id of ``key`` (interned on first sight)."""
         i = self._ids.get(key)
         if i is None:
-            i = self._ids[key] = len(self.key_names)
-            self.key_names.append(key)
+            with self._lock:
+                i = self._ids.get(key)
+                if i is None:
+                    i = len(self.key_names)
+                    self.key_names.append(key)
+                    self._ids[key] = i
         return i
 
     def parse(self, obj: Any, default_ts_ms: int | None = None) -> tuple[float, int, str]:

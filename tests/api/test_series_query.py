@@ -52,6 +52,14 @@ def test_predict_by_key_uses_the_keys_lags_in_target_units(
         wait_until(
             lambda: client.get(f"/v1/models/{MODEL}/snapshot").status_code == 200, what="load"
         )
+        info = client.get(f"/v1/models/{MODEL}/snapshot").json()
+        assert info["series"] == {
+            "lags": 4,
+            "calendar": True,
+            "keys_seen": 3,
+            "keys_ready": 2,
+            "ready": ["a", "b"],
+        }
         url = f"/v1/models/{MODEL}/predict"
         means = {}
         for host in ("a", "b"):
