@@ -262,7 +262,8 @@ def series_table(spec: ModelSpec, raw: Table) -> tuple[Table, ar.SeriesState]:
     """
     if raw.ts is None:
         raise FitError(f"{raw.source}: autoregressive mode needs a timestamp on every row")
-    keys = raw.keys if raw.keys is not None else [None] * raw.rows
+    # no key in the spec: one series, whatever key fields the rows carry
+    keys = raw.keys if raw.keys is not None and spec.key is not None else [None] * raw.rows
     records = [
         ar.Record(ar.ts_from_ms(int(t)), float(v), k or "")
         for t, v, k in zip(raw.ts.tolist(), raw.y.tolist(), keys, strict=True)
@@ -277,7 +278,7 @@ def series_table(spec: ModelSpec, raw: Table) -> tuple[Table, ar.SeriesState]:
         torch.from_numpy(feats.x),
         torch.from_numpy(feats.y),
         raw.ts[feats.rows],
-        [keys[i] for i in rows] if raw.keys is not None else None,
+        [keys[i] for i in rows] if spec.key is not None else None,
         raw.source,
     )
     return table, feats.state

@@ -2,8 +2,8 @@
 
 An autoregressive model (``model.mode = "autoregressive"``) reads one number
 per record: the spec's ``target`` field (e.g. ``value``), its ``timestamp``
-field and its ``key`` field (the series identity; absent or ``null``: the one
-series ``""``).  Its inputs are built from the key's past values, so they
+field and its ``key`` field (the series identity; absent or ``null``, or no
+``key`` in the spec: the one series ``""``).  Its inputs are built from the key's past values, so they
 depend on the stream's order and on every earlier record of the key:
 
 * **decode** (:class:`SeriesDecoder`): per record, value, time stamp and key
@@ -87,7 +87,8 @@ class SeriesDecoder:
         self.schema = schema
         self.target = schema.target.name
         self.ts_field = schema.timestamp or "ts"
-        self.key_field = schema.key or "key"
+        #: ``None`` (no ``model.key``): one series, whatever fields the records carry.
+        self.key_field = schema.key
         #: Key strings by id (the id is process-local: it only lives in ``Rows.meta``).
         #: Decoding may run on the prefetch worker while batches are absorbed: ids are
         #: only ever appended, under a lock.
@@ -124,7 +125,7 @@ class SeriesDecoder:
             ts = int(default_ts_ms)
         else:
             ts = parse_ts(tsv)
-        key = _key(obj.get(self.key_field))
+        key = _key(obj.get(self.key_field)) if self.key_field is not None else None
         return value, ts, key if key is not None else ""
 
     def decode(

@@ -113,6 +113,9 @@ def test_series_decoder_reasons() -> None:
     assert reasons[0] == "missing_field: value"
     assert batch.good == [0, 6] and batch.keys == ["a", ""]
     assert batch.meta[1].tolist() == [1.0, 2000.0, float(dec.key_id(""))]
+    # no key in the spec: one series, whatever key fields the records carry
+    one = SeriesDecoder(DataSchema.unfitted(ModelSpec.model_validate({**AR, "key": None})))
+    assert one.decode_batch([b'{"ts": 1, "key": "k", "value": 1}']).keys == [""]
 
 
 def test_stream_dead_letters_bad_records_counts_warming_and_snapshots_the_lag_state() -> None:
