@@ -88,6 +88,7 @@ from fogline.daemon.stream.source import (
 from fogline.daemon.stream.store import IntactScan, Snapshot, SnapshotStore
 from fogline.daemon.stream.update import PlainUpdate, make_update_rule, warm_up
 from fogline.drift.runner import drift_mode, without_loop
+from fogline.models.autoregressive import EXTRA_KEY as SERIES_KEY
 from fogline.models.config import ModelConfig
 from fogline.models.schema import DataSchema
 from fogline.models.serialize import from_bytes, load, offsets_to_json
@@ -843,9 +844,7 @@ class Pipeline:
 
     def _with_series(self, state: PosteriorState, extra: dict[str, Any]) -> PosteriorState:
         """``state`` with the series state after the batch just absorbed."""
-        from fogline.models.autoregressive import EXTRA_KEY
-
-        out = state.replace(extra={**state.extra, EXTRA_KEY: extra})
+        out = state.replace(extra={**state.extra, SERIES_KEY: extra})
         return out.replace(offsets=self._resume_offsets())
 
     def _absorb_rejected(
