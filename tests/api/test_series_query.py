@@ -42,7 +42,10 @@ def ar_state(tmp_path_factory: pytest.TempPathFactory) -> PosteriorState:
 
 
 def test_predict_by_key_uses_the_keys_lags_in_target_units(
-    make_settings: Callable[..., Settings], store: SnapshotStore, ar_state: PosteriorState
+    make_settings: Callable[..., Settings],
+    store: SnapshotStore,
+    ar_state: PosteriorState,
+    base_state: PosteriorState,
 ) -> None:
     meta = write(store, ar_state)
     stored = ar.stored_series(ar_state.extra)
@@ -85,3 +88,11 @@ def test_predict_by_key_uses_the_keys_lags_in_target_units(
         assert short.status_code == 422 and "key 'short': 2 past values" in short.json()["detail"]
         both = client.post(url, json={"key": "a", "rows": x.tolist()})
         assert both.status_code == 422
+        # a tabular model has no keys to predict from
+        tab = write(store, base_state)
+        wait_until(
+            lambda: client.get(f"/v1/models/{MODEL}/snapshot").json()["version"] == tab.version,
+            what="reload",
+        )
+        plain = client.post(url, json={"key": "a"})
+        assert plain.status_code == 422 and "not autoregressive" in plain.json()["detail"]
