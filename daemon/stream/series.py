@@ -108,16 +108,23 @@ class SeriesDecoder:
                     self._ids[key] = i
         return i
 
-    def parse(self, obj: Any, default_ts_ms: int | None = None) -> tuple[float, int, str]:
-        """``(value, ts ms, key)`` of an already-parsed JSON value; :class:`DecodeError` else."""
+    def parse(
+        self, obj: Any, default_ts_ms: int | None = None, check_units: bool = True
+    ) -> tuple[float, int, str]:
+        """``(value, ts ms, key)`` of an already-parsed JSON value; :class:`DecodeError` else.
+
+        ``check_units=False`` leaves out the model-unit check (:meth:`decode_batch`
+        does it for all rows at once).
+        """
         if type(obj) is not dict:
             raise DecodeError("not_object", type(obj).__name__)
         if self.target not in obj:
             raise DecodeError("missing_field", self.target)
         value = _number(obj[self.target], self.target)
-        z = self.schema.y_to_model_np(np.array([value], dtype=np.float32))
-        if not np.isfinite(z[0]):
-            raise _transform_error(self.schema.target, value)
+        if check_units:
+            z = self.schema.y_to_model_np(np.array([value], dtype=np.float32))
+            if not np.isfinite(z[0]):
+                raise _transform_error(self.schema.target, value)
         tsv = obj.get(self.ts_field)
         if tsv is None:
             if default_ts_ms is None or default_ts_ms < 0:
@@ -129,7 +136,10 @@ class SeriesDecoder:
         return value, ts, key if key is not None else ""
 
     def decode(
-        self, value: bytes | bytearray | str | None, default_ts_ms: int | None = None
+        self,
+        value: bytes | bytearray | str | None,
+        default_ts_ms: int | None = None,
+        check_units: bool = True,
     ) -> tuple[float, int, str]:
         """Decode one record value (bytes are UTF-8, see :mod:`~fogline.daemon.stream.decode`)."""
         if not value:
@@ -139,7 +149,7 @@ class SeriesDecoder:
             obj = json.loads(text)
         except (ValueError, TypeError, RecursionError) as exc:
             raise DecodeError("invalid_json", type(exc).__name__) from None
-        return self.parse(obj, default_ts_ms)
+        return self.parse(obj, default_ts_ms, check_units)
 
     def decode_batch(self, raw_records: Sequence[Any]) -> SeriesDecoded:
         """Decode many records (never raises for bad input; order kept)."""
@@ -154,7 +164,7 @@ class SeriesDecoder:
             else:
                 value, default_ts = raw, None
             try:
-                v, t, k = self.decode(value, default_ts)
+                v, t, k = self.decode(value, default_ts, check_units=False)
             except DecodeError as exc:
                 bad.append((raw, str(exc), i))
                 continue
@@ -163,6 +173,20 @@ class SeriesDecoder:
             ts.append(t)
             keys.append(k)
         m = np.array(meta, dtype=np.float64).reshape(len(good), 3)
+        # model units, all rows at once: a value the target's transform cannot take
+        z = self.schema.y_to_model_np(m[:, META_VALUE].astype(np.float32))
+        if not np.isfinite(z).all():
+            ok = np.isfinite(z)
+            for row in np.flatnonzero(~ok).tolist():
+                i = good[row]
+                err = _transform_error(self.schema.target, float(m[row, META_VALUE]))
+                bad.append((raw_records[i], str(err), i))
+            keep = np.flatnonzero(ok).tolist()
+            m = m[keep]
+            good = [good[r] for r in keep]
+            ts = [ts[r] for r in keep]
+            keys = [keys[r] for r in keep]
+            bad.sort(key=lambda b: b[2])
         base = DecodedBatch(
             np.empty((len(good), 0), dtype=np.float32),
             m[:, META_VALUE].astype(np.float32),
@@ -194,9 +218,15 @@ class SeriesInputs:
         self.spec = spec
         self.schema = schema
         self.decoder = decoder
+        #: The last series state built and the JSON written for it: the next batch
+        #: starts from the object instead of parsing its JSON again.
+        self._last: tuple[dict[str, Any], ar.SeriesState] | None = None
 
     def state_of(self, state: PosteriorState) -> ar.SeriesState:
         """The series state stored in ``state`` (empty when it has none yet)."""
+        slot = state.extra.get(ar.EXTRA_KEY)
+        if self._last is not None and slot is self._last[0]:
+            return self._last[1]
         stored = ar.stored_series(state.extra)
         return stored[1] if stored is not None else ar.SeriesState.empty(self.spec)
 
@@ -210,12 +240,14 @@ class SeriesInputs:
         with np.errstate(over="ignore", invalid="ignore"):
             x = self.schema.x_to_model_np(feats.x.astype(np.float32))
             y = self.schema.y_to_model_np(feats.y.astype(np.float32))
+        extra = ar.series_extra(self.spec, feats.state)
+        self._last = (extra, feats.state)
         return SeriesStep(
             np.ascontiguousarray(x, dtype=np.float32),
             np.ascontiguousarray(y, dtype=np.float32),
             feats.rows,
             feats.warming,
-            ar.series_extra(self.spec, feats.state),
+            extra,
         )
 
 

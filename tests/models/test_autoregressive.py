@@ -153,3 +153,15 @@ def test_the_warm_start_stores_the_series_state_at_the_end_of_the_history(
     assert stored is not None and stored[0] == spec
     assert stored[1] == features_for(spec, recs, SeriesState.empty(spec)).state
     assert result.schema.feature_names == spec.features
+
+
+def test_a_topic_history_reads_as_the_raw_series_too() -> None:
+    from fogline.models.tabular import records_table
+
+    spec = _spec(key="host")
+    values = [
+        (f"t:0@{i}", json.dumps({"ts": 1_700_000_000 + i, "host": "h", "value": i}).encode(), None)
+        for i in range(12)
+    ]
+    table, report = records_table(values, spec)
+    assert table.x.shape == (12, 0) and table.keys == ["h"] * 12 and report.rows_kept == 12
