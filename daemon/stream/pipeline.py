@@ -79,7 +79,12 @@ from fogline.daemon.stream.isolate import STEP_REJECTED, isolate, rejected_recor
 from fogline.daemon.stream.lease import LeaseKeeper, LeaseStore, LeaseUnavailable
 from fogline.daemon.stream.prefetch import Polled, SerialSource, Source
 from fogline.daemon.stream.runtime import StopFlag, call_with_retry, select_device
-from fogline.daemon.stream.series import SeriesDecoder, SeriesInputs, series_spec
+from fogline.daemon.stream.series import (
+    SeriesDecoder,
+    SeriesInputs,
+    series_problems,
+    series_spec,
+)
 from fogline.daemon.stream.source import (
     DeadLetterProducer,
     KafkaSource,
@@ -268,7 +273,7 @@ def spec_problems(settings: Settings, state: PosteriorState) -> list[str]:
         state.config,
         target=schema.target.name if schema is not None else None,
         transforms=schema.transforms() if schema is not None else None,
-    )
+    ) + series_problems(spec, state)
 
 
 def record_schema(settings: Settings, state: PosteriorState) -> DataSchema:

@@ -80,6 +80,25 @@ def series_spec(model: ModelSpec | None, state: PosteriorState) -> ModelSpec | N
     return None
 
 
+def series_problems(model: ModelSpec | None, state: PosteriorState) -> list[str]:
+    """Where an autoregressive settings spec contradicts the one stored in ``state``.
+
+    Lags and calendar show up as ``model.features`` already
+    (:func:`fogline.models.spec.contradictions`); this adds the series' record
+    fields, which decide which lags a record extends.
+    """
+    stored = ar.stored_series(state.extra)
+    if model is None or stored is None or model.mode != "autoregressive":
+        return []
+    have = stored[0]
+    return [
+        f"model.{name}: settings say {getattr(model, name)!r}, the state's series has "
+        f"{getattr(have, name)!r}"
+        for name in ("key", "timestamp")
+        if getattr(model, name) != getattr(have, name)
+    ]
+
+
 class SeriesDecoder:
     """Decode ``{<timestamp>, <target>, <key>}`` records for one model's schema."""
 
@@ -256,5 +275,6 @@ __all__ = [
     "SeriesDecoder",
     "SeriesInputs",
     "SeriesStep",
+    "series_problems",
     "series_spec",
 ]

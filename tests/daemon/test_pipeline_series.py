@@ -182,3 +182,15 @@ def test_replay_by_an_autoregressive_spec_sends_ts_value_key_records(tmp_path: A
         {"timestamp": "2024-01-01 00:00:00", "value": 3.0},
         {"timestamp": "2024-01-01 00:05:00", "value": 4.0},
     ]
+
+
+def test_settings_contradicting_the_stored_series_exit_2_naming_the_fields() -> None:
+    world = World([rec(i) for i in range(40)])
+    world.run()
+    written = len(world.store.blobs)
+    for change, field in (({"lags": 5}, "model.features"), ({"key": "node"}, "model.key")):
+        opts = RunOptions(idle_exit_s=0.05)
+        pipe = Pipeline(_settings({**AR, **change}), opts, clients=world.clients())
+        assert pipe.run() == 2
+        assert field + ": settings say" in pipe.stats.exit_reason
+    assert len(world.store.blobs) == written
