@@ -7,7 +7,8 @@ Endpoints (see ``docs/query.md``)::
     GET  /metrics                         Prometheus text (daemon.metrics.QUERY_REGISTRY)
     GET  /v1/models                       models under the prefix, with their versions
     GET  /v1/models/{name}/snapshot       metadata of the snapshot answering now
-    POST /v1/models/{name}/predict        predictive summaries for a batch of rows
+    POST /v1/models/{name}/predict        predictive summaries for a batch of rows, or for
+                                          an autoregressive model's key's next value
 
 The service reads snapshots from Redis only (:mod:`fogline.daemon.query.serving` keeps them
 current).  Safety: with ``api.token`` set, every request but ``/healthz`` must
