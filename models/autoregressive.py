@@ -33,7 +33,7 @@ inside the checksum) as opaque, so inputs added here plug in without them.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -198,12 +198,32 @@ class SeriesState:
             return None
         return c[-1] + (c[-1] - c[-2]) if len(c) > 1 else c[-1]
 
-    def to_json(self) -> dict[str, Any]:
-        """Strict JSON, exact (floats as ``repr`` strings, times as integers)."""
-        return {
-            "lags": self.lags.to_json(),
-            "clock": {k: [int(t) for t in v] for k, v in sorted(self.clock.items())},
-        }
+    def to_json(
+        self, previous: Mapping[str, Any] | None = None, changed: Iterable[str] | None = None
+    ) -> dict[str, Any]:
+        """Strict JSON, exact (floats as ``repr`` strings, times as integers).
+
+        With ``previous`` (this state's JSON before a batch) and ``changed`` (the
+        keys the batch touched) only those keys are written anew and the rest
+        is shared with ``previous``: O(touched keys) instead of O(all keys).
+        Same content as the full form (key order aside, which canonical JSON
+        ignores).
+        """
+        if previous is None or changed is None:
+            return {
+                "lags": self.lags.to_json(),
+                "clock": {k: [int(t) for t in v] for k, v in sorted(self.clock.items())},
+            }
+        keys = [k for k in dict.fromkeys(changed) if k in self.lags.buffers]
+        part = LagState(self.lags.lags, {k: self.lags.buffers[k] for k in keys}).to_json()
+        lags = dict(previous["lags"])
+        for name, value in part.items():  # per-key sections merged, the rest replaced
+            old = lags.get(name)
+            lags[name] = (
+                {**old, **value} if isinstance(value, dict) and isinstance(old, dict) else value
+            )
+        clock = {**previous["clock"], **{k: [int(t) for t in self.clock[k]] for k in keys}}
+        return {"lags": lags, "clock": clock}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SeriesState:
@@ -236,7 +256,13 @@ def features_for(spec: ModelSpec, records: Sequence[Record], state: SeriesState)
         raise ValueError(
             f"lags: the series state keeps {state.lags.lags} values, spec says {spec.lags}"
         )
-    x, y, rows, lag_state = build_features(records, state.lags, calendar=spec.calendar)
+    # keys are independent: only the batch's keys go through the builder, and the
+    # others are shared with the old state (O(batch), not O(all keys), per batch)
+    touched = {r.key for r in records}
+    old = state.lags.buffers
+    part = LagState(state.lags.lags, {k: old[k] for k in touched if k in old})
+    x, y, rows, built = build_features(records, part, calendar=spec.calendar)
+    lag_state = LagState(state.lags.lags, {**old, **built.buffers})
     clock = dict(state.clock)
     for r in records:
         ms = (r.ts - _EPOCH) // timedelta(milliseconds=1)
@@ -273,9 +299,20 @@ def next_inputs(
     return feats.x, int(ts)
 
 
-def series_extra(spec: ModelSpec, state: SeriesState) -> dict[str, Any]:
-    """The ``state.extra[EXTRA_KEY]`` value: the spec and the series state (JSON)."""
-    return {"spec": spec.model_dump(mode="json"), "series": state.to_json()}
+def series_extra(
+    spec: ModelSpec,
+    state: SeriesState,
+    previous: Mapping[str, Any] | None = None,
+    changed: Iterable[str] | None = None,
+) -> dict[str, Any]:
+    """The ``state.extra[EXTRA_KEY]`` value: the spec and the series state (JSON).
+
+    ``previous`` (the value before a batch) and ``changed`` (the batch's keys)
+    make it incremental (:meth:`SeriesState.to_json`).
+    """
+    if previous is None or changed is None:
+        return {"spec": spec.model_dump(mode="json"), "series": state.to_json()}
+    return {"spec": previous["spec"], "series": state.to_json(previous["series"], changed)}
 
 
 def stored_series(extra: Mapping[str, Any]) -> tuple[ModelSpec, SeriesState] | None:

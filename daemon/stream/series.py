@@ -259,7 +259,9 @@ class SeriesInputs:
         with np.errstate(over="ignore", invalid="ignore"):
             x = self.schema.x_to_model_np(feats.x.astype(np.float32))
             y = self.schema.y_to_model_np(feats.y.astype(np.float32))
-        extra = ar.series_extra(self.spec, feats.state)
+        previous = state.extra.get(ar.EXTRA_KEY)
+        changed = [r.key for r in records] if previous is not None else None
+        extra = ar.series_extra(self.spec, feats.state, previous, changed)
         self._last = (extra, feats.state)
         return SeriesStep(
             np.ascontiguousarray(x, dtype=np.float32),

@@ -21,6 +21,7 @@ from fogline.models.autoregressive import (
     features_for,
     next_inputs,
     parse_ts,
+    series_extra,
     stored_series,
     ts_from_ms,
 )
@@ -165,3 +166,16 @@ def test_a_topic_history_reads_as_the_raw_series_too() -> None:
     ]
     table, report = records_table(values, spec)
     assert table.x.shape == (12, 0) and table.keys == ["h"] * 12 and report.rows_kept == 12
+
+
+def test_incremental_json_has_the_content_of_the_full_form() -> None:
+    spec = _spec()
+    recs = _records(90, ("a", "b", "c", "d"))
+    first = features_for(spec, recs[:50], SeriesState.empty(spec))
+    prev = series_extra(spec, first.state)
+    batch = [r for r in recs[50:] if r.key in ("a", "b")]  # c and d untouched
+    second = features_for(spec, batch, first.state)
+    inc = series_extra(spec, second.state, prev, [r.key for r in batch])
+    assert inc == series_extra(spec, second.state)
+    assert inc["series"]["lags"]["buffers"]["c"] is prev["series"]["lags"]["buffers"]["c"]
+    assert SeriesState.from_json(inc["series"]) == second.state
