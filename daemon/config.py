@@ -265,16 +265,6 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console", "auto"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
-    @field_validator("model")
-    @classmethod
-    def _tabular_only(cls, v: ModelSpec | None) -> ModelSpec | None:
-        if v is not None and v.mode != "tabular":
-            raise ValueError(
-                f"mode {v.mode!r} is not supported by the daemon yet (only 'tabular'; "
-                "autoregressive inputs exist for experiments, models/autoregressive.py)"
-            )
-        return v
-
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, v: Any) -> Any:

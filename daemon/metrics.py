@@ -22,6 +22,12 @@ RECORDS_IN = Counter(
 RECORDS_ABSORBED = Counter(
     "fogline_records_absorbed", "Valid records absorbed into the posterior.", registry=REGISTRY
 )
+RECORDS_WARMING = Counter(
+    "fogline_records_warming",
+    "Autoregressive models: valid records that only filled their key's lag buffer "
+    "(fewer than L past values; neither learnt nor dead-lettered).",
+    registry=REGISTRY,
+)
 RECORDS_DEAD_LETTERED = Counter(
     "fogline_records_dead_lettered",
     "Records sent to the dead-letter topic.",

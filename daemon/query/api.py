@@ -7,7 +7,8 @@ Endpoints (see ``docs/query.md``)::
     GET  /metrics                         Prometheus text (daemon.metrics.QUERY_REGISTRY)
     GET  /v1/models                       models under the prefix, with their versions
     GET  /v1/models/{name}/snapshot       metadata of the snapshot answering now
-    POST /v1/models/{name}/predict        predictive summaries for a batch of rows
+    POST /v1/models/{name}/predict        predictive summaries for a batch of rows, or for
+                                          an autoregressive model's key's next value
 
 The service reads snapshots from Redis only (:mod:`fogline.daemon.query.serving` keeps them
 current).  Safety: with ``api.token`` set, every request but ``/healthz`` must
@@ -84,11 +85,22 @@ class PredictRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    rows: list[list[float]] | list[dict[str, float]] = Field(
+    rows: list[list[float]] | list[dict[str, float]] | None = Field(
+        None,
         description="Feature rows in raw units (the stored transforms are applied): objects "
         "mapping every feature name (GET .../snapshot lists them) to a value, or lists in "
-        "the model's feature order.",
+        "the model's feature order.  Required unless ``key`` is given.",
         examples=[[[0.1, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]],
+    )
+    key: str | None = Field(
+        None,
+        description="Autoregressive models: predict this key's NEXT value from its lags at the "
+        "snapshot (instead of rows).",
+    )
+    ts: float | str | None = Field(
+        None,
+        description="With key: the time of that next value (epoch seconds/ms or ISO 8601); "
+        "default: the key's last time stamp plus its last step.",
     )
     y: list[float] | None = Field(
         None,
@@ -134,6 +146,10 @@ class PredictResponse(BaseModel):
     method: str
     levels: list[float]
     predictions: list[RowPrediction]
+    key: str | None = Field(default=None, description="The key predicted (requests with key).")
+    ts: str | None = Field(
+        default=None, description="The time (ISO 8601, UTC) the key's next value is predicted at."
+    )
 
 
 class ModelSummary(BaseModel):
@@ -159,6 +175,11 @@ class SnapshotInfo(BaseModel):
     target: str = Field(description="The target's name (answers are in its units).")
     transforms: dict[str, str] = Field(
         description="Column -> transform (standardise, log1p or none) applied to raw values."
+    )
+    series: dict[str, Any] | None = Field(
+        default=None,
+        description="Autoregressive models: lags, calendar, the number of keys seen and of "
+        "keys ready to predict (L past values), and the first ready keys (sorted, at most 100).",
     )
     schema_: dict[str, Any] = Field(
         alias="schema",
@@ -265,11 +286,45 @@ def _level_key(level: float) -> str:
     return repr(level)
 
 
+def _key_tensor(req: PredictRequest, loaded: Loaded) -> tuple[torch.Tensor, int]:
+    """Raw inputs [1, D] of ``req.key``'s next value and its time (epoch ms); 4xx else.
+
+    404 when the model has no such key, 422 when the key has fewer than L past
+    values, the model is not autoregressive, or rows are given too.
+    """
+    from fogline.models.autoregressive import ShortHistory, next_inputs
+    from fogline.models.tabular import RowError, timestamp_ms
+
+    assert req.key is not None
+    name = loaded.meta.model_name
+    if loaded.series is None:
+        raise _problem(422, f"key: model {name!r} is not autoregressive; send rows")
+    if req.rows is not None:
+        raise _problem(422, "rows: give rows or key, not both")
+    spec, series = loaded.series
+    ts_ms = None
+    if req.ts is not None:
+        try:
+            ts_ms = timestamp_ms(req.ts)
+        except RowError as exc:
+            raise _problem(422, f"ts: {exc.detail}") from None
+    try:
+        x, at = next_inputs(spec, series, req.key, ts_ms)
+    except ShortHistory as exc:
+        status = 404 if exc.have == 0 else 422
+        raise _problem(status, f"{exc} (model {name!r}, snapshot v{loaded.version})") from None
+    return _finite32(torch.from_numpy(x)), at
+
+
 def _predict_body(
     name: str, loaded: Loaded, req: PredictRequest, limits: ApiSettings
 ) -> dict[str, Any]:
     levels = _levels(req)
-    x = _rows_tensor(req, loaded, limits)
+    at: int | None = None
+    if req.key is not None:
+        x, at = _key_tensor(req, loaded)
+    else:
+        x = _rows_tensor(req, loaded, limits)
     y = _y_tensor(req, x.shape[0])
     try:
         pred = loaded.predict_raw(x, levels, y, req.method)
@@ -307,7 +362,14 @@ def _predict_body(
         "method": req.method,
         "levels": list(levels),
         "predictions": _finite(rows),
+        **({"key": req.key, "ts": _iso(at)} if at is not None else {}),
     }
+
+
+def _iso(ms: int) -> str:
+    from fogline.models.autoregressive import ts_from_ms
+
+    return ts_from_ms(ms).isoformat().replace("+00:00", "Z")
 
 
 def _finite(value: Any) -> Any:
@@ -345,8 +407,27 @@ def snapshot_info(name: str, loaded: Loaded, latest: int | None) -> dict[str, An
             "quantized": loaded.quantized is not None,
             "quantization": loaded.quantization,
             "loaded_at": loaded.loaded_at,
+            **({"series": _series_info(loaded)} if loaded.series is not None else {}),
         }
     )
+
+
+#: Keys listed by ``GET .../snapshot`` for an autoregressive model.
+MAX_LISTED_KEYS = 100
+
+
+def _series_info(loaded: Loaded) -> dict[str, Any]:
+    """The ``series`` section of the snapshot page (see :class:`SnapshotInfo`)."""
+    assert loaded.series is not None
+    spec, series = loaded.series
+    ready = [k for k in series.known_keys() if series.history(k) >= spec.lags]
+    return {
+        "lags": spec.lags,
+        "calendar": spec.calendar,
+        "keys_seen": len(series.known_keys()),
+        "keys_ready": len(ready),
+        "ready": ready[:MAX_LISTED_KEYS],
+    }
 
 
 def body_limit(api: ApiSettings) -> int:

@@ -37,11 +37,13 @@ from fogline.daemon.stream.store import (
     SnapshotStore,
     retry_backoff,
 )
+from fogline.models.autoregressive import SeriesState, stored_series
 from fogline.models.config import ModelConfig
 from fogline.models.predictive import Ensemble, Prediction, predict, sample_ensemble
 from fogline.models.quantize import QuantizedEnsemble, quantization_report, quantize_ensemble
 from fogline.models.schema import DataSchema
 from fogline.models.serialize import from_bytes
+from fogline.models.spec import ModelSpec
 from fogline.models.units import predict_raw
 
 log = structlog.get_logger(__name__)
@@ -63,6 +65,8 @@ class Loaded:
     load_seconds: float
     #: The state's named columns and fitted transforms (``None``: identity, named by ``config``).
     schema: DataSchema | None = None
+    #: Autoregressive models: the spec and each key's series state at this snapshot.
+    series: tuple[ModelSpec, SeriesState] | None = None
 
     @property
     def data_schema(self) -> DataSchema:
@@ -128,6 +132,7 @@ def load_snapshot(
         loaded_at=time.time(),
         load_seconds=time.perf_counter() - t0,
         schema=state.schema,
+        series=stored_series(state.extra),
     )
 
 

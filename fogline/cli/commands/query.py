@@ -5,7 +5,9 @@
 one or more rows, either through a running service (``--url``) or straight
 from the snapshot in Redis (the default), and prints the predictive summaries.
 Rows are raw units, by name (``--x cpu=0.7,mem=2.1``) or in feature order
-(``--x 0.7,2.1``); answers are in the target's units.
+(``--x 0.7,2.1``); answers are in the target's units.  For an autoregressive
+model ``--key K`` (optionally ``--ts T``) predicts the key's NEXT value from its
+lags at the snapshot instead; a key without enough history is a clear error.
 
 Exit codes: 0 done; 1 the service or store failed (one-line message);
 2 invalid configuration or arguments.
@@ -49,9 +51,18 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     q.add_argument("--config", metavar="PATH", help="YAML or TOML settings file")
     q.add_argument("--model", metavar="NAME", help="model name (overrides model_name)")
     q.add_argument(
+        "--key",
+        metavar="K",
+        help="autoregressive models: predict key K's next value from its lags (instead of --x)",
+    )
+    q.add_argument(
+        "--ts",
+        metavar="T",
+        help="with --key: the time of that value (ISO 8601 or epoch; default: the key's next step)",
+    )
+    q.add_argument(
         "--x",
         action="append",
-        required=True,
         metavar="NAME=V,... | V1,V2,...",
         help="one feature row in raw units: name=value pairs (e.g. cpu=0.7,mem=2.1) or "
         "values in feature order (repeat for more rows)",
@@ -177,16 +188,29 @@ def _query(args: argparse.Namespace) -> int:
 
     settings = load_or_exit(args.config)
     settings = settings.override({"redis.url": args.redis_url, "model_name": args.model})
-    rows = _parse_rows(args.x)
+    if (args.key is None) == (not args.x):
+        print("fogline: give --x rows or --key K (autoregressive models)", file=sys.stderr)
+        return 2
+    if args.ts is not None and args.key is None:
+        print("fogline: --ts needs --key", file=sys.stderr)
+        return 2
+    rows = _parse_rows(args.x) if args.x else []
     try:
         levels = [float(v) for v in args.levels.split(",") if v.strip()]
     except ValueError:
         print(f"fogline: --levels {args.levels!r}: not numbers", file=sys.stderr)
         return 2
-    if args.y is not None and len(args.y) != len(rows):
-        print(f"fogline: {len(args.y)} --y values for {len(rows)} --x rows", file=sys.stderr)
+    n_rows = 1 if args.key is not None else len(rows)
+    if args.y is not None and len(args.y) != n_rows:
+        print(f"fogline: {len(args.y)} --y values for {n_rows} rows", file=sys.stderr)
         return 2
-    body: dict[str, Any] = {"rows": rows, "levels": levels}
+    body: dict[str, Any] = {"levels": levels}
+    if args.key is not None:
+        body["key"] = args.key
+        if args.ts is not None:
+            body["ts"] = _ts_arg(args.ts)
+    else:
+        body["rows"] = rows
     if args.y is not None:
         body["y"] = args.y
     key = getattr(args, "key", None)
@@ -197,12 +221,21 @@ def _query(args: argparse.Namespace) -> int:
     if status != 200:
         detail = answer.get("detail", answer) if isinstance(answer, dict) else answer
         print(f"fogline: error {status}: {json.dumps(detail)}", file=sys.stderr)
-        return 2 if status in (413, 422) else 1
+        unknown_key = status == 404 and str(detail).startswith("key ")
+        return 2 if status in (413, 422) or unknown_key else 1
     if args.json:
         print(json.dumps(answer))
     else:
         _print_table(answer)
     return 0
+
+
+def _ts_arg(text: str) -> float | str:
+    """``--ts``: a number (epoch seconds or ms) or ISO 8601 text, as the API takes it."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _via_http(
@@ -288,8 +321,9 @@ def _print_table(answer: dict[str, Any]) -> None:
     from rich.table import Table
 
     levels = answer["levels"]
+    about = f" key {answer['key']} at {answer['ts']}" if answer.get("key") is not None else ""
     table = Table(
-        title=f"{answer['model']} v{answer['snapshot_version']} "
+        title=f"{answer['model']} v{answer['snapshot_version']}{about} "
         f"({answer['ensemble_size']} samples{', 8-bit' if answer['quantized'] else ''}"
         f"{', drift: ' + answer['drift_mode'] if answer.get('drift_mode') else ''})"
     )
