@@ -6,8 +6,10 @@ one or more rows, either through a running service (``--url``) or straight
 from the snapshot in Redis (the default), and prints the predictive summaries.
 Rows are raw units, by name (``--x cpu=0.7,mem=2.1``) or in feature order
 (``--x 0.7,2.1``); answers are in the target's units.  For an autoregressive
-model ``--key K`` (optionally ``--ts T``) predicts the key's NEXT value from its
-lags at the snapshot instead; a key without enough history is a clear error.
+model ``--key K`` alone (optionally ``--ts T``) predicts the key's NEXT value from
+its lags at the snapshot instead; a key without enough history is a clear error.
+In keyed mode (``keyed.enabled``) ``--key K --x ...`` answers the rows from key K's
+own posterior.
 
 Exit codes: 0 done; 1 the service or store failed (one-line message);
 2 invalid configuration or arguments.
@@ -53,7 +55,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     q.add_argument(
         "--key",
         metavar="K",
-        help="autoregressive models: predict key K's next value from its lags (instead of --x)",
+        help="with --x rows: keyed mode (keyed.enabled), answer from key K's own posterior; "
+        "alone: autoregressive models, predict key K's next value from its lags",
     )
     q.add_argument(
         "--ts",
@@ -81,12 +84,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="credible levels (default 0.5,0.9,0.95)",
     )
     q.add_argument("--json", action="store_true", help="print the JSON answer")
-    q.add_argument(
-        "--key",
-        metavar="K",
-        default=None,
-        help="keyed mode (keyed.enabled): answer from key K's own posterior",
-    )
     where = q.add_mutually_exclusive_group()
     where.add_argument("--url", help="query service base URL, e.g. http://127.0.0.1:8000")
     where.add_argument(
@@ -188,11 +185,18 @@ def _query(args: argparse.Namespace) -> int:
 
     settings = load_or_exit(args.config)
     settings = settings.override({"redis.url": args.redis_url, "model_name": args.model})
-    if (args.key is None) == (not args.x):
-        print("fogline: give --x rows or --key K (autoregressive models)", file=sys.stderr)
+    if args.key is None and not args.x:
+        print(
+            "fogline: give --x rows, --key K with --x rows (keyed mode), "
+            "or --key K alone (autoregressive models)",
+            file=sys.stderr,
+        )
         return 2
-    if args.ts is not None and args.key is None:
-        print("fogline: --ts needs --key", file=sys.stderr)
+    # --key with rows: keyed mode (that key's own posterior); --key alone: the
+    # autoregressive model's next value for that series.
+    keyed = args.key is not None and bool(args.x)
+    if args.ts is not None and (args.key is None or keyed):
+        print("fogline: --ts needs --key without --x (autoregressive models)", file=sys.stderr)
         return 2
     rows = _parse_rows(args.x) if args.x else []
     try:
@@ -200,12 +204,12 @@ def _query(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"fogline: --levels {args.levels!r}: not numbers", file=sys.stderr)
         return 2
-    n_rows = 1 if args.key is not None else len(rows)
+    n_rows = len(rows) if args.x else 1
     if args.y is not None and len(args.y) != n_rows:
         print(f"fogline: {len(args.y)} --y values for {n_rows} rows", file=sys.stderr)
         return 2
     body: dict[str, Any] = {"levels": levels}
-    if args.key is not None:
+    if args.key is not None and not keyed:
         body["key"] = args.key
         if args.ts is not None:
             body["ts"] = _ts_arg(args.ts)
@@ -213,7 +217,7 @@ def _query(args: argparse.Namespace) -> int:
         body["rows"] = rows
     if args.y is not None:
         body["y"] = args.y
-    key = getattr(args, "key", None)
+    key = args.key if keyed else None
     if args.url:
         status, answer = _via_http(args.url, settings, body, args.timeout, key)
     else:
