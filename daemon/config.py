@@ -184,6 +184,25 @@ class StreamSettings(_Section):
     offset_out_of_range: Literal["fail", "earliest", "latest"] = "fail"
 
 
+class KeyedSettings(_Section):
+    """Keyed mode: one posterior per source key, partitions owned across the group.
+
+    ``enabled`` makes ``model.key`` mean "one posterior per key" (each key its own
+    parameters, optimizer and RNG state; snapshots and leases per
+    ``(model, partition)``; see ``docs/operations.md``).  Off, ``model.key`` only
+    names the record's source field (one shared posterior).
+    """
+
+    enabled: bool = False
+    #: Most key states kept in memory; beyond it the least recently used clean keys
+    #: leave memory (their last checkpoint holds them) and reload on their next record.
+    max_keys: int = Field(default=10_000, ge=1)
+    #: Seconds a key may stay unused in memory before it is evicted (once clean); 0: never.
+    idle_ttl_s: float = Field(default=600.0, ge=0)
+    #: Longest key (characters); longer keys are dead-lettered (``bad_key``).
+    max_key_length: int = Field(default=256, ge=1)
+
+
 class DriftSettings(PolicyConfig):
     """Drift signal, detector and adaptation policy (``docs/drift.md``).
 
@@ -237,6 +256,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
+    keyed: KeyedSettings = Field(default_factory=KeyedSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     #: Prometheus port of the daemon; 0 disables the endpoint.
     metrics_port: int = Field(default=9400, ge=0, le=65535)
@@ -244,16 +264,6 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     log_format: Literal["json", "console", "auto"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-
-    @field_validator("model")
-    @classmethod
-    def _tabular_only(cls, v: ModelSpec | None) -> ModelSpec | None:
-        if v is not None and v.mode != "tabular":
-            raise ValueError(
-                f"mode {v.mode!r} is not supported by the daemon yet (only 'tabular'; "
-                "autoregressive inputs exist for experiments, models/autoregressive.py)"
-            )
-        return v
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -194,10 +194,12 @@ def _rows(table: Any, idx: Any) -> Any:
 def _records(table: Any, idx: Any, spec: Any) -> Any:
     """Flat named records (raw units) of the rows ``idx``, with their epoch-ms timestamps."""
     from fogline.daemon.stream.decode import encode
+    from fogline.models.tabular import series_view
 
     ts_name = spec.timestamp or "ts"
+    columns = series_view(spec).features  # autoregressive: none, the daemon builds the lags
     for i in idx.tolist():
-        rec: dict[str, Any] = dict(zip(spec.features, table.x[i].tolist(), strict=True))
+        rec: dict[str, Any] = dict(zip(columns, table.x[i].tolist(), strict=True))
         rec[spec.target] = float(table.y[i])
         ts = int(table.ts[i]) if table.ts is not None else None
         if ts is not None:

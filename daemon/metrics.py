@@ -22,6 +22,12 @@ RECORDS_IN = Counter(
 RECORDS_ABSORBED = Counter(
     "fogline_records_absorbed", "Valid records absorbed into the posterior.", registry=REGISTRY
 )
+RECORDS_WARMING = Counter(
+    "fogline_records_warming",
+    "Autoregressive models: valid records that only filled their key's lag buffer "
+    "(fewer than L past values; neither learnt nor dead-lettered).",
+    registry=REGISTRY,
+)
 RECORDS_DEAD_LETTERED = Counter(
     "fogline_records_dead_lettered",
     "Records sent to the dead-letter topic.",
@@ -143,4 +149,22 @@ QUERY_SNAPSHOT_VERSION = Gauge(
 )
 QUERY_RELOADS = Counter(
     "fogline_query_reloads", "Snapshot reloads by the query service.", registry=QUERY_REGISTRY
+)
+
+# keyed mode (keyed.enabled): bounded cardinality, no key label
+KEYS_IN_MEMORY = Gauge(
+    "fogline_keys_in_memory", "Key states held in memory (keyed mode).", registry=REGISTRY
+)
+KEYS_EVICTED = Counter(
+    "fogline_keys_evicted", "Clean key states evicted from memory (keyed mode).", registry=REGISTRY
+)
+PARTITIONS_OWNED = Gauge(
+    "fogline_partitions_owned",
+    "Partitions whose lease this daemon holds (keyed mode).",
+    registry=REGISTRY,
+)
+PARTITION_RESUME_SECONDS = Histogram(
+    "fogline_partition_resume_seconds",
+    "Seconds from a partition's assignment to its resumption (lease taken, manifest read).",
+    registry=REGISTRY,
 )

@@ -23,7 +23,12 @@ Input formats (``fmt="auto"`` picks by extension and CSV header):
     Each row becomes a flat named record, ``{"<timestamp>": ..., "<feature>":
     value, ..., "<target>": value, "<key>": ...}``, with the row's own time as
     the Kafka timestamp.  JSONL lines are sent as they are; their time and key
-    are read from the spec's fields.
+    are read from the spec's fields.  An autoregressive spec (``mode =
+    "autoregressive"``) needs only its timestamp, target and key columns: each
+    row is sent as ``{"<timestamp>": ..., "<target>": value, "<key>": ...}``
+    (a NAB ``timestamp,value`` file too, unlagged) and the daemon builds the
+    lags, keyed by the row's key (also the Kafka key, so a key stays in one
+    partition, in order).
 ``nab``
     a Numenta Anomaly Benchmark file, header ``timestamp,value``.  Values are
     standardised with the mean and standard deviation of the first 15 % of
@@ -51,6 +56,7 @@ from typing import Any, Literal
 
 from fogline.daemon.stream.decode import DecodeError, Record, encode, parse_ts
 from fogline.models.spec import ModelSpec
+from fogline.models.tabular import series_view
 
 Format = Literal["auto", "jsonl", "csv", "nab"]
 FORMATS: tuple[str, ...] = ("auto", "jsonl", "csv", "nab")
@@ -201,7 +207,7 @@ def read_spec_csv(
         reader = csv.reader(f)
         header = [c.strip() for c in next(reader, [])]
         idx = {c: i for i, c in enumerate(header)}
-        need = [*spec.features, spec.target]
+        need = [*series_view(spec).features, spec.target]  # autoregressive: the target only
         missing = [c for c in need if c not in idx]
         for name in (spec.timestamp, spec.key):
             if name is not None and name not in idx:
@@ -286,6 +292,8 @@ def iter_items(
 ) -> tuple[str, Iterator[ReplayItem]]:
     """The resolved format and the items of ``path`` (by the columns of ``spec`` when given)."""
     resolved = detect_format(path) if fmt == "auto" else fmt
+    if resolved == "nab" and spec is not None and spec.mode == "autoregressive":
+        resolved = "csv"  # a timestamp,value file sent as it is: the daemon builds the lags
     if resolved == "jsonl":
         if spec is not None:
             return resolved, read_jsonl(path, spec.key or key_field, spec.timestamp or "ts")

@@ -65,6 +65,7 @@ from fogline.models.autoregressive import (
     select_lags,
 )
 from fogline.models.config import ModelConfig
+from fogline.models.fit import series_table
 from fogline.models.predictive import Ensemble, sample_ensemble
 from fogline.models.priors import default_prior
 from fogline.models.schema import DataSchema
@@ -164,8 +165,16 @@ def load_spec_source(path: Path, spec: ModelSpec, cfg: ExperimentConfig) -> Stre
     fifth (at least one batch) is the warm-start history, the transforms of
     the spec are fitted on it (:meth:`~fogline.models.schema.DataSchema.fit_spec`)
     and applied to the whole file, as the warm start and the daemon do.
+
+    An autoregressive spec (``{timestamp, target, key}`` rows, e.g. a NAB
+    ``timestamp,value`` file) gets its inputs from the spec's lags, calendar
+    and key, in file order, by the warm start's own
+    :func:`~fogline.models.fit.series_table` (each key's first L rows only
+    fill its buffer).
     """
     table, _ = load_table(path, spec)
+    if spec.mode == "autoregressive":
+        table, _series = series_table(spec, table)
     order = (
         torch.argsort(table.ts, stable=True) if table.ts is not None else torch.arange(table.rows)
     )

@@ -20,18 +20,34 @@ a snapshot and a restarted daemon builds exactly the features the
 uninterrupted one would have.  Records are taken in the order given (the
 stream's order); a record whose key has fewer than L past values only fills
 the key's buffer.
+
+Everything outside this module builds inputs through ONE function,
+:func:`features_for` (warm start, daemon, query, experiment), which takes the
+:class:`~fogline.models.spec.ModelSpec` and a :class:`SeriesState` (the
+:class:`LagState` plus each key's last two time stamps, for a query's default
+time).  The daemon and the snapshot layer treat its JSON
+(:meth:`SeriesState.to_json`, stored under ``state.extra["autoregressive"]``,
+inside the checksum) as opaque, so inputs added here plug in without them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from fogline.models.spec import ModelSpec
+
+#: ``PosteriorState.extra`` slot of an autoregressive model: ``{"spec": ModelSpec JSON,
+#: "series": SeriesState JSON}`` (written by the warm start and every daemon snapshot).
+EXTRA_KEY = "autoregressive"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 #: The calendar inputs appended after the lags, in order.
 CALENDAR_FEATURES: tuple[str, ...] = ("hour_sin", "hour_cos", "dow_sin", "dow_cos")
@@ -242,16 +258,196 @@ def seasonal_naive(
     return np.asarray(x[:, pos[period]] + x[:, pos[1]] - x[:, pos[period + 1]], dtype=np.float64)
 
 
+def spec_feature_names(spec: ModelSpec) -> tuple[str, ...]:
+    """The input names of an autoregressive spec (what ``spec.features`` is set to)."""
+    return feature_names(spec.lags, spec.calendar)
+
+
+def ts_from_ms(ms: int) -> datetime:
+    """Epoch milliseconds as an aware UTC datetime (exact: no float division)."""
+    return _EPOCH + timedelta(milliseconds=int(ms))
+
+
+@dataclass(frozen=True)
+class SeriesState:
+    """What a stream of ``{ts, value, key}`` records carries between batches (immutable).
+
+    ``lags``: each key's last L values (:class:`LagState`); ``clock``: each
+    key's last two time stamps in epoch ms (oldest first), so a query without
+    ``ts`` predicts at last + (last - previous).
+    """
+
+    lags: LagState
+    clock: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, spec: ModelSpec) -> SeriesState:
+        """No history for any key."""
+        return cls(LagState(spec.lags))
+
+    def known_keys(self) -> list[str]:
+        """Keys seen so far, sorted."""
+        return sorted(self.lags.buffers)
+
+    def history(self, key: str) -> int:
+        """How many past values ``key`` has in its buffer (0 .. L)."""
+        return len(self.lags.buffers.get(key, ()))
+
+    def next_ts_ms(self, key: str) -> int | None:
+        """The key's next time stamp by its last step (its last one with a single record)."""
+        c = self.clock.get(key)
+        if not c:
+            return None
+        return c[-1] + (c[-1] - c[-2]) if len(c) > 1 else c[-1]
+
+    def to_json(
+        self, previous: Mapping[str, Any] | None = None, changed: Iterable[str] | None = None
+    ) -> dict[str, Any]:
+        """Strict JSON, exact (floats as ``repr`` strings, times as integers).
+
+        With ``previous`` (this state's JSON before a batch) and ``changed`` (the
+        keys the batch touched) only those keys are written anew and the rest
+        is shared with ``previous``: O(touched keys) instead of O(all keys).
+        Same content as the full form (key order aside, which canonical JSON
+        ignores).
+        """
+        if previous is None or changed is None:
+            return {
+                "lags": self.lags.to_json(),
+                "clock": {k: [int(t) for t in v] for k, v in sorted(self.clock.items())},
+            }
+        keys = [k for k in dict.fromkeys(changed) if k in self.lags.buffers]
+        part = LagState(self.lags.lags, {k: self.lags.buffers[k] for k in keys}).to_json()
+        lags = dict(previous["lags"])
+        for name, value in part.items():  # per-key sections merged, the rest replaced
+            old = lags.get(name)
+            lags[name] = (
+                {**old, **value} if isinstance(value, dict) and isinstance(old, dict) else value
+            )
+        clock = {**previous["clock"], **{k: [int(t) for t in self.clock[k]] for k in keys}}
+        return {"lags": lags, "clock": clock}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SeriesState:
+        """Inverse of :meth:`to_json`."""
+        clock = {str(k): tuple(int(t) for t in v) for k, v in data.get("clock", {}).items()}
+        return cls(LagState.from_json(data["lags"]), clock)
+
+
+@dataclass(frozen=True)
+class SeriesFeatures:
+    """:func:`features_for`'s result: ``x`` [M, D], ``y`` [M] (raw units, float64),
+    ``rows`` [M] (positions of the featured records), the new state, and
+    ``warming``: records that only filled their key's buffer (fewer than L past values)."""
+
+    x: npt.NDArray[np.float64]
+    y: npt.NDArray[np.float64]
+    rows: npt.NDArray[np.int64]
+    state: SeriesState
+    warming: int
+
+
+def features_for(spec: ModelSpec, records: Sequence[Record], state: SeriesState) -> SeriesFeatures:
+    """The model inputs of ``records`` (in the order given) for an autoregressive ``spec``.
+
+    The one place inputs are built: :func:`build_features` with the spec's
+    ``calendar``, and each key's clock advanced.  ``state`` must have been
+    built for the same spec (``lags``).
+    """
+    if state.lags.lags != spec.lags:
+        raise ValueError(
+            f"lags: the series state keeps {state.lags.lags} values, spec says {spec.lags}"
+        )
+    # keys are independent: only the batch's keys go through the builder, and the
+    # others are shared with the old state (O(batch), not O(all keys), per batch)
+    touched = {r.key for r in records}
+    old = state.lags.buffers
+    part = LagState(state.lags.lags, {k: old[k] for k in touched if k in old})
+    x, y, rows, built = build_features(records, part, calendar=spec.calendar)
+    lag_state = LagState(state.lags.lags, {**old, **built.buffers})
+    clock = dict(state.clock)
+    for r in records:
+        ms = (r.ts - _EPOCH) // timedelta(milliseconds=1)
+        prev = clock.get(r.key, ())
+        clock[r.key] = (*prev[-1:], ms)
+    return SeriesFeatures(x, y, rows, SeriesState(lag_state, clock), len(records) - len(rows))
+
+
+class ShortHistory(LookupError):
+    """A key has fewer than L past values (or none): it cannot be predicted yet."""
+
+    def __init__(self, key: str, have: int, need: int) -> None:
+        self.key, self.have, self.need = key, have, need
+        what = "no history" if have == 0 else f"{have} past values"
+        super().__init__(f"key {key!r}: {what}; a prediction needs {need}")
+
+
+def next_inputs(
+    spec: ModelSpec, state: SeriesState, key: str, ts_ms: int | None = None
+) -> tuple[npt.NDArray[np.float64], int]:
+    """Raw inputs ``[1, D]`` of ``key``'s NEXT value at ``ts_ms`` (default: the key's next step).
+
+    Built by :func:`features_for` on a placeholder record (its value only
+    enters the returned, discarded state).  Returns ``(x, ts_ms)``; raises
+    :class:`ShortHistory` when the key has fewer than L past values.
+    """
+    have = state.history(key)
+    if have < spec.lags:
+        raise ShortHistory(key, have, spec.lags)
+    ts = ts_ms if ts_ms is not None else state.next_ts_ms(key)
+    if ts is None:  # pragma: no cover - a buffer always comes with a clock
+        ts = 0
+    feats = features_for(spec, [Record(ts_from_ms(ts), 0.0, key)], state)
+    return feats.x, int(ts)
+
+
+def series_extra(
+    spec: ModelSpec,
+    state: SeriesState,
+    previous: Mapping[str, Any] | None = None,
+    changed: Iterable[str] | None = None,
+) -> dict[str, Any]:
+    """The ``state.extra[EXTRA_KEY]`` value: the spec and the series state (JSON).
+
+    ``previous`` (the value before a batch) and ``changed`` (the batch's keys)
+    make it incremental (:meth:`SeriesState.to_json`).
+    """
+    if previous is None or changed is None:
+        return {"spec": spec.model_dump(mode="json"), "series": state.to_json()}
+    return {"spec": previous["spec"], "series": state.to_json(previous["series"], changed)}
+
+
+def stored_series(extra: Mapping[str, Any]) -> tuple[ModelSpec, SeriesState] | None:
+    """The spec and series state kept in a ``PosteriorState.extra`` (``None``: not AR)."""
+    from fogline.models.spec import ModelSpec
+
+    slot = extra.get(EXTRA_KEY)
+    if not slot:
+        return None
+    spec = ModelSpec.model_validate(slot["spec"])
+    return spec, SeriesState.from_json(slot["series"])
+
+
 __all__ = [
     "CALENDAR_FEATURES",
+    "EXTRA_KEY",
     "LagState",
     "Record",
+    "SeriesFeatures",
+    "SeriesState",
+    "ShortHistory",
     "build_features",
     "calendar_features",
     "detect_period",
     "feature_names",
+    "features_for",
+    "next_inputs",
     "parse_ts",
     "seasonal_lags",
     "seasonal_naive",
     "select_lags",
+    "series_extra",
+    "spec_feature_names",
+    "stored_series",
+    "ts_from_ms",
 ]

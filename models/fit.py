@@ -20,6 +20,14 @@ Steps of :func:`fit` (``fogline warmstart --config CFG --data PATH``)
 6. **Report.** :func:`fogline.models.report.holdout_report` on the holdout with
    ``samples`` posterior draws (seed + 1).
 
+Autoregressive specs (``mode = "autoregressive"``): the table holds the raw
+series (``x`` [N, 0], see :func:`fogline.models.tabular.series_view`); step 0
+builds each record's inputs from its key's last L values (+ calendar) in file
+order (:func:`fogline.models.autoregressive.features_for`; a key's first L
+records only fill its buffer), and the series state at the end of the whole
+history (training and holdout) is stored in ``state.extra["autoregressive"]``,
+so the stream continues from it.
+
 Epochs
 ------
 ``FitOptions.epochs = None`` (the default) picks
@@ -42,6 +50,7 @@ from typing import Any
 
 import torch
 
+from fogline.models import autoregressive as ar
 from fogline.models.fprior import EXTRA_KEY as FPRIOR_KEY
 from fogline.models.fprior import LR_SCALE_KEY, FunctionalPrior
 from fogline.models.predictive import Ensemble, sample_ensemble
@@ -159,8 +168,9 @@ def fit(
     :class:`~fogline.models.schema.SchemaError` where a transform cannot take a value.
     """
     opts = options or FitOptions()
-    if spec.mode != "tabular":
-        raise FitError(f"model.mode: {spec.mode!r} warm starts are not supported by this fit")
+    series: ar.SeriesState | None = None
+    if spec.mode == "autoregressive" and table.x.shape[1] == 0:
+        table, series = series_table(spec, table)
     if table.x.shape[1] != len(spec.features):
         raise FitError(f"the table has {table.x.shape[1]} features, the spec {len(spec.features)}")
     if table.rows < MIN_ROWS:
@@ -231,6 +241,8 @@ def fit(
             "report": {"holdout": report["holdout"], "fit": report["fit"]},
         },
     }
+    if series is not None:  # the stream continues each key's lags from here
+        extra[ar.EXTRA_KEY] = ar.series_extra(spec, series)
     if fprior is not None:  # streaming updates keep applying it (models.stream)
         extra[FPRIOR_KEY] = fprior.to_dict()
     if "cov_factor" in state.params and opts.cov_factor_lr_scale != 1.0:
@@ -240,6 +252,36 @@ def fit(
     return FitResult(
         state, report, schema, x_train, y_train, x_held, y_held, held_ts, y_held_raw, ens, history
     )
+
+
+def series_table(spec: ModelSpec, raw: Table) -> tuple[Table, ar.SeriesState]:
+    """An autoregressive spec's inputs from the raw series ``raw`` (``x`` [N, 0]), in row order.
+
+    Returns the table of the records that have L past values (their inputs,
+    value, time and key) and the series state after every row.
+    """
+    if raw.ts is None:
+        raise FitError(f"{raw.source}: autoregressive mode needs a timestamp on every row")
+    # no key in the spec: one series, whatever key fields the rows carry
+    keys = raw.keys if raw.keys is not None and spec.key is not None else [None] * raw.rows
+    records = [
+        ar.Record(ar.ts_from_ms(int(t)), float(v), k or "")
+        for t, v, k in zip(raw.ts.tolist(), raw.y.tolist(), keys, strict=True)
+    ]
+    feats = ar.features_for(spec, records, ar.SeriesState.empty(spec))
+    rows = feats.rows.tolist()
+    if not rows:
+        raise FitError(
+            f"{raw.source}: no key has more than lags={spec.lags} values; nothing to fit"
+        )
+    table = Table(
+        torch.from_numpy(feats.x),
+        torch.from_numpy(feats.y),
+        raw.ts[feats.rows],
+        [keys[i] for i in rows] if spec.key is not None else None,
+        raw.source,
+    )
+    return table, feats.state
 
 
 def functional_prior(spec: ModelSpec, x_train: torch.Tensor, y_sd: float) -> FunctionalPrior | None:
@@ -270,5 +312,6 @@ __all__ = [
     "fit",
     "functional_prior",
     "held_out_count",
+    "series_table",
     "split",
 ]

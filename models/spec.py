@@ -117,6 +117,8 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
+        if self.mode == "autoregressive":
+            self._autoregressive_inputs()
         if not self.features:
             raise ValueError("features: a model needs at least one feature")
         dup = sorted({f for f in self.features if self.features.count(f) > 1})
@@ -146,6 +148,36 @@ class ModelSpec(BaseModel):
         if any(h < 1 for h in self.hidden):
             raise ValueError("hidden: every width must be >= 1")
         return self
+
+    def _autoregressive_inputs(self) -> None:
+        """Autoregressive mode: the inputs are derived, not written (``features`` is set here).
+
+        ``features`` becomes ``lag_1 .. lag_L`` (+ the calendar terms,
+        :func:`fogline.models.autoregressive.spec_feature_names`); the lags take
+        the target's transform and the calendar terms ``none`` (they lie in
+        [-1, 1]) unless ``transforms`` names them.  A ``timestamp`` field is
+        required (the calendar terms and the series order come from it).
+        """
+        from fogline.models.autoregressive import CALENDAR_FEATURES, spec_feature_names
+
+        names = spec_feature_names(self)
+        if "features" in self.model_fields_set and tuple(self.features) != names:
+            raise ValueError(
+                "features: autoregressive mode builds its inputs from the target's last "
+                f"{self.lags} values{' and the calendar' if self.calendar else ''} "
+                f"({list(names)}); leave features out"
+            )
+        if self.timestamp is None:
+            raise ValueError(
+                "timestamp: autoregressive mode needs the record field holding the time "
+                '(e.g. timestamp = "ts")'
+            )
+        lag_kind = self.transform_of(self.target)
+        transforms = {n: ("none" if n in CALENDAR_FEATURES else lag_kind) for n in names}
+        transforms.update(self.transforms)
+        # frozen model: the derived values are set once, here, during validation
+        object.__setattr__(self, "features", names)
+        object.__setattr__(self, "transforms", transforms)
 
     @model_validator(mode="before")
     @classmethod

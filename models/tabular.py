@@ -367,6 +367,7 @@ def records_table(
     record in errors (``"topic:partition@offset"``), ``timestamp_ms`` stands in
     for a missing timestamp field (``None``: none).
     """
+    spec = series_view(spec)
     parser = RowParser(spec)
     rows = ((where, _json_row(parser, value, ts)) for where, value, ts in records)
     return _collect(rows, spec, LoadReport(source, "records"), drop_invalid)
@@ -461,10 +462,27 @@ def file_format(path: str | Path) -> str:
     return _SUFFIXES[suffix]
 
 
+def series_view(spec: ModelSpec) -> ModelSpec:
+    """The columns to read for ``spec``: itself, or for an autoregressive spec no features.
+
+    An autoregressive model's rows are ``{timestamp, target, key}``; its inputs
+    (lags, calendar) are built from them afterwards
+    (:func:`fogline.models.autoregressive.features_for`), so the table has
+    ``x`` [N, 0] and ``y`` the raw values, in file order.
+    """
+    if spec.mode != "autoregressive":
+        return spec
+    kept = {c: t for c, t in spec.transforms.items() if c == spec.target}
+    return spec.model_copy(update={"features": (), "transforms": kept})
+
+
 def load_table(
     path: str | Path, spec: ModelSpec, drop_invalid: bool = False
 ) -> tuple[Table, LoadReport]:
     """Read ``path`` (CSV, JSONL or Parquet) into a :class:`Table` ordered by ``spec``.
+
+    An autoregressive spec reads only its timestamp, target and key columns
+    (:func:`series_view`).
 
     Raises :class:`TableError` for a missing file or column, and for the first
     bad row unless ``drop_invalid`` (then bad rows are counted per reason in
@@ -474,6 +492,7 @@ def load_table(
     fmt = file_format(p)
     if not p.is_file():
         raise TableError(f"{p}: no such file")
+    spec = series_view(spec)
     return _collect(_READERS[fmt](p, spec), spec, LoadReport(str(p), fmt), drop_invalid)
 
 
@@ -539,5 +558,6 @@ __all__ = [
     "file_format",
     "load_table",
     "records_table",
+    "series_view",
     "timestamp_ms",
 ]

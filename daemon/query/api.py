@@ -7,7 +7,8 @@ Endpoints (see ``docs/query.md``)::
     GET  /metrics                         Prometheus text (daemon.metrics.QUERY_REGISTRY)
     GET  /v1/models                       models under the prefix, with their versions
     GET  /v1/models/{name}/snapshot       metadata of the snapshot answering now
-    POST /v1/models/{name}/predict        predictive summaries for a batch of rows
+    POST /v1/models/{name}/predict        predictive summaries for a batch of rows, or for
+                                          an autoregressive model's key's next value
 
 The service reads snapshots from Redis only (:mod:`fogline.daemon.query.serving` keeps them
 current).  Safety: with ``api.token`` set, every request but ``/healthz`` must
@@ -53,8 +54,14 @@ from starlette.requests import ClientDisconnect
 from fogline.daemon.config import ApiSettings, Settings
 from fogline.daemon.metrics import QUERY_REGISTRY, QUERY_SECONDS
 from fogline.daemon.names import MODEL_NAME_PATTERN
-from fogline.daemon.query.serving import Loaded, Registry, StoreFactory
-from fogline.daemon.stream.store import SnapshotMeta, SnapshotStore, StoreError, StoreUnavailable
+from fogline.daemon.query.serving import KeyedReader, Loaded, Registry, StoreFactory
+from fogline.daemon.stream.store import (
+    PartitionStore,
+    SnapshotMeta,
+    SnapshotStore,
+    StoreError,
+    StoreUnavailable,
+)
 from fogline.models.schema import SchemaError
 
 DEFAULT_LEVELS: tuple[float, ...] = (0.5, 0.9, 0.95)
@@ -78,11 +85,22 @@ class PredictRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    rows: list[list[float]] | list[dict[str, float]] = Field(
+    rows: list[list[float]] | list[dict[str, float]] | None = Field(
+        None,
         description="Feature rows in raw units (the stored transforms are applied): objects "
         "mapping every feature name (GET .../snapshot lists them) to a value, or lists in "
-        "the model's feature order.",
+        "the model's feature order.  Required unless ``key`` is given.",
         examples=[[[0.1, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]],
+    )
+    key: str | None = Field(
+        None,
+        description="Autoregressive models: predict this key's NEXT value from its lags at the "
+        "snapshot (instead of rows).",
+    )
+    ts: float | str | None = Field(
+        None,
+        description="With key: the time of that next value (epoch seconds/ms or ISO 8601); "
+        "default: the key's last time stamp plus its last step.",
     )
     y: list[float] | None = Field(
         None,
@@ -128,6 +146,10 @@ class PredictResponse(BaseModel):
     method: str
     levels: list[float]
     predictions: list[RowPrediction]
+    key: str | None = Field(default=None, description="The key predicted (requests with key).")
+    ts: str | None = Field(
+        default=None, description="The time (ISO 8601, UTC) the key's next value is predicted at."
+    )
 
 
 class ModelSummary(BaseModel):
@@ -153,6 +175,11 @@ class SnapshotInfo(BaseModel):
     target: str = Field(description="The target's name (answers are in its units).")
     transforms: dict[str, str] = Field(
         description="Column -> transform (standardise, log1p or none) applied to raw values."
+    )
+    series: dict[str, Any] | None = Field(
+        default=None,
+        description="Autoregressive models: lags, calendar, the number of keys seen and of "
+        "keys ready to predict (L past values), and the first ready keys (sorted, at most 100).",
     )
     schema_: dict[str, Any] = Field(
         alias="schema",
@@ -259,11 +286,45 @@ def _level_key(level: float) -> str:
     return repr(level)
 
 
+def _key_tensor(req: PredictRequest, loaded: Loaded) -> tuple[torch.Tensor, int]:
+    """Raw inputs [1, D] of ``req.key``'s next value and its time (epoch ms); 4xx else.
+
+    404 when the model has no such key, 422 when the key has fewer than L past
+    values, the model is not autoregressive, or rows are given too.
+    """
+    from fogline.models.autoregressive import ShortHistory, next_inputs
+    from fogline.models.tabular import RowError, timestamp_ms
+
+    assert req.key is not None
+    name = loaded.meta.model_name
+    if loaded.series is None:
+        raise _problem(422, f"key: model {name!r} is not autoregressive; send rows")
+    if req.rows is not None:
+        raise _problem(422, "rows: give rows or key, not both")
+    spec, series = loaded.series
+    ts_ms = None
+    if req.ts is not None:
+        try:
+            ts_ms = timestamp_ms(req.ts)
+        except RowError as exc:
+            raise _problem(422, f"ts: {exc.detail}") from None
+    try:
+        x, at = next_inputs(spec, series, req.key, ts_ms)
+    except ShortHistory as exc:
+        status = 404 if exc.have == 0 else 422
+        raise _problem(status, f"{exc} (model {name!r}, snapshot v{loaded.version})") from None
+    return _finite32(torch.from_numpy(x)), at
+
+
 def _predict_body(
     name: str, loaded: Loaded, req: PredictRequest, limits: ApiSettings
 ) -> dict[str, Any]:
     levels = _levels(req)
-    x = _rows_tensor(req, loaded, limits)
+    at: int | None = None
+    if req.key is not None:
+        x, at = _key_tensor(req, loaded)
+    else:
+        x = _rows_tensor(req, loaded, limits)
     y = _y_tensor(req, x.shape[0])
     try:
         pred = loaded.predict_raw(x, levels, y, req.method)
@@ -301,7 +362,14 @@ def _predict_body(
         "method": req.method,
         "levels": list(levels),
         "predictions": _finite(rows),
+        **({"key": req.key, "ts": _iso(at)} if at is not None else {}),
     }
+
+
+def _iso(ms: int) -> str:
+    from fogline.models.autoregressive import ts_from_ms
+
+    return ts_from_ms(ms).isoformat().replace("+00:00", "Z")
 
 
 def _finite(value: Any) -> Any:
@@ -339,8 +407,27 @@ def snapshot_info(name: str, loaded: Loaded, latest: int | None) -> dict[str, An
             "quantized": loaded.quantized is not None,
             "quantization": loaded.quantization,
             "loaded_at": loaded.loaded_at,
+            **({"series": _series_info(loaded)} if loaded.series is not None else {}),
         }
     )
+
+
+#: Keys listed by ``GET .../snapshot`` for an autoregressive model.
+MAX_LISTED_KEYS = 100
+
+
+def _series_info(loaded: Loaded) -> dict[str, Any]:
+    """The ``series`` section of the snapshot page (see :class:`SnapshotInfo`)."""
+    assert loaded.series is not None
+    spec, series = loaded.series
+    ready = [k for k in series.known_keys() if series.history(k) >= spec.lags]
+    return {
+        "lags": spec.lags,
+        "calendar": spec.calendar,
+        "keys_seen": len(series.known_keys()),
+        "keys_ready": len(ready),
+        "ready": ready[:MAX_LISTED_KEYS],
+    }
 
 
 def body_limit(api: ApiSettings) -> int:
@@ -650,6 +737,90 @@ def create_app(
             return 200, _predict_body(name, loaded, req, api)
         except HTTPException as exc:
             return exc.status_code, {"detail": exc.detail}
+
+    keyed = KeyedReader(
+        lambda name: PartitionStore((store_factory or default_factory)(name)),
+        ensemble_size=api.ensemble_size,
+        quantize=api.quantize,
+    )
+
+    @v1.get("/models/{name}/keys", tags=["keys"])
+    def list_keys(name: ModelName) -> JSONResponse:
+        """Keys of a keyed model (``keyed.enabled``): version, drift mode, partition, records.
+
+        ``fleet`` sums them up: how many keys, records absorbed, keys per drift mode.
+        """
+        t0 = time.perf_counter()
+        try:
+            index = keyed.keys(name)
+        except StoreError as exc:
+            raise _problem(503, f"snapshot store unavailable: {exc}") from None
+        if not index:
+            raise _problem(404, f"model {name!r} has no keyed snapshots")
+        keys = [
+            {
+                "key": k,
+                "version": v.get("version"),
+                "drift_mode": v.get("drift_mode", "none"),
+                "partition": v.get("partition"),
+                "records_absorbed": v.get("records_absorbed"),
+            }
+            for k, v in sorted(index.items())
+        ]
+        modes: dict[str, int] = {}
+        for k in keys:
+            modes[str(k["drift_mode"])] = modes.get(str(k["drift_mode"]), 0) + 1
+        fleet = {
+            "keys": len(keys),
+            "records_absorbed": sum(int(k["records_absorbed"] or 0) for k in keys),
+            "drift_modes": modes,
+        }
+        QUERY_SECONDS.labels(endpoint="keys").observe(time.perf_counter() - t0)
+        return JSONResponse({"model": name, "keys": keys, "fleet": fleet})
+
+    @v1.post(
+        "/models/{name}/keys/{key:path}/predict",
+        response_model=PredictResponse,
+        tags=["keys"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+            }
+        },
+        responses={404: {"description": "no such model or key"}},
+    )
+    async def predict_key(name: ModelName, key: str, request: Request) -> Response:
+        """As ``/models/{name}/predict``, from key ``key``'s own posterior (keyed mode)."""
+        t0 = time.perf_counter()
+        try:
+            raw = await request.body()
+        except ClientDisconnect:
+            return Response(status_code=400)
+        status, body = await run_in_threadpool(answer_key, name, key, raw)
+        QUERY_SECONDS.labels(endpoint="key_predict").observe(time.perf_counter() - t0)
+        return JSONResponse(body, status_code=status)
+
+    def answer_key(name: str, key: str, raw: bytes) -> tuple[int, Any]:
+        try:
+            req = PredictRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+            return 422, {
+                "detail": _validation_detail([{**e, "loc": ("body", *e["loc"])} for e in errors])
+            }
+        try:
+            loaded = keyed.loaded(name, key)
+        except StoreError as exc:
+            return 503, {"detail": f"snapshot store unavailable: {exc}"}
+        if loaded is None:
+            return 404, {"detail": f"model {name!r} has no key {key!r}"}
+        try:
+            body = _predict_body(name, loaded, req, api)
+        except HTTPException as exc:
+            return exc.status_code, {"detail": exc.detail}
+        body["key"] = key
+        return 200, body
 
     app.include_router(ops)
     app.include_router(v1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,12 +30,20 @@ import structlog
 import torch
 
 from fogline.daemon.metrics import QUERY_RELOADS, QUERY_SNAPSHOT_VERSION
-from fogline.daemon.stream.store import SnapshotMeta, SnapshotNotFound, SnapshotStore, retry_backoff
+from fogline.daemon.stream.store import (
+    PartitionStore,
+    SnapshotMeta,
+    SnapshotNotFound,
+    SnapshotStore,
+    retry_backoff,
+)
+from fogline.models.autoregressive import SeriesState, stored_series
 from fogline.models.config import ModelConfig
 from fogline.models.predictive import Ensemble, Prediction, predict, sample_ensemble
 from fogline.models.quantize import QuantizedEnsemble, quantization_report, quantize_ensemble
 from fogline.models.schema import DataSchema
 from fogline.models.serialize import from_bytes
+from fogline.models.spec import ModelSpec
 from fogline.models.units import predict_raw
 
 log = structlog.get_logger(__name__)
@@ -56,6 +65,8 @@ class Loaded:
     load_seconds: float
     #: The state's named columns and fitted transforms (``None``: identity, named by ``config``).
     schema: DataSchema | None = None
+    #: Autoregressive models: the spec and each key's series state at this snapshot.
+    series: tuple[ModelSpec, SeriesState] | None = None
 
     @property
     def data_schema(self) -> DataSchema:
@@ -121,6 +132,7 @@ def load_snapshot(
         loaded_at=time.time(),
         load_seconds=time.perf_counter() - t0,
         schema=state.schema,
+        series=stored_series(state.extra),
     )
 
 
@@ -306,3 +318,102 @@ class Registry:
         for holder in holders:
             holder.stop()
         self.catalog.close()
+
+
+# -- keyed mode: one posterior per key ---------------------------------------------
+def load_key(store: PartitionStore, key: str, ensemble_size: int, quantize: bool) -> Loaded | None:
+    """The ensemble of ``key``'s last checkpointed state, or ``None`` for an unknown key.
+
+    Found without knowing which daemon owns the key: the key index names its
+    version and the blob lies under the key's own name
+    (:class:`~fogline.daemon.stream.store.PartitionStore`).  The ensemble
+    generator is seeded with the key's version.  The metadata is the key's:
+    ``version`` its partition checkpoint, ``drift`` its drift mode.
+    """
+    t0 = time.perf_counter()
+    info = store.key_info(key)
+    blob = store.read_key(key) if info is not None else None
+    if info is None or blob is None:
+        return None
+    state = from_bytes(blob)
+    version = max(1, int(info.get("version", 1)))
+    meta = SnapshotMeta(
+        model_name=store.model_name,
+        version=version,
+        created_at=time.time(),
+        records_absorbed=state.records_absorbed,
+        checksum=str(info.get("checksum", "")),
+        drift={"mode": info.get("drift_mode", "none"), "partition": info.get("partition")},
+        size=len(blob),
+    )
+    ens = sample_ensemble(state, num_samples=ensemble_size, seed=version)
+    quantized = report = None
+    if quantize:
+        quantized = quantize_ensemble(ens)
+        report = quantization_report(ens, quantized)
+    return Loaded(
+        meta=meta,
+        config=state.config,
+        ensemble=ens,
+        quantized=quantized,
+        quantization=report,
+        loaded_at=time.time(),
+        load_seconds=time.perf_counter() - t0,
+        schema=state.schema,
+    )
+
+
+class KeyedReader:
+    """Key ensembles of keyed models, cached by (model, key) and kept current by checksum.
+
+    Each request reads the key's index entry (one ``HGET``); the cached ensemble
+    is reused while the entry's checksum is unchanged, else rebuilt from the
+    key's blob.  At most ``cap`` ensembles are kept (least recently used leave).
+    """
+
+    def __init__(
+        self,
+        store_factory: Callable[[str], PartitionStore],
+        *,
+        ensemble_size: int,
+        quantize: bool,
+        cap: int = 256,
+    ) -> None:
+        self.store_factory = store_factory
+        self.ensemble_size = ensemble_size
+        self.quantize = quantize
+        self.cap = cap
+        self._cache: OrderedDict[tuple[str, str], tuple[str, Loaded]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def keys(self, name: str) -> dict[str, dict[str, Any]]:
+        """Every key of model ``name`` with its index entry."""
+        store = self.store_factory(name)
+        try:
+            return store.key_index()
+        finally:
+            store.close()
+
+    def loaded(self, name: str, key: str) -> Loaded | None:
+        """The current ensemble of ``key`` of model ``name`` (``None``: unknown key)."""
+        store = self.store_factory(name)
+        try:
+            info = store.key_info(key)
+            if info is None:
+                return None
+            checksum = str(info.get("checksum", ""))
+            with self._lock:
+                hit = self._cache.get((name, key))
+                if hit is not None and hit[0] == checksum:
+                    self._cache.move_to_end((name, key))
+                    return hit[1]
+            loaded = load_key(store, key, self.ensemble_size, self.quantize)
+        finally:
+            store.close()
+        if loaded is None:
+            return None
+        with self._lock:
+            self._cache[(name, key)] = (loaded.meta.checksum, loaded)
+            while len(self._cache) > self.cap:
+                self._cache.popitem(last=False)
+        return loaded

@@ -69,6 +69,9 @@ class Rows:
     y: npt.NDArray[np.float32]
     partition: npt.NDArray[np.int32]
     offset: npt.NDArray[np.int64]
+    #: Optional per-row columns [N, K] float64 that ride along unchanged (autoregressive
+    #: records: value, ts ms, key id; :mod:`fogline.daemon.stream.series`).
+    meta: npt.NDArray[np.float64] | None = None
 
     @classmethod
     def of(
@@ -78,6 +81,7 @@ class Rows:
         y: npt.ArrayLike,
         partition: npt.ArrayLike,
         offset: npt.ArrayLike,
+        meta: npt.ArrayLike | None = None,
     ) -> Rows:
         """Columns from array-likes (checked for one length N)."""
         xa = np.asarray(x, dtype=np.float32)
@@ -90,15 +94,24 @@ class Rows:
                 f"Rows needs x [N, D] and y, partition, offset [N]; got {xa.shape}, "
                 f"{ya.shape}, {pa.shape}, {oa.shape}"
             )
-        return cls(topic, xa, ya, pa, oa)
+        ma = None if meta is None else np.asarray(meta, dtype=np.float64)
+        if ma is not None and (ma.ndim != 2 or ma.shape[0] != n):
+            raise ValueError(f"Rows meta must be [N, K] with N={n}; got {ma.shape}")
+        return cls(topic, xa, ya, pa, oa, ma)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
     def __getitem__(self, index: slice | npt.NDArray[np.bool_]) -> Rows:
         """A slice (a view) or the rows where a boolean mask is true (a copy)."""
+        meta = None if self.meta is None else self.meta[index]
         return Rows(
-            self.topic, self.x[index], self.y[index], self.partition[index], self.offset[index]
+            self.topic,
+            self.x[index],
+            self.y[index],
+            self.partition[index],
+            self.offset[index],
+            meta,
         )
 
     @staticmethod
@@ -115,6 +128,7 @@ class Rows:
             np.concatenate([p.y for p in parts]),
             np.concatenate([p.partition for p in parts]),
             np.concatenate([p.offset for p in parts]),
+            _concat_meta(parts),
         )
 
     def keys(self) -> set[TopicPartition]:
@@ -131,6 +145,16 @@ class Rows:
     def last_offset(self) -> int:
         """Offset of the last row (-1 when empty)."""
         return int(self.offset[-1]) if len(self) else -1
+
+
+def _concat_meta(parts: Sequence[Rows]) -> npt.NDArray[np.float64] | None:
+    """The ``meta`` columns of ``parts`` in order (``None`` when they have none)."""
+    metas = [p.meta for p in parts if p.meta is not None]
+    if not metas:
+        return None
+    if len(metas) != len(parts):
+        raise ValueError("Rows with and without meta cannot be concatenated")
+    return np.concatenate(metas)
 
 
 class MicroBatcher:

@@ -68,6 +68,7 @@ from fogline.daemon.config import Settings
 from fogline.daemon.stream.batching import MicroBatcher, Rows, TopicPartition
 from fogline.daemon.stream.checkpoint import Checkpoint, SnapshotSink
 from fogline.daemon.stream.decode import (
+    DecodedBatch,
     Decoder,
     RawRecord,
     decode_batch,
@@ -78,6 +79,12 @@ from fogline.daemon.stream.isolate import STEP_REJECTED, isolate, rejected_recor
 from fogline.daemon.stream.lease import LeaseKeeper, LeaseStore, LeaseUnavailable
 from fogline.daemon.stream.prefetch import Polled, SerialSource, Source
 from fogline.daemon.stream.runtime import StopFlag, call_with_retry, select_device
+from fogline.daemon.stream.series import (
+    SeriesDecoder,
+    SeriesInputs,
+    series_problems,
+    series_spec,
+)
 from fogline.daemon.stream.source import (
     DeadLetterProducer,
     KafkaSource,
@@ -86,6 +93,7 @@ from fogline.daemon.stream.source import (
 from fogline.daemon.stream.store import IntactScan, Snapshot, SnapshotStore
 from fogline.daemon.stream.update import PlainUpdate, make_update_rule, warm_up
 from fogline.drift.runner import drift_mode, without_loop
+from fogline.models.autoregressive import EXTRA_KEY as SERIES_KEY
 from fogline.models.config import ModelConfig
 from fogline.models.schema import DataSchema
 from fogline.models.serialize import from_bytes, load, offsets_to_json
@@ -194,6 +202,8 @@ class RunStats:
     records_in: int = 0
     records_valid: int = 0
     dead_lettered: int = 0
+    #: Autoregressive models: valid records that only filled their key's lag buffer.
+    records_warming: int = 0
     batches: int = 0
     snapshots: int = 0
     last_version: int | None = None
@@ -263,7 +273,7 @@ def spec_problems(settings: Settings, state: PosteriorState) -> list[str]:
         state.config,
         target=schema.target.name if schema is not None else None,
         transforms=schema.transforms() if schema is not None else None,
-    )
+    ) + series_problems(spec, state)
 
 
 def record_schema(settings: Settings, state: PosteriorState) -> DataSchema:
@@ -382,6 +392,8 @@ class Pipeline:
         #: Partitions revoked since the last poll (set on the consumer's callback).
         self._revoked: list[TopicPartition] = []
         self._last_lag = -math.inf
+        #: Autoregressive models: the per-batch inputs (``None``: tabular records).
+        self.series: SeriesInputs | None = None
 
     # -- the whole run ----------------------------------------------------------
     def run(self) -> int:
@@ -462,6 +474,10 @@ class Pipeline:
         log.info("svi_warmed_up", seconds=round(time.perf_counter() - t0, 3))
         # raw units in, model units out: the stored schema's names and transforms
         self.decoder = Decoder(record_schema(s, state))
+        ar_spec = series_spec(s.model, state)
+        if ar_spec is not None:  # {ts, value, key} records; inputs built per batch
+            schema = record_schema(s, state)
+            self.series = SeriesInputs(ar_spec, schema, SeriesDecoder(schema))
         count_mode = s.stream.batching == "count"
         self.batcher = MicroBatcher(
             s.stream.batch_size, None if count_mode else s.stream.max_wait_ms
@@ -476,7 +492,7 @@ class Pipeline:
             raise
         self.source = SerialSource(
             source,
-            lambda raws: decode_batch(raws, self.decoder),
+            self._decode_batch,
             prefetch=s.stream.prefetch if self.options.prefetch is None else self.options.prefetch,
         )
         self.dlq = dlq
@@ -679,7 +695,13 @@ class Pipeline:
         for k in stale - seek.keys():
             self.source.reset(k, "earliest")
         kept = [r for r in polled.raws if (r.topic, r.partition) not in stale]
-        return Polled(kept, decode_batch(kept, self.decoder) if kept else None)
+        return Polled(kept, self._decode_batch(kept) if kept else None)
+
+    def _decode_batch(self, raws: Sequence[RawRecord]) -> DecodedBatch:
+        """A poll's records decoded (series records when the model is autoregressive)."""
+        if self.series is not None:
+            return self.series.decoder.decode_batch(raws)
+        return decode_batch(raws, self.decoder)
 
     def _ingest(self, polled: Polled) -> None:
         """A poll's decoded records: bad ones to the DLQ, good ones into the batcher.
@@ -720,6 +742,7 @@ class Pipeline:
                 dec.y,
                 [r.partition for r in good],
                 [r.offset for r in good],
+                getattr(dec, "meta", None),  # series records: value, ts, key id
             )
             self._pending.extend(self.batcher.add(rows))
 
@@ -749,9 +772,21 @@ class Pipeline:
         return drift_mode(self.state)
 
     def _absorb(self, batch: Rows) -> None:
-        """Commit path step 1: K SVI steps on one batch; advance the state's offsets."""
+        """Commit path step 1: K SVI steps on one batch; advance the state's offsets.
+
+        Series records (autoregressive model): the batch's inputs are built
+        first (:class:`~fogline.daemon.stream.series.SeriesInputs`) and the new
+        series state goes into the stepped state with the new offsets.
+        """
         assert self.state is not None
         t0 = time.perf_counter()
+        series_extra: dict[str, Any] | None = None
+        if self.series is not None and batch.meta is not None:
+            batch, series_extra = self._series_batch(batch)
+            if not len(batch):  # every row only filled a lag buffer
+                self.state = self._with_series(self.state, series_extra)
+                self.checkpoint.stepped()
+                return
         x = torch.from_numpy(batch.x)
         y = torch.from_numpy(batch.y)
         parts = np.unique(batch.partition)
@@ -766,6 +801,8 @@ class Pipeline:
         new, info, signals = self.update(self.state, x, y)
         if info.rejected:
             new, info, signals, batch = self._absorb_rejected(batch, x, y, info)
+        if series_extra is not None:
+            new = self._with_series(new, series_extra)
         self.state = new.replace(offsets=self._resume_offsets())
         self.checkpoint.stepped()
         self.stats.batches += 1
@@ -793,6 +830,27 @@ class Pipeline:
         )
         if self.options.on_batch is not None:
             self.options.on_batch(self.stats, self.state)
+
+    def _series_batch(self, batch: Rows) -> tuple[Rows, dict[str, Any]]:
+        """The featured rows of a batch of series records, and the series state after it."""
+        assert self.series is not None and self.state is not None and batch.meta is not None
+        step = self.series.step(self.state, batch.meta)
+        if step.warming:
+            self.stats.records_warming += step.warming
+            metrics.RECORDS_WARMING.inc(step.warming)
+        rows = Rows.of(
+            batch.topic,
+            step.x,
+            step.y,
+            batch.partition[step.rows],
+            batch.offset[step.rows],
+        )
+        return rows, step.extra
+
+    def _with_series(self, state: PosteriorState, extra: dict[str, Any]) -> PosteriorState:
+        """``state`` with the series state after the batch just absorbed."""
+        out = state.replace(extra={**state.extra, SERIES_KEY: extra})
+        return out.replace(offsets=self._resume_offsets())
 
     def _absorb_rejected(
         self, batch: Rows, x: torch.Tensor, y: torch.Tensor, info: StepInfo
@@ -917,6 +975,7 @@ class Pipeline:
             records_in=self.stats.records_in,
             records_absorbed=self.state.records_absorbed,
             dead_lettered=self.stats.dead_lettered,
+            records_warming=self.stats.records_warming,
             snapshot_version=self.stats.last_version,
             offsets=offsets_to_json(self.state.offsets),
         )

@@ -647,6 +647,30 @@ class KafkaSource:
             self._consumer.resume(*tps)
         log.info("consumption_resumed", partitions=_spelt(_tp_key(tp) for tp in tps))
 
+    def pause(self, keys: Iterable[TP]) -> None:
+        """Stop fetching from the assigned ones among ``keys`` (keyed mode: not yet owned)."""
+        assigned = self._consumer.assignment()
+        tps = [tp for tp in map(_tp, keys) if tp in assigned]
+        if tps:
+            self._consumer.pause(*tps)
+
+    def resume(self, keys: Iterable[TP]) -> None:
+        """Fetch again from the assigned ones among ``keys`` (unless :meth:`pause_all` holds)."""
+        if self._paused:
+            return
+        assigned = self._consumer.assignment()
+        tps = [tp for tp in map(_tp, keys) if tp in assigned]
+        if tps:
+            self._consumer.resume(*tps)
+
+    def partition_count(self, topic: str | None = None) -> int | None:
+        """Partitions of ``topic`` (default: the first subscribed) in the cluster metadata.
+
+        ``None`` while the metadata does not know the topic yet.
+        """
+        parts = self._consumer.partitions_for_topic(topic or self.topics[0])
+        return len(parts) if parts else None
+
     def seek(self, offsets: Mapping[TP, int]) -> None:
         """Move assigned partitions to the given next offsets (unassigned keys are ignored)."""
         assigned = self._consumer.assignment()

@@ -70,6 +70,8 @@ __all__ = [
     "IntactScan",
     "Lease",
     "LeaseLost",
+    "PartitionManifest",
+    "PartitionStore",
     "Snapshot",
     "SnapshotMeta",
     "SnapshotNotFound",
@@ -801,3 +803,294 @@ def _stream_entries(resp: Any) -> list[tuple[Any, Any]]:
             entries = entries[0]
         out.extend((e[0], e[1]) for e in entries)
     return out
+
+
+# --------------------------------------------------------------------------
+# keyed mode: one posterior per key, snapshots and leases per (model, partition)
+# --------------------------------------------------------------------------
+#: Version of the keyed layout (partition manifests, key blobs, key index).
+KEYED_SCHEMA_VERSION: Final = 1
+
+# Runs inside MULTI right after the ``SET <staging i> blob`` of every dirty key.
+# KEYS: lease, manifest, index, events, then n staging keys, then their n destinations
+# ARGV: token, n, manifest field/value count m, m manifest pairs..., then n index values
+_PARTITION_COMMIT_LUA = """
+local n = tonumber(ARGV[2])
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  for i = 5, 4 + n do redis.call('DEL', KEYS[i]) end  -- the staging keys only
+  return redis.error_reply('FOGLINE_LEASE_LOST partition lease not held')
+end
+local m = tonumber(ARGV[3])
+local v = redis.call('HINCRBY', KEYS[2], 'version', 1)
+local fields = {}
+for i = 1, m do fields[#fields + 1] = ARGV[3 + i] end
+if #fields > 0 then redis.call('HSET', KEYS[2], unpack(fields)) end
+for i = 1, n do
+  local staging = KEYS[4 + i]
+  local dest = KEYS[4 + n + i]
+  redis.call('RENAME', staging, dest)
+  redis.call('PERSIST', dest)
+  local entry = string.gsub(ARGV[3 + m + 2 * i], '"__VERSION__"', tostring(v))
+  redis.call('HSET', KEYS[3], ARGV[3 + m + 2 * i - 1], entry)
+end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', 1000, '*', 'kind', 'partition',
+  'partition', ARGV[3 + m + 2 * n + 1], 'version', v, 'keys', n)
+return v
+"""
+
+# KEYS: layout hash; ARGV: field/value pairs.  Writes the layout once; returns it.
+_LAYOUT_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('HSET', KEYS[1], unpack(ARGV)) end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+
+@dataclass(frozen=True)
+class PartitionManifest:
+    """What a partition's last checkpoint recorded (``None`` fields: never checkpointed).
+
+    ``offsets``: ``"topic:partition"`` -> next offset to read; ``version``: the
+    partition's checkpoint counter; ``records_absorbed``: valid records of the
+    partition absorbed by its keys.
+    """
+
+    partition: int
+    version: int
+    offsets: dict[str, int]
+    records_absorbed: int
+    writer: str
+    updated_at: float
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _bytes(raw: Any) -> bytes:
+    return raw if isinstance(raw, bytes) else str(raw).encode()
+
+
+class PartitionStore:
+    """Redis layout of keyed mode (``keyed.enabled``): per-partition leases and manifests.
+
+    Key layout for model ``m`` under prefix ``p``::
+
+        p:m:keyed:layout         hash: topic, partitions, key_field, schema (written once)
+        p:m:keyed:fleet          blob of the fleet prior every new key starts from (set once)
+        p:m:keyed:part:{n}:lease writer lease of partition n (SET NX PX)
+        p:m:keyed:part:{n}       manifest hash: version, offsets (JSON), records_absorbed, ...
+        p:m:keyed:key:{key}      blob of one key's PosteriorState (safetensors)
+        p:m:keyed:keys           hash key -> JSON {partition, version, records_absorbed,
+                                 drift_mode, checksum}: the index the query service reads
+        p:m:keyed:events         stream of partition checkpoints
+
+    A partition checkpoint (:meth:`commit`) is one MULTI/EXEC: every dirty key's
+    blob to a staging key, then one script that checks the partition's lease
+    token (on failure it deletes the staging keys: nothing is written), bumps
+    the manifest version, writes the manifest (next offsets), renames each
+    staging key onto its key blob and updates the key index.  So a reader sees
+    a partition's key blobs and its offsets change together, and a daemon that
+    lost the partition's lease cannot write it.
+    """
+
+    def __init__(self, store: SnapshotStore) -> None:
+        self._store = store
+        self._client = store._client
+        self.model_name = store.model_name
+        self.base = f"{store.base}:keyed"
+        self.layout_key = f"{self.base}:layout"
+        self.fleet_key = f"{self.base}:fleet"
+        self.index_key = f"{self.base}:keys"
+        self.events_key = f"{self.base}:events"
+        self._commit = self._client.register_script(_PARTITION_COMMIT_LUA)
+        self._layout = self._client.register_script(_LAYOUT_LUA)
+        self._renew = self._client.register_script(_RENEW_LUA)
+        self._release = self._client.register_script(_RELEASE_LUA)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PartitionStore:
+        """The keyed layout of ``settings.model_name`` in ``settings.redis``."""
+        return cls(SnapshotStore.from_settings(settings))
+
+    def close(self) -> None:
+        """Close the underlying store's connections."""
+        self._store.close()
+
+    def part_key(self, partition: int) -> str:
+        """Key of partition ``partition``'s manifest hash."""
+        return f"{self.base}:part:{int(partition)}"
+
+    def lease_key(self, partition: int) -> str:
+        """Key of partition ``partition``'s writer lease."""
+        return f"{self.part_key(partition)}:lease"
+
+    def blob_key(self, key: str) -> str:
+        """Key of the blob of source key ``key``."""
+        return f"{self.base}:key:{key}"
+
+    # -- layout ------------------------------------------------------------
+    def ensure_layout(self, fields: Mapping[str, str]) -> dict[str, str]:
+        """Store ``fields`` as the layout unless one is stored; return the stored one."""
+        args = [x for kv in fields.items() for x in kv]
+        with self._store._guard("keyed_layout"):
+            raw = self._layout(keys=[self.layout_key], args=args)
+        if isinstance(raw, dict):
+            items = list(raw.items())
+        else:
+            items = list(zip(raw[::2], raw[1::2], strict=True))
+        return {_text(k): _text(v) for k, v in items}
+
+    def layout(self) -> dict[str, str]:
+        """The stored layout (empty when no keyed daemon ever ran for this model)."""
+        with self._store._guard("keyed_layout"):
+            raw = self._client.hgetall(self.layout_key)
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def fleet_blob(self, blob: bytes) -> bytes:
+        """Store ``blob`` as the fleet prior unless one is stored; return the stored one.
+
+        Every daemon of the group then starts new keys from the same bytes.
+        """
+        with self._store._guard("keyed_fleet"):
+            pipe = self._client.pipeline(transaction=True)
+            pipe.set(self.fleet_key, blob, nx=True)
+            pipe.get(self.fleet_key)
+            return _bytes(pipe.execute()[1])
+
+    # -- leases ------------------------------------------------------------
+    def acquire(self, partition: int, owner: str, ttl_s: float) -> Lease | None:
+        """Take partition ``partition``'s writer lease, or ``None`` while someone holds it."""
+        key = self.lease_key(partition)
+        token = f"{owner}|{uuid.uuid4().hex}"
+        with self._store._guard("acquire_partition_lease"):
+            ok = self._client.set(key, token, nx=True, px=max(1, int(ttl_s * 1000)))
+        return Lease(key=key, owner=owner, token=token, ttl_s=ttl_s) if ok else None
+
+    def renew(self, lease: Lease) -> bool:
+        """Extend ``lease`` if still held (``False``: lost)."""
+        with self._store._guard("renew_partition_lease"):
+            ms = max(1, int(lease.ttl_s * 1000))
+            return bool(self._renew(keys=[lease.key], args=[lease.token, ms]))
+
+    def release(self, lease: Lease) -> bool:
+        """Give ``lease`` up if still held."""
+        with self._store._guard("release_partition_lease"):
+            return bool(self._release(keys=[lease.key], args=[lease.token]))
+
+    def lease_owner(self, partition: int) -> str | None:
+        """Owner of partition ``partition``'s lease, or ``None`` when free."""
+        with self._store._guard("partition_lease_owner"):
+            raw = self._client.get(self.lease_key(partition))
+        return None if raw is None else _text(raw).rsplit("|", 1)[0]
+
+    # -- reading -----------------------------------------------------------
+    def manifest(self, partition: int) -> PartitionManifest | None:
+        """Partition ``partition``'s last checkpoint, or ``None`` before the first."""
+        with self._store._guard("read_manifest"):
+            raw = self._client.hgetall(self.part_key(partition))
+        if not raw:
+            return None
+        d = {_text(k): _text(v) for k, v in raw.items()}
+        try:
+            return PartitionManifest(
+                partition=int(partition),
+                version=int(d["version"]),
+                offsets={str(k): int(v) for k, v in json.loads(d.get("offsets", "{}")).items()},
+                records_absorbed=int(d.get("records_absorbed", 0)),
+                writer=d.get("writer", ""),
+                updated_at=float(d.get("updated_at", 0.0)),
+            )
+        except (KeyError, ValueError) as exc:
+            raise CorruptSnapshot(f"partition {partition} manifest unreadable: {exc}") from None
+
+    def read_key(self, key: str) -> bytes | None:
+        """The blob of ``key``'s last checkpointed state, or ``None`` for a key never written."""
+        with self._store._guard("read_key"):
+            raw = self._client.get(self.blob_key(key))
+        return None if raw is None else _bytes(raw)
+
+    def read_keys(self, keys: list[str]) -> dict[str, bytes]:
+        """Blobs of the written ones among ``keys`` (one round trip)."""
+        if not keys:
+            return {}
+        with self._store._guard("read_keys"):
+            raws = self._client.mget([self.blob_key(k) for k in keys])
+        return {k: _bytes(r) for k, r in zip(keys, raws, strict=True) if r is not None}
+
+    def key_info(self, key: str) -> dict[str, Any] | None:
+        """``key``'s index entry (partition, version, records_absorbed, drift_mode, checksum)."""
+        with self._store._guard("key_info"):
+            raw = self._client.hget(self.index_key, key)
+        return None if raw is None else dict(json.loads(_text(raw)))
+
+    def key_index(self) -> dict[str, dict[str, Any]]:
+        """Every key's index entry."""
+        with self._store._guard("key_index"):
+            raw = self._client.hgetall(self.index_key)
+        return {_text(k): dict(json.loads(_text(v))) for k, v in raw.items()}
+
+    # -- writing -----------------------------------------------------------
+    def commit(
+        self,
+        lease: Lease,
+        partition: int,
+        *,
+        offsets: Mapping[str, int],
+        records_absorbed: int,
+        blobs: Mapping[str, bytes],
+        entries: Mapping[str, Mapping[str, Any]],
+        writer: str = "",
+    ) -> int:
+        """Write partition ``partition``'s checkpoint atomically; return its new version.
+
+        ``blobs`` holds each dirty key's state, ``entries`` its index entry
+        (the version is filled in by the script).  Raises :class:`LeaseLost`
+        (nothing written) or :class:`StoreUnavailable`.
+        """
+        keys = sorted(blobs)
+        uid = uuid.uuid4().hex
+        staging = [f"{self.base}:staging:{uid}:{i}" for i in range(len(keys))]
+        manifest = {
+            "offsets": json.dumps(dict(offsets), sort_keys=True),
+            "records_absorbed": str(int(records_absorbed)),
+            "writer": writer or lease.owner,
+            "updated_at": repr(time.time()),
+            "schema_version": str(KEYED_SCHEMA_VERSION),
+        }
+        args: list[Any] = [lease.token, len(keys), 2 * len(manifest)]
+        args += [x for kv in manifest.items() for x in kv]
+        for k in keys:
+            entry = dict(entries.get(k, {}), partition=int(partition), version="__VERSION__")
+            entry["checksum"] = hashlib.sha256(blobs[k]).hexdigest()
+            args += [k, json.dumps(entry, sort_keys=True)]
+        args.append(int(partition))
+        script_keys = [lease.key, self.part_key(partition), self.index_key, self.events_key]
+        script_keys += staging + [self.blob_key(k) for k in keys]
+        with self._store._guard("partition_commit"):
+            try:
+                pipe = self._client.pipeline(transaction=True)
+                for name, k in zip(staging, keys, strict=True):
+                    pipe.set(name, blobs[k], px=_STAGING_TTL_MS)
+                self._commit(keys=script_keys, args=args, client=pipe)
+                version = int(pipe.execute()[-1])
+            except redis.ResponseError as exc:
+                if "FOGLINE_LEASE_LOST" in str(exc):
+                    raise LeaseLost(
+                        f"partition {partition} of {self.model_name!r}: lease not held by "
+                        f"{lease.owner!r}; checkpoint not written"
+                    ) from None
+                raise
+        log.debug(
+            "partition_checkpoint_written",
+            model=self.model_name,
+            partition=int(partition),
+            snapshot_version=version,
+            keys=len(keys),
+        )
+        return version
+
+    def purge(self) -> int:
+        """Delete every keyed-mode key of this model; return the count."""
+        with self._store._guard("keyed_purge"):
+            keys = list(self._client.scan_iter(match=f"{_glob_escape(self.base)}:*", count=500))
+            return int(self._client.delete(*keys)) if keys else 0

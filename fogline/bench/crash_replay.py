@@ -22,8 +22,14 @@
    (the whole ``to_bytes`` blob: parameters, Adam moments, RNG state, prior,
    step count, offsets, records absorbed, drift state).
 
+``--autoregressive``: the records are univariate ``{ts, value, key}`` telemetry of
+:data:`SERIES_KEYS` keys (an AR(1) per key, the shift added to every key), the daemons
+run the autoregressive spec :data:`SERIES_SPEC` from a fresh prior (no warm-start
+file), and each key's first ``lags`` records only fill its lag buffer:
+``absorbed + warming == valid``; the lag state rides in the compared blob.
+
 The last line printed is ``{"sent", "valid", "absorbed", "dead_lettered",
-"kills", "identical", "policy", "drift_mode", "alarms"}``.  The helpers here (records, config files, daemon
+"kills", "identical", "policy", "drift_mode", "alarms"}`` (+ ``"warming"``).  The helpers here (records, config files, daemon
 subprocesses) are shared with ``tests/service``.
 """
 
@@ -74,6 +80,26 @@ BAD_PAYLOADS: tuple[bytes, ...] = (
     b'{"ts": 1, "x": [0, 0, 0, 0, 0, 0, 0, 0], "y": "high"}',  # non-numeric
     b"[]",  # not an object
 )
+
+#: Malformed ``{ts, value, key}`` records of the autoregressive variant.
+BAD_SERIES: tuple[bytes, ...] = (
+    b'{"ts": 1, "value": 1',  # invalid JSON
+    b'{"ts": 1, "key": "k0"}',  # no value
+    b'{"ts": 1, "key": "k0", "value": "high"}',  # non-numeric
+    b'{"ts": 1, "key": "k0", "value": NaN}',  # non-finite
+    b'{"ts": "yesterday", "key": "k0", "value": 1.0}',  # bad time stamp
+    b"[]",  # not an object
+)
+#: Keys of the autoregressive variant and its model spec (one posterior for all keys).
+SERIES_KEYS = 4
+SERIES_SPEC: dict[str, Any] = {
+    "mode": "autoregressive",
+    "target": "value",
+    "timestamp": "ts",
+    "key": "key",
+    "lags": 4,
+    "calendar": True,
+}
 
 PYTHON = sys.executable
 
@@ -305,6 +331,7 @@ def crash_replay(
     verbose: bool = True,
     policy: str = "forget",
     shift_at: float | None = 0.5,
+    autoregressive: bool = False,
 ) -> dict[str, Any]:
     """Run the reference and the crash run; return the result dict (see the module docstring).
 
@@ -320,13 +347,15 @@ def crash_replay(
     topic = f"crash-{tag}"
     create_topic(bootstrap, topic, 1)
     drift_on = policy != "off"
-    recs = make_records(n_valid, n_bad, seed, shift_at if drift_on else None)
-    init_path = warm_start(workdir / "init.safetensors", seed + 1) if drift_on else None
+    make = make_series_records if autoregressive else make_records
+    recs = make(n_valid, n_bad, seed, shift_at if drift_on else None)
+    warm = drift_on and not autoregressive  # AR: a fresh prior of SERIES_SPEC
+    init_path = warm_start(workdir / "init.safetensors", seed + 1) if warm else None
     produce(bootstrap, topic, recs.values)
     prefix = f"crash-{tag}"
 
     def config(name: str) -> Path:
-        return write_config(
+        path = write_config(
             workdir / f"{name}.yaml",
             bootstrap=bootstrap,
             topic=topic,
@@ -340,6 +369,11 @@ def crash_replay(
             init_path=init_path,
             lr=5e-3 if drift_on else None,
         )
+        if autoregressive:
+            cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+            cfg["model"] = SERIES_SPEC
+            path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+        return path
 
     ref_cfg, crash_cfg = config("ref"), config("crash")
     say = print if verbose else (lambda *a, **k: None)
@@ -425,6 +459,7 @@ def crash_replay(
     say(json.dumps(details))
     store.close()
     ref_store.close()
+    warming = SERIES_KEYS * int(SERIES_SPEC["lags"]) if autoregressive else 0
     return {
         "sent": len(recs.values),
         "valid": recs.valid,
@@ -435,7 +470,34 @@ def crash_replay(
         "policy": policy,
         "drift_mode": drift_summary(crash_state).get("mode"),
         "alarms": drift_summary(crash_state).get("alarms"),
+        **({"warming": warming} if autoregressive else {}),
     }
+
+
+def make_series_records(
+    n_valid: int, n_bad: int, seed: int = 0, shift_at: float | None = None
+) -> Records:
+    """``n_valid`` ``{ts, value, key}`` records of :data:`SERIES_KEYS` interleaved AR(1) keys.
+
+    Key k: v_t = 2k + 0.8 (v_{t-1} - 2k) + 0.3 eps, one record a minute per key;
+    with ``shift_at`` every value from valid record ``int(shift_at * n_valid)`` on
+    is 1.5 higher.  ``n_bad`` malformed records (:data:`BAD_SERIES`) at random places.
+    """
+    rng = np.random.default_rng(seed)
+    last = [2.0 * k for k in range(SERIES_KEYS)]
+    good = []
+    for i in range(n_valid):
+        k = i % SERIES_KEYS
+        last[k] = 2.0 * k + 0.8 * (last[k] - 2.0 * k) + 0.3 * float(rng.standard_normal())
+        v = last[k] + (1.5 if shift_at is not None and i >= int(shift_at * n_valid) else 0.0)
+        rec = {"ts": 1_700_000_000 + 60 * (i // SERIES_KEYS), "key": f"k{k}", "value": round(v, 5)}
+        good.append(json.dumps(rec).encode())
+    total = n_valid + n_bad
+    bad_pos = sorted(rng.choice(total, size=n_bad, replace=False).tolist()) if n_bad else []
+    bad_set = frozenset(int(p) for p in bad_pos)
+    it = iter(good)
+    values = [BAD_SERIES[i % len(BAD_SERIES)] if i in bad_set else next(it) for i in range(total)]
+    return Records(values, bad_set)
 
 
 def warm_start(path: Path, seed: int) -> Path:
@@ -485,6 +547,11 @@ def main(argv: list[str] | None = None) -> int:
         default="forget",
         help="drift policy of both daemons (not off: warm start + a mean shift half-way)",
     )
+    p.add_argument(
+        "--autoregressive",
+        action="store_true",
+        help="univariate {ts, value, key} records and the autoregressive spec SERIES_SPEC",
+    )
     p.add_argument("--bootstrap", default=None, help="use this broker instead of an embedded one")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of an embedded one")
     p.add_argument("--workdir", type=Path, default=None, help="keep configs and logs here")
@@ -509,9 +576,10 @@ def main(argv: list[str] | None = None) -> int:
             steps_per_batch=args.steps_per_batch,
             seed=args.seed,
             policy=args.policy,
+            autoregressive=args.autoregressive,
         )
     ok = (
-        result["absorbed"] == result["valid"]
+        result["absorbed"] + result.get("warming", 0) == result["valid"]
         and result["dead_lettered"] == args.bad
         and result["identical"]
     )

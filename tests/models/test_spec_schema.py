@@ -114,6 +114,11 @@ def test_state_carries_schema_through_serialisation() -> None:
     assert from_bytes(to_bytes(plain)).data_schema().feature_names == ("a", "b")
 
 
-def test_daemon_settings_refuse_a_mode_it_cannot_run() -> None:
-    with pytest.raises(ConfigError, match="mode 'autoregressive' is not supported"):
-        Settings.load(None, model={"mode": "autoregressive"})
+def test_daemon_settings_take_autoregressive_mode_and_refuse_its_contradictions() -> None:
+    ar = {"mode": "autoregressive", "target": "value", "timestamp": "ts", "lags": 2}
+    spec = Settings.load(None, model=ar).model
+    assert spec is not None and spec.features[:2] == ("lag_1", "lag_2")
+    with pytest.raises(ConfigError, match="timestamp: autoregressive mode needs"):
+        Settings.load(None, model={"mode": "autoregressive", "target": "value"})
+    with pytest.raises(ConfigError, match="features: autoregressive mode builds its inputs"):
+        Settings.load(None, model={**ar, "features": ["cpu"]})

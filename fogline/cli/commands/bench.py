@@ -21,6 +21,8 @@ BENCHMARKS: dict[str, str] = {
     "compare": "Gaussian vs Student-t, mean-field vs low-rank outside the data",
     "faults": "fault scenarios (kill -9, outages, poison records): lost, duplicated, stalled",
     "nab": "NAB corpus: results tree, per-file wall time, NAB scores (--scorer PATH)",
+    "keyed": "a posterior per key: batched key step vs a loop over keys; memory per key",
+    "keyed_drift": "1 key of 50 shifts: its detection delay, the others' false alarms vs the ERT",
 }
 
 

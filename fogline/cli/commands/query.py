@@ -5,7 +5,11 @@
 one or more rows, either through a running service (``--url``) or straight
 from the snapshot in Redis (the default), and prints the predictive summaries.
 Rows are raw units, by name (``--x cpu=0.7,mem=2.1``) or in feature order
-(``--x 0.7,2.1``); answers are in the target's units.
+(``--x 0.7,2.1``); answers are in the target's units.  For an autoregressive
+model ``--key K`` alone (optionally ``--ts T``) predicts the key's NEXT value from
+its lags at the snapshot instead; a key without enough history is a clear error.
+In keyed mode (``keyed.enabled``) ``--key K --x ...`` answers the rows from key K's
+own posterior.
 
 Exit codes: 0 done; 1 the service or store failed (one-line message);
 2 invalid configuration or arguments.
@@ -49,9 +53,19 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     q.add_argument("--config", metavar="PATH", help="YAML or TOML settings file")
     q.add_argument("--model", metavar="NAME", help="model name (overrides model_name)")
     q.add_argument(
+        "--key",
+        metavar="K",
+        help="with --x rows: keyed mode (keyed.enabled), answer from key K's own posterior; "
+        "alone: autoregressive models, predict key K's next value from its lags",
+    )
+    q.add_argument(
+        "--ts",
+        metavar="T",
+        help="with --key: the time of that value (ISO 8601 or epoch; default: the key's next step)",
+    )
+    q.add_argument(
         "--x",
         action="append",
-        required=True,
         metavar="NAME=V,... | V1,V2,...",
         help="one feature row in raw units: name=value pairs (e.g. cpu=0.7,mem=2.1) or "
         "values in feature order (repeat for more rows)",
@@ -171,26 +185,48 @@ def _query(args: argparse.Namespace) -> int:
 
     settings = load_or_exit(args.config)
     settings = settings.override({"redis.url": args.redis_url, "model_name": args.model})
-    rows = _parse_rows(args.x)
+    if args.key is None and not args.x:
+        print(
+            "fogline: give --x rows, --key K with --x rows (keyed mode), "
+            "or --key K alone (autoregressive models)",
+            file=sys.stderr,
+        )
+        return 2
+    # --key with rows: keyed mode (that key's own posterior); --key alone: the
+    # autoregressive model's next value for that series.
+    keyed = args.key is not None and bool(args.x)
+    if args.ts is not None and (args.key is None or keyed):
+        print("fogline: --ts needs --key without --x (autoregressive models)", file=sys.stderr)
+        return 2
+    rows = _parse_rows(args.x) if args.x else []
     try:
         levels = [float(v) for v in args.levels.split(",") if v.strip()]
     except ValueError:
         print(f"fogline: --levels {args.levels!r}: not numbers", file=sys.stderr)
         return 2
-    if args.y is not None and len(args.y) != len(rows):
-        print(f"fogline: {len(args.y)} --y values for {len(rows)} --x rows", file=sys.stderr)
+    n_rows = len(rows) if args.x else 1
+    if args.y is not None and len(args.y) != n_rows:
+        print(f"fogline: {len(args.y)} --y values for {n_rows} rows", file=sys.stderr)
         return 2
-    body: dict[str, Any] = {"rows": rows, "levels": levels}
+    body: dict[str, Any] = {"levels": levels}
+    if args.key is not None and not keyed:
+        body["key"] = args.key
+        if args.ts is not None:
+            body["ts"] = _ts_arg(args.ts)
+    else:
+        body["rows"] = rows
     if args.y is not None:
         body["y"] = args.y
+    key = args.key if keyed else None
     if args.url:
-        status, answer = _via_http(args.url, settings, body, args.timeout)
+        status, answer = _via_http(args.url, settings, body, args.timeout, key)
     else:
-        status, answer = _via_redis(settings, body)
+        status, answer = _via_redis(settings, body, key)
     if status != 200:
         detail = answer.get("detail", answer) if isinstance(answer, dict) else answer
         print(f"fogline: error {status}: {json.dumps(detail)}", file=sys.stderr)
-        return 2 if status in (413, 422) else 1
+        unknown_key = status == 404 and str(detail).startswith("key ")
+        return 2 if status in (413, 422) or unknown_key else 1
     if args.json:
         print(json.dumps(answer))
     else:
@@ -198,15 +234,28 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ts_arg(text: str) -> float | str:
+    """``--ts``: a number (epoch seconds or ms) or ISO 8601 text, as the API takes it."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _via_http(
-    url: str, settings: Settings, body: dict[str, Any], timeout: float
+    url: str, settings: Settings, body: dict[str, Any], timeout: float, key: str | None = None
 ) -> tuple[int, Any]:
     import httpx
 
     headers = {}
     if settings.api.token is not None:
         headers["Authorization"] = f"Bearer {settings.api.token.get_secret_value()}"
-    target = f"{url.rstrip('/')}/v1/models/{settings.model_name}/predict"
+    base = f"{url.rstrip('/')}/v1/models/{settings.model_name}"
+    if key is not None:
+        from urllib.parse import quote
+
+        base += f"/keys/{quote(key, safe='')}"
+    target = f"{base}/predict"
     try:
         resp = httpx.post(target, json=body, headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:
@@ -217,8 +266,8 @@ def _via_http(
         return resp.status_code, resp.text
 
 
-def _via_redis(settings: Settings, body: dict[str, Any]) -> tuple[int, Any]:
-    """Answer like the service would, from the latest snapshot in Redis."""
+def _via_redis(settings: Settings, body: dict[str, Any], key: str | None = None) -> tuple[int, Any]:
+    """Answer like the service would, from the latest snapshot (or ``key``'s) in Redis."""
     from fastapi import HTTPException
     from pydantic import ValidationError
 
@@ -230,6 +279,8 @@ def _via_redis(settings: Settings, body: dict[str, Any]) -> tuple[int, Any]:
         req = PredictRequest.model_validate(body)
     except ValidationError as exc:
         return 422, {"detail": [e["msg"] for e in exc.errors(include_url=False)]}
+    if key is not None:
+        return _key_via_redis(settings, req, key)
     try:
         with SnapshotStore.from_settings(settings) as store:
             loaded = load_snapshot(store, None, settings.api.ensemble_size, settings.api.quantize)
@@ -243,13 +294,40 @@ def _via_redis(settings: Settings, body: dict[str, Any]) -> tuple[int, Any]:
         return exc.status_code, {"detail": exc.detail}
 
 
+def _key_via_redis(settings: Settings, req: Any, key: str) -> tuple[int, Any]:
+    """Answer from key ``key``'s last checkpointed posterior (keyed mode)."""
+    from fastapi import HTTPException
+
+    from fogline.daemon.query.api import _predict_body
+    from fogline.daemon.query.serving import load_key
+    from fogline.daemon.stream.store import PartitionStore, StoreError
+
+    try:
+        store = PartitionStore.from_settings(settings)
+        try:
+            loaded = load_key(store, key, settings.api.ensemble_size, settings.api.quantize)
+        finally:
+            store.close()
+    except (StoreError, ValueError) as exc:
+        return 1, {"detail": str(exc)}
+    if loaded is None:
+        return 404, {"detail": f"model {settings.model_name!r} has no key {key!r}"}
+    try:
+        answer = _predict_body(settings.model_name, loaded, req, settings.api)
+    except HTTPException as exc:
+        return exc.status_code, {"detail": exc.detail}
+    answer["key"] = key
+    return 200, answer
+
+
 def _print_table(answer: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     levels = answer["levels"]
+    about = f" key {answer['key']} at {answer['ts']}" if answer.get("key") is not None else ""
     table = Table(
-        title=f"{answer['model']} v{answer['snapshot_version']} "
+        title=f"{answer['model']} v{answer['snapshot_version']}{about} "
         f"({answer['ensemble_size']} samples{', 8-bit' if answer['quantized'] else ''}"
         f"{', drift: ' + answer['drift_mode'] if answer.get('drift_mode') else ''})"
     )

@@ -7,7 +7,8 @@ snapshot or ``--init`` state prints one ``model.<field>: ...`` line each); 3 ano
 model (with ``--lease-wait-s``) or took it over; 4 a snapshot offset lies beyond
 its partition's end and ``stream.offset_out_of_range`` is ``fail``;
 5 the model has snapshot versions but none is intact (``--allow-fresh``
-starts afresh instead).
+starts afresh instead); 7 (keyed mode) the topic was repartitioned or a key
+moved to another partition.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def _run(args: argparse.Namespace) -> int:
         lease_wait_s=args.lease_wait_s,
         threads=args.threads or None,
     )
+    if settings.keyed.enabled:
+        return _run_keyed(settings, options, stop)
     pipe = Pipeline(settings, options, stop)
     try:
         code = pipe.run()
@@ -96,6 +99,22 @@ def _run(args: argparse.Namespace) -> int:
             "(see the no_intact_snapshot log event); --allow-fresh starts afresh",
             file=sys.stderr,
         )
+    return code
+
+
+def _run_keyed(settings: Settings, options: Any, stop: Any) -> int:
+    """``fogline run`` with ``keyed.enabled``: one posterior per key (docs/operations.md)."""
+    from fogline.daemon.stream.keyed import EXIT_REPARTITIONED, KeyedPipeline
+
+    pipe = KeyedPipeline(settings, options, stop)
+    try:
+        code = pipe.run()
+    finally:
+        stop.restore()
+    if code == 2:
+        print(f"fogline run: invalid configuration: {pipe.stats.exit_reason}", file=sys.stderr)
+    elif code == EXIT_REPARTITIONED:
+        print(f"fogline run: {pipe.stats.exit_reason}", file=sys.stderr)
     return code
 
 

@@ -1,0 +1,730 @@
+"""Keyed mode: one posterior per source key, partitions owned across the consumer group.
+
+Wiring only, like :mod:`fogline.daemon.stream.pipeline` (which stays the
+single-posterior daemon, unchanged): Kafka through
+:mod:`fogline.daemon.stream.source`, decoding through
+:mod:`fogline.daemon.stream.decode`, count batching through
+:class:`~fogline.daemon.stream.batching.MicroBatcher` (one per partition),
+Redis through :class:`~fogline.daemon.stream.store.PartitionStore`, the key
+step through :mod:`fogline.daemon.stream.keyed_update`, memory through
+:class:`~fogline.daemon.stream.keycache.KeyCache`.
+
+Ownership (Kafka's consumer group assigns, Redis leases guard the writes):
+
+- **assign**: the partition is paused; the main loop takes its lease
+  ``(model, partition)`` (waiting while a dead owner's lease runs out), reads
+  its manifest, seeks to the manifest's next offset (no manifest: the
+  earliest) and resumes it.  Key states load lazily from their blobs on the
+  key's next record (a key never written starts from the fleet prior).
+- **revoke** (inside the consumer's poll): the partition's complete batches
+  are absorbed, its checkpoint written, its lease released and its keys
+  forgotten; its partial batch is dropped (read again by the next owner).
+- **killed** owner: the group reassigns its partitions after the session
+  timeout; the new owner waits out the lease TTL and resumes from the last
+  checkpoint.  Batches are formed per partition in count mode, so every
+  owner rebuilds the same batches from the same offset: each key's posterior
+  depends only on its partition's record sequence, bit for bit.
+
+Partition checkpoint (commit path, per partition): 1. the batch's keys were
+stepped, 2. flush the dead-letter producer, 3. write every dirty key's blob,
+the manifest (next offset) and the key index in one lease-guarded Redis
+transaction (:meth:`PartitionStore.commit`), 4. only then commit the offset to
+Kafka (lag monitoring).  A lease found lost drops the partition (its dirty
+keys were never committed; the owner redoes them from the checkpoint).
+
+Repartitioning: the topic name, the partition count and the key field are
+stored once (``keyed:layout``), and every key's partition in the key index;
+a different partition count, or a key arriving on another partition than the
+one that absorbed it, stops the daemon with :data:`EXIT_REPARTITIONED` and
+says why (never a silent mix of two keys' histories).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import structlog
+import torch
+
+from fogline.daemon import metrics
+from fogline.daemon.config import Settings
+from fogline.daemon.names import process_identity
+from fogline.daemon.stream.batching import MicroBatcher, Rows, TopicPartition
+from fogline.daemon.stream.checkpoint import resume_offsets
+from fogline.daemon.stream.decode import Decoder, RawRecord, decode_batch, partition_key
+from fogline.daemon.stream.isolate import STEP_REJECTED, rejected_record
+from fogline.daemon.stream.keycache import KeyCache
+from fogline.daemon.stream.keyed_update import KeyedUpdate, fleet_state, new_key
+from fogline.daemon.stream.pipeline import (
+    DeadLetters,
+    RunOptions,
+    fresh_prior,
+    fresh_stream,
+    kafka_dead_letters,
+    kafka_source,
+    record_schema,
+    spec_problems,
+)
+from fogline.daemon.stream.runtime import StopFlag, select_device
+from fogline.daemon.stream.store import (
+    Lease,
+    LeaseLost,
+    PartitionStore,
+    StoreUnavailable,
+    retry_backoff,
+)
+from fogline.daemon.stream.update import warm_up
+from fogline.drift.runner import drift_mode
+from fogline.models.serialize import from_bytes, load, to_bytes
+from fogline.models.state import Minibatch, PosteriorState, RecordFingerprint
+
+log = structlog.get_logger(__name__)
+
+#: Exit status when the topic was repartitioned (or keys moved between partitions).
+EXIT_REPARTITIONED = 7
+#: Exit status of a configuration keyed mode cannot run (no ``model.key``).
+EXIT_BAD_CONFIG = 2
+#: Longest the shutdown checkpoints keep retrying an unreachable Redis.
+SHUTDOWN_RETRY_S = 30.0
+
+
+class Repartitioned(RuntimeError):
+    """The topic's partitions no longer match what the keyed snapshots were built from."""
+
+
+class KeyedSource(Protocol):
+    """What keyed mode needs of the consumer (:class:`~fogline.daemon.stream.source.KafkaSource`)."""
+
+    @property
+    def assignment(self) -> list[TopicPartition]: ...
+    def poll(self, max_records: int | None = ..., timeout_ms: int = ...) -> list[RawRecord]: ...
+    def seek(self, offsets: Mapping[TopicPartition, int]) -> None: ...
+    def reset(self, key: TopicPartition, to: str, high_watermark: int | None = ...) -> None: ...
+    def pause(self, keys: Any) -> None: ...
+    def resume(self, keys: Any) -> None: ...
+    def partition_count(self, topic: str | None = ...) -> int | None: ...
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> bool: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class KeyedClients:
+    """Factories of keyed mode's collaborators (Kafka and Redis by default)."""
+
+    store: Callable[[Settings], PartitionStore] = PartitionStore.from_settings
+    source: Callable[..., Any] = kafka_source
+    dead_letters: Callable[[Settings], DeadLetters] = kafka_dead_letters
+
+
+@dataclass
+class KeyedStats:
+    """Counters of one :meth:`KeyedPipeline.run`."""
+
+    records_in: int = 0
+    records_valid: int = 0
+    records_absorbed: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+    checkpoints: int = 0
+    partitions_resumed: int = 0
+    exit_reason: str = ""
+
+
+@dataclass
+class Owned:
+    """A partition this daemon holds the lease of."""
+
+    partition: int
+    lease: Lease
+    batcher: MicroBatcher
+    version: int
+    records_absorbed: int
+    #: Next offset after the last record read (``None``: nothing read since the resume).
+    horizon: int | None
+    #: The next offset of the last checkpoint (``None``: never checkpointed).
+    committed: int | None
+    #: Key of each buffered row, by offset.
+    keys_at: dict[int, str] = field(default_factory=dict)
+    pending: collections.deque[Rows] = field(default_factory=collections.deque)
+    batches_since: int = 0
+    changed: bool = False
+    last_commit: float = field(default_factory=time.monotonic)
+    renewed_at: float = field(default_factory=time.monotonic)
+
+
+class KeyedPipeline:
+    """One keyed daemon of a consumer group (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        options: RunOptions | None = None,
+        stop: StopFlag | None = None,
+        clients: KeyedClients | None = None,
+    ) -> None:
+        self.settings = settings
+        self.options = options or RunOptions()
+        self.stop = stop if stop is not None else StopFlag()
+        self.clients = clients or KeyedClients()
+        self.stats = KeyedStats()
+        self.owner = process_identity()
+        self.topic = settings.kafka.topic
+        self.owned: dict[int, Owned] = {}
+        #: Assigned partitions waiting for their lease: partition -> monotonic time assigned.
+        self.claiming: dict[int, float] = {}
+        self._announced: set[int] = set()
+        self._retry_at = 0.0
+        self._failures = 0
+        self._paused_for_store = False
+        #: Rebalance events queued by the consumer's callbacks: ("assigned"|"revoked", partitions).
+        self._events: collections.deque[tuple[str, list[int]]] = collections.deque()
+
+    # -- the whole run ----------------------------------------------------------
+    def run(self) -> int:
+        """Run until stopped (or ``max_records`` / ``idle_exit_s``); return the exit status.
+
+        0 clean stop (every owned partition checkpointed, leases released); 1 a
+        final checkpoint could not be written; 2 keyed mode without ``model.key``
+        or a spec contradicting the start state; 7 repartitioned topic.
+        """
+        s = self.settings
+        structlog.contextvars.clear_contextvars()
+        if self.options.threads:
+            torch.set_num_threads(self.options.threads)
+        if s.model is None or not s.model.key:
+            self.stats.exit_reason = "keyed.enabled needs model.key (the record field of the key)"
+            log.error("daemon_failed", reason="bad_config", error=self.stats.exit_reason)
+            return EXIT_BAD_CONFIG
+        device = select_device(s.stream.device)
+        self.store = self.clients.store(s)
+        try:
+            start = self._start_state(device)
+            problems = spec_problems(s, start)
+            if problems:
+                self.stats.exit_reason = "\n".join(problems)
+                log.error("daemon_failed", reason="model_spec_contradiction", problems=problems)
+                return EXIT_BAD_CONFIG
+            # every daemon of the group starts new keys from the same stored bytes
+            self.fleet = from_bytes(self.store.fleet_blob(to_bytes(fleet_state(start))), device)
+            self.decoder = Decoder(record_schema(s, start))
+            self.cache = KeyCache(s.keyed.max_keys, s.keyed.idle_ttl_s)
+            self.update = KeyedUpdate(s)
+            warm_up(self.fleet, 8, s.stream.steps_per_batch, s.stream.data_size)
+            self.dlq = self.clients.dead_letters(s)
+            try:
+                self.source: KeyedSource = self.clients.source(
+                    s, self._offsets_for, self._on_revoked, self._fingerprints_for
+                )
+                log.info(
+                    "daemon_started",
+                    model=s.model_name,
+                    mode="keyed",
+                    key_field=s.model.key,
+                    batching=s.stream.batching,
+                    batch_size=s.stream.batch_size,
+                    max_keys=s.keyed.max_keys,
+                )
+                try:
+                    return self._loop()
+                except Repartitioned as exc:
+                    log.error("daemon_failed", reason="repartitioned", error=str(exc))
+                    self.stats.exit_reason = str(exc)
+                    self._release_all()
+                    return EXIT_REPARTITIONED
+                finally:
+                    self.source.close()
+            finally:
+                self.dlq.close()
+        finally:
+            self.store.close()
+
+    def _start_state(self, device: torch.device) -> PosteriorState:
+        """The state the fleet prior is made from: ``--init`` / ``stream.init_path``, else fresh."""
+        path: Path | None = self.options.init_path or self.settings.stream.init_path
+        if path is not None:
+            return fresh_stream(load(str(path), device)).replace(lr=self.settings.stream.lr)
+        return fresh_prior(self.settings, device)
+
+    # -- rebalance callbacks (kafka-python's IO thread) ------------------------------
+    # They only queue what happened: kafka-python 3 runs them on its IO thread, where
+    # no blocking consumer call may run; the main loop handles them (:meth:`_rebalanced`).
+    def _offsets_for(self, keys: list[TopicPartition]) -> Mapping[TopicPartition, int]:
+        """Queue newly assigned partitions; they stay paused until their lease is taken."""
+        self._events.append(("assigned", [p for t, p in keys if t == self.topic]))
+        return {}
+
+    def _fingerprints_for(
+        self, keys: list[TopicPartition]
+    ) -> Mapping[TopicPartition, RecordFingerprint]:
+        return {}
+
+    def _on_revoked(self, keys: list[TopicPartition]) -> None:
+        self._events.append(("revoked", [p for t, p in keys if t == self.topic]))
+
+    def _rebalanced(self) -> None:
+        """Handle queued rebalance events in order, on the main thread.
+
+        Revoked: finish the partition's complete batches, checkpoint it (the lease
+        is still ours, so the write is valid even if Kafka already gave the
+        partition to another member, whose claim waits for the lease), release
+        the lease, forget its keys.  Assigned: queue the partition for a claim.
+        """
+        while self._events:
+            kind, parts = self._events.popleft()
+            now = time.monotonic()
+            for p in parts:
+                if kind == "assigned":
+                    if p not in self.owned:
+                        self.claiming.setdefault(p, now)
+                    continue
+                self.claiming.pop(p, None)
+                part = self.owned.get(p)
+                if part is None:
+                    continue
+                while part.pending:
+                    self._absorb(part, part.pending.popleft())
+                try:
+                    self._checkpoint(part, "revoked")
+                except StoreUnavailable as exc:  # the next owner redoes it from the last one
+                    log.warning("revoke_checkpoint_failed", partition=p, error=str(exc))
+                self._drop(p, "revoked", release=True)
+
+    # -- ownership ----------------------------------------------------------------------
+    def _claim(self) -> None:
+        """Take the lease of every assigned, unowned partition whose lease is free."""
+        if not self.claiming:
+            return
+        assigned = {p for t, p in self.source.assignment if t == self.topic}
+        for p in sorted(self.claiming):
+            if p not in assigned:
+                del self.claiming[p]
+                continue
+            self.source.pause([(self.topic, p)])
+            lease = self.store.acquire(p, self.owner, self.settings.redis.lease_ttl_s)
+            if lease is None:
+                if p not in self._announced:
+                    self._announced.add(p)
+                    log.info("partition_lease_held", partition=p, holder=self.store.lease_owner(p))
+                continue
+            self._announced.discard(p)
+            manifest = self.store.manifest(p)
+            offset = manifest.offsets.get(partition_key(self.topic, p)) if manifest else None
+            if offset is not None:
+                self.source.seek({(self.topic, p): offset})
+            else:
+                self.source.reset((self.topic, p), "earliest")
+            s = self.settings.stream
+            self.owned[p] = Owned(
+                partition=p,
+                lease=lease,
+                batcher=MicroBatcher(
+                    s.batch_size, None if s.batching == "count" else s.max_wait_ms
+                ),
+                version=manifest.version if manifest else 0,
+                records_absorbed=manifest.records_absorbed if manifest else 0,
+                horizon=None,
+                committed=offset,
+            )
+            waited = time.monotonic() - self.claiming.pop(p)
+            self.source.resume([(self.topic, p)])
+            self.stats.partitions_resumed += 1
+            metrics.PARTITIONS_OWNED.set(len(self.owned))
+            metrics.PARTITION_RESUME_SECONDS.observe(waited)
+            log.info(
+                "partition_resumed",
+                partition=p,
+                offset=offset,
+                snapshot_version=manifest.version if manifest else None,
+                records_absorbed=manifest.records_absorbed if manifest else 0,
+                waited_s=round(waited, 3),
+            )
+
+    def _drop(self, p: int, why: str, *, release: bool) -> None:
+        """Forget partition ``p`` (its keys too); release its lease if asked."""
+        part = self.owned.pop(p, None)
+        if part is None:
+            return
+        if release:
+            with contextlib.suppress(StoreUnavailable):  # else it runs out after its TTL
+                self.store.release(part.lease)
+        gone = self.cache.drop_partition(p)
+        metrics.PARTITIONS_OWNED.set(len(self.owned))
+        metrics.KEYS_IN_MEMORY.set(len(self.cache))
+        log.info("partition_dropped", partition=p, reason=why, keys=len(gone))
+
+    def _check_layout(self) -> None:
+        """Store the topic's layout once; refuse a different partition count or topic."""
+        if getattr(self, "_layout_ok", False):
+            return
+        count = self.source.partition_count(self.topic)
+        if count is None:
+            return
+        assert self.settings.model is not None
+        stored = self.store.ensure_layout(
+            {
+                "topic": self.topic,
+                "partitions": str(count),
+                "key_field": str(self.settings.model.key),
+            }
+        )
+        if stored.get("partitions") != str(count) or stored.get("topic") != self.topic:
+            raise Repartitioned(
+                f"model {self.settings.model_name!r}: keyed snapshots were built from topic "
+                f"{stored.get('topic')!r} with {stored.get('partitions')} partitions, the topic "
+                f"{self.topic!r} now has {count}: keys would move between partitions and mix "
+                f"histories; re-key into a new model name (see docs/operations.md)"
+            )
+        self._layout_ok = True
+
+    def _renew(self, now: float) -> None:
+        """Renew each owned lease a third of its TTL after the last renewal; drop lost ones."""
+        for p, part in list(self.owned.items()):
+            if now - part.renewed_at < part.lease.ttl_s / 3:
+                continue
+            if self.store.renew(part.lease):
+                part.renewed_at = now
+            else:
+                log.warning("partition_lease_lost", partition=p)
+                self._drop(p, "lease_lost", release=False)
+                self.claiming.setdefault(p, now)
+
+    # -- the loop -------------------------------------------------------------------
+    def _loop(self) -> int:
+        s = self.settings
+        opts = self.options
+        idle_since = time.monotonic()
+        while not self.stop:
+            now = time.monotonic()
+            if now < self._retry_at:
+                # Redis down: fetch nothing more (bounded memory), keep the group membership
+                self.source.pause(self.source.assignment)
+                self._ingest(self.source.poll(s.kafka.max_poll_records, 100))
+                self.stop.wait(min(0.5, max(0.0, self._retry_at - time.monotonic())))
+                continue
+            try:
+                self._claim()
+                self._renew(now)
+            except StoreUnavailable as exc:
+                self._store_down(exc, "lease")
+                continue
+            if self._paused_for_store:
+                self._paused_for_store = False
+                self.source.resume([(self.topic, p) for p in self.owned])
+            if opts.max_records is not None and self.stats.records_in >= opts.max_records:
+                self.stats.exit_reason = "max_records"
+                break
+            raws = self.source.poll(s.kafka.max_poll_records, 100)
+            try:
+                self._check_layout()
+                self._rebalanced()
+                self._ingest(raws)
+                self._drain()
+                self._maybe_checkpoint(time.monotonic())
+                self._bound_memory()
+            except StoreUnavailable as exc:
+                self._store_down(exc, "checkpoint")
+                continue
+            now = time.monotonic()
+            if raws or self.claiming or not self.owned:
+                idle_since = now
+            if opts.idle_exit_s is not None and now - idle_since >= opts.idle_exit_s:
+                self.stats.exit_reason = "idle"
+                break
+        else:
+            self.stats.exit_reason = f"signal {self.stop.signal_name}"
+        return self._shutdown()
+
+    def _store_down(self, exc: Exception, op: str) -> None:
+        """Redis unreachable: wait (backoff) while polling to keep the group membership."""
+        delay = retry_backoff(self._failures)
+        self._failures += 1
+        self._retry_at = time.monotonic() + delay
+        self._paused_for_store = True
+        metrics.REDIS_UP.set(0)
+        log.warning("redis_unavailable", op=op, error=str(exc), retry_in_s=round(delay, 3))
+
+    def _ingest(self, raws: list[RawRecord]) -> None:
+        """Decode a poll: bad records to the DLQ, good ones into their partition's batcher."""
+        raws = [r for r in raws if r.topic == self.topic and r.partition in self.owned]
+        if not raws:
+            return
+        self.stats.records_in += len(raws)
+        metrics.RECORDS_IN.labels(topic=self.topic).inc(len(raws))
+        dec = decode_batch(raws, self.decoder)
+        for raw, reason, _ in dec.bad:
+            self._dead_letter(raw, reason)
+        limit = self.settings.keyed.max_key_length
+        field_name = self.settings.model.key if self.settings.model else "key"
+        by_part: dict[int, list[int]] = collections.defaultdict(list)
+        for j, i in enumerate(dec.good):
+            key = dec.keys[j]
+            raw = raws[i]
+            if not key:
+                self._dead_letter(raw, f"missing_key: {field_name}")
+                continue
+            if len(key) > limit:
+                self._dead_letter(raw, f"bad_key: longer than {limit} characters")
+                continue
+            by_part[raw.partition].append(j)
+        for r in raws:
+            part = self.owned[r.partition]
+            part.horizon = max(part.horizon or 0, r.offset + 1)
+            part.changed = True
+        for p, rows in by_part.items():
+            part = self.owned[p]
+            idx = np.asarray(rows, dtype=np.int64)
+            offsets = [raws[dec.good[j]].offset for j in rows]
+            for j, off in zip(rows, offsets, strict=True):
+                part.keys_at[off] = str(dec.keys[j])
+            self.stats.records_valid += len(rows)
+            chunk = Rows.of(self.topic, dec.x[idx], dec.y[idx], [p] * len(rows), offsets)
+            part.pending.extend(part.batcher.add(chunk))
+        for part in self.owned.values():
+            due = part.batcher.poll_due()
+            if due is not None:
+                part.pending.append(due)
+
+    def _dead_letter(self, raw: RawRecord, reason: str) -> None:
+        self.dlq.send(raw, reason)
+        self.stats.dead_lettered += 1
+        metrics.RECORDS_DEAD_LETTERED.labels(reason=reason.split(":", 1)[0]).inc()
+        log.warning(
+            "record_rejected",
+            topic=raw.topic,
+            partition=raw.partition,
+            offset=raw.offset,
+            reason=reason,
+        )
+
+    def _drain(self) -> None:
+        """Absorb every complete batch, partition by partition, in partition order."""
+        every = self.settings.stream.snapshot_every_batches
+        for p in sorted(self.owned):
+            part = self.owned.get(p)
+            while part is not None and part.pending and not self.stop:
+                self._absorb(part, part.pending.popleft())
+                if every and part.batches_since >= every:
+                    self._checkpoint(part, "batches")
+                self._renew(time.monotonic())  # a long backlog must not outlive the leases
+                part = self.owned.get(p)
+
+    def _load(self, p: int, keys: list[str]) -> dict[str, PosteriorState]:
+        """States of ``keys`` (all of partition ``p``): cached, else their blob, else new.
+
+        A key that another partition absorbed raises :class:`Repartitioned`.
+        """
+        out: dict[str, PosteriorState] = {}
+        missing: list[str] = []
+        for k in keys:
+            entry = self.cache.get(k)
+            if entry is None:
+                missing.append(k)
+                continue
+            if entry.partition != p:
+                self._moved(k, entry.partition, p)
+            out[k] = entry.state
+        if missing:
+            blobs = self.store.read_keys(missing)
+            for k in missing:
+                blob = blobs.get(k)
+                if blob is None:
+                    out[k] = new_key(self.fleet, k)
+                    continue
+                info = self.store.key_info(k) or {}
+                if int(info.get("partition", p)) != p:
+                    self._moved(k, int(info["partition"]), p)
+                out[k] = from_bytes(blob, self.fleet.device)
+                self.cache.put(k, out[k], p, dirty=False)
+        return out
+
+    def _moved(self, key: str, was: int, now: int) -> None:
+        raise Repartitioned(
+            f"key {key!r} was absorbed from partition {was} and now arrives on partition {now}: "
+            f"the topic was repartitioned or the producers' keying changed; refusing to mix "
+            f"histories (re-key into a new model name, see docs/operations.md)"
+        )
+
+    def _absorb(self, part: Owned, batch: Rows) -> None:
+        """Commit path step 1 for one batch of one partition: step each key on its rows."""
+        t0 = time.perf_counter()
+        keys = [part.keys_at.pop(int(o)) for o in batch.offset]
+        rows: dict[str, list[int]] = collections.defaultdict(list)
+        for i, k in enumerate(keys):
+            rows[k].append(i)
+        states = self._load(part.partition, list(rows))
+        x = torch.from_numpy(batch.x)
+        y = torch.from_numpy(batch.y)
+        batches = {}
+        for k, idx in rows.items():
+            ix = torch.as_tensor(idx, dtype=torch.long)
+            batches[k] = Minibatch(x[ix], y[ix])
+        out = self.update(states, batches)
+        new, infos = out.states, out.infos
+        if out.alarmed:
+            metrics.DRIFT_ALARMS.inc(len(out.alarmed))
+            for k in out.alarmed:  # a key label only on alarms: bounded cardinality
+                log.warning(
+                    "drift_detected", key=k, partition=part.partition, offset=batch.last_offset()
+                )
+        absorbed = 0
+        for k, info in infos.items():
+            if info.rejected:
+                metrics.STEPS_REJECTED.inc()
+                for i in rows[k]:
+                    raw, reason = rejected_record(
+                        batch.topic,
+                        part.partition,
+                        int(batch.offset[i]),
+                        batch.x[i],
+                        float(batch.y[i]),
+                    )
+                    self._dead_letter(raw, reason if reason else STEP_REJECTED)
+                continue
+            absorbed += info.rows
+            self.cache.put(k, new[k], part.partition, dirty=True)
+        part.records_absorbed += absorbed
+        part.batches_since += 1
+        part.changed = True
+        self.stats.batches += 1
+        self.stats.records_absorbed += absorbed
+        metrics.RECORDS_ABSORBED.inc(absorbed)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
+        metrics.KEYS_IN_MEMORY.set(len(self.cache))
+
+    def _next_offset(self, part: Owned) -> int | None:
+        """The partition's resume offset: its first unabsorbed row, else after the last read."""
+        tp: TopicPartition = (self.topic, part.partition)
+        absorbed = {tp: part.committed} if part.committed is not None else {}
+        handled = {tp: part.horizon} if part.horizon is not None else {}
+        unabsorbed = (*part.pending, *part.batcher.buffered())
+        return resume_offsets(absorbed, handled, unabsorbed).get(tp)
+
+    def _checkpoint(self, part: Owned, why: str) -> bool:
+        """Commit path steps 2-4 for one partition; ``False`` when it lost its lease."""
+        if not part.changed:
+            return True
+        p = part.partition
+        offset = self._next_offset(part)
+        dirty = self.cache.dirty(p)
+        blobs: dict[str, bytes] = {}
+        entries: dict[str, dict[str, Any]] = {}
+        for k in dirty:
+            entry = self.cache.get(k)
+            assert entry is not None
+            blobs[k] = to_bytes(entry.state)
+            entries[k] = {
+                "records_absorbed": entry.state.records_absorbed,
+                "drift_mode": drift_mode(entry.state),
+                "step_count": entry.state.step_count,
+            }
+        self.dlq.flush()  # 2. the dead letters before the offsets that pass them
+        offsets = {partition_key(self.topic, p): offset} if offset is not None else {}
+        t0 = time.perf_counter()
+        try:
+            version = self.store.commit(  # 3. one lease-guarded transaction
+                part.lease,
+                p,
+                offsets=offsets,
+                records_absorbed=part.records_absorbed,
+                blobs=blobs,
+                entries=entries,
+                writer=self.owner,
+            )
+        except LeaseLost as exc:
+            log.warning("partition_lease_lost", partition=p, error=str(exc))
+            self._drop(p, "lease_lost", release=False)
+            self.claiming.setdefault(p, time.monotonic())
+            return False
+        metrics.SNAPSHOT_WRITE_SECONDS.observe(time.perf_counter() - t0)
+        metrics.REDIS_UP.set(1)
+        self._failures = 0
+        self.cache.clean(dirty)
+        part.version = version
+        part.committed = offset
+        part.batches_since = 0
+        part.changed = False
+        part.last_commit = time.monotonic()
+        part.renewed_at = part.last_commit  # the script checked the token: the lease stands
+        self.stats.checkpoints += 1
+        if offset is not None:
+            self.source.commit({(self.topic, p): offset})  # 4. Kafka, for lag only
+        log.info(
+            "partition_checkpoint_written",
+            partition=p,
+            snapshot_version=version,
+            offset=offset,
+            keys=len(dirty),
+            records_absorbed=part.records_absorbed,
+            trigger=why,
+        )
+        return True
+
+    def _maybe_checkpoint(self, now: float) -> None:
+        every_s = self.settings.stream.snapshot_every_seconds
+        if not every_s:
+            return
+        for part in list(self.owned.values()):
+            if part.changed and now - part.last_commit >= every_s:
+                self._checkpoint(part, "interval")
+
+    def _bound_memory(self) -> None:
+        """Evict clean keys past the TTL or the cap; checkpoint first when dirty ones overflow."""
+        gone = self.cache.evict()
+        if self.cache.over_cap:
+            for part in list(self.owned.values()):
+                self._checkpoint(part, "memory")
+            gone += self.cache.evict()
+        if gone:
+            metrics.KEYS_EVICTED.inc(len(gone))
+            metrics.KEYS_IN_MEMORY.set(len(self.cache))
+            log.debug("keys_evicted", keys=len(gone), in_memory=len(self.cache))
+
+    def _release_all(self) -> None:
+        for p in list(self.owned):
+            self._drop(p, "stopped", release=True)
+
+    def _shutdown(self) -> int:
+        """Absorb what is complete, checkpoint every owned partition, release the leases."""
+        deadline = time.monotonic() + SHUTDOWN_RETRY_S
+        for p in sorted(self.owned):
+            part = self.owned[p]
+            if not part.batcher.count_based:
+                rest = part.batcher.flush()
+                if rest is not None:
+                    part.pending.append(rest)
+            while part.pending:
+                self._absorb(part, part.pending.popleft())
+        code = 0
+        for p in sorted(self.owned):
+            part = self.owned[p]
+            attempt = 0
+            while True:
+                try:
+                    self._checkpoint(part, "shutdown")
+                    break
+                except StoreUnavailable as exc:
+                    wait = retry_backoff(attempt)
+                    attempt += 1
+                    if time.monotonic() + wait > deadline:
+                        log.error("final_snapshot_failed", partition=p, error=str(exc))
+                        code = 1
+                        break
+                    time.sleep(wait)
+        self._release_all()
+        log.info(
+            "daemon_stopped",
+            reason=self.stats.exit_reason,
+            records_in=self.stats.records_in,
+            records_absorbed=self.stats.records_absorbed,
+            dead_lettered=self.stats.dead_lettered,
+            checkpoints=self.stats.checkpoints,
+            partitions_resumed=self.stats.partitions_resumed,
+        )
+        return code

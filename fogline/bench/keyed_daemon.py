@@ -1,0 +1,317 @@
+"""Keyed daemon records/s (the daemon part of ``fogline bench keyed``) and its test helpers.
+
+``fogline bench keyed --keys 1000 --json`` (its daemon part, :func:`daemon_part`;
+``python -m fogline.bench.keyed_daemon`` runs it alone): on an embedded Tansu broker and
+redis-server (or ``--bootstrap`` / ``--redis-url``), produce ``--records``
+keyed records over ``--keys`` keys into a ``--partitions``-partition topic,
+then in the same run measure
+
+1. *baseline*: a bare consume + decode loop (:class:`KafkaSource` and
+   :func:`decode_batch`, nothing else) reading the whole topic in its own group;
+2. *keyed daemon*: ``fogline run --idle-exit-s 5`` with ``keyed.enabled`` (one
+   process, count batching, one torch thread, checkpoints every 30 s and at the
+   stop), from its first ``partition_resumed`` log event (start-up and the group
+   join excluded) to ``daemon_stopped`` (every partition's final checkpoint
+   written) less the idle wait, counting the records absorbed.
+
+The last line printed (``--json``) holds ``baseline_records_per_s``,
+``keyed_records_per_s`` and ``daemon_ratio`` (goal >= 0.7), the records absorbed
+and ``daemon_blob_bytes_per_key`` (mean size of a key's blob in Redis).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from fogline.bench.crash_replay import daemon_argv, log_events, write_config
+from fogline.daemon.embedded import EmbeddedKafka, EmbeddedRedis
+from fogline.daemon.stream.decode import Decoder, decode_batch
+from fogline.daemon.stream.source import KafkaSource, ReplayProducer, create_topic
+from fogline.daemon.stream.store import PartitionStore, SnapshotStore
+
+#: Features of the keyed benchmark's model.
+FEATURES = ("f0", "f1", "f2", "f3")
+KEY_FIELD = "host"
+#: Idle seconds after which the benchmarked daemon stops (subtracted from its time).
+IDLE_EXIT_S = 5.0
+
+
+@dataclass(frozen=True)
+class KeyedRecords:
+    """A produced keyed stream: (partition, key, value) in send order, and the bad ones."""
+
+    rows: list[tuple[int, str, bytes]]
+    bad: frozenset[int]
+    partitions: int
+
+    def valid_per_partition(self) -> dict[int, int]:
+        """Valid records per partition."""
+        out: dict[int, int] = dict.fromkeys(range(self.partitions), 0)
+        for i, (p, _, _) in enumerate(self.rows):
+            if i not in self.bad:
+                out[p] += 1
+        return out
+
+    def absorbable(self, batch_size: int) -> int:
+        """Valid records in complete count batches (a partial last batch waits for more)."""
+        return sum(n // batch_size * batch_size for n in self.valid_per_partition().values())
+
+
+def key_partition(key: str, partitions: int) -> int:
+    """The partition a key is produced to (a stable hash, as a keyed producer does)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % partitions
+
+
+def make_keyed_records(
+    n: int, keys: int, partitions: int, *, bad_every: int = 0, seed: int = 0
+) -> KeyedRecords:
+    """``n`` records over ``keys`` keys, ``y = sin(3 f0) + 0.3 * key offset + noise``.
+
+    Each key has its own offset (so key posteriors differ); with ``bad_every``
+    every so many records one is malformed (invalid JSON).
+    """
+    rng = np.random.default_rng(seed)
+    names = [f"h{i:04d}" for i in range(keys)]
+    shift = rng.normal(0.0, 1.0, keys)
+    x = rng.standard_normal((n, len(FEATURES)))
+    who = rng.integers(0, keys, n)
+    noise = rng.standard_normal(n)
+    rows: list[tuple[int, str, bytes]] = []
+    bad: set[int] = set()
+    for i in range(n):
+        k = names[int(who[i])]
+        p = key_partition(k, partitions)
+        if bad_every and i % bad_every == bad_every - 1:
+            rows.append((p, k, b'{"ts": 1, "f0": '))
+            bad.add(i)
+            continue
+        y = np.sin(3 * x[i, 0]) + 0.3 * shift[int(who[i])] + 0.1 * noise[i]
+        rec: dict[str, Any] = {"ts": 1_700_000_000 + i, KEY_FIELD: k, "y": round(float(y), 5)}
+        rec.update({f: round(float(v), 5) for f, v in zip(FEATURES, x[i], strict=True)})
+        rows.append((p, k, json.dumps(rec).encode()))
+    return KeyedRecords(rows, frozenset(bad), partitions)
+
+
+def produce_keyed(bootstrap: str, topic: str, records: KeyedRecords) -> None:
+    """Produce ``records`` (each to its key's partition, Kafka key = the key)."""
+    with ReplayProducer(bootstrap, topic) as prod:
+        for p, k, v in records.rows:
+            prod.send(v, key=k, partition=p)
+
+
+def write_keyed_config(path: Path, *, hidden: Sequence[int] = (16,), **kw: Any) -> Path:
+    """A daemon settings file in keyed mode (``crash_replay.write_config`` plus the keyed parts)."""
+    max_keys = kw.pop("max_keys", 10_000)
+    idle_ttl_s = kw.pop("idle_ttl_s", 600.0)
+    write_config(path, **kw)
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    cfg["model"] = {
+        "features": list(FEATURES),
+        "target": "y",
+        "key": KEY_FIELD,
+        "hidden": list(hidden),
+        "transform": "none",
+    }
+    cfg["keyed"] = {"enabled": True, "max_keys": max_keys, "idle_ttl_s": idle_ttl_s}
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def key_blobs(redis_url: str, model: str, prefix: str) -> dict[str, bytes]:
+    """Every key's checkpointed blob of ``model``."""
+    store = PartitionStore(SnapshotStore(redis_url, model, prefix=prefix))
+    try:
+        keys = sorted(store.key_index())
+        return store.read_keys(keys)
+    finally:
+        store.close()
+
+
+def absorbed_total(redis_url: str, model: str, prefix: str, partitions: int) -> int:
+    """Records absorbed over every partition's last checkpoint."""
+    store = PartitionStore(SnapshotStore(redis_url, model, prefix=prefix))
+    try:
+        total = 0
+        for p in range(partitions):
+            m = store.manifest(p)
+            total += m.records_absorbed if m else 0
+        return total
+    finally:
+        store.close()
+
+
+def baseline_rate(bootstrap: str, topic: str, n: int) -> float:
+    """Records/s of a bare consume + decode loop over the first ``n`` records of ``topic``."""
+    dec = Decoder(list(FEATURES))
+    src = KafkaSource(bootstrap, topic, f"bench-{uuid.uuid4().hex[:8]}", session_timeout_ms=6000)
+    try:
+        seen = 0
+        t0: float | None = None
+        while seen < n:
+            raws = src.poll(2000, 200)
+            if raws and t0 is None:
+                t0 = time.perf_counter()
+            decode_batch(raws, dec)
+            seen += len(raws)
+        assert t0 is not None
+        return n / max(1e-9, time.perf_counter() - t0)
+    finally:
+        src.close()
+
+
+def keyed_rate(
+    config: Path,
+    log: Path,
+    redis_url: str,
+    model: str,
+    prefix: str,
+    n: int,
+    partitions: int,
+    timeout_s: float = 900.0,
+) -> tuple[float, int]:
+    """Run the keyed daemon over the whole topic (``--idle-exit-s``); (rate, absorbed).
+
+    The clock runs from the first ``partition_resumed`` log event (after the
+    start-up and the group join) to ``daemon_stopped`` (after the final
+    checkpoint of every partition) less the idle wait before the exit; the
+    rate counts records absorbed (a partial last batch per partition is read,
+    not absorbed).  (``--max-records`` would stop early: records read before a
+    start-up rebalance are read again and counted twice.)
+    """
+    with log.open("ab") as fh:
+        proc = subprocess.Popen(
+            [*daemon_argv(config), "--idle-exit-s", str(IDLE_EXIT_S)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        proc.wait(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    events = log_events(log)
+    starts = [_ts(e) for e in events if e.get("event") == "partition_resumed"]
+    stops = [_ts(e) for e in events if e.get("event") == "daemon_stopped"]
+    if not starts or not stops:
+        raise RuntimeError(f"keyed daemon did not run to the end; see {log}")
+    absorbed = absorbed_total(redis_url, model, prefix, partitions)
+    return absorbed / max(1e-9, stops[-1] - IDLE_EXIT_S - min(starts)), absorbed
+
+
+def _ts(event: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
+
+
+def daemon_part(
+    *,
+    keys: int = 1000,
+    records: int = 20_000,
+    partitions: int = 6,
+    batch_size: int = 256,
+    hidden: Sequence[int] = (16,),
+    bootstrap: str | None = None,
+    redis_url: str | None = None,
+    log_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Records/s of the keyed daemon against a bare consume + decode loop, same run.
+
+    ``log_dir``: where to keep the daemon's log (default: dropped with the run).
+    """
+    with tempfile.TemporaryDirectory() as tmp_s, contextlib.ExitStack() as stack:
+        tmp = Path(tmp_s)
+        if bootstrap is None:
+            bootstrap = stack.enter_context(EmbeddedKafka()).bootstrap_servers
+        if redis_url is None:
+            redis_url = stack.enter_context(EmbeddedRedis()).url
+        topic = f"keyed-bench-{uuid.uuid4().hex[:8]}"
+        create_topic(bootstrap, topic, partitions)
+        recs = make_keyed_records(records, keys, partitions)
+        produce_keyed(bootstrap, topic, recs)
+        base = baseline_rate(bootstrap, topic, records)
+        model, prefix = f"keyed-{uuid.uuid4().hex[:6]}", "fogline-bench"
+        cfg = write_keyed_config(
+            tmp / "keyed.yaml",
+            bootstrap=bootstrap,
+            topic=topic,
+            redis_url=redis_url,
+            model=model,
+            prefix=prefix,
+            batch_size=batch_size,
+            snapshot_every_batches=0,
+            snapshot_every_seconds=30.0,
+            hidden=hidden,
+        )
+        expect = recs.absorbable(batch_size)
+        rate, absorbed = keyed_rate(
+            cfg, tmp / "keyed.log", redis_url, model, prefix, records, partitions
+        )
+        blobs = key_blobs(redis_url, model, prefix)
+        if log_dir is not None:
+            shutil.copy(tmp / "keyed.log", Path(log_dir) / f"{model}.log")
+    return {
+        "daemon_keys": keys,
+        "daemon_records": records,
+        "daemon_partitions": partitions,
+        "daemon_batch_size": batch_size,
+        "daemon_hidden": list(hidden),
+        "baseline_records_per_s": round(base, 1),
+        "keyed_records_per_s": round(rate, 1),
+        "daemon_ratio": round(rate / base, 4),
+        "daemon_absorbed": absorbed,
+        "daemon_absorbable": expect,
+        # False: the daemon idled out before absorbing every complete batch (the rate is
+        # then not the daemon's throughput; keep its log with --log-dir)
+        "daemon_complete": absorbed == expect,
+        "daemon_keys_written": len(blobs),
+        "daemon_blob_bytes_per_key": round(sum(map(len, blobs.values())) / max(1, len(blobs))),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fogline.bench.keyed_daemon``: the daemon part alone."""
+    ap = argparse.ArgumentParser(prog="python -m fogline.bench.keyed_daemon", description=__doc__)
+    ap.add_argument("--keys", type=int, default=1000)
+    ap.add_argument("--records", type=int, default=20_000)
+    ap.add_argument("--partitions", type=int, default=6)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=16)
+    ap.add_argument("--bootstrap", default=None)
+    ap.add_argument("--redis-url", default=None)
+    ap.add_argument("--log-dir", type=Path, default=None, help="keep the daemon's log here")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    out = daemon_part(
+        keys=args.keys,
+        records=args.records,
+        partitions=args.partitions,
+        batch_size=args.batch_size,
+        hidden=(args.hidden,),
+        bootstrap=args.bootstrap,
+        redis_url=args.redis_url,
+        log_dir=args.log_dir,
+    )
+    print(json.dumps(out) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

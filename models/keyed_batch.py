@@ -1,0 +1,491 @@
+"""The batched key step: K posteriors of one model stepped by ONE autograd pass.
+
+:func:`batched_step` is :func:`fogline.models.stream.stream_step` for K keys
+at once (:func:`fogline.models.keyed.keyed_step` groups the keys of a
+micro-batch by model and calls it per group).  It computes the same objective
+as :func:`fogline.models.svi.step`, written directly in torch over stacked
+tensors instead of traced from Pyro.
+
+Mathematics.  Key k has packed variational parameters theta_k [T] (stacked:
+Theta [K, T]), prior pi_k = N(m0_k, diag(s0_k^2)), likelihood weight beta_k,
+data size N_k (default its own row count n_k) and n_k rows (X [K, n_max, D]
+zero-padded, row mask M [K, n_max]).  Each inner step draws, from key k's own
+generator and in the single step's order, eps_k [S, P] (then z_k [S, R] for a
+low-rank guide, then the functional prior's inputs x~_k [n_k, D]) and forms
+
+    w_ks = m_k + s_k * eps_ks (+ V_k z_ks),       s_k = softplus(u_k)
+
+(one reparameterised draw w_k0 for the ELBO, all S for the functional term);
+the net is evaluated for all keys at once with ``torch.baddbmm`` over
+[K, n_max, D] (h_{l+1} = act(h_l W_kl^T + b_kl)).  Key k's objective is
+
+    L_k = -(beta_k / n_k) sum_i M_ki log p(y_ki | x_ki, w_k0)
+          + KL(q_k || pi_k) / N_k
+          + gamma_k mean_{j<=n_k} KL(N(m_k(x~_kj), v_k(x~_kj)) || N(mu0_k, sigma0_k^2))
+
+(the last term only for keys carrying a functional prior; m, v the sample
+mean and unbiased variance over the S draws, v + 1e-8), with the Gaussian,
+Student-t or Bernoulli log-density of :mod:`fogline.models.likelihoods`, the
+closed-form mean-field KL, and for the low-rank guide
+
+    KL = 1/2 [ sum (s^2 + sum_r V^2) / s0^2 + sum (m - m0)^2 / s0^2 - P
+               + sum log s0^2 - sum log s^2 - log det(I_R + V^T diag(s^-2) V) ]
+
+in float64 with a batched Cholesky (:func:`fogline.models.fprior.lowrank_kl`).
+One backward of sum_k L_k gives every key its own gradient (L_k depends on
+theta_k only), and one Adam update over Theta [K, T] follows, per key with
+its own step count t_k (bias correction), learning rate lr_k and the
+low-rank factor's multiplier c (``extra["cov_factor_lr_scale"]``):
+
+    t_k <- t_k + 1;  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+    theta_k <- theta_k - (lr_k c / (1 - b1^t_k)) m / (sqrt(v) / sqrt(1 - b2^t_k) + eps).
+
+Correspondence with the Pyro program.  :class:`fogline.models.svi.Program`'s
+model samples one site ``w ~ N(m0, diag(s0^2))`` under ``poutine.scale(1/N)``
+and observes ``y`` under ``poutine.scale(beta/n)``; its guide samples ``w``
+from q_lambda.  Pyro's ``TraceMeanField_ELBO`` particle of that pair is
+``(1/N) KL(q || p) - (beta/n) log p(y | w)``: exactly L_k without the
+functional term.  The K keys are K independent copies of the program (as if
+under a ``pyro.plate("keys", K)`` with per-key scales), so the batched loss is
+the sum of the K particles and its gradient in theta_k is key k's.  The
+equivalence is tested numerically against ``stream_step``
+(tests/models/test_keyed.py): same noise bits, parameters equal to float
+tolerance (the reductions run in a different order, and Adam is this
+module's rather than torch's fused kernel).
+
+Determinism.  Every operation is a deterministic CPU/CUDA kernel and the
+noise comes only from each key's ``rng_state``: the same states and batches
+give the same bits on every run.  A key whose loss or parameters are not
+finite is returned unchanged with ``rejected=True``; its NaNs never reach
+another key's row (a failed Cholesky marks only its own key).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+
+from fogline.models.config import ModelConfig
+from fogline.models.fprior import LR_SCALE_KEY, FunctionalPrior
+from fogline.models.likelihoods import df_from_unconstrained
+from fogline.models.network import _ACTIVATIONS, layout, noise_scale
+from fogline.models.state import Minibatch, PosteriorState, StepInfo
+from fogline.models.svi import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    Program,
+    _layer_sizes,
+    generator_of,
+    program,
+)
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class KeyJob:
+    """One key's part of a batched step: its state, rows and step parameters."""
+
+    state: PosteriorState
+    batch: Minibatch
+    data_size: float
+    likelihood_weight: float
+    functional_prior: FunctionalPrior | None
+
+
+def _lr_scale(state: PosteriorState) -> float:
+    """The low-rank factor's step multiplier a state carries (as ``stream_step`` reads it)."""
+    if "cov_factor" not in state.params:
+        return 1.0
+    return float(state.extra.get(LR_SCALE_KEY, 1.0))
+
+
+def group_key(state: PosteriorState, fp: FunctionalPrior | None) -> tuple[object, ...]:
+    """Keys with equal group keys can share one :func:`batched_step` call.
+
+    (model config, device, the functional prior's sample count, the low-rank
+    factor's step multiplier.)
+    """
+    return (state.config, state.device, fp.samples if fp is not None else 0, _lr_scale(state))
+
+
+def _priors(jobs: Sequence[KeyJob]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prior loc and scale [K, P], or [1, P] (broadcast) when every key shares one prior."""
+    p0 = jobs[0].state.prior
+    if all(j.state.prior.loc is p0.loc and j.state.prior.scale is p0.scale for j in jobs):
+        return p0.loc.unsqueeze(0), p0.scale.unsqueeze(0)
+    return (
+        torch.stack([j.state.prior.loc for j in jobs]),
+        torch.stack([j.state.prior.scale for j in jobs]),
+    )
+
+
+def _evolve(state: PosteriorState, **changes: object) -> PosteriorState:
+    """``state.replace(**changes)`` without re-running the dataclass ``__init__``.
+
+    A shallow copy with the changed fields set (``PosteriorState`` is a frozen
+    dataclass without ``__post_init__`` or slots, so this builds the same object);
+    ``dataclasses.replace`` costs ~10 us a key, a quarter of a key's share of
+    the batched step at 1,000 keys.
+    """
+    new = object.__new__(type(state))
+    new.__dict__.update(state.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
+def _log_lik(
+    out: torch.Tensor, y: torch.Tensor, config: ModelConfig, df: torch.Tensor | None
+) -> torch.Tensor:
+    """log p(y | raw outputs) elementwise, [K, n] (the formulas of torch.distributions)."""
+    if config.likelihood == "bernoulli":
+        return -F.binary_cross_entropy_with_logits(out[..., 0], y, reduction="none")
+    loc = out[..., 0]
+    scale = noise_scale(out[..., 1], config)
+    if config.likelihood == "student-t":
+        if df is None:
+            assert config.df is not None
+            df = torch.full_like(loc[:, :1], config.df)
+        z = (y - loc) / scale
+        norm = (
+            scale.log()
+            + 0.5 * df.log()
+            + 0.5 * math.log(math.pi)
+            + torch.lgamma(0.5 * df)
+            - torch.lgamma(0.5 * (df + 1.0))
+        )
+        return -0.5 * (df + 1.0) * torch.log1p(z * z / df) - norm
+    return -((y - loc) ** 2) / (2 * scale * scale) - scale.log() - _HALF_LOG_2PI
+
+
+def _forward(w: torch.Tensor, x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Raw outputs [B, n, O] for flat weights ``w`` [B, P] at rows ``x`` [B, n, D].
+
+    One ``split`` of ``w`` into the layers' W and b (its backward is one
+    ``cat``; a slice per tensor would each scatter into a zero [B, P] buffer).
+    """
+    act = _ACTIVATIONS[config.activation]
+    lay = layout(config)
+    b = w.shape[0]
+    parts = w.split(_layer_sizes(lay), dim=1)
+    last = len(lay.layers) - 1
+    h = x
+    for i, layer in enumerate(lay.layers):
+        weight = parts[2 * i].view(b, layer.fan_out, layer.fan_in)
+        h = torch.baddbmm(parts[2 * i + 1].unsqueeze(1), h, weight.transpose(1, 2))
+        if i < last:
+            h = act(h)
+    return h
+
+
+def _kl_meanfield(
+    loc: torch.Tensor, scale: torch.Tensor, p_loc: torch.Tensor, p_scale: torch.Tensor
+) -> torch.Tensor:
+    """KL(N(m, s^2) || N(m0, s0^2)) summed over P, per key [K].
+
+    = sum_i [log s0_i - log s_i + (s_i^2 + (m_i - m0_i)^2) / (2 s0_i^2)] - P/2
+    (the closed form of ``kl_divergence(Normal, Normal)``, fewer temporaries).
+    """
+    sq = (loc - p_loc).square_()
+    sq.addcmul_(scale, scale).div_(p_scale.square())
+    return p_scale.log().sum(-1) - scale.log().sum(-1) + 0.5 * sq.sum(-1) - 0.5 * loc.shape[-1]
+
+
+def _kl_lowrank(
+    loc: torch.Tensor,
+    factor: torch.Tensor,
+    scale: torch.Tensor,
+    p_loc: torch.Tensor,
+    p_scale: torch.Tensor,
+) -> torch.Tensor:
+    """The low-rank KL of :func:`fogline.models.fprior.lowrank_kl`, per key [K], float64."""
+    m, v, sd = loc.double(), factor.double(), scale.double()
+    m0, s0 = p_loc.double(), p_scale.double()
+    s02 = s0.pow(2)
+    d = sd.pow(2)
+    trace = ((d + v.pow(2).sum(-1)) / s02).sum(-1)
+    maha = ((m - m0).pow(2) / s02).sum(-1)
+    eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
+    cap = eye + torch.bmm(v.transpose(1, 2) / d.unsqueeze(1), v)
+    chol, info = torch.linalg.cholesky_ex(cap)
+    logdet = 2.0 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    logdet = torch.where(info == 0, logdet, torch.full_like(logdet, math.nan))
+    kl = 0.5 * (trace + maha - m.shape[-1] + s02.log().sum(-1) - d.log().sum(-1) - logdet)
+    return kl.to(loc.dtype)
+
+
+def _functional_kl(
+    mean_ksn: torch.Tensor,
+    mask: torch.Tensor,
+    rows: torch.Tensor,
+    f_loc: torch.Tensor,
+    f_scale: torch.Tensor,
+) -> torch.Tensor:
+    """mean_{j<=n_k} KL(N(m_kj, v_kj) || N(mu0_k, sigma0_k^2)) per key [K] (masked rows)."""
+    m = mean_ksn.mean(1)
+    v = mean_ksn.var(1) + 1e-8
+    s = f_scale.unsqueeze(1)
+    kl = s.log() - 0.5 * v.log() + (v + (m - f_loc.unsqueeze(1)).pow(2)) / (2 * s * s) - 0.5
+    return torch.where(mask, kl, torch.zeros_like(kl)).sum(-1) / rows
+
+
+def _adam(
+    theta: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    t: torch.Tensor,
+    lr: torch.Tensor,
+    lr_mult: torch.Tensor | None,
+) -> None:
+    """One in-place Adam step on every key's row of theta [K, T], each with its own count.
+
+    t_k <- t_k + 1;  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;
+    theta_k <- theta_k - (lr_k c / (1 - b1^t_k)) m / (sqrt(v) / sqrt(1 - b2^t_k) + eps),
+    the update of torch's fused Adam kernel (:func:`fogline.models.svi.adam_`)
+    with per-key bias corrections (in float64, as the kernel computes them),
+    learning rates ``lr`` [K] (float64) and the parameter groups' multipliers
+    c (``lr_mult`` [T], ``None``: all 1).
+    """
+    b1, b2 = ADAM_BETAS
+    t.add_(1)
+    exp_avg.mul_(b1).add_(grad, alpha=1 - b1)
+    exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+    td = t.double()
+    step_size = (lr / (1 - b1**td)).float().unsqueeze(1)  # [K, 1]
+    bc2_sqrt = (1 - b2**td).sqrt().float().unsqueeze(1)
+    denom = exp_avg_sq.sqrt().div_(bc2_sqrt).add_(ADAM_EPS)
+    upd = exp_avg * step_size
+    if lr_mult is not None:
+        upd.mul_(lr_mult)
+    theta.addcdiv_(upd, denom, value=-1.0)
+
+
+def _unpack(prog: Program, row: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Views of a key's packed row by parameter name (``Program.unpack`` by slicing)."""
+    out = {name: row[sl.start : sl.end] for name, sl in prog.slots.items()}
+    if "cov_factor" in out:
+        out["cov_factor"] = out["cov_factor"].view(prog.slots["cov_factor"].shape)
+    return out
+
+
+def _packed_row(prog: Program, state: PosteriorState) -> torch.Tensor | None:
+    """The [3T + 1] row a state made by :func:`batched_step` is a set of views of, else None.
+
+    Such a state's parameters and Adam moments are views of one tensor laid out
+    as ``[theta | exp_avg | exp_avg_sq | t]`` (one clone per key); the next
+    call then gathers all keys with one ``stack`` instead of one ``cat`` each.
+    Checked by identity of the views' base and their offsets, so any other
+    state (a restored blob, a policy's reset) takes the general path.
+    """
+    loc = state.params["loc"]
+    base = loc._base
+    total = prog.total
+    if base is None or base.dim() != 1 or base.shape[0] != 3 * total + 1:
+        return None
+    ptr, size = base.data_ptr(), base.element_size()
+    views = [(state.params.get(name), sl.start) for name, sl in prog.slots.items()]
+    views += [
+        (state.opt_state.get("exp_avg"), total),
+        (state.opt_state.get("exp_avg_sq"), 2 * total),
+        (state.opt_state.get("step"), 3 * total),
+    ]
+    for tensor, start in views:
+        if tensor is None or tensor._base is not base or tensor.data_ptr() != ptr + start * size:
+            return None
+    return base
+
+
+def _padded(parts: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """The rows of ``parts`` (key k's [n_k, ...]) zero-padded into [K, n_max, ...].
+
+    ``mask`` [K, n_max] marks the first n_k rows of key k; boolean indexing
+    walks it in row-major order, the order of the concatenated rows.
+    """
+    cat = torch.cat(list(parts)).to(mask.device, torch.float32)
+    out = torch.zeros((*mask.shape, *cat.shape[1:]), device=mask.device)
+    out[mask] = cat
+    return out
+
+
+def batched_step(
+    jobs: Sequence[KeyJob], *, num_steps: int = 1
+) -> list[tuple[PosteriorState, StepInfo]]:
+    """``num_steps`` Adam steps of every job's objective in one batched pass (module docstring).
+
+    Every job must share one :func:`group_key` (model config, device, the
+    functional prior's sample count).  Returns, per job in order, the new
+    state and its :class:`StepInfo`, as ``stream_step`` would for that key.
+
+    The gradient: autograd runs through the net only, w.r.t. the weight draws
+    w [K, S, P] (and a learned df); the chain rule through
+    w = m + s eps (+ V z), s = softplus(u) is applied in closed form, and the
+    mean-field KL's gradient is analytic, dKL/dm = (m - m0) / s0^2,
+    dKL/ds = s / s0^2 - 1 / s (the low-rank KL's by autograd, float64), so the
+    [K, T] tensors are touched a few times a step.
+    """
+    if not jobs:
+        return []
+    first = jobs[0]
+    config, dev = first.state.config, first.state.device
+    prog = program(config, dev)
+    k_keys = len(jobs)
+    p_size, rank = prog.size, prog.rank
+    fps = [j.functional_prior for j in jobs]
+    fp0 = fps[0]
+    samples = fp0.samples if fp0 is not None else 1
+    n = [j.batch.rows for j in jobs]
+    n_max = max(n)
+    d = config.in_features
+    n_t = torch.tensor(n, device=dev)
+    xs = [j.batch.x.to(dev, torch.float32) for j in jobs]
+    mask = torch.arange(n_max, device=dev).unsqueeze(0) < n_t.unsqueeze(1)  # [K, n_max]
+    x = _padded(xs, mask)
+    y = _padded([j.batch.y for j in jobs], mask)
+    rows = n_t.to(torch.float32)
+    obs_scale = torch.tensor([j.likelihood_weight / n[i] for i, j in enumerate(jobs)], device=dev)
+    kl_scale = torch.tensor([1.0 / j.data_size for j in jobs], device=dev).unsqueeze(1)
+    p_loc, p_scale = _priors(jobs)
+    inv_var0 = p_scale.pow(-2)
+    # one buffer [K, 3T + 1] = [theta | exp_avg | exp_avg_sq | t]: each key's new
+    # state is ONE clone of its row (params and moments are views of it)
+    total = prog.total
+    rows_in = [_packed_row(prog, j.state) for j in jobs]
+    if all(r is not None for r in rows_in):  # every key's state came from this function
+        buf = torch.stack(cast(list[torch.Tensor], rows_in))
+    else:
+        buf = torch.empty(k_keys, 3 * total + 1, device=dev)
+        for i, j in enumerate(jobs):
+            r = rows_in[i]
+            if r is not None:
+                buf[i] = r
+                continue
+            torch.cat(
+                (
+                    *(j.state.params[name].reshape(-1) for name in prog.names),
+                    j.state.opt_state["exp_avg"],
+                    j.state.opt_state["exp_avg_sq"],
+                    j.state.opt_state["step"].reshape(1).to(torch.float32),
+                ),
+                out=buf[i],
+            )
+    theta = buf[:, :total]
+    exp_avg = buf[:, total : 2 * total]
+    exp_avg_sq = buf[:, 2 * total : 3 * total]
+    t = buf[:, 3 * total]
+    lr = torch.tensor([float(j.state.lr) for j in jobs], dtype=torch.float64, device=dev)
+    lr_mult = None
+    if prog.lowrank:  # the parameter groups of models.svi.param_groups
+        lr_mult = torch.ones(total, device=dev)
+        for grp in prog.groups(_lr_scale(first.state)):
+            lr_mult[grp.start : grp.end] = grp.lr_scale
+    if fp0 is not None:
+        f_w = torch.tensor([f.weight for f in fps if f is not None], device=dev)
+        f_loc = torch.tensor([f.loc for f in fps if f is not None], device=dev)
+        f_scale = torch.tensor([f.scale for f in fps if f is not None], device=dev)
+    gens = [generator_of(j.state) for j in jobs]
+    grad = torch.empty_like(theta)
+    diag = torch.empty(0)
+    for step_i in range(num_steps):
+        last = step_i == num_steps - 1
+        eps_l, z_l, xo_l = [], [], []
+        for i, g in enumerate(gens):
+            eps_l.append(torch.randn(samples, p_size, generator=g, device=dev))
+            if rank:
+                z_l.append(torch.randn(samples, rank, generator=g, device=dev))
+            fp = fps[i]
+            if fp is not None:
+                xo_l.append(fp.ood_inputs(xs[i], g))
+        eps = torch.stack(eps_l)  # [K, S, P]
+        loc = theta[:, :p_size]
+        u = theta[:, p_size : 2 * p_size]
+        scale = F.softplus(u)
+        w = torch.addcmul(loc.unsqueeze(1), eps, scale.unsqueeze(1))  # [K, S, P]
+        z = factor = None
+        if rank:
+            sl = prog.slots["cov_factor"]
+            factor = theta[:, sl.start : sl.end].reshape(k_keys, p_size, rank)
+            z = torch.stack(z_l)  # [K, S, R]
+            w = w + torch.bmm(z, factor.transpose(1, 2))
+        w.requires_grad_(True)
+        df_u = theta[:, -1:].clone().requires_grad_(True) if config.learns_df else None
+        df = df_from_unconstrained(df_u) if df_u is not None else None
+        w0 = w.view(k_keys, p_size) if samples == 1 else w[:, 0]
+        out = _forward(w0, x, config)  # [K, n_max, O]
+        lp_rows = _log_lik(out, y, config, df)
+        lp = torch.where(mask, lp_rows, torch.zeros_like(lp_rows)).sum(-1)  # [K]
+        data_loss = -obs_scale * lp
+        if fp0 is not None:
+            x_ood = _padded(xo_l, mask)
+            x_rep = x_ood.unsqueeze(1).expand(k_keys, samples, n_max, d)
+            mean = _forward(
+                w.reshape(k_keys * samples, p_size), x_rep.reshape(-1, n_max, d), config
+            )[..., 0].reshape(k_keys, samples, n_max)
+            data_loss = data_loss + f_w * _functional_kl(mean, mask, rows, f_loc, f_scale)
+        leaves = (w,) if df_u is None else (w, df_u)
+        grads = torch.autograd.grad(data_loss.sum(), leaves)
+        with torch.no_grad():
+            g_w = grads[0]
+            g_loc = grad[:, :p_size]
+            g_u = grad[:, p_size : 2 * p_size]
+            g_w0 = g_w.view(k_keys, p_size) if samples == 1 else g_w.sum(1)
+            g_s = g_w0 * eps.view(k_keys, p_size) if samples == 1 else (g_w * eps).sum(1)
+            if factor is not None and z is not None:
+                sl = prog.slots["cov_factor"]
+                g_v = torch.bmm(g_w.transpose(1, 2), z)  # [K, P, R]
+                with torch.enable_grad():
+                    m_ = loc.detach().requires_grad_(True)
+                    v_ = factor.detach().requires_grad_(True)
+                    s_ = scale.detach().requires_grad_(True)
+                    kl = _kl_lowrank(m_, v_, s_, p_loc, p_scale)
+                    gk_m, gk_v, gk_s = torch.autograd.grad(kl.sum(), (m_, v_, s_))
+                torch.add(g_w0, gk_m * kl_scale, out=g_loc)
+                g_s.add_(gk_s * kl_scale)
+                grad[:, sl.start : sl.end] = (g_v + gk_v * kl_scale.unsqueeze(2)).reshape(
+                    k_keys, -1
+                )
+                kl = kl.detach()
+            else:
+                # dKL/dm = (m - m0) / s0^2,  dKL/ds = s / s0^2 - 1 / s
+                g_m = (loc - p_loc).mul_(inv_var0).mul_(kl_scale)
+                torch.add(g_w0, g_m, out=g_loc)
+                g_ks = (scale * inv_var0).sub_(scale.reciprocal()).mul_(kl_scale)
+                g_s.add_(g_ks)
+                kl = _kl_meanfield(loc, scale, p_loc, p_scale) if last else torch.empty(0)
+            torch.mul(g_s, torch.sigmoid(u), out=g_u)  # d softplus(u) / du = sigmoid(u)
+            if df_u is not None:
+                grad[:, -1:] = grads[1]
+            if last:
+                loss = data_loss.detach() + kl_scale[:, 0] * kl
+                gnorm = torch.linalg.vector_norm(grad, dim=1)
+                diag = torch.stack((loss, kl, lp.detach(), gnorm), 1)
+            _adam(theta, grad, exp_avg, exp_avg_sq, t, lr, lr_mult)
+    host = torch.cat((diag, theta.sum(1, keepdim=True)), 1).tolist()
+    results: list[tuple[PosteriorState, StepInfo]] = []
+    for i, j in enumerate(jobs):
+        loss_f, kl_f, lp_f, gn_f, theta_sum = host[i]
+        nll = -lp_f / n[i]
+        if not (math.isfinite(loss_f) and math.isfinite(theta_sum)):
+            results.append((j.state, StepInfo(loss_f, nll, kl_f, gn_f, n[i], num_steps, True)))
+            continue
+        st = j.state
+        row = buf[i].clone()
+        new = _evolve(
+            st,
+            params=_unpack(prog, row),
+            opt_state={
+                "exp_avg": row[total : 2 * total],
+                "exp_avg_sq": row[2 * total : 3 * total],
+                "step": row[3 * total],
+            },
+            step_count=st.step_count + num_steps,
+            rng_state=gens[i].get_state(),
+            records_absorbed=st.records_absorbed + n[i],
+        )
+        results.append((new, StepInfo(loss_f, nll, kl_f, gn_f, n[i], num_steps)))
+    return results
