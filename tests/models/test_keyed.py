@@ -143,6 +143,27 @@ def test_consecutive_batched_steps_follow_stream_step() -> None:
         assert torch.equal(states[k].rng_state, alone[k].rng_state)
 
 
+def test_a_batched_state_with_edited_tensors_is_read_by_its_tensors() -> None:
+    """A keyed_step state whose params were swapped is not read from its old row."""
+    fleet = _fleet()
+    batch = {"a": _batch(5, 1)}
+    st = keyed_step({"a": new_key_state(fleet, "a")}, batch)[0]["a"]
+    # new params, the same opt_state mapping (its moments still views of the old row)
+    edited = st.replace(params={**st.params, "loc": st.params["loc"] + 0.5})
+    got = keyed_step({"a": edited}, batch)[0]["a"]
+    # the reference: the same values in plain tensors (no packed row at all)
+    plain = edited.replace(
+        params={k: v.clone() for k, v in edited.params.items()},
+        opt_state={k: v.clone() for k, v in edited.opt_state.items()},
+    )
+    want = stream_step(plain, batch["a"])[0]
+    for name, v in want.params.items():
+        torch.testing.assert_close(got.params[name], v, rtol=1e-4, atol=1e-5)
+    ref = keyed_step({"a": plain}, batch)[0]["a"]
+    for name, v in ref.params.items():
+        assert torch.equal(got.params[name], v)
+
+
 def test_a_non_finite_key_is_rejected_alone() -> None:
     fleet = _fleet()
     states = {k: new_key_state(fleet, k) for k in "ab"}
