@@ -220,6 +220,50 @@ def _kl_lowrank(
     return kl.to(loc.dtype)
 
 
+def _kl_lowrank_grad(
+    loc: torch.Tensor,
+    factor: torch.Tensor,
+    scale: torch.Tensor,
+    p_loc: torch.Tensor,
+    p_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The low-rank KL [K] of :func:`_kl_lowrank` and its gradients, in closed form (float64).
+
+    With d = s^2, D = diag(d) and the capacitance C = I_R + V^T D^-1 V
+    (Cholesky C = L L^T, C^-1 from L):
+
+        dKL/dm = (m - m0) / s0^2
+        dKL/dV = V / s0^2 - D^-1 V C^-1
+        dKL/ds = s / s0^2 - 1 / s + (V C^-1 V^T)_ii / s^3
+
+    (d logdet C / dV = 2 D^-1 V C^-1, d logdet C / d d_i = -(V C^-1 V^T)_ii / d_i^2).
+    Returns (kl [K], g_m [K, P], g_v [K, P, R], g_s [K, P]) in ``loc``'s dtype;
+    a key whose capacitance is not positive definite gets a NaN KL (and so
+    is rejected) without touching the other keys.
+    """
+    m, v, sd = loc.double(), factor.double(), scale.double()
+    m0, s0 = p_loc.double(), p_scale.double()
+    inv_s02 = s0.pow(-2)
+    d = sd.pow(2)
+    a = v / d.unsqueeze(2)  # D^-1 V  [K, P, R]
+    eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
+    cap = eye + torch.bmm(v.transpose(1, 2), a)
+    chol, info = torch.linalg.cholesky_ex(cap)
+    logdet = 2.0 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    logdet = torch.where(info == 0, logdet, torch.full_like(logdet, math.nan))
+    diff = m - m0
+    trace = ((d + v.pow(2).sum(-1)) * inv_s02).sum(-1)
+    maha = (diff.pow(2) * inv_s02).sum(-1)
+    kl = 0.5 * (trace + maha - m.shape[-1] - inv_s02.log().sum(-1) - d.log().sum(-1) - logdet)
+    cap_inv = torch.cholesky_inverse(chol)
+    a_cinv = torch.bmm(a, cap_inv)  # D^-1 V C^-1
+    g_v = v * inv_s02.unsqueeze(-1) - a_cinv
+    quad_over_d = (a_cinv * v).sum(-1)  # (V C^-1 V^T)_ii / d_i
+    g_s = sd * inv_s02 - (1.0 - quad_over_d) / sd
+    dt = loc.dtype
+    return kl.to(dt), (diff * inv_s02).to(dt), g_v.to(dt), g_s.to(dt)
+
+
 def _functional_kl(
     mean_ksn: torch.Tensor,
     mask: torch.Tensor,
@@ -529,18 +573,12 @@ def batched_step(
             if factor is not None and z is not None:
                 sl = prog.slots["cov_factor"]
                 g_v = torch.bmm(g_w.transpose(1, 2), z)  # [K, P, R]
-                with torch.enable_grad():
-                    m_ = loc.detach().requires_grad_(True)
-                    v_ = factor.detach().requires_grad_(True)
-                    s_ = scale.detach().requires_grad_(True)
-                    kl = _kl_lowrank(m_, v_, s_, p_loc, p_scale)
-                    gk_m, gk_v, gk_s = torch.autograd.grad(kl.sum(), (m_, v_, s_))
+                kl, gk_m, gk_v, gk_s = _kl_lowrank_grad(loc, factor, scale, p_loc, p_scale)
                 torch.add(g_w0, gk_m * kl_scale, out=g_loc)
                 g_s.add_(gk_s * kl_scale)
                 grad[:, sl.start : sl.end] = (g_v + gk_v * kl_scale.unsqueeze(2)).reshape(
                     k_keys, -1
                 )
-                kl = kl.detach()
             else:
                 # dKL/dm = (m - m0) / s0^2,  dKL/ds = s / s0^2 - 1 / s
                 g_m = (loc - p_loc).mul_(inv_var0).mul_(kl_scale)
