@@ -443,6 +443,43 @@ def _packed_row(prog: Program, state: PosteriorState) -> torch.Tensor | None:
     return base
 
 
+class _OodRows:
+    """The functional prior's out-of-data inputs x~ of K keys sharing ONE functional prior.
+
+    Each key's draws (:meth:`FunctionalPrior.ood_draws`) come from its own
+    generator, in the single step's order, into its slice of one [sum n_k]
+    tensor per draw; :meth:`inputs` then forms x~ for every key's rows with
+    one :meth:`FunctionalPrior.ood_from_draws` (row-wise, so the same values
+    as key by key).
+    """
+
+    def __init__(self, fp: FunctionalPrior, xs: Sequence[torch.Tensor], n: Sequence[int]) -> None:
+        self.fp = fp
+        self.x = torch.cat(list(xs))
+        dev = self.x.device
+        total = self.x.shape[0]
+        self.slot = torch.empty(total, dtype=torch.int64, device=dev)
+        self.dist_u = torch.empty(total, dtype=self.x.dtype, device=dev)
+        self.left_u = torch.empty(total, device=dev)
+        ends = [0]
+        for rows in n:
+            ends.append(ends[-1] + rows)
+        self.ends = ends
+
+    def draws(self, fp: FunctionalPrior | None, i: int, gen: torch.Generator) -> None:
+        """Key i's draws from its generator ``gen`` (``fp`` equals the shared prior)."""
+        a, b = self.ends[i], self.ends[i + 1]
+        out = (self.slot[a:b], self.dist_u[a:b], self.left_u[a:b])
+        self.fp.ood_draws(b - a, gen, out=out)
+
+    def inputs(self, mask: torch.Tensor) -> torch.Tensor:
+        """x~ of every key's rows, zero-padded [K, n_max, D] like the rows."""
+        cat = self.fp.ood_from_draws(self.x, self.slot, self.dist_u, self.left_u)
+        out = torch.zeros((*mask.shape, cat.shape[1]), device=mask.device)
+        out[mask] = cat
+        return out
+
+
 def _padded(parts: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     """The rows of ``parts`` (key k's [n_k, ...]) zero-padded into [K, n_max, ...].
 
@@ -519,6 +556,8 @@ def batched_step(
     # one generator object, loaded with each key's own state in turn: the same
     # draws as the key's own generator (state restored, drawn from, saved)
     gen = torch.Generator(device=dev)
+    # one functional prior for the pass (the fleet's): x~ of every key's rows in one go
+    ood = (_OodRows(fp0, xs, n),) if fp0 is not None and all(f == fp0 for f in fps) else None
     rng = [j.state.rng_state for j in jobs]
     grad = torch.empty_like(theta)
     eps = torch.empty(k_keys, samples, p_size, device=dev)
@@ -533,7 +572,9 @@ def batched_step(
             if z_all is not None:
                 torch.randn(samples, rank, generator=gen, out=z_all[i])
             fp = fps[i]
-            if fp is not None:
+            if ood is not None:  # the draws only; x~ of all keys' rows at once below
+                ood[0].draws(fp, i, gen)
+            elif fp is not None:
                 xo_l.append(fp.ood_inputs(xs[i], gen))
             rng[i] = gen.get_state()
         loc = theta[:, :p_size]
@@ -556,7 +597,7 @@ def batched_step(
         lp = torch.where(mask, lp_rows, torch.zeros_like(lp_rows)).sum(-1)  # [K]
         data_loss = -obs_scale * lp
         if fp0 is not None:
-            x_ood = _padded(xo_l, mask)
+            x_ood = ood[0].inputs(mask) if ood is not None else _padded(xo_l, mask)
             x_rep = x_ood.unsqueeze(1).expand(k_keys, samples, n_max, d)
             mean = _forward(
                 w.reshape(k_keys * samples, p_size), x_rep.reshape(-1, n_max, d), config
