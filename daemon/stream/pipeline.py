@@ -83,7 +83,7 @@ from fogline.daemon.stream.process_source import ProcessSource, SourceProcessDie
 from fogline.daemon.stream.runtime import StopFlag, call_with_retry, select_device
 from fogline.daemon.stream.source import (
     DeadLetterProducer,
-    KafkaSource,
+    kafka_source,
     security_kwargs,
 )
 from fogline.daemon.stream.store import IntactScan, Snapshot, SnapshotStore
@@ -146,26 +146,6 @@ SourceFactory = Callable[
     ],
     Source,
 ]
-
-
-def kafka_source(
-    s: Settings,
-    offsets_for: Callable[[list[TopicPartition]], Mapping[TopicPartition, int]],
-    on_revoked: Callable[[list[TopicPartition]], None],
-    fingerprints_for: Callable[[list[TopicPartition]], Mapping[TopicPartition, RecordFingerprint]],
-) -> Source:
-    """The real consumer for ``s.kafka``."""
-    return KafkaSource(
-        s.kafka.bootstrap_servers,
-        s.kafka.topic,
-        s.kafka.group_id,
-        offsets_for=offsets_for,
-        on_revoked=on_revoked,
-        fingerprints_for=fingerprints_for,
-        session_timeout_ms=s.kafka.session_timeout_ms,
-        max_poll_records=s.kafka.max_poll_records,
-        **security_kwargs(s.kafka),
-    )
 
 
 def kafka_dead_letters(s: Settings) -> DeadLetters:

@@ -67,7 +67,7 @@ from fogline.models.state import RecordFingerprint
 log = structlog.get_logger(__name__)
 
 #: ``factory(offsets_for, on_revoked, fingerprints_for) -> Source``, run in the child;
-#: it must pickle (e.g. ``functools.partial(pipeline.kafka_source, settings)``).
+#: it must pickle (e.g. ``functools.partial(source.kafka_source, settings)``).
 ChildSourceFactory = Callable[
     [
         Callable[[list[TopicPartition]], Mapping[TopicPartition, int]],

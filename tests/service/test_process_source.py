@@ -20,10 +20,10 @@ import pytest
 from fogline.bench.crash_replay import make_records, produce
 from fogline.daemon.config import Settings
 from fogline.daemon.stream.decode import Decoder, RawRecord, decode_batch
-from fogline.daemon.stream.pipeline import EXIT_SOURCE_DIED, Pipeline, RunOptions, kafka_source
+from fogline.daemon.stream.pipeline import EXIT_SOURCE_DIED, Pipeline, RunOptions
 from fogline.daemon.stream.prefetch import Polled
 from fogline.daemon.stream.process_source import ProcessSource, SourceProcessDied
-from fogline.daemon.stream.source import KafkaSource
+from fogline.daemon.stream.source import KafkaSource, kafka_source
 from fogline.models.state import PosteriorState
 from tests.conftest import SESSION_TIMEOUT_MS
 
