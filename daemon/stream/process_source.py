@@ -45,6 +45,7 @@ one.  The child ignores SIGINT/SIGTERM (the parent stops it through
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import pickle
 import signal
@@ -104,6 +105,8 @@ class _Events:
         self.prints: Mapping[TopicPartition, RecordFingerprint] = {}
         self.assigned: dict[TopicPartition, int | None] = {}
         self.revoked: list[TopicPartition] = []
+        #: Log records to re-emit in the parent (:func:`_forward_logs`).
+        self.logs: list[tuple[Any, ...]] = []
 
     def offsets_for(self, keys: list[TopicPartition]) -> Mapping[TopicPartition, int]:
         self.assigned.update({k: self.offsets.get(k) for k in keys})
@@ -117,10 +120,73 @@ class _Events:
     def on_revoked(self, keys: list[TopicPartition]) -> None:
         self.revoked.extend(keys)
 
-    def take(self) -> tuple[dict[TopicPartition, int | None], list[TopicPartition]]:
-        out = (self.assigned, self.revoked)
+    def take(self) -> tuple[dict[TopicPartition, int | None], list[TopicPartition], list[Any]]:
+        out = (self.assigned, self.revoked, list(self.logs))
         self.assigned, self.revoked = {}, []
+        self.logs.clear()  # the same list: the log collector appends to it
         return out
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _plain(v: Any) -> Any:
+    """``v`` if it is a JSON-like value (pickles anywhere), else its ``repr``."""
+    if isinstance(v, _PLAIN):
+        return v
+    if isinstance(v, list | tuple):
+        return [_plain(i) for i in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(i) for k, i in v.items()}
+    return repr(v)
+
+
+class _Collect(logging.Handler):
+    """A root handler that keeps library log records for the parent."""
+
+    def __init__(self, sink: list[tuple[Any, ...]]) -> None:
+        super().__init__()
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(("stdlib", record.levelno, record.name, record.getMessage()))
+
+
+def _forward_logs(log_config: tuple[str, str] | None, sink: list[tuple[Any, ...]]) -> None:
+    """Configure the child's logs to be collected into ``sink``, not written.
+
+    Levels and quiet libraries as :func:`fogline.daemon.logs.configure` sets
+    them; each reply carries the records, and the parent logs them through its
+    own configuration (so they reach its sink, and ``capture_logs`` in tests).
+    """
+    fmt, level = log_config or ("json", "INFO")
+    logs.configure(fmt, level)  # type: ignore[arg-type]
+
+    def collect(_logger: Any, method: str, event_dict: Any) -> Any:
+        sink.append(("structlog", method, {k: _plain(v) for k, v in event_dict.items()}))
+        raise structlog.DropEvent
+
+    structlog.configure(processors=[structlog.processors.format_exc_info, collect])
+    root = logging.getLogger()
+    root.handlers[:] = [_Collect(sink)]
+
+
+#: structlog method names to stdlib levels (for re-emitting a child's event).
+_LEVELS = {"exception": logging.ERROR, "warn": logging.WARNING, "fatal": logging.CRITICAL}
+
+
+def _reemit(records: list[tuple[Any, ...]]) -> None:
+    """Log a child's records in this process (under the same logger names)."""
+    for rec in records:
+        if rec[0] == "structlog":
+            method, event_dict = rec[1], dict(rec[2])
+            level = _LEVELS.get(method) or logging.getLevelName(method.upper())
+            event = event_dict.pop("event", "")
+            structlog.get_logger(__name__).log(
+                level if isinstance(level, int) else logging.INFO, event, **event_dict
+            )
+        else:
+            logging.getLogger(rec[2]).log(rec[1], "%s", rec[3])
 
 
 def _portable(exc: BaseException) -> BaseException:
@@ -157,17 +223,16 @@ def serve(
 ) -> None:
     """The child's loop: build the consumer, then answer requests until ``close`` or EOF.
 
-    Replies are ``(status, value, assigned, revoked)`` with ``status`` ``"ok"``
+    Replies are ``(status, value, assigned, revoked, logs)`` with ``status`` ``"ok"``
     or ``"error"`` (``value`` then ``(exception, child traceback)``).  The first
     reply answers the start itself (the consumer built, or why not).
     """
-    if log_config is not None:
-        logs.configure(log_config[0], log_config[1])  # type: ignore[arg-type]
     events = _Events()
+    _forward_logs(log_config, events.logs)
     try:
         source = factory(events.offsets_for, events.on_revoked, events.fingerprints_for)
     except BaseException as exc:
-        conn.send(("error", (_portable(exc), traceback.format_exc()), {}, []))
+        conn.send(("error", (_portable(exc), traceback.format_exc()), *events.take()))
         return
     conn.send(("ok", None, *events.take()))
     while True:
@@ -283,7 +348,8 @@ class ProcessSource:
             reply: tuple[Any, ...] = self._conn.recv()
         except (EOFError, OSError) as exc:
             raise self._died(f"closed its pipe ({type(exc).__name__})") from exc
-        status, value, assigned, revoked = reply
+        status, value, assigned, revoked, records = reply
+        _reemit(records)
         self.assigned.update(assigned)
         if revoked:
             self._on_revoked(list(revoked))
@@ -317,6 +383,25 @@ class ProcessSource:
             else:
                 self._value(reply)  # the start: raises why the consumer could not be built
 
+    def ready(self, wait_s: float = 0.0) -> bool:
+        """Whether the child has built its consumer (waiting up to ``wait_s`` for it).
+
+        The child's start (a fresh interpreter importing the Kafka side) takes
+        seconds; until then :meth:`take` returns empty polls after its timeout
+        and :attr:`assignment`, :meth:`out_of_range` and :meth:`lag` report
+        nothing, so the daemon's loop keeps renewing its lease meanwhile.
+        Raises why the consumer could not be built, when it could not.
+        """
+        if not self._owed or self._owed[0] != "start":
+            return True
+        if not self._conn.poll(wait_s):
+            if not self._alive() and not self._conn.poll(0):
+                raise self._died("exited")
+            return False
+        self._owed.pop(0)
+        self._value(self._recv())
+        return True
+
     def _call(self, op: str, *args: Any) -> Any:
         if self._closed:
             raise SourceProcessDied("the consumer process was closed")
@@ -338,7 +423,7 @@ class ProcessSource:
 
     def start(self, max_records: int | None, timeout_ms: int) -> bool:
         """Let the child run the next poll now; ``False`` if one is already started."""
-        if self._closed or self.in_flight:
+        if self._closed or self.in_flight or not self.ready():
             return False
         self.quiesce()
         self._request_poll(max_records, timeout_ms)
@@ -346,10 +431,15 @@ class ProcessSource:
         return True
 
     def take(self, max_records: int | None = None, timeout_ms: int = 100) -> Polled:
-        """The started poll's result (re-raising its error), else a poll made now."""
+        """The started poll's result (re-raising its error), else a poll made now.
+
+        Empty, after ``timeout_ms``, while the child is still starting (:meth:`ready`).
+        """
         if not self.in_flight:
             if self._closed:
                 raise SourceProcessDied("the consumer process was closed")
+            if not self.ready(timeout_ms / 1000):
+                return Polled([], None, {})
             self.quiesce()
             self._request_poll(max_records, timeout_ms)
         self.quiesce()
@@ -366,10 +456,10 @@ class ProcessSource:
     # -- every other call: one request after the poll in flight ------------------
     @property
     def assignment(self) -> list[TopicPartition]:
-        return list(self._call("assignment"))
+        return list(self._call("assignment")) if self.ready() else []
 
     def out_of_range(self) -> list[OutOfRange]:
-        return list(self._call("out_of_range"))
+        return list(self._call("out_of_range")) if self.ready() else []
 
     def reset(self, key: TopicPartition, to: str, high_watermark: int | None = None) -> None:
         self._call("reset", key, to, high_watermark)
@@ -389,6 +479,8 @@ class ProcessSource:
     def lag(
         self, absorbed: Mapping[TopicPartition, int] | None = None
     ) -> dict[TopicPartition, int]:
+        if not self.ready():
+            return {}
         return dict(self._call("lag", None if absorbed is None else dict(absorbed)))
 
     def close(self) -> None:
