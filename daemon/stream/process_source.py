@@ -1,18 +1,18 @@
-"""The consumer in a child process: fetch and decode run beside the update, not under its GIL.
+"""The consumer in a child process: the Kafka fetch runs beside the update, not under its GIL.
 
-kafka-python's fetch, record unpacking and CRC-32C check and ``json.loads`` are
-pure Python, and so is much of the drift loop between torch's kernels, so a
-worker *thread* (:class:`~fogline.daemon.stream.prefetch.SerialSource`) hides
-little of either.  :class:`ProcessSource` moves the consumer into a child
-process (``spawn``) that owns the :class:`~fogline.daemon.stream.source.KafkaSource`
-and the :class:`~fogline.daemon.stream.decode.Decoder`; on two cores the next
-poll is fetched and decoded while the parent absorbs the current one.
+kafka-python's fetch, record unpacking and CRC-32C check are pure Python, and
+so is much of the drift loop between torch's kernels, so a worker *thread*
+(:class:`~fogline.daemon.stream.prefetch.SerialSource`) hides little of either.
+:class:`ProcessSource` moves the consumer into a child interpreter (a bare
+``python -c``, see :func:`child_main`) that owns the
+:class:`~fogline.daemon.stream.source.KafkaSource`; on two cores the next poll
+is fetched while the parent decodes and absorbs the current one.
 
 Protocol (one duplex pipe, strictly request/reply, one request at a time):
 
 1. ``("poll", max_records, timeout_ms, offsets, fingerprints)``: the child
-   polls, decodes, and replies with the raw records and the
-   :class:`~fogline.daemon.stream.decode.DecodedBatch` (numpy arrays; pickled).
+   polls and replies with the raw records (pickled); the parent decodes them
+   into a :class:`~fogline.daemon.stream.decode.DecodedBatch` as it takes them.
    ``offsets``/``fingerprints`` are the parent's state at the request (what
    the in-process callbacks would have returned): a partition assigned during
    this poll is sought to them, exactly as
@@ -276,8 +276,10 @@ class ProcessSource:
     ----------
     factory:
         Builds the consumer in the child from its three callbacks (must pickle).
-    decoder:
-        Decodes each poll in the child (pickled once, at the start).
+    decode:
+        ``raws -> DecodedBatch``, run here on each poll's records as :meth:`take`
+        returns them (decoding stays in the parent: with the plain rule the
+        child is the busier side; docs/performance.md).
     offsets, fingerprints:
         The parent's current resume state (``state.offsets``,
         ``state.fingerprints``), sent with every poll request.
