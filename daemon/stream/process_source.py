@@ -278,8 +278,9 @@ class ProcessSource:
         Builds the consumer in the child from its three callbacks (must pickle).
     decode:
         ``raws -> DecodedBatch``, run here on each poll's records as :meth:`take`
-        returns them (decoding stays in the parent: with the plain rule the
-        child is the busier side; docs/performance.md).
+        returns them, or ``None``: :meth:`take` leaves ``decoded`` ``None`` (the
+        pipeline decodes at ingest, after starting the next poll).  Decoding
+        stays in the parent: with the plain rule the child is the busier side.
     offsets, fingerprints:
         The parent's current resume state (``state.offsets``,
         ``state.fingerprints``), sent with every poll request.
@@ -292,7 +293,7 @@ class ProcessSource:
     def __init__(
         self,
         factory: ChildSourceFactory,
-        decode: Callable[[list[RawRecord]], DecodedBatch],
+        decode: Callable[[list[RawRecord]], DecodedBatch] | None,
         *,
         offsets: Callable[[], Mapping[TopicPartition, int]],
         fingerprints: Callable[[], Mapping[TopicPartition, RecordFingerprint]],
@@ -449,7 +450,8 @@ class ProcessSource:
         assert reply is not None
         raws: list[RawRecord] = self._value(reply)
         assigned, self.assigned = self.assigned, {}
-        return Polled(raws, self._decode(raws) if raws else None, assigned)
+        decoded = self._decode(raws) if raws and self._decode is not None else None
+        return Polled(raws, decoded, assigned)
 
     def poll(self, max_records: int | None = None, timeout_ms: int = 100) -> list[RawRecord]:
         """:meth:`take`'s raw records (the :class:`Source` protocol's poll)."""
