@@ -491,7 +491,7 @@ class Pipeline:
         if s.stream.source_process and self.clients.source is kafka_source:
             return ProcessSource(
                 functools.partial(kafka_source, s),
-                None,  # decoded at ingest, after the next poll was started
+                decode,
                 offsets=lambda: self._offsets_for([]),
                 fingerprints=lambda: self._fingerprints_for([]),
                 on_revoked=self._on_revoked,
@@ -568,15 +568,12 @@ class Pipeline:
                 else min(remaining, s.kafka.max_poll_records)
             )
             polled = self.source.take(cap, int(self.batcher.timeout_ms(100)))
-            rebalanced = bool(self._revoked or polled.assigned)
             self._drop_revoked()
             polled = self._reseek(polled)
             raws = polled.raws
             moved = self._handle_out_of_range()
             now = time.monotonic()
             assigned = bool(self.source.assignment)
-            if raws and not moved and not rebalanced:
-                self._prefetch(ahead=len(raws))  # the next poll runs while this one is decoded
             if raws or moved or not assigned:
                 idle_since = now  # the idle clock runs only while partitions are assigned
                 self._ingest(polled)
@@ -648,20 +645,17 @@ class Pipeline:
         self.checkpoint.moved()
         return True
 
-    def _prefetch(self, ahead: int = 0) -> None:
+    def _prefetch(self) -> None:
         """Start the next poll on the worker when batches are waiting to be absorbed.
 
         Only then is there a step to overlap with; an idle daemon polls on the
-        main thread as before.  The cap honours ``max_records``.  ``ahead``: the
-        records of a poll taken but not ingested yet (started early, before a
-        poll without rebalance or reset is decoded and ingested; they count
-        towards the cap).
+        main thread as before.  The cap honours ``max_records``.
         """
-        if not (self._pending or ahead) or self.stop:
+        if not self._pending or self.stop:
             return
         cap = self.settings.kafka.max_poll_records
         if self.options.max_records is not None:
-            cap = min(cap, self.options.max_records - self.stats.records_in - ahead)
+            cap = min(cap, self.options.max_records - self.stats.records_in)
             if cap <= 0:
                 return
         self.source.start(cap, int(self.batcher.timeout_ms(100)))
@@ -703,10 +697,8 @@ class Pipeline:
         dirty, so an idle or not-yet-assigned daemon writes no snapshots).
         """
         raws, dec = polled.raws, polled.decoded
-        if not raws:
+        if not raws or dec is None:
             return
-        if dec is None:  # a consumer in a child process: decoded here, while it polls on
-            dec = decode_batch(raws, self.decoder)
         topic = self.settings.kafka.topic
         self.stats.records_in += len(raws)
         metrics.RECORDS_IN.labels(topic=topic).inc(len(raws))

@@ -278,9 +278,8 @@ class ProcessSource:
         Builds the consumer in the child from its three callbacks (must pickle).
     decode:
         ``raws -> DecodedBatch``, run here on each poll's records as :meth:`take`
-        returns them, or ``None``: :meth:`take` leaves ``decoded`` ``None`` (the
-        pipeline decodes at ingest, after starting the next poll).  Decoding
-        stays in the parent: with the plain rule the child is the busier side.
+        returns them (decoding stays in the parent: with the plain rule the
+        child is the busier side; docs/performance.md).
     offsets, fingerprints:
         The parent's current resume state (``state.offsets``,
         ``state.fingerprints``), sent with every poll request.
@@ -293,7 +292,7 @@ class ProcessSource:
     def __init__(
         self,
         factory: ChildSourceFactory,
-        decode: Callable[[list[RawRecord]], DecodedBatch] | None,
+        decode: Callable[[list[RawRecord]], DecodedBatch],
         *,
         offsets: Callable[[], Mapping[TopicPartition, int]],
         fingerprints: Callable[[], Mapping[TopicPartition, RecordFingerprint]],
@@ -450,8 +449,7 @@ class ProcessSource:
         assert reply is not None
         raws: list[RawRecord] = self._value(reply)
         assigned, self.assigned = self.assigned, {}
-        decoded = self._decode(raws) if raws and self._decode is not None else None
-        return Polled(raws, decoded, assigned)
+        return Polled(raws, self._decode(raws) if raws else None, assigned)
 
     def poll(self, max_records: int | None = None, timeout_ms: int = 100) -> list[RawRecord]:
         """:meth:`take`'s raw records (the :class:`Source` protocol's poll)."""
