@@ -177,6 +177,11 @@ class StreamSettings(_Section):
     #: 2 CPU cores it measured no gain (kafka-python, json and the drift loop all hold
     #: the GIL); meant for CUDA, where the step waits on the device without the GIL.
     prefetch: bool = False
+    #: Run the Kafka consumer and the decoder in a child process (``spawn``) that
+    #: fetches and decodes the next poll while this one absorbs batches; every
+    #: consumer call is a request/reply message, so commits keep their order and
+    #: exactly-once is unchanged (:mod:`fogline.daemon.stream.process_source`).
+    source_process: bool = True
     seed: int = 0
     #: A snapshot offset beyond a partition's end (broker restarted empty, topic recreated):
     #: ``fail`` exits non-zero (status 4), ``earliest``/``latest`` resume there; always logged

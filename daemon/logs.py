@@ -90,6 +90,13 @@ class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 #: Marks the root handler :func:`configure` installs, so a second call replaces it.
 _HANDLER_NAME = "fogline-structlog"
+#: ``(format, level)`` of the last :func:`configure` (``None``: never configured).
+_CURRENT: tuple[str, str] | None = None
+
+
+def current() -> tuple[str, str] | None:
+    """``(format, level)`` of this process's last :func:`configure` (for a child process)."""
+    return _CURRENT
 
 
 def configure(fmt: LogFormat = "auto", level: str = "INFO") -> None:
@@ -102,8 +109,10 @@ def configure(fmt: LogFormat = "auto", level: str = "INFO") -> None:
     libraries in :data:`QUIET_LIBRARIES` log at WARNING or above unless
     ``level`` is DEBUG.
     """
+    global _CURRENT
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
+    _CURRENT = (fmt, level)
     numeric = logging.getLevelName(level.upper())
     renderer: structlog.types.Processor
     tail: list[structlog.types.Processor] = []

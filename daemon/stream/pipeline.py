@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -78,6 +79,7 @@ from fogline.daemon.stream.decode import (
 from fogline.daemon.stream.isolate import STEP_REJECTED, isolate, rejected_record
 from fogline.daemon.stream.lease import LeaseKeeper, LeaseStore, LeaseUnavailable
 from fogline.daemon.stream.prefetch import Polled, SerialSource, Source
+from fogline.daemon.stream.process_source import ProcessSource, SourceProcessDied
 from fogline.daemon.stream.runtime import StopFlag, call_with_retry, select_device
 from fogline.daemon.stream.series import (
     SeriesDecoder,
@@ -87,7 +89,7 @@ from fogline.daemon.stream.series import (
 )
 from fogline.daemon.stream.source import (
     DeadLetterProducer,
-    KafkaSource,
+    kafka_source,
     security_kwargs,
 )
 from fogline.daemon.stream.store import IntactScan, Snapshot, SnapshotStore
@@ -114,6 +116,8 @@ EXIT_OUT_OF_RANGE = 4
 EXIT_NO_INTACT_SNAPSHOT = 5
 #: Exit status when the settings' ``model`` section contradicts the stored state.
 EXIT_BAD_CONFIG = 2
+#: Exit status when the consumer's child process died (``stream.source_process``).
+EXIT_SOURCE_DIED = 6
 
 
 # -- what the pipeline needs of the outside world (real clients or fakes) -----------
@@ -149,26 +153,6 @@ SourceFactory = Callable[
     ],
     Source,
 ]
-
-
-def kafka_source(
-    s: Settings,
-    offsets_for: Callable[[list[TopicPartition]], Mapping[TopicPartition, int]],
-    on_revoked: Callable[[list[TopicPartition]], None],
-    fingerprints_for: Callable[[list[TopicPartition]], Mapping[TopicPartition, RecordFingerprint]],
-) -> Source:
-    """The real consumer for ``s.kafka``."""
-    return KafkaSource(
-        s.kafka.bootstrap_servers,
-        s.kafka.topic,
-        s.kafka.group_id,
-        offsets_for=offsets_for,
-        on_revoked=on_revoked,
-        fingerprints_for=fingerprints_for,
-        session_timeout_ms=s.kafka.session_timeout_ms,
-        max_poll_records=s.kafka.max_poll_records,
-        **security_kwargs(s.kafka),
-    )
 
 
 def kafka_dead_letters(s: Settings) -> DeadLetters:
@@ -407,6 +391,8 @@ class Pipeline:
         5: snapshot versions exist but none is intact (:class:`NoIntactSnapshot`;
         ``stream.allow_fresh`` starts afresh instead).  2: the settings' ``model``
         section contradicts the state (:class:`SpecContradiction`; nothing written).
+        6: the consumer's child process died (``stream.source_process``; no final
+        snapshot, a restart resumes from the last one).
         """
         s = self.settings
         structlog.contextvars.clear_contextvars()  # no batch context left from an earlier run
@@ -442,6 +428,10 @@ class Pipeline:
             log.error("daemon_failed", reason="model_spec_contradiction", problems=exc.problems)
             self.stats.exit_reason = "\n".join(exc.problems)
             return EXIT_BAD_CONFIG
+        except SourceProcessDied as exc:  # no final snapshot: a restart resumes from the last
+            log.error("daemon_failed", reason="source_process_died", error=str(exc))
+            self.stats.exit_reason = str(exc)
+            return EXIT_SOURCE_DIED
         finally:
             keeper.release()
             store.close()
@@ -484,17 +474,10 @@ class Pipeline:
         )
         dlq = self.clients.dead_letters(s)
         try:
-            source = self.clients.source(
-                s, self._offsets_for, self._on_revoked, self._fingerprints_for
-            )
+            self.source = self._open_source()
         except BaseException:
             dlq.close()
             raise
-        self.source = SerialSource(
-            source,
-            self._decode_batch,
-            prefetch=s.stream.prefetch if self.options.prefetch is None else self.options.prefetch,
-        )
         self.dlq = dlq
         self.checkpoint = Checkpoint(
             store=store,
@@ -509,6 +492,28 @@ class Pipeline:
             self.source.close()
             dlq.close()
         return code
+
+    def _open_source(self) -> SerialSource | ProcessSource:
+        """The consumer: in a child process (``stream.source_process``, real Kafka only), else here.
+
+        Fakes passed in :class:`Clients` live in this process, so they always run here.
+        """
+        s = self.settings
+        decode = self._decode_batch
+        if s.stream.source_process and self.clients.source is kafka_source:
+            return ProcessSource(
+                functools.partial(kafka_source, s),
+                decode,
+                offsets=lambda: self._offsets_for([]),
+                fingerprints=lambda: self._fingerprints_for([]),
+                on_revoked=self._on_revoked,
+            )
+        source = self.clients.source(s, self._offsets_for, self._on_revoked, self._fingerprints_for)
+        return SerialSource(
+            source,
+            decode,
+            prefetch=s.stream.prefetch if self.options.prefetch is None else self.options.prefetch,
+        )
 
     # -- rebalance callbacks -------------------------------------------------------
     def _offsets_for(self, keys: list[TopicPartition]) -> Mapping[TopicPartition, int]:

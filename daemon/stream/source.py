@@ -64,7 +64,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import structlog
 from kafka import (
@@ -85,6 +85,9 @@ from kafka.errors import (
 from fogline.daemon.names import dlq_topic_for
 from fogline.daemon.stream.decode import RawRecord, partition_key
 from fogline.models.state import RecordFingerprint
+
+if TYPE_CHECKING:
+    from fogline.daemon.config import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -737,6 +740,30 @@ class KafkaSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def kafka_source(
+    s: Settings,
+    offsets_for: OffsetsCallback,
+    on_revoked: Callable[[list[TP]], None],
+    fingerprints_for: FingerprintsCallback,
+) -> KafkaSource:
+    """The daemon's consumer for ``s.kafka`` (the pipeline's default ``Clients.source``).
+
+    Defined here, beside :class:`KafkaSource`, so that the consumer's child process
+    (:mod:`fogline.daemon.stream.process_source`) builds it without importing the pipeline.
+    """
+    return KafkaSource(
+        s.kafka.bootstrap_servers,
+        s.kafka.topic,
+        s.kafka.group_id,
+        offsets_for=offsets_for,
+        on_revoked=on_revoked,
+        fingerprints_for=fingerprints_for,
+        session_timeout_ms=s.kafka.session_timeout_ms,
+        max_poll_records=s.kafka.max_poll_records,
+        **security_kwargs(s.kafka),
+    )
 
 
 # --------------------------------------------------------------------------

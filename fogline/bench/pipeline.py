@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="fetch and decode the next poll on a worker thread (stream.prefetch; default off)",
     )
+    p.add_argument(
+        "--source-process",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="consumer and decoder in a child process (stream.source_process; default: on)",
+    )
     p.add_argument("--bootstrap", default=None)
     p.add_argument("--redis-url", default=None)
     p.add_argument("--json", action="store_true")
@@ -119,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
                     "snapshot_every_batches": args.snapshot_every,
                     "snapshot_every_seconds": 0,
                     "device": "cpu",
+                    **(
+                        {}
+                        if args.source_process is None
+                        else {"source_process": args.source_process}
+                    ),
                 },
                 drift={"policy": policy},
             )
@@ -165,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": "cpu",
         "drift_policy": args.drift_policy,
         "prefetch": args.prefetch,
+        "source_process": pipe.settings.stream.source_process,
         "script": Path(__file__).name,
     }
     print(json.dumps(detail))

@@ -91,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"  {line}", file=sys.stderr)
     elif code == 3:
         print("fogline run: another daemon holds the writer lease of this model", file=sys.stderr)
-    elif code == 4:
+    elif code in (4, 6):
         print(f"fogline run: {pipe.stats.exit_reason}", file=sys.stderr)
     elif code == 5:
         print(
