@@ -181,7 +181,11 @@ class StreamSettings(_Section):
     #: fetches and decodes the next poll while this one absorbs batches; every
     #: consumer call is a request/reply message, so commits keep their order and
     #: exactly-once is unchanged (:mod:`fogline.daemon.stream.process_source`).
-    source_process: bool = True
+    #: Off by default: on the shared 2-core machines it was measured on, its
+    #: ratio to the raw loop was not distinguishable from the in-process loop's
+    #: (medians 0.64 vs 0.66 over 8 runs each, docs/performance.md), and the
+    #: child costs ~250 MB and 1-9 s of start-up.
+    source_process: bool = False
     seed: int = 0
     #: A snapshot offset beyond a partition's end (broker restarted empty, topic recreated):
     #: ``fail`` exits non-zero (status 4), ``earliest``/``latest`` resume there; always logged

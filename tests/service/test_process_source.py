@@ -143,6 +143,7 @@ def test_daemon_exits_6_when_its_consumer_dies_and_a_restart_absorbs_each_record
         snapshot_every_batches=3,
         snapshot_every_seconds=0,
         device="cpu",
+        source_process=True,
     )
     killed: list[int] = []
 
