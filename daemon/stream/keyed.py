@@ -135,6 +135,24 @@ class KeyedStats:
     checkpoints: int = 0
     partitions_resumed: int = 0
     exit_reason: str = ""
+    #: Wall-clock time (``time.time()``) the first and the last batch finished absorbing.
+    first_absorbed_at: float | None = None
+    last_absorbed_at: float | None = None
+    #: Records absorbed by the first batch (left out of the steady-state rate).
+    first_batch_records: int = 0
+
+    def steady_rate(self) -> float | None:
+        """Records/s absorbed from the end of the first batch to the end of the last one.
+
+        The group join, the first batch's warm-up and the final checkpoints are
+        outside this window (``None`` with fewer than two batches).
+        """
+        if self.first_absorbed_at is None or self.last_absorbed_at is None:
+            return None
+        window = self.last_absorbed_at - self.first_absorbed_at
+        if window <= 0:
+            return None
+        return (self.records_absorbed - self.first_batch_records) / window
 
 
 @dataclass
@@ -559,12 +577,15 @@ class KeyedPipeline:
         for i, k in enumerate(keys):
             rows[k].append(i)
         states = self._load(part.partition, list(rows))
-        x = torch.from_numpy(batch.x)
-        y = torch.from_numpy(batch.y)
+        # one gather puts each key's rows together (in offset order), then views per key
+        order = torch.as_tensor([i for idx in rows.values() for i in idx], dtype=torch.long)
+        x = torch.from_numpy(batch.x)[order]
+        y = torch.from_numpy(batch.y)[order]
         batches = {}
+        at = 0
         for k, idx in rows.items():
-            ix = torch.as_tensor(idx, dtype=torch.long)
-            batches[k] = Minibatch(x[ix], y[ix])
+            batches[k] = Minibatch(x[at : at + len(idx)], y[at : at + len(idx)])
+            at += len(idx)
         out = self.update(states, batches)
         new, infos = out.states, out.infos
         if out.alarmed:
@@ -594,6 +615,10 @@ class KeyedPipeline:
         part.changed = True
         self.stats.batches += 1
         self.stats.records_absorbed += absorbed
+        self.stats.last_absorbed_at = time.time()
+        if self.stats.first_absorbed_at is None:
+            self.stats.first_absorbed_at = self.stats.last_absorbed_at
+            self.stats.first_batch_records = absorbed
         metrics.RECORDS_ABSORBED.inc(absorbed)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
         metrics.KEYS_IN_MEMORY.set(len(self.cache))
@@ -672,14 +697,18 @@ class KeyedPipeline:
             return
         for part in list(self.owned.values()):
             if part.changed and now - part.last_commit >= every_s:
-                self._checkpoint(part, "interval")
+                self._renew(time.monotonic())  # the others' leases, one write at a time
+                if part.partition in self.owned:
+                    self._checkpoint(part, "interval")
 
     def _bound_memory(self) -> None:
         """Evict clean keys past the TTL or the cap; checkpoint first when dirty ones overflow."""
         gone = self.cache.evict()
         if self.cache.over_cap:
             for part in list(self.owned.values()):
-                self._checkpoint(part, "memory")
+                self._renew(time.monotonic())
+                if part.partition in self.owned:
+                    self._checkpoint(part, "memory")
             gone += self.cache.evict()
         if gone:
             metrics.KEYS_EVICTED.inc(len(gone))
@@ -701,13 +730,18 @@ class KeyedPipeline:
                     part.pending.append(rest)
             while part.pending:
                 self._absorb(part, part.pending.popleft())
+                with contextlib.suppress(StoreUnavailable):
+                    self._renew(time.monotonic())
         code = 0
         for p in sorted(self.owned):
-            part = self.owned[p]
             attempt = 0
-            while True:
+            while p in self.owned:
+                part = self.owned[p]
                 try:
-                    self._checkpoint(part, "shutdown")
+                    # a write of many keys takes a while: keep the other leases alive
+                    self._renew(time.monotonic())
+                    if p in self.owned:
+                        self._checkpoint(part, "shutdown")
                     break
                 except StoreUnavailable as exc:
                     wait = retry_backoff(attempt)
@@ -726,5 +760,12 @@ class KeyedPipeline:
             dead_lettered=self.stats.dead_lettered,
             checkpoints=self.stats.checkpoints,
             partitions_resumed=self.stats.partitions_resumed,
+            steady_records_per_s=_round(self.stats.steady_rate()),
+            first_absorbed_at=self.stats.first_absorbed_at,
+            last_absorbed_at=self.stats.last_absorbed_at,
         )
         return code
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
