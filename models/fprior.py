@@ -248,19 +248,59 @@ class FunctionalPrior:
         return cls(weight=weight, scale=scale, lo=lo, hi=hi, margin=margin, spread=spread, **kwargs)
 
     def ood_inputs(self, x_nd: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """x~ [N, D]: rows of ``x_nd`` with one feature moved beyond its edge (module docstring)."""
+        """x~ [N, D]: rows of ``x_nd`` with one feature moved beyond its edge (module docstring).
+
+        :meth:`ood_draws` from ``generator`` then :meth:`ood_from_draws`.
+        """
+        draws = self.ood_draws(x_nd.shape[0], generator, dtype=x_nd.dtype, device=x_nd.device)
+        return self.ood_from_draws(x_nd, *draws)
+
+    def ood_draws(
+        self,
+        n: int,
+        generator: torch.Generator,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The random part of :meth:`ood_inputs` for ``n`` rows, in its order of draws.
+
+        (slot [n] int64: index into ``active_features``; dist_u [n] ``dtype``
+        and left_u [n] float32, uniform on [0, 1)); ``out`` receives them in
+        place (the batched key step draws every key's rows into one tensor).
+        """
+        k = len(self.active_features)
+        if out is None:
+            slot = torch.randint(k, (n,), generator=generator, device=device)
+            dist_u = torch.rand(n, generator=generator, dtype=dtype, device=device)
+            left_u = torch.rand(n, generator=generator, device=device)
+            return slot, dist_u, left_u
+        torch.randint(k, (n,), generator=generator, out=out[0])
+        torch.rand(n, generator=generator, out=out[1])
+        torch.rand(n, generator=generator, out=out[2])
+        return out
+
+    def ood_from_draws(
+        self, x_nd: torch.Tensor, slot: torch.Tensor, dist_u: torch.Tensor, left_u: torch.Tensor
+    ) -> torch.Tensor:
+        """x~ [N, D] from the draws of :meth:`ood_draws` (row-wise: rows may be of many keys).
+
+        Row i moves feature j_i = active_features[slot_i] to
+        lo_j - margin spread_j dist_u_i if left_u_i < 1/2, else hi_j + margin spread_j dist_u_i.
+        """
         n, d = x_nd.shape
         if d != len(self.lo):
             raise ValueError(f"FunctionalPrior covers {len(self.lo)} features, rows have {d}")
         dev = x_nd.device
         feats = torch.tensor(self.active_features, device=dev)
-        j = feats[torch.randint(len(feats), (n,), generator=generator, device=dev)]
+        j = feats[slot]
         lo = torch.tensor(self.lo, dtype=x_nd.dtype, device=dev)[j]
         hi = torch.tensor(self.hi, dtype=x_nd.dtype, device=dev)[j]
-        dist_ = torch.rand(n, generator=generator, dtype=x_nd.dtype, device=dev) * self.margin
+        dist_ = dist_u * self.margin
         if self.spread is not None:
             dist_ = dist_ * torch.tensor(self.spread, dtype=x_nd.dtype, device=dev)[j]
-        left = torch.rand(n, generator=generator, device=dev) < 0.5
+        left = left_u < 0.5
         value = torch.where(left, lo - dist_, hi + dist_)
         out = x_nd.clone()
         out[torch.arange(n, device=dev), j] = value

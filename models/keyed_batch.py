@@ -50,8 +50,9 @@ under a ``pyro.plate("keys", K)`` with per-key scales), so the batched loss is
 the sum of the K particles and its gradient in theta_k is key k's.  The
 equivalence is tested numerically against ``stream_step``
 (tests/models/test_keyed.py): same noise bits, parameters equal to float
-tolerance (the reductions run in a different order, and Adam is this
-module's rather than torch's fused kernel).
+tolerance (the reductions run in a different order; Adam is torch's fused
+kernel, the single step's, over the K keys' rows with their own step counts,
+or this module's vectorised form of it where torch lacks the kernel).
 
 Determinism.  Every operation is a deterministic CPU/CUDA kernel and the
 noise comes only from each key's ``rng_state``: the same states and batches
@@ -63,9 +64,9 @@ another key's row (a failed Cholesky marks only its own key).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -76,11 +77,11 @@ from fogline.models.likelihoods import df_from_unconstrained
 from fogline.models.network import _ACTIVATIONS, layout, noise_scale
 from fogline.models.state import Minibatch, PosteriorState, StepInfo
 from fogline.models.svi import (
+    _FUSED_ADAM,
     ADAM_BETAS,
     ADAM_EPS,
     Program,
     _layer_sizes,
-    generator_of,
     program,
 )
 
@@ -219,6 +220,50 @@ def _kl_lowrank(
     return kl.to(loc.dtype)
 
 
+def _kl_lowrank_grad(
+    loc: torch.Tensor,
+    factor: torch.Tensor,
+    scale: torch.Tensor,
+    p_loc: torch.Tensor,
+    p_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The low-rank KL [K] of :func:`_kl_lowrank` and its gradients, in closed form (float64).
+
+    With d = s^2, D = diag(d) and the capacitance C = I_R + V^T D^-1 V
+    (Cholesky C = L L^T, C^-1 from L):
+
+        dKL/dm = (m - m0) / s0^2
+        dKL/dV = V / s0^2 - D^-1 V C^-1
+        dKL/ds = s / s0^2 - 1 / s + (V C^-1 V^T)_ii / s^3
+
+    (d logdet C / dV = 2 D^-1 V C^-1, d logdet C / d d_i = -(V C^-1 V^T)_ii / d_i^2).
+    Returns (kl [K], g_m [K, P], g_v [K, P, R], g_s [K, P]) in ``loc``'s dtype;
+    a key whose capacitance is not positive definite gets a NaN KL (and so
+    is rejected) without touching the other keys.
+    """
+    m, v, sd = loc.double(), factor.double(), scale.double()
+    m0, s0 = p_loc.double(), p_scale.double()
+    inv_s02 = s0.pow(-2)
+    d = sd.pow(2)
+    a = v / d.unsqueeze(2)  # D^-1 V  [K, P, R]
+    eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
+    cap = eye + torch.bmm(v.transpose(1, 2), a)
+    chol, info = torch.linalg.cholesky_ex(cap)
+    logdet = 2.0 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    logdet = torch.where(info == 0, logdet, torch.full_like(logdet, math.nan))
+    diff = m - m0
+    trace = ((d + v.pow(2).sum(-1)) * inv_s02).sum(-1)
+    maha = (diff.pow(2) * inv_s02).sum(-1)
+    kl = 0.5 * (trace + maha - m.shape[-1] - inv_s02.log().sum(-1) - d.log().sum(-1) - logdet)
+    cap_inv = torch.cholesky_inverse(chol)
+    a_cinv = torch.bmm(a, cap_inv)  # D^-1 V C^-1
+    g_v = v * inv_s02.unsqueeze(-1) - a_cinv
+    quad_over_d = (a_cinv * v).sum(-1)  # (V C^-1 V^T)_ii / d_i
+    g_s = sd * inv_s02 - (1.0 - quad_over_d) / sd
+    dt = loc.dtype
+    return kl.to(dt), (diff * inv_s02).to(dt), g_v.to(dt), g_s.to(dt)
+
+
 def _functional_kl(
     mean_ksn: torch.Tensor,
     mask: torch.Tensor,
@@ -266,12 +311,98 @@ def _adam(
     theta.addcdiv_(upd, denom, value=-1.0)
 
 
-def _unpack(prog: Program, row: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Views of a key's packed row by parameter name (``Program.unpack`` by slicing)."""
-    out = {name: row[sl.start : sl.end] for name, sl in prog.slots.items()}
-    if "cov_factor" in out:
-        out["cov_factor"] = out["cov_factor"].view(prog.slots["cov_factor"].shape)
-    return out
+def _adam_rows(
+    theta: torch.Tensor,
+    grad: torch.Tensor,
+    rows: Sequence[Sequence[torch.Tensor]],
+    lrs: Sequence[float],
+    groups: Sequence[tuple[int, int, float]],
+) -> None:
+    """:func:`_adam` by torch's fused kernel (:func:`fogline.models.svi.adam_`'s), per key.
+
+    The kernel takes lists of tensors, each with its own step count: the K
+    rows of theta [K, T] (``unbind``, views) are K "parameters" whose moments
+    and counts are the views ``rows[k] = (theta_k, exp_avg_k, exp_avg_sq_k,
+    t_k)`` of key k's own row, so each key gets its own bias correction in ONE
+    call per distinct learning rate lr_k c_G (``groups``: (start, end, c_G)
+    column ranges; usually one call for the pass).  The single-model step's
+    kernel and update, so the same bits.
+    """
+    assert _FUSED_ADAM is not None
+    steps = [q[3] for q in rows]
+    torch._foreach_add_(steps, 1.0)  # the kernel reads the incremented count t
+    for start, end, mult in groups:
+        whole = start == 0 and end == theta.shape[1]
+        p_rows = (theta if whole else theta[:, start:end]).unbind(0)
+        g_rows = (grad if whole else grad[:, start:end]).unbind(0)
+        m_rows = [q[1] if whole else q[1][start:end] for q in rows]
+        v_rows = [q[2] if whole else q[2][start:end] for q in rows]
+        by_lr: dict[float, list[int]] = {}
+        for i, lr in enumerate(lrs):
+            by_lr.setdefault(lr * mult, []).append(i)
+        for lr, idx in by_lr.items():
+            every = len(idx) == len(lrs)
+            _FUSED_ADAM(
+                list(p_rows) if every else [p_rows[i] for i in idx],
+                list(g_rows) if every else [g_rows[i] for i in idx],
+                m_rows if every else [m_rows[i] for i in idx],
+                v_rows if every else [v_rows[i] for i in idx],
+                [],
+                steps if every else [steps[i] for i in idx],
+                amsgrad=False,
+                lr=lr,
+                beta1=ADAM_BETAS[0],
+                beta2=ADAM_BETAS[1],
+                weight_decay=0.0,
+                eps=ADAM_EPS,
+                maximize=False,
+                grad_scale=None,
+                found_inf=None,
+            )
+
+
+def _unpack(prog: Program, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Views of a key's packed theta [T] by parameter name (``Program.unpack``: one split)."""
+    return prog.unpack(theta)
+
+
+def _new_row(prog: Program, state: PosteriorState) -> torch.Tensor:
+    """A fresh [3T + 1] row ``[theta | exp_avg | exp_avg_sq | t]`` holding ``state``'s values.
+
+    One ``clone`` when the state's tensors are views of one such row
+    (:func:`_packed_row`: it came from :func:`batched_step`), else one ``cat``.
+    """
+    row = _packed_row(prog, state)
+    if row is not None:
+        return row.clone()
+    return torch.cat(
+        (
+            *(state.params[name].reshape(-1) for name in prog.names),
+            state.opt_state["exp_avg"].reshape(-1),
+            state.opt_state["exp_avg_sq"].reshape(-1),
+            state.opt_state["step"].reshape(1).to(torch.float32),
+        )
+    ).to(state.device, torch.float32)
+
+
+class _RowMoments(dict[str, torch.Tensor]):
+    """The ``opt_state`` mapping of a state made by :func:`batched_step`.
+
+    A plain dict of the Adam moments that also remembers the key's packed row
+    and the view tensors (params in ``Program.names`` order, then ``exp_avg``,
+    ``exp_avg_sq``, ``step``) cut from it, so :func:`_packed_row` recognises
+    the state by the identity of its tensors (one C-level comparison) instead
+    of checking every view's base and offset.
+    """
+
+    __slots__ = ("row", "views")
+
+    def __init__(
+        self, moments: dict[str, torch.Tensor], row: torch.Tensor, views: tuple[torch.Tensor, ...]
+    ) -> None:
+        super().__init__(moments)
+        self.row = row
+        self.views = views
 
 
 def _packed_row(prog: Program, state: PosteriorState) -> torch.Tensor | None:
@@ -283,6 +414,17 @@ def _packed_row(prog: Program, state: PosteriorState) -> torch.Tensor | None:
     Checked by identity of the views' base and their offsets, so any other
     state (a restored blob, a policy's reset) takes the general path.
     """
+    moments = state.opt_state
+    if type(moments) is _RowMoments:
+        params = state.params
+        now = (
+            *(params.get(name) for name in prog.names),
+            moments.get("exp_avg"),
+            moments.get("exp_avg_sq"),
+            moments.get("step"),
+        )
+        if len(params) == len(prog.names) and all(map(operator.is_, now, moments.views)):
+            return moments.row
     loc = state.params["loc"]
     base = loc._base
     total = prog.total
@@ -299,6 +441,43 @@ def _packed_row(prog: Program, state: PosteriorState) -> torch.Tensor | None:
         if tensor is None or tensor._base is not base or tensor.data_ptr() != ptr + start * size:
             return None
     return base
+
+
+class _OodRows:
+    """The functional prior's out-of-data inputs x~ of K keys sharing ONE functional prior.
+
+    Each key's draws (:meth:`FunctionalPrior.ood_draws`) come from its own
+    generator, in the single step's order, into its slice of one [sum n_k]
+    tensor per draw; :meth:`inputs` then forms x~ for every key's rows with
+    one :meth:`FunctionalPrior.ood_from_draws` (row-wise, so the same values
+    as key by key).
+    """
+
+    def __init__(self, fp: FunctionalPrior, xs: Sequence[torch.Tensor], n: Sequence[int]) -> None:
+        self.fp = fp
+        self.x = torch.cat(list(xs))
+        dev = self.x.device
+        total = self.x.shape[0]
+        self.slot = torch.empty(total, dtype=torch.int64, device=dev)
+        self.dist_u = torch.empty(total, dtype=self.x.dtype, device=dev)
+        self.left_u = torch.empty(total, device=dev)
+        ends = [0]
+        for rows in n:
+            ends.append(ends[-1] + rows)
+        self.ends = ends
+
+    def draws(self, fp: FunctionalPrior | None, i: int, gen: torch.Generator) -> None:
+        """Key i's draws from its generator ``gen`` (``fp`` equals the shared prior)."""
+        a, b = self.ends[i], self.ends[i + 1]
+        out = (self.slot[a:b], self.dist_u[a:b], self.left_u[a:b])
+        self.fp.ood_draws(b - a, gen, out=out)
+
+    def inputs(self, mask: torch.Tensor) -> torch.Tensor:
+        """x~ of every key's rows, zero-padded [K, n_max, D] like the rows."""
+        cat = self.fp.ood_from_draws(self.x, self.slot, self.dist_u, self.left_u)
+        out = torch.zeros((*mask.shape, cat.shape[1]), device=mask.device)
+        out[mask] = cat
+        return out
 
 
 def _padded(parts: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -352,56 +531,52 @@ def batched_step(
     kl_scale = torch.tensor([1.0 / j.data_size for j in jobs], device=dev).unsqueeze(1)
     p_loc, p_scale = _priors(jobs)
     inv_var0 = p_scale.pow(-2)
-    # one buffer [K, 3T + 1] = [theta | exp_avg | exp_avg_sq | t]: each key's new
-    # state is ONE clone of its row (params and moments are views of it)
+    # each key's new state is ONE fresh row [3T + 1] = [theta | exp_avg | exp_avg_sq | t]
+    # (params and moments are views of it), copied once from its old state; the
+    # Adam moments are updated in place in these rows (the fused kernel takes a
+    # list of rows), only theta is stacked [K, T] for the batched arithmetic
     total = prog.total
-    rows_in = [_packed_row(prog, j.state) for j in jobs]
-    if all(r is not None for r in rows_in):  # every key's state came from this function
-        buf = torch.stack(cast(list[torch.Tensor], rows_in))
-    else:
-        buf = torch.empty(k_keys, 3 * total + 1, device=dev)
-        for i, j in enumerate(jobs):
-            r = rows_in[i]
-            if r is not None:
-                buf[i] = r
-                continue
-            torch.cat(
-                (
-                    *(j.state.params[name].reshape(-1) for name in prog.names),
-                    j.state.opt_state["exp_avg"],
-                    j.state.opt_state["exp_avg_sq"],
-                    j.state.opt_state["step"].reshape(1).to(torch.float32),
-                ),
-                out=buf[i],
-            )
-    theta = buf[:, :total]
-    exp_avg = buf[:, total : 2 * total]
-    exp_avg_sq = buf[:, 2 * total : 3 * total]
-    t = buf[:, 3 * total]
-    lr = torch.tensor([float(j.state.lr) for j in jobs], dtype=torch.float64, device=dev)
+    new_rows = [_new_row(prog, j.state) for j in jobs]
+    parts = [r.split((total, total, total, 1)) for r in new_rows]
+    theta = torch.stack([q[0] for q in parts])
+    lrs = [float(j.state.lr) for j in jobs]
+    lr = torch.tensor(lrs, dtype=torch.float64, device=dev)
     lr_mult = None
+    adam_groups = [(0, total, 1.0)]
     if prog.lowrank:  # the parameter groups of models.svi.param_groups
         lr_mult = torch.ones(total, device=dev)
+        adam_groups = []
         for grp in prog.groups(_lr_scale(first.state)):
             lr_mult[grp.start : grp.end] = grp.lr_scale
+            adam_groups.append((grp.start, grp.end, float(grp.lr_scale)))
     if fp0 is not None:
         f_w = torch.tensor([f.weight for f in fps if f is not None], device=dev)
         f_loc = torch.tensor([f.loc for f in fps if f is not None], device=dev)
         f_scale = torch.tensor([f.scale for f in fps if f is not None], device=dev)
-    gens = [generator_of(j.state) for j in jobs]
+    # one generator object, loaded with each key's own state in turn: the same
+    # draws as the key's own generator (state restored, drawn from, saved)
+    gen = torch.Generator(device=dev)
+    # one functional prior for the pass (the fleet's): x~ of every key's rows in one go
+    ood = (_OodRows(fp0, xs, n),) if fp0 is not None and all(f == fp0 for f in fps) else None
+    rng = [j.state.rng_state for j in jobs]
     grad = torch.empty_like(theta)
+    eps = torch.empty(k_keys, samples, p_size, device=dev)
+    z_all = torch.empty(k_keys, samples, rank, device=dev) if rank else None
     diag = torch.empty(0)
     for step_i in range(num_steps):
         last = step_i == num_steps - 1
-        eps_l, z_l, xo_l = [], [], []
-        for i, g in enumerate(gens):
-            eps_l.append(torch.randn(samples, p_size, generator=g, device=dev))
-            if rank:
-                z_l.append(torch.randn(samples, rank, generator=g, device=dev))
+        xo_l = []
+        for i in range(k_keys):
+            gen.set_state(rng[i])
+            torch.randn(samples, p_size, generator=gen, out=eps[i])
+            if z_all is not None:
+                torch.randn(samples, rank, generator=gen, out=z_all[i])
             fp = fps[i]
-            if fp is not None:
-                xo_l.append(fp.ood_inputs(xs[i], g))
-        eps = torch.stack(eps_l)  # [K, S, P]
+            if ood is not None:  # the draws only; x~ of all keys' rows at once below
+                ood[0].draws(fp, i, gen)
+            elif fp is not None:
+                xo_l.append(fp.ood_inputs(xs[i], gen))
+            rng[i] = gen.get_state()
         loc = theta[:, :p_size]
         u = theta[:, p_size : 2 * p_size]
         scale = F.softplus(u)
@@ -410,7 +585,8 @@ def batched_step(
         if rank:
             sl = prog.slots["cov_factor"]
             factor = theta[:, sl.start : sl.end].reshape(k_keys, p_size, rank)
-            z = torch.stack(z_l)  # [K, S, R]
+            z = z_all  # [K, S, R]
+            assert z is not None
             w = w + torch.bmm(z, factor.transpose(1, 2))
         w.requires_grad_(True)
         df_u = theta[:, -1:].clone().requires_grad_(True) if config.learns_df else None
@@ -421,7 +597,7 @@ def batched_step(
         lp = torch.where(mask, lp_rows, torch.zeros_like(lp_rows)).sum(-1)  # [K]
         data_loss = -obs_scale * lp
         if fp0 is not None:
-            x_ood = _padded(xo_l, mask)
+            x_ood = ood[0].inputs(mask) if ood is not None else _padded(xo_l, mask)
             x_rep = x_ood.unsqueeze(1).expand(k_keys, samples, n_max, d)
             mean = _forward(
                 w.reshape(k_keys * samples, p_size), x_rep.reshape(-1, n_max, d), config
@@ -438,18 +614,12 @@ def batched_step(
             if factor is not None and z is not None:
                 sl = prog.slots["cov_factor"]
                 g_v = torch.bmm(g_w.transpose(1, 2), z)  # [K, P, R]
-                with torch.enable_grad():
-                    m_ = loc.detach().requires_grad_(True)
-                    v_ = factor.detach().requires_grad_(True)
-                    s_ = scale.detach().requires_grad_(True)
-                    kl = _kl_lowrank(m_, v_, s_, p_loc, p_scale)
-                    gk_m, gk_v, gk_s = torch.autograd.grad(kl.sum(), (m_, v_, s_))
+                kl, gk_m, gk_v, gk_s = _kl_lowrank_grad(loc, factor, scale, p_loc, p_scale)
                 torch.add(g_w0, gk_m * kl_scale, out=g_loc)
                 g_s.add_(gk_s * kl_scale)
                 grad[:, sl.start : sl.end] = (g_v + gk_v * kl_scale.unsqueeze(2)).reshape(
                     k_keys, -1
                 )
-                kl = kl.detach()
             else:
                 # dKL/dm = (m - m0) / s0^2,  dKL/ds = s / s0^2 - 1 / s
                 g_m = (loc - p_loc).mul_(inv_var0).mul_(kl_scale)
@@ -464,7 +634,18 @@ def batched_step(
                 loss = data_loss.detach() + kl_scale[:, 0] * kl
                 gnorm = torch.linalg.vector_norm(grad, dim=1)
                 diag = torch.stack((loss, kl, lp.detach(), gnorm), 1)
-            _adam(theta, grad, exp_avg, exp_avg_sq, t, lr, lr_mult)
+            if _FUSED_ADAM is not None:
+                _adam_rows(theta, grad, parts, lrs, adam_groups)
+            else:
+                exp_avg = torch.stack([q[1] for q in parts])
+                exp_avg_sq = torch.stack([q[2] for q in parts])
+                t = torch.stack([q[3] for q in parts])[:, 0]
+                _adam(theta, grad, exp_avg, exp_avg_sq, t, lr, lr_mult)
+                for q, m_, v_, t_ in zip(parts, exp_avg, exp_avg_sq, t, strict=True):
+                    q[1].copy_(m_)
+                    q[2].copy_(v_)
+                    q[3].copy_(t_)
+    torch._foreach_copy_([q[0] for q in parts], list(theta.unbind(0)))
     host = torch.cat((diag, theta.sum(1, keepdim=True)), 1).tolist()
     results: list[tuple[PosteriorState, StepInfo]] = []
     for i, j in enumerate(jobs):
@@ -474,17 +655,20 @@ def batched_step(
             results.append((j.state, StepInfo(loss_f, nll, kl_f, gn_f, n[i], num_steps, True)))
             continue
         st = j.state
-        row = buf[i].clone()
+        q = parts[i]
+        params = _unpack(prog, q[0])
+        step_t = q[3].view(())
+        moments = _RowMoments(
+            {"exp_avg": q[1], "exp_avg_sq": q[2], "step": step_t},
+            new_rows[i],
+            (*params.values(), q[1], q[2], step_t),
+        )
         new = _evolve(
             st,
-            params=_unpack(prog, row),
-            opt_state={
-                "exp_avg": row[total : 2 * total],
-                "exp_avg_sq": row[2 * total : 3 * total],
-                "step": row[3 * total],
-            },
+            params=params,
+            opt_state=moments,
             step_count=st.step_count + num_steps,
-            rng_state=gens[i].get_state(),
+            rng_state=rng[i],
             records_absorbed=st.records_absorbed + n[i],
         )
         results.append((new, StepInfo(loss_f, nll, kl_f, gn_f, n[i], num_steps)))

@@ -143,6 +143,27 @@ def test_consecutive_batched_steps_follow_stream_step() -> None:
         assert torch.equal(states[k].rng_state, alone[k].rng_state)
 
 
+def test_a_batched_state_with_edited_tensors_is_read_by_its_tensors() -> None:
+    """A keyed_step state whose params were swapped is not read from its old row."""
+    fleet = _fleet()
+    batch = {"a": _batch(5, 1)}
+    st = keyed_step({"a": new_key_state(fleet, "a")}, batch)[0]["a"]
+    # new params, the same opt_state mapping (its moments still views of the old row)
+    edited = st.replace(params={**st.params, "loc": st.params["loc"] + 0.5})
+    got = keyed_step({"a": edited}, batch)[0]["a"]
+    # the reference: the same values in plain tensors (no packed row at all)
+    plain = edited.replace(
+        params={k: v.clone() for k, v in edited.params.items()},
+        opt_state={k: v.clone() for k, v in edited.opt_state.items()},
+    )
+    want = stream_step(plain, batch["a"])[0]
+    for name, v in want.params.items():
+        torch.testing.assert_close(got.params[name], v, rtol=1e-4, atol=1e-5)
+    ref = keyed_step({"a": plain}, batch)[0]["a"]
+    for name, v in ref.params.items():
+        assert torch.equal(got.params[name], v)
+
+
 def test_a_non_finite_key_is_rejected_alone() -> None:
     fleet = _fleet()
     states = {k: new_key_state(fleet, k) for k in "ab"}
@@ -202,3 +223,23 @@ def test_bench_keyed_prints_one_json_object_last(capsys: pytest.CaptureFixture[s
     assert rec["max_abs_loc_difference"] < 1e-4  # both paths took the same steps
     assert rec["blob_bytes_per_key"] > rec["num_weights"] * 4
     assert rec["with_drift_blob_bytes_per_key"] > rec["blob_bytes_per_key"]
+
+
+def test_lowrank_kl_gradient_in_closed_form_matches_autograd() -> None:
+    """The batched step's closed-form low-rank KL gradients equal autograd's (float64)."""
+    from fogline.models.keyed_batch import _kl_lowrank, _kl_lowrank_grad
+
+    g = torch.Generator().manual_seed(0)
+    k, p, r = 4, 50, 5
+    m = torch.randn(k, p, generator=g, dtype=torch.float64)
+    v = 0.3 * torch.randn(k, p, r, generator=g, dtype=torch.float64)
+    s = torch.rand(k, p, generator=g, dtype=torch.float64) + 0.1
+    m0 = torch.randn(1, p, generator=g, dtype=torch.float64)
+    s0 = torch.rand(1, p, generator=g, dtype=torch.float64) + 0.5
+    leaves = [t.clone().requires_grad_(True) for t in (m, v, s)]
+    kl = _kl_lowrank(*leaves, m0, s0)
+    want = torch.autograd.grad(kl.sum(), leaves)
+    kl2, *got = _kl_lowrank_grad(m, v, s, m0, s0)
+    torch.testing.assert_close(kl2, kl.detach())
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
