@@ -63,7 +63,9 @@ from fogline.daemon.stream.isolate import STEP_REJECTED, rejected_record
 from fogline.daemon.stream.keycache import KeyCache
 from fogline.daemon.stream.keyed_update import KeyedUpdate, fleet_state, new_key
 from fogline.daemon.stream.pipeline import (
+    EXIT_OUT_OF_RANGE,
     DeadLetters,
+    OffsetOutOfRange,
     RunOptions,
     fresh_prior,
     fresh_stream,
@@ -73,6 +75,7 @@ from fogline.daemon.stream.pipeline import (
     spec_problems,
 )
 from fogline.daemon.stream.runtime import StopFlag, select_device
+from fogline.daemon.stream.source import OutOfRange
 from fogline.daemon.stream.store import (
     Lease,
     LeaseLost,
@@ -82,7 +85,13 @@ from fogline.daemon.stream.store import (
 )
 from fogline.daemon.stream.update import warm_up
 from fogline.drift.runner import drift_mode
-from fogline.models.serialize import from_bytes, load, to_bytes
+from fogline.models.serialize import (
+    fingerprints_from_json,
+    fingerprints_to_json,
+    from_bytes,
+    load,
+    to_bytes,
+)
 from fogline.models.state import Minibatch, PosteriorState, RecordFingerprint
 
 log = structlog.get_logger(__name__)
@@ -106,6 +115,12 @@ class KeyedSource(Protocol):
     def assignment(self) -> list[TopicPartition]: ...
     def poll(self, max_records: int | None = ..., timeout_ms: int = ...) -> list[RawRecord]: ...
     def seek(self, offsets: Mapping[TopicPartition, int]) -> None: ...
+    def seek_checked(
+        self,
+        offsets: Mapping[TopicPartition, int],
+        prints: Mapping[TopicPartition, RecordFingerprint],
+    ) -> None: ...
+    def out_of_range(self) -> list[OutOfRange]: ...
     def reset(self, key: TopicPartition, to: str, high_watermark: int | None = ...) -> None: ...
     def pause(self, keys: Any) -> None: ...
     def resume(self, keys: Any) -> None: ...
@@ -171,6 +186,12 @@ class Owned:
     #: Key of each buffered row, by offset.
     keys_at: dict[int, str] = field(default_factory=dict)
     pending: collections.deque[Rows] = field(default_factory=collections.deque)
+    #: Records read, oldest first, from the last one before the resume offset on
+    #: (:meth:`KeyedPipeline._prune`): the fingerprint of the record before the
+    #: next offset is found here at a checkpoint.
+    recent: collections.deque[RawRecord] = field(default_factory=collections.deque)
+    #: The fingerprint last written or restored, with the offset it precedes.
+    printed: tuple[int, RecordFingerprint] | None = None
     batches_since: int = 0
     changed: bool = False
     last_commit: float = field(default_factory=time.monotonic)
@@ -256,6 +277,11 @@ class KeyedPipeline:
                     self.stats.exit_reason = str(exc)
                     self._release_all()
                     return EXIT_REPARTITIONED
+                except OffsetOutOfRange as exc:
+                    log.error("daemon_failed", reason="offset_out_of_range", error=str(exc))
+                    self.stats.exit_reason = str(exc)
+                    self._release_all()  # nothing of the partition written
+                    return EXIT_OUT_OF_RANGE
                 finally:
                     self.source.close()
             finally:
@@ -334,8 +360,11 @@ class KeyedPipeline:
             self._announced.discard(p)
             manifest = self.store.manifest(p)
             offset = manifest.offsets.get(partition_key(self.topic, p)) if manifest else None
+            prints = fingerprints_from_json(manifest.fingerprints) if manifest else {}
+            printed = prints.get((self.topic, p))
             if offset is not None:
-                self.source.seek({(self.topic, p): offset})
+                # beyond the partition's end, or another record before it: out_of_range()
+                self.source.seek_checked({(self.topic, p): offset}, prints)
             else:
                 self.source.reset((self.topic, p), "earliest")
             s = self.settings.stream
@@ -349,6 +378,7 @@ class KeyedPipeline:
                 records_absorbed=manifest.records_absorbed if manifest else 0,
                 horizon=None,
                 committed=offset,
+                printed=(offset, printed) if printed is not None and offset is not None else None,
             )
             waited = time.monotonic() - self.claiming.pop(p)
             self.source.resume([(self.topic, p)])
@@ -442,6 +472,7 @@ class KeyedPipeline:
             try:
                 self._check_layout()
                 self._rebalanced()
+                self._out_of_range()
                 self._ingest(raws)
                 self._drain()
                 self._maybe_checkpoint(time.monotonic())
@@ -495,6 +526,7 @@ class KeyedPipeline:
             part = self.owned[r.partition]
             part.horizon = max(part.horizon or 0, r.offset + 1)
             part.changed = True
+            part.recent.append(r)
         for p, rows in by_part.items():
             part = self.owned[p]
             idx = np.asarray(rows, dtype=np.int64)
@@ -508,6 +540,85 @@ class KeyedPipeline:
             due = part.batcher.poll_due()
             if due is not None:
                 part.pending.append(due)
+            self._prune(part, self._next_offset(part))
+
+    @staticmethod
+    def _prune(part: Owned, offset: int | None) -> None:
+        """Forget read records before the last one preceding ``offset`` (the resume offset).
+
+        The resume offset never moves back, so the record before any later one
+        is still kept; the deque holds about the unabsorbed records of the partition.
+        """
+        if offset is None:
+            return
+        recent = part.recent
+        while len(recent) > 1 and recent[1].offset < offset:
+            recent.popleft()
+
+    @staticmethod
+    def _print_before(part: Owned, offset: int) -> RecordFingerprint | None:
+        """The fingerprint of the last record read before ``offset`` (``None``: not known)."""
+        if part.printed is not None and part.printed[0] == offset:
+            return part.printed[1]
+        for r in reversed(part.recent):
+            if r.offset < offset:
+                fp = RecordFingerprint.of(r.offset, r.key, r.value, r.timestamp_ms)
+                part.printed = (offset, fp)
+                return fp
+        return None
+
+    def _out_of_range(self) -> None:
+        """Apply ``stream.offset_out_of_range`` to resume offsets the consumer found unusable.
+
+        ``fail`` raises :class:`OffsetOutOfRange` (exit 4, nothing written);
+        ``earliest``/``latest`` move the partition there and checkpoint the move
+        (its keys keep what they absorbed: the records before are gone).
+        """
+        found = self.source.out_of_range()
+        if not found:
+            return
+        action = self.settings.stream.offset_out_of_range
+        for oor in found:
+            label = partition_key(*oor.key)
+            metrics.OFFSET_OUT_OF_RANGE.labels(
+                partition=label, action=action, cause=oor.cause
+            ).inc()
+            log.error(
+                "offset_out_of_range",
+                partition=label,
+                snapshot_offset=oor.offset,
+                high_watermark=oor.high_watermark,
+                action=action,
+                cause=oor.cause,
+                hint="the broker lost the topic (restarted empty, topic recreated?)",
+            )
+            if action == "fail":
+                what = (
+                    f"the partition ends at {oor.high_watermark}"
+                    if oor.cause == "beyond_end"
+                    else f"the record before it is not the one absorbed ({oor.cause})"
+                )
+                raise OffsetOutOfRange(
+                    f"partition {label}: its keyed checkpoint resumes at offset {oor.offset} but "
+                    f"{what} (broker restarted empty or topic recreated?); set "
+                    f"stream.offset_out_of_range to 'earliest' or 'latest' to continue from there"
+                )
+            part = self.owned.get(oor.key[1])
+            if part is None:
+                continue
+            self.source.reset(oor.key, action, oor.high_watermark)
+            s = self.settings.stream
+            part.batcher = MicroBatcher(
+                s.batch_size, None if s.batching == "count" else s.max_wait_ms
+            )
+            part.pending.clear()
+            part.keys_at.clear()
+            part.recent.clear()
+            part.printed = None
+            part.horizon = None
+            part.committed = None if action == "earliest" else oor.high_watermark
+            part.changed = True
+            self._checkpoint(part, "offset_out_of_range")
 
     def _dead_letter(self, raw: RawRecord, reason: str) -> None:
         self.dlq.send(raw, reason)
@@ -651,6 +762,8 @@ class KeyedPipeline:
             }
         self.dlq.flush()  # 2. the dead letters before the offsets that pass them
         offsets = {partition_key(self.topic, p): offset} if offset is not None else {}
+        fp = self._print_before(part, offset) if offset else None
+        prints = fingerprints_to_json({(self.topic, p): fp}) if fp is not None else {}
         t0 = time.perf_counter()
         try:
             version = self.store.commit(  # 3. one lease-guarded transaction
@@ -661,6 +774,7 @@ class KeyedPipeline:
                 blobs=blobs,
                 entries=entries,
                 writer=self.owner,
+                fingerprints=prints,
             )
         except LeaseLost as exc:
             log.warning("partition_lease_lost", partition=p, error=str(exc))
@@ -673,6 +787,7 @@ class KeyedPipeline:
         self.cache.clean(dirty)
         part.version = version
         part.committed = offset
+        self._prune(part, offset)
         part.batches_since = 0
         part.changed = False
         part.last_commit = time.monotonic()
