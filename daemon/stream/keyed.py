@@ -61,7 +61,14 @@ from fogline.daemon.stream.checkpoint import resume_offsets
 from fogline.daemon.stream.decode import Decoder, RawRecord, decode_batch, partition_key
 from fogline.daemon.stream.isolate import STEP_REJECTED, rejected_record
 from fogline.daemon.stream.keycache import KeyCache
-from fogline.daemon.stream.keyed_update import KeyedUpdate, fleet_state, new_key
+from fogline.daemon.stream.keyed_prefetch import KeyedSerialSource
+from fogline.daemon.stream.keyed_update import (
+    KeyedUpdate,
+    fleet_state,
+    new_key,
+    new_population,
+    population_fleet,
+)
 from fogline.daemon.stream.pipeline import (
     EXIT_OUT_OF_RANGE,
     DeadLetters,
@@ -85,6 +92,7 @@ from fogline.daemon.stream.store import (
 )
 from fogline.daemon.stream.update import warm_up
 from fogline.drift.runner import drift_mode
+from fogline.models.keyed import Population
 from fogline.models.serialize import (
     fingerprints_from_json,
     fingerprints_to_json,
@@ -192,6 +200,8 @@ class Owned:
     recent: collections.deque[RawRecord] = field(default_factory=collections.deque)
     #: The fingerprint last written or restored, with the offset it precedes.
     printed: tuple[int, RecordFingerprint] | None = None
+    #: ``keyed.fleet = "population"``: the mixture of the partition's key posteriors.
+    population: Population | None = None
     batches_since: int = 0
     changed: bool = False
     last_commit: float = field(default_factory=time.monotonic)
@@ -224,6 +234,8 @@ class KeyedPipeline:
         self._paused_for_store = False
         #: Rebalance events queued by the consumer's callbacks: ("assigned"|"revoked", partitions).
         self._events: collections.deque[tuple[str, list[int]]] = collections.deque()
+        #: Partitions claimed while a poll ran ahead: that poll's records of them predate the seek.
+        self._fresh: set[int] = set()
 
     # -- the whole run ----------------------------------------------------------
     def run(self) -> int:
@@ -258,9 +270,13 @@ class KeyedPipeline:
             warm_up(self.fleet, 8, s.stream.steps_per_batch, s.stream.data_size)
             self.dlq = self.clients.dead_letters(s)
             try:
-                self.source: KeyedSource = self.clients.source(
+                raw_source = self.clients.source(
                     s, self._offsets_for, self._on_revoked, self._fingerprints_for
                 )
+                prefetch = self.options.prefetch
+                if prefetch is None:
+                    prefetch = s.stream.prefetch
+                self.source: KeyedSource = KeyedSerialSource(raw_source) if prefetch else raw_source
                 log.info(
                     "daemon_started",
                     model=s.model_name,
@@ -358,6 +374,8 @@ class KeyedPipeline:
                     log.info("partition_lease_held", partition=p, holder=self.store.lease_owner(p))
                 continue
             self._announced.discard(p)
+            if getattr(self.source, "in_flight", False):
+                self._fresh.add(p)
             manifest = self.store.manifest(p)
             offset = manifest.offsets.get(partition_key(self.topic, p)) if manifest else None
             prints = fingerprints_from_json(manifest.fingerprints) if manifest else {}
@@ -379,6 +397,7 @@ class KeyedPipeline:
                 horizon=None,
                 committed=offset,
                 printed=(offset, printed) if printed is not None and offset is not None else None,
+                population=self._population(manifest.population if manifest else None),
             )
             waited = time.monotonic() - self.claiming.pop(p)
             self.source.resume([(self.topic, p)])
@@ -393,6 +412,12 @@ class KeyedPipeline:
                 records_absorbed=manifest.records_absorbed if manifest else 0,
                 waited_s=round(waited, 3),
             )
+
+    def _population(self, stored: Mapping[str, Any] | None) -> Population | None:
+        """A claimed partition's population (``keyed.fleet = "population"``), else ``None``."""
+        if self.settings.keyed.fleet != "population":
+            return None
+        return Population.from_json(stored) if stored else new_population(self.fleet)
 
     def _drop(self, p: int, why: str, *, release: bool) -> None:
         """Forget partition ``p`` (its keys too); release its lease if asked."""
@@ -445,7 +470,6 @@ class KeyedPipeline:
 
     # -- the loop -------------------------------------------------------------------
     def _loop(self) -> int:
-        s = self.settings
         opts = self.options
         idle_since = time.monotonic()
         while not self.stop:
@@ -453,7 +477,7 @@ class KeyedPipeline:
             if now < self._retry_at:
                 # Redis down: fetch nothing more (bounded memory), keep the group membership
                 self.source.pause(self.source.assignment)
-                self._ingest(self.source.poll(s.kafka.max_poll_records, 100))
+                self._ingest(self._poll())
                 self.stop.wait(min(0.5, max(0.0, self._retry_at - time.monotonic())))
                 continue
             try:
@@ -468,12 +492,13 @@ class KeyedPipeline:
             if opts.max_records is not None and self.stats.records_in >= opts.max_records:
                 self.stats.exit_reason = "max_records"
                 break
-            raws = self.source.poll(s.kafka.max_poll_records, 100)
+            raws = self._poll()
             try:
                 self._check_layout()
                 self._rebalanced()
                 self._out_of_range()
                 self._ingest(raws)
+                self._prefetch()
                 self._drain()
                 self._maybe_checkpoint(time.monotonic())
                 self._bound_memory()
@@ -489,6 +514,31 @@ class KeyedPipeline:
         else:
             self.stats.exit_reason = f"signal {self.stop.signal_name}"
         return self._shutdown()
+
+    def _poll(self) -> list[RawRecord]:
+        """The next poll's records (the one run ahead, if any), less those predating a claim."""
+        raws = self.source.poll(self.settings.kafka.max_poll_records, 100)
+        if self._fresh:
+            raws = [r for r in raws if r.partition not in self._fresh]
+            self._fresh.clear()
+        return raws
+
+    def _prefetch(self) -> None:
+        """Start the next poll on the worker when batches wait to be absorbed (prefetching only).
+
+        Only then is there a step to overlap with.  Records it returns are not
+        read until :meth:`_ingest` takes them, so a checkpoint meanwhile resumes
+        before them, and a stop drops them (the next owner reads them).
+        """
+        start = getattr(self.source, "start", None)
+        if start is None or self.stop or not any(p.pending for p in self.owned.values()):
+            return
+        cap = self.settings.kafka.max_poll_records
+        if self.options.max_records is not None:
+            cap = min(cap, self.options.max_records - self.stats.records_in)
+            if cap <= 0:
+                return
+        start(cap, 100)
 
     def _store_down(self, exc: Exception, op: str) -> None:
         """Redis unreachable: wait (backoff) while polling to keep the group membership."""
@@ -644,12 +694,16 @@ class KeyedPipeline:
                 self._renew(time.monotonic())  # a long backlog must not outlive the leases
                 part = self.owned.get(p)
 
-    def _load(self, p: int, keys: list[str]) -> dict[str, PosteriorState]:
-        """States of ``keys`` (all of partition ``p``): cached, else their blob, else new.
+    def _load(self, p: int, keys: list[str]) -> tuple[dict[str, PosteriorState], set[str]]:
+        """States of ``keys`` (all of partition ``p``): cached, else their blob, else new;
+        and the new ones.
 
-        A key that another partition absorbed raises :class:`Repartitioned`.
+        A new key starts from the fleet prior (``keyed.fleet = "population"``: from
+        the partition's population as it was before this batch).  A key that
+        another partition absorbed raises :class:`Repartitioned`.
         """
         out: dict[str, PosteriorState] = {}
+        fresh: set[str] = set()
         missing: list[str] = []
         for k in keys:
             entry = self.cache.get(k)
@@ -659,19 +713,24 @@ class KeyedPipeline:
             if entry.partition != p:
                 self._moved(k, entry.partition, p)
             out[k] = entry.state
+        fleet: PosteriorState | None = None
         if missing:
             blobs = self.store.read_keys(missing)
             for k in missing:
                 blob = blobs.get(k)
                 if blob is None:
-                    out[k] = new_key(self.fleet, k)
+                    pop = self.owned[p].population
+                    if pop is not None and fleet is None:
+                        fleet = population_fleet(pop, self.fleet)
+                    out[k] = new_key(fleet if fleet is not None else self.fleet, k)
+                    fresh.add(k)
                     continue
                 info = self.store.key_info(k) or {}
                 if int(info.get("partition", p)) != p:
                     self._moved(k, int(info["partition"]), p)
                 out[k] = from_bytes(blob, self.fleet.device)
                 self.cache.put(k, out[k], p, dirty=False)
-        return out
+        return out, fresh
 
     def _moved(self, key: str, was: int, now: int) -> None:
         raise Repartitioned(
@@ -687,7 +746,7 @@ class KeyedPipeline:
         rows: dict[str, list[int]] = collections.defaultdict(list)
         for i, k in enumerate(keys):
             rows[k].append(i)
-        states = self._load(part.partition, list(rows))
+        states, fresh = self._load(part.partition, list(rows))
         # one gather puts each key's rows together (in offset order), then views per key
         order = torch.as_tensor([i for idx in rows.values() for i in idx], dtype=torch.long)
         x = torch.from_numpy(batch.x)[order]
@@ -721,6 +780,10 @@ class KeyedPipeline:
                 continue
             absorbed += info.rows
             self.cache.put(k, new[k], part.partition, dirty=True)
+        if part.population is not None:  # sorted: the float64 sums' order is fixed
+            for k in sorted(infos):
+                if not infos[k].rejected:
+                    part.population.replace(None if k in fresh else states[k], new[k])
         part.records_absorbed += absorbed
         part.batches_since += 1
         part.changed = True
@@ -775,6 +838,7 @@ class KeyedPipeline:
                 entries=entries,
                 writer=self.owner,
                 fingerprints=prints,
+                population=part.population.to_json() if part.population is not None else None,
             )
         except LeaseLost as exc:
             log.warning("partition_lease_lost", partition=p, error=str(exc))

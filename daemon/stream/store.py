@@ -863,6 +863,8 @@ class PartitionManifest:
     writer: str
     updated_at: float
     fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: ``keyed.fleet = "population"``: the partition's population (``Population.to_json``).
+    population: dict[str, Any] | None = None
 
 
 def _text(raw: Any) -> str:
@@ -1003,6 +1005,7 @@ class PartitionStore:
                 writer=d.get("writer", ""),
                 updated_at=float(d.get("updated_at", 0.0)),
                 fingerprints=dict(json.loads(d.get("fingerprints", "{}"))),
+                population=json.loads(d["population"]) if d.get("population") else None,
             )
         except (KeyError, ValueError) as exc:
             raise CorruptSnapshot(f"partition {partition} manifest unreadable: {exc}") from None
@@ -1045,6 +1048,7 @@ class PartitionStore:
         entries: Mapping[str, Mapping[str, Any]],
         writer: str = "",
         fingerprints: Mapping[str, Mapping[str, Any]] | None = None,
+        population: Mapping[str, Any] | None = None,
     ) -> int:
         """Write partition ``partition``'s checkpoint atomically; return its new version.
 
@@ -1064,6 +1068,8 @@ class PartitionStore:
             "schema_version": str(KEYED_SCHEMA_VERSION),
             "fingerprints": json.dumps(dict(fingerprints or {}), sort_keys=True),
         }
+        if population is not None:
+            manifest["population"] = json.dumps(dict(population), sort_keys=True)
         args: list[Any] = [lease.token, len(keys), 2 * len(manifest)]
         args += [x for kv in manifest.items() for x in kv]
         for k in keys:

@@ -9,8 +9,8 @@ then in the same run measure
 1. *baseline*: a bare consume + decode loop (:class:`KafkaSource` and
    :func:`decode_batch`, nothing else) reading the whole topic in its own group;
 2. *keyed daemon*: ``fogline run --idle-exit-s 5`` with ``keyed.enabled`` (one
-   process, count batching, one torch thread, checkpoints every 30 s and at the
-   stop).  Two rates: ``keyed_records_per_s`` is the *steady state*, the
+   process, count batching, one torch thread, ``stream.prefetch`` on unless
+   ``--no-prefetch``, checkpoints every 30 s and at the stop).  Two rates: ``keyed_records_per_s`` is the *steady state*, the
    records absorbed after the first batch over the time from the end of the
    first absorbed batch to the end of the last (the daemon's
    ``daemon_stopped`` event carries it: start-up, the group join, the first
@@ -125,8 +125,11 @@ def write_keyed_config(path: Path, *, hidden: Sequence[int] = (16,), **kw: Any) 
     """A daemon settings file in keyed mode (``crash_replay.write_config`` plus the keyed parts)."""
     max_keys = kw.pop("max_keys", 10_000)
     idle_ttl_s = kw.pop("idle_ttl_s", 600.0)
+    prefetch = kw.pop("prefetch", None)
     write_config(path, **kw)
     cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if prefetch is not None:
+        cfg["stream"]["prefetch"] = bool(prefetch)
     cfg["model"] = {
         "features": list(FEATURES),
         "target": "y",
@@ -241,6 +244,7 @@ def daemon_part(
     bootstrap: str | None = None,
     redis_url: str | None = None,
     log_dir: Path | None = None,
+    prefetch: bool = True,
 ) -> dict[str, Any]:
     """Records/s of the keyed daemon against a bare consume + decode loop, same run.
 
@@ -269,6 +273,7 @@ def daemon_part(
             snapshot_every_batches=0,
             snapshot_every_seconds=30.0,
             hidden=hidden,
+            prefetch=prefetch,
         )
         expect = recs.absorbable(batch_size)
         rate, end_to_end, absorbed = keyed_rate(
@@ -283,6 +288,7 @@ def daemon_part(
         "daemon_partitions": partitions,
         "daemon_batch_size": batch_size,
         "daemon_hidden": list(hidden),
+        "daemon_prefetch": prefetch,
         "baseline_records_per_s": round(base, 1),
         # steady state: end of the first absorbed batch to the end of the last
         "keyed_records_per_s": round(rate, 1),
@@ -311,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bootstrap", default=None)
     ap.add_argument("--redis-url", default=None)
     ap.add_argument("--log-dir", type=Path, default=None, help="keep the daemon's log here")
+    ap.add_argument(
+        "--no-prefetch", action="store_true", help="stream.prefetch off (poll on the main thread)"
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     out = daemon_part(
@@ -322,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         bootstrap=args.bootstrap,
         redis_url=args.redis_url,
         log_dir=args.log_dir,
+        prefetch=not args.no_prefetch,
     )
     print(json.dumps(out) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items()))
     return 0
