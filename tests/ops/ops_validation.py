@@ -388,6 +388,11 @@ def compose_problems(text: str, env_example: str) -> list[str]:
         for port in svc.get("ports") or []:
             if not str(port).startswith("127.0.0.1:"):
                 problems.append(f"{name}: port {port!r} published beyond loopback")
+        keyed = str(service_environment(svc).get("FOGLINE_KEYED__ENABLED", "")).lower()
+        if keyed == "true" and svc.get("ports"):
+            problems.append(
+                f"{name}: keyed replicas publish a fixed host port (--scale would clash)"
+            )
         for vol in svc.get("volumes") or []:
             src = str(vol).split(":", 1)[0]
             if src.startswith("./") and not (ROOT / src).exists():
