@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import tomllib
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,8 @@ def settings_problems(env: Mapping[str, str]) -> list[str]:
                 problems.append(f"{key}: no such setting in fogline.daemon.config.Settings")
                 break
             model = fields[part].annotation
+            # an optional section (``model: ModelSpec | None``): check the section's fields
+            model = next((a for a in typing.get_args(model) if hasattr(a, "model_fields")), model)
     base = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     base.update(fogline_env)
     with mock.patch.dict(os.environ, base, clear=True):
