@@ -210,6 +210,11 @@ class KeyedSettings(_Section):
     idle_ttl_s: float = Field(default=600.0, ge=0)
     #: Longest key (characters); longer keys are dead-lettered (``bad_key``).
     max_key_length: int = Field(default=256, ge=1)
+    #: What a new key starts from: ``warm`` the fleet prior of the start state (warm-start
+    #: file, else the spec's prior); ``population`` the moment-matched mixture of the
+    #: posteriors of the keys its partition has absorbed (``models.keyed.Population``,
+    #: kept per partition in its manifest; the warm fleet prior while it has none).
+    fleet: Literal["warm", "population"] = "warm"
 
 
 class DriftSettings(PolicyConfig):

@@ -65,21 +65,83 @@ def _canonical(meta: dict[str, Any]) -> str:
     return json.dumps(meta, sort_keys=True, allow_nan=False, separators=(",", ":"))
 
 
+def _raw(t: torch.Tensor) -> bytes:
+    """The bytes of ``t`` in memory order (CPU, contiguous)."""
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
 def checksum(tensors: dict[str, torch.Tensor], header: dict[str, Any] | None = None) -> str:
     """SHA-256 over ``header`` (canonical JSON, its ``checksum`` key left out) and the
     names, dtypes, shapes and bytes of ``tensors`` (sorted by name).
 
     ``header=None`` hashes the tensors only (the schema-1 digest).
     """
+    cpu = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
+    return _digest(cpu, {n: _raw(t) for n, t in cpu.items()}, header)
+
+
+def _digest(
+    tensors: Mapping[str, torch.Tensor],
+    raw: Mapping[str, bytes],
+    header: dict[str, Any] | None,
+) -> str:
+    """:func:`checksum` of CPU-contiguous ``tensors`` whose bytes are ``raw`` already."""
     h = hashlib.sha256()
     if header is not None:
         h.update(_canonical({k: v for k, v in header.items() if k != "checksum"}).encode())
         h.update(b"\x00")
     for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
+        t = tensors[name]
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(raw[name])
     return h.hexdigest()
+
+
+#: safetensors dtype names, with the rank its writer orders tensors by (highest first).
+_ST_DTYPES: dict[torch.dtype, tuple[str, int]] = {
+    torch.bool: ("BOOL", 0),
+    torch.uint8: ("U8", 1),
+    torch.int8: ("I8", 2),
+    torch.int16: ("I16", 3),
+    torch.float16: ("F16", 5),
+    torch.bfloat16: ("BF16", 6),
+    torch.int32: ("I32", 7),
+    torch.float32: ("F32", 9),
+    torch.float64: ("F64", 10),
+    torch.int64: ("I64", 11),
+}
+
+
+def _st_encode(
+    tensors: Mapping[str, torch.Tensor], raw: Mapping[str, bytes], metadata: dict[str, str]
+) -> bytes:
+    """The safetensors file of ``tensors`` (bytes ``raw``), byte for byte what
+    ``safetensors.torch.save(tensors, metadata=metadata)`` writes, without its
+    per-tensor Python overhead (a key blob is small: that overhead was most of
+    its cost).
+
+    Layout: 8-byte little-endian header length, the header (compact JSON:
+    ``__metadata__``, then each tensor's dtype, shape and ``data_offsets`` in
+    data order), space-padded to a multiple of 8, then the tensors' bytes,
+    ordered by dtype rank (highest first), then name.  A dtype outside
+    :data:`_ST_DTYPES` falls back to safetensors itself.
+    """
+    if any(t.dtype not in _ST_DTYPES for t in tensors.values()):
+        return st_save(dict(tensors), metadata=metadata)
+    order = sorted(tensors, key=lambda n: (-_ST_DTYPES[tensors[n].dtype][1], n))
+    head: dict[str, Any] = {"__metadata__": metadata}
+    at = 0
+    for n in order:
+        size = len(raw[n])
+        head[n] = {
+            "dtype": _ST_DTYPES[tensors[n].dtype][0],
+            "shape": list(tensors[n].shape),
+            "data_offsets": [at, at + size],
+        }
+        at += size
+    hb = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode()
+    hb += b" " * (-len(hb) % 8)
+    return b"".join([len(hb).to_bytes(8, "little"), hb, *(raw[n] for n in order)])
 
 
 def offsets_to_json(offsets: Mapping[tuple[str, int], int]) -> dict[str, int]:
@@ -171,8 +233,9 @@ def to_bytes(state: PosteriorState) -> bytes:
         meta["fingerprints"] = fingerprints_to_json(state.fingerprints)
     if state.schema is not None:
         meta["schema"] = state.schema.to_dict()
-    meta["checksum"] = checksum(tensors, meta)
-    return st_save(tensors, metadata={"fogline": _canonical(meta)})
+    raw = {n: _raw(t) for n, t in tensors.items()}
+    meta["checksum"] = _digest(tensors, raw, meta)
+    return _st_encode(tensors, raw, {"fogline": _canonical(meta)})
 
 
 def read_header(blob: bytes) -> dict[str, Any]:

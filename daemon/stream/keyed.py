@@ -61,9 +61,18 @@ from fogline.daemon.stream.checkpoint import resume_offsets
 from fogline.daemon.stream.decode import Decoder, RawRecord, decode_batch, partition_key
 from fogline.daemon.stream.isolate import STEP_REJECTED, rejected_record
 from fogline.daemon.stream.keycache import KeyCache
-from fogline.daemon.stream.keyed_update import KeyedUpdate, fleet_state, new_key
+from fogline.daemon.stream.keyed_prefetch import KeyedSerialSource
+from fogline.daemon.stream.keyed_update import (
+    KeyedUpdate,
+    fleet_state,
+    new_key,
+    new_population,
+    population_fleet,
+)
 from fogline.daemon.stream.pipeline import (
+    EXIT_OUT_OF_RANGE,
     DeadLetters,
+    OffsetOutOfRange,
     RunOptions,
     fresh_prior,
     fresh_stream,
@@ -73,6 +82,7 @@ from fogline.daemon.stream.pipeline import (
     spec_problems,
 )
 from fogline.daemon.stream.runtime import StopFlag, select_device
+from fogline.daemon.stream.source import OutOfRange
 from fogline.daemon.stream.store import (
     Lease,
     LeaseLost,
@@ -82,7 +92,14 @@ from fogline.daemon.stream.store import (
 )
 from fogline.daemon.stream.update import warm_up
 from fogline.drift.runner import drift_mode
-from fogline.models.serialize import from_bytes, load, to_bytes
+from fogline.models.keyed import Population
+from fogline.models.serialize import (
+    fingerprints_from_json,
+    fingerprints_to_json,
+    from_bytes,
+    load,
+    to_bytes,
+)
 from fogline.models.state import Minibatch, PosteriorState, RecordFingerprint
 
 log = structlog.get_logger(__name__)
@@ -106,6 +123,12 @@ class KeyedSource(Protocol):
     def assignment(self) -> list[TopicPartition]: ...
     def poll(self, max_records: int | None = ..., timeout_ms: int = ...) -> list[RawRecord]: ...
     def seek(self, offsets: Mapping[TopicPartition, int]) -> None: ...
+    def seek_checked(
+        self,
+        offsets: Mapping[TopicPartition, int],
+        prints: Mapping[TopicPartition, RecordFingerprint],
+    ) -> None: ...
+    def out_of_range(self) -> list[OutOfRange]: ...
     def reset(self, key: TopicPartition, to: str, high_watermark: int | None = ...) -> None: ...
     def pause(self, keys: Any) -> None: ...
     def resume(self, keys: Any) -> None: ...
@@ -135,6 +158,24 @@ class KeyedStats:
     checkpoints: int = 0
     partitions_resumed: int = 0
     exit_reason: str = ""
+    #: Wall-clock time (``time.time()``) the first and the last batch finished absorbing.
+    first_absorbed_at: float | None = None
+    last_absorbed_at: float | None = None
+    #: Records absorbed by the first batch (left out of the steady-state rate).
+    first_batch_records: int = 0
+
+    def steady_rate(self) -> float | None:
+        """Records/s absorbed from the end of the first batch to the end of the last one.
+
+        The group join, the first batch's warm-up and the final checkpoints are
+        outside this window (``None`` with fewer than two batches).
+        """
+        if self.first_absorbed_at is None or self.last_absorbed_at is None:
+            return None
+        window = self.last_absorbed_at - self.first_absorbed_at
+        if window <= 0:
+            return None
+        return (self.records_absorbed - self.first_batch_records) / window
 
 
 @dataclass
@@ -153,6 +194,14 @@ class Owned:
     #: Key of each buffered row, by offset.
     keys_at: dict[int, str] = field(default_factory=dict)
     pending: collections.deque[Rows] = field(default_factory=collections.deque)
+    #: Records read, oldest first, from the last one before the resume offset on
+    #: (:meth:`KeyedPipeline._prune`): the fingerprint of the record before the
+    #: next offset is found here at a checkpoint.
+    recent: collections.deque[RawRecord] = field(default_factory=collections.deque)
+    #: The fingerprint last written or restored, with the offset it precedes.
+    printed: tuple[int, RecordFingerprint] | None = None
+    #: ``keyed.fleet = "population"``: the mixture of the partition's key posteriors.
+    population: Population | None = None
     batches_since: int = 0
     changed: bool = False
     last_commit: float = field(default_factory=time.monotonic)
@@ -185,6 +234,8 @@ class KeyedPipeline:
         self._paused_for_store = False
         #: Rebalance events queued by the consumer's callbacks: ("assigned"|"revoked", partitions).
         self._events: collections.deque[tuple[str, list[int]]] = collections.deque()
+        #: Partitions claimed while a poll ran ahead: that poll's records of them predate the seek.
+        self._fresh: set[int] = set()
 
     # -- the whole run ----------------------------------------------------------
     def run(self) -> int:
@@ -219,9 +270,13 @@ class KeyedPipeline:
             warm_up(self.fleet, 8, s.stream.steps_per_batch, s.stream.data_size)
             self.dlq = self.clients.dead_letters(s)
             try:
-                self.source: KeyedSource = self.clients.source(
+                raw_source = self.clients.source(
                     s, self._offsets_for, self._on_revoked, self._fingerprints_for
                 )
+                prefetch = self.options.prefetch
+                if prefetch is None:
+                    prefetch = s.stream.prefetch
+                self.source: KeyedSource = KeyedSerialSource(raw_source) if prefetch else raw_source
                 log.info(
                     "daemon_started",
                     model=s.model_name,
@@ -238,6 +293,11 @@ class KeyedPipeline:
                     self.stats.exit_reason = str(exc)
                     self._release_all()
                     return EXIT_REPARTITIONED
+                except OffsetOutOfRange as exc:
+                    log.error("daemon_failed", reason="offset_out_of_range", error=str(exc))
+                    self.stats.exit_reason = str(exc)
+                    self._release_all()  # nothing of the partition written
+                    return EXIT_OUT_OF_RANGE
                 finally:
                     self.source.close()
             finally:
@@ -314,10 +374,15 @@ class KeyedPipeline:
                     log.info("partition_lease_held", partition=p, holder=self.store.lease_owner(p))
                 continue
             self._announced.discard(p)
+            if getattr(self.source, "in_flight", False):
+                self._fresh.add(p)
             manifest = self.store.manifest(p)
             offset = manifest.offsets.get(partition_key(self.topic, p)) if manifest else None
+            prints = fingerprints_from_json(manifest.fingerprints) if manifest else {}
+            printed = prints.get((self.topic, p))
             if offset is not None:
-                self.source.seek({(self.topic, p): offset})
+                # beyond the partition's end, or another record before it: out_of_range()
+                self.source.seek_checked({(self.topic, p): offset}, prints)
             else:
                 self.source.reset((self.topic, p), "earliest")
             s = self.settings.stream
@@ -331,6 +396,8 @@ class KeyedPipeline:
                 records_absorbed=manifest.records_absorbed if manifest else 0,
                 horizon=None,
                 committed=offset,
+                printed=(offset, printed) if printed is not None and offset is not None else None,
+                population=self._population(manifest.population if manifest else None),
             )
             waited = time.monotonic() - self.claiming.pop(p)
             self.source.resume([(self.topic, p)])
@@ -345,6 +412,12 @@ class KeyedPipeline:
                 records_absorbed=manifest.records_absorbed if manifest else 0,
                 waited_s=round(waited, 3),
             )
+
+    def _population(self, stored: Mapping[str, Any] | None) -> Population | None:
+        """A claimed partition's population (``keyed.fleet = "population"``), else ``None``."""
+        if self.settings.keyed.fleet != "population":
+            return None
+        return Population.from_json(stored) if stored else new_population(self.fleet)
 
     def _drop(self, p: int, why: str, *, release: bool) -> None:
         """Forget partition ``p`` (its keys too); release its lease if asked."""
@@ -397,7 +470,6 @@ class KeyedPipeline:
 
     # -- the loop -------------------------------------------------------------------
     def _loop(self) -> int:
-        s = self.settings
         opts = self.options
         idle_since = time.monotonic()
         while not self.stop:
@@ -405,7 +477,7 @@ class KeyedPipeline:
             if now < self._retry_at:
                 # Redis down: fetch nothing more (bounded memory), keep the group membership
                 self.source.pause(self.source.assignment)
-                self._ingest(self.source.poll(s.kafka.max_poll_records, 100))
+                self._ingest(self._poll())
                 self.stop.wait(min(0.5, max(0.0, self._retry_at - time.monotonic())))
                 continue
             try:
@@ -420,11 +492,13 @@ class KeyedPipeline:
             if opts.max_records is not None and self.stats.records_in >= opts.max_records:
                 self.stats.exit_reason = "max_records"
                 break
-            raws = self.source.poll(s.kafka.max_poll_records, 100)
+            raws = self._poll()
             try:
                 self._check_layout()
                 self._rebalanced()
+                self._out_of_range()
                 self._ingest(raws)
+                self._prefetch()
                 self._drain()
                 self._maybe_checkpoint(time.monotonic())
                 self._bound_memory()
@@ -440,6 +514,31 @@ class KeyedPipeline:
         else:
             self.stats.exit_reason = f"signal {self.stop.signal_name}"
         return self._shutdown()
+
+    def _poll(self) -> list[RawRecord]:
+        """The next poll's records (the one run ahead, if any), less those predating a claim."""
+        raws = self.source.poll(self.settings.kafka.max_poll_records, 100)
+        if self._fresh:
+            raws = [r for r in raws if r.partition not in self._fresh]
+            self._fresh.clear()
+        return raws
+
+    def _prefetch(self) -> None:
+        """Start the next poll on the worker when batches wait to be absorbed (prefetching only).
+
+        Only then is there a step to overlap with.  Records it returns are not
+        read until :meth:`_ingest` takes them, so a checkpoint meanwhile resumes
+        before them, and a stop drops them (the next owner reads them).
+        """
+        start = getattr(self.source, "start", None)
+        if start is None or self.stop or not any(p.pending for p in self.owned.values()):
+            return
+        cap = self.settings.kafka.max_poll_records
+        if self.options.max_records is not None:
+            cap = min(cap, self.options.max_records - self.stats.records_in)
+            if cap <= 0:
+                return
+        start(cap, 100)
 
     def _store_down(self, exc: Exception, op: str) -> None:
         """Redis unreachable: wait (backoff) while polling to keep the group membership."""
@@ -477,6 +576,7 @@ class KeyedPipeline:
             part = self.owned[r.partition]
             part.horizon = max(part.horizon or 0, r.offset + 1)
             part.changed = True
+            part.recent.append(r)
         for p, rows in by_part.items():
             part = self.owned[p]
             idx = np.asarray(rows, dtype=np.int64)
@@ -490,6 +590,85 @@ class KeyedPipeline:
             due = part.batcher.poll_due()
             if due is not None:
                 part.pending.append(due)
+            self._prune(part, self._next_offset(part))
+
+    @staticmethod
+    def _prune(part: Owned, offset: int | None) -> None:
+        """Forget read records before the last one preceding ``offset`` (the resume offset).
+
+        The resume offset never moves back, so the record before any later one
+        is still kept; the deque holds about the unabsorbed records of the partition.
+        """
+        if offset is None:
+            return
+        recent = part.recent
+        while len(recent) > 1 and recent[1].offset < offset:
+            recent.popleft()
+
+    @staticmethod
+    def _print_before(part: Owned, offset: int) -> RecordFingerprint | None:
+        """The fingerprint of the last record read before ``offset`` (``None``: not known)."""
+        if part.printed is not None and part.printed[0] == offset:
+            return part.printed[1]
+        for r in reversed(part.recent):
+            if r.offset < offset:
+                fp = RecordFingerprint.of(r.offset, r.key, r.value, r.timestamp_ms)
+                part.printed = (offset, fp)
+                return fp
+        return None
+
+    def _out_of_range(self) -> None:
+        """Apply ``stream.offset_out_of_range`` to resume offsets the consumer found unusable.
+
+        ``fail`` raises :class:`OffsetOutOfRange` (exit 4, nothing written);
+        ``earliest``/``latest`` move the partition there and checkpoint the move
+        (its keys keep what they absorbed: the records before are gone).
+        """
+        found = self.source.out_of_range()
+        if not found:
+            return
+        action = self.settings.stream.offset_out_of_range
+        for oor in found:
+            label = partition_key(*oor.key)
+            metrics.OFFSET_OUT_OF_RANGE.labels(
+                partition=label, action=action, cause=oor.cause
+            ).inc()
+            log.error(
+                "offset_out_of_range",
+                partition=label,
+                snapshot_offset=oor.offset,
+                high_watermark=oor.high_watermark,
+                action=action,
+                cause=oor.cause,
+                hint="the broker lost the topic (restarted empty, topic recreated?)",
+            )
+            if action == "fail":
+                what = (
+                    f"the partition ends at {oor.high_watermark}"
+                    if oor.cause == "beyond_end"
+                    else f"the record before it is not the one absorbed ({oor.cause})"
+                )
+                raise OffsetOutOfRange(
+                    f"partition {label}: its keyed checkpoint resumes at offset {oor.offset} but "
+                    f"{what} (broker restarted empty or topic recreated?); set "
+                    f"stream.offset_out_of_range to 'earliest' or 'latest' to continue from there"
+                )
+            part = self.owned.get(oor.key[1])
+            if part is None:
+                continue
+            self.source.reset(oor.key, action, oor.high_watermark)
+            s = self.settings.stream
+            part.batcher = MicroBatcher(
+                s.batch_size, None if s.batching == "count" else s.max_wait_ms
+            )
+            part.pending.clear()
+            part.keys_at.clear()
+            part.recent.clear()
+            part.printed = None
+            part.horizon = None
+            part.committed = None if action == "earliest" else oor.high_watermark
+            part.changed = True
+            self._checkpoint(part, "offset_out_of_range")
 
     def _dead_letter(self, raw: RawRecord, reason: str) -> None:
         self.dlq.send(raw, reason)
@@ -515,12 +694,16 @@ class KeyedPipeline:
                 self._renew(time.monotonic())  # a long backlog must not outlive the leases
                 part = self.owned.get(p)
 
-    def _load(self, p: int, keys: list[str]) -> dict[str, PosteriorState]:
-        """States of ``keys`` (all of partition ``p``): cached, else their blob, else new.
+    def _load(self, p: int, keys: list[str]) -> tuple[dict[str, PosteriorState], set[str]]:
+        """States of ``keys`` (all of partition ``p``): cached, else their blob, else new;
+        and the new ones.
 
-        A key that another partition absorbed raises :class:`Repartitioned`.
+        A new key starts from the fleet prior (``keyed.fleet = "population"``: from
+        the partition's population as it was before this batch).  A key that
+        another partition absorbed raises :class:`Repartitioned`.
         """
         out: dict[str, PosteriorState] = {}
+        fresh: set[str] = set()
         missing: list[str] = []
         for k in keys:
             entry = self.cache.get(k)
@@ -530,19 +713,24 @@ class KeyedPipeline:
             if entry.partition != p:
                 self._moved(k, entry.partition, p)
             out[k] = entry.state
+        fleet: PosteriorState | None = None
         if missing:
             blobs = self.store.read_keys(missing)
             for k in missing:
                 blob = blobs.get(k)
                 if blob is None:
-                    out[k] = new_key(self.fleet, k)
+                    pop = self.owned[p].population
+                    if pop is not None and fleet is None:
+                        fleet = population_fleet(pop, self.fleet)
+                    out[k] = new_key(fleet if fleet is not None else self.fleet, k)
+                    fresh.add(k)
                     continue
                 info = self.store.key_info(k) or {}
                 if int(info.get("partition", p)) != p:
                     self._moved(k, int(info["partition"]), p)
                 out[k] = from_bytes(blob, self.fleet.device)
                 self.cache.put(k, out[k], p, dirty=False)
-        return out
+        return out, fresh
 
     def _moved(self, key: str, was: int, now: int) -> None:
         raise Repartitioned(
@@ -558,13 +746,16 @@ class KeyedPipeline:
         rows: dict[str, list[int]] = collections.defaultdict(list)
         for i, k in enumerate(keys):
             rows[k].append(i)
-        states = self._load(part.partition, list(rows))
-        x = torch.from_numpy(batch.x)
-        y = torch.from_numpy(batch.y)
+        states, fresh = self._load(part.partition, list(rows))
+        # one gather puts each key's rows together (in offset order), then views per key
+        order = torch.as_tensor([i for idx in rows.values() for i in idx], dtype=torch.long)
+        x = torch.from_numpy(batch.x)[order]
+        y = torch.from_numpy(batch.y)[order]
         batches = {}
+        at = 0
         for k, idx in rows.items():
-            ix = torch.as_tensor(idx, dtype=torch.long)
-            batches[k] = Minibatch(x[ix], y[ix])
+            batches[k] = Minibatch(x[at : at + len(idx)], y[at : at + len(idx)])
+            at += len(idx)
         out = self.update(states, batches)
         new, infos = out.states, out.infos
         if out.alarmed:
@@ -589,11 +780,19 @@ class KeyedPipeline:
                 continue
             absorbed += info.rows
             self.cache.put(k, new[k], part.partition, dirty=True)
+        if part.population is not None:  # sorted: the float64 sums' order is fixed
+            for k in sorted(infos):
+                if not infos[k].rejected:
+                    part.population.replace(None if k in fresh else states[k], new[k])
         part.records_absorbed += absorbed
         part.batches_since += 1
         part.changed = True
         self.stats.batches += 1
         self.stats.records_absorbed += absorbed
+        self.stats.last_absorbed_at = time.time()
+        if self.stats.first_absorbed_at is None:
+            self.stats.first_absorbed_at = self.stats.last_absorbed_at
+            self.stats.first_batch_records = absorbed
         metrics.RECORDS_ABSORBED.inc(absorbed)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
         metrics.KEYS_IN_MEMORY.set(len(self.cache))
@@ -626,6 +825,8 @@ class KeyedPipeline:
             }
         self.dlq.flush()  # 2. the dead letters before the offsets that pass them
         offsets = {partition_key(self.topic, p): offset} if offset is not None else {}
+        fp = self._print_before(part, offset) if offset else None
+        prints = fingerprints_to_json({(self.topic, p): fp}) if fp is not None else {}
         t0 = time.perf_counter()
         try:
             version = self.store.commit(  # 3. one lease-guarded transaction
@@ -636,6 +837,8 @@ class KeyedPipeline:
                 blobs=blobs,
                 entries=entries,
                 writer=self.owner,
+                fingerprints=prints,
+                population=part.population.to_json() if part.population is not None else None,
             )
         except LeaseLost as exc:
             log.warning("partition_lease_lost", partition=p, error=str(exc))
@@ -648,6 +851,7 @@ class KeyedPipeline:
         self.cache.clean(dirty)
         part.version = version
         part.committed = offset
+        self._prune(part, offset)
         part.batches_since = 0
         part.changed = False
         part.last_commit = time.monotonic()
@@ -672,14 +876,18 @@ class KeyedPipeline:
             return
         for part in list(self.owned.values()):
             if part.changed and now - part.last_commit >= every_s:
-                self._checkpoint(part, "interval")
+                self._renew(time.monotonic())  # the others' leases, one write at a time
+                if part.partition in self.owned:
+                    self._checkpoint(part, "interval")
 
     def _bound_memory(self) -> None:
         """Evict clean keys past the TTL or the cap; checkpoint first when dirty ones overflow."""
         gone = self.cache.evict()
         if self.cache.over_cap:
             for part in list(self.owned.values()):
-                self._checkpoint(part, "memory")
+                self._renew(time.monotonic())
+                if part.partition in self.owned:
+                    self._checkpoint(part, "memory")
             gone += self.cache.evict()
         if gone:
             metrics.KEYS_EVICTED.inc(len(gone))
@@ -701,13 +909,18 @@ class KeyedPipeline:
                     part.pending.append(rest)
             while part.pending:
                 self._absorb(part, part.pending.popleft())
+                with contextlib.suppress(StoreUnavailable):
+                    self._renew(time.monotonic())
         code = 0
         for p in sorted(self.owned):
-            part = self.owned[p]
             attempt = 0
-            while True:
+            while p in self.owned:
+                part = self.owned[p]
                 try:
-                    self._checkpoint(part, "shutdown")
+                    # a write of many keys takes a while: keep the other leases alive
+                    self._renew(time.monotonic())
+                    if p in self.owned:
+                        self._checkpoint(part, "shutdown")
                     break
                 except StoreUnavailable as exc:
                     wait = retry_backoff(attempt)
@@ -726,5 +939,12 @@ class KeyedPipeline:
             dead_lettered=self.stats.dead_lettered,
             checkpoints=self.stats.checkpoints,
             partitions_resumed=self.stats.partitions_resumed,
+            steady_records_per_s=_round(self.stats.steady_rate()),
+            first_absorbed_at=self.stats.first_absorbed_at,
+            last_absorbed_at=self.stats.last_absorbed_at,
         )
         return code
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)

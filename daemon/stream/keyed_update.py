@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from fogline.drift.keyed import KeyedDriftLoop
 from fogline.drift.runner import without_loop
-from fogline.models.keyed import fleet_prior, keyed_step, new_key_state
+from fogline.models.keyed import Population, fleet_prior, keyed_step, new_key_state
 from fogline.models.state import Minibatch, PosteriorState, StepInfo
 
 if TYPE_CHECKING:
@@ -37,6 +37,24 @@ if TYPE_CHECKING:
 def fleet_state(start: PosteriorState) -> PosteriorState:
     """The fleet prior every new key starts from: ``start`` as a fresh stream, no drift loop."""
     return fleet_prior(without_loop(start))
+
+
+def population_fleet(population: Population, fleet: PosteriorState) -> PosteriorState:
+    """The fleet prior of ``keyed.fleet = "population"``: ``fleet`` with q = the population.
+
+    q = N(mean, diag(var)) of the moment-matched mixture of the keys'
+    posteriors (:class:`fogline.models.keyed.Population`); the KL prior,
+    learning rate and the rest stay ``fleet``'s; ``fleet`` itself while the
+    population has no key yet.
+    """
+    if population.count == 0:
+        return fleet
+    return fleet_prior(population.state(fleet))
+
+
+def new_population(fleet: PosteriorState) -> Population:
+    """An empty population over ``fleet``'s variational parameters."""
+    return Population(int(fleet.params["loc"].numel()))
 
 
 def new_key(fleet: PosteriorState, key: str) -> PosteriorState:

@@ -621,6 +621,41 @@ class KafkaSource:
         found, self._out_of_range = self._out_of_range, []
         return found
 
+    def seek_checked(
+        self, offsets: Mapping[TP, int], prints: Mapping[TP, RecordFingerprint]
+    ) -> None:
+        """Seek assigned partitions to resume offsets *with* the checks of an assignment.
+
+        For keyed mode, which seeks a partition only once it holds its lease
+        (after the assignment): each offset is checked against the partition's
+        high-water mark, and a partition with a fingerprint in ``prints`` is
+        first sought to that record and verified, exactly as
+        ``offsets_for``/``fingerprints_for`` are on assignment; problems come
+        out of :meth:`out_of_range`.
+        """
+        assigned = self._consumer.assignment()
+        unprinted = []
+        for key, off in offsets.items():
+            tp = _tp(key)
+            if tp not in assigned:
+                continue
+            fp = prints.get(key)
+            self._verifying.pop(tp, None)
+            if fp is not None and 0 <= fp.offset < int(off):
+                self._consumer.seek(tp, fp.offset)  # read the record before first
+                self._verifying[tp] = (int(off), fp)
+            else:
+                self._consumer.seek(tp, int(off))
+                if int(off) > 0:
+                    unprinted.append(key)
+            self._unchecked[tp] = int(off)
+        if unprinted:
+            log.info(
+                "fingerprint_check_skipped",
+                partitions=_spelt(unprinted),
+                reason="the snapshot has no fingerprint for the record before the offset",
+            )
+
     def reset(self, key: TP, to: str, high_watermark: int | None = None) -> None:
         """Move ``key`` to its ``"earliest"`` offset, or ``"latest"`` (``high_watermark``)."""
         tp = _tp(key)

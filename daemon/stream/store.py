@@ -49,7 +49,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, Self, TypeVar
 
@@ -851,7 +851,9 @@ class PartitionManifest:
 
     ``offsets``: ``"topic:partition"`` -> next offset to read; ``version``: the
     partition's checkpoint counter; ``records_absorbed``: valid records of the
-    partition absorbed by its keys.
+    partition absorbed by its keys; ``fingerprints``: ``"topic:partition"`` ->
+    ``{"offset", "sha256"}`` of the record before the next offset (the
+    recreated-topic check on resume; empty in a manifest written before it).
     """
 
     partition: int
@@ -860,6 +862,9 @@ class PartitionManifest:
     records_absorbed: int
     writer: str
     updated_at: float
+    fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: ``keyed.fleet = "population"``: the partition's population (``Population.to_json``).
+    population: dict[str, Any] | None = None
 
 
 def _text(raw: Any) -> str:
@@ -999,6 +1004,8 @@ class PartitionStore:
                 records_absorbed=int(d.get("records_absorbed", 0)),
                 writer=d.get("writer", ""),
                 updated_at=float(d.get("updated_at", 0.0)),
+                fingerprints=dict(json.loads(d.get("fingerprints", "{}"))),
+                population=json.loads(d["population"]) if d.get("population") else None,
             )
         except (KeyError, ValueError) as exc:
             raise CorruptSnapshot(f"partition {partition} manifest unreadable: {exc}") from None
@@ -1040,11 +1047,14 @@ class PartitionStore:
         blobs: Mapping[str, bytes],
         entries: Mapping[str, Mapping[str, Any]],
         writer: str = "",
+        fingerprints: Mapping[str, Mapping[str, Any]] | None = None,
+        population: Mapping[str, Any] | None = None,
     ) -> int:
         """Write partition ``partition``'s checkpoint atomically; return its new version.
 
         ``blobs`` holds each dirty key's state, ``entries`` its index entry
-        (the version is filled in by the script).  Raises :class:`LeaseLost`
+        (the version is filled in by the script), ``fingerprints`` the record
+        before each next offset (:attr:`PartitionManifest.fingerprints`).  Raises :class:`LeaseLost`
         (nothing written) or :class:`StoreUnavailable`.
         """
         keys = sorted(blobs)
@@ -1056,7 +1066,10 @@ class PartitionStore:
             "writer": writer or lease.owner,
             "updated_at": repr(time.time()),
             "schema_version": str(KEYED_SCHEMA_VERSION),
+            "fingerprints": json.dumps(dict(fingerprints or {}), sort_keys=True),
         }
+        if population is not None:
+            manifest["population"] = json.dumps(dict(population), sort_keys=True)
         args: list[Any] = [lease.token, len(keys), 2 * len(manifest)]
         args += [x for kv in manifest.items() for x in kv]
         for k in keys:

@@ -172,3 +172,36 @@ def test_a_fingerprint_names_key_value_and_timestamp() -> None:
     ]
     assert all(o.digest != base.digest for o in others)
     assert len({o.digest for o in others}) == len(others)
+
+
+_DTYPES = (
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.float16,
+    torch.bfloat16,
+    torch.int32,
+    torch.float32,
+    torch.float64,
+    torch.int64,
+)
+
+
+def test_the_fast_writer_is_byte_for_byte_safetensors() -> None:
+    """``to_bytes`` writes the safetensors file itself (no per-tensor overhead): same bytes."""
+    from fogline.models.serialize import _raw, _st_encode
+
+    tensors = {f"t{i}": (torch.arange(6) % 3).to(d).reshape(2, 3) for i, d in enumerate(_DTYPES)}
+    tensors |= {"empty": torch.zeros(0), "scalar": torch.tensor(3.0), "a": torch.ones(5)}
+    meta = {"fogline": json.dumps({"s": 'quote " slash \\ nl \n ctl \u0001 utf8 é'})}
+    raw = {n: _raw(t) for n, t in tensors.items()}
+    assert _st_encode(tensors, raw, meta) == st_save(tensors, metadata=meta)
+    state = init_state(ModelConfig(in_features=3, hidden=(5, 4)), seed=1)
+    blob = to_bytes(state)
+    header = read_header(blob)
+    assert blob == st_save(
+        st_load(blob),
+        metadata={"fogline": json.dumps(header, sort_keys=True, separators=(",", ":"))},
+    )
+    assert to_bytes(from_bytes(blob)) == blob

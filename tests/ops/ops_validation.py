@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import tomllib
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,8 @@ def settings_problems(env: Mapping[str, str]) -> list[str]:
                 problems.append(f"{key}: no such setting in fogline.daemon.config.Settings")
                 break
             model = fields[part].annotation
+            # an optional section (``model: ModelSpec | None``): check the section's fields
+            model = next((a for a in typing.get_args(model) if hasattr(a, "model_fields")), model)
     base = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     base.update(fogline_env)
     with mock.patch.dict(os.environ, base, clear=True):
@@ -388,6 +391,11 @@ def compose_problems(text: str, env_example: str) -> list[str]:
         for port in svc.get("ports") or []:
             if not str(port).startswith("127.0.0.1:"):
                 problems.append(f"{name}: port {port!r} published beyond loopback")
+        keyed = str(service_environment(svc).get("FOGLINE_KEYED__ENABLED", "")).lower()
+        if keyed == "true" and svc.get("ports"):
+            problems.append(
+                f"{name}: keyed replicas publish a fixed host port (--scale would clash)"
+            )
         for vol in svc.get("volumes") or []:
             src = str(vol).split(":", 1)[0]
             if src.startswith("./") and not (ROOT / src).exists():

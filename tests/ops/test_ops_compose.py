@@ -98,6 +98,13 @@ STRUCTURAL_BREAKS: dict[str, tuple[Mutation, str]] = {
         replace('command: ["serve", "--host", "0.0.0.0"]', 'command: ["serve"]'),
         "serve --host 0.0.0.0",
     ),
+    "keyed replicas on a fixed host port": (
+        replace(
+            "  fogline-keyed:\n    <<: *fogline\n",
+            '  fogline-keyed:\n    <<: *fogline\n    ports:\n      - "127.0.0.1:9401:9400"\n',
+        ),
+        "fogline-keyed: keyed replicas publish a fixed host port",
+    ),
     "missing bind-mount source": (
         replace("./ops/prometheus/alerts.yml:", "./ops/prometheus/alert-rules.yml:"),
         "alert-rules.yml does not exist",

@@ -216,3 +216,22 @@ def test_kustomize_rejects_missing_resource(tmp_path: Path) -> None:
     )
     problems, _ = kustomize_build(tmp_path)
     assert problems and "query-hpa.yaml" in problems[0]
+
+
+@needs_kubectl
+def test_keyed_overlay_renders_keyed_settings_that_load() -> None:
+    """ops/k8s-keyed: the base stack with keyed mode on; every replica of the daemon
+    deployment joins one group (replicas scale: pods clash on no host port)."""
+    from ops_validation import settings_problems
+
+    problems, rendered = kustomize_build(K8S_DIR.parent / "k8s-keyed")
+    assert problems == []
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    assert config["FOGLINE_KEYED__ENABLED"] == "true" and config["FOGLINE_MODEL__KEY"]
+    assert settings_problems(config) == []
+    daemon = next(
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "fogline-daemon"
+    )
+    pod = daemon["spec"]["template"]["spec"]
+    assert all("hostPort" not in p for c in pod["containers"] for p in c.get("ports", []))

@@ -104,7 +104,10 @@ def test_three_daemons_with_kills_match_one_daemon_key_by_key(
         "session_timeout_ms": SESSION_MS,
         "lease_ttl_s": 2.0,
     }
-    group_cfg = write_keyed_config(tmp_path / "group.yaml", model="grp", group="g-grp", **common)
+    # the group polls ahead (stream.prefetch), the reference does not: same key states
+    group_cfg = write_keyed_config(
+        tmp_path / "group.yaml", model="grp", group="g-grp", prefetch=True, **common
+    )
     ref_cfg = write_keyed_config(tmp_path / "ref.yaml", model="ref", group="g-ref", **common)
 
     def produce() -> None:  # a trickle, so the kills land mid-stream
