@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -55,17 +56,15 @@ from fogline.drift.config import POLICIES, PolicyConfig
 from fogline.drift.runner import DriftLoop
 from fogline.drift.signals import _moments_and_scores
 from fogline.models.autoregressive import (
-    LagState,
     Record,
-    build_features,
+    SeriesState,
     detect_period,
+    features_for,
     parse_ts,
     seasonal_lags,
-    seasonal_naive,
-    select_lags,
 )
 from fogline.models.config import ModelConfig
-from fogline.models.fit import series_table
+from fogline.models.fit import season_of, series_table
 from fogline.models.predictive import Ensemble, sample_ensemble
 from fogline.models.priors import default_prior
 from fogline.models.schema import DataSchema
@@ -174,6 +173,14 @@ def load_spec_source(path: Path, spec: ModelSpec, cfg: ExperimentConfig) -> Stre
     """
     table, _ = load_table(path, spec)
     if spec.mode == "autoregressive":
+        # "auto": the period of the warm-start fifth of the file, as the warm start would
+        head = max(cfg.batch_size, table.rows // 5)
+        ts = table.ts[:head] if table.ts is not None else None
+        keys = table.keys[:head] if table.keys is not None else None
+        head_table = dataclasses.replace(
+            table, x=table.x[:head], y=table.y[:head], ts=ts, keys=keys
+        )
+        spec = season_of(spec, head_table)
         table, _series = series_table(spec, table)
     order = (
         torch.argsort(table.ts, stable=True) if table.ts is not None else torch.arange(table.rows)
@@ -256,10 +263,28 @@ def nab_probation(n: int) -> int:
     return min(math.floor(0.15 * n), 750)
 
 
+def nab_spec(cfg: ExperimentConfig, period: int | None) -> ModelSpec:
+    """The autoregressive :class:`ModelSpec` whose inputs ``bench nab`` streams.
+
+    One key, ``cfg.lags`` lags, ``cfg.calendar``, ``season`` the period found
+    (else ``"none"``): :func:`~fogline.models.autoregressive.features_for` of
+    this spec builds exactly the inputs the daemon builds for it.
+    """
+    return ModelSpec(
+        mode="autoregressive",
+        target="value",
+        timestamp="timestamp",
+        lags=cfg.lags,
+        calendar=cfg.calendar,
+        season=period if period is not None else "none",
+    )
+
+
 def load_nab(path: Path, cfg: ExperimentConfig) -> StreamData:
     """NAB ``timestamp,value`` CSV as univariate telemetry: x_t = (v_{t-1..t-L}, calendar), y_t = v_t.
 
-    The inputs are :func:`fogline.models.autoregressive.build_features` of the
+    The inputs are :func:`fogline.models.autoregressive.features_for` (of
+    :func:`nab_spec`: the daemon's builder) of the
     file as one key: the last ``cfg.lags`` values; with ``cfg.seasonal`` and a
     period P found in the probationary period
     (:func:`~fogline.models.autoregressive.detect_period`, P >= 2 ``lags``) also
@@ -273,7 +298,6 @@ def load_nab(path: Path, cfg: ExperimentConfig) -> StreamData:
     standardised with the probationary period's mean and sd; a constant
     probationary period uses max(|mean|, 1) as its scale.
     """
-    calendar = cfg.calendar
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     for i, r in enumerate(rows):
@@ -294,11 +318,10 @@ def load_nab(path: Path, cfg: ExperimentConfig) -> StreamData:
     scale = sd if sd > 0 else max(abs(mu), 1.0)
     z = (v - mu) / scale
     records = [Record(parse_ts(t), float(val)) for t, val in zip(ts, z, strict=True)]
-    xd, yd, _rows, _state = build_features(records, LagState(lag), calendar=calendar)
-    xd = select_lags(xd, lag, lags, calendar)
-    if period is not None:
-        xd = np.column_stack([xd, seasonal_naive(xd, lags, period)])
-    x, y = xd.astype(np.float32), yd.astype(np.float32)
+    # the daemon's builder: the same inputs as a spec with this period (model.season)
+    spec = nab_spec(cfg, period)
+    feats = features_for(spec, records, SeriesState.empty(spec))
+    x, y = feats.x.astype(np.float32), feats.y.astype(np.float32)
     n_warm = prob - lag
     labels = nab_labels(path, ts)
     return StreamData(

@@ -21,6 +21,14 @@ uninterrupted one would have.  Records are taken in the order given (the
 stream's order); a record whose key has fewer than L past values only fills
 the key's buffer.
 
+With a period P (``season``: fixed in the spec, or detected by the warm
+start, :func:`resolve_season`) the inputs also hold the values P - 1, P and
+P + 1 records ago (``season_lag_k``, those beyond L) and, after the calendar,
+the seasonal naive forecast ``season_naive`` = v_{t-P} + v_{t-1} - v_{t-1-P};
+each key's buffer keeps max(L, P + 1) values.  These are the inputs
+``fogline bench nab`` builds (:func:`fogline.drift.experiment.load_nab` calls
+:func:`features_for` too).
+
 Everything outside this module builds inputs through ONE function,
 :func:`features_for` (warm start, daemon, query, experiment), which takes the
 :class:`~fogline.models.spec.ModelSpec` and a :class:`SeriesState` (the
@@ -51,6 +59,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 #: The calendar inputs appended after the lags, in order.
 CALENDAR_FEATURES: tuple[str, ...] = ("hour_sin", "hour_cos", "dow_sin", "dow_cos")
+#: The name of the seasonal naive forecast input (:func:`seasonal_naive`), the last column.
+SEASON_NAIVE = "season_naive"
 
 
 def feature_names(lags: int, calendar: bool) -> tuple[str, ...]:
@@ -258,9 +268,67 @@ def seasonal_naive(
     return np.asarray(x[:, pos[period]] + x[:, pos[1]] - x[:, pos[period + 1]], dtype=np.float64)
 
 
+def spec_period(spec: ModelSpec) -> int | None:
+    """The spec's period P (``season`` an integer), else ``None``.
+
+    ``"auto"`` is resolved by the warm start (:func:`resolve_season`); a spec
+    still ``"auto"`` when inputs are built (a fresh prior, nothing to detect
+    on) has no seasonal inputs.
+    """
+    return spec.season if isinstance(spec.season, int) else None
+
+
+def spec_depth(spec: ModelSpec) -> int:
+    """How many past values each key's buffer keeps: max(L, P + 1)."""
+    return max(seasonal_lags(spec.lags, spec_period(spec)))
+
+
 def spec_feature_names(spec: ModelSpec) -> tuple[str, ...]:
-    """The input names of an autoregressive spec (what ``spec.features`` is set to)."""
-    return feature_names(spec.lags, spec.calendar)
+    """The input names of an autoregressive spec (what ``spec.features`` is set to).
+
+    ``lag_1 .. lag_L``; with a period P the lags of :func:`seasonal_lags`
+    beyond L as ``season_lag_k`` (k in P - 1, P, P + 1); the calendar terms;
+    with P the seasonal naive forecast ``season_naive`` last: the column order
+    of :func:`select_lags` + :func:`seasonal_naive`, as ``bench nab`` builds them.
+    """
+    period = spec_period(spec)
+    names = list(feature_names(spec.lags, False))
+    names += [f"season_lag_{k}" for k in seasonal_lags(spec.lags, period) if k > spec.lags]
+    if spec.calendar:
+        names += CALENDAR_FEATURES
+    if period is not None:
+        names.append(SEASON_NAIVE)
+    return tuple(names)
+
+
+def resolve_season(spec: ModelSpec, values: npt.ArrayLike) -> ModelSpec:
+    """``spec`` with ``season = "auto"`` resolved on a key's history ``values``.
+
+    The period is :func:`detect_period` of the values with ``min_lag = 2 L``
+    (the rule ``bench nab`` uses on its probationary period); none found:
+    ``season = "none"``.  A spec with an integer or ``"none"`` (or not
+    autoregressive) is returned as is.  The warm start passes the longest
+    key's history (the first such key on a tie); one period serves every key,
+    since the inputs are the model's.
+    """
+    if spec.mode != "autoregressive" or spec.season != "auto":
+        return spec
+    period = detect_period(values, min_lag=2 * spec.lags)
+    return with_season(spec, period if period is not None else "none")
+
+
+def with_season(spec: ModelSpec, season: int | str) -> ModelSpec:
+    """A copy of ``spec`` with ``season`` set (its derived inputs and transforms rebuilt)."""
+    from fogline.models.spec import ModelSpec
+
+    data = spec.model_dump(mode="json", exclude={"features"})
+    data["transforms"] = {  # the derived seasonal columns are rebuilt for the new season
+        k: v
+        for k, v in data["transforms"].items()
+        if not (k.startswith("season_lag_") or k == SEASON_NAIVE)
+    }
+    data["season"] = season
+    return ModelSpec.model_validate(data)
 
 
 def ts_from_ms(ms: int) -> datetime:
@@ -282,15 +350,15 @@ class SeriesState:
 
     @classmethod
     def empty(cls, spec: ModelSpec) -> SeriesState:
-        """No history for any key."""
-        return cls(LagState(spec.lags))
+        """No history for any key (buffers of depth max(L, P + 1), :func:`spec_depth`)."""
+        return cls(LagState(spec_depth(spec)))
 
     def known_keys(self) -> list[str]:
         """Keys seen so far, sorted."""
         return sorted(self.lags.buffers)
 
     def history(self, key: str) -> int:
-        """How many past values ``key`` has in its buffer (0 .. L)."""
+        """How many past values ``key`` has in its buffer (0 .. depth)."""
         return len(self.lags.buffers.get(key, ()))
 
     def next_ts_ms(self, key: str) -> int | None:
@@ -351,20 +419,33 @@ def features_for(spec: ModelSpec, records: Sequence[Record], state: SeriesState)
     """The model inputs of ``records`` (in the order given) for an autoregressive ``spec``.
 
     The one place inputs are built: :func:`build_features` with the spec's
-    ``calendar``, and each key's clock advanced.  ``state`` must have been
-    built for the same spec (``lags``).
+    ``calendar`` on buffers of depth max(L, P + 1); with a period P
+    (``spec.season``) the columns of :func:`seasonal_lags` are kept
+    (:func:`select_lags`) and the seasonal naive forecast appended
+    (:func:`seasonal_naive`), in the order of :func:`spec_feature_names`.
+    Each key's clock is advanced.  A record whose key has fewer than
+    max(L, P + 1) past values only fills the buffer (``warming``).
+    ``state`` must have been built for the same spec (its depth).
     """
-    if state.lags.lags != spec.lags:
+    depth = spec_depth(spec)
+    if state.lags.lags != depth:
         raise ValueError(
-            f"lags: the series state keeps {state.lags.lags} values, spec says {spec.lags}"
+            f"lags: the series state keeps {state.lags.lags} values, the spec needs {depth} "
+            f"(lags={spec.lags}, season={spec.season!r})"
         )
     # keys are independent: only the batch's keys go through the builder, and the
     # others are shared with the old state (O(batch), not O(all keys), per batch)
     touched = {r.key for r in records}
     old = state.lags.buffers
-    part = LagState(state.lags.lags, {k: old[k] for k in touched if k in old})
+    part = LagState(depth, {k: old[k] for k in touched if k in old})
     x, y, rows, built = build_features(records, part, calendar=spec.calendar)
-    lag_state = LagState(state.lags.lags, {**old, **built.buffers})
+    period = spec_period(spec)
+    if period is not None:
+        lags = seasonal_lags(spec.lags, period)
+        x = select_lags(x, depth, lags, spec.calendar)
+        naive = seasonal_naive(x, lags, period).reshape(len(rows), 1)
+        x = np.ascontiguousarray(np.concatenate([x, naive], axis=1))
+    lag_state = LagState(depth, {**old, **built.buffers})
     clock = dict(state.clock)
     for r in records:
         ms = (r.ts - _EPOCH) // timedelta(milliseconds=1)
@@ -389,11 +470,11 @@ def next_inputs(
 
     Built by :func:`features_for` on a placeholder record (its value only
     enters the returned, discarded state).  Returns ``(x, ts_ms)``; raises
-    :class:`ShortHistory` when the key has fewer than L past values.
+    :class:`ShortHistory` when the key has fewer than max(L, P + 1) past values.
     """
-    have = state.history(key)
-    if have < spec.lags:
-        raise ShortHistory(key, have, spec.lags)
+    have, need = state.history(key), spec_depth(spec)
+    if have < need:
+        raise ShortHistory(key, have, need)
     ts = ts_ms if ts_ms is not None else state.next_ts_ms(key)
     if ts is None:  # pragma: no cover - a buffer always comes with a clock
         ts = 0
@@ -431,6 +512,7 @@ def stored_series(extra: Mapping[str, Any]) -> tuple[ModelSpec, SeriesState] | N
 __all__ = [
     "CALENDAR_FEATURES",
     "EXTRA_KEY",
+    "SEASON_NAIVE",
     "LagState",
     "Record",
     "SeriesFeatures",
@@ -443,11 +525,15 @@ __all__ = [
     "features_for",
     "next_inputs",
     "parse_ts",
+    "resolve_season",
     "seasonal_lags",
     "seasonal_naive",
     "select_lags",
     "series_extra",
+    "spec_depth",
     "spec_feature_names",
+    "spec_period",
     "stored_series",
     "ts_from_ms",
+    "with_season",
 ]

@@ -170,6 +170,7 @@ def fit(
     opts = options or FitOptions()
     series: ar.SeriesState | None = None
     if spec.mode == "autoregressive" and table.x.shape[1] == 0:
+        spec = season_of(spec, table)
         table, series = series_table(spec, table)
     if table.x.shape[1] != len(spec.features):
         raise FitError(f"the table has {table.x.shape[1]} features, the spec {len(spec.features)}")
@@ -216,6 +217,7 @@ def fit(
         },
         "model": {
             "features": list(spec.features),
+            "season": spec.season,  # autoregressive: the resolved period or "none"
             "target": spec.target,
             "likelihood": spec.likelihood,
             "transforms": schema.transforms(),
@@ -252,6 +254,27 @@ def fit(
     return FitResult(
         state, report, schema, x_train, y_train, x_held, y_held, held_ts, y_held_raw, ens, history
     )
+
+
+def season_of(spec: ModelSpec, raw: Table) -> ModelSpec:
+    """``spec`` with ``season = "auto"`` resolved on the raw series ``raw`` (``x`` [N, 0]).
+
+    The period is detected on the longest key's values in row order (the
+    first such key on a tie; no ``key`` in the spec: all rows), by
+    :func:`fogline.models.autoregressive.resolve_season`; the resolved spec
+    (a period or ``"none"``) is what the warm start stores.
+    """
+    if spec.mode != "autoregressive" or spec.season != "auto":
+        return spec
+    values = raw.y.double().numpy()
+    if spec.key is not None and raw.keys is not None:
+        keys = [k or "" for k in raw.keys]
+        counts: dict[str, int] = {}
+        for k in keys:
+            counts[k] = counts.get(k, 0) + 1
+        top = max(counts, key=lambda k: counts[k])  # dicts keep first-seen order
+        values = values[[i for i, k in enumerate(keys) if k == top]]
+    return ar.resolve_season(spec, values)
 
 
 def series_table(spec: ModelSpec, raw: Table) -> tuple[Table, ar.SeriesState]:
@@ -312,6 +335,7 @@ __all__ = [
     "fit",
     "functional_prior",
     "held_out_count",
+    "season_of",
     "series_table",
     "split",
 ]

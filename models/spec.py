@@ -48,6 +48,10 @@ Transform = Literal["standardise", "log1p", "none"]
 #: ``autoregressive`` (a key's last ``lags`` values of the target, plus calendar features).
 Mode = Literal["tabular", "autoregressive"]
 
+#: Autoregressive mode's seasonal inputs: ``"auto"`` (the warm start detects a period
+#: P on the history), ``"none"`` (no seasonal inputs) or a fixed period P >= 2 (records).
+Season = Literal["auto", "none"] | int
+
 #: The default feature names of a model nobody described: ``x0 .. x7``.
 DEFAULT_FEATURES: tuple[str, ...] = tuple(f"x{i}" for i in range(8))
 
@@ -99,6 +103,11 @@ class ModelSpec(BaseModel):
     lags: int = Field(default=8, ge=1)
     #: Autoregressive mode: add hour-of-day and day-of-week as sin/cos inputs.
     calendar: bool = True
+    #: Autoregressive mode: the values one season ago (lags P - 1, P, P + 1) and the
+    #: seasonal naive forecast as inputs (:data:`Season`; see
+    #: :func:`fogline.models.autoregressive.resolve_season`).  The warm start stores
+    #: the resolved value (a period or ``"none"``), never ``"auto"``.
+    season: Season = "auto"
     hidden: tuple[int, ...] = (32, 32)
     activation: Activation = "relu"
     likelihood: LikelihoodName = "gaussian"
@@ -117,6 +126,11 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
+        if isinstance(self.season, int) and (isinstance(self.season, bool) or self.season < 2):
+            raise ValueError(
+                f'season: a period must be an integer >= 2 records, or "auto"/"none"; '
+                f"got {self.season!r}"
+            )
         if self.mode == "autoregressive":
             self._autoregressive_inputs()
         if not self.features:
@@ -155,10 +169,17 @@ class ModelSpec(BaseModel):
         ``features`` becomes ``lag_1 .. lag_L`` (+ the calendar terms,
         :func:`fogline.models.autoregressive.spec_feature_names`); the lags take
         the target's transform and the calendar terms ``none`` (they lie in
-        [-1, 1]) unless ``transforms`` names them.  A ``timestamp`` field is
+        [-1, 1]) unless ``transforms`` names them.  With a period P
+        (``season`` an integer) the seasonal lags and ``season_naive`` are
+        inputs too (same transform as the lags; ``standardise`` where the lags
+        take ``log1p``, as the naive forecast can be negative).  A ``timestamp`` field is
         required (the calendar terms and the series order come from it).
         """
-        from fogline.models.autoregressive import CALENDAR_FEATURES, spec_feature_names
+        from fogline.models.autoregressive import (
+            CALENDAR_FEATURES,
+            SEASON_NAIVE,
+            spec_feature_names,
+        )
 
         names = spec_feature_names(self)
         if "features" in self.model_fields_set and tuple(self.features) != names:
@@ -173,7 +194,11 @@ class ModelSpec(BaseModel):
                 '(e.g. timestamp = "ts")'
             )
         lag_kind = self.transform_of(self.target)
-        transforms = {n: ("none" if n in CALENDAR_FEATURES else lag_kind) for n in names}
+        naive_kind = "standardise" if lag_kind == "log1p" else lag_kind
+        transforms = {
+            n: ("none" if n in CALENDAR_FEATURES else naive_kind if n == SEASON_NAIVE else lag_kind)
+            for n in names
+        }
         transforms.update(self.transforms)
         # frozen model: the derived values are set once, here, during validation
         object.__setattr__(self, "features", names)
@@ -277,6 +302,7 @@ __all__ = [
     "FunctionalPriorSpec",
     "Mode",
     "ModelSpec",
+    "Season",
     "Transform",
     "contradictions",
 ]

@@ -86,6 +86,7 @@ from fogline.daemon.stream.series import (
     SeriesInputs,
     series_problems,
     series_spec,
+    settings_spec,
 )
 from fogline.daemon.stream.source import (
     DeadLetterProducer,
@@ -248,7 +249,7 @@ class SpecContradiction(RuntimeError):
 
 def spec_problems(settings: Settings, state: PosteriorState) -> list[str]:
     """Where ``settings.model`` contradicts ``state`` (none when the section is unset)."""
-    spec = settings.model
+    spec = settings_spec(settings.model, state)  # season "auto" agrees with the stored one
     if spec is None:
         return []
     schema = state.schema

@@ -80,12 +80,29 @@ def series_spec(model: ModelSpec | None, state: PosteriorState) -> ModelSpec | N
     return None
 
 
+def settings_spec(model: ModelSpec | None, state: PosteriorState) -> ModelSpec | None:
+    """The settings' spec as compared with ``state``: ``season = "auto"`` takes the stored period.
+
+    The warm start stores the season it resolved (a period or ``"none"``);
+    settings that leave it ``"auto"`` agree with any of them, so the stored
+    value is filled in before :func:`fogline.models.spec.contradictions`
+    compares the inputs.  An explicit ``season`` is checked by :func:`series_problems`.
+    """
+    stored = ar.stored_series(state.extra)
+    if model is None or stored is None or model.mode != "autoregressive":
+        return model
+    if model.season == "auto" and stored[0].season != "auto":
+        return ar.with_season(model, stored[0].season)
+    return model
+
+
 def series_problems(model: ModelSpec | None, state: PosteriorState) -> list[str]:
     """Where an autoregressive settings spec contradicts the one stored in ``state``.
 
     Lags and calendar show up as ``model.features`` already
     (:func:`fogline.models.spec.contradictions`); this adds the series' record
-    fields, which decide which lags a record extends.
+    fields, which decide which lags a record extends, and an explicit
+    ``season`` that is not the stored (resolved) one.
     """
     stored = ar.stored_series(state.extra)
     if model is None or stored is None or model.mode != "autoregressive":
@@ -94,8 +111,9 @@ def series_problems(model: ModelSpec | None, state: PosteriorState) -> list[str]
     return [
         f"model.{name}: settings say {getattr(model, name)!r}, the state's series has "
         f"{getattr(have, name)!r}"
-        for name in ("key", "timestamp")
+        for name in ("key", "timestamp", "season")
         if getattr(model, name) != getattr(have, name)
+        and not (name == "season" and model.season == "auto")
     ]
 
 
@@ -279,4 +297,5 @@ __all__ = [
     "SeriesStep",
     "series_problems",
     "series_spec",
+    "settings_spec",
 ]

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import numpy as np
+import pytest
 from daemon_fakes import BATCH, FakeConsumer, FakeDeadLetters, FakeStore
 from daemon_fakes import fake_settings as _settings
 
@@ -42,7 +43,10 @@ def rec(i: int, **override: Any) -> bytes:
 
 
 class World:
-    def __init__(self, log: list[bytes], store: FakeStore | None = None) -> None:
+    def __init__(
+        self, log: list[bytes], store: FakeStore | None = None, spec: dict[str, Any] | None = None
+    ) -> None:
+        self.spec = spec if spec is not None else AR
         self.events: list[Any] = []
         self.store = store or FakeStore(self.events)
         self.log = log
@@ -63,7 +67,7 @@ class World:
 
     def run(self, max_records: int | None = None) -> Pipeline:
         opts = RunOptions(idle_exit_s=0.05, max_records=max_records)
-        pipe = Pipeline(_settings(AR), opts, clients=self.clients())
+        pipe = Pipeline(_settings(self.spec), opts, clients=self.clients())
         assert pipe.run() == 0
         return pipe
 
@@ -140,15 +144,22 @@ def test_stream_dead_letters_bad_records_counts_warming_and_snapshots_the_lag_st
     assert sum(1 for o in range(resume) if o not in (9, 20, 33)) == 6 * BATCH
 
 
-def test_restart_is_bit_identical_to_an_uninterrupted_run() -> None:
+@pytest.mark.parametrize("season", ["auto", 16])
+def test_restart_is_bit_identical_to_an_uninterrupted_run(season: str | int) -> None:
+    # season 16: each key's buffer keeps P + 1 = 17 values and the inputs add
+    # season_lag_15..17 and season_naive (a fresh prior's "auto" stays unseasonal)
+    spec = {**AR, "season": season}
     log = [rec(i) for i in range(160)]
-    whole = World(list(log))
-    whole.run()
-    part = World(list(log))
+    whole = World(list(log), spec=spec)
+    pipe = whole.run()
+    depth = 17 if season == 16 else 3
+    assert pipe.stats.records_warming == 2 * depth  # two keys fill their buffers
+    assert whole.latest().config.in_features == len(ModelSpec.model_validate(spec).features)
+    part = World(list(log), spec=spec)
     part.run(max_records=70)  # stops mid-stream: the snapshot holds 4 batches
     mid = part.latest()
     assert mid.offsets[("t", 0)] == 64
-    again = World(list(log), store=part.store)
+    again = World(list(log), store=part.store, spec=spec)
     again.run()
     a, b = whole.latest(), again.latest()
     assert a.offsets == b.offsets and a.records_absorbed == b.records_absorbed
@@ -188,7 +199,11 @@ def test_settings_contradicting_the_stored_series_exit_2_naming_the_fields() -> 
     world = World([rec(i) for i in range(40)])
     world.run()
     written = len(world.store.blobs)
-    for change, field in (({"lags": 5}, "model.features"), ({"key": "node"}, "model.key")):
+    for change, field in (
+        ({"lags": 5}, "model.features"),
+        ({"key": "node"}, "model.key"),
+        ({"season": 12}, "model.season"),  # the stored spec has none (a fresh prior's "auto")
+    ):
         opts = RunOptions(idle_exit_s=0.05)
         pipe = Pipeline(_settings({**AR, **change}), opts, clients=world.clients())
         assert pipe.run() == 2
