@@ -74,6 +74,7 @@ from fogline.daemon.stream.pipeline import (
     DeadLetters,
     OffsetOutOfRange,
     RunOptions,
+    announce_out_of_range,
     fresh_prior,
     fresh_stream,
     kafka_dead_letters,
@@ -629,30 +630,7 @@ class KeyedPipeline:
             return
         action = self.settings.stream.offset_out_of_range
         for oor in found:
-            label = partition_key(*oor.key)
-            metrics.OFFSET_OUT_OF_RANGE.labels(
-                partition=label, action=action, cause=oor.cause
-            ).inc()
-            log.error(
-                "offset_out_of_range",
-                partition=label,
-                snapshot_offset=oor.offset,
-                high_watermark=oor.high_watermark,
-                action=action,
-                cause=oor.cause,
-                hint="the broker lost the topic (restarted empty, topic recreated?)",
-            )
-            if action == "fail":
-                what = (
-                    f"the partition ends at {oor.high_watermark}"
-                    if oor.cause == "beyond_end"
-                    else f"the record before it is not the one absorbed ({oor.cause})"
-                )
-                raise OffsetOutOfRange(
-                    f"partition {label}: its keyed checkpoint resumes at offset {oor.offset} but "
-                    f"{what} (broker restarted empty or topic recreated?); set "
-                    f"stream.offset_out_of_range to 'earliest' or 'latest' to continue from there"
-                )
+            announce_out_of_range(oor, action, "its keyed checkpoint")
             part = self.owned.get(oor.key[1])
             if part is None:
                 continue

@@ -90,6 +90,7 @@ from fogline.daemon.stream.series import (
 )
 from fogline.daemon.stream.source import (
     DeadLetterProducer,
+    OutOfRange,
     kafka_source,
     security_kwargs,
 )
@@ -219,6 +220,36 @@ class RunOptions:
 
 class OffsetOutOfRange(RuntimeError):
     """A snapshot offset lies beyond its partition's end and the setting says ``fail``."""
+
+
+def announce_out_of_range(oor: OutOfRange, action: str, resumes: str) -> None:
+    """Count and log one out-of-range partition; with ``action == "fail"`` raise.
+
+    ``resumes`` names what resumes at the offset (``"the snapshot"``, ``"its keyed
+    checkpoint"``); the error tells the operator how to continue.
+    """
+    label = partition_key(*oor.key)
+    metrics.OFFSET_OUT_OF_RANGE.labels(partition=label, action=action, cause=oor.cause).inc()
+    log.error(
+        "offset_out_of_range",
+        partition=label,
+        snapshot_offset=oor.offset,
+        high_watermark=oor.high_watermark,
+        action=action,
+        cause=oor.cause,
+        hint="the broker lost the topic (restarted empty, topic recreated?)",
+    )
+    if action == "fail":
+        what = (
+            f"the partition ends at {oor.high_watermark}"
+            if oor.cause == "beyond_end"
+            else f"the record before it is not the one absorbed ({oor.cause})"
+        )
+        raise OffsetOutOfRange(
+            f"partition {label}: {resumes} resumes at offset {oor.offset} but "
+            f"{what} (broker restarted empty or topic recreated?); set "
+            f"stream.offset_out_of_range to 'earliest' or 'latest' to continue from there"
+        )
 
 
 def fresh_stream(state: PosteriorState) -> PosteriorState:
@@ -623,30 +654,7 @@ class Pipeline:
         offsets = dict(self.state.offsets)
         prints = dict(self.state.fingerprints)
         for oor in found:
-            label = partition_key(*oor.key)
-            metrics.OFFSET_OUT_OF_RANGE.labels(
-                partition=label, action=action, cause=oor.cause
-            ).inc()
-            log.error(
-                "offset_out_of_range",
-                partition=label,
-                snapshot_offset=oor.offset,
-                high_watermark=oor.high_watermark,
-                action=action,
-                cause=oor.cause,
-                hint="the broker lost the topic (restarted empty, topic recreated?)",
-            )
-            if action == "fail":
-                what = (
-                    f"the partition ends at {oor.high_watermark}"
-                    if oor.cause == "beyond_end"
-                    else f"the record before it is not the one absorbed ({oor.cause})"
-                )
-                raise OffsetOutOfRange(
-                    f"partition {label}: the snapshot resumes at offset {oor.offset} but "
-                    f"{what} (broker restarted empty or topic recreated?); set "
-                    f"stream.offset_out_of_range to 'earliest' or 'latest' to continue from there"
-                )
+            announce_out_of_range(oor, action, "the snapshot")
             self.source.reset(oor.key, action, oor.high_watermark)
             self.checkpoint.forget([oor.key], reset=True)
             prints.pop(oor.key, None)
