@@ -82,6 +82,7 @@ from fogline.models.svi import (
     ADAM_EPS,
     Program,
     _layer_sizes,
+    fused_adam_kernel,
     program,
 )
 
@@ -344,22 +345,13 @@ def _adam_rows(
             by_lr.setdefault(lr * mult, []).append(i)
         for lr, idx in by_lr.items():
             every = len(idx) == len(lrs)
-            _FUSED_ADAM(
+            fused_adam_kernel(
                 list(p_rows) if every else [p_rows[i] for i in idx],
                 list(g_rows) if every else [g_rows[i] for i in idx],
                 m_rows if every else [m_rows[i] for i in idx],
                 v_rows if every else [v_rows[i] for i in idx],
-                [],
                 steps if every else [steps[i] for i in idx],
-                amsgrad=False,
-                lr=lr,
-                beta1=ADAM_BETAS[0],
-                beta2=ADAM_BETAS[1],
-                weight_decay=0.0,
-                eps=ADAM_EPS,
-                maximize=False,
-                grad_scale=None,
-                found_inf=None,
+                lr,
             )
 
 

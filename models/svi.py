@@ -619,6 +619,40 @@ def param_groups(prog: Program, cov_factor_lr_scale: float = 1.0) -> tuple[Param
     return tuple(groups)
 
 
+def fused_adam_kernel(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    lr: float,
+) -> None:
+    """torch's fused Adam kernel (private ``torch._fused_adam_``) with fogline's constants.
+
+    Each step count in ``steps`` must already be incremented (the kernel reads t).
+    Only call it when this torch has the kernel (``_FUSED_ADAM is not None``);
+    :func:`adam_` falls back to the public function otherwise.
+    """
+    assert _FUSED_ADAM is not None
+    _FUSED_ADAM(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        steps,
+        amsgrad=False,
+        lr=lr,
+        beta1=ADAM_BETAS[0],
+        beta2=ADAM_BETAS[1],
+        weight_decay=0.0,
+        eps=ADAM_EPS,
+        maximize=False,
+        grad_scale=None,
+        found_inf=None,
+    )
+
+
 def adam_(
     theta: torch.Tensor,
     grad: torch.Tensor,
@@ -658,24 +692,7 @@ def adam_(
             )
         )
         if fast:
-            assert _FUSED_ADAM is not None
-            _FUSED_ADAM(
-                [p],
-                [d],
-                [m],
-                [v],
-                [],
-                [opt_step],
-                amsgrad=False,
-                lr=lr * g.lr_scale,
-                beta1=ADAM_BETAS[0],
-                beta2=ADAM_BETAS[1],
-                weight_decay=0.0,
-                eps=ADAM_EPS,
-                maximize=False,
-                grad_scale=None,
-                found_inf=None,
-            )
+            fused_adam_kernel([p], [d], [m], [v], [opt_step], lr * g.lr_scale)
         else:
             assert t_before is not None
             _public_adam(

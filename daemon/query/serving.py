@@ -44,6 +44,7 @@ from fogline.models.quantize import QuantizedEnsemble, quantization_report, quan
 from fogline.models.schema import DataSchema
 from fogline.models.serialize import from_bytes
 from fogline.models.spec import ModelSpec
+from fogline.models.state import PosteriorState
 from fogline.models.units import predict_raw
 
 log = structlog.get_logger(__name__)
@@ -117,14 +118,23 @@ def load_snapshot(
     """
     t0 = time.perf_counter()
     snap = store.read(version)
-    state = from_bytes(snap.blob)
-    ens = sample_ensemble(state, num_samples=ensemble_size, seed=snap.meta.version)
+    return loaded_state(snap.meta, from_bytes(snap.blob), ensemble_size, quantize, t0)
+
+
+def loaded_state(
+    meta: SnapshotMeta, state: PosteriorState, ensemble_size: int, quantize: bool, t0: float
+) -> Loaded:
+    """``state``'s ensemble (seeded with ``meta.version``), quantized when asked, as :class:`Loaded`.
+
+    ``t0`` is the ``time.perf_counter()`` at which loading began (``load_seconds``).
+    """
+    ens = sample_ensemble(state, num_samples=ensemble_size, seed=meta.version)
     quantized = report = None
     if quantize:
         quantized = quantize_ensemble(ens)
         report = quantization_report(ens, quantized)
     return Loaded(
-        meta=snap.meta,
+        meta=meta,
         config=state.config,
         ensemble=ens,
         quantized=quantized,
@@ -346,21 +356,7 @@ def load_key(store: PartitionStore, key: str, ensemble_size: int, quantize: bool
         drift={"mode": info.get("drift_mode", "none"), "partition": info.get("partition")},
         size=len(blob),
     )
-    ens = sample_ensemble(state, num_samples=ensemble_size, seed=version)
-    quantized = report = None
-    if quantize:
-        quantized = quantize_ensemble(ens)
-        report = quantization_report(ens, quantized)
-    return Loaded(
-        meta=meta,
-        config=state.config,
-        ensemble=ens,
-        quantized=quantized,
-        quantization=report,
-        loaded_at=time.time(),
-        load_seconds=time.perf_counter() - t0,
-        schema=state.schema,
-    )
+    return loaded_state(meta, state, ensemble_size, quantize, t0)
 
 
 class KeyedReader:
