@@ -181,11 +181,11 @@ class StreamSettings(_Section):
     #: fetches and decodes the next poll while this one absorbs batches; every
     #: consumer call is a request/reply message, so commits keep their order and
     #: exactly-once is unchanged (:mod:`fogline.daemon.stream.process_source`).
-    #: Off by default: on the shared 2-core machines it was measured on, its
-    #: ratio to the raw loop was not distinguishable from the in-process loop's
-    #: (medians 0.64 vs 0.66 over 8 runs each, docs/performance.md), and the
-    #: child costs ~250 MB and 1-9 s of start-up.
-    source_process: bool = False
+    #: On by default: on two free cores the daemon with ``forget`` ran at 0.70-0.91
+    #: (median 0.82) of the raw loop against 0.49-0.72 (median 0.65) in-process,
+    #: four alternating pairs (docs/performance.md); with both cores busy it
+    #: measured no gain.  The child costs ~250 MB and 1-9 s of start-up.
+    source_process: bool = True
     seed: int = 0
     #: A snapshot offset beyond a partition's end (broker restarted empty, topic recreated):
     #: ``fail`` exits non-zero (status 4), ``earliest``/``latest`` resume there; always logged

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "--source-process",
         default=None,
         action=argparse.BooleanOptionalAction,
-        help="consumer and decoder in a child process (stream.source_process; default: off)",
+        help="consumer and decoder in a child process (stream.source_process; default: on)",
     )
     p.add_argument("--bootstrap", default=None)
     p.add_argument("--redis-url", default=None)
