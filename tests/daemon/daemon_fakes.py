@@ -14,6 +14,7 @@ from typing import Any
 
 from fogline.daemon.config import Settings
 from fogline.daemon.stream.decode import RawRecord
+from fogline.daemon.stream.pipeline import Clients
 from fogline.daemon.stream.source import OutOfRange
 from fogline.daemon.stream.store import (
     IntactScan,
@@ -272,6 +273,24 @@ class FakeConsumer:
 
     def close(self) -> None:
         self.events.append(("close",))
+
+
+def fake_clients(
+    store: FakeStore, dlq: FakeDeadLetters, events: list[Any], log: list[bytes], per_poll: int = 24
+) -> Clients:
+    """The pipeline's collaborators as fakes: ``store``, ``dlq`` and a :class:`FakeConsumer` of ``log``."""
+
+    def source(s: Settings, offsets_for: Any, on_revoked: Any, fingerprints_for: Any) -> Any:
+        return FakeConsumer(
+            events,
+            log,
+            offsets_for=offsets_for,
+            on_revoked=on_revoked,
+            fingerprints_for=fingerprints_for,
+            per_poll=per_poll,
+        )
+
+    return Clients(store=lambda s: store, source=source, dead_letters=lambda s: dlq)
 
 
 def record(i: int, d: int = 8) -> bytes:

@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from daemon_fakes import BATCH, FakeConsumer, FakeDeadLetters, FakeStore
+from daemon_fakes import BATCH, FakeDeadLetters, FakeStore, fake_clients
 from daemon_fakes import fake_settings as _settings
 
-from fogline.daemon.config import Settings
 from fogline.daemon.stream.pipeline import Clients, Pipeline, RunOptions
 from fogline.daemon.stream.series import SeriesDecoder
 from fogline.models import autoregressive as ar
@@ -53,17 +52,7 @@ class World:
         self.dlq = FakeDeadLetters(self.events)
 
     def clients(self) -> Clients:
-        def source(s: Settings, offsets_for: Any, on_revoked: Any, fingerprints_for: Any) -> Any:
-            return FakeConsumer(
-                self.events,
-                self.log,
-                offsets_for=offsets_for,
-                on_revoked=on_revoked,
-                fingerprints_for=fingerprints_for,
-                per_poll=24,
-            )
-
-        return Clients(store=lambda s: self.store, source=source, dead_letters=lambda s: self.dlq)
+        return fake_clients(self.store, self.dlq, self.events, self.log)
 
     def run(self, max_records: int | None = None) -> Pipeline:
         opts = RunOptions(idle_exit_s=0.05, max_records=max_records)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from daemon_fakes import FakeConsumer, FakeDeadLetters, FakeStore
+from daemon_fakes import FakeDeadLetters, FakeStore, fake_clients
 from daemon_fakes import fake_settings as _settings
 from structlog.testing import capture_logs
 
@@ -49,17 +49,7 @@ class World:
         self.batches: list[PosteriorState] = []
 
     def clients(self) -> Clients:
-        def source(s: Settings, offsets_for: Any, on_revoked: Any, fingerprints_for: Any) -> Any:
-            return FakeConsumer(
-                self.events,
-                self.log,
-                offsets_for=offsets_for,
-                on_revoked=on_revoked,
-                fingerprints_for=fingerprints_for,
-                per_poll=24,
-            )
-
-        return Clients(store=lambda s: self.store, source=source, dead_letters=lambda s: self.dlq)
+        return fake_clients(self.store, self.dlq, self.events, self.log)
 
     def run(self, settings: Settings, init: Path | None = None) -> Pipeline:
         opts = RunOptions(
