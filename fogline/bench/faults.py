@@ -66,6 +66,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -293,12 +294,16 @@ class Scenario:
         An exit with status ``expect`` is not a crash.
         A stall: for ``stall_s`` neither the log grew nor the snapshot moved
         while the snapshot's offset is short of the topic's end; the daemon is
-        then killed.
+        then killed.  The stall clock starts at the daemon's first log line of
+        this run: start-up (interpreter, torch import, consumer child) can take
+        longer than ``stall_s`` on a loaded machine and is not a stall; a
+        daemon that never speaks is bounded by ``timeout_s``.
         """
         log = log or self.log
         deadline = time.monotonic() + self.timeout_s
         last_change = time.monotonic()
         seen: tuple[int, Any] = (-1, None)
+        first_size = log.stat().st_size if log.exists() else 0
         while True:
             rc = proc.poll()
             if rc is not None:
@@ -313,7 +318,8 @@ class Scenario:
                 seen, last_change = mark, now
             end = len(self.stream.values) - self.end_shift
             waiting = meta is None or self.offset_of(meta.offsets) != end  # beyond: stuck too
-            if waiting and now - last_change >= self.stall_s:
+            started = size > first_size
+            if waiting and started and now - last_change >= self.stall_s:
                 self.out.silent_stalls += 1
                 self.out.notes.append(f"silent stall of {self.stall_s:.0f} s; killed")
                 self.kill(proc)
@@ -634,6 +640,78 @@ def run_latest_corrupt(sc: Scenario, n: int) -> None:
 # --------------------------------------------------------------------------
 
 
+def run_scenario(
+    name: str,
+    *,
+    bootstrap: str,
+    redis_url: str,
+    workdir: Path,
+    n: int,
+    stall_s: float,
+    timeout_s: float,
+) -> Outcome:
+    """Run one scenario on ``bootstrap`` / ``redis_url`` (or its own services); its counts.
+
+    A scenario that restarts Redis or the broker gets its own embedded one, so
+    scenarios never share a service they disturb and can run side by side.
+    """
+    t0 = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        own_redis = own_kafka = None
+        b, r = bootstrap, redis_url
+        if name in ("redis_pause", "redis_wiped"):
+            own_redis = stack.enter_context(EmbeddedRedis())
+            r = own_redis.url
+        if name in BROKER_RESTARTS:
+            own_kafka = stack.enter_context(EmbeddedKafka())
+            b = own_kafka.bootstrap_servers
+        sc = Scenario(
+            name,
+            bootstrap=b,
+            redis_url=r,
+            workdir=workdir,
+            stall_s=stall_s,
+            timeout_s=timeout_s,
+        )
+        stack.callback(sc.close)
+        parts: tuple[Stream, Stream] | None = None
+        try:
+            if name == "kill9":
+                run_kill9(sc, n)
+            elif name in ("redis_pause", "redis_wiped"):
+                assert own_redis is not None
+                _outage(sc, own_redis, n, wipe=name == "redis_wiped")
+            elif name == "two_daemons":
+                run_two_daemons(sc, n)
+            elif name == "malformed_mix":
+                run_malformed(sc, n)
+            elif name == "oversized":
+                run_oversized(sc, n)
+            elif name in BROKER_RESTARTS:
+                assert own_kafka is not None
+                run = {
+                    "broker_restart_fail": run_broker_restart_fail,
+                    "broker_restart_earliest": run_broker_restart_earliest,
+                    "topic_recreated_longer": run_topic_recreated_longer,
+                }[name]
+                parts = run(sc, own_kafka, n)
+            elif name == "rejected_steps":
+                run_rejected(sc, n)
+            elif name == "latest_deleted":
+                run_latest_deleted(sc, n)
+            elif name == "latest_corrupt":
+                run_latest_corrupt(sc, n)
+            else:
+                raise ValueError(f"unknown scenario {name!r}")
+            out = count_recreated(sc, *parts) if parts is not None else sc.count()
+        except Exception as exc:  # a harness failure is a failed scenario, not a crash
+            out = sc.out
+            out.notes.append(f"harness error: {type(exc).__name__}: {exc}")
+            out.passed = False
+        out.seconds = round(time.monotonic() - t0, 1)
+        return out
+
+
 def run_faults(
     *,
     bootstrap: str,
@@ -643,68 +721,38 @@ def run_faults(
     only: tuple[str, ...] = SCENARIOS,
     stall_s: float = 30.0,
     timeout_s: float = 180.0,
+    jobs: int = 1,
     verbose: bool = True,
 ) -> dict[str, Any]:
-    """Run the ``only`` scenarios; return ``{"scenarios": {name: counts}, "total": counts}``."""
+    """Run the ``only`` scenarios, ``jobs`` at a time; ``{"scenarios": {name: counts}, "total": counts}``.
+
+    Scenarios are independent (each its own topic, model, key prefix and
+    consumer group; the ones that restart a service get their own), so
+    ``jobs > 1`` runs them side by side in threads: each scenario is mostly
+    waiting on its daemon subprocesses.  The counts do not depend on ``jobs``;
+    only the wall time does.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     say = print if verbose else (lambda *a, **k: None)
     results: dict[str, Outcome] = {}
-    for name in only:
-        t0 = time.monotonic()
-        with contextlib.ExitStack() as stack:
-            own_redis = own_kafka = None
-            b, r = bootstrap, redis_url
-            if name in ("redis_pause", "redis_wiped"):
-                own_redis = stack.enter_context(EmbeddedRedis())
-                r = own_redis.url
-            if name in BROKER_RESTARTS:
-                own_kafka = stack.enter_context(EmbeddedKafka())
-                b = own_kafka.bootstrap_servers
-            sc = Scenario(
-                name,
-                bootstrap=b,
-                redis_url=r,
-                workdir=workdir,
-                stall_s=stall_s,
-                timeout_s=timeout_s,
-            )
-            stack.callback(sc.close)
-            parts: tuple[Stream, Stream] | None = None
-            try:
-                if name == "kill9":
-                    run_kill9(sc, n)
-                elif name in ("redis_pause", "redis_wiped"):
-                    assert own_redis is not None
-                    _outage(sc, own_redis, n, wipe=name == "redis_wiped")
-                elif name == "two_daemons":
-                    run_two_daemons(sc, n)
-                elif name == "malformed_mix":
-                    run_malformed(sc, n)
-                elif name == "oversized":
-                    run_oversized(sc, n)
-                elif name in BROKER_RESTARTS:
-                    assert own_kafka is not None
-                    run = {
-                        "broker_restart_fail": run_broker_restart_fail,
-                        "broker_restart_earliest": run_broker_restart_earliest,
-                        "topic_recreated_longer": run_topic_recreated_longer,
-                    }[name]
-                    parts = run(sc, own_kafka, n)
-                elif name == "rejected_steps":
-                    run_rejected(sc, n)
-                elif name == "latest_deleted":
-                    run_latest_deleted(sc, n)
-                elif name == "latest_corrupt":
-                    run_latest_corrupt(sc, n)
-                else:
-                    raise ValueError(f"unknown scenario {name!r}")
-                out = count_recreated(sc, *parts) if parts is not None else sc.count()
-            except Exception as exc:  # a harness failure is a failed scenario, not a crash
-                out = sc.out
-                out.notes.append(f"harness error: {type(exc).__name__}: {exc}")
-                out.passed = False
-            out.seconds = round(time.monotonic() - t0, 1)
+
+    def one(name: str) -> Outcome:
+        out = run_scenario(
+            name,
+            bootstrap=bootstrap,
+            redis_url=redis_url,
+            workdir=workdir,
+            n=n,
+            stall_s=stall_s,
+            timeout_s=timeout_s,
+        )
+        say(_row(out))
+        return out
+
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="fault") as pool:
+        for name, out in zip(only, pool.map(one, only), strict=True):
             results[name] = out
-            say(_row(out))
     keys = ("sent", "absorbed", "dead_lettered", "held_back", "lost", "duplicates_absorbed")
     total: dict[str, Any] = {k: sum(getattr(o, k) for o in results.values()) for k in keys}
     total["crash_loops"] = sum(o.crash_loops for o in results.values())
@@ -738,6 +786,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bootstrap", default=None, help="use this broker instead of an embedded one")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of an embedded one")
     p.add_argument("--workdir", type=Path, default=None, help="keep configs and logs here")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="scenarios run side by side (default 1: one by one)"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON last")
     args = p.parse_args(argv)
     t0 = time.monotonic()
@@ -755,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:
             n=args.records,
             only=tuple(args.only) if args.only else SCENARIOS,
             stall_s=args.stall_s,
+            jobs=args.jobs,
         )
     result["seconds"] = round(time.monotonic() - t0, 1)
     result["load"] = [round(x, 2) for x in os.getloadavg()]

@@ -21,6 +21,7 @@ def test_fault_scenarios_lose_and_duplicate_nothing(
         redis_url=redis_url,
         workdir=tmp_path,
         n=128,
+        jobs=2,
         verbose=False,
     )
     assert set(result["scenarios"]) == set(SCENARIOS)
