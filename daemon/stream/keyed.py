@@ -270,11 +270,24 @@ class KeyedPipeline:
                 self.stats.exit_reason = "\n".join(problems)
                 log.error("daemon_failed", reason="model_spec_contradiction", problems=problems)
                 return EXIT_BAD_CONFIG
-            # every daemon of the group starts new keys from the same stored bytes
-            self.fleet = from_bytes(self.store.fleet_blob(to_bytes(fleet_state(start))), device)
-            self.decoder = Decoder(record_schema(s, start))
-            ar_spec = series_spec(s.model, start)  # {ts, value, key} records: inputs per key
-            self.series = KeyedSeries(ar_spec, record_schema(s, start)) if ar_spec else None
+            # every daemon of the group starts new keys from the same stored bytes, and
+            # decodes by their schema: a restart without --init is the first run's model
+            offered = to_bytes(fleet_state(start))
+            stored = self.store.fleet_blob(offered)
+            self.fleet = from_bytes(stored, device)
+            if stored != offered:
+                problems = [
+                    f"{p} (the group's stored fleet prior)" for p in spec_problems(s, self.fleet)
+                ]
+                if problems:
+                    self.stats.exit_reason = "\n".join(problems)
+                    log.error("daemon_failed", reason="model_spec_contradiction", problems=problems)
+                    return EXIT_BAD_CONFIG
+                log.info("keyed_fleet_prior_from_store", detail="the group's first fleet prior")
+            schema = record_schema(s, self.fleet)
+            self.decoder = Decoder(schema)
+            ar_spec = series_spec(s.model, self.fleet)  # {ts, value, key} records: inputs per key
+            self.series = KeyedSeries(ar_spec, schema) if ar_spec else None
             self.cache = KeyCache(s.keyed.max_keys, s.keyed.idle_ttl_s)
             self.update = KeyedUpdate(s)
             warm_up(self.fleet, 8, s.stream.steps_per_batch, s.stream.data_size)
