@@ -265,3 +265,52 @@ def test_another_partition_count_or_a_moved_key_exits_7(stream: Any) -> None:
     assert code == EXIT_REPARTITIONED
     assert f"key {key.decode()!r} was absorbed from partition 0" in pipe.stats.exit_reason
     assert world.store.blobs == before  # nothing of the moved key's batch written
+
+
+def test_a_restart_without_init_decodes_by_the_stored_fleet_prior(
+    tmp_path: Any, stream: Any
+) -> None:
+    """The group's first fleet prior (a warm start with fitted transforms) is the model:
+    a replica restarted without ``--init`` decodes by its schema, not by a fresh prior's."""
+    from fogline.models.fit import FitOptions, fit
+    from fogline.models.serialize import save
+    from fogline.models.spec import ModelSpec
+    from fogline.models.tabular import load_table
+
+    logs, bad = stream
+    spec = {k: v for k, v in MODEL.items() if k != "transform"}  # standardised columns
+    rows = [
+        json.loads(v)
+        for p, log in logs.items()
+        for o, (_, v) in enumerate(log)
+        if (p, o) not in bad
+    ]
+    lines = ["host,f0,f1,y"] + [f"{r['host']},{r['f0']},{r['f1']},{r['y']}" for r in rows[:150]]
+    (tmp_path / "h.csv").write_text("\n".join(lines) + "\n")
+    model = ModelSpec.model_validate(spec)
+    table, _ = load_table(tmp_path / "h.csv", model)
+    warm = tmp_path / "warm.safetensors"
+    save(fit(model, table, FitOptions(epochs=2, samples=5)).state, str(warm))
+    settings = fake_settings(spec).override(
+        {"keyed.enabled": True, "keyed.max_key_length": 8, "keyed.idle_ttl_s": 0.0}
+    )
+
+    def go(world: KeyedWorld, member: str, init: Any, plan: Any = None) -> int:
+        opts = RunOptions(idle_exit_s=0.05, threads=1, init_path=init)
+        return KeyedPipeline(settings, opts, clients=world.clients(member, plan)).run()
+
+    one = KeyedWorld(logs, PARTS)
+    assert go(one, "m0", warm) == 0
+
+    def kill(n: int, c: FakeGroupConsumer) -> None:
+        if n == 6:
+            raise Killed
+
+    two = KeyedWorld(logs, PARTS)
+    with pytest.raises(Killed):
+        go(two, "m0", warm, kill)
+    two.store.expire_leases()
+    two.group.assign("m0", set())
+    assert go(two, "m1", None) == 0  # no --init: the stored fleet prior
+    assert two.store.blobs == one.store.blobs
+    assert sum(m.records_absorbed for m in two.store.manifests.values()) == absorbable(logs, bad)
