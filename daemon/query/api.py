@@ -791,7 +791,11 @@ def create_app(
         responses={404: {"description": "no such model or key"}},
     )
     async def predict_key(name: ModelName, key: str, request: Request) -> Response:
-        """As ``/models/{name}/predict``, from key ``key``'s own posterior (keyed mode)."""
+        """As ``/models/{name}/predict``, from key ``key``'s own posterior (keyed mode).
+
+        An autoregressive model without ``rows`` predicts the key's NEXT value
+        from its own lags (``ts`` optional; a body ``key`` must be the path's).
+        """
         t0 = time.perf_counter()
         try:
             raw = await request.body()
@@ -815,6 +819,10 @@ def create_app(
             return 503, {"detail": f"snapshot store unavailable: {exc}"}
         if loaded is None:
             return 404, {"detail": f"model {name!r} has no key {key!r}"}
+        if req.key is not None and req.key != key:
+            return 422, {"detail": f"key: the body names {req.key!r}, the path {key!r}"}
+        if req.rows is None and loaded.series is not None:  # keyed + autoregressive
+            req = req.model_copy(update={"key": key})  # the key's next value from its lags
         try:
             body = _predict_body(name, loaded, req, api)
         except HTTPException as exc:

@@ -62,7 +62,9 @@ from fogline.daemon.stream.decode import Decoder, RawRecord, decode_batch, parti
 from fogline.daemon.stream.isolate import STEP_REJECTED, rejected_record
 from fogline.daemon.stream.keycache import KeyCache
 from fogline.daemon.stream.keyed_prefetch import KeyedSerialSource
+from fogline.daemon.stream.keyed_series import KeyedSeries
 from fogline.daemon.stream.keyed_update import (
+    KeyedOutcome,
     KeyedUpdate,
     fleet_state,
     new_key,
@@ -83,6 +85,7 @@ from fogline.daemon.stream.pipeline import (
     spec_problems,
 )
 from fogline.daemon.stream.runtime import StopFlag, select_device
+from fogline.daemon.stream.series import series_spec
 from fogline.daemon.stream.source import OutOfRange
 from fogline.daemon.stream.store import (
     Lease,
@@ -154,6 +157,8 @@ class KeyedStats:
     records_in: int = 0
     records_valid: int = 0
     records_absorbed: int = 0
+    #: Autoregressive models: valid records that only filled their key's lag buffer.
+    records_warming: int = 0
     dead_lettered: int = 0
     batches: int = 0
     checkpoints: int = 0
@@ -237,6 +242,8 @@ class KeyedPipeline:
         self._events: collections.deque[tuple[str, list[int]]] = collections.deque()
         #: Partitions claimed while a poll ran ahead: that poll's records of them predate the seek.
         self._fresh: set[int] = set()
+        #: Autoregressive models: each key's series state with its posterior (``None``: tabular).
+        self.series: KeyedSeries | None = None
 
     # -- the whole run ----------------------------------------------------------
     def run(self) -> int:
@@ -263,9 +270,24 @@ class KeyedPipeline:
                 self.stats.exit_reason = "\n".join(problems)
                 log.error("daemon_failed", reason="model_spec_contradiction", problems=problems)
                 return EXIT_BAD_CONFIG
-            # every daemon of the group starts new keys from the same stored bytes
-            self.fleet = from_bytes(self.store.fleet_blob(to_bytes(fleet_state(start))), device)
-            self.decoder = Decoder(record_schema(s, start))
+            # every daemon of the group starts new keys from the same stored bytes, and
+            # decodes by their schema: a restart without --init is the first run's model
+            offered = to_bytes(fleet_state(start))
+            stored = self.store.fleet_blob(offered)
+            self.fleet = from_bytes(stored, device)
+            if stored != offered:
+                problems = [
+                    f"{p} (the group's stored fleet prior)" for p in spec_problems(s, self.fleet)
+                ]
+                if problems:
+                    self.stats.exit_reason = "\n".join(problems)
+                    log.error("daemon_failed", reason="model_spec_contradiction", problems=problems)
+                    return EXIT_BAD_CONFIG
+                log.info("keyed_fleet_prior_from_store", detail="the group's first fleet prior")
+            schema = record_schema(s, self.fleet)
+            self.decoder = Decoder(schema)
+            ar_spec = series_spec(s.model, self.fleet)  # {ts, value, key} records: inputs per key
+            self.series = KeyedSeries(ar_spec, schema) if ar_spec else None
             self.cache = KeyCache(s.keyed.max_keys, s.keyed.idle_ttl_s)
             self.update = KeyedUpdate(s)
             warm_up(self.fleet, 8, s.stream.steps_per_batch, s.stream.data_size)
@@ -557,7 +579,12 @@ class KeyedPipeline:
             return
         self.stats.records_in += len(raws)
         metrics.RECORDS_IN.labels(topic=self.topic).inc(len(raws))
-        dec = decode_batch(raws, self.decoder)
+        dec = (
+            self.series.decoder.decode_batch(raws)
+            if self.series is not None
+            else decode_batch(raws, self.decoder)
+        )
+        meta = getattr(dec, "meta", None)  # series records: value, ts, key id
         for raw, reason, _ in dec.bad:
             self._dead_letter(raw, reason)
         limit = self.settings.keyed.max_key_length
@@ -585,7 +612,14 @@ class KeyedPipeline:
             for j, off in zip(rows, offsets, strict=True):
                 part.keys_at[off] = str(dec.keys[j])
             self.stats.records_valid += len(rows)
-            chunk = Rows.of(self.topic, dec.x[idx], dec.y[idx], [p] * len(rows), offsets)
+            chunk = Rows.of(
+                self.topic,
+                dec.x[idx],
+                dec.y[idx],
+                [p] * len(rows),
+                offsets,
+                None if meta is None else meta[idx],
+            )
             part.pending.extend(part.batcher.add(chunk))
         for part in self.owned.values():
             due = part.batcher.poll_due()
@@ -701,6 +735,8 @@ class KeyedPipeline:
                     if pop is not None and fleet is None:
                         fleet = population_fleet(pop, self.fleet)
                     out[k] = new_key(fleet if fleet is not None else self.fleet, k)
+                    if self.series is not None:  # its own part of the warm start's lags
+                        out[k] = self.series.own(out[k], k)
                     fresh.add(k)
                     continue
                 info = self.store.key_info(k) or {}
@@ -718,23 +754,39 @@ class KeyedPipeline:
         )
 
     def _absorb(self, part: Owned, batch: Rows) -> None:
-        """Commit path step 1 for one batch of one partition: step each key on its rows."""
+        """Commit path step 1 for one batch of one partition: step each key on its rows.
+
+        Autoregressive models: each key's inputs are built from its own series
+        state first (:meth:`KeyedSeries.inputs`); a key whose rows only warmed
+        its buffer is not stepped, and every key of the batch takes its new
+        series state (a rejected step's too: its values are in the lags, as
+        in the single-model daemon).
+        """
         t0 = time.perf_counter()
         keys = [part.keys_at.pop(int(o)) for o in batch.offset]
         rows: dict[str, list[int]] = collections.defaultdict(list)
         for i, k in enumerate(keys):
             rows[k].append(i)
         states, fresh = self._load(part.partition, list(rows))
-        # one gather puts each key's rows together (in offset order), then views per key
-        order = torch.as_tensor([i for idx in rows.values() for i in idx], dtype=torch.long)
-        x = torch.from_numpy(batch.x)[order]
-        y = torch.from_numpy(batch.y)[order]
-        batches = {}
-        at = 0
-        for k, idx in rows.items():
-            batches[k] = Minibatch(x[at : at + len(idx)], y[at : at + len(idx)])
-            at += len(idx)
-        out = self.update(states, batches)
+        series: dict[str, dict[str, Any]] = {}
+        if self.series is not None and batch.meta is not None:
+            ins = self.series.inputs(states, rows, batch.meta)
+            batches, learnt, series = ins.batches, ins.rows, ins.extras
+            if ins.warming:
+                self.stats.records_warming += ins.warming
+                metrics.RECORDS_WARMING.inc(ins.warming)
+        else:
+            # one gather puts each key's rows together (in offset order), then views per key
+            order = torch.as_tensor([i for idx in rows.values() for i in idx], dtype=torch.long)
+            x = torch.from_numpy(batch.x)[order]
+            y = torch.from_numpy(batch.y)[order]
+            batches = {}
+            at = 0
+            for k, idx in rows.items():
+                batches[k] = Minibatch(x[at : at + len(idx)], y[at : at + len(idx)])
+                at += len(idx)
+            learnt = rows
+        out = self.update(states, batches) if batches else KeyedOutcome({}, {})
         new, infos = out.states, out.infos
         if out.alarmed:
             metrics.DRIFT_ALARMS.inc(len(out.alarmed))
@@ -746,22 +798,28 @@ class KeyedPipeline:
         for k, info in infos.items():
             if info.rejected:
                 metrics.STEPS_REJECTED.inc()
-                for i in rows[k]:
+                mb = batches[k]
+                for j, i in enumerate(learnt[k]):
                     raw, reason = rejected_record(
                         batch.topic,
                         part.partition,
                         int(batch.offset[i]),
-                        batch.x[i],
-                        float(batch.y[i]),
+                        mb.x[j].numpy(),
+                        float(mb.y[j]),
                     )
                     self._dead_letter(raw, reason if reason else STEP_REJECTED)
                 continue
             absorbed += info.rows
             self.cache.put(k, new[k], part.partition, dirty=True)
+        for k, extra in series.items():
+            stepped = k in infos and not infos[k].rejected
+            state = KeyedSeries.with_series(new[k] if stepped else states[k], extra)
+            self.cache.put(k, state, part.partition, dirty=True)
         if part.population is not None:  # sorted: the float64 sums' order is fixed
             for k in sorted(infos):
-                if not infos[k].rejected:
-                    part.population.replace(None if k in fresh else states[k], new[k])
+                if not infos[k].rejected:  # a key enters it with its first step
+                    joined = k not in fresh and states[k].step_count > 0
+                    part.population.replace(states[k] if joined else None, new[k])
         part.records_absorbed += absorbed
         part.batches_since += 1
         part.changed = True
@@ -914,6 +972,7 @@ class KeyedPipeline:
             reason=self.stats.exit_reason,
             records_in=self.stats.records_in,
             records_absorbed=self.stats.records_absorbed,
+            records_warming=self.stats.records_warming,
             dead_lettered=self.stats.dead_lettered,
             checkpoints=self.stats.checkpoints,
             partitions_resumed=self.stats.partitions_resumed,

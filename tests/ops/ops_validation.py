@@ -596,6 +596,51 @@ def scrape_config_problems(text: str, compose_text: str) -> list[str]:
             problems.append(f"job {job} does not scrape {expected}")
         elif expected.split(":")[0] not in services:
             problems.append(f"job {job}: no compose service {expected.split(':')[0]}")
+    return problems + scaled_scrape_problems(doc, services)
+
+
+def scaled_scrape_problems(doc: Mapping[str, Any], services: Mapping[str, Any]) -> list[str]:
+    """Every replica of a scalable (keyed) compose service is a scrape target of its own.
+
+    A keyed service (``FOGLINE_KEYED__ENABLED=true``) runs ``--scale N`` replicas
+    without a host port; compose's DNS answers its name with one A record per
+    replica, so a job must find them with ``dns_sd_configs`` (that name, type A,
+    the service's metrics port) -- a static target would reach one replica at
+    random -- and each replica must listen beyond its own loopback.
+    """
+    problems: list[str] = []
+    jobs = list(doc.get("scrape_configs") or [])
+    for name, svc in services.items():
+        env = service_environment(svc or {})
+        if str(env.get("FOGLINE_KEYED__ENABLED", "")).lower() != "true":
+            continue
+        port = int(env.get("FOGLINE_METRICS_PORT") or 9400)
+        if env.get("FOGLINE_METRICS_HOST") != "0.0.0.0":
+            problems.append(f"{name}: FOGLINE_METRICS_HOST is not 0.0.0.0 (unreachable /metrics)")
+        static = [
+            job.get("job_name")
+            for job in jobs
+            for sc in job.get("static_configs") or []
+            for t in sc.get("targets") or []
+            if str(t).split(":")[0] == name
+        ]
+        if static:
+            problems.append(f"job {static[0]}: static target {name} reaches one replica only")
+        found = [
+            (job.get("job_name"), sd)
+            for job in jobs
+            for sd in job.get("dns_sd_configs") or []
+            if name in (sd.get("names") or [])
+        ]
+        if not found:
+            problems.append(f"no dns_sd_configs job finds every replica of {name}")
+        for job, sd in found:
+            if str(sd.get("type", "SRV")).upper() != "A":
+                problems.append(f"job {job}: dns_sd type {sd.get('type', 'SRV')!r}, not A")
+            if sd.get("port") != port:
+                problems.append(
+                    f"job {job}: dns_sd port {sd.get('port')}, {name} listens on {port}"
+                )
     return problems
 
 
@@ -868,4 +913,120 @@ def dockerfile_problems(text: str, dockerignore: str) -> list[str]:
                     problems.append(f"COPY source {src} does not exist")
                 elif src.split("/")[0] in ignored:
                     problems.append(f"COPY source {src} is excluded by .dockerignore")
+    return problems
+
+
+def overlay_docs(overlay: Path) -> list[Any]:
+    """The resources of a kustomize overlay without kubectl: its base's manifests with
+    its JSON 6902 patches applied (``add``/``replace``/``remove`` on mapping paths).
+
+    Only what ops/k8s-keyed uses: ``resources`` naming a base directory and
+    ``patches`` with an inline ``patch`` and a ``target`` of kind and name.
+    ``kubectl kustomize`` renders it fully where installed (tests/ops/test_ops_k8s.py).
+    """
+    kust = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    docs: list[Any] = []
+    for res in kust.get("resources") or []:
+        base = (overlay / res).resolve()
+        base_kust = yaml.safe_load((base / "kustomization.yaml").read_text())
+        for name in base_kust.get("resources") or []:
+            docs += [d for d in yaml.safe_load_all((base / name).read_text()) if d]
+    for patch in kust.get("patches") or []:
+        target = patch.get("target") or {}
+        hits = [
+            d
+            for d in docs
+            if d.get("kind") == target.get("kind")
+            and (d.get("metadata") or {}).get("name") == target.get("name")
+        ]
+        if not hits:
+            raise ValueError(f"patch target {target} matches no resource")
+        for op in yaml.safe_load(patch["patch"]):
+            *parents, leaf = [
+                p.replace("~1", "/").replace("~0", "~") for p in op["path"][1:].split("/")
+            ]
+            for doc in hits:
+                node = doc
+                for p in parents:
+                    node = node.setdefault(p, {})
+                if op["op"] in ("add", "replace"):
+                    node[leaf] = op["value"]
+                elif op["op"] == "remove":
+                    node.pop(leaf, None)
+                else:
+                    raise ValueError(f"unsupported patch op {op['op']!r}")
+    return docs
+
+
+def pod_scrape_problems(docs: list[Any]) -> list[str]:
+    """Every daemon pod is a scrape target of its own (keyed replicas own partitions).
+
+    The daemon Deployment's pod template asks to be scraped
+    (``prometheus.io/scrape: "true"``, ``/port``, ``/path: /metrics``) on a
+    declared container port that ``FOGLINE_METRICS_PORT`` names, listening on
+    ``0.0.0.0`` and on no host port; a headless Service (``clusterIP: None``: one
+    endpoint per pod, what a ServiceMonitor scrapes) selects those pods on that
+    port.  A ClusterIP Service would hand each scrape to one pod at random.
+    """
+    problems: list[str] = []
+    deployments = [
+        d
+        for d in docs
+        if d.get("kind") == "Deployment"
+        and ((d.get("spec") or {}).get("template") or {})
+        .get("metadata", {})
+        .get("labels", {})
+        .get("app.kubernetes.io/component")
+        == "daemon"
+    ]
+    if not deployments:
+        return ["no daemon Deployment"]
+    config: dict[str, str] = {}
+    for d in docs:
+        if d.get("kind") == "ConfigMap":
+            config.update({str(k): str(v) for k, v in (d.get("data") or {}).items()})
+    for dep in deployments:
+        name = dep["metadata"]["name"]
+        tmpl = dep["spec"]["template"]
+        ann = (tmpl.get("metadata") or {}).get("annotations") or {}
+        labels = (tmpl.get("metadata") or {}).get("labels") or {}
+        if ann.get("prometheus.io/scrape") != "true":
+            problems.append(f'{name}: pods lack prometheus.io/scrape: "true"')
+        if ann.get("prometheus.io/path", "/metrics") != "/metrics":
+            problems.append(f"{name}: prometheus.io/path is not /metrics")
+        for c in tmpl["spec"].get("containers") or []:
+            env = dict(config)
+            env.update({e["name"]: str(e.get("value", "")) for e in c.get("env") or []})
+            port = env.get("FOGLINE_METRICS_PORT", "9400")
+            if env.get("FOGLINE_METRICS_HOST") != "0.0.0.0":
+                problems.append(f"{name}: FOGLINE_METRICS_HOST is not 0.0.0.0 in the pod")
+            ports = {str(p.get("containerPort")): p for p in c.get("ports") or []}
+            if port not in ports:
+                problems.append(f"{name}: metrics port {port} is no container port")
+            elif ports[port].get("hostPort") is not None:
+                problems.append(f"{name}: metrics on a hostPort (replicas would clash)")
+            if ann.get("prometheus.io/port") != port:
+                problems.append(
+                    f"{name}: prometheus.io/port {ann.get('prometheus.io/port')!r}, "
+                    f"the daemon listens on {port}"
+                )
+            named = {
+                p.get("name") for p in c.get("ports") or [] if str(p.get("containerPort")) == port
+            }
+        headless = [
+            s
+            for s in docs
+            if s.get("kind") == "Service"
+            and (s.get("spec") or {}).get("clusterIP") == "None"
+            and (s.get("spec") or {}).get("selector")
+            and all(labels.get(k) == v for k, v in s["spec"]["selector"].items())
+        ]
+        if not headless:
+            problems.append(f"{name}: no headless Service (clusterIP: None) selects its pods")
+        for svc in headless:
+            targets = {str(p.get("targetPort")) for p in svc["spec"].get("ports") or []}
+            if not targets & ({port} | {str(n) for n in named}):
+                problems.append(
+                    f"Service {svc['metadata']['name']}: no port reaches the metrics port {port}"
+                )
     return problems

@@ -22,6 +22,8 @@ from ops_validation import (
     k8s_problems,
     kubernetes_validate_problems,
     kustomize_build,
+    overlay_docs,
+    pod_scrape_problems,
     replace,
 )
 
@@ -235,3 +237,57 @@ def test_keyed_overlay_renders_keyed_settings_that_load() -> None:
     )
     pod = daemon["spec"]["template"]["spec"]
     assert all("hostPort" not in p for c in pod["containers"] for p in c.get("ports", []))
+
+
+# --- every daemon pod a scrape target (keyed replicas) ---------------------------------------
+KEYED_DIR = K8S_DIR.parent / "k8s-keyed"
+
+
+def test_keyed_overlay_pods_are_scraped_one_by_one() -> None:
+    """ops/k8s-keyed (patches applied without kubectl): keyed mode on, and each daemon
+    pod a target of its own, by annotation or through the headless Service."""
+    docs = overlay_docs(KEYED_DIR)
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    assert config["FOGLINE_KEYED__ENABLED"] == "true" and config["FOGLINE_MODEL__KEY"]
+    assert pod_scrape_problems(docs) == []
+
+
+POD_SCRAPE_BREAKS: dict[str, tuple[str, Mutation, str]] = {
+    "no scrape annotation": (
+        "daemon-deployment.yaml",
+        replace('        prometheus.io/scrape: "true"\n', ""),
+        'pods lack prometheus.io/scrape: "true"',
+    ),
+    "annotation on another port": (
+        "daemon-deployment.yaml",
+        replace('prometheus.io/port: "9400"', 'prometheus.io/port: "9401"'),
+        "prometheus.io/port '9401', the daemon listens on 9400",
+    ),
+    "metrics on the pod's loopback": (
+        "daemon-deployment.yaml",
+        replace("              value: 0.0.0.0\n", "              value: 127.0.0.1\n"),
+        "FOGLINE_METRICS_HOST is not 0.0.0.0",
+    ),
+    "metrics on a host port": (
+        "daemon-deployment.yaml",
+        replace(
+            "              containerPort: 9400\n",
+            "              containerPort: 9400\n              hostPort: 9400\n",
+        ),
+        "metrics on a hostPort",
+    ),
+    "load-balanced metrics Service": (
+        "daemon-service.yaml",
+        replace("  clusterIP: None\n", ""),
+        "no headless Service (clusterIP: None) selects its pods",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POD_SCRAPE_BREAKS))
+def test_pod_scrape_check_rejects_broken_copy(name: str) -> None:
+    file, mutate, expected = POD_SCRAPE_BREAKS[name]
+    broken = _break(file, mutate)
+    docs = [d for text in broken.values() for d in yaml.safe_load_all(text) if d]
+    problems = pod_scrape_problems(docs)
+    assert any(expected in p for p in problems), (name, problems)

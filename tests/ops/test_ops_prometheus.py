@@ -125,6 +125,66 @@ def test_scrape_config_reaches_compose_services() -> None:
     assert scrape_config_problems(no_rules, compose) == ["rule_files does not load alerts.yml"]
 
 
+KEYED_SCRAPE_BREAKS: dict[str, tuple[Mutation, Mutation, str]] = {
+    "no job finds the replicas": (
+        replace('      - names: ["fogline-keyed"]', '      - names: ["fogline-keyd"]'),
+        lambda c: c,
+        "no dns_sd_configs job finds every replica of fogline-keyed",
+    ),
+    "SRV lookup of an A name": (
+        replace("        type: A\n        port: 9400", "        type: SRV"),
+        lambda c: c,
+        "job fogline-keyed: dns_sd type 'SRV', not A",
+    ),
+    "wrong port": (
+        replace("        type: A\n        port: 9400", "        type: A\n        port: 9401"),
+        lambda c: c,
+        "job fogline-keyed: dns_sd port 9401, fogline-keyed listens on 9400",
+    ),
+    "a static target": (
+        replace(
+            '      - targets: ["fogline-daemon:9400"]',
+            '      - targets: ["fogline-daemon:9400", "fogline-keyed:9400"]',
+        ),
+        lambda c: c,
+        "job fogline-daemon: static target fogline-keyed reaches one replica only",
+    ),
+    "metrics on the replica's loopback": (
+        lambda p: p,
+        replace(
+            '      FOGLINE_STREAM__PREFETCH: "true"\n      FOGLINE_METRICS_PORT: 9400\n'
+            "      FOGLINE_METRICS_HOST: 0.0.0.0\n",
+            '      FOGLINE_STREAM__PREFETCH: "true"\n      FOGLINE_METRICS_PORT: 9400\n',
+        ),
+        "fogline-keyed: FOGLINE_METRICS_HOST is not 0.0.0.0",
+    ),
+    "replicas on another port": (
+        lambda p: p,
+        replace(
+            '      FOGLINE_STREAM__PREFETCH: "true"\n      FOGLINE_METRICS_PORT: 9400\n',
+            '      FOGLINE_STREAM__PREFETCH: "true"\n      FOGLINE_METRICS_PORT: 9500\n',
+        ),
+        "job fogline-keyed: dns_sd port 9400, fogline-keyed listens on 9500",
+    ),
+}
+
+
+def test_scrape_config_finds_every_keyed_replica() -> None:
+    """Compose's scaled ``fogline-keyed`` replicas: one target each, by DNS (type A)."""
+    compose = COMPOSE_FILE.read_text()
+    assert "fogline-keyed" in compose
+    assert scrape_config_problems(PROMETHEUS, compose) == []
+
+
+@pytest.mark.parametrize("name", sorted(KEYED_SCRAPE_BREAKS))
+def test_scrape_config_rejects_a_keyed_job_that_misses_replicas(name: str) -> None:
+    mutate_prom, mutate_compose, expected = KEYED_SCRAPE_BREAKS[name]
+    problems = scrape_config_problems(
+        mutate_prom(PROMETHEUS), mutate_compose(COMPOSE_FILE.read_text())
+    )
+    assert any(expected in p for p in problems), (name, problems)
+
+
 # --- promtool ---------------------------------------------------------------------------
 needs_promtool = pytest.mark.skipif(
     find_tool("promtool") is None,
@@ -151,6 +211,11 @@ def test_promtool_accepts_config_and_rules() -> None:
         ("bad scrape interval", replace("scrape_interval: 15s", "scrape_interval: 15 seconds")),
         ("unknown key", replace("scrape_configs:", "scrape_config:")),
         ("bad target", replace('"fogline-api:8000"', '"http://fogline-api:8000/metrics"')),
+        (
+            "dns_sd without a port",
+            replace("        type: A\n        port: 9400\n", "        type: A\n"),
+        ),
+        ("dns_sd unknown type", replace("        type: A\n", "        type: AAAAA\n")),
     ],
 )
 def test_promtool_rejects_broken_config(name: str, mutate: Mutation, tmp_path: Path) -> None:

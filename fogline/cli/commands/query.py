@@ -9,7 +9,9 @@ Rows are raw units, by name (``--x cpu=0.7,mem=2.1``) or in feature order
 model ``--key K`` alone (optionally ``--ts T``) predicts the key's NEXT value from
 its lags at the snapshot instead; a key without enough history is a clear error.
 In keyed mode (``keyed.enabled``) ``--key K --x ...`` answers the rows from key K's
-own posterior.
+own posterior, and ``--key K`` alone (optionally ``--ts T``; autoregressive models)
+key K's NEXT value from its own posterior and its own lags: with ``keyed.enabled``
+every ``--key`` query goes to the key's own state, never to a shared snapshot.
 
 Exit codes: 0 done; 1 the service or store failed (one-line message);
 2 invalid configuration or arguments.
@@ -56,7 +58,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--key",
         metavar="K",
         help="with --x rows: keyed mode (keyed.enabled), answer from key K's own posterior; "
-        "alone: autoregressive models, predict key K's next value from its lags",
+        "alone: autoregressive models, predict key K's next value from its lags (with "
+        "keyed.enabled from K's own posterior and lags)",
     )
     q.add_argument(
         "--ts",
@@ -193,9 +196,10 @@ def _query(args: argparse.Namespace) -> int:
         )
         return 2
     # --key with rows: keyed mode (that key's own posterior); --key alone: the
-    # autoregressive model's next value for that series.
-    keyed = args.key is not None and bool(args.x)
-    if args.ts is not None and (args.key is None or keyed):
+    # autoregressive model's next value for that series (keyed.enabled: from the
+    # key's own posterior and lags, else from the one shared snapshot).
+    keyed = args.key is not None and (bool(args.x) or settings.keyed.enabled)
+    if args.ts is not None and (args.key is None or args.x):
         print("fogline: --ts needs --key without --x (autoregressive models)", file=sys.stderr)
         return 2
     rows = _parse_rows(args.x) if args.x else []
@@ -209,7 +213,7 @@ def _query(args: argparse.Namespace) -> int:
         print(f"fogline: {len(args.y)} --y values for {n_rows} rows", file=sys.stderr)
         return 2
     body: dict[str, Any] = {"levels": levels}
-    if args.key is not None and not keyed:
+    if args.key is not None and not args.x:  # the key's next value (autoregressive)
         body["key"] = args.key
         if args.ts is not None:
             body["ts"] = _ts_arg(args.ts)
@@ -225,7 +229,11 @@ def _query(args: argparse.Namespace) -> int:
     if status != 200:
         detail = answer.get("detail", answer) if isinstance(answer, dict) else answer
         print(f"fogline: error {status}: {json.dumps(detail)}", file=sys.stderr)
-        unknown_key = status == 404 and str(detail).startswith("key ")
+        # an unknown key is the caller's argument: "key 'K': no history" (one shared
+        # autoregressive snapshot) or "model 'M' has no key 'K'" (keyed mode)
+        unknown_key = status == 404 and (
+            str(detail).startswith("key ") or " has no key " in str(detail)
+        )
         return 2 if status in (413, 422) or unknown_key else 1
     if args.json:
         print(json.dumps(answer))
