@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -75,7 +75,7 @@ from fogline.models.config import ModelConfig
 from fogline.models.fprior import LR_SCALE_KEY, FunctionalPrior
 from fogline.models.likelihoods import df_from_unconstrained
 from fogline.models.network import _ACTIVATIONS, layout, noise_scale
-from fogline.models.state import Minibatch, PosteriorState, StepInfo
+from fogline.models.state import Minibatch, PosteriorState, PriorSpec, StepInfo
 from fogline.models.svi import (
     _FUSED_ADAM,
     ADAM_BETAS,
@@ -114,17 +114,6 @@ def group_key(state: PosteriorState, fp: FunctionalPrior | None) -> tuple[object
     factor's step multiplier.)
     """
     return (state.config, state.device, fp.samples if fp is not None else 0, _lr_scale(state))
-
-
-def _priors(jobs: Sequence[KeyJob]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prior loc and scale [K, P], or [1, P] (broadcast) when every key shares one prior."""
-    p0 = jobs[0].state.prior
-    if all(j.state.prior.loc is p0.loc and j.state.prior.scale is p0.scale for j in jobs):
-        return p0.loc.unsqueeze(0), p0.scale.unsqueeze(0)
-    return (
-        torch.stack([j.state.prior.loc for j in jobs]),
-        torch.stack([j.state.prior.scale for j in jobs]),
-    )
 
 
 def _evolve(state: PosteriorState, **changes: object) -> PosteriorState:
@@ -315,44 +304,75 @@ def _adam(
 
 
 def _adam_rows(
-    theta: torch.Tensor,
+    rows: PassRows,
     grad: torch.Tensor,
-    rows: Sequence[Sequence[torch.Tensor]],
+    active: Sequence[int],
     lrs: Sequence[float],
     groups: Sequence[tuple[int, int, float]],
 ) -> None:
     """:func:`_adam` by torch's fused kernel (:func:`fogline.models.svi.adam_`'s), per key.
 
-    The kernel takes lists of tensors, each with its own step count: the K
-    rows of theta [K, T] (``unbind``, views) are K "parameters" whose moments
-    and counts are the views ``rows[k] = (theta_k, exp_avg_k, exp_avg_sq_k,
-    t_k)`` of key k's own row, so each key gets its own bias correction in ONE
-    call per distinct learning rate lr_k c_G (``groups``: (start, end, c_G)
-    column ranges; usually one call for the pass).  The single-model step's
-    kernel and update, so the same bits.
+    The kernel takes lists of tensors, each with its own step count: the
+    ``active`` rows of ``rows.theta`` [K, T] (``unbind``, views) are the
+    "parameters" whose moments and counts are ``rows``' per-key views (a
+    key's own row of wherever its state lives), so each key gets its own bias
+    correction in ONE call per distinct learning rate lr_k c_G (``groups``:
+    (start, end, c_G) column ranges; usually one call for the pass).  The
+    single-model step's kernel and update, so the same bits.
     """
     assert _FUSED_ADAM is not None
-    steps = [q[3] for q in rows]
-    torch._foreach_add_(steps, 1.0)  # the kernel reads the incremented count t
+    theta = rows.theta
+    every = len(active) == theta.shape[0]
+    rows.bump(active)  # the kernel reads the incremented count t
+    steps = rows.step if every else [rows.step[i] for i in active]
     for start, end, mult in groups:
         whole = start == 0 and end == theta.shape[1]
-        p_rows = (theta if whole else theta[:, start:end]).unbind(0)
-        g_rows = (grad if whole else grad[:, start:end]).unbind(0)
-        m_rows = [q[1] if whole else q[1][start:end] for q in rows]
-        v_rows = [q[2] if whole else q[2][start:end] for q in rows]
+        p_all = (theta if whole else theta[:, start:end]).unbind(0)
+        g_all = (grad if whole else grad[:, start:end]).unbind(0)
+        p_rows = list(p_all) if every else [p_all[i] for i in active]
+        g_rows = list(g_all) if every else [g_all[i] for i in active]
+        m_src = rows.exp_avg if every else [rows.exp_avg[i] for i in active]
+        v_src = rows.exp_avg_sq if every else [rows.exp_avg_sq[i] for i in active]
+        m_rows = m_src if whole else [m[start:end] for m in m_src]
+        v_rows = v_src if whole else [v[start:end] for v in v_src]
         by_lr: dict[float, list[int]] = {}
-        for i, lr in enumerate(lrs):
-            by_lr.setdefault(lr * mult, []).append(i)
+        for j, i in enumerate(active):
+            by_lr.setdefault(lrs[i] * mult, []).append(j)
         for lr, idx in by_lr.items():
-            every = len(idx) == len(lrs)
+            one = len(idx) == len(active)
             fused_adam_kernel(
-                list(p_rows) if every else [p_rows[i] for i in idx],
-                list(g_rows) if every else [g_rows[i] for i in idx],
-                m_rows if every else [m_rows[i] for i in idx],
-                v_rows if every else [v_rows[i] for i in idx],
-                steps if every else [steps[i] for i in idx],
+                p_rows if one else [p_rows[j] for j in idx],
+                g_rows if one else [g_rows[j] for j in idx],
+                m_rows if one else [m_rows[j] for j in idx],
+                v_rows if one else [v_rows[j] for j in idx],
+                steps if one else [steps[j] for j in idx],
                 lr,
             )
+
+
+def _adam_stacked(
+    rows: PassRows,
+    grad: torch.Tensor,
+    active: Sequence[int],
+    lrs: Sequence[float],
+    lr_mult: torch.Tensor | None,
+) -> None:
+    """:func:`_adam` on the ``active`` keys where torch lacks the fused kernel.
+
+    The moments and counts are stacked from ``rows``' views, stepped, and copied back.
+    """
+    idx = torch.tensor(list(active), dtype=torch.long, device=grad.device)
+    theta = rows.theta.index_select(0, idx)
+    exp_avg = torch.stack([rows.exp_avg[i] for i in active])
+    exp_avg_sq = torch.stack([rows.exp_avg_sq[i] for i in active])
+    t = torch.stack([rows.step[i] for i in active])[:, 0]
+    lr = torch.tensor([lrs[i] for i in active], dtype=torch.float64, device=grad.device)
+    _adam(theta, grad.index_select(0, idx), exp_avg, exp_avg_sq, t, lr, lr_mult)
+    rows.theta.index_copy_(0, idx, theta)
+    for j, i in enumerate(active):
+        rows.exp_avg[i].copy_(exp_avg[j])
+        rows.exp_avg_sq[i].copy_(exp_avg_sq[j])
+        rows.step[i].copy_(t[j : j + 1])
 
 
 def _unpack(prog: Program, theta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -486,82 +506,150 @@ def _padded(parts: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def batched_step(
-    jobs: Sequence[KeyJob], *, num_steps: int = 1
-) -> list[tuple[PosteriorState, StepInfo]]:
-    """``num_steps`` Adam steps of every job's objective in one batched pass (module docstring).
+@dataclass
+class PassRows:
+    """Where the K keys of one pass keep their optimizer state while they are stepped.
 
-    Every job must share one :func:`group_key` (model config, device, the
-    functional prior's sample count).  Returns, per job in order, the new
-    state and its :class:`StepInfo`, as ``stream_step`` would for that key.
+    ``theta`` [K, T] is the pass's working copy of the keys' packed
+    parameters (stepped in place; the caller writes back the keys it accepts);
+    ``exp_avg``, ``exp_avg_sq`` [T] and ``step`` [1] (float32) are K views of
+    the keys' own rows, updated in place by Adam; ``gens`` the keys' own
+    generators, drawn from in place.  ``bump(active)`` adds 1 to the active
+    keys' counts (``None``: ``torch._foreach_add_`` over ``step``; a resident
+    table increments its count column with one indexed add instead).
+    """
+
+    theta: torch.Tensor
+    exp_avg: list[torch.Tensor]
+    exp_avg_sq: list[torch.Tensor]
+    step: list[torch.Tensor]
+    gens: list[torch.Generator]
+    bump_fn: Callable[[Sequence[int]], None] | None = None
+
+    def bump(self, active: Sequence[int]) -> None:
+        """t_k <- t_k + 1 for the ``active`` keys."""
+        if self.bump_fn is not None:
+            self.bump_fn(active)
+        elif len(active) == len(self.step):
+            torch._foreach_add_(self.step, 1.0)
+        else:
+            torch._foreach_add_([self.step[i] for i in active], 1.0)
+
+
+@dataclass(frozen=True)
+class PassKeys:
+    """The per-key inputs of one pass (K entries each): rows and step parameters.
+
+    ``batches``: each key's rows; ``data_size``: N_k; ``likelihood_weight``:
+    beta_k; ``functional_prior``: its prior or ``None``; ``lr``: lr_k;
+    ``prior``: the KL prior pi_k; ``lr_scale``: the low-rank factor's step
+    multiplier c, shared by the pass (:func:`group_key`).
+    """
+
+    batches: Sequence[Minibatch]
+    data_size: Sequence[float]
+    likelihood_weight: Sequence[float]
+    functional_prior: Sequence[FunctionalPrior | None]
+    lr: Sequence[float]
+    prior: Sequence[PriorSpec]
+    lr_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """One pass's outcome per key: ``diag[k] = (loss, kl, log_lik, grad_norm)`` of the
+    last inner step and ``ok[k]`` (False: rejected, its row and RNG to be restored)."""
+
+    diag: list[list[float]]
+    ok: list[bool]
+
+
+def _stacked_prior(priors: Sequence[PriorSpec]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prior loc and scale [K, P], or [1, P] (broadcast) when every key shares one prior."""
+    p0 = priors[0]
+    if all(p.loc is p0.loc and p.scale is p0.scale for p in priors):
+        return p0.loc.unsqueeze(0), p0.scale.unsqueeze(0)
+    return torch.stack([p.loc for p in priors]), torch.stack([p.scale for p in priors])
+
+
+def step_pass(
+    config: ModelConfig,
+    device: torch.device,
+    rows: PassRows,
+    keys: PassKeys,
+    *,
+    num_steps: int = 1,
+) -> PassResult:
+    """``num_steps`` Adam steps of K keys' objectives in one batched pass (module docstring).
+
+    The keys' states live in ``rows`` (a pass of :func:`batched_step`: fresh
+    per-key rows; of a resident key table: views of the table's rows); their
+    inputs in ``keys``.  Every key must share one :func:`group_key`.
 
     The gradient: autograd runs through the net only, w.r.t. the weight draws
     w [K, S, P] (and a learned df); the chain rule through
     w = m + s eps (+ V z), s = softplus(u) is applied in closed form, and the
     mean-field KL's gradient is analytic, dKL/dm = (m - m0) / s0^2,
-    dKL/ds = s / s0^2 - 1 / s (the low-rank KL's by autograd, float64), so the
+    dKL/ds = s / s0^2 - 1 / s (the low-rank KL's in closed form, float64), so the
     [K, T] tensors are touched a few times a step.
+
+    Rejection: a key whose data loss or gradient is not finite at an inner
+    step takes no Adam step from then on (its moments and count stay as they
+    were at that step), as does a key whose total loss is not finite at the
+    last step; a key whose updated theta is not finite is flagged too.  Every
+    flagged key has ``ok = False``: the caller returns its old state (restores
+    its row, which after a single inner step only theta's working copy has
+    left, and its generator).  No other key's row is touched by its NaNs.
     """
-    if not jobs:
-        return []
-    first = jobs[0]
-    config, dev = first.state.config, first.state.device
-    prog = program(config, dev)
-    k_keys = len(jobs)
+    prog = program(config, device)
+    dev = device
+    k_keys = rows.theta.shape[0]
     p_size, rank = prog.size, prog.rank
-    fps = [j.functional_prior for j in jobs]
+    fps = keys.functional_prior
     fp0 = fps[0]
     samples = fp0.samples if fp0 is not None else 1
-    n = [j.batch.rows for j in jobs]
+    n = [mb.rows for mb in keys.batches]
     n_max = max(n)
     d = config.in_features
     n_t = torch.tensor(n, device=dev)
-    xs = [j.batch.x.to(dev, torch.float32) for j in jobs]
+    xs = [mb.x.to(dev, torch.float32) for mb in keys.batches]
     mask = torch.arange(n_max, device=dev).unsqueeze(0) < n_t.unsqueeze(1)  # [K, n_max]
     x = _padded(xs, mask)
-    y = _padded([j.batch.y for j in jobs], mask)
-    rows = n_t.to(torch.float32)
-    obs_scale = torch.tensor([j.likelihood_weight / n[i] for i, j in enumerate(jobs)], device=dev)
-    kl_scale = torch.tensor([1.0 / j.data_size for j in jobs], device=dev).unsqueeze(1)
-    p_loc, p_scale = _priors(jobs)
+    y = _padded([mb.y for mb in keys.batches], mask)
+    row_f = n_t.to(torch.float32)
+    obs_scale = torch.tensor([w / n[i] for i, w in enumerate(keys.likelihood_weight)], device=dev)
+    kl_scale = torch.tensor([1.0 / v for v in keys.data_size], device=dev).unsqueeze(1)
+    p_loc, p_scale = _stacked_prior(keys.prior)
     inv_var0 = p_scale.pow(-2)
-    # each key's new state is ONE fresh row [3T + 1] = [theta | exp_avg | exp_avg_sq | t]
-    # (params and moments are views of it), copied once from its old state; the
-    # Adam moments are updated in place in these rows (the fused kernel takes a
-    # list of rows), only theta is stacked [K, T] for the batched arithmetic
+    theta = rows.theta
     total = prog.total
-    new_rows = [_new_row(prog, j.state) for j in jobs]
-    parts = [r.split((total, total, total, 1)) for r in new_rows]
-    theta = torch.stack([q[0] for q in parts])
-    lrs = [float(j.state.lr) for j in jobs]
-    lr = torch.tensor(lrs, dtype=torch.float64, device=dev)
+    lrs = [float(v) for v in keys.lr]
     lr_mult = None
     adam_groups = [(0, total, 1.0)]
     if prog.lowrank:  # the parameter groups of models.svi.param_groups
         lr_mult = torch.ones(total, device=dev)
         adam_groups = []
-        for grp in prog.groups(_lr_scale(first.state)):
+        for grp in prog.groups(keys.lr_scale):
             lr_mult[grp.start : grp.end] = grp.lr_scale
             adam_groups.append((grp.start, grp.end, float(grp.lr_scale)))
     if fp0 is not None:
         f_w = torch.tensor([f.weight for f in fps if f is not None], device=dev)
         f_loc = torch.tensor([f.loc for f in fps if f is not None], device=dev)
         f_scale = torch.tensor([f.scale for f in fps if f is not None], device=dev)
-    # one generator object, loaded with each key's own state in turn: the same
-    # draws as the key's own generator (state restored, drawn from, saved)
-    gen = torch.Generator(device=dev)
     # one functional prior for the pass (the fleet's): x~ of every key's rows in one go
     ood = (_OodRows(fp0, xs, n),) if fp0 is not None and all(f == fp0 for f in fps) else None
-    rng = [j.state.rng_state for j in jobs]
+    gens = rows.gens
     grad = torch.empty_like(theta)
     eps = torch.empty(k_keys, samples, p_size, device=dev)
     z_all = torch.empty(k_keys, samples, rank, device=dev) if rank else None
-    diag = torch.empty(0)
+    ok = [True] * k_keys
+    active: list[int] = list(range(k_keys))
+    host: list[list[float]] = []
     for step_i in range(num_steps):
         last = step_i == num_steps - 1
         xo_l = []
-        for i in range(k_keys):
-            gen.set_state(rng[i])
+        for i in range(k_keys):  # each key's draws from its own generator, in stream_step's order
+            gen = gens[i]
             torch.randn(samples, p_size, generator=gen, out=eps[i])
             if z_all is not None:
                 torch.randn(samples, rank, generator=gen, out=z_all[i])
@@ -570,7 +658,6 @@ def batched_step(
                 ood[0].draws(fp, i, gen)
             elif fp is not None:
                 xo_l.append(fp.ood_inputs(xs[i], gen))
-            rng[i] = gen.get_state()
         loc = theta[:, :p_size]
         u = theta[:, p_size : 2 * p_size]
         scale = F.softplus(u)
@@ -596,7 +683,7 @@ def batched_step(
             mean = _forward(
                 w.reshape(k_keys * samples, p_size), x_rep.reshape(-1, n_max, d), config
             )[..., 0].reshape(k_keys, samples, n_max)
-            data_loss = data_loss + f_w * _functional_kl(mean, mask, rows, f_loc, f_scale)
+            data_loss = data_loss + f_w * _functional_kl(mean, mask, row_f, f_loc, f_scale)
         leaves = (w,) if df_u is None else (w, df_u)
         grads = torch.autograd.grad(data_loss.sum(), leaves)
         with torch.no_grad():
@@ -624,46 +711,118 @@ def batched_step(
             torch.mul(g_s, torch.sigmoid(u), out=g_u)  # d softplus(u) / du = sigmoid(u)
             if df_u is not None:
                 grad[:, -1:] = grads[1]
+            finite = torch.isfinite(data_loss.detach()) & torch.isfinite(grad).all(1)
             if last:
                 loss = data_loss.detach() + kl_scale[:, 0] * kl
                 gnorm = torch.linalg.vector_norm(grad, dim=1)
                 diag = torch.stack((loss, kl, lp.detach(), gnorm), 1)
-            if _FUSED_ADAM is not None:
-                _adam_rows(theta, grad, parts, lrs, adam_groups)
+                finite &= torch.isfinite(loss)
+                host = torch.cat((diag, finite.unsqueeze(1).to(diag.dtype)), 1).tolist()
+                bad = [i for i in active if not host[i][4]]
             else:
-                exp_avg = torch.stack([q[1] for q in parts])
-                exp_avg_sq = torch.stack([q[2] for q in parts])
-                t = torch.stack([q[3] for q in parts])[:, 0]
-                _adam(theta, grad, exp_avg, exp_avg_sq, t, lr, lr_mult)
-                for q, m_, v_, t_ in zip(parts, exp_avg, exp_avg_sq, t, strict=True):
-                    q[1].copy_(m_)
-                    q[2].copy_(v_)
-                    q[3].copy_(t_)
-    torch._foreach_copy_([q[0] for q in parts], list(theta.unbind(0)))
-    host = torch.cat((diag, theta.sum(1, keepdim=True)), 1).tolist()
+                bad = [] if bool(finite.all()) else [i for i in active if not bool(finite[i])]
+            if bad:  # no Adam step for them from here on: their rows keep what they had
+                for i in bad:
+                    ok[i] = False
+                active = [i for i in active if ok[i]]
+            if not active:
+                continue
+            if _FUSED_ADAM is not None:
+                _adam_rows(rows, grad, active, lrs, adam_groups)
+            else:
+                _adam_stacked(rows, grad, active, lrs, lr_mult)
+    if active:
+        sums = theta.sum(1).tolist()
+        for i in active:
+            if not math.isfinite(sums[i]):
+                ok[i] = False
+    return PassResult([h[:4] for h in host], ok)
+
+
+def batched_step(
+    jobs: Sequence[KeyJob], *, num_steps: int = 1
+) -> list[tuple[PosteriorState, StepInfo]]:
+    """``num_steps`` Adam steps of every job's objective in one batched pass (module docstring).
+
+    Every job must share one :func:`group_key` (model config, device, the
+    functional prior's sample count).  Returns, per job in order, the new
+    state and its :class:`StepInfo`, as ``stream_step`` would for that key.
+    Each key's new state is ONE fresh row [3T + 1] = [theta | exp_avg |
+    exp_avg_sq | t] (params and moments are views of it), copied once from its
+    old state and stepped by :func:`step_pass`.
+    """
+    if not jobs:
+        return []
+    first = jobs[0]
+    config, dev = first.state.config, first.state.device
+    prog = program(config, dev)
+    total = prog.total
+    new_rows = [_new_row(prog, j.state) for j in jobs]
+    parts = [r.split((total, total, total, 1)) for r in new_rows]
+    gens = []
+    for j in jobs:  # each key's own generator, loaded with its state
+        gen = torch.Generator(device=dev)
+        gen.set_state(j.state.rng_state)
+        gens.append(gen)
+    rows = PassRows(
+        torch.stack([q[0] for q in parts]),
+        [q[1] for q in parts],
+        [q[2] for q in parts],
+        [q[3] for q in parts],
+        gens,
+    )
+    keys = PassKeys(
+        [j.batch for j in jobs],
+        [j.data_size for j in jobs],
+        [j.likelihood_weight for j in jobs],
+        [j.functional_prior for j in jobs],
+        [j.state.lr for j in jobs],
+        [j.state.prior for j in jobs],
+        _lr_scale(first.state),
+    )
+    res = step_pass(config, dev, rows, keys, num_steps=num_steps)
+    torch._foreach_copy_([q[0] for q in parts], list(rows.theta.unbind(0)))
     results: list[tuple[PosteriorState, StepInfo]] = []
     for i, j in enumerate(jobs):
-        loss_f, kl_f, lp_f, gn_f, theta_sum = host[i]
-        nll = -lp_f / n[i]
-        if not (math.isfinite(loss_f) and math.isfinite(theta_sum)):
-            results.append((j.state, StepInfo(loss_f, nll, kl_f, gn_f, n[i], num_steps, True)))
+        loss_f, kl_f, lp_f, gn_f = res.diag[i]
+        n_i = j.batch.rows
+        nll = -lp_f / n_i
+        if not res.ok[i]:
+            results.append((j.state, StepInfo(loss_f, nll, kl_f, gn_f, n_i, num_steps, True)))
             continue
         st = j.state
         q = parts[i]
-        params = _unpack(prog, q[0])
-        step_t = q[3].view(())
-        moments = _RowMoments(
-            {"exp_avg": q[1], "exp_avg_sq": q[2], "step": step_t},
-            new_rows[i],
-            (*params.values(), q[1], q[2], step_t),
+        results.append(
+            (
+                _row_state(prog, st, new_rows[i], q, gens[i].get_state(), num_steps, n_i),
+                StepInfo(loss_f, nll, kl_f, gn_f, n_i, num_steps),
+            )
         )
-        new = _evolve(
-            st,
-            params=params,
-            opt_state=moments,
-            step_count=st.step_count + num_steps,
-            rng_state=rng[i],
-            records_absorbed=st.records_absorbed + n[i],
-        )
-        results.append((new, StepInfo(loss_f, nll, kl_f, gn_f, n[i], num_steps)))
     return results
+
+
+def _row_state(
+    prog: Program,
+    old: PosteriorState,
+    row: torch.Tensor,
+    q: Sequence[torch.Tensor],
+    rng_state: torch.Tensor,
+    num_steps: int,
+    rows: int,
+) -> PosteriorState:
+    """``old`` stepped: params and moments the views ``q`` of its packed ``row``."""
+    params = _unpack(prog, q[0])
+    step_t = q[3].view(())
+    moments = _RowMoments(
+        {"exp_avg": q[1], "exp_avg_sq": q[2], "step": step_t},
+        row,
+        (*params.values(), q[1], q[2], step_t),
+    )
+    return _evolve(
+        old,
+        params=params,
+        opt_state=moments,
+        step_count=old.step_count + num_steps,
+        rng_state=rng_state,
+        records_absorbed=old.records_absorbed + rows,
+    )
