@@ -327,8 +327,14 @@ def _adam_rows(
     steps = rows.step if every else [rows.step[i] for i in active]
     for start, end, mult in groups:
         whole = start == 0 and end == theta.shape[1]
-        p_all = (theta if whole else theta[:, start:end]).unbind(0)
-        g_all = (grad if whole else grad[:, start:end]).unbind(0)
+        p_all = rows.home if rows.home is not None else rows.theta_rows
+        if p_all is not None and not whole:
+            p_all = [p[start:end] for p in p_all]
+        g_all = rows.grad_rows if whole and rows.grad_rows is not None else None
+        if p_all is None:
+            p_all = (theta if whole else theta[:, start:end]).unbind(0)
+        if g_all is None:
+            g_all = (grad if whole else grad[:, start:end]).unbind(0)
         p_rows = list(p_all) if every else [p_all[i] for i in active]
         g_rows = list(g_all) if every else [g_all[i] for i in active]
         m_src = rows.exp_avg if every else [rows.exp_avg[i] for i in active]
@@ -368,7 +374,11 @@ def _adam_stacked(
     t = torch.stack([rows.step[i] for i in active])[:, 0]
     lr = torch.tensor([lrs[i] for i in active], dtype=torch.float64, device=grad.device)
     _adam(theta, grad.index_select(0, idx), exp_avg, exp_avg_sq, t, lr, lr_mult)
-    rows.theta.index_copy_(0, idx, theta)
+    if rows.home is None:
+        rows.theta.index_copy_(0, idx, theta)
+    else:
+        for j, i in enumerate(active):
+            rows.home[i].copy_(theta[j])
     for j, i in enumerate(active):
         rows.exp_avg[i].copy_(exp_avg[j])
         rows.exp_avg_sq[i].copy_(exp_avg_sq[j])
@@ -525,6 +535,16 @@ class PassRows:
     step: list[torch.Tensor]
     gens: list[torch.Generator]
     bump_fn: Callable[[Sequence[int]], None] | None = None
+    #: the gradient's buffer [K, T] (``None``: a fresh one) and the K row views of
+    #: ``theta`` and of it (``None``: ``unbind`` each step), for a caller that reuses them
+    grad: torch.Tensor | None = None
+    theta_rows: Sequence[torch.Tensor] | None = None
+    grad_rows: Sequence[torch.Tensor] | None = None
+    #: where Adam writes theta: ``None``, the working copy (the caller writes it back);
+    #: else K views of the keys' own rows, which ``refresh()`` gathers into the working
+    #: copy again before the next inner step (the working copy keeps the old theta)
+    home: Sequence[torch.Tensor] | None = None
+    refresh: Callable[[], None] | None = None
 
     def bump(self, active: Sequence[int]) -> None:
         """t_k <- t_k + 1 for the ``active`` keys."""
@@ -553,6 +573,8 @@ class PassKeys:
     lr: Sequence[float]
     prior: Sequence[PriorSpec]
     lr_scale: float = 1.0
+    #: each key's row count (``None``: read from ``batches``)
+    rows: Sequence[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -594,9 +616,14 @@ def step_pass(
     [K, T] tensors are touched a few times a step.
 
     Rejection: a key whose data loss or gradient is not finite at an inner
-    step takes no Adam step from then on (its moments and count stay as they
+    step (the gradient's row sum: an entry past float32's range, ~1e38, counts
+    as not finite) takes no Adam step from then on (its moments and count stay as they
     were at that step), as does a key whose total loss is not finite at the
-    last step; a key whose updated theta is not finite is flagged too.  Every
+    last step; a key whose updated theta is not finite is flagged too (with
+    ``rows.home``, theta stepped in the keys' own rows, that check is not
+    made: it cannot fire for a key that passed the others, since Adam's step
+    is bounded by ~lr and every parameter enters the loss through the KL, or
+    df through lgamma, which overflow long before theta does).  Every
     flagged key has ``ok = False``: the caller returns its old state (restores
     its row, which after a single inner step only theta's working copy has
     left, and its generator).  No other key's row is touched by its NaNs.
@@ -608,7 +635,7 @@ def step_pass(
     fps = keys.functional_prior
     fp0 = fps[0]
     samples = fp0.samples if fp0 is not None else 1
-    n = [mb.rows for mb in keys.batches]
+    n = list(keys.rows) if keys.rows is not None else [mb.rows for mb in keys.batches]
     n_max = max(n)
     d = config.in_features
     n_t = torch.tensor(n, device=dev)
@@ -639,7 +666,7 @@ def step_pass(
     # one functional prior for the pass (the fleet's): x~ of every key's rows in one go
     ood = (_OodRows(fp0, xs, n),) if fp0 is not None and all(f == fp0 for f in fps) else None
     gens = rows.gens
-    grad = torch.empty_like(theta)
+    grad = torch.empty_like(theta) if rows.grad is None else rows.grad
     eps = torch.empty(k_keys, samples, p_size, device=dev)
     z_all = torch.empty(k_keys, samples, rank, device=dev) if rank else None
     ok = [True] * k_keys
@@ -711,7 +738,8 @@ def step_pass(
             torch.mul(g_s, torch.sigmoid(u), out=g_u)  # d softplus(u) / du = sigmoid(u)
             if df_u is not None:
                 grad[:, -1:] = grads[1]
-            finite = torch.isfinite(data_loss.detach()) & torch.isfinite(grad).all(1)
+            # a non-finite entry makes its row's sum non-finite (one pass over [K, T])
+            finite = torch.isfinite(data_loss.detach() + grad.sum(1))
             if last:
                 loss = data_loss.detach() + kl_scale[:, 0] * kl
                 gnorm = torch.linalg.vector_norm(grad, dim=1)
@@ -731,7 +759,9 @@ def step_pass(
                 _adam_rows(rows, grad, active, lrs, adam_groups)
             else:
                 _adam_stacked(rows, grad, active, lrs, lr_mult)
-    if active:
+            if not last and rows.refresh is not None:
+                rows.refresh()
+    if active and rows.home is None:
         sums = theta.sum(1).tolist()
         for i in active:
             if not math.isfinite(sums[i]):
@@ -811,6 +841,33 @@ def _row_state(
     rows: int,
 ) -> PosteriorState:
     """``old`` stepped: params and moments the views ``q`` of its packed ``row``."""
+    return row_state(
+        prog,
+        old,
+        row,
+        q,
+        rng_state,
+        step_count=old.step_count + num_steps,
+        records_absorbed=old.records_absorbed + rows,
+    )
+
+
+def row_state(
+    prog: Program,
+    template: PosteriorState,
+    row: torch.Tensor,
+    q: Sequence[torch.Tensor],
+    rng_state: torch.Tensor,
+    *,
+    step_count: int,
+    records_absorbed: int,
+) -> PosteriorState:
+    """``template`` with the params and Adam moments of a packed row [3T + 1].
+
+    ``q`` = ``row.split((T, T, T, 1))``; the state's tensors are views of
+    ``row`` (recognised by :func:`_packed_row`: the next batched step gathers
+    it with one copy), every other field is ``template``'s.
+    """
     params = _unpack(prog, q[0])
     step_t = q[3].view(())
     moments = _RowMoments(
@@ -819,10 +876,10 @@ def _row_state(
         (*params.values(), q[1], q[2], step_t),
     )
     return _evolve(
-        old,
+        template,
         params=params,
         opt_state=moments,
-        step_count=old.step_count + num_steps,
+        step_count=step_count,
         rng_state=rng_state,
-        records_absorbed=old.records_absorbed + rows,
+        records_absorbed=records_absorbed,
     )

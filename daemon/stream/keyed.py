@@ -706,13 +706,17 @@ class KeyedPipeline:
                 self._renew(time.monotonic())  # a long backlog must not outlive the leases
                 part = self.owned.get(p)
 
-    def _load(self, p: int, keys: list[str]) -> tuple[dict[str, PosteriorState], set[str]]:
+    def _load(
+        self, p: int, keys: list[str], *, states: bool = True
+    ) -> tuple[dict[str, PosteriorState], set[str]]:
         """States of ``keys`` (all of partition ``p``): cached, else their blob, else new;
         and the new ones.
 
         A new key starts from the fleet prior (``keyed.fleet = "population"``: from
         the partition's population as it was before this batch).  A key that
-        another partition absorbed raises :class:`Repartitioned`.
+        another partition absorbed raises :class:`Repartitioned`.  ``states=False``
+        (the in-place step): every key is made resident in the cache instead (a
+        new one clean: it becomes dirty with its first step) and no state is returned.
         """
         out: dict[str, PosteriorState] = {}
         fresh: set[str] = set()
@@ -724,7 +728,8 @@ class KeyedPipeline:
                 continue
             if entry.partition != p:
                 self._moved(k, entry.partition, p)
-            out[k] = entry.state
+            if states:
+                out[k] = entry.state
         fleet: PosteriorState | None = None
         if missing:
             blobs = self.store.read_keys(missing)
@@ -734,16 +739,22 @@ class KeyedPipeline:
                     pop = self.owned[p].population
                     if pop is not None and fleet is None:
                         fleet = population_fleet(pop, self.fleet)
-                    out[k] = new_key(fleet if fleet is not None else self.fleet, k)
+                    st = new_key(fleet if fleet is not None else self.fleet, k)
                     if self.series is not None:  # its own part of the warm start's lags
-                        out[k] = self.series.own(out[k], k)
+                        st = self.series.own(st, k)
                     fresh.add(k)
+                    if states:
+                        out[k] = st
+                    else:
+                        self.cache.put(k, st, p, dirty=False)
                     continue
                 info = self.store.key_info(k) or {}
                 if int(info.get("partition", p)) != p:
                     self._moved(k, int(info["partition"]), p)
-                out[k] = from_bytes(blob, self.fleet.device)
-                self.cache.put(k, out[k], p, dirty=False)
+                st = from_bytes(blob, self.fleet.device)
+                self.cache.put(k, st, p, dirty=False)
+                if states:
+                    out[k] = st
         return out, fresh
 
     def _moved(self, key: str, was: int, now: int) -> None:
@@ -767,7 +778,9 @@ class KeyedPipeline:
         rows: dict[str, list[int]] = collections.defaultdict(list)
         for i, k in enumerate(keys):
             rows[k].append(i)
-        states, fresh = self._load(part.partition, list(rows))
+        # in place: drift off, no series state, no population (they read the keys' states)
+        in_place = self.update.in_place and self.series is None and part.population is None
+        states, fresh = self._load(part.partition, list(rows), states=not in_place)
         series: dict[str, dict[str, Any]] = {}
         if self.series is not None and batch.meta is not None:
             ins = self.series.inputs(states, rows, batch.meta)
@@ -786,7 +799,10 @@ class KeyedPipeline:
                 batches[k] = Minibatch(x[at : at + len(idx)], y[at : at + len(idx)])
                 at += len(idx)
             learnt = rows
-        out = self.update(states, batches) if batches else KeyedOutcome({}, {})
+        if in_place:
+            out = KeyedOutcome({}, self.update.step_cached(self.cache, batches))
+        else:
+            out = self.update(states, batches) if batches else KeyedOutcome({}, {})
         new, infos = out.states, out.infos
         if out.alarmed:
             metrics.DRIFT_ALARMS.inc(len(out.alarmed))
@@ -810,7 +826,13 @@ class KeyedPipeline:
                     self._dead_letter(raw, reason if reason else STEP_REJECTED)
                 continue
             absorbed += info.rows
-            self.cache.put(k, new[k], part.partition, dirty=True)
+            if not in_place:
+                self.cache.put(k, new[k], part.partition, dirty=True)
+        if in_place:
+            self.cache.mark_dirty([k for k, info in infos.items() if not info.rejected])
+            for k in fresh:  # a new key enters memory with its first step, as above
+                if infos[k].rejected:
+                    self.cache.discard(k)
         for k, extra in series.items():
             stepped = k in infos and not infos[k].rejected
             state = KeyedSeries.with_series(new[k] if stepped else states[k], extra)

@@ -15,6 +15,10 @@ else the spec's fresh prior) without its drift loop, with the key's own RNG
 (:func:`fogline.models.keyed.new_key_state`, seeded from the key's name), so a
 key's noise does not depend on which daemon met it first.
 
+With ``drift.policy = "off"`` the daemon steps the keys where they live, in
+their rows of the key cache's resident table (:meth:`KeyedUpdate.step_cached`:
+the same bits as :func:`step_keys`, no per-key state built per batch).
+
 This module is the one switch point between the daemon and the model side's
 keyed API.
 """
@@ -25,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fogline.daemon.stream.keycache import KeyCache
 from fogline.drift.keyed import KeyedDriftLoop
 from fogline.drift.runner import without_loop
 from fogline.models.keyed import Population, fleet_prior, keyed_step, new_key_state
@@ -126,6 +131,29 @@ class KeyedUpdate:
     def new_key(self, fleet: PosteriorState, key: str) -> PosteriorState:
         """Key ``key``'s first state (the fleet prior, own RNG, no drift loop yet)."""
         return new_key(fleet, key)
+
+    @property
+    def in_place(self) -> bool:
+        """Whether keys are stepped in their rows of the key cache (``drift.policy = off``)."""
+        return self.loop is None
+
+    def step_cached(self, cache: KeyCache, batches: Mapping[str, Minibatch]) -> dict[str, StepInfo]:
+        """:func:`step_keys` on keys held in ``cache``, stepped in place in their table rows.
+
+        The same objective, passes and bits as :func:`step_keys` over the
+        keys' states (:class:`fogline.models.keyed_table.KeyTable`), without a
+        :class:`PosteriorState` per key: the cache materialises one when it is
+        read.  The caller marks the stepped keys dirty (:meth:`KeyCache.mark_dirty`).
+        """
+        s = self.settings.stream
+        keys = sorted(batches)
+        return cache.step(
+            keys,
+            [batches[k] for k in keys],
+            num_steps=s.steps_per_batch,
+            data_size=s.data_size,
+            functional_prior=s.functional_prior,
+        )
 
     def __call__(
         self, states: Mapping[str, PosteriorState], batches: Mapping[str, Minibatch]
