@@ -545,6 +545,8 @@ class PassRows:
     #: copy again before the next inner step (the working copy keeps the old theta)
     home: Sequence[torch.Tensor] | None = None
     refresh: Callable[[], None] | None = None
+    #: reusable noise buffers (``None``: fresh ones each pass)
+    noise: NoiseBuffers | None = None
 
     def bump(self, active: Sequence[int]) -> None:
         """t_k <- t_k + 1 for the ``active`` keys."""
@@ -594,6 +596,29 @@ def _stacked_prior(priors: Sequence[PriorSpec]) -> tuple[torch.Tensor, torch.Ten
     return torch.stack([p.loc for p in priors]), torch.stack([p.scale for p in priors])
 
 
+def _xs(batches: Sequence[Minibatch]) -> list[torch.Tensor]:
+    return [mb.x for mb in batches]
+
+
+#: Reusable noise buffers of a caller: (samples, width) -> (buffer [C, samples, width],
+#: its C row views); a pass of K <= C keys uses the first K.
+NoiseBuffers = dict[tuple[int, int], tuple[torch.Tensor, list[torch.Tensor]]]
+
+
+def _noise_buffer(
+    cache: NoiseBuffers | None, k: int, samples: int, width: int, dev: torch.device
+) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
+    """A [k, samples, width] buffer for standard normals and its k row views."""
+    if cache is None:
+        buf = torch.empty(k, samples, width, device=dev)
+        return buf, buf.unbind(0)
+    got = cache.get((samples, width))
+    if got is None or got[0].shape[0] < k:
+        full = torch.empty(k, samples, width, device=dev)
+        got = cache[(samples, width)] = (full, list(full.unbind(0)))
+    return got[0][:k], got[1][:k]
+
+
 def step_pass(
     config: ModelConfig,
     device: torch.device,
@@ -639,7 +664,8 @@ def step_pass(
     n_max = max(n)
     d = config.in_features
     n_t = torch.tensor(n, device=dev)
-    xs = [mb.x.to(dev, torch.float32) for mb in keys.batches]
+    f32 = torch.float32
+    xs = [x if x.dtype is f32 and x.device == dev else x.to(dev, f32) for x in _xs(keys.batches)]
     mask = torch.arange(n_max, device=dev).unsqueeze(0) < n_t.unsqueeze(1)  # [K, n_max]
     x = _padded(xs, mask)
     y = _padded([mb.y for mb in keys.batches], mask)
@@ -667,24 +693,30 @@ def step_pass(
     ood = (_OodRows(fp0, xs, n),) if fp0 is not None and all(f == fp0 for f in fps) else None
     gens = rows.gens
     grad = torch.empty_like(theta) if rows.grad is None else rows.grad
-    eps = torch.empty(k_keys, samples, p_size, device=dev)
-    z_all = torch.empty(k_keys, samples, rank, device=dev) if rank else None
+    eps, eps_rows = _noise_buffer(rows.noise, k_keys, samples, p_size, dev)
+    z_all, z_rows = _noise_buffer(rows.noise, k_keys, samples, rank, dev) if rank else (None, [])
+    plain = ood is None and all(f is None for f in fps)  # only eps (and z) to draw
     ok = [True] * k_keys
     active: list[int] = list(range(k_keys))
     host: list[list[float]] = []
     for step_i in range(num_steps):
         last = step_i == num_steps - 1
         xo_l = []
-        for i in range(k_keys):  # each key's draws from its own generator, in stream_step's order
-            gen = gens[i]
-            torch.randn(samples, p_size, generator=gen, out=eps[i])
-            if z_all is not None:
-                torch.randn(samples, rank, generator=gen, out=z_all[i])
-            fp = fps[i]
-            if ood is not None:  # the draws only; x~ of all keys' rows at once below
-                ood[0].draws(fp, i, gen)
-            elif fp is not None:
-                xo_l.append(fp.ood_inputs(xs[i], gen))
+        # each key's draws from its own generator, in stream_step's order
+        if plain and not rank:
+            for gen, e in zip(gens, eps_rows, strict=True):
+                torch.randn(samples, p_size, generator=gen, out=e)
+        else:
+            for i in range(k_keys):
+                gen = gens[i]
+                torch.randn(samples, p_size, generator=gen, out=eps_rows[i])
+                if rank:
+                    torch.randn(samples, rank, generator=gen, out=z_rows[i])
+                fp = fps[i]
+                if ood is not None:  # the draws only; x~ of all keys' rows at once below
+                    ood[0].draws(fp, i, gen)
+                elif fp is not None:
+                    xo_l.append(fp.ood_inputs(xs[i], gen))
         loc = theta[:, :p_size]
         u = theta[:, p_size : 2 * p_size]
         scale = F.softplus(u)

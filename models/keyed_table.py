@@ -54,6 +54,7 @@ from fogline.models.config import ModelConfig
 from fogline.models.fprior import FunctionalPrior
 from fogline.models.keyed import CHUNK
 from fogline.models.keyed_batch import (
+    NoiseBuffers,
     PassKeys,
     PassRows,
     _lr_scale,
@@ -113,6 +114,7 @@ class KeyTable:
         self._work = torch.empty(CHUNK, t, device=self.device)
         self._grad = torch.empty(CHUNK, t, device=self.device)
         self._work_rows = list(self._work.unbind(0))
+        self._noise: NoiseBuffers = {}
         self._grad_rows = list(self._grad.unbind(0))
 
     # -- storage -------------------------------------------------------------
@@ -166,6 +168,8 @@ class KeyTable:
 
     def add(self, state: PosteriorState) -> int:
         """A row holding ``state`` (the lowest free one; the table doubles when full)."""
+        if not self.accepts(state):
+            raise ValueError("key table: the state is of another model (config or device)")
         if not self._free:
             self._grow()
         row = heapq.heappop(self._free)
@@ -326,6 +330,7 @@ class KeyTable:
             self._grad_rows[:k],
             [self._theta_rows[r] for r in rows],
             refresh,
+            self._noise,
         )
         keys = PassKeys(
             batches,

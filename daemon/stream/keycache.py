@@ -141,11 +141,22 @@ class KeyCache:
         :meth:`KeyTable.step` per table (one, unless keys of several models are
         held).  Neither the dirty flags nor the LRU order change (:meth:`mark_dirty`).
         """
+        missing = [k for k in keys if k not in self._keys]
+        if missing:
+            raise KeyError(f"key cache: not held: {missing[:5]}")
+        if len(self.tables) == 1:  # the daemon's case: one model, one table
+            table = self.tables[0]
+            res = table.step(
+                [self._keys[k].row for k in keys],
+                batches,
+                num_steps=num_steps,
+                data_size=data_size,
+                functional_prior=functional_prior,
+            )
+            return dict(zip(keys, res.infos, strict=True))
         by_table: dict[int, tuple[KeyTable, list[int], list[str], list[Minibatch]]] = {}
         for k, mb in zip(keys, batches, strict=True):
-            entry = self._keys.get(k)
-            if entry is None:
-                raise KeyError(f"key cache: {k!r} is not held")
+            entry = self._keys[k]
             got = by_table.get(id(entry.table))
             if got is None:
                 got = by_table[id(entry.table)] = (entry.table, [], [], [])

@@ -3,14 +3,18 @@
 Parts (each a function returning its part of the one JSON record):
 
 * **step** (:func:`step_part`): ``--keys`` K keys, each its own posterior
-  state (from one fleet prior, :func:`fogline.models.keyed.new_key_state`)
-  and its own rows per micro-batch (``--rows`` on average, 1 to 2x rows - 1,
-  seeded, so some keys have a single row).  The same micro-batches are
-  stepped, in interleaved timed blocks after a warm-up, by
-  :func:`fogline.models.keyed.keyed_step` (one batched call) and by
-  :func:`fogline.models.keyed.keyed_step_loop` (``stream_step`` per key).
-  ``key_steps_per_s`` = keys stepped per second (median of ``--repeats``
-  blocks); ``ratio = batched / loop`` (goal >= 20 at 1,000 keys).
+  (from one fleet prior, :func:`fogline.models.keyed.new_key_state`) and its
+  own rows per micro-batch (``--rows`` on average, 1 to 2x rows - 1, seeded,
+  so some keys have a single row).  The same micro-batches are stepped, in
+  interleaved timed blocks after a warm-up, by the daemon's update
+  (``batched``: the keys resident in the key cache's table, stepped in place by
+  ``KeyedUpdate.step_cached``, then marked dirty), by the loop
+  :func:`fogline.models.keyed.keyed_step_loop` (``stream_step`` per key) and,
+  beside, by :func:`fogline.models.keyed.keyed_step` over per-key states (the
+  drift loop's path).  ``key_steps_per_s`` = keys stepped per second (median
+  of ``--repeats`` blocks, wall clock; ``*_cpu_*`` the same in this thread's
+  CPU time); ``ratio = batched / loop`` (goal >= 20 at 1,000 keys).  The
+  table's bytes per key are reported with it.
 * **memory** (:func:`memory_part`): bytes of state per key, measured on a
   stepped key: the tensor bytes of its :class:`~fogline.models.state.PosteriorState`
   (params, Adam moments, prior, RNG state, aux), its serialised blob
@@ -35,16 +39,20 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fogline.models.config import ModelConfig
 from fogline.models.fprior import EXTRA_KEY, LR_SCALE_KEY, FunctionalPrior
 from fogline.models.keyed import fleet_prior, keyed_step, keyed_step_loop, new_key_state
+from fogline.models.keyed_table import table_bytes_per_key
 from fogline.models.serialize import to_bytes
 from fogline.models.state import Minibatch, PosteriorState
 from fogline.models.svi import init_state
+
+if TYPE_CHECKING:
+    from fogline.daemon.config import Settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,52 +124,112 @@ def _timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - t0, max(time.thread_time() - c0, 1e-9)
 
 
+def _settings(args: argparse.Namespace) -> Settings:
+    """Daemon settings of the timed update: one SVI step a batch, no drift loop."""
+    from fogline.daemon.config import Settings
+
+    return Settings.load(
+        None,
+        model_name="bench-keyed",
+        metrics_port=0,
+        kafka={"bootstrap_servers": "unused:9092", "topic": "t", "group_id": "g"},
+        stream={"device": args.device, "steps_per_batch": 1, "functional_prior": True},
+        drift={"policy": "off"},
+    )
+
+
 def step_part(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Keys stepped per second: the batched step vs the loop over keys, same micro-batches."""
+    """Keys stepped per second: the daemon's resident step vs the loop over keys, same batches.
+
+    * ``batched`` (the path the daemon runs with ``drift.policy = off``): the K
+      keys resident in a :class:`~fogline.daemon.stream.keycache.KeyCache`
+      (rows of its key table, put there once, as the daemon's ``_load`` does on
+      a key's first record); one timed call = ``KeyedUpdate.step_cached``
+      (passes of ``CHUNK`` keys stepped in place in the table, a
+      :class:`StepInfo` per key) + ``KeyCache.mark_dirty`` of the stepped keys.
+      Not included: decoding, grouping the batch's rows by key, checkpoints.
+    * ``loop``: :func:`fogline.models.keyed.keyed_step_loop`, i.e.
+      ``stream_step`` per key on its own :class:`PosteriorState` (new state and
+      :class:`StepInfo` per key).
+    * ``state_batched`` (reported beside): :func:`fogline.models.keyed.keyed_step`,
+      the batched step over per-key states that the drift loop calls.
+
+    The three take the same steps on the same batches (warm-up untimed, then
+    interleaved timed blocks); at the end the resident keys' blobs are compared
+    byte for byte with the state-batched ones, and their locs with the loop's.
+    """
+    from fogline.daemon.stream.keycache import KeyCache
+    from fogline.daemon.stream.keyed_update import KeyedUpdate
+
     base = fleet(args, device)
-    states = {k: new_key_state(base, k) for k in micro_batch(args, device)}
     batches = micro_batch(args, device)
-    holder = {"batched": dict(states), "loop": dict(states)}
+    states = {k: new_key_state(base, k) for k in batches}
+    holder = {"state_batched": dict(states), "loop": dict(states)}
+    cache = KeyCache(max_keys=args.keys, idle_ttl_s=0)
+    for k, st in states.items():
+        cache.put(k, st, 0, dirty=False)
+    update = KeyedUpdate(_settings(args))
+    assert update.in_place
 
     def batched() -> None:
-        holder["batched"] = keyed_step(holder["batched"], batches)[0]
+        infos = update.step_cached(cache, batches)
+        cache.mark_dirty([k for k, info in infos.items() if not info.rejected])
+
+    def state_batched() -> None:
+        holder["state_batched"] = keyed_step(holder["state_batched"], batches)[0]
 
     def loop() -> None:
         holder["loop"] = keyed_step_loop(holder["loop"], batches)[0]
 
+    paths: tuple[tuple[str, Callable[[], None]], ...] = (
+        ("batched", batched),
+        ("loop", loop),
+        ("state_batched", state_batched),
+    )
     for _ in range(args.warmup):
-        batched()
-        loop()
-    runs: dict[str, list[float]] = {"batched": [], "loop": []}
-    cpu: dict[str, list[float]] = {"batched": [], "loop": []}
+        for _name, fn in paths:
+            fn()
+    runs: dict[str, list[float]] = {name: [] for name, _ in paths}
+    cpu: dict[str, list[float]] = {name: [] for name, _ in paths}
     for _ in range(args.repeats):
-        for name, fn in (("batched", batched), ("loop", loop)):
+        for name, fn in paths:
             wall, cpu_s = _timed(fn, device)
             runs[name].append(args.keys / wall)
             cpu[name].append(args.keys / cpu_s)
-    b, lp = statistics.median(runs["batched"]), statistics.median(runs["loop"])
-    b_cpu, lp_cpu = statistics.median(cpu["batched"]), statistics.median(cpu["loop"])
+    med = {name: statistics.median(v) for name, v in runs.items()}
+    med_cpu = {name: statistics.median(v) for name, v in cpu.items()}
     rows = sum(mb.rows for mb in batches.values())
-    # the two paths took the same steps: their final states agree to float tolerance
+    resident = {k: cache.get(k).state for k in batches}  # type: ignore[union-attr]
+    # the loop took the same steps: its final states agree to float tolerance
     worst = max(
-        float((holder["batched"][k].params["loc"] - holder["loop"][k].params["loc"]).abs().max())
+        float((resident[k].params["loc"] - holder["loop"][k].params["loc"]).abs().max())
         for k in batches
     )
+    same_blobs = all(to_bytes(resident[k]) == to_bytes(holder["state_batched"][k]) for k in batches)
+    b, lp = med["batched"], med["loop"]
     return {
         "batched_key_steps_per_s": round(b, 1),
         "loop_key_steps_per_s": round(lp, 1),
+        "state_batched_key_steps_per_s": round(med["state_batched"], 1),
         "ratio": round(b / lp, 2),
         "ratio_paired_median": round(
             statistics.median(x / y for x, y in zip(runs["batched"], runs["loop"], strict=True)), 2
         ),
-        "batched_cpu_key_steps_per_s": round(b_cpu, 1),
-        "loop_cpu_key_steps_per_s": round(lp_cpu, 1),
-        "ratio_cpu_time": round(b_cpu / lp_cpu, 2),
+        "ratio_state_batched": round(med["state_batched"] / lp, 2),
+        "batched_cpu_key_steps_per_s": round(med_cpu["batched"], 1),
+        "loop_cpu_key_steps_per_s": round(med_cpu["loop"], 1),
+        "ratio_cpu_time": round(med_cpu["batched"] / med_cpu["loop"], 2),
+        "batched_us_per_key_step": round(1e6 / b, 1),
         "batched_rows_per_s": round(b * rows / args.keys),
         "rows_per_micro_batch": rows,
         "batched_runs": [round(v, 1) for v in runs["batched"]],
         "loop_runs": [round(v, 1) for v in runs["loop"]],
+        "state_batched_runs": [round(v, 1) for v in runs["state_batched"]],
         "max_abs_loc_difference": worst,
+        "resident_blobs_equal_state_batched": same_blobs,
+        "table_row_bytes_per_key": cache.tables[0].row_bytes(),
+        "table_bytes_per_key": round(table_bytes_per_key(cache.tables[0])),
+        "table_capacity": cache.tables[0].capacity,
     }
 
 
@@ -286,7 +354,8 @@ def main(argv: list[str]) -> int:
         f"hidden={rec['layers']}x{rec['hidden']}  guide={rec['guide']}  "
         f"threads={rec['threads']}  device={rec['device']}"
     )
-    print(f"  batched keyed_step:      {rec['batched_key_steps_per_s']:10.1f} key-steps/s")
+    print(f"  resident (daemon) step:  {rec['batched_key_steps_per_s']:10.1f} key-steps/s")
+    print(f"  keyed_step over states:  {rec['state_batched_key_steps_per_s']:10.1f} key-steps/s")
     print(f"  loop of stream_step:     {rec['loop_key_steps_per_s']:10.1f} key-steps/s")
     print(f"  ratio batched / loop:    {rec['ratio']:10.2f}x  (medians of {rec['repeats']} blocks)")
     print(f"  ratio in CPU time:       {rec['ratio_cpu_time']:10.2f}x")
