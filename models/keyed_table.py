@@ -25,7 +25,7 @@ keys a pass), each run by :func:`fogline.models.keyed_batch.step_pass` with
   one ``index_add_``), a rejected key's row left as it was,
 * each key's resident generator drawn from in place (no per-key
   ``rng_state`` round trip; the state is read out only when the key's
-  :class:`PosteriorState` is materialised),
+  :class:`PosteriorState` is materialised, or every ``REPLAY_MAX`` steps),
 
 and no :class:`PosteriorState` built per key per step: :meth:`KeyTable.state`
 materialises a key's state only when it is needed (checkpoint, eviction,
@@ -37,8 +37,12 @@ for the same history (tests/models/test_keyed_table.py).
 
 Rejection: a key whose step is rejected (non-finite loss or gradient, see
 :func:`~fogline.models.keyed_batch.step_pass`) keeps its row, count and
-generator exactly; with ``num_steps > 1`` its row is restored from a copy
-taken before the pass.
+generator exactly: its Adam step is skipped, with ``num_steps > 1`` its row is
+restored from a copy taken before the pass, and its generator is rewound by
+replaying, from its state at the last read-out, the draws of the steps since
+(the step's draws come before its outcome is known; saving every key's
+generator state before every step cost more than the rest of the table's
+bookkeeping).
 """
 
 from __future__ import annotations
@@ -64,6 +68,10 @@ from fogline.models.keyed_batch import (
 )
 from fogline.models.state import Minibatch, PosteriorState, StepInfo
 from fogline.models.svi import program
+
+#: Steps a key takes between two reads of its generator state: a rejected step
+#: rewinds the generator by replaying the draws since the last read (at most this many).
+REPLAY_MAX = 32
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,10 @@ class KeyTable:
         self._group_no_fp: list[tuple[int, float] | None] = [None] * capacity
         self._steps = [0] * capacity
         self._records = [0] * capacity
+        # each key's generator state at its last write or read-out, and the draws since
+        # (rows, inner steps, with the functional prior's draws) to replay on a rejection
+        self._anchor: list[torch.Tensor | None] = [None] * capacity
+        self._since: list[list[tuple[int, int, bool]]] = [[] for _ in range(capacity)]
         self._free = list(range(capacity))  # a heap: the lowest free row first
         self._used = 0
         self._views()
@@ -156,6 +168,8 @@ class KeyTable:
             lst.extend([None] * old)  # type: ignore[list-item]
         self._steps.extend([0] * old)
         self._records.extend([0] * old)
+        self._anchor.extend([None] * old)
+        self._since.extend([] for _ in range(old))
         for r in range(old, 2 * old):
             heapq.heappush(self._free, r)
         self._views()
@@ -186,6 +200,8 @@ class KeyTable:
         if gen is None:
             gen = self._gen[row] = torch.Generator(device=self.device)
         gen.set_state(state.rng_state)
+        self._anchor[row] = state.rng_state
+        self._since[row] = []
         self._template[row] = state
         self._state[row] = state
         fp = self._fp[row] = FunctionalPrior.of(state)
@@ -200,7 +216,8 @@ class KeyTable:
         """Free ``row`` for reuse (its key left memory)."""
         if self._template[row] is None:
             raise ValueError(f"key table: row {row} is not in use")
-        self._template[row] = self._state[row] = self._fp[row] = None
+        self._template[row] = self._state[row] = self._fp[row] = self._anchor[row] = None
+        self._since[row] = []
         self._group[row] = self._group_no_fp[row] = None
         self._used -= 1
         heapq.heappush(self._free, row)
@@ -219,17 +236,26 @@ class KeyTable:
             raise ValueError(f"key table: row {row} is not in use")
         t = self.prog.total
         packed = self.data[row].clone()
+        rng = self._anchor[row] = gen.get_state()
+        self._since[row] = []
         st = row_state(
             self.prog,
             template,
             packed,
             packed.split((t, t, t, 1)),
-            gen.get_state(),
+            rng,
             step_count=self._steps[row],
             records_absorbed=self._records[row],
         )
         self._state[row] = st
         return st
+
+    def _rewind(self, row: int) -> None:
+        """A rejected key's generator back to where it was before the step (replayed)."""
+        gen, anchor = self._gen[row], self._anchor[row]
+        assert gen is not None and anchor is not None
+        fp = self._fp[row]
+        _rewind_draws(gen, anchor, self._since[row], fp, self.prog.size, self.prog.rank)
 
     # -- the step ------------------------------------------------------------
     def step(
@@ -303,7 +329,6 @@ class KeyTable:
         idx = torch.tensor(rows, dtype=torch.long, device=dev)
         templates = [self._template[r] for r in rows]
         gens = [self._gen[r] for r in rows]
-        saved = [g.get_state() for g in gens if g is not None]  # a rejected key's RNG
         backup = self.data.index_select(0, idx) if num_steps > 1 else None
         tcol = self._tcol
 
@@ -347,23 +372,67 @@ class KeyTable:
         if not all(ok):
             lost = [i for i, v in enumerate(ok) if not v]
             for i in lost:
-                gens_i = prs.gens[i]
-                gens_i.set_state(saved[i])
+                self._rewind(rows[i])
             if backup is not None:
                 at = torch.tensor(lost, dtype=torch.long, device=dev)
                 self.data.index_copy_(0, idx[at], backup[at])
         out: list[StepInfo] = []
-        for i, r in enumerate(rows):
-            loss_f, kl_f, lp_f, gn_f = res.diag[i]
-            n_i = n[i]
-            if ok[i]:
-                self._steps[r] += num_steps
-                self._records[r] += n_i
-                self._state[r] = None
-                out.append(StepInfo(loss_f, -lp_f / n_i, kl_f, gn_f, n_i, num_steps))
-            else:
-                out.append(StepInfo(loss_f, -lp_f / n_i, kl_f, gn_f, n_i, num_steps, True))
+        steps, records, states, since = self._steps, self._records, self._state, self._since
+        for r, n_i, (loss_f, kl_f, lp_f, gn_f), good in zip(rows, n, res.diag, ok, strict=True):
+            if good:
+                steps[r] += num_steps
+                records[r] += n_i
+                states[r] = None
+                log = since[r]
+                log.append((n_i, num_steps, with_fp))
+                if len(log) >= REPLAY_MAX:  # a new anchor: replays stay short
+                    gen = self._gen[r]
+                    assert gen is not None
+                    self._anchor[r] = gen.get_state()
+                    since[r] = []
+            out.append(_info(loss_f, -lp_f / n_i, kl_f, gn_f, n_i, num_steps, not good))
         return out
+
+
+def _rewind_draws(
+    gen: torch.Generator,
+    anchor: torch.Tensor,
+    since: Sequence[tuple[int, int, bool]],
+    fp: FunctionalPrior | None,
+    size: int,
+    rank: int,
+) -> None:
+    """Set ``gen`` to ``anchor`` advanced by the draws of the steps ``since``.
+
+    Per inner step, :func:`~fogline.models.keyed_batch.step_pass`'s draws of one
+    key in its order: eps [S, P], z [S, R] (low rank), the functional prior's
+    x~ draws for the key's n rows (S = the prior's sample count, else 1).
+    """
+    gen.set_state(anchor)
+    for n, num_steps, with_fp in since:
+        prior = fp if with_fp else None
+        samples = prior.samples if prior is not None else 1
+        for _ in range(num_steps):
+            torch.randn(samples, size, generator=gen)
+            if rank:
+                torch.randn(samples, rank, generator=gen)
+            if prior is not None:
+                prior.ood_draws(n, gen)
+
+
+def _info(
+    loss: float, nll: float, kl: float, grad_norm: float, rows: int, steps: int, rejected: bool
+) -> StepInfo:
+    """``StepInfo(...)`` without the frozen dataclass's ``__init__`` (one per key per step).
+
+    The same object (``StepInfo`` has no ``__post_init__`` or slots): the fields
+    set in the instance dict at once, not one ``object.__setattr__`` each.
+    """
+    info = object.__new__(StepInfo)
+    info.__dict__.update(
+        loss=loss, nll=nll, kl=kl, grad_norm=grad_norm, rows=rows, steps=steps, rejected=rejected
+    )
+    return info
 
 
 def table_bytes_per_key(table: KeyTable) -> float:

@@ -178,3 +178,28 @@ def test_bad_input_is_a_clear_error() -> None:
     other = init_state(ModelConfig(in_features=2), seed=0)
     with pytest.raises(ValueError, match="another model"):
         table.add(other)
+
+
+@pytest.mark.parametrize(("cfg", "fprior"), [CASES[1], CASES[2]], ids=[IDS[1], IDS[2]])
+@pytest.mark.parametrize(("num_steps", "before"), [(1, 3), (3, 2), (1, 40)])
+def test_a_rejected_key_rewinds_its_generator_and_continues_as_keyed_step(
+    cfg: dict[str, object], fprior: bool, num_steps: int, before: int
+) -> None:
+    """Steps since the last read-out (past ``REPLAY_MAX`` too), then a rejection, then more."""
+    config = CFG.model_copy(update=cfg)
+    fleet = _fleet(config, fprior=fprior)
+    states = {k: new_key_state(fleet, k) for k in "ab"}
+    table = KeyTable(config)
+    rows = _resident(table, states)
+    for t in range(before + 2):
+        batches = {"a": _batch(3 + t % 4, 2 * t), "b": _batch(2 + t % 3, 2 * t + 1)}
+        if t == before:
+            good = batches["a"]
+            batches["a"] = Minibatch(good.x, torch.full_like(good.y, float("nan")))
+        infos = table.step(
+            [rows["a"], rows["b"]], [batches["a"], batches["b"]], num_steps=num_steps
+        )
+        states, ref = keyed_step(states, batches, num_steps=num_steps)
+        assert infos.infos[0].rejected == ref["a"].rejected == (t == before)
+    for k in "ab":
+        assert to_bytes(table.state(rows[k])) == to_bytes(states[k])
