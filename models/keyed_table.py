@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,6 +62,7 @@ from fogline.models.keyed_batch import (
     NoiseBuffers,
     PassKeys,
     PassRows,
+    _evolve,
     _lr_scale,
     _new_row,
     row_state,
@@ -106,7 +108,10 @@ class KeyTable:
         self.width = 3 * self.prog.total + 1
         self.data = torch.zeros(capacity, self.width, device=self.device)
         self._template: list[PosteriorState | None] = [None] * capacity
-        self._state: list[PosteriorState | None] = [None] * capacity  # materialised, current
+        # the key's current state while one is alive: the state written (until the key
+        # steps), else a weak reference to the last one materialised (memory: a row and
+        # its template per idle key, not a second copy of its parameters)
+        self._state: list[PosteriorState | weakref.ref[PosteriorState] | None] = [None] * capacity
         self._gen: list[torch.Generator | None] = [None] * capacity
         self._fp: list[FunctionalPrior | None] = [None] * capacity
         self._group: list[tuple[int, float] | None] = [None] * capacity
@@ -202,7 +207,7 @@ class KeyTable:
         gen.set_state(state.rng_state)
         self._anchor[row] = state.rng_state
         self._since[row] = []
-        self._template[row] = state
+        self._template[row] = _evolve(state, params={}, opt_state={})  # the other fields
         self._state[row] = state
         fp = self._fp[row] = FunctionalPrior.of(state)
         # the pass group of keyed_step (group_key without the shared config and device)
@@ -223,12 +228,14 @@ class KeyTable:
         heapq.heappush(self._free, row)
 
     def state(self, row: int) -> PosteriorState:
-        """The key's :class:`PosteriorState`, materialised from its row (cached until it steps).
+        """The key's :class:`PosteriorState`, materialised from its row.
 
         Params and moments are views of ONE clone of the row, the RNG state is
-        its generator's; every other field is the key's template's.
+        its generator's; every other field is the key's template's.  The same
+        object again while the key has not stepped and someone still holds it.
         """
-        st = self._state[row]
+        held = self._state[row]
+        st = held() if isinstance(held, weakref.ref) else held
         if st is not None:
             return st
         template, gen = self._template[row], self._gen[row]
@@ -247,7 +254,7 @@ class KeyTable:
             step_count=self._steps[row],
             records_absorbed=self._records[row],
         )
-        self._state[row] = st
+        self._state[row] = weakref.ref(st)
         return st
 
     def _rewind(self, row: int) -> None:

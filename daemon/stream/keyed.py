@@ -875,11 +875,12 @@ class KeyedPipeline:
         for k in dirty:
             entry = self.cache.get(k)
             assert entry is not None
-            blobs[k] = to_bytes(entry.state)
+            st = entry.state  # materialised from the key's row
+            blobs[k] = to_bytes(st)
             entries[k] = {
-                "records_absorbed": entry.state.records_absorbed,
-                "drift_mode": drift_mode(entry.state),
-                "step_count": entry.state.step_count,
+                "records_absorbed": st.records_absorbed,
+                "drift_mode": drift_mode(st),
+                "step_count": st.step_count,
             }
         self.dlq.flush()  # 2. the dead letters before the offsets that pass them
         offsets = {partition_key(self.topic, p): offset} if offset is not None else {}

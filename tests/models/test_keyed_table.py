@@ -203,3 +203,20 @@ def test_a_rejected_key_rewinds_its_generator_and_continues_as_keyed_step(
         assert infos.infos[0].rejected == ref["a"].rejected == (t == before)
     for k in "ab":
         assert to_bytes(table.state(rows[k])) == to_bytes(states[k])
+
+
+def test_a_materialised_state_is_reused_while_held_and_rebuilt_after_a_step() -> None:
+    fleet = _fleet()
+    table = KeyTable(CFG)
+    st = new_key_state(fleet, "a")
+    row = table.add(st)
+    assert table.state(row) is st  # the state written, until the key steps
+    table.step([row], [_batch(3, 0)])
+    one = table.state(row)
+    assert table.state(row) is one and one.step_count == 1
+    assert one.params["loc"].untyped_storage().data_ptr() != table.data.untyped_storage().data_ptr()
+    blob = to_bytes(one)
+    del one  # nothing holds it: the table keeps no second copy of the parameters
+    assert to_bytes(table.state(row)) == blob
+    table.step([row], [_batch(3, 1)])
+    assert table.state(row).step_count == 2
