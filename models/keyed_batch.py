@@ -325,6 +325,8 @@ def _adam_rows(
     every = len(active) == theta.shape[0]
     rows.bump(active)  # the kernel reads the incremented count t
     steps = rows.step if every else [rows.step[i] for i in active]
+    lr0 = lrs[active[0]]
+    same_lr = all(lrs[i] == lr0 for i in active)
     for start, end, mult in groups:
         whole = start == 0 and end == theta.shape[1]
         p_all = rows.home if rows.home is not None else rows.theta_rows
@@ -342,8 +344,11 @@ def _adam_rows(
         m_rows = m_src if whole else [m[start:end] for m in m_src]
         v_rows = v_src if whole else [v[start:end] for v in v_src]
         by_lr: dict[float, list[int]] = {}
-        for j, i in enumerate(active):
-            by_lr.setdefault(lrs[i] * mult, []).append(j)
+        if same_lr:
+            by_lr[lrs[active[0]] * mult] = list(range(len(active)))
+        else:
+            for j, i in enumerate(active):
+                by_lr.setdefault(lrs[i] * mult, []).append(j)
         for lr, idx in by_lr.items():
             one = len(idx) == len(active)
             fused_adam_kernel(
@@ -665,7 +670,10 @@ def step_pass(
     d = config.in_features
     n_t = torch.tensor(n, device=dev)
     f32 = torch.float32
-    xs = [x if x.dtype is f32 and x.device == dev else x.to(dev, f32) for x in _xs(keys.batches)]
+    on_cpu = dev.type == "cpu"
+    xs = [
+        x if x.dtype is f32 and on_cpu and x.is_cpu else x.to(dev, f32) for x in _xs(keys.batches)
+    ]
     mask = torch.arange(n_max, device=dev).unsqueeze(0) < n_t.unsqueeze(1)  # [K, n_max]
     x = _padded(xs, mask)
     y = _padded([mb.y for mb in keys.batches], mask)
@@ -703,15 +711,16 @@ def step_pass(
         last = step_i == num_steps - 1
         xo_l = []
         # each key's draws from its own generator, in stream_step's order
+        # (``normal_`` on each key's [S, P] row: torch.randn's kernel and bits, less call overhead)
         if plain and not rank:
             for gen, e in zip(gens, eps_rows, strict=True):
-                torch.randn(samples, p_size, generator=gen, out=e)
+                e.normal_(generator=gen)
         else:
             for i in range(k_keys):
                 gen = gens[i]
-                torch.randn(samples, p_size, generator=gen, out=eps_rows[i])
+                eps_rows[i].normal_(generator=gen)
                 if rank:
-                    torch.randn(samples, rank, generator=gen, out=z_rows[i])
+                    z_rows[i].normal_(generator=gen)
                 fp = fps[i]
                 if ood is not None:  # the draws only; x~ of all keys' rows at once below
                     ood[0].draws(fp, i, gen)

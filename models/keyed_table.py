@@ -288,7 +288,7 @@ class KeyTable:
             raise ValueError("num_steps must be >= 1")
         if not 0.0 <= likelihood_weight <= 1.0:
             raise ValueError(f"likelihood_weight must lie in [0, 1], got {likelihood_weight}")
-        n = [mb.rows for mb in batches]
+        n = [int(mb.x.shape[0]) for mb in batches]
         groups: dict[tuple[int, float], list[int]] = {}
         group = self._group if functional_prior else self._group_no_fp
         for i, r in enumerate(rows):
