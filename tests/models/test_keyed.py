@@ -221,6 +221,8 @@ def test_bench_keyed_prints_one_json_object_last(capsys: pytest.CaptureFixture[s
     assert rec["benchmark"] == "keyed" and rec["keys"] == 6
     assert rec["batched_key_steps_per_s"] > 0 and rec["loop_key_steps_per_s"] > 0
     assert rec["max_abs_loc_difference"] < 1e-4  # both paths took the same steps
+    assert rec["resident_blobs_equal_state_batched"]  # the daemon's path writes keyed_step's bytes
+    assert rec["table_bytes_per_key"] >= rec["table_row_bytes_per_key"] > rec["num_weights"] * 4
     assert rec["blob_bytes_per_key"] > rec["num_weights"] * 4
     assert rec["with_drift_blob_bytes_per_key"] > rec["blob_bytes_per_key"]
 
