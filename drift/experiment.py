@@ -67,6 +67,7 @@ from fogline.models.config import ModelConfig
 from fogline.models.fit import season_of, series_table
 from fogline.models.predictive import Ensemble, sample_ensemble
 from fogline.models.priors import default_prior
+from fogline.models.restarts import best_of
 from fogline.models.schema import DataSchema
 from fogline.models.spec import ModelSpec
 from fogline.models.state import PosteriorState
@@ -77,6 +78,18 @@ from fogline.replay_data.generator import SCENARIOS, generate, read_jsonl
 log = structlog.get_logger()
 
 Z95 = 1.959963984540054
+
+
+#: A warm-up this short (rows) gets :data:`SMALL_WARMUP_RESTARTS` restarts by default.
+SMALL_WARMUP_ROWS = 2000
+SMALL_WARMUP_RESTARTS = 4
+
+
+def restarts_for(n_warm: int, restarts: int | None) -> int:
+    """Warm-start restarts for ``n_warm`` rows: ``restarts``, else the small-warm-up default."""
+    if restarts is not None:
+        return restarts
+    return SMALL_WARMUP_RESTARTS if n_warm <= SMALL_WARMUP_ROWS else 1
 
 
 class ExperimentConfig(BaseModel):
@@ -98,6 +111,11 @@ class ExperimentConfig(BaseModel):
     warm_epochs: int = 25
     warm_batch: int = 256
     warm_steps: int = 2000
+    #: Warm-start restarts; the one with the highest ELBO on the warm-up rows is kept
+    #: (:mod:`fogline.models.restarts`).  ``None``: :data:`SMALL_WARMUP_RESTARTS` for
+    #: a warm-up of at most :data:`SMALL_WARMUP_ROWS` rows (where the optimum found
+    #: depends on the seed), else 1.
+    warm_restarts: int | None = Field(default=None, ge=1)
     detect_window: int = 50
     rolling: int = 10
     policy: PolicyConfig = PolicyConfig()
@@ -348,21 +366,27 @@ def load_nab(path: Path, cfg: ExperimentConfig) -> StreamData:
 
 # ----------------------------------------------------------------------------- running
 def warm_start(data: StreamData, cfg: ExperimentConfig) -> PosteriorState:
-    """Fit the warm-start posterior on the regime-0 history (seeded)."""
+    """Fit the warm-start posterior on the regime-0 history (seeded).
+
+    :func:`restarts_for` (``cfg.warm_restarts``) fits from as many
+    initialisations and keeps the one with the highest ELBO on the warm-up
+    rows (:func:`fogline.models.restarts.best_of`); one restart is the single
+    fit at ``cfg.seed``.
+    """
     config = ModelConfig.model_validate(
         {"in_features": int(data.x.shape[1]), "hidden": tuple(cfg.hidden)}
     )
-    state = init_state(config, seed=cfg.seed, lr=cfg.lr)
+    x = torch.from_numpy(np.ascontiguousarray(data.warm_x))
+    y = torch.from_numpy(np.ascontiguousarray(data.warm_y))
     n = len(data.warm_y)
     epochs = max(cfg.warm_epochs, math.ceil(cfg.warm_steps * cfg.warm_batch / max(n, 1)))
-    res = fit(
-        state,
-        torch.from_numpy(np.ascontiguousarray(data.warm_x)),
-        torch.from_numpy(np.ascontiguousarray(data.warm_y)),
-        epochs=epochs,
-        batch_size=cfg.warm_batch,
-        seed=cfg.seed,
-    )
+
+    def fit_one(seed: int) -> PosteriorState:
+        state = init_state(config, seed=seed, lr=cfg.lr)
+        return fit(state, x, y, epochs=epochs, batch_size=cfg.warm_batch, seed=seed).state
+
+    res = best_of(fit_one, x, y, restarts_for(n, cfg.warm_restarts), cfg.seed)
+    log.debug("warm_start_done", best=res.best, elbos=res.elbos)
     return res.state.replace(extra={})
 
 
@@ -682,6 +706,8 @@ def main_from_args(args: argparse.Namespace) -> int:
         overrides["batch_size"] = args.batch_size
     if args.ert:
         overrides["policy"] = {"ert": args.ert}
+    if getattr(args, "restarts", None):
+        overrides["warm_restarts"] = args.restarts
     cfg = ExperimentConfig(**overrides)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     spec: ModelSpec | None = getattr(args, "spec", None)  # the CLI reads --config

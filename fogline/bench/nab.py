@@ -172,6 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warm-steps", type=int, default=None, help="warm-start SVI steps (min)")
+    p.add_argument(
+        "--restarts",
+        type=int,
+        default=None,
+        help="warm-start restarts, best ELBO kept (default: 4 for warm-ups <= 2,000 rows)",
+    )
     p.add_argument("--match", default=None, help="only files whose <category>/<name> has this")
     p.add_argument("--jobs", type=int, default=1, help="files run in parallel (processes)")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
@@ -188,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["batch_size"] = args.batch_size
     if args.ert:
         overrides["policy"] = {"ert": args.ert}
+    if args.restarts:
+        overrides["warm_restarts"] = args.restarts
     if args.warm_steps:
         overrides["warm_steps"] = args.warm_steps
         overrides["warm_epochs"] = 1
