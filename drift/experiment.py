@@ -692,6 +692,7 @@ def run_experiment(
     if data.labels is not None:
         result["labels"] = [int(v) for v in data.labels]
         result["stream_start"] = data.lag + len(data.warm_y)
+        result["lag"] = data.lag  # the first rows, without inputs, are not scored
     if nab_out is not None and data.labels is not None:
         result["nab_files"] = [str(write_nab(r, data, nab_out, cfg)) for r in runs.values()]
     return result

@@ -67,6 +67,12 @@ def test_bench_nab_writes_the_results_tree(
     assert any(line.startswith("synthetic/calm: 900 rows") for line in lines)
     fa = res["false_alarms"]
     assert fa["no_anomaly"]["files"] == 1 and fa["before_first_window"]["files"] == 1
+    rates = res["score_rates"]  # the per-record score on the window-free file (calm)
+    assert rates["files"] == 1 and rates["records"] == 900 - 135  # past NAB's probation
+    raw, events = rates["raw"]["counts"], rates["events"]["counts"]
+    assert raw == sorted(raw, reverse=True) and events == sorted(events, reverse=True)
+    assert all(e <= r for e, r in zip(events, raw, strict=True))  # suppression only removes
+    assert raw[0] > 0  # q = 0.1 on 765 records
     for name in ("calm", "jump"):
         path = out / "forget" / "synthetic" / f"forget_{name}.csv"
         with path.open(newline="") as fh:
