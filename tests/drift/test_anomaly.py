@@ -53,8 +53,9 @@ def test_normal_scores_are_standard_normal_for_uniform_tails() -> None:
     assert normal_scores([-math.inf, 0.0], cap=5.0).tolist() == [5.0, -5.0]
 
 
-def test_streaming_equals_the_vectorised_score_across_a_restart() -> None:
-    cfg = LikelihoodConfig(short=(5, 20), long=300, min_history=50)
+@pytest.mark.parametrize("tail", ["gaussian", "student_t"])
+def test_streaming_equals_the_vectorised_score_across_a_restart(tail: str) -> None:
+    cfg = LikelihoodConfig(short=(5, 20), long=300, min_history=50, tail=tail)  # type: ignore[arg-type]
     rng = np.random.default_rng(1)
     zeta = rng.standard_normal(900)
     zeta[600:640] += 3.0
@@ -138,3 +139,19 @@ def test_settings_are_validated() -> None:
         LikelihoodConfig(long=10, min_history=20)
     with pytest.raises(ValueError, match="short"):
         LikelihoodConfig(short=(0,))
+
+
+def test_the_student_t_tail_is_heavier_and_nears_the_gaussian_one() -> None:
+    rng = np.random.default_rng(5)
+    zeta = rng.standard_normal(4000)
+    zeta[3000:3010] += 3.0
+    _, lam_g = anomaly_likelihood(zeta, LikelihoodConfig())
+    _, lam_t = anomaly_likelihood(zeta, LikelihoodConfig(tail="student_t"))
+    big = lam_g > 1.0
+    assert big.any() and np.all(lam_t[big] < lam_g[big])  # a heavier tail: less surprise
+    # K = 8 windows over W = 1000 records: n_eff = 125, nearly Gaussian at moderate z
+    short = LikelihoodConfig(short=(8,), tail="student_t")
+    _, lam_t8 = anomaly_likelihood(zeta, short)
+    _, lam_g8 = anomaly_likelihood(zeta, LikelihoodConfig(short=(8,)))
+    mid = (lam_g8 > 1.0) & (lam_g8 < 3.0)
+    np.testing.assert_allclose(lam_t8[mid], lam_g8[mid], rtol=0.15)
