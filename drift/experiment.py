@@ -67,7 +67,7 @@ from fogline.models.config import ModelConfig
 from fogline.models.fit import season_of, series_table
 from fogline.models.predictive import Ensemble, sample_ensemble
 from fogline.models.priors import default_prior
-from fogline.models.restarts import best_of
+from fogline.models.restarts import RESTART_STRIDE, best_of, held_out_lpd
 from fogline.models.schema import DataSchema
 from fogline.models.spec import ModelSpec
 from fogline.models.state import PosteriorState
@@ -116,6 +116,10 @@ class ExperimentConfig(BaseModel):
     #: a warm-up of at most :data:`SMALL_WARMUP_ROWS` rows (where the optimum found
     #: depends on the seed), else 1.
     warm_restarts: int | None = Field(default=None, ge=1)
+    #: With restarts: the warm-up's last fraction held out to choose between them,
+    #: and the chosen fit's final pass over all rows (fraction of the single fit's epochs).
+    warm_held_out: float = Field(default=0.2, gt=0, lt=1)
+    warm_finish: float = Field(default=0.25, gt=0)
     detect_window: int = 50
     rolling: int = 10
     policy: PolicyConfig = PolicyConfig()
@@ -368,10 +372,16 @@ def load_nab(path: Path, cfg: ExperimentConfig) -> StreamData:
 def warm_start(data: StreamData, cfg: ExperimentConfig) -> PosteriorState:
     """Fit the warm-start posterior on the regime-0 history (seeded).
 
-    :func:`restarts_for` (``cfg.warm_restarts``) fits from as many
-    initialisations and keeps the one with the highest ELBO on the warm-up
-    rows (:func:`fogline.models.restarts.best_of`); one restart is the single
-    fit at ``cfg.seed``.
+    One restart (:func:`restarts_for` of ``cfg.warm_restarts``): SVI on all n
+    warm-up rows from the initialisation of ``cfg.seed``.  R > 1 restarts:
+
+    1. hold out the last ``cfg.warm_held_out`` fraction of the warm-up rows
+       (their future, as the stream will be);
+    2. fit R restarts on the first rows (the same step budget each) and keep
+       the one with the highest held-out log predictive density
+       (:func:`fogline.models.restarts.best_of`, :func:`~fogline.models.restarts.held_out_lpd`);
+    3. continue it on all n rows for ``cfg.warm_finish`` times the single
+       fit's epochs, so the held-out rows are learnt too.
     """
     config = ModelConfig.model_validate(
         {"in_features": int(data.x.shape[1]), "hidden": tuple(cfg.hidden)}
@@ -379,15 +389,36 @@ def warm_start(data: StreamData, cfg: ExperimentConfig) -> PosteriorState:
     x = torch.from_numpy(np.ascontiguousarray(data.warm_x))
     y = torch.from_numpy(np.ascontiguousarray(data.warm_y))
     n = len(data.warm_y)
-    epochs = max(cfg.warm_epochs, math.ceil(cfg.warm_steps * cfg.warm_batch / max(n, 1)))
 
-    def fit_one(seed: int) -> PosteriorState:
+    def epochs_for(rows: int) -> int:
+        return max(cfg.warm_epochs, math.ceil(cfg.warm_steps * cfg.warm_batch / max(rows, 1)))
+
+    def fit_on(seed: int, xs: torch.Tensor, ys: torch.Tensor) -> PosteriorState:
         state = init_state(config, seed=seed, lr=cfg.lr)
-        return fit(state, x, y, epochs=epochs, batch_size=cfg.warm_batch, seed=seed).state
+        epochs = epochs_for(len(ys))
+        return fit(state, xs, ys, epochs=epochs, batch_size=cfg.warm_batch, seed=seed).state
 
-    res = best_of(fit_one, x, y, restarts_for(n, cfg.warm_restarts), cfg.seed)
-    log.debug("warm_start_done", best=res.best, elbos=res.elbos)
-    return res.state.replace(extra={})
+    restarts = restarts_for(n, cfg.warm_restarts)
+    n_held = max(1, round(cfg.warm_held_out * n))
+    if restarts == 1 or n - n_held < 2:
+        return fit_on(cfg.seed, x, y).replace(extra={})
+    x_fit, y_fit, x_held, y_held = (
+        x[: n - n_held],
+        y[: n - n_held],
+        x[n - n_held :],
+        y[n - n_held :],
+    )
+    res = best_of(
+        lambda seed: fit_on(seed, x_fit, y_fit),
+        lambda state: held_out_lpd(state, x_held, y_held, seed=cfg.seed + 1),
+        restarts,
+        cfg.seed,
+    )
+    log.debug("warm_start_selected", best=res.best, held_out_lpd=res.scores)
+    finish = max(1, math.ceil(cfg.warm_finish * epochs_for(n)))
+    seed = cfg.seed + res.best * RESTART_STRIDE
+    state = fit(res.state, x, y, epochs=finish, batch_size=cfg.warm_batch, seed=seed + 1).state
+    return state.replace(extra={})
 
 
 @dataclass

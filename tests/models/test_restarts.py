@@ -9,7 +9,7 @@ import torch
 
 from fogline.models.config import ModelConfig
 from fogline.models.priors import kl_to_prior
-from fogline.models.restarts import RESTART_STRIDE, best_of, elbo, kl_to_prior_of
+from fogline.models.restarts import RESTART_STRIDE, best_of, elbo, held_out_lpd, kl_to_prior_of
 from fogline.models.state import PosteriorState
 from fogline.models.svi import fit, init_state
 
@@ -30,9 +30,9 @@ def fitted(seed: int, epochs: int = 30) -> PosteriorState:
 
 def test_one_restart_is_the_single_fit() -> None:
     x, y = data()
-    res = best_of(fitted, x, y, restarts=1, seed=3)
+    res = best_of(fitted, lambda st: elbo(st, x, y), restarts=1, seed=3)
     plain = fitted(3)
-    assert res.best == 0 and len(res.elbos) == 1
+    assert res.best == 0 and len(res.scores) == 1
     for name, value in plain.params.items():
         torch.testing.assert_close(res.state.params[name], value, rtol=0, atol=0)
 
@@ -46,10 +46,26 @@ def test_the_highest_elbo_is_kept_and_seeds_are_spread() -> None:
         # restart 2 trains much longer: it must explain the data far better
         return fitted(seed, epochs=60 if len(seen) == 3 else 2)
 
-    res = best_of(fit_one, x, y, restarts=4, seed=5)
+    res = best_of(fit_one, lambda st: elbo(st, x, y), restarts=4, seed=5)
     assert seen == [5 + r * RESTART_STRIDE for r in range(4)]
-    assert res.best == 2 and res.elbos[2] == max(res.elbos)
-    assert res.elbos[2] > res.elbos[0] + 10  # nats: not a Monte Carlo tie
+    assert res.best == 2 and res.scores[2] == max(res.scores)
+    assert res.scores[2] > res.scores[0] + 10  # nats: not a Monte Carlo tie
+
+
+def test_held_out_selection_prefers_the_fit_that_predicts_unseen_rows() -> None:
+    x, y = data(300)
+    x_fit, y_fit, x_held, y_held = x[:240], y[:240], x[240:], y[240:]
+
+    def fit_one(seed: int) -> PosteriorState:
+        epochs = 60 if seed == 1 + RESTART_STRIDE else 2  # restart 1 is the trained one
+        state = init_state(CONFIG, seed=seed)
+        return fit(state, x_fit, y_fit, epochs=epochs, batch_size=64, seed=seed).state
+
+    res = best_of(fit_one, lambda st: held_out_lpd(st, x_held, y_held), restarts=3, seed=1)
+    assert res.best == 1 and res.scores[1] > res.scores[0] + 0.3  # nats per row
+    assert held_out_lpd(res.state, x_held, y_held, seed=4) == held_out_lpd(
+        res.state, x_held, y_held, seed=4
+    )
 
 
 def test_elbo_is_expected_log_likelihood_minus_kl() -> None:
@@ -71,7 +87,8 @@ def test_a_diverged_restart_never_wins_and_bad_counts_fail() -> None:
     bad = good.replace(params={**good.params, "loc": torch.full_like(good.params["loc"], math.nan)})
     assert elbo(bad, x, y) == -math.inf
     states = iter([bad, good])
-    res = best_of(lambda _seed: next(states), x, y, restarts=2, seed=0)
+    res = best_of(lambda _seed: next(states), lambda st: elbo(st, x, y), restarts=2, seed=0)
     assert res.best == 1
+    assert held_out_lpd(bad, x, y) == -math.inf
     with pytest.raises(ValueError, match="restarts"):
-        best_of(fitted, x, y, restarts=0, seed=0)
+        best_of(fitted, lambda st: elbo(st, x, y), restarts=0, seed=0)
