@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import structlog
@@ -67,7 +67,7 @@ from fogline.models.config import ModelConfig
 from fogline.models.fit import season_of, series_table
 from fogline.models.predictive import Ensemble, sample_ensemble
 from fogline.models.priors import default_prior
-from fogline.models.restarts import RESTART_STRIDE, best_of, held_out_lpd
+from fogline.models.restarts import RESTART_STRIDE, best_of, elbo, held_out_lpd
 from fogline.models.schema import DataSchema
 from fogline.models.spec import ModelSpec
 from fogline.models.state import PosteriorState
@@ -119,6 +119,9 @@ class ExperimentConfig(BaseModel):
     #: With restarts: the warm-up's last fraction held out to choose between them,
     #: and the chosen fit's final pass over all rows (fraction of the single fit's epochs).
     warm_held_out: float = Field(default=0.2, gt=0, lt=1)
+    #: How restarts are compared: the ELBO on all warm-up rows (each restart fitted
+    #: on all of them) or the held-out log predictive density (``warm_held_out``).
+    warm_select: Literal["elbo", "held_out"] = "elbo"
     warm_finish: float = Field(default=0.25, gt=0)
     detect_window: int = 50
     rolling: int = 10
@@ -373,7 +376,10 @@ def warm_start(data: StreamData, cfg: ExperimentConfig) -> PosteriorState:
     """Fit the warm-start posterior on the regime-0 history (seeded).
 
     One restart (:func:`restarts_for` of ``cfg.warm_restarts``): SVI on all n
-    warm-up rows from the initialisation of ``cfg.seed``.  R > 1 restarts:
+    warm-up rows from the initialisation of ``cfg.seed``.  R > 1 restarts with
+    ``cfg.warm_select = "elbo"`` (default): R fits on all rows, the highest
+    ELBO on them kept (:func:`fogline.models.restarts.elbo`).  With
+    ``"held_out"``:
 
     1. hold out the last ``cfg.warm_held_out`` fraction of the warm-up rows
        (their future, as the stream will be);
@@ -400,8 +406,17 @@ def warm_start(data: StreamData, cfg: ExperimentConfig) -> PosteriorState:
 
     restarts = restarts_for(n, cfg.warm_restarts)
     n_held = max(1, round(cfg.warm_held_out * n))
-    if restarts == 1 or n - n_held < 2:
+    if restarts == 1:
         return fit_on(cfg.seed, x, y).replace(extra={})
+    if cfg.warm_select == "elbo" or n - n_held < 2:
+        res = best_of(
+            lambda seed: fit_on(seed, x, y),
+            lambda state: elbo(state, x, y, seed=cfg.seed + 1),
+            restarts,
+            cfg.seed,
+        )
+        log.debug("warm_start_selected", best=res.best, elbo=res.scores)
+        return res.state.replace(extra={})
     x_fit, y_fit, x_held, y_held = (
         x[: n - n_held],
         y[: n - n_held],

@@ -234,6 +234,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="warm-start restarts, best ELBO kept (default: 4 for warm-ups <= 2,000 rows)",
     )
+    p.add_argument(
+        "--select",
+        choices=("elbo", "held_out"),
+        default=None,
+        help="how restarts are compared (default elbo)",
+    )
     p.add_argument("--match", default=None, help="only files whose <category>/<name> has this")
     p.add_argument("--jobs", type=int, default=1, help="files run in parallel (processes)")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
@@ -252,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["policy"] = {"ert": args.ert}
     if args.restarts:
         overrides["warm_restarts"] = args.restarts
+    if args.select:
+        overrides["warm_select"] = args.select
     if args.warm_steps:
         overrides["warm_steps"] = args.warm_steps
         overrides["warm_epochs"] = 1
