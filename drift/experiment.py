@@ -121,7 +121,7 @@ class ExperimentConfig(BaseModel):
     warm_held_out: float = Field(default=0.2, gt=0, lt=1)
     #: How restarts are compared: the ELBO on all warm-up rows (each restart fitted
     #: on all of them) or the held-out log predictive density (``warm_held_out``).
-    warm_select: Literal["elbo", "held_out"] = "elbo"
+    warm_select: Literal["elbo", "held_out"] = "held_out"
     warm_finish: float = Field(default=0.25, gt=0)
     detect_window: int = 50
     rolling: int = 10
@@ -377,9 +377,7 @@ def warm_start(data: StreamData, cfg: ExperimentConfig) -> PosteriorState:
 
     One restart (:func:`restarts_for` of ``cfg.warm_restarts``): SVI on all n
     warm-up rows from the initialisation of ``cfg.seed``.  R > 1 restarts with
-    ``cfg.warm_select = "elbo"`` (default): R fits on all rows, the highest
-    ELBO on them kept (:func:`fogline.models.restarts.elbo`).  With
-    ``"held_out"``:
+    ``cfg.warm_select = "held_out"`` (default):
 
     1. hold out the last ``cfg.warm_held_out`` fraction of the warm-up rows
        (their future, as the stream will be);
@@ -388,6 +386,10 @@ def warm_start(data: StreamData, cfg: ExperimentConfig) -> PosteriorState:
        (:func:`fogline.models.restarts.best_of`, :func:`~fogline.models.restarts.held_out_lpd`);
     3. continue it on all n rows for ``cfg.warm_finish`` times the single
        fit's epochs, so the held-out rows are learnt too.
+
+    With ``"elbo"``: R fits on all rows, the highest ELBO on them kept
+    (:func:`fogline.models.restarts.elbo`); on NAB that picked overconfident
+    fits (docs/drift.md).
     """
     config = ModelConfig.model_validate(
         {"in_features": int(data.x.shape[1]), "hidden": tuple(cfg.hidden)}

@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--select",
         choices=("elbo", "held_out"),
         default=None,
-        help="how restarts are compared (default elbo)",
+        help="how restarts are compared (default held_out)",
     )
     p.add_argument("--match", default=None, help="only files whose <category>/<name> has this")
     p.add_argument("--jobs", type=int, default=1, help="files run in parallel (processes)")

@@ -130,3 +130,30 @@ def test_nab_subset_score(tmp_path: Path, nab_root: Path, shared_dir: Path) -> N
     assert scored["standard"]["score"] >= 55.0, scored
     assert scored["low_fn"]["score"] >= scored["low_fp"]["score"], scored
     assert scored["standard"]["tp"] >= 25, scored
+
+
+def test_warm_start_restarts(tmp_path: Path) -> None:
+    """One restart is the single fit at the seed; the default gives short warm-ups 4 restarts,
+    chosen on the warm-up's held-out tail, and stays deterministic."""
+    from fogline.drift import experiment as ex
+
+    tiny_corpus(tmp_path / "nab")
+    path = tmp_path / "nab" / "data" / "synthetic" / "calm.csv"
+    assert ex.restarts_for(120, None) == ex.SMALL_WARMUP_RESTARTS == 4
+    assert ex.restarts_for(20_000, None) == 1 and ex.restarts_for(20_000, 3) == 3
+    quick = {"warm_steps": 150, "warm_epochs": 1}
+    one = ex.ExperimentConfig(warm_restarts=1, **quick)  # type: ignore[arg-type]
+    data = ex.load_nab(path, one)
+    single = ex.warm_start(data, one)
+    config = ex.ModelConfig.model_validate({"in_features": int(data.x.shape[1])})
+    x, y = torch.from_numpy(data.warm_x), torch.from_numpy(data.warm_y)
+    epochs = max(1, math.ceil(150 * 256 / len(y)))
+    plain = ex.fit(ex.init_state(config, seed=0), x, y, epochs=epochs, batch_size=256, seed=0)
+    for name, value in plain.state.params.items():
+        torch.testing.assert_close(single.params[name], value, rtol=0, atol=0)
+    for select in ("held_out", "elbo"):
+        cfg = ex.ExperimentConfig(warm_select=select, **quick)  # type: ignore[arg-type]
+        a, b = ex.warm_start(data, cfg), ex.warm_start(data, cfg)
+        torch.testing.assert_close(a.params["loc"], b.params["loc"], rtol=0, atol=0)
+        if select == "held_out":  # fitted on 80 % and then a final pass: never the single fit
+            assert not torch.equal(a.params["loc"], single.params["loc"])
