@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--restarts",
         type=int,
         default=None,
-        help="warm-start restarts, best ELBO kept (default: 4 for warm-ups <= 2,000 rows)",
+        help="warm-start restarts (default 1), the best by --select kept",
     )
     p.add_argument(
         "--select",

@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--restarts",
         type=int,
         default=None,
-        help="warm-start restarts, best ELBO kept (default: 4 for warm-ups <= 2,000 rows, else 1)",
+        help="warm-start restarts (default 1), the best by held-out log predictive density",
     )
     ex.add_argument("--json", action="store_true", help="print one JSON object last")
     ex.add_argument("--out", default=None, help="directory for the PNG timelines")
