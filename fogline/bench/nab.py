@@ -240,6 +240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="how restarts are compared (default held_out)",
     )
+    p.add_argument(
+        "--noise-floor",
+        type=float,
+        default=None,
+        help="anomaly score's noise floor (model units: fraction of the warm-up sd)",
+    )
     p.add_argument("--match", default=None, help="only files whose <category>/<name> has this")
     p.add_argument("--jobs", type=int, default=1, help="files run in parallel (processes)")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
@@ -260,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["warm_restarts"] = args.restarts
     if args.select:
         overrides["warm_select"] = args.select
+    if args.noise_floor is not None:
+        overrides["anomaly"] = {"noise_floor": args.noise_floor}
     if args.warm_steps:
         overrides["warm_steps"] = args.warm_steps
         overrides["warm_epochs"] = 1
