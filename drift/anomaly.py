@@ -78,6 +78,7 @@ from scipy.special import log_ndtr as _np_log_ndtr
 from scipy.special import ndtri as _np_ndtri
 from scipy.special import stdtr as _np_stdtr
 
+from fogline.drift.pot import TailCalibrator, TailConfig, calibrate
 from fogline.models.predictive import Ensemble, component_params, mixture_cdf
 
 FloatArray = npt.NDArray[np.float64]
@@ -94,6 +95,7 @@ class LikelihoodConfig(BaseModel):
     (window means needed before a score is given), ``decades`` D of the log
     scale (the suppression's scale, and the written one with ``scale = "log"``),
     ``tail`` (Gaussian or predictive Student-t), ``scale`` of the written score,
+    ``calibration`` (None: off; else stage 5 with these settings),
     score, ``cap`` on |zeta|, ``sd_floor`` (fraction of the calibrated sd
     1/sqrt(K) below which the long-window sd is not trusted), ``noise_floor``
     (in the model's target units; standardised targets: a fraction of the
@@ -115,6 +117,7 @@ class LikelihoodConfig(BaseModel):
     suppress_ratio: float = Field(default=0.9, gt=0, le=1)
     tail: Literal["gaussian", "student_t"] = "gaussian"
     scale: Literal["rate", "log"] = "rate"
+    calibration: TailConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> LikelihoodConfig:
@@ -251,6 +254,10 @@ def anomaly_likelihood(
     lam_k = np.stack([_scale_lambda(window_means(z, k), k, cfg) for k in cfg.short])
     raw, lam = _score(lam_k, cfg)
     kept = suppress_repeats(raw, cfg.suppress, cfg.suppress_ratio) > 0
+    if cfg.calibration is not None:  # stage 5
+        a, nominal = np.where(kept, lam, 0.0), np.where(kept, 10.0**-lam, 1.0)
+        q = calibrate(a, nominal, cfg.calibration)
+        return np.where(kept, 1.0 - q, 0.0), lam
     return np.where(kept, written_score(lam, cfg), 0.0), lam
 
 
@@ -268,6 +275,8 @@ class AnomalyLikelihood:
         self._zeta: deque[float] = deque(maxlen=max(self.cfg.short))
         self._means: list[deque[float]] = [deque(maxlen=self.cfg.long) for _ in self.cfg.short]
         self._raw: deque[float] = deque(maxlen=max(self.cfg.suppress, 1))
+        cal = self.cfg.calibration
+        self._tail = TailCalibrator(cal) if cal is not None else None
 
     def update(self, zeta: Iterable[float]) -> tuple[FloatArray, FloatArray]:
         """Score the next records (their normal scores); returns (score, lambda)."""
@@ -293,17 +302,26 @@ class AnomalyLikelihood:
             )
             if self.cfg.suppress:
                 self._raw.append(raw)
-            out_s.append(float(written_score(lam[0], self.cfg)) if keep and raw > 0 else 0.0)
+            kept = keep and raw > 0
+            if self._tail is not None:  # stage 5 (every record enters its history)
+                a, q0 = (float(lam[0]), 10.0 ** -float(lam[0])) if kept else (0.0, 1.0)
+                q = float(self._tail.update([a], [q0])[0])
+                out_s.append(1.0 - q if kept else 0.0)
+            else:
+                out_s.append(float(written_score(lam[0], self.cfg)) if kept else 0.0)
             out_l.append(float(lam[0]))
         return np.asarray(out_s), np.asarray(out_l)
 
     def state_dict(self) -> dict[str, list[Any]]:
         """The running state as JSON."""
-        return {
+        out: dict[str, list[Any]] = {
             "zeta": list(self._zeta),
             "means": [list(h) for h in self._means],
             "raw": list(self._raw),
         }
+        if self._tail is not None:
+            out["tail"] = self._tail.state_dict()["history"]
+        return out
 
     @classmethod
     def from_state(
@@ -315,6 +333,10 @@ class AnomalyLikelihood:
         for h, stored in zip(out._means, state["means"], strict=True):
             h.extend(float(v) for v in stored)
         out._raw.extend(float(v) for v in state.get("raw", []))
+        if out.cfg.calibration is not None:
+            out._tail = TailCalibrator.from_state(
+                {"history": list(state.get("tail", []))}, out.cfg.calibration
+            )
         return out
 
 

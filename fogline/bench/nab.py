@@ -246,6 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="anomaly score's noise floor (model units: fraction of the warm-up sd)",
     )
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="write the per-stream calibrated score (peaks over threshold, drift/pot.py)",
+    )
     p.add_argument("--match", default=None, help="only files whose <category>/<name> has this")
     p.add_argument("--jobs", type=int, default=1, help="files run in parallel (processes)")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
@@ -266,8 +271,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["warm_restarts"] = args.restarts
     if args.select:
         overrides["warm_select"] = args.select
+    anomaly: dict[str, Any] = {}
     if args.noise_floor is not None:
-        overrides["anomaly"] = {"noise_floor": args.noise_floor}
+        anomaly["noise_floor"] = args.noise_floor
+    if args.calibrate:
+        anomaly["calibration"] = {}
+    if anomaly:
+        overrides["anomaly"] = anomaly
     if args.warm_steps:
         overrides["warm_steps"] = args.warm_steps
         overrides["warm_epochs"] = 1
