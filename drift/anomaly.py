@@ -1,6 +1,6 @@
 """Per-record anomaly scores worth thresholding: an anomaly likelihood over normal scores.
 
-Three stages, each a pure function (and :class:`AnomalyLikelihood`, the same
+Stages, each a pure function (and :class:`AnomalyLikelihood`, the same
 statistic record by record with its state explicit):
 
 1. **Tail probability** (:func:`log_tail_probability`). Under the predictive
@@ -61,6 +61,13 @@ statistic record by record with its state explicit):
    ``median_mad`` (median, 1.4826 MAD) is available; on NAB it ignored the
    regular large excursions of periodic series and scored far worse
    (docs/drift.md).
+5. **Calibration** (optional, ``calibration``: a :class:`~fogline.drift.pot.TailConfig`).
+   The written score becomes 1 - q^_t, q^_t = P^(A >= a_t) of the event
+   statistic a_t = lambda_t (kept record) or 0 (suppressed) estimated from
+   the stream's own past values (:mod:`fogline.drift.pot`: rank bulk,
+   generalised-Pareto tail), so a threshold 1 - q is a rate q of alarm
+   events whatever the residuals' tails; the nominal 10^(-lambda_t) until
+   the calibrator has its history.
 """
 
 from __future__ import annotations
