@@ -1,6 +1,6 @@
 """Per-record anomaly scores worth thresholding: an anomaly likelihood over normal scores.
 
-Three stages, each a pure function (and :class:`AnomalyLikelihood`, the same
+Stages, each a pure function (and :class:`AnomalyLikelihood`, the same
 statistic record by record with its state explicit):
 
 1. **Tail probability** (:func:`log_tail_probability`). Under the predictive
@@ -30,29 +30,44 @@ statistic record by record with its state explicit):
        z_t = (m_t - mu_t) / sd_t,    log10 q_t,K = log10(1 - Phi(z_t)),
 
    combined over the scales with a Bonferroni correction,
-   lambda_t = max(0, max_K(-log10 q_t,K) - log10 |short|), and written on a
-   bounded log scale with full resolution near 1,
+   lambda_t = max(0, max_K(-log10 q_t,K) - log10 |short|), i.e. a per-record
+   tail probability q_t = 10^(-lambda_t), and written as
 
-       score_t = lambda_t / (lambda_t + D),    D = ``decades`` (default 10),
+       score_t = 1 - q_t = 1 - 10^(-lambda_t)     (``scale = "rate"``, default),
 
-   so a threshold h means "a window mean this extreme happens with
-   probability q = 10^(-D h / (1 - h)) per record" (h = 0.5: 1e-10, h = 1/3:
-   1e-5).  Until ``min_history`` window means exist the score is 0 (there is
-   nothing to compare with).
+   so **a threshold 1 - q means a nominal false-alarm rate q per record**
+   (score >= 1 - q  <=>  q_t <= q), at full float64 resolution down to
+   q ~ 1e-15; ``scale = "log"`` writes the earlier bounded log scale
+   lambda_t / (lambda_t + D), D = ``decades`` (h = 1/3: q = 1e-5).  Both are
+   increasing in lambda_t, so they rank records identically.  Until
+   ``min_history`` window means exist the score is 0 (there is nothing to
+   compare with).  ``tail = "student_t"`` replaces 1 - Phi(z) by the
+   predictive Student-t tail of a window mean given n_eff = n_hist / K
+   effective past values (heavier where the history is short; not the
+   default, docs/drift.md).
 4. **Repeat suppression** (:func:`suppress_repeats`).  A detector is worth
    its *first* detection of an event (NAB counts the earliest detection in a
    window and charges every detection outside one); an excursion of the
-   score above a threshold lasts several records.  The written score keeps
-   a record's raw score s_t only when ``suppress_ratio`` times s_t exceeds
-   every raw score of the previous ``suppress`` records,
+   score above a threshold lasts several records.  On the log scale
+   s_t = lambda_t / (lambda_t + D) (whatever ``scale`` is written), a record
+   is kept only when ``suppress_ratio`` times s_t exceeds every s of the
+   previous ``suppress`` records,
 
-       s'_t = s_t   if r s_t > max(s_{t-S..t-1}),   else 0,
+       kept_t  <=>  r s_t > max(s_{t-S..t-1}),   written score_t = 0 otherwise,
 
-   so at any threshold h the first record of an excursion above h is kept
-   (its predecessors were below h <= s_t) and the rest of the excursion only
-   when it climbs by more than a factor 1/r over its peak so far.  The estimator ``median_mad`` (median, 1.4826
-   MAD) is available; on NAB it ignored the regular large excursions of
-   periodic series and scored far worse (docs/drift.md).
+   so at any threshold the first record of an excursion above it is kept
+   (its predecessors were below) and the rest of the excursion only when it
+   climbs by more than a factor 1/r over its peak so far.  The estimator
+   ``median_mad`` (median, 1.4826 MAD) is available; on NAB it ignored the
+   regular large excursions of periodic series and scored far worse
+   (docs/drift.md).
+5. **Calibration** (optional, ``calibration``: a :class:`~fogline.drift.pot.TailConfig`).
+   The written score becomes 1 - q^_t, q^_t = P^(A >= a_t) of the event
+   statistic a_t = lambda_t (kept record) or 0 (suppressed) estimated from
+   the stream's own past values (:mod:`fogline.drift.pot`: rank bulk,
+   generalised-Pareto tail), so a threshold 1 - q is a rate q of alarm
+   events whatever the residuals' tails; the nominal 10^(-lambda_t) until
+   the calibrator has its history.
 """
 
 from __future__ import annotations
@@ -68,7 +83,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.special import log_ndtr as _np_log_ndtr
 from scipy.special import ndtri as _np_ndtri
+from scipy.special import stdtr as _np_stdtr
 
+from fogline.drift.pot import TailCalibrator, TailConfig, calibrate
 from fogline.models.predictive import Ensemble, component_params, mixture_cdf
 
 FloatArray = npt.NDArray[np.float64]
@@ -83,6 +100,9 @@ class LikelihoodConfig(BaseModel):
 
     ``short`` the window lengths K and ``long`` W (records), ``min_history``
     (window means needed before a score is given), ``decades`` D of the log
+    scale (the suppression's scale, and the written one with ``scale = "log"``),
+    ``tail`` (Gaussian or predictive Student-t), ``scale`` of the written score,
+    ``calibration`` (None: off; else stage 5 with these settings),
     score, ``cap`` on |zeta|, ``sd_floor`` (fraction of the calibrated sd
     1/sqrt(K) below which the long-window sd is not trusted), ``noise_floor``
     (in the model's target units; standardised targets: a fraction of the
@@ -102,6 +122,9 @@ class LikelihoodConfig(BaseModel):
     estimator: Literal["mean_sd", "median_mad"] = "mean_sd"
     suppress: int = Field(default=64, ge=0)
     suppress_ratio: float = Field(default=0.9, gt=0, le=1)
+    tail: Literal["gaussian", "student_t"] = "gaussian"
+    scale: Literal["rate", "log"] = "rate"
+    calibration: TailConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> LikelihoodConfig:
@@ -149,6 +172,15 @@ def _upper_log10_tail(z: Any) -> Any:
     return _np_log_ndtr(-np.asarray(z, dtype=np.float64)) / _LN10
 
 
+def _tail_lambda(z: Any, n_hist: int, k: int, cfg: LikelihoodConfig) -> Any:
+    """-log10 P(Z >= z) of the standardised window mean, Gaussian or predictive Student-t."""
+    if cfg.tail == "gaussian":
+        return -_upper_log10_tail(z)
+    n_eff = max(n_hist / k, 2.0)
+    sf = _np_stdtr(n_eff - 1.0, -np.asarray(z, dtype=np.float64) / math.sqrt(1.0 + 1.0 / n_eff))
+    return -np.log10(np.maximum(sf, 1e-300))
+
+
 def _location_scale(hist: FloatArray, k: int, cfg: LikelihoodConfig) -> tuple[Any, Any]:
     """(mu, sd) of window means ``hist`` along the last axis."""
     if cfg.estimator == "median_mad":
@@ -161,9 +193,17 @@ def _location_scale(hist: FloatArray, k: int, cfg: LikelihoodConfig) -> tuple[An
 
 
 def _score(lam_k: FloatArray, cfg: LikelihoodConfig) -> tuple[FloatArray, FloatArray]:
-    """(score, lambda) from the per-scale -log10 q [n_scales, ...]."""
+    """(log-scale score, lambda) from the per-scale -log10 q [n_scales, ...]."""
     lam = np.maximum(np.max(lam_k, axis=0) - math.log10(len(cfg.short)), 0.0)
     return lam / (lam + cfg.decades), lam
+
+
+def written_score(lam: npt.ArrayLike, cfg: LikelihoodConfig) -> FloatArray:
+    """The written score of lambda = -log10 q: 1 - q (``rate``) or lambda / (lambda + D)."""
+    lv = np.asarray(lam, dtype=np.float64)
+    if cfg.scale == "log":
+        return np.asarray(lv / (lv + cfg.decades))
+    return np.asarray(-np.expm1(-_LN10 * lv))
 
 
 def window_means(zeta: npt.ArrayLike, short: int) -> FloatArray:
@@ -181,11 +221,11 @@ def _scale_lambda(m: FloatArray, k: int, cfg: LikelihoodConfig) -> FloatArray:
     lam = np.zeros(n)
     for t in range(cfg.min_history, min(w, n)):  # growing history m[:t]
         mu, sd = _location_scale(m[:t], k, cfg)
-        lam[t] = -_upper_log10_tail((m[t] - mu) / sd)
+        lam[t] = _tail_lambda((m[t] - mu) / sd, t, k, cfg)
     if n > w:
         hist = np.lib.stride_tricks.sliding_window_view(m[:-1], w)  # row j: m[j : j + W]
         mu, sd = _location_scale(hist, k, cfg)
-        lam[w:] = -_upper_log10_tail((m[w:] - mu) / sd)
+        lam[w:] = _tail_lambda((m[w:] - mu) / sd, w, k, cfg)
     return lam
 
 
@@ -207,8 +247,9 @@ def anomaly_likelihood(
 ) -> tuple[FloatArray, FloatArray]:
     """(score [N] in [0, 1), lambda [N] = -log10 q) of a sequence of normal scores (stages 3-4).
 
-    The score is repeat-suppressed (:func:`suppress_repeats`, ``cfg.suppress``);
-    lambda is not, so lambda / (lambda + D) is the raw score.  Causal: record t
+    The score is repeat-suppressed (:func:`suppress_repeats` on the log-scale
+    score, ``cfg.suppress``); lambda is not, so :func:`written_score` of lambda
+    is the raw (unsuppressed) score.  Causal: record t
     sees only zeta_0..t.  Equal to feeding the sequence through
     :class:`AnomalyLikelihood` (the test checks it); records without enough
     history get score 0.
@@ -219,7 +260,12 @@ def anomaly_likelihood(
         return np.zeros(len(z)), np.zeros(len(z))
     lam_k = np.stack([_scale_lambda(window_means(z, k), k, cfg) for k in cfg.short])
     raw, lam = _score(lam_k, cfg)
-    return suppress_repeats(raw, cfg.suppress, cfg.suppress_ratio), lam
+    kept = suppress_repeats(raw, cfg.suppress, cfg.suppress_ratio) > 0
+    if cfg.calibration is not None:  # stage 5
+        a, nominal = np.where(kept, lam, 0.0), np.where(kept, 10.0**-lam, 1.0)
+        q = calibrate(a, nominal, cfg.calibration)
+        return np.where(kept, 1.0 - q, 0.0), lam
+    return np.where(kept, written_score(lam, cfg), 0.0), lam
 
 
 class AnomalyLikelihood:
@@ -236,6 +282,8 @@ class AnomalyLikelihood:
         self._zeta: deque[float] = deque(maxlen=max(self.cfg.short))
         self._means: list[deque[float]] = [deque(maxlen=self.cfg.long) for _ in self.cfg.short]
         self._raw: deque[float] = deque(maxlen=max(self.cfg.suppress, 1))
+        cal = self.cfg.calibration
+        self._tail = TailCalibrator(cal) if cal is not None else None
 
     def update(self, zeta: Iterable[float]) -> tuple[FloatArray, FloatArray]:
         """Score the next records (their normal scores); returns (score, lambda)."""
@@ -249,7 +297,7 @@ class AnomalyLikelihood:
                 hist = self._means[i]
                 if len(hist) >= self.cfg.min_history:
                     mu, sd = _location_scale(np.asarray(hist), k, self.cfg)
-                    lam_k[i] = -_upper_log10_tail((m - mu) / sd)
+                    lam_k[i] = _tail_lambda((m - mu) / sd, len(hist), k, self.cfg)
                 hist.append(m)
             ready = len(self._means[0]) > self.cfg.min_history
             s, lam = _score(lam_k[:, None], self.cfg) if ready else (np.zeros(1), np.zeros(1))
@@ -261,17 +309,26 @@ class AnomalyLikelihood:
             )
             if self.cfg.suppress:
                 self._raw.append(raw)
-            out_s.append(raw if keep else 0.0)
+            kept = keep and raw > 0
+            if self._tail is not None:  # stage 5 (every record enters its history)
+                a, q0 = (float(lam[0]), 10.0 ** -float(lam[0])) if kept else (0.0, 1.0)
+                q = float(self._tail.update([a], [q0])[0])
+                out_s.append(1.0 - q if kept else 0.0)
+            else:
+                out_s.append(float(written_score(lam[0], self.cfg)) if kept else 0.0)
             out_l.append(float(lam[0]))
         return np.asarray(out_s), np.asarray(out_l)
 
     def state_dict(self) -> dict[str, list[Any]]:
         """The running state as JSON."""
-        return {
+        out: dict[str, list[Any]] = {
             "zeta": list(self._zeta),
             "means": [list(h) for h in self._means],
             "raw": list(self._raw),
         }
+        if self._tail is not None:
+            out["tail"] = self._tail.state_dict()["history"]
+        return out
 
     @classmethod
     def from_state(
@@ -283,6 +340,10 @@ class AnomalyLikelihood:
         for h, stored in zip(out._means, state["means"], strict=True):
             h.extend(float(v) for v in stored)
         out._raw.extend(float(v) for v in state.get("raw", []))
+        if out.cfg.calibration is not None:
+            out._tail = TailCalibrator.from_state(
+                {"history": list(state.get("tail", []))}, out.cfg.calibration
+            )
         return out
 
 
@@ -294,4 +355,5 @@ __all__ = [
     "normal_scores",
     "suppress_repeats",
     "window_means",
+    "written_score",
 ]

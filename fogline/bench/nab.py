@@ -83,6 +83,9 @@ def run_file(path: Path, policy: str, cfg_json: dict[str, Any], out: Path) -> di
     alarms = np.zeros(len(live), dtype=bool)
     alarms[m["alarms"]] = True
     b, start = res["batch_size"], res["stream_start"]
+    rates = (
+        score_exceedances(Path(res["nab_files"][0]), res["lag"], cfg) if not labels.any() else None
+    )
     if labels.any():
         first = int(np.argmax(labels))  # row of the first window's first record
         ends = start + (np.arange(len(live)) + 1) * b  # one past each batch's last row
@@ -101,7 +104,60 @@ def run_file(path: Path, policy: str, cfg_json: dict[str, Any], out: Path) -> di
         "monitored_quiet": int(np.count_nonzero(live & quiet)),
         "alarms_quiet": int(np.count_nonzero(alarms & live & quiet)),
         "mean_nll": m["mean_nll"],
+        "exceedances": rates,
     }
+
+
+#: Nominal per-record false-alarm rates q at which the score's realised rate is measured.
+RATE_LEVELS = (1e-1, 1e-2, 1e-3, 1e-4)
+
+
+def score_exceedances(results: Path, lag: int, cfg: Any) -> dict[str, Any]:
+    """Counts of records past NAB's probation with score >= 1 - q, for q in :data:`RATE_LEVELS`.
+
+    ``events``: the written (repeat-suppressed) ``anomaly_score`` column;
+    ``raw``: the unsuppressed score 1 - 10^(-lambda) recomputed from the file's
+    ``tail_probability`` column (:func:`fogline.drift.anomaly.anomaly_likelihood`).
+    Meant for files without windows, where every exceedance is a false alarm.
+    """
+    import csv
+
+    import numpy as np
+
+    from fogline.drift.anomaly import anomaly_likelihood, normal_scores, written_score
+    from fogline.drift.experiment import nab_probation
+
+    with results.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    score = np.asarray([float(r["anomaly_score"]) for r in rows])
+    tail = np.asarray([float(r["tail_probability"]) for r in rows])
+    with np.errstate(divide="ignore"):
+        zeta = normal_scores(np.log(tail[lag:]), cfg.anomaly.cap)
+    raw = np.zeros(len(rows))
+    raw[lag:] = written_score(anomaly_likelihood(zeta, cfg.anomaly)[1], cfg.anomaly)
+    live = slice(nab_probation(len(rows)), None)
+    return {
+        "records": len(score[live]),
+        "raw": [int(np.count_nonzero(raw[live] >= 1 - q)) for q in RATE_LEVELS],
+        "events": [int(np.count_nonzero(score[live] >= 1 - q)) for q in RATE_LEVELS],
+    }
+
+
+def _rates(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pooled realised / nominal rate of score >= 1 - q over the files without windows."""
+    parts = [r["exceedances"] for r in rows if r.get("exceedances")]
+    n = sum(p["records"] for p in parts)
+    out: dict[str, Any] = {"files": len(parts), "records": n, "levels": list(RATE_LEVELS)}
+    for kind in ("raw", "events"):
+        counts = [sum(p[kind][i] for p in parts) for i in range(len(RATE_LEVELS))]
+        out[kind] = {
+            "counts": counts,
+            "ratio": [
+                round(c / (q * n), 3) if n else None
+                for c, q in zip(counts, RATE_LEVELS, strict=True)
+            ],
+        }
+    return out
 
 
 def _pooled(rows: list[dict[str, Any]], ert: float) -> dict[str, Any]:
@@ -172,6 +228,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warm-steps", type=int, default=None, help="warm-start SVI steps (min)")
+    p.add_argument(
+        "--restarts",
+        type=int,
+        default=None,
+        help="warm-start restarts (default 1), the best by --select kept",
+    )
+    p.add_argument(
+        "--select",
+        choices=("elbo", "held_out"),
+        default=None,
+        help="how restarts are compared (default held_out)",
+    )
+    p.add_argument(
+        "--noise-floor",
+        type=float,
+        default=None,
+        help="anomaly score's noise floor (model units: fraction of the warm-up sd)",
+    )
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="write the per-stream calibrated score (peaks over threshold, drift/pot.py)",
+    )
     p.add_argument("--match", default=None, help="only files whose <category>/<name> has this")
     p.add_argument("--jobs", type=int, default=1, help="files run in parallel (processes)")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
@@ -188,6 +267,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["batch_size"] = args.batch_size
     if args.ert:
         overrides["policy"] = {"ert": args.ert}
+    if args.restarts:
+        overrides["warm_restarts"] = args.restarts
+    if args.select:
+        overrides["warm_select"] = args.select
+    anomaly: dict[str, Any] = {}
+    if args.noise_floor is not None:
+        anomaly["noise_floor"] = args.noise_floor
+    if args.calibrate:
+        anomaly["calibration"] = {}
+    if anomaly:
+        overrides["anomaly"] = anomaly
     if args.warm_steps:
         overrides["warm_steps"] = args.warm_steps
         overrides["warm_epochs"] = 1
@@ -227,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "no_anomaly": _pooled(no_anomaly, cfg.ert),
             "before_first_window": _pooled(others, cfg.ert),
         },
+        "score_rates": _rates(rows),
         "per_file": [
             {k: r[k] for k in ("name", "category", "rows", "wall_s", "alarms")} for r in rows
         ],
@@ -240,6 +331,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"drift alarms, {part}: {v['false_alarms']} in {v['monitored_batches']} monitored "
             f"batches, mean run length {v['mean_run_length']} vs ERT {cfg.ert:g}"
         )
+    sr = result["score_rates"]
+    if sr["records"]:
+        print(
+            f"anomaly score >= 1 - q on the {sr['files']} files without windows "
+            f"({sr['records']} records past probation), realised / nominal rate:"
+        )
+        for kind in ("raw", "events"):
+            cells = ", ".join(
+                f"q={q:g}: {r}" for q, r in zip(RATE_LEVELS, sr[kind]["ratio"], strict=True)
+            )
+            print(f"  {kind}: {cells}")
     if args.scorer is not None:
         scored = score(args.scorer, root, out / args.policy)
         print(scored["text"])

@@ -15,7 +15,9 @@ from fogline.drift.anomaly import (
     log_tail_probability,
     normal_scores,
     suppress_repeats,
+    written_score,
 )
+from fogline.drift.pot import TailConfig
 from fogline.drift.signals import _moments_and_scores
 from fogline.models.config import ModelConfig
 from fogline.models.predictive import sample_ensemble
@@ -52,8 +54,16 @@ def test_normal_scores_are_standard_normal_for_uniform_tails() -> None:
     assert normal_scores([-math.inf, 0.0], cap=5.0).tolist() == [5.0, -5.0]
 
 
-def test_streaming_equals_the_vectorised_score_across_a_restart() -> None:
-    cfg = LikelihoodConfig(short=(5, 20), long=300, min_history=50)
+@pytest.mark.parametrize("tail", ["gaussian", "student_t", "calibrated"])
+def test_streaming_equals_the_vectorised_score_across_a_restart(tail: str) -> None:
+    extra = {"calibration": TailConfig(window=400, min_history=100)} if tail == "calibrated" else {}
+    cfg = LikelihoodConfig(
+        short=(5, 20),
+        long=300,
+        min_history=50,
+        tail="gaussian" if tail == "calibrated" else tail,  # type: ignore[arg-type]
+        **extra,  # type: ignore[arg-type]
+    )
     rng = np.random.default_rng(1)
     zeta = rng.standard_normal(900)
     zeta[600:640] += 3.0
@@ -68,22 +78,39 @@ def test_streaming_equals_the_vectorised_score_across_a_restart() -> None:
 
 
 def test_a_threshold_is_a_false_alarm_rate_on_calibrated_noise() -> None:
-    """Per-record rate of score >= h is about q = 10^(-D h / (1 - h)) on i.i.d. N(0, 1)
+    """Per-record rate of raw score >= 1 - q is about q on i.i.d. N(0, 1)
     (the Bonferroni bound over the scales makes it at most q, up to sampling error)."""
     cfg = LikelihoodConfig()
     rng = np.random.default_rng(2)
     score, lam = anomaly_likelihood(rng.standard_normal(60_000), cfg)
-    raw = lam / (lam + cfg.decades)
+    raw = written_score(lam, cfg)
     live = raw[cfg.long :]
     for decades in (1.0, 2.0, 3.0):  # measured ratios on seeds 0-2: 1.0-1.6
-        h = decades / (decades + cfg.decades)
         nominal = 10**-decades
-        rate = float(np.mean(live >= h))
-        assert 0.5 * nominal <= rate <= 2.0 * nominal, (h, rate, nominal)
+        rate = float(np.mean(live >= 1 - nominal))
+        assert 0.5 * nominal <= rate <= 2.0 * nominal, (rate, nominal)
         # the written score keeps the first record of each excursion: fewer, never more
-        kept = float(np.mean(score[cfg.long :] >= h))
+        kept = float(np.mean(score[cfg.long :] >= 1 - nominal))
         assert 0 < kept <= rate
     assert np.all((score == raw) | (score == 0))
+
+
+def test_the_rate_and_log_scales_rank_records_alike() -> None:
+    rng = np.random.default_rng(4)
+    zeta = rng.standard_normal(5000)
+    zeta[3000:3020] += 2.5
+    rate, lam = anomaly_likelihood(zeta, LikelihoodConfig())
+    log, lam_log = anomaly_likelihood(zeta, LikelihoodConfig(scale="log"))
+    np.testing.assert_array_equal(lam, lam_log)
+    np.testing.assert_array_equal(rate > 0, log > 0)  # the same records kept
+    np.testing.assert_allclose(rate, np.where(rate > 0, 1 - 10.0**-lam, 0.0), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(log, np.where(log > 0, lam / (lam + 10.0), 0.0), rtol=0, atol=1e-15)
+    kept = rate > 0
+    order_rate, order_log = (
+        np.argsort(rate[kept], kind="stable"),
+        np.argsort(log[kept], kind="stable"),
+    )
+    np.testing.assert_array_equal(order_rate, order_log)
 
 
 def test_repeat_suppression_keeps_the_first_record_of_an_excursion() -> None:
@@ -105,12 +132,14 @@ def test_one_noisy_record_is_not_an_anomaly_but_a_change_is_found_quickly() -> N
     spike = zeta.copy()
     spike[2000] = cfg.cap  # one record, as extreme as a normal score gets
     s_spike, _ = anomaly_likelihood(spike, cfg)
-    assert s_spike[2000:2010].max() < 0.25  # the cap bounds one record's weight
+    assert s_spike[2000:2010].max() < 1 - 10 ** (
+        -10 / 3
+    )  # q > 5e-4: the cap bounds one record's weight
     shift = zeta.copy()
     shift[2000:] += 4.0  # a real change: every record now 4 sd out
     s_shift, _ = anomaly_likelihood(shift, cfg)
-    first = int(np.argmax(s_shift[2000:] >= 0.5))  # q = 1e-10
-    assert s_shift[2000 + first] >= 0.5 and first < min(cfg.short)
+    first = int(np.argmax(s_shift[2000:] >= 1 - 1e-10))  # q = 1e-10
+    assert s_shift[2000 + first] >= 1 - 1e-10 and first < min(cfg.short)
 
 
 def test_settings_are_validated() -> None:
@@ -118,3 +147,37 @@ def test_settings_are_validated() -> None:
         LikelihoodConfig(long=10, min_history=20)
     with pytest.raises(ValueError, match="short"):
         LikelihoodConfig(short=(0,))
+
+
+def test_the_student_t_tail_is_heavier_and_nears_the_gaussian_one() -> None:
+    rng = np.random.default_rng(5)
+    zeta = rng.standard_normal(4000)
+    zeta[3000:3010] += 3.0
+    _, lam_g = anomaly_likelihood(zeta, LikelihoodConfig())
+    _, lam_t = anomaly_likelihood(zeta, LikelihoodConfig(tail="student_t"))
+    big = lam_g > 1.0
+    assert big.any() and np.all(lam_t[big] < lam_g[big])  # a heavier tail: less surprise
+    # K = 8 windows over W = 1000 records: n_eff = 125, nearly Gaussian at moderate z
+    short = LikelihoodConfig(short=(8,), tail="student_t")
+    _, lam_t8 = anomaly_likelihood(zeta, short)
+    _, lam_g8 = anomaly_likelihood(zeta, LikelihoodConfig(short=(8,)))
+    mid = (lam_g8 > 1.0) & (lam_g8 < 3.0)
+    np.testing.assert_allclose(lam_t8[mid], lam_g8[mid], rtol=0.15)
+
+
+def test_the_calibrated_score_holds_its_rate_on_heavy_tailed_residuals() -> None:
+    """Student-t(3) normal scores: the Gaussian-tailed score alarms far too often deep in the
+    tail; the calibrated one (stage 5) keeps alarm events near the nominal rate."""
+    rng = np.random.default_rng(6)
+    zeta = rng.standard_t(3, size=60_000)
+    plain, _ = anomaly_likelihood(zeta, LikelihoodConfig())
+    cal, _ = anomaly_likelihood(zeta, LikelihoodConfig(calibration=TailConfig()))
+    assert np.all((cal == 0) == (plain == 0))  # the same records kept
+    live = slice(5000, None)
+    for q in (1e-2, 1e-3):
+        rate = float(np.mean(cal[live] >= 1 - q)) / q
+        assert 0.5 <= rate <= 1.5, (q, rate)
+    # measured: events 0.32 / 1.0 / 4.7 x nominal at 1e-2 / 1e-3 / 1e-4 uncalibrated,
+    # 0.97 / 0.85 / 1.09 calibrated; the raw (unsuppressed) Gaussian score 1.7 / 6.7 / 33
+    assert float(np.mean(plain[live] >= 1 - 1e-4)) > 3 * 1e-4
+    assert float(np.mean(cal[live] >= 1 - 1e-4)) < 2 * 1e-4

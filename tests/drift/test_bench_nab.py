@@ -67,6 +67,12 @@ def test_bench_nab_writes_the_results_tree(
     assert any(line.startswith("synthetic/calm: 900 rows") for line in lines)
     fa = res["false_alarms"]
     assert fa["no_anomaly"]["files"] == 1 and fa["before_first_window"]["files"] == 1
+    rates = res["score_rates"]  # the per-record score on the window-free file (calm)
+    assert rates["files"] == 1 and rates["records"] == 900 - 135  # past NAB's probation
+    raw, events = rates["raw"]["counts"], rates["events"]["counts"]
+    assert raw == sorted(raw, reverse=True) and events == sorted(events, reverse=True)
+    assert all(e <= r for e, r in zip(events, raw, strict=True))  # suppression only removes
+    assert raw[0] > 0  # q = 0.1 on 765 records
     for name in ("calm", "jump"):
         path = out / "forget" / "synthetic" / f"forget_{name}.csv"
         with path.open(newline="") as fh:
@@ -107,20 +113,53 @@ def test_scorer_table_is_parsed(tmp_path: Path, shared_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_nab_subset_score(tmp_path: Path, nab_root: Path, shared_dir: Path) -> None:
-    """The NAB subset at default settings, seed 0 (85-160 s on 2 shared cores).
+def test_nab_subset_score(
+    tmp_path: Path, nab_root: Path, shared_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The NAB subset at default settings, seed 0 (100-160 s on 2 shared cores).
 
-    The issue's bar is standard >= 60; measured at these defaults: 63.19 at
-    seed 0, 51.76 at seed 1 (docs/drift.md).  This asserts a margin below what
-    seed 0 reaches (other hardware rounds the warm start differently), and
-    that the seasonal inputs found the daily-pattern breaks.
+    The issue's bar is standard >= 60; measured at these defaults over seeds 0-4:
+    63.19, 51.76, 53.94, 58.36, 51.05 (low FN above low FP at every seed, >= 24 TP
+    windows; docs/drift.md).  This runs seed 0 and asserts what every measured seed
+    holds (other hardware rounds the warm start differently, as another seed would),
+    and that the score's rate on the window-free files is near nominal at q = 1e-2
+    (0.83-1.40 x over the seeds).
     """
     scorer = shared_dir / "tools" / "nab_score.py"
     if not scorer.is_file():
         pytest.skip(f"no scorer at {scorer}")
     out = tmp_path / "results"
-    nab.main(["--data", str(nab_root), "--out", str(out), "--jobs", "2"])
+    nab.main(["--data", str(nab_root), "--out", str(out), "--jobs", "2", "--json"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     scored = nab.score(scorer, nab_root, out / "forget")["profiles"]
-    assert scored["standard"]["score"] >= 55.0, scored
+    assert scored["standard"]["score"] >= 50.0, scored
     assert scored["low_fn"]["score"] >= scored["low_fp"]["score"], scored
-    assert scored["standard"]["tp"] >= 25, scored
+    assert scored["standard"]["tp"] >= 24, scored
+    rates = res["score_rates"]
+    assert rates["files"] == 6 and rates["records"] == 20_568
+    assert 0.5 <= rates["raw"]["ratio"][1] <= 1.5, rates  # q = 1e-2
+
+
+def test_warm_start_restarts(tmp_path: Path) -> None:
+    """One restart (the default) is the single fit at the seed; restarts are deterministic."""
+    from fogline.drift import experiment as ex
+
+    tiny_corpus(tmp_path / "nab")
+    path = tmp_path / "nab" / "data" / "synthetic" / "calm.csv"
+    assert ex.ExperimentConfig().warm_restarts == 1
+    quick = {"warm_steps": 150, "warm_epochs": 1}
+    one = ex.ExperimentConfig(warm_restarts=1, **quick)  # type: ignore[arg-type]
+    data = ex.load_nab(path, one)
+    single = ex.warm_start(data, one)
+    config = ex.ModelConfig.model_validate({"in_features": int(data.x.shape[1])})
+    x, y = torch.from_numpy(data.warm_x), torch.from_numpy(data.warm_y)
+    epochs = max(1, math.ceil(150 * 256 / len(y)))
+    plain = ex.fit(ex.init_state(config, seed=0), x, y, epochs=epochs, batch_size=256, seed=0)
+    for name, value in plain.state.params.items():
+        torch.testing.assert_close(single.params[name], value, rtol=0, atol=0)
+    for select in ("held_out", "elbo"):
+        cfg = ex.ExperimentConfig(warm_restarts=4, warm_select=select, **quick)  # type: ignore[arg-type]
+        a, b = ex.warm_start(data, cfg), ex.warm_start(data, cfg)
+        torch.testing.assert_close(a.params["loc"], b.params["loc"], rtol=0, atol=0)
+        if select == "held_out":  # fitted on 80 % and then a final pass: never the single fit
+            assert not torch.equal(a.params["loc"], single.params["loc"])

@@ -70,6 +70,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     ex.add_argument("--batches", type=int, default=None, help="batches of the generated stream")
     ex.add_argument("--batch-size", type=int, default=None)
     ex.add_argument("--ert", type=float, default=None, help="target ERT in batches (default 1000)")
+    ex.add_argument(
+        "--restarts",
+        type=int,
+        default=None,
+        help="warm-start restarts (default 1), the best by held-out log predictive density",
+    )
     ex.add_argument("--json", action="store_true", help="print one JSON object last")
     ex.add_argument("--out", default=None, help="directory for the PNG timelines")
     ex.add_argument("--nab-out", default=None, help="write NAB results CSVs here (NAB input)")
