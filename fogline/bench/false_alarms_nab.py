@@ -27,7 +27,10 @@ ratio to the ERT and whether it lies within +-50 %.  ``all_not_deterministic``
 pools ``all`` without the files whose last threshold fit found the signal
 deterministic (:func:`deterministic`; listed as ``deterministic_files``): a
 noise-free series, where the calibrated detector rightly never alarms and no
-run length can match a finite ERT.
+run length can match a finite ERT.  ``clean_calibration`` pools the batches of
+``all_not_deterministic`` whose threshold was fitted on a window of stable
+batches only (:func:`clean_calibration`): a window that overlapped an anomaly
+fits a threshold partly on it.
 """
 
 from __future__ import annotations
@@ -42,7 +45,14 @@ from typing import Any
 import numpy as np
 
 #: The pooled groups, in print order.
-GROUPS = ("no_anomaly", "stable_parts", "before_first_window", "all", "all_not_deterministic")
+GROUPS = (
+    "no_anomaly",
+    "stable_parts",
+    "before_first_window",
+    "all",
+    "all_not_deterministic",
+    "clean_calibration",
+)
 
 
 def windows_of(labels: np.ndarray) -> list[tuple[int, int]]:
@@ -71,6 +81,29 @@ def stable_batches(
         stable &= (b <= s) | (a > e + after * (e - s + 1))
     before = b <= wins[0][0] if wins else np.ones(n_batches, dtype=bool)
     return stable, before
+
+
+def clean_calibration(modes: Sequence[str], live: np.ndarray, stable: np.ndarray) -> np.ndarray:
+    """Per batch: was the last calibration window before it made of stable batches only?
+
+    A calibration window is a maximal run of batches in mode ``calibrating``
+    (:class:`fogline.drift.experiment.PolicyRun` ``modes``) or ``stable`` but not
+    yet live (the batch on which a window was extended); the stream-calibrated
+    threshold assumes its window is free of drift, and one that overlapped a labelled
+    window (or its aftermath) was fitted partly on the anomaly.
+    """
+    out = np.zeros(len(modes), dtype=bool)
+    clean, in_window, last = False, False, False
+    for t, m in enumerate(modes):
+        if m == "calibrating" or (m == "stable" and not live[t]):
+            clean = clean and bool(stable[t]) if in_window else bool(stable[t])
+            in_window = True
+        else:
+            if in_window:
+                last = clean
+            in_window = False
+        out[t] = last and not in_window
+    return out
 
 
 def run_file(
@@ -103,6 +136,7 @@ def run_file(
         alarm = np.zeros(data.n_batches, dtype=bool)
         alarm[run.alarms] = True
         n_win = len(windows_of(data.labels))
+        clean = clean_calibration(run.modes, live, stable) & live & stable
         group = "no_anomaly" if n_win == 0 else "stable_parts"
         out.append(
             {
@@ -117,6 +151,8 @@ def run_file(
                 "alarms": int(np.count_nonzero(alarm & live & stable)),
                 "alarm_batches": [int(t) for t in np.nonzero(alarm & live & stable)[0]],
                 "deterministic": deterministic(run.calibration),
+                "monitored_clean": int(np.count_nonzero(clean)),
+                "alarms_clean": int(np.count_nonzero(alarm & clean)),
                 "monitored_before_first": int(np.count_nonzero(live & before)),
                 "alarms_before_first": int(np.count_nonzero(alarm & live & before)),
                 "wall_s": round(time.perf_counter() - t0, 2),
@@ -175,6 +211,7 @@ def summarise(rows: list[dict[str, Any]], ert: float) -> dict[str, Any]:
         "before_first_window": tot(sp, "monitored_before_first", "alarms_before_first"),
         "all": tot(na + sp, "monitored", "alarms"),
         "all_not_deterministic": tot(noisy, "monitored", "alarms"),
+        "clean_calibration": tot(noisy, "monitored_clean", "alarms_clean"),
         "deterministic_files": sorted(
             f"{r['category']}/{r['name']}" for r in na + sp if r["deterministic"]
         ),

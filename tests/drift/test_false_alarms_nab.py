@@ -13,7 +13,7 @@ import torch
 from test_bench_nab import tiny_corpus
 
 from fogline.bench import false_alarms, false_alarms_nab
-from fogline.bench.false_alarms_nab import pooled, stable_batches, windows_of
+from fogline.bench.false_alarms_nab import clean_calibration, pooled, stable_batches, windows_of
 
 
 def test_windows_of_labels() -> None:
@@ -36,6 +36,20 @@ def test_stable_batches_exclude_windows_and_their_aftermath() -> None:
     assert none.all() and first.all()
     with pytest.raises(ValueError, match="after"):
         stable_batches(100, 10, 10, 9, labels, after=-1.0)
+
+
+def test_clean_calibration_follows_the_last_window() -> None:
+    # calibrate 3, live 3, alarm + recovery 2, calibrate 2, extended on 1 batch, 1 more, live 2
+    modes = ["calibrating"] * 3 + ["stable"] * 3 + ["shifted", "recovering"]
+    modes += ["calibrating"] * 2 + ["stable", "calibrating", "stable", "stable"]
+    live = np.array([0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1], dtype=bool)
+    stable = np.ones(14, dtype=bool)
+    want = [0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1]
+    assert clean_calibration(modes, live, stable).astype(int).tolist() == want
+    stable[8] = False  # the second window began inside a labelled window's aftermath
+    assert clean_calibration(modes, live, stable)[12:].tolist() == [False, False]
+    stable[8], stable[10] = True, False  # the batch on which the window was extended
+    assert clean_calibration(modes, live, stable)[12:].tolist() == [False, False]
 
 
 def test_pooled_run_length_and_interval() -> None:
@@ -67,9 +81,14 @@ def test_bench_false_alarms_nab_end_to_end(
             assert s[group]["monitored_batches"] == sum(r["monitored"] for r in part)
             assert s[group]["false_alarms"] == sum(r["alarms"] for r in part)
         assert s["all"]["monitored_batches"] == sum(r["monitored"] for r in mine)
+        noisy = [r for r in mine if not r["deterministic"]]
+        assert s["clean_calibration"]["monitored_batches"] == sum(
+            r["monitored_clean"] for r in noisy
+        )
     for r in rows:
         assert 0 < r["monitored"] <= r["batches"] and r["alarms"] == len(r["alarm_batches"])
         assert r["monitored_before_first"] <= r["monitored"]
+        assert r["monitored_clean"] <= r["monitored"] and r["alarms_clean"] <= r["alarms"]
         assert r["monitored"] <= r["batches"] - 40  # the 40-batch calibration is not monitored
         if r["name"] == "calm":
             assert r["monitored_before_first"] == r["monitored"]  # no window: all stable
