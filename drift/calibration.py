@@ -62,6 +62,9 @@ class Calibration:
     seed: int
     #: The cycle (records) of a seasonal block bootstrap; 0 for none.
     period: int = 0
+    #: Every simulated stream had the same maximum: the window's signal repeats exactly
+    #: (a noise-free series) and no threshold gives a finite ERT.
+    deterministic: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain strict-JSON dict form (a non-finite number, e.g. an ERT estimate
@@ -92,16 +95,20 @@ def _first_alarm(
 
 def _fit_from_streams(
     streams: FloatArray, ert: float, consecutive: int, check: FloatArray, tie: float = 0.0
-) -> tuple[float, float]:
+) -> tuple[float, float, bool]:
+    """``(threshold, ert_estimate, deterministic)``; deterministic: every simulated stream
+    has the same maximum (within the tie margin), so the window's signal repeats exactly."""
     length = streams.shape[1]
     maxima = _running_min(streams, consecutive).max(axis=1)
     q = (1.0 - 1.0 / ert) ** (length - consecutive + 1)
     threshold = float(np.quantile(maxima, q))
-    threshold += tie * max(1.0, abs(threshold))
+    margin = tie * max(1.0, abs(threshold))
+    deterministic = bool(np.ptp(maxima) <= margin)
+    threshold += margin
     runs, hit = _first_alarm(check, threshold, consecutive)
     alarms = int(np.count_nonzero(hit))
     ert_est = float(runs.sum() / alarms) if alarms else float("inf")
-    return threshold, ert_est
+    return threshold, ert_est, deterministic
 
 
 def dependence_horizon(values: npt.ArrayLike, max_lag: int | None = None, c: float = 2.0) -> int:
@@ -188,7 +195,7 @@ def calibrate_threshold(
     length = int(length or max(min(int(ert), 250), consecutive + 1))
     fit = block_bootstrap(v, n_streams, length, block, rng)
     check = block_bootstrap(v, n_streams, length, block, rng)
-    threshold, ert_est = _fit_from_streams(fit, ert, consecutive, check)
+    threshold, ert_est, deterministic = _fit_from_streams(fit, ert, consecutive, check)
     return Calibration(
         threshold=threshold,
         ert_target=float(ert),
@@ -200,6 +207,7 @@ def calibrate_threshold(
         reference_size=int(v.shape[0]),
         method="block_bootstrap",
         seed=seed,
+        deterministic=deterministic,
     )
 
 
@@ -303,7 +311,9 @@ def calibrate_batch_statistic(
             out[i] = reduce(np.take(v, indices(), axis=0))
         return out
 
-    threshold, ert_est = _fit_from_streams(streams(), ert, consecutive, streams(), tie)
+    threshold, ert_est, deterministic = _fit_from_streams(
+        streams(), ert, consecutive, streams(), tie
+    )
     return Calibration(
         threshold=threshold,
         ert_target=float(ert),
@@ -320,6 +330,7 @@ def calibrate_batch_statistic(
         ),
         seed=seed,
         period=period,
+        deterministic=deterministic,
     )
 
 

@@ -712,9 +712,9 @@ class DriftLoop:
             reference_records=cal.reference_size,
             block_records=cal.block,
             period_records=cal.period,
-            # no simulated stream crossed it: the window's signal repeats exactly (a
-            # noise-free series), and no false alarm is expected at any ERT
-            deterministic=not math.isfinite(cal.ert_estimate),
+            # every simulated stream had the same maximum: the window's signal repeats
+            # exactly (a noise-free series), and no false alarm is expected at any ERT
+            deterministic=cal.deterministic,
         )
         ps = d.policy.replace(
             threshold=cal.threshold,

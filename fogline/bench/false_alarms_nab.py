@@ -164,12 +164,12 @@ def run_file(
 def deterministic(calibration: dict[str, Any] | None) -> bool:
     """Did the file's last threshold fit find its window's signal deterministic?
 
-    True when no bootstrap stream of the fit crossed the threshold (its
-    ``ert_estimate`` is unbounded, stored as ``None``): the window's batch
-    signal repeats exactly (a noise-free series), no threshold gives any finite
-    ERT, and no false alarm is expected (docs/drift.md).
+    True when every bootstrap stream of the fit had the same maximum
+    (:attr:`fogline.drift.calibration.Calibration.deterministic`): the window's
+    batch signal repeats exactly (a noise-free series), no threshold gives any
+    finite ERT, and no false alarm is expected (docs/drift.md).
     """
-    return calibration is not None and calibration.get("ert_estimate") is None
+    return calibration is not None and bool(calibration.get("deterministic", False))
 
 
 def pooled(monitored: int, alarms: int, ert: float) -> dict[str, Any]:

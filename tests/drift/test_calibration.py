@@ -189,3 +189,17 @@ def test_seasonal_bootstrap_holds_the_ert_on_a_cycle() -> None:
         iid_alarms += _alarms(means, iid.threshold, 2)
     assert 0.5 * ert <= monitored / seasonal_alarms <= 1.5 * ert
     assert monitored / iid_alarms < 0.3 * ert
+
+
+def test_a_signal_that_repeats_exactly_is_deterministic() -> None:
+    """A noise-free cycle: every simulated stream holds the cycle's highest pair, the
+    threshold is that pair's value (plus the tie margin) and the fit says so."""
+    period, b = 48, 8
+    window = np.tile(np.sin(2 * np.pi * np.arange(period) / period), 8)
+    cal = calibrate_batch_statistic(window, b, 20.0, consecutive=2, n_streams=100, period=period)
+    means = window.reshape(-1, b).mean(1)
+    top = max(min(means[i], means[i + 1]) for i in range(len(means) - 1))
+    assert cal.deterministic and cal.threshold == pytest.approx(top, abs=1e-5)
+    assert cal.threshold > top and _alarms(np.tile(means, 50), cal.threshold, 2) == 0
+    noisy = window + 0.3 * np.random.default_rng(0).standard_normal(window.size)
+    assert not calibrate_batch_statistic(noisy, b, 20.0, consecutive=2, n_streams=100).deterministic
