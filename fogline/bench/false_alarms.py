@@ -128,6 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="--nab: the warm start's seed")
     p.add_argument("--jobs", type=int, default=1, help="--nab: files run in parallel")
     p.add_argument(
+        "--fixed-block",
+        action="store_true",
+        help="--nab: drift.calibration_block_auto = false (the fixed 2-batch block bootstrap, "
+        "a baseline for the same run's figures)",
+    )
+    p.add_argument(
         "--calibration-batches",
         type=int,
         default=200,
@@ -219,6 +225,7 @@ def _main_nab(args: argparse.Namespace) -> int:
         after=args.after_windows,
         seed=args.seed,
         jobs=args.jobs,
+        drift={"calibration_block_auto": False} if args.fixed_block else None,
     )
     print(false_alarms_nab.report(result), flush=True)
     if args.json:

@@ -107,9 +107,19 @@ def clean_calibration(modes: Sequence[str], live: np.ndarray, stable: np.ndarray
 
 
 def run_file(
-    path: str, batch_size: int, erts: Sequence[float], policy: str, after: float, seed: int
+    path: str,
+    batch_size: int,
+    erts: Sequence[float],
+    policy: str,
+    after: float,
+    seed: int,
+    drift: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """One file at one batch size, every ERT: the per-file counts (module docstring)."""
+    """One file at one batch size, every ERT: the per-file counts (module docstring).
+
+    ``drift``: settings of the drift loop (:class:`~fogline.drift.config.PolicyConfig`
+    fields) other than the ERT, e.g. ``{"calibration_block_auto": False}``.
+    """
     import structlog
     import torch
 
@@ -130,7 +140,7 @@ def run_file(
     out = []
     for ert in erts:
         t0 = time.perf_counter()
-        cfg = ExperimentConfig.model_validate({**settings, "policy": {"ert": ert}})
+        cfg = ExperimentConfig.model_validate({**settings, "policy": {**(drift or {}), "ert": ert}})
         run = run_policy(policy, warm, data, cfg)
         live = np.asarray(run.live, dtype=bool)
         alarm = np.zeros(data.n_batches, dtype=bool)
@@ -228,6 +238,7 @@ def run(
     after: float = 1.0,
     seed: int = 0,
     jobs: int = 1,
+    drift: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The benchmark's JSON result (module docstring)."""
     from fogline.bench.nab import data_files, windows_file
@@ -239,12 +250,12 @@ def run(
     rows: list[dict[str, Any]] = []
     if jobs > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
-            futs = [pool.submit(run_file, f, b, erts, policy, after, seed) for f, b in tasks]
+            futs = [pool.submit(run_file, f, b, erts, policy, after, seed, drift) for f, b in tasks]
             for fut in futs:
                 rows.extend(fut.result())
     else:
         for f, b in tasks:
-            rows.extend(run_file(f, b, erts, policy, after, seed))
+            rows.extend(run_file(f, b, erts, policy, after, seed, drift))
     settings = []
     for b in batch_sizes:
         for ert in erts:
@@ -255,6 +266,7 @@ def run(
         "data": str(root),
         "policy": policy,
         "seed": seed,
+        "drift": drift or {},
         "after_windows": after,
         "files": len(files),
         "settings": settings,

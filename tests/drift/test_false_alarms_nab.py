@@ -105,3 +105,19 @@ def test_lists_need_nab() -> None:
 def test_run_checks_the_tree(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         false_alarms_nab.run(tmp_path, erts=[20.0], batch_sizes=[16])
+
+
+def test_fixed_block_is_the_baseline_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen: list[dict[str, object]] = []
+
+    def fake_run(root: Path, **kw: object) -> dict[str, object]:
+        seen.append(kw)
+        return {"settings": [], "per_file": []}
+
+    monkeypatch.setattr(false_alarms_nab, "run", fake_run)
+    assert false_alarms.main(["--nab", str(tmp_path), "--fixed-block"]) == 0
+    assert false_alarms.main(["--nab", str(tmp_path)]) == 0
+    assert seen[0]["drift"] == {"calibration_block_auto": False} and seen[1]["drift"] is None
+    assert seen[1]["erts"] == [20.0, 50.0] and seen[1]["batch_sizes"] == [16]
