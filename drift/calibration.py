@@ -41,6 +41,10 @@ import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float64]
 
+#: Relative margin above a fitted threshold inside which a batch signal is a tie,
+#: not an exceedance (:func:`calibrate_batch_statistic`): about 8 float32 ulps.
+TIE = 1e-6
+
 
 @dataclass(frozen=True)
 class Calibration:
@@ -56,6 +60,11 @@ class Calibration:
     reference_size: int
     method: str
     seed: int
+    #: The cycle (records) of a seasonal block bootstrap; 0 for none.
+    period: int = 0
+    #: Every simulated stream had the same maximum: the window's signal repeats exactly
+    #: (a noise-free series) and no threshold gives a finite ERT.
+    deterministic: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain strict-JSON dict form (a non-finite number, e.g. an ERT estimate
@@ -85,16 +94,60 @@ def _first_alarm(
 
 
 def _fit_from_streams(
-    streams: FloatArray, ert: float, consecutive: int, check: FloatArray
-) -> tuple[float, float]:
+    streams: FloatArray, ert: float, consecutive: int, check: FloatArray, tie: float = 0.0
+) -> tuple[float, float, bool]:
+    """``(threshold, ert_estimate, deterministic)``; deterministic: every simulated stream
+    has the same maximum (within the tie margin), so the window's signal repeats exactly."""
     length = streams.shape[1]
     maxima = _running_min(streams, consecutive).max(axis=1)
     q = (1.0 - 1.0 / ert) ** (length - consecutive + 1)
     threshold = float(np.quantile(maxima, q))
+    margin = tie * max(1.0, abs(threshold))
+    deterministic = bool(np.ptp(maxima) <= margin)
+    threshold += margin
     runs, hit = _first_alarm(check, threshold, consecutive)
     alarms = int(np.count_nonzero(hit))
     ert_est = float(runs.sum() / alarms) if alarms else float("inf")
-    return threshold, ert_est
+    return threshold, ert_est, deterministic
+
+
+def dependence_horizon(values: npt.ArrayLike, max_lag: int | None = None, c: float = 2.0) -> int:
+    """The lag beyond which a series' autocorrelation stays insignificant (Politis & White 2004).
+
+    With the sample autocorrelations r_k of ``values`` (length n) and the band
+    ``c sqrt(log10(n) / n)``, the horizon is the smallest m >= 0 such that
+    |r_{m+j}| is inside the band for j = 1..K, K = max(5, ceil(sqrt(log10 n))):
+    the first lag after which K consecutive autocorrelations look like noise.
+    It is the "m-hat" of Politis & White's automatic block-length rule; a
+    moving-block bootstrap with blocks of at least m-hat + 1 values keeps every
+    dependence the sample can show.  A periodic signal (a daily cycle seen
+    through batches) has autocorrelations that leave the band again at every
+    period, so its horizon is at least about one period (at most ``max_lag``,
+    default n // 2); a constant series, where the autocorrelation is undefined,
+    gets 0 (any block draws the same values).
+
+    >>> dependence_horizon(np.random.default_rng(0).normal(size=200))
+    0
+    >>> dependence_horizon(np.tile([0.0] * 7 + [1.0] * 11, 4))  # period 18
+    29
+    """
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    n = int(v.shape[0])
+    cap = n // 2 if max_lag is None else min(int(max_lag), n - 1)
+    if n < 3 or cap < 1:
+        return 0
+    d = v - v.mean()
+    var = float(d @ d)
+    if not var > 1e-12 * max(1.0, float(np.abs(v).max()) ** 2) * n:
+        return 0
+    r = np.array([float(d[:-k] @ d[k:]) / var for k in range(1, cap + 1)])
+    band = c * math.sqrt(math.log10(n) / n)
+    width = max(5, math.ceil(math.sqrt(math.log10(n))))
+    inside = np.abs(r) < band
+    for m in range(0, cap - width + 1):
+        if inside[m : m + width].all():  # r_{m+1} .. r_{m+width}
+            return m
+    return cap
 
 
 def block_bootstrap(
@@ -142,7 +195,7 @@ def calibrate_threshold(
     length = int(length or max(min(int(ert), 250), consecutive + 1))
     fit = block_bootstrap(v, n_streams, length, block, rng)
     check = block_bootstrap(v, n_streams, length, block, rng)
-    threshold, ert_est = _fit_from_streams(fit, ert, consecutive, check)
+    threshold, ert_est, deterministic = _fit_from_streams(fit, ert, consecutive, check)
     return Calibration(
         threshold=threshold,
         ert_target=float(ert),
@@ -154,6 +207,7 @@ def calibrate_threshold(
         reference_size=int(v.shape[0]),
         method="block_bootstrap",
         seed=seed,
+        deterministic=deterministic,
     )
 
 
@@ -167,6 +221,8 @@ def calibrate_batch_statistic(
     length: int | None = None,
     seed: int = 0,
     block: int = 1,
+    period: int = 0,
+    tie: float = TIE,
 ) -> Calibration:
     """Threshold on a batch signal ``s_t = stat(records of batch t)`` by bootstrapping records.
 
@@ -184,6 +240,26 @@ def calibrate_batch_statistic(
     (real telemetry: a batch of consecutive records shares a daily phase, so
     its mean varies far more than a mean of records drawn at random).  Choose
     ``block`` a multiple of ``batch_size``; at least one block must fit.
+
+    ``period`` d > 0 (records) is the generalised seasonal block bootstrap
+    (Dudek, Leskow, Paparoditis & Politis 2014) for a window with a cycle of d
+    records (window position i has phase i mod d): the simulated stream starts
+    where a future batch would, at synthetic time tau_0 = R + m B (m drawn
+    uniformly: a batch boundary the stream will really have, so a cycle of a
+    whole number of batches keeps its batch alignment), and its block starting
+    at synthetic time tau is a run of ``block`` window records starting at one
+    of the window positions u = (tau mod d) + j d, drawn uniformly: the same
+    phase of another cycle.  The cycle's profile is kept
+    (a batch at the cycle's peak is drawn from peaks) while the noise of
+    different cycles mixes, so the threshold can lie beyond the largest batch
+    the window happens to hold.  Needs every phase at least twice:
+    ``R >= 2 d + block``.
+
+    ``tie``: the threshold is raised by ``tie * max(1, |h|)``.  The live signal
+    is a float32 mean and the bootstrap recomputes it in float64, so a batch
+    the window holds can come back a few float32 ulps apart; on a deterministic
+    signal (a noise-free cycle), where the fitted quantile *is* such a batch, a
+    rounding difference would otherwise count as an exceedance.
     """
     v = np.asarray(record_values, dtype=np.float64)
     if v.shape[0] < batch_size:
@@ -205,9 +281,23 @@ def calibrate_batch_statistic(
 
     if block > v.shape[0]:
         raise ValueError(f"block: {block} records, the window has only {v.shape[0]}")
+    if period < 0 or (period and v.shape[0] < 2 * period + max(block, 1)):
+        raise ValueError(
+            f"period: {period} records; a seasonal bootstrap needs a window of at least "
+            f"2 periods + 1 block ({2 * period + max(block, 1)}), it has {v.shape[0]}"
+        )
     n_blocks = -(-length * batch_size // max(block, 1))
 
     def indices() -> npt.NDArray[np.int64]:
+        if period:
+            b = max(block, 1)
+            # the future batches start at window positions R + m B: their phases
+            first = v.shape[0] + batch_size * int(rng.integers(0, period))
+            phase = (first + np.arange(n_blocks) * b) % period
+            count = (v.shape[0] - b - phase) // period + 1  # window starts of that phase
+            starts = phase + period * (rng.random(n_blocks) * count).astype(np.int64)
+            idx = (starts[:, None] + np.arange(b)).reshape(-1)[: length * batch_size]
+            return idx.reshape(length, batch_size)
         if block <= 1:
             return rng.integers(0, v.shape[0], size=(length, batch_size))
         starts = rng.integers(0, v.shape[0] - block + 1, size=n_blocks)
@@ -221,7 +311,9 @@ def calibrate_batch_statistic(
             out[i] = reduce(np.take(v, indices(), axis=0))
         return out
 
-    threshold, ert_est = _fit_from_streams(streams(), ert, consecutive, streams())
+    threshold, ert_est, deterministic = _fit_from_streams(
+        streams(), ert, consecutive, streams(), tie
+    )
     return Calibration(
         threshold=threshold,
         ert_target=float(ert),
@@ -231,8 +323,14 @@ def calibrate_batch_statistic(
         n_streams=n_streams,
         block=max(block, 1),
         reference_size=int(v.shape[0]),
-        method=f"record_{'block_' if block > 1 else ''}bootstrap_{name}",
+        method=(
+            f"record_seasonal_block_bootstrap_{name}"
+            if period
+            else f"record_{'block_' if block > 1 else ''}bootstrap_{name}"
+        ),
         seed=seed,
+        period=period,
+        deterministic=deterministic,
     )
 
 

@@ -89,7 +89,23 @@ class PolicyConfig(BaseModel):
         threshold (:func:`fogline.drift.calibration.calibrate_batch_statistic`):
         simulated batches are runs of consecutive records, so autocorrelated
         telemetry is not calibrated as if its records were independent.
-        0: records drawn independently.
+        0: records drawn independently.  With ``calibration_block_auto`` this is
+        the *least* block length.
+    calibration_block_auto:
+        Lengthen the block to what the window's own batch signal needs: twice
+        its dependence horizon (:func:`fogline.drift.calibration.dependence_horizon`,
+        the lag after which its autocorrelation stays insignificant), at most
+        half the window.  A daily cycle seen through batches then gets blocks of
+        about a period, so the simulated streams keep the cycle's runs of high
+        values instead of scattering them.
+    calibration_cycles:
+        With ``calibration_block_auto``: when the window's surprisal shows a
+        cycle of d records, keep collecting until the window holds this many
+        cycles (at most ``calibration_max_batches`` batches) before fitting.  A
+        threshold for a cyclic signal is set by the cycle's peaks, and a window
+        that saw two peaks knows them too poorly (0: fit when the window is full).
+    calibration_max_batches:
+        The longest a calibration window is extended to (batches).
     max_outlier_fraction, min_weight:
         Outlier down-weighting (see the module docstring).
     """
@@ -118,6 +134,9 @@ class PolicyConfig(BaseModel):
     calibration: Literal["history", "stream"] = "history"
     calibration_batches: int = Field(default=40, ge=0)
     calibration_block: int = Field(default=2, ge=0)
+    calibration_block_auto: bool = True
+    calibration_cycles: int = Field(default=4, ge=0)
+    calibration_max_batches: int = Field(default=200, ge=1)
     max_outlier_fraction: float = Field(default=0.4, gt=0, le=1)
     min_weight: float = Field(default=0.2, gt=0, le=1)
 

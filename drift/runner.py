@@ -46,7 +46,11 @@ import numpy as np
 import structlog
 import torch
 
-from fogline.drift.calibration import Calibration, calibrate_batch_statistic
+from fogline.drift.calibration import (
+    Calibration,
+    calibrate_batch_statistic,
+    dependence_horizon,
+)
 from fogline.drift.monitors import ThresholdMonitor, monitor_state, restore_monitor
 from fogline.drift.policy import (
     Action,
@@ -68,6 +72,7 @@ from fogline.drift.signals import (
     post_update_signals,
     pre_update_signals,
 )
+from fogline.models.autoregressive import detect_period
 from fogline.models.predictive import Ensemble
 from fogline.models.priors import posterior_as_prior
 from fogline.models.state import Minibatch, PosteriorState, PriorSpec, StepInfo
@@ -655,7 +660,17 @@ class DriftLoop:
             )
             log.info("reference_reanchored", batch=d.policy.batch - 1)
         if d.policy.calibrating == 0 and d.policy.mode == "stable" and d.cal_records:
-            d = self._fit_thresholds(d)
+            plan = calibration_plan(d.cal_records, self.policy)
+            if plan.extend:
+                log.info(
+                    "calibration_extended",
+                    batches=len(d.cal_records),
+                    more=plan.extend,
+                    reason="cycle",
+                )
+                d = d.replace(policy=d.policy.replace(calibrating=plan.extend))
+            else:
+                d = self._fit_thresholds(d, plan)
         absorbed = prepared.before.records_absorbed + prepared.rows
         state = store_drift(state.replace(records_absorbed=absorbed), d)
         return d, state, {**prepared.signals, **post}
@@ -668,10 +683,11 @@ class DriftLoop:
         return new, info, signals, action
 
     # -- calibration ---------------------------------------------------------------
-    def _fit_thresholds(self, d: DriftState) -> DriftState:
+    def _fit_thresholds(self, d: DriftState, plan: CalibrationPlan) -> DriftState:
         records = np.concatenate(d.cal_records)
         batch_size = max(1, int(np.median([len(r) for r in d.cal_records])))
         monitor = d.policy.monitor
+        block, period = plan.block, plan.period
         cal = fit_alarm(
             records,
             batch_size,
@@ -680,7 +696,8 @@ class DriftLoop:
             consecutive=int(getattr(monitor, "consecutive", 1)),
             n_streams=self.n_streams,
             seed=self.seed,
-            block=min(self.policy.calibration_block * batch_size, len(records)),
+            block=min(block * batch_size, len(records)),
+            period=period,
         )
         self.calibration = cal
         kl_thr = kl_threshold(d.cal_kl)
@@ -693,6 +710,11 @@ class DriftLoop:
             ert_estimate=cal.ert_estimate,
             kl_threshold=kl_thr,
             reference_records=cal.reference_size,
+            block_records=cal.block,
+            period_records=cal.period,
+            # every simulated stream had the same maximum: the window's signal repeats
+            # exactly (a noise-free series), and no false alarm is expected at any ERT
+            deterministic=cal.deterministic,
         )
         ps = d.policy.replace(
             threshold=cal.threshold,
@@ -701,6 +723,59 @@ class DriftLoop:
             monitor=monitor,
         )
         return d.replace(policy=ps, cal_records=(), cal_kl=())
+
+
+@dataclass(frozen=True)
+class CalibrationPlan:
+    """How a calibration window is bootstrapped (:func:`calibration_plan`).
+
+    ``block``: block length in batches; ``period``: the cycle in records (0: none),
+    for the seasonal block bootstrap; ``extend``: batches still to collect before
+    fitting (0: fit now).
+    """
+
+    block: int
+    period: int = 0
+    extend: int = 0
+
+
+def calibration_plan(cal_records: tuple[np.ndarray, ...], policy: PolicyConfig) -> CalibrationPlan:
+    """The bootstrap of a calibration window of R records in n batches of B.
+
+    ``policy.calibration_block`` (b_0) without ``policy.calibration_block_auto``.
+    With it, from the window itself:
+
+    1. a cycle: the period d of the records' surprisal sequence
+       (:func:`fogline.models.autoregressive.detect_period`, d >= 2 B: a shorter
+       cycle averages out within a batch).  While the window holds fewer than
+       ``policy.calibration_cycles`` cycles and fewer than
+       ``policy.calibration_max_batches`` batches, ``extend`` asks for the
+       batches still missing.  When it holds every phase at least twice
+       (R >= 2 d + b_0 B), the bootstrap is seasonal (``period = d``, blocks of
+       b_0 batches): a daily cycle is a profile to keep, not noise to shuffle.
+    2. otherwise blocks of ``min(n // 2, max(b_0, 2 m))`` batches, m the
+       dependence horizon of the window's batch signal s_1..s_n
+       (:func:`~fogline.drift.calibration.dependence_horizon`; 2 m is Politis
+       and White's lag-window bandwidth): a cycle seen less than twice, a trend
+       or slow autocorrelation is drawn in long runs.
+    """
+    base = policy.calibration_block
+    n = len(cal_records)
+    if not policy.calibration_block_auto or n < 4:
+        return CalibrationPlan(base)
+    batch = max(1, int(np.median([len(r) for r in cal_records])))
+    nll = np.concatenate([r[:, 0] for r in cal_records])
+    period = detect_period(nll, min_lag=2 * batch)
+    if period is not None:
+        missing = math.ceil((policy.calibration_cycles * period - len(nll)) / batch)
+        extend = max(0, min(missing, policy.calibration_max_batches - n))
+        if extend > 0:
+            return CalibrationPlan(base, 0, extend)
+        if len(nll) >= 2 * period + max(base, 1) * batch:
+            return CalibrationPlan(base, int(period))
+    stat = batch_statistic(policy.signal, policy.max_outlier_fraction)
+    signal = np.array([float(stat(r[None])[0]) for r in cal_records])
+    return CalibrationPlan(max(base, min(n // 2, 2 * dependence_horizon(signal))))
 
 
 def fit_alarm(
@@ -713,6 +788,7 @@ def fit_alarm(
     n_streams: int,
     seed: int,
     block: int = 1,
+    period: int = 0,
 ) -> Calibration:
     """The alarm threshold for ``policy.signal`` from per-record ``[R, 2]`` (NLL, outlier)
     pairs: :func:`~fogline.drift.calibration.calibrate_batch_statistic` with batches of
@@ -727,6 +803,7 @@ def fit_alarm(
         n_streams=n_streams,
         seed=seed,
         block=block,
+        period=period,
     )
 
 

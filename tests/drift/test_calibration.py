@@ -9,6 +9,7 @@ from fogline.drift.calibration import (
     block_bootstrap,
     calibrate_batch_statistic,
     calibrate_threshold,
+    dependence_horizon,
     mean_run_length,
 )
 from fogline.drift.monitors import ThresholdMonitor
@@ -123,3 +124,82 @@ def test_block_zero_or_one_is_the_independent_draw() -> None:
         for b in (0, 1)
     ]
     assert fits[0] == fits[1] and fits[0].method == "record_bootstrap_mean"
+
+
+# ----------------------------------------------------------------------------- cycles
+def _cycle(n: int, period: int, rng: np.random.Generator, phase: int = 0) -> np.ndarray:
+    """Records of a daily-like cycle: a sine of one unit plus unit noise."""
+    t = phase + np.arange(n)
+    return np.sin(2 * np.pi * t / period) + rng.standard_normal(n)
+
+
+def test_dependence_horizon_of_noise_cycles_and_constants() -> None:
+    rng = np.random.default_rng(0)
+    assert dependence_horizon(rng.standard_normal(400)) <= 1
+    # a batch signal with a cycle of 18 batches (7 high, 11 low): dependence spans the cycle
+    square = np.tile([1.0] * 7 + [0.0] * 11, 5) + 0.05 * rng.standard_normal(90)
+    assert dependence_horizon(square) >= 18
+    assert dependence_horizon(square, max_lag=10) == 10
+    assert dependence_horizon(np.full(40, 3.0)) == 0  # no autocorrelation to speak of
+    assert dependence_horizon(np.arange(2.0)) == 0
+
+
+def test_seasonal_bootstrap_keeps_every_record_at_its_phase() -> None:
+    """Window = the phase itself: every simulated stream must read phi0, phi0 + 1, ... mod d."""
+    period, b = 30, 8
+    window = (np.arange(100) % period).astype(np.float64)
+    broken: list[int] = []
+
+    def stat(batches: np.ndarray) -> np.ndarray:
+        flat = batches.reshape(-1)
+        want = (flat[0] + np.arange(flat.size)) % period
+        broken.append(int(np.count_nonzero(flat != want)))
+        return np.asarray(batches.mean(-1))
+
+    cal = calibrate_batch_statistic(
+        window, b, 40.0, statistic=stat, consecutive=2, n_streams=50, block=2 * b, period=period
+    )
+    assert broken and max(broken) == 0
+    assert cal.period == period and cal.method == "record_seasonal_block_bootstrap_stat"
+
+
+def test_seasonal_bootstrap_needs_every_phase_twice() -> None:
+    with pytest.raises(ValueError, match="2 periods"):
+        calibrate_batch_statistic(np.zeros(100), 8, 40.0, block=16, period=50)
+
+
+def test_seasonal_bootstrap_holds_the_ert_on_a_cycle() -> None:
+    """A cycle of 100 records seen through batches of 16 (6.25 batches a cycle), windows
+    of 40 batches: fresh streams of the same process (random phase) alarm about once per
+    ERT with the seasonal bootstrap (measured per window 18-83 batches for ERT 50, pooled
+    over windows 0-7: 38; blocks of 2 batches that ignore the cycle: 11-64, pooled 28),
+    while records drawn independently alarm every ~6 batches."""
+    period, b, ert = 100, 16, 50.0
+    kw = {"consecutive": 2, "n_streams": 500, "seed": 0}
+    monitored, seasonal_alarms, iid_alarms = 0, 0, 0
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        window = _cycle(40 * b, period, rng, phase=int(rng.integers(period)))
+        live = _cycle(5_000 * b, period, rng, phase=int(rng.integers(period)))
+        means = live.reshape(-1, b).mean(1)
+        seasonal = calibrate_batch_statistic(window, b, ert, block=2 * b, period=period, **kw)
+        iid = calibrate_batch_statistic(window, b, ert, **kw)
+        monitored += len(means)
+        seasonal_alarms += _alarms(means, seasonal.threshold, 2)
+        iid_alarms += _alarms(means, iid.threshold, 2)
+    assert 0.5 * ert <= monitored / seasonal_alarms <= 1.5 * ert
+    assert monitored / iid_alarms < 0.3 * ert
+
+
+def test_a_signal_that_repeats_exactly_is_deterministic() -> None:
+    """A noise-free cycle: every simulated stream holds the cycle's highest pair, the
+    threshold is that pair's value (plus the tie margin) and the fit says so."""
+    period, b = 48, 8
+    window = np.tile(np.sin(2 * np.pi * np.arange(period) / period), 8)
+    cal = calibrate_batch_statistic(window, b, 20.0, consecutive=2, n_streams=100, period=period)
+    means = window.reshape(-1, b).mean(1)
+    top = max(min(means[i], means[i + 1]) for i in range(len(means) - 1))
+    assert cal.deterministic and cal.threshold == pytest.approx(top, abs=1e-5)
+    assert cal.threshold > top and _alarms(np.tile(means, 50), cal.threshold, 2) == 0
+    noisy = window + 0.3 * np.random.default_rng(0).standard_normal(window.size)
+    assert not calibrate_batch_statistic(noisy, b, 20.0, consecutive=2, n_streams=100).deterministic
