@@ -2,13 +2,16 @@
 
 ``fogline bench keyed --keys 1000 --json`` (its daemon part, :func:`daemon_part`;
 ``python -m fogline.bench.keyed_daemon`` runs it alone): on an embedded Tansu broker and
-redis-server (or ``--bootstrap`` / ``--redis-url``), produce ``--records`` (60,000)
-keyed records over ``--keys`` keys into a ``--partitions``-partition topic,
+redis-server (or ``--bootstrap`` / ``--redis-url``), produce keyed records over
+``--keys`` keys into a ``--partitions``-partition topic -- ``--batches`` (8)
+batches per partition, 63,984 records at the defaults, or ``--records`` --
 then in the same run measure the two sides of the ratio:
 
 1. *baseline*: a bare consume + decode loop in this process
    (:class:`KafkaSource` polls and :func:`decode_batch`, nothing else: no
-   batching, no step, no Redis) reading the whole topic in its own group;
+   batching, no step, no Redis) reading the whole topic in its own group,
+   once before and once after the daemon; the baseline is their mean (on a
+   shared machine the load drifts during a run; both are reported);
 2. *keyed daemon*: ``fogline run --idle-exit-s 5`` with ``keyed.enabled``, as a
    user runs it: count batching, one torch thread, the consumer in a child
    process (``stream.source_process``; ``--no-source-process``: in-process,
@@ -262,7 +265,8 @@ def keyed_batch_size(rows_per_key: float, keys: int, partitions: int) -> int:
 def daemon_part(
     *,
     keys: int = 1000,
-    records: int = 60_000,
+    records: int | None = None,
+    batches: int = 8,
     partitions: int = 6,
     rows_per_key: float = 8.0,
     batch_size: int | None = None,
@@ -277,11 +281,15 @@ def daemon_part(
     """Records/s of the keyed daemon against a bare consume + decode loop, same run.
 
     ``batch_size``: default :func:`keyed_batch_size` of ``rows_per_key``;
-    ``prefetch`` applies with ``source_process`` off only; ``log_dir``: where to
-    keep the daemon's log (default: dropped with the run).
+    ``records``: default ``batches`` batches per partition (the steady state
+    spans the same number of batches whatever the batch size); ``prefetch``
+    applies with ``source_process`` off only; ``log_dir``: where to keep the
+    daemon's log (default: dropped with the run).
     """
     if batch_size is None:
         batch_size = keyed_batch_size(rows_per_key, keys, partitions)
+    if records is None:
+        records = batches * batch_size * partitions
     with tempfile.TemporaryDirectory() as tmp_s, contextlib.ExitStack() as stack:
         tmp = Path(tmp_s)
         if bootstrap is None:
@@ -292,7 +300,7 @@ def daemon_part(
         create_topic(bootstrap, topic, partitions)
         recs = make_keyed_records(records, keys, partitions)
         produce_keyed(bootstrap, topic, recs)
-        base = baseline_rate(bootstrap, topic, records)
+        before = baseline_rate(bootstrap, topic, records)
         model, prefix = f"keyed-{uuid.uuid4().hex[:6]}", "fogline-bench"
         cfg = write_keyed_config(
             tmp / "keyed.yaml",
@@ -312,6 +320,8 @@ def daemon_part(
         rate, end_to_end, absorbed, checkpoints = keyed_rate(
             cfg, tmp / "keyed.log", redis_url, model, prefix, records, partitions
         )
+        after = baseline_rate(bootstrap, topic, records)
+        base = (before + after) / 2
         blobs = key_blobs(redis_url, model, prefix)
         if log_dir is not None:
             shutil.copy(tmp / "keyed.log", Path(log_dir) / f"{model}.log")
@@ -326,6 +336,8 @@ def daemon_part(
         "daemon_source_process": source_process,
         "daemon_prefetch": prefetch and not source_process,
         "baseline_records_per_s": round(base, 1),
+        "baseline_before_records_per_s": round(before, 1),
+        "baseline_after_records_per_s": round(after, 1),
         # steady state: end of the first absorbed batch to the end of the last
         "keyed_records_per_s": round(rate, 1),
         "daemon_ratio": round(rate / base, 4),
@@ -347,7 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m fogline.bench.keyed_daemon``: the daemon part alone."""
     ap = argparse.ArgumentParser(prog="python -m fogline.bench.keyed_daemon", description=__doc__)
     ap.add_argument("--keys", type=int, default=1000)
-    ap.add_argument("--records", type=int, default=60_000)
+    ap.add_argument(
+        "--records", type=int, default=None, help="records (default: --batches per partition)"
+    )
+    ap.add_argument("--batches", type=int, default=8, help="batches per partition (default 8)")
     ap.add_argument("--partitions", type=int, default=6)
     ap.add_argument(
         "--rows-per-key",
@@ -381,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     out = daemon_part(
         keys=args.keys,
         records=args.records,
+        batches=args.batches,
         partitions=args.partitions,
         rows_per_key=args.rows_per_key,
         batch_size=args.batch_size,

@@ -145,3 +145,8 @@ class ScriptedConsumer:
 
     def close(self) -> None:
         pass
+
+
+def unreachable(*_callbacks: Any) -> ScriptedConsumer:
+    """A factory whose consumer cannot be built (as when no broker answers)."""
+    raise ConnectionError("no broker answers at nowhere:9092")
