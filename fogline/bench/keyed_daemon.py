@@ -46,6 +46,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -211,10 +212,11 @@ def keyed_rate(
     n: int,
     partitions: int,
     timeout_s: float = 900.0,
-) -> tuple[float, float, int, int]:
+) -> tuple[float, float, int, int, float]:
     """Run the keyed daemon over the whole topic (``--idle-exit-s``).
 
-    Returns (steady-state rate, end-to-end rate, absorbed, checkpoints written).  The steady-state
+    Returns (steady-state rate, end-to-end rate, absorbed, checkpoints written,
+    CPU seconds of the daemon and its consumer child over the whole run).  The steady-state
     rate is the daemon's own (``steady_records_per_s`` of ``daemon_stopped``:
     first to last absorbed batch).  The end-to-end clock runs from the first
     ``partition_resumed`` log event (after the start-up and the group join) to
@@ -223,6 +225,7 @@ def keyed_rate(
     batch per partition is read, not absorbed).  (``--max-records`` would stop early: records read before a
     start-up rebalance are read again and counted twice.)
     """
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     with log.open("ab") as fh:
         proc = subprocess.Popen(
             [*daemon_argv(config), "--idle-exit-s", str(IDLE_EXIT_S)],
@@ -235,6 +238,8 @@ def keyed_rate(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)  # the daemon and its consumer child
+    cpu_s = done.ru_utime + done.ru_stime - used.ru_utime - used.ru_stime
     events = log_events(log)
     starts = [_ts(e) for e in events if e.get("event") == "partition_resumed"]
     stops = [_ts(e) for e in events if e.get("event") == "daemon_stopped"]
@@ -244,7 +249,7 @@ def keyed_rate(
     stopped = [e for e in events if e.get("event") == "daemon_stopped"][-1]
     steady = float(stopped.get("steady_records_per_s") or 0.0)
     end_to_end = absorbed / max(1e-9, stops[-1] - IDLE_EXIT_S - min(starts))
-    return steady, end_to_end, absorbed, int(stopped.get("checkpoints") or 0)
+    return steady, end_to_end, absorbed, int(stopped.get("checkpoints") or 0), cpu_s
 
 
 def _ts(event: dict[str, Any]) -> float:
@@ -317,7 +322,7 @@ def daemon_part(
             source_process=source_process,
         )
         expect = recs.absorbable(batch_size)
-        rate, end_to_end, absorbed, checkpoints = keyed_rate(
+        rate, end_to_end, absorbed, checkpoints, cpu_s = keyed_rate(
             cfg, tmp / "keyed.log", redis_url, model, prefix, records, partitions
         )
         after = baseline_rate(bootstrap, topic, records)
@@ -346,6 +351,8 @@ def daemon_part(
         "daemon_end_to_end_ratio": round(end_to_end / base, 4),
         "daemon_absorbed": absorbed,
         "daemon_checkpoints": checkpoints,
+        # user + system CPU of the daemon process tree, start-up and idle wait included
+        "daemon_cpu_s": round(cpu_s, 2),
         "daemon_absorbable": expect,
         # False: the daemon idled out before absorbing every complete batch (the rate is
         # then not the daemon's throughput; keep its log with --log-dir)
