@@ -9,7 +9,10 @@ Redis through :class:`~fogline.daemon.stream.store.PartitionStore`, the key
 step through :mod:`fogline.daemon.stream.keyed_update`, memory through
 :class:`~fogline.daemon.stream.keycache.KeyCache`.
 
-Ownership (Kafka's consumer group assigns, Redis leases guard the writes):
+Ownership (Kafka's consumer group assigns, Redis leases guard the writes; the
+consumer runs in a child process by default,
+:class:`~fogline.daemon.stream.keyed_process.KeyedProcessSource`, which hands
+the rebalance events over in order before the records of the same poll):
 
 - **assign**: the partition is paused; the main loop takes its lease
   ``(model, partition)`` (waiting while a dead owner's lease runs out), reads
@@ -28,9 +31,10 @@ Ownership (Kafka's consumer group assigns, Redis leases guard the writes):
 Partition checkpoint (commit path, per partition): 1. the batch's keys were
 stepped, 2. flush the dead-letter producer, 3. write every dirty key's blob,
 the manifest (next offset) and the key index in one lease-guarded Redis
-transaction (:meth:`PartitionStore.commit`), 4. only then commit the offset to
-Kafka (lag monitoring).  A lease found lost drops the partition (its dirty
-keys were never committed; the owner redoes them from the checkpoint).
+transaction that also renews the lease (:meth:`PartitionStore.commit`), 4. only
+then commit the offset to Kafka (lag monitoring).  A lease found lost drops the
+partition (its dirty keys were never committed; the owner redoes them from the
+checkpoint).
 
 Repartitioning: the topic name, the partition count and the key field are
 stored once (``keyed:layout``), and every key's partition in the key index;
@@ -950,7 +954,7 @@ class KeyedPipeline:
         part.batches_since = 0
         part.changed = False
         part.last_commit = time.monotonic()
-        part.renewed_at = part.last_commit  # the script checked the token: the lease stands
+        part.renewed_at = part.last_commit  # the script checked the token and renewed the lease
         self.stats.checkpoints += 1
         if offset is not None:
             self.source.commit({(self.topic, p): offset})  # 4. Kafka, for lag only

@@ -221,7 +221,7 @@ def _no_decode(raws: list[RawRecord]) -> DecodedBatch:  # pragma: no cover - nev
 
 
 class KeyedProcessSource(ProcessSource):
-    """Keyed mode's consumer in a child process (a :class:`~fogline.daemon.stream.keyed.KeyedSource`).
+    """Keyed mode's consumer in a child process (a ``keyed.KeyedSource``).
 
     ``start``/``take``/``quiesce``/``in_flight`` as
     :class:`~fogline.daemon.stream.process_source.ProcessSource`; :meth:`take`
@@ -269,7 +269,9 @@ class KeyedProcessSource(ProcessSource):
         )
 
     # -- replies --------------------------------------------------------------
-    def _events(self, events: list[Event], found: list[OutOfRange]) -> None:  # type: ignore[override]
+    def _events(  # type: ignore[override]
+        self, events: list[Event], found: list[OutOfRange]
+    ) -> None:
         """Hand a reply's rebalance events over in order; keep its offset findings."""
         for kind, keys in events:
             if kind == "assigned":
