@@ -184,7 +184,10 @@ class StreamSettings(_Section):
     #: On by default: on two free cores the daemon with ``forget`` ran at 0.70-0.91
     #: (median 0.82) of the raw loop against 0.49-0.72 (median 0.65) in-process,
     #: four alternating pairs (docs/performance.md); with both cores busy it
-    #: measured no gain.  The child costs ~250 MB and 1-9 s of start-up.
+    #: measured no gain.  The child costs ~250 MB and 1-9 s of start-up.  Keyed mode
+    #: too: its child owns the group membership and forwards rebalance events in
+    #: order with the records (:mod:`fogline.daemon.stream.keyed_process`); off, the
+    #: keyed consumer runs in-process (``stream.prefetch`` then applies).
     source_process: bool = True
     seed: int = 0
     #: A snapshot offset beyond a partition's end (broker restarted empty, topic recreated):

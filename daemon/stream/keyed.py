@@ -9,7 +9,10 @@ Redis through :class:`~fogline.daemon.stream.store.PartitionStore`, the key
 step through :mod:`fogline.daemon.stream.keyed_update`, memory through
 :class:`~fogline.daemon.stream.keycache.KeyCache`.
 
-Ownership (Kafka's consumer group assigns, Redis leases guard the writes):
+Ownership (Kafka's consumer group assigns, Redis leases guard the writes; the
+consumer runs in a child process by default,
+:class:`~fogline.daemon.stream.keyed_process.KeyedProcessSource`, which hands
+the rebalance events over in order before the records of the same poll):
 
 - **assign**: the partition is paused; the main loop takes its lease
   ``(model, partition)`` (waiting while a dead owner's lease runs out), reads
@@ -28,9 +31,10 @@ Ownership (Kafka's consumer group assigns, Redis leases guard the writes):
 Partition checkpoint (commit path, per partition): 1. the batch's keys were
 stepped, 2. flush the dead-letter producer, 3. write every dirty key's blob,
 the manifest (next offset) and the key index in one lease-guarded Redis
-transaction (:meth:`PartitionStore.commit`), 4. only then commit the offset to
-Kafka (lag monitoring).  A lease found lost drops the partition (its dirty
-keys were never committed; the owner redoes them from the checkpoint).
+transaction that also renews the lease (:meth:`PartitionStore.commit`), 4. only
+then commit the offset to Kafka (lag monitoring).  A lease found lost drops the
+partition (its dirty keys were never committed; the owner redoes them from the
+checkpoint).
 
 Repartitioning: the topic name, the partition count and the key field are
 stored once (``keyed:layout``), and every key's partition in the key index;
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -62,6 +67,7 @@ from fogline.daemon.stream.decode import Decoder, RawRecord, decode_batch, parti
 from fogline.daemon.stream.isolate import STEP_REJECTED, rejected_record
 from fogline.daemon.stream.keycache import KeyCache
 from fogline.daemon.stream.keyed_prefetch import KeyedSerialSource
+from fogline.daemon.stream.keyed_process import KeyedProcessSource
 from fogline.daemon.stream.keyed_series import KeyedSeries
 from fogline.daemon.stream.keyed_update import (
     KeyedOutcome,
@@ -73,6 +79,7 @@ from fogline.daemon.stream.keyed_update import (
 )
 from fogline.daemon.stream.pipeline import (
     EXIT_OUT_OF_RANGE,
+    EXIT_SOURCE_DIED,
     DeadLetters,
     OffsetOutOfRange,
     RunOptions,
@@ -84,6 +91,8 @@ from fogline.daemon.stream.pipeline import (
     record_schema,
     spec_problems,
 )
+from fogline.daemon.stream.prefetch import Polled
+from fogline.daemon.stream.process_source import SourceProcessDied
 from fogline.daemon.stream.runtime import StopFlag, select_device
 from fogline.daemon.stream.series import series_spec
 from fogline.daemon.stream.source import OutOfRange
@@ -251,7 +260,10 @@ class KeyedPipeline:
 
         0 clean stop (every owned partition checkpointed, leases released); 1 a
         final checkpoint could not be written; 2 keyed mode without ``model.key``
-        or a spec contradicting the start state; 7 repartitioned topic.
+        or a spec contradicting the start state; 4 a checkpoint's offset is
+        unusable (``stream.offset_out_of_range = "fail"``); 6 the consumer's
+        child process died (``stream.source_process``; leases released without
+        a final checkpoint); 7 repartitioned topic.
         """
         s = self.settings
         structlog.contextvars.clear_contextvars()
@@ -293,13 +305,7 @@ class KeyedPipeline:
             warm_up(self.fleet, 8, s.stream.steps_per_batch, s.stream.data_size)
             self.dlq = self.clients.dead_letters(s)
             try:
-                raw_source = self.clients.source(
-                    s, self._offsets_for, self._on_revoked, self._fingerprints_for
-                )
-                prefetch = self.options.prefetch
-                if prefetch is None:
-                    prefetch = s.stream.prefetch
-                self.source: KeyedSource = KeyedSerialSource(raw_source) if prefetch else raw_source
+                self.source = self._open_source()
                 log.info(
                     "daemon_started",
                     model=s.model_name,
@@ -308,6 +314,7 @@ class KeyedPipeline:
                     batching=s.stream.batching,
                     batch_size=s.stream.batch_size,
                     max_keys=s.keyed.max_keys,
+                    source_process=isinstance(self.source, KeyedProcessSource),
                 )
                 try:
                     return self._loop()
@@ -321,12 +328,42 @@ class KeyedPipeline:
                     self.stats.exit_reason = str(exc)
                     self._release_all()  # nothing of the partition written
                     return EXIT_OUT_OF_RANGE
+                except SourceProcessDied as exc:  # no final checkpoint: resume from the last
+                    log.error("daemon_failed", reason="source_process_died", error=str(exc))
+                    self.stats.exit_reason = str(exc)
+                    self._release_all()  # the next owners need not wait out the leases
+                    return EXIT_SOURCE_DIED
                 finally:
                     self.source.close()
             finally:
                 self.dlq.close()
         finally:
             self.store.close()
+
+    def _open_source(self) -> KeyedSource:
+        """The consumer: in a child process (``stream.source_process``, real Kafka only), else here.
+
+        In-process, ``stream.prefetch`` (or ``RunOptions.prefetch``) runs the
+        next poll ahead on a worker thread.  Fakes passed in
+        :class:`KeyedClients` live in this process, so they always run here.
+        """
+        s = self.settings
+        if s.stream.source_process and self.clients.source is kafka_source:
+            return KeyedProcessSource(
+                functools.partial(kafka_source, s),
+                # series decoders number keys in-process: those decode here
+                decode=None
+                if self.series is not None
+                else functools.partial(decode_batch, features=self.decoder),
+                on_assigned=self._offsets_for,
+                on_revoked=self._on_revoked,
+            )
+        raw = self.clients.source(s, self._offsets_for, self._on_revoked, self._fingerprints_for)
+        prefetch = self.options.prefetch
+        if prefetch is None:
+            prefetch = s.stream.prefetch
+        source: KeyedSource = KeyedSerialSource(raw) if prefetch else raw
+        return source
 
     def _start_state(self, device: torch.device) -> PosteriorState:
         """The state the fleet prior is made from: ``--init`` / ``stream.init_path``, else fresh."""
@@ -338,6 +375,8 @@ class KeyedPipeline:
     # -- rebalance callbacks (kafka-python's IO thread) ------------------------------
     # They only queue what happened: kafka-python 3 runs them on its IO thread, where
     # no blocking consumer call may run; the main loop handles them (:meth:`_rebalanced`).
+    # With the consumer in a child process they are called here, in the order they
+    # happened there, when the reply that carries them arrives.
     def _offsets_for(self, keys: list[TopicPartition]) -> Mapping[TopicPartition, int]:
         """Queue newly assigned partitions; they stay paused until their lease is taken."""
         self._events.append(("assigned", [p for t, p in keys if t == self.topic]))
@@ -515,12 +554,12 @@ class KeyedPipeline:
             if opts.max_records is not None and self.stats.records_in >= opts.max_records:
                 self.stats.exit_reason = "max_records"
                 break
-            raws = self._poll()
+            polled = self._poll()
             try:
                 self._check_layout()
                 self._rebalanced()
                 self._out_of_range()
-                self._ingest(raws)
+                self._ingest(polled)
                 self._prefetch()
                 self._drain()
                 self._maybe_checkpoint(time.monotonic())
@@ -529,7 +568,7 @@ class KeyedPipeline:
                 self._store_down(exc, "checkpoint")
                 continue
             now = time.monotonic()
-            if raws or self.claiming or not self.owned:
+            if polled.raws or self.claiming or not self.owned:
                 idle_since = now
             if opts.idle_exit_s is not None and now - idle_since >= opts.idle_exit_s:
                 self.stats.exit_reason = "idle"
@@ -538,23 +577,42 @@ class KeyedPipeline:
             self.stats.exit_reason = f"signal {self.stop.signal_name}"
         return self._shutdown()
 
-    def _poll(self) -> list[RawRecord]:
-        """The next poll's records (the one run ahead, if any), less those predating a claim."""
-        raws = self.source.poll(self.settings.kafka.max_poll_records, 100)
+    def _poll(self) -> Polled:
+        """The next poll's records (the one run ahead, if any), less those predating a claim.
+
+        With the consumer in a child process the next poll is asked for right
+        away, so the child fetches, unpacks and decodes it while this one is
+        stepped.  ``Polled.decoded`` is the child's decoding of exactly
+        ``Polled.raws`` (else ``None``: :meth:`_ingest` decodes).
+        """
+        take = getattr(self.source, "take", None)
+        cap = self.settings.kafka.max_poll_records
+        polled: Polled = (
+            take(cap, 100) if take is not None else Polled(self.source.poll(cap, 100), None)
+        )
         if self._fresh:
-            raws = [r for r in raws if r.partition not in self._fresh]
+            raws = [r for r in polled.raws if r.partition not in self._fresh]
             self._fresh.clear()
-        return raws
+            if len(raws) != len(polled.raws):
+                polled = Polled(raws, None)
+        if isinstance(self.source, KeyedProcessSource):
+            self._prefetch(eager=True)
+        return polled
 
-    def _prefetch(self) -> None:
-        """Start the next poll on the worker when batches wait to be absorbed (prefetching only).
+    def _prefetch(self, *, eager: bool = False) -> None:
+        """Start the next poll ahead (prefetching or a child process's consumer only).
 
-        Only then is there a step to overlap with.  Records it returns are not
-        read until :meth:`_ingest` takes them, so a checkpoint meanwhile resumes
-        before them, and a stop drops them (the next owner reads them).
+        On a worker thread only when batches wait to be absorbed (only then is
+        there a step to overlap with, and the worker shares the GIL);
+        ``eager``: whatever is pending (the child has its own interpreter).
+        Records it returns are not read until :meth:`_ingest` takes them, so a
+        checkpoint meanwhile resumes before them, and a stop drops them (the
+        next owner reads them).
         """
         start = getattr(self.source, "start", None)
-        if start is None or self.stop or not any(p.pending for p in self.owned.values()):
+        if start is None or self.stop:
+            return
+        if not eager and not any(p.pending for p in self.owned.values()):
             return
         cap = self.settings.kafka.max_poll_records
         if self.options.max_records is not None:
@@ -572,18 +630,23 @@ class KeyedPipeline:
         metrics.REDIS_UP.set(0)
         log.warning("redis_unavailable", op=op, error=str(exc), retry_in_s=round(delay, 3))
 
-    def _ingest(self, raws: list[RawRecord]) -> None:
-        """Decode a poll: bad records to the DLQ, good ones into their partition's batcher."""
-        raws = [r for r in raws if r.topic == self.topic and r.partition in self.owned]
+    def _ingest(self, polled: Polled) -> None:
+        """Decode a poll: bad records to the DLQ, good ones into their partition's batcher.
+
+        The child's decoding is used when the poll's records are all taken
+        (else the taken ones are decoded here: the same decoder, the same result).
+        """
+        raws = [r for r in polled.raws if r.topic == self.topic and r.partition in self.owned]
         if not raws:
             return
         self.stats.records_in += len(raws)
         metrics.RECORDS_IN.labels(topic=self.topic).inc(len(raws))
-        dec = (
-            self.series.decoder.decode_batch(raws)
-            if self.series is not None
-            else decode_batch(raws, self.decoder)
-        )
+        if polled.decoded is not None and len(raws) == len(polled.raws):
+            dec: Any = polled.decoded
+        elif self.series is not None:
+            dec = self.series.decoder.decode_batch(raws)
+        else:
+            dec = decode_batch(raws, self.decoder)
         meta = getattr(dec, "meta", None)  # series records: value, ts, key id
         for raw, reason, _ in dec.bad:
             self._dead_letter(raw, reason)
@@ -914,7 +977,7 @@ class KeyedPipeline:
         part.batches_since = 0
         part.changed = False
         part.last_commit = time.monotonic()
-        part.renewed_at = part.last_commit  # the script checked the token: the lease stands
+        part.renewed_at = part.last_commit  # the script checked the token and renewed the lease
         self.stats.checkpoints += 1
         if offset is not None:
             self.source.commit({(self.topic, p): offset})  # 4. Kafka, for lag only

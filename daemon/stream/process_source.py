@@ -202,7 +202,9 @@ def child_main(fd: int) -> None:
     """Entry point of the child (``python -c ...child_main(fd)``): its end of the pipe is ``fd``.
 
     The parent sends its ``sys.path`` first (so the factory unpickles as it
-    pickled), then ``(factory, log_config)``; then :func:`serve` runs.
+    pickled), then ``(server, factory, log_config)``; then ``server`` runs
+    (:func:`serve`, or keyed mode's
+    :func:`~fogline.daemon.stream.keyed_process.keyed_serve`).
     A bare interpreter rather than :mod:`multiprocessing`'s ``spawn``: nothing
     re-imports the parent's ``__main__`` (a script without a ``__main__`` guard
     works) and the child imports only what the consumer needs.
@@ -212,10 +214,10 @@ def child_main(fd: int) -> None:
     conn = Connection(fd)
     try:
         sys.path[:] = conn.recv()
-        factory, log_config = conn.recv()
+        server, factory, log_config = conn.recv()
     except (EOFError, OSError):
         return
-    serve(conn, factory, log_config)
+    server(conn, factory, log_config)
 
 
 def serve(
@@ -289,6 +291,9 @@ class ProcessSource:
         ``(format, level)`` for the child's logs (default: this process's).
     """
 
+    #: The child's loop (a module-level function: it is pickled by name).
+    server: Callable[[Connection, Any, tuple[str, str] | None], None] = staticmethod(serve)
+
     def __init__(
         self,
         factory: ChildSourceFactory,
@@ -311,7 +316,7 @@ class ProcessSource:
         )
         child.close()
         self._put(list(sys.path))
-        self._put((factory, log_config or logs.current()))
+        self._put((self.server, factory, log_config or logs.current()))
         #: Replies owed by the child, oldest first (the start's, then a started poll's).
         self._owed: list[str] = ["start"]
         self._held: tuple[Any, ...] | None = None
@@ -350,12 +355,16 @@ class ProcessSource:
             reply: tuple[Any, ...] = self._conn.recv()
         except (EOFError, OSError) as exc:
             raise self._died(f"closed its pipe ({type(exc).__name__})") from exc
-        status, value, assigned, revoked, records = reply
+        status, value, first, second, records = reply
         _reemit(records)
+        self._events(first, second)
+        return status, value
+
+    def _events(self, assigned: dict[TopicPartition, int | None], revoked: Any) -> None:
+        """Apply a reply's rebalance events: assignments held for the next poll, revocations told."""
         self.assigned.update(assigned)
         if revoked:
             self._on_revoked(list(revoked))
-        return status, value
 
     def _send(self, *request: Any) -> None:
         self._put(request)
@@ -418,10 +427,12 @@ class ProcessSource:
         return "poll" in self._owed or self._held is not None
 
     def _request_poll(self, max_records: int | None, timeout_ms: int) -> None:
-        self._send(
-            "poll", max_records, timeout_ms, dict(self._offsets()), dict(self._fingerprints())
-        )
+        self._send("poll", max_records, timeout_ms, *self._poll_state())
         self._owed.append("poll")
+
+    def _poll_state(self) -> tuple[Any, ...]:
+        """What a poll request carries beside its size: the parent's resume state."""
+        return dict(self._offsets()), dict(self._fingerprints())
 
     def start(self, max_records: int | None, timeout_ms: int) -> bool:
         """Let the child run the next poll now; ``False`` if one is already started."""
@@ -447,7 +458,10 @@ class ProcessSource:
         self.quiesce()
         reply, self._held = self._held, None
         assert reply is not None
-        raws: list[RawRecord] = self._value(reply)
+        return self._polled(self._value(reply))
+
+    def _polled(self, raws: Any) -> Polled:
+        """A poll's reply as the pipeline takes it: decoded, with the assignments since the last."""
         assigned, self.assigned = self.assigned, {}
         return Polled(raws, self._decode(raws) if raws else None, assigned)
 

@@ -813,7 +813,8 @@ KEYED_SCHEMA_VERSION: Final = 1
 
 # Runs inside MULTI right after the ``SET <staging i> blob`` of every dirty key.
 # KEYS: lease, manifest, index, events, then n staging keys, then their n destinations
-# ARGV: token, n, manifest field/value count m, m manifest pairs..., then n index values
+# ARGV: token, n, manifest field/value count m, m manifest pairs..., then n index values,
+# the partition, the lease TTL in ms (the commit renews the lease it checked)
 _PARTITION_COMMIT_LUA = """
 local n = tonumber(ARGV[2])
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
@@ -821,6 +822,7 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('FOGLINE_LEASE_LOST partition lease not held')
 end
 local m = tonumber(ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[3 + m + 2 * n + 2])  -- the token held: a renewal too
 local v = redis.call('HINCRBY', KEYS[2], 'version', 1)
 local fields = {}
 for i = 1, m do fields[#fields + 1] = ARGV[3 + i] end
@@ -1054,7 +1056,9 @@ class PartitionStore:
 
         ``blobs`` holds each dirty key's state, ``entries`` its index entry
         (the version is filled in by the script), ``fingerprints`` the record
-        before each next offset (:attr:`PartitionManifest.fingerprints`).  Raises :class:`LeaseLost`
+        before each next offset (:attr:`PartitionManifest.fingerprints`).  The
+        lease, checked in the same script, is extended by its TTL (a commit is a
+        renewal: the pipeline counts it as one).  Raises :class:`LeaseLost`
         (nothing written) or :class:`StoreUnavailable`.
         """
         keys = sorted(blobs)
@@ -1076,7 +1080,7 @@ class PartitionStore:
             entry = dict(entries.get(k, {}), partition=int(partition), version="__VERSION__")
             entry["checksum"] = hashlib.sha256(blobs[k]).hexdigest()
             args += [k, json.dumps(entry, sort_keys=True)]
-        args.append(int(partition))
+        args += [int(partition), max(1, int(lease.ttl_s * 1000))]
         script_keys = [lease.key, self.part_key(partition), self.index_key, self.events_key]
         script_keys += staging + [self.blob_key(k) for k in keys]
         with self._store._guard("partition_commit"):

@@ -23,8 +23,9 @@ Parts (each a function returning its part of the one JSON record):
   ``--ensemble-size`` draws included in the tensor bytes), and the distinct
   tensor storage of all K stepped states per key (a shared fleet prior counted once).
 * **daemon** (:func:`daemon_part`): records/s of the keyed daemon against a
-  bare consume + decode loop (``fogline.daemon``; filled in by the daemon side
-  of issue 13, absent until then).
+  bare consume + decode loop in the same run (:mod:`fogline.bench.keyed_daemon`:
+  ``--keys`` keys, batches of about ``--rows`` rows per key, hidden layers as
+  above; the consumer in a child process unless ``--no-source-process``).
 
 ``--json`` prints one JSON object on the last line.
 """
@@ -72,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed micro-batches per path first")
     p.add_argument("--ensemble-size", type=int, default=32, help="drift reference draws per key")
     p.add_argument("--skip-daemon", action="store_true", help="no daemon records/s part")
+    p.add_argument(
+        "--no-source-process",
+        action="store_true",
+        help="daemon part: the keyed consumer in the daemon's process (stream.source_process off)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     return p
@@ -302,7 +308,12 @@ def daemon_part(args: argparse.Namespace) -> dict[str, Any]:
     """Records/s of the keyed daemon vs a bare consume + decode loop (:mod:`.keyed_daemon`)."""
     from fogline.bench.keyed_daemon import daemon_part as keyed_daemon_part
 
-    return keyed_daemon_part(keys=args.keys, hidden=(args.hidden,) * args.layers)
+    return keyed_daemon_part(
+        keys=args.keys,
+        rows_per_key=args.rows,
+        hidden=(args.hidden,) * args.layers,
+        source_process=not args.no_source_process,
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

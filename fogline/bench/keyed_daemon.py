@@ -2,27 +2,42 @@
 
 ``fogline bench keyed --keys 1000 --json`` (its daemon part, :func:`daemon_part`;
 ``python -m fogline.bench.keyed_daemon`` runs it alone): on an embedded Tansu broker and
-redis-server (or ``--bootstrap`` / ``--redis-url``), produce ``--records``
-keyed records over ``--keys`` keys into a ``--partitions``-partition topic,
-then in the same run measure
+redis-server (or ``--bootstrap`` / ``--redis-url``), produce keyed records over
+``--keys`` keys into a ``--partitions``-partition topic -- ``--batches`` (8)
+batches per partition, 63,984 records at the defaults, or ``--records`` --
+then in the same run measure the two sides of the ratio:
 
-1. *baseline*: a bare consume + decode loop (:class:`KafkaSource` and
-   :func:`decode_batch`, nothing else) reading the whole topic in its own group;
-2. *keyed daemon*: ``fogline run --idle-exit-s 5`` with ``keyed.enabled`` (one
-   process, count batching, one torch thread, ``stream.prefetch`` on unless
-   ``--no-prefetch``, checkpoints every 30 s and at the stop).  Two rates: ``keyed_records_per_s`` is the *steady state*, the
-   records absorbed after the first batch over the time from the end of the
-   first absorbed batch to the end of the last (the daemon's
-   ``daemon_stopped`` event carries it: start-up, the group join, the first
-   batch's warm-up and the final checkpoints excluded);
-   ``keyed_end_to_end_records_per_s`` runs from the first ``partition_resumed``
-   to ``daemon_stopped`` (every partition's final checkpoint written) less the
-   idle wait.
+1. *baseline*: a bare consume + decode loop in this process
+   (:class:`KafkaSource` polls and :func:`decode_batch`, nothing else: no
+   batching, no step, no Redis) reading the whole topic in its own group,
+   once before and once after the daemon; the baseline is their mean (on a
+   shared machine the load drifts during a run; both are reported);
+2. *keyed daemon*: ``fogline run --idle-exit-s 5`` with ``keyed.enabled``, as a
+   user runs it: count batching, one torch thread, the consumer in a child
+   process (``stream.source_process``; ``--no-source-process``: in-process,
+   with ``stream.prefetch`` unless ``--no-prefetch``), and partition
+   checkpoints every ``--snapshot-every-batches`` batches of a partition
+   (default 4) besides the final ones.  The batch size is what a user would
+   configure for about ``--rows-per-key`` rows per key in each step:
+   ``stream.batch_size = rows_per_key x keys / partitions`` (a keyed batch is
+   one partition's records, holding about ``keys / partitions`` keys; 1,333
+   at 8 rows per key, 1,000 keys, 6 partitions), unless ``--batch-size``.
+
+   Two rates: ``keyed_records_per_s`` is the *steady state*, the records
+   absorbed after the first batch over the time from the end of the first
+   absorbed batch to the end of the last (the daemon's ``daemon_stopped``
+   event carries it): it includes decoding, batching, every key step, the
+   key cache and the periodic checkpoints (key blobs, manifest and key index
+   written to Redis, offsets committed); start-up, the group join, the first
+   batch's warm-up and the final checkpoints are outside it.
+   ``keyed_end_to_end_records_per_s`` runs from the first
+   ``partition_resumed`` to ``daemon_stopped`` (every partition's final
+   checkpoint written) less the idle wait.
 
 The last line printed (``--json``) holds ``baseline_records_per_s``,
 ``keyed_records_per_s``, ``daemon_ratio`` (steady state / baseline, goal >=
-0.7), ``daemon_end_to_end_ratio``, the records absorbed and
-``daemon_blob_bytes_per_key`` (mean size of a key's blob in Redis).
+0.7), ``daemon_end_to_end_ratio``, the records absorbed, the checkpoints
+written and ``daemon_blob_bytes_per_key`` (mean size of a key's blob in Redis).
 """
 
 from __future__ import annotations
@@ -31,6 +46,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -126,10 +142,13 @@ def write_keyed_config(path: Path, *, hidden: Sequence[int] = (16,), **kw: Any) 
     max_keys = kw.pop("max_keys", 10_000)
     idle_ttl_s = kw.pop("idle_ttl_s", 600.0)
     prefetch = kw.pop("prefetch", None)
+    source_process = kw.pop("source_process", None)
     write_config(path, **kw)
     cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
     if prefetch is not None:
         cfg["stream"]["prefetch"] = bool(prefetch)
+    if source_process is not None:
+        cfg["stream"]["source_process"] = bool(source_process)
     cfg["model"] = {
         "features": list(FEATURES),
         "target": "y",
@@ -193,10 +212,11 @@ def keyed_rate(
     n: int,
     partitions: int,
     timeout_s: float = 900.0,
-) -> tuple[float, float, int]:
+) -> tuple[float, float, int, int, float]:
     """Run the keyed daemon over the whole topic (``--idle-exit-s``).
 
-    Returns (steady-state rate, end-to-end rate, absorbed).  The steady-state
+    Returns (steady-state rate, end-to-end rate, absorbed, checkpoints written,
+    CPU seconds of the daemon and its consumer child over the whole run).  The steady-state
     rate is the daemon's own (``steady_records_per_s`` of ``daemon_stopped``:
     first to last absorbed batch).  The end-to-end clock runs from the first
     ``partition_resumed`` log event (after the start-up and the group join) to
@@ -205,6 +225,7 @@ def keyed_rate(
     batch per partition is read, not absorbed).  (``--max-records`` would stop early: records read before a
     start-up rebalance are read again and counted twice.)
     """
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     with log.open("ab") as fh:
         proc = subprocess.Popen(
             [*daemon_argv(config), "--idle-exit-s", str(IDLE_EXIT_S)],
@@ -217,6 +238,8 @@ def keyed_rate(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)  # the daemon and its consumer child
+    cpu_s = done.ru_utime + done.ru_stime - used.ru_utime - used.ru_stime
     events = log_events(log)
     starts = [_ts(e) for e in events if e.get("event") == "partition_resumed"]
     stops = [_ts(e) for e in events if e.get("event") == "daemon_stopped"]
@@ -225,7 +248,8 @@ def keyed_rate(
     absorbed = absorbed_total(redis_url, model, prefix, partitions)
     stopped = [e for e in events if e.get("event") == "daemon_stopped"][-1]
     steady = float(stopped.get("steady_records_per_s") or 0.0)
-    return steady, absorbed / max(1e-9, stops[-1] - IDLE_EXIT_S - min(starts)), absorbed
+    end_to_end = absorbed / max(1e-9, stops[-1] - IDLE_EXIT_S - min(starts))
+    return steady, end_to_end, absorbed, int(stopped.get("checkpoints") or 0), cpu_s
 
 
 def _ts(event: dict[str, Any]) -> float:
@@ -234,22 +258,43 @@ def _ts(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
 
 
+def keyed_batch_size(rows_per_key: float, keys: int, partitions: int) -> int:
+    """``stream.batch_size`` for about ``rows_per_key`` rows per key in a partition's batch.
+
+    A keyed batch holds one partition's records, so about ``keys / partitions``
+    keys: ``rows_per_key x keys / partitions`` rows (at least 1).
+    """
+    return max(1, round(rows_per_key * keys / max(1, partitions)))
+
+
 def daemon_part(
     *,
     keys: int = 1000,
-    records: int = 20_000,
+    records: int | None = None,
+    batches: int = 8,
     partitions: int = 6,
-    batch_size: int = 256,
+    rows_per_key: float = 8.0,
+    batch_size: int | None = None,
+    snapshot_every_batches: int = 4,
     hidden: Sequence[int] = (16,),
     bootstrap: str | None = None,
     redis_url: str | None = None,
     log_dir: Path | None = None,
     prefetch: bool = True,
+    source_process: bool = True,
 ) -> dict[str, Any]:
     """Records/s of the keyed daemon against a bare consume + decode loop, same run.
 
-    ``log_dir``: where to keep the daemon's log (default: dropped with the run).
+    ``batch_size``: default :func:`keyed_batch_size` of ``rows_per_key``;
+    ``records``: default ``batches`` batches per partition (the steady state
+    spans the same number of batches whatever the batch size); ``prefetch``
+    applies with ``source_process`` off only; ``log_dir``: where to keep the
+    daemon's log (default: dropped with the run).
     """
+    if batch_size is None:
+        batch_size = keyed_batch_size(rows_per_key, keys, partitions)
+    if records is None:
+        records = batches * batch_size * partitions
     with tempfile.TemporaryDirectory() as tmp_s, contextlib.ExitStack() as stack:
         tmp = Path(tmp_s)
         if bootstrap is None:
@@ -260,7 +305,7 @@ def daemon_part(
         create_topic(bootstrap, topic, partitions)
         recs = make_keyed_records(records, keys, partitions)
         produce_keyed(bootstrap, topic, recs)
-        base = baseline_rate(bootstrap, topic, records)
+        before = baseline_rate(bootstrap, topic, records)
         model, prefix = f"keyed-{uuid.uuid4().hex[:6]}", "fogline-bench"
         cfg = write_keyed_config(
             tmp / "keyed.yaml",
@@ -270,15 +315,18 @@ def daemon_part(
             model=model,
             prefix=prefix,
             batch_size=batch_size,
-            snapshot_every_batches=0,
+            snapshot_every_batches=snapshot_every_batches,
             snapshot_every_seconds=30.0,
             hidden=hidden,
             prefetch=prefetch,
+            source_process=source_process,
         )
         expect = recs.absorbable(batch_size)
-        rate, end_to_end, absorbed = keyed_rate(
+        rate, end_to_end, absorbed, checkpoints, cpu_s = keyed_rate(
             cfg, tmp / "keyed.log", redis_url, model, prefix, records, partitions
         )
+        after = baseline_rate(bootstrap, topic, records)
+        base = (before + after) / 2
         blobs = key_blobs(redis_url, model, prefix)
         if log_dir is not None:
             shutil.copy(tmp / "keyed.log", Path(log_dir) / f"{model}.log")
@@ -288,8 +336,13 @@ def daemon_part(
         "daemon_partitions": partitions,
         "daemon_batch_size": batch_size,
         "daemon_hidden": list(hidden),
-        "daemon_prefetch": prefetch,
+        "daemon_rows_per_key": rows_per_key,
+        "daemon_snapshot_every_batches": snapshot_every_batches,
+        "daemon_source_process": source_process,
+        "daemon_prefetch": prefetch and not source_process,
         "baseline_records_per_s": round(base, 1),
+        "baseline_before_records_per_s": round(before, 1),
+        "baseline_after_records_per_s": round(after, 1),
         # steady state: end of the first absorbed batch to the end of the last
         "keyed_records_per_s": round(rate, 1),
         "daemon_ratio": round(rate / base, 4),
@@ -297,6 +350,9 @@ def daemon_part(
         "keyed_end_to_end_records_per_s": round(end_to_end, 1),
         "daemon_end_to_end_ratio": round(end_to_end / base, 4),
         "daemon_absorbed": absorbed,
+        "daemon_checkpoints": checkpoints,
+        # user + system CPU of the daemon process tree, start-up and idle wait included
+        "daemon_cpu_s": round(cpu_s, 2),
         "daemon_absorbable": expect,
         # False: the daemon idled out before absorbing every complete batch (the rate is
         # then not the daemon's throughput; keep its log with --log-dir)
@@ -310,28 +366,54 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m fogline.bench.keyed_daemon``: the daemon part alone."""
     ap = argparse.ArgumentParser(prog="python -m fogline.bench.keyed_daemon", description=__doc__)
     ap.add_argument("--keys", type=int, default=1000)
-    ap.add_argument("--records", type=int, default=20_000)
+    ap.add_argument(
+        "--records", type=int, default=None, help="records (default: --batches per partition)"
+    )
+    ap.add_argument("--batches", type=int, default=8, help="batches per partition (default 8)")
     ap.add_argument("--partitions", type=int, default=6)
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument(
+        "--rows-per-key",
+        type=float,
+        default=8.0,
+        help="rows per key in a batch: batch size = rows x keys / partitions (default 8)",
+    )
+    ap.add_argument("--batch-size", type=int, default=None, help="override the batch size")
+    ap.add_argument(
+        "--snapshot-every-batches",
+        type=int,
+        default=4,
+        help="checkpoint each partition every so many of its batches (0: at 30 s and the end)",
+    )
     ap.add_argument("--hidden", type=int, default=16)
     ap.add_argument("--bootstrap", default=None)
     ap.add_argument("--redis-url", default=None)
     ap.add_argument("--log-dir", type=Path, default=None, help="keep the daemon's log here")
     ap.add_argument(
-        "--no-prefetch", action="store_true", help="stream.prefetch off (poll on the main thread)"
+        "--no-prefetch",
+        action="store_true",
+        help="with --no-source-process: stream.prefetch off (poll on the main thread)",
+    )
+    ap.add_argument(
+        "--no-source-process",
+        action="store_true",
+        help="stream.source_process off: the consumer in the daemon's process",
     )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     out = daemon_part(
         keys=args.keys,
         records=args.records,
+        batches=args.batches,
         partitions=args.partitions,
+        rows_per_key=args.rows_per_key,
         batch_size=args.batch_size,
+        snapshot_every_batches=args.snapshot_every_batches,
         hidden=(args.hidden,),
         bootstrap=args.bootstrap,
         redis_url=args.redis_url,
         log_dir=args.log_dir,
         prefetch=not args.no_prefetch,
+        source_process=not args.no_source_process,
     )
     print(json.dumps(out) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items()))
     return 0

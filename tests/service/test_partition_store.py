@@ -52,6 +52,20 @@ def test_a_lost_lease_writes_nothing(store: PartitionStore) -> None:
     assert not [k for k in store._client.scan_iter(match=f"{store.base}:staging:*")]
 
 
+def test_a_commit_renews_the_lease_it_checked(store: PartitionStore) -> None:
+    """The keyed pipeline counts a checkpoint as a renewal; the script makes it one.
+
+    Without it, checkpoints in quick succession postponed the next renewal past
+    the lease's real expiry (``partition_lease_lost`` with nobody else around).
+    """
+    lease = store.acquire(0, "me", 60.0)
+    assert lease is not None
+    store._client.pexpire(lease.key, 500)  # as if the last renewal were long ago
+    store.commit(lease, 0, offsets={"t:0": 5}, records_absorbed=5, blobs={"a": b"A"}, entries={})
+    assert store._client.pttl(lease.key) > 30_000
+    assert store.renew(lease)
+
+
 def test_layout_and_fleet_prior_are_written_once(store: PartitionStore) -> None:
     first = store.ensure_layout({"topic": "t", "partitions": "6", "key_field": "host"})
     again = store.ensure_layout({"topic": "t", "partitions": "8", "key_field": "host"})
