@@ -13,7 +13,11 @@ then in the same run measure the two sides of the ratio:
    once before and once after the daemon; the baseline is their mean (on a
    shared machine the load drifts during a run; both are reported);
 2. *keyed daemon*: ``fogline run --idle-exit-s 5`` with ``keyed.enabled``, as a
-   user runs it: count batching, one torch thread, the consumer in a child
+   user runs it: count batching, one torch thread, ``drift.policy = "off"``
+   (plain streaming SVI per key, so the keys are stepped in place in the key
+   cache's table; with a drift policy, the default ``forget`` included, every key
+   goes through its drift loop over a materialised state, which this bench does
+   not measure), the consumer in a child
    process (``stream.source_process``; ``--no-source-process``: in-process,
    with ``stream.prefetch`` unless ``--no-prefetch``), and partition
    checkpoints every ``--snapshot-every-batches`` batches of a partition
