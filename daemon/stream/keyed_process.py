@@ -75,6 +75,7 @@ from fogline.daemon.stream.process_source import (
     ProcessSource,
     _forward_logs,
     _portable,
+    answer_requests,
 )
 from fogline.daemon.stream.source import OutOfRange
 from fogline.models.state import RecordFingerprint
@@ -178,34 +179,19 @@ def keyed_serve(
         conn.send(("error", (_portable(exc), traceback.format_exc()), *_extras(events, None)))
         return
     conn.send(("ok", None, *_extras(events, source)))
-    while True:
-        try:
-            request = conn.recv()
-        except (EOFError, OSError):  # the parent is gone: leave the group now
-            source.close()
-            return
-        op, args = request[0], request[1:]
-        try:
-            if op == "poll":
-                max_records, timeout_ms = args
-                raws = source.poll(max_records=max_records, timeout_ms=timeout_ms)
-                value: Any = (raws, decode(raws) if decode is not None and raws else None)
-            elif op == "assignment":
-                value = source.assignment
-            elif op in KEYED_CALLS:
-                value = getattr(source, op)(*args)
-            else:
-                raise ValueError(f"unknown request {op!r}")
-            reply: tuple[Any, ...] = ("ok", value, *_extras(events, source))
-        except Exception as exc:
-            reply = ("error", (_portable(exc), traceback.format_exc()), *_extras(events, source))
-        try:
-            conn.send(reply)
-        except (BrokenPipeError, OSError):
-            source.close()
-            return
-        if op == "close":
-            return
+
+    def handle(op: str, args: tuple[Any, ...]) -> Any:
+        if op == "poll":
+            max_records, timeout_ms = args
+            raws = source.poll(max_records=max_records, timeout_ms=timeout_ms)
+            return (raws, decode(raws) if decode is not None and raws else None)
+        if op == "assignment":
+            return source.assignment
+        if op in KEYED_CALLS:
+            return getattr(source, op)(*args)
+        raise ValueError(f"unknown request {op!r}")
+
+    answer_requests(conn, source, handle, lambda: _extras(events, source))
 
 
 def _extras(events: _KeyedEvents, source: Any) -> tuple[Any, ...]:

@@ -237,6 +237,34 @@ def serve(
         conn.send(("error", (_portable(exc), traceback.format_exc()), *events.take()))
         return
     conn.send(("ok", None, *events.take()))
+
+    def handle(op: str, args: tuple[Any, ...]) -> Any:
+        if op == "poll":
+            max_records, timeout_ms, events.offsets, events.prints = args
+            return source.poll(max_records=max_records, timeout_ms=timeout_ms)
+        if op == "assignment":
+            return source.assignment
+        if op in CALLS:
+            return getattr(source, op)(*args)
+        raise ValueError(f"unknown request {op!r}")
+
+    answer_requests(conn, source, handle, events.take)
+
+
+def answer_requests(
+    conn: Connection,
+    source: Any,
+    handle: Callable[[str, tuple[Any, ...]], Any],
+    tail: Callable[[], tuple[Any, ...]],
+) -> None:
+    """A child's request loop: answer ``(op, *args)`` requests until ``close`` or EOF.
+
+    Each reply is ``("ok", handle(op, args), *tail())`` or, when ``handle``
+    raises, ``("error", (exception, child traceback), *tail())``; ``tail``
+    carries what happened since the last reply (events, findings, logs).  The
+    parent gone (EOF on receive, a broken pipe on send) closes ``source``:
+    the consumer leaves its group at once.
+    """
     while True:
         try:
             request = conn.recv()
@@ -245,18 +273,9 @@ def serve(
             return
         op, args = request[0], request[1:]
         try:
-            if op == "poll":
-                max_records, timeout_ms, events.offsets, events.prints = args
-                value: Any = source.poll(max_records=max_records, timeout_ms=timeout_ms)
-            elif op == "assignment":
-                value = source.assignment
-            elif op in CALLS:
-                value = getattr(source, op)(*args)
-            else:
-                raise ValueError(f"unknown request {op!r}")
-            reply: tuple[Any, ...] = ("ok", value, *events.take())
+            reply: tuple[Any, ...] = ("ok", handle(op, args), *tail())
         except Exception as exc:
-            reply = ("error", (_portable(exc), traceback.format_exc()), *events.take())
+            reply = ("error", (_portable(exc), traceback.format_exc()), *tail())
         try:
             conn.send(reply)
         except (BrokenPipeError, OSError):
