@@ -29,13 +29,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from fogline.models.spec import ModelSpec, Transform
+
+if TYPE_CHECKING:  # torch-free at import: the consumer's child decodes with numpy only
+    import torch
 
 _KINDS: frozenset[str] = frozenset({"standardise", "log1p", "none"})
 
@@ -67,11 +69,11 @@ class Column:
         v = values.double()
         if transform == "log1p":
             if bool((v <= -1).any()):
-                row = int(torch.nonzero(v <= -1)[0])
+                row = int((v <= -1).nonzero()[0])
                 raise SchemaError(
                     f"{name}: transform log1p needs values > -1; row {row} has {float(v[row])!r}"
                 )
-            v = torch.log1p(v)
+            v = v.log1p()
         loc = float(v.mean())
         sd = float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
         return cls(name, transform, loc, sd if sd > 1e-12 else 1.0)
@@ -81,7 +83,7 @@ class Column:
         if self.transform == "none":
             return v
         if self.transform == "log1p":
-            v = torch.log1p(v)
+            v = v.log1p()
         return (v - self.loc) / self.scale
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
@@ -89,7 +91,7 @@ class Column:
         if self.transform == "none":
             return z
         v = z * self.scale + self.loc
-        return torch.expm1(v) if self.transform == "log1p" else v
+        return v.expm1() if self.transform == "log1p" else v
 
     @property
     def affine(self) -> bool:
@@ -198,12 +200,16 @@ class DataSchema:
         """Raw inputs [N, D] -> model inputs [N, D] (dtype kept)."""
         if all(c.transform == "none" for c in self.features):
             return x_raw
+        import torch
+
         return torch.stack([c.forward(x_raw[:, j]) for j, c in enumerate(self.features)], dim=1)
 
     def x_from_model(self, z: torch.Tensor) -> torch.Tensor:
         """Model inputs [N, D] -> raw inputs [N, D]."""
         if all(c.transform == "none" for c in self.features):
             return z
+        import torch
+
         return torch.stack([c.inverse(z[:, j]) for j, c in enumerate(self.features)], dim=1)
 
     def x_to_model_np(self, x_raw: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -259,7 +265,7 @@ class DataSchema:
         """Raise :class:`SchemaError` naming the first column/row a transform cannot take."""
         for j, c in enumerate(self.features):
             if c.transform == "log1p" and bool((x_raw[:, j] <= -1).any()):
-                row = int(torch.nonzero(x_raw[:, j] <= -1)[0])
+                row = int((x_raw[:, j] <= -1).nonzero()[0])
                 raise SchemaError(
                     f"{c.name}: transform log1p needs values > -1; row {row} has "
                     f"{float(x_raw[row, j])!r}"

@@ -17,7 +17,7 @@ from typing import Any
 
 from fogline.daemon.stream.batching import TopicPartition
 from fogline.daemon.stream.prefetch import Polled, SerialSource
-from fogline.models.state import RecordFingerprint
+from fogline.models.fingerprint import RecordFingerprint
 
 
 class KeyedSerialSource(SerialSource):

@@ -78,7 +78,7 @@ from fogline.daemon.stream.process_source import (
     answer_requests,
 )
 from fogline.daemon.stream.source import OutOfRange
-from fogline.models.state import RecordFingerprint
+from fogline.models.fingerprint import RecordFingerprint
 
 #: A rebalance event: ``("assigned" | "revoked", [(topic, partition), ...])``.
 Event = tuple[str, list[TopicPartition]]

@@ -63,7 +63,7 @@ from fogline.daemon.stream.batching import TopicPartition
 from fogline.daemon.stream.decode import DecodedBatch, RawRecord
 from fogline.daemon.stream.prefetch import Polled, Source
 from fogline.daemon.stream.source import OutOfRange
-from fogline.models.state import RecordFingerprint
+from fogline.models.fingerprint import RecordFingerprint
 
 log = structlog.get_logger(__name__)
 

@@ -84,7 +84,7 @@ from kafka.errors import (
 
 from fogline.daemon.names import dlq_topic_for
 from fogline.daemon.stream.decode import RawRecord, partition_key
-from fogline.models.state import RecordFingerprint
+from fogline.models.fingerprint import RecordFingerprint
 
 if TYPE_CHECKING:
     from fogline.daemon.config import Settings
