@@ -351,8 +351,8 @@ class KeyedPipeline:
         if s.stream.source_process and self.clients.source is kafka_source:
             return KeyedProcessSource(
                 functools.partial(kafka_source, s),
-                # series decoders number keys in-process: those decode here
-                decode=None
+                # a series batch's key ids are the child's: _ingest re-numbers them here
+                decode=self.series.decoder.decode_batch
                 if self.series is not None
                 else functools.partial(decode_batch, features=self.decoder),
                 on_assigned=self._offsets_for,
@@ -643,6 +643,8 @@ class KeyedPipeline:
         metrics.RECORDS_IN.labels(topic=self.topic).inc(len(raws))
         if polled.decoded is not None and len(raws) == len(polled.raws):
             dec: Any = polled.decoded
+            if self.series is not None:  # decoded in the child: this process's key ids
+                dec = self.series.decoder.adopt(dec)
         elif self.series is not None:
             dec = self.series.decoder.decode_batch(raws)
         else:

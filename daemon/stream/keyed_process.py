@@ -28,7 +28,7 @@ What differs from the single-model child (:func:`keyed_serve`):
    has arrived without a round trip.  Records of such a partition are
    withheld by the consumer, so a finding that arrives one poll later lets
    nothing wrong through.
-3. **Decoding in the child** (``decode``, for tabular models): the child
+3. **Decoding in the child** (``decode``): the child
    decodes each poll's records with the parent's decoder (pickled at the
    start) and the reply carries the raw records *and* their
    :class:`~fogline.daemon.stream.decode.DecodedBatch`, so the parent's
@@ -37,8 +37,10 @@ What differs from the single-model child (:func:`keyed_serve`):
    checkpoint fingerprints the record before its offset.  A poll that has
    records the pipeline does not take (a partition not owned, or claimed
    while the poll ran ahead) is decoded again in the parent from the raw
-   records it keeps.  Autoregressive models decode in the parent: their
-   decoder numbers keys in-process (``SeriesDecoder.key_id``).
+   records it keeps.  Autoregressive models decode in the child too, with
+   a copy of the parent's :class:`~fogline.daemon.stream.series_decode.SeriesDecoder`
+   that numbers keys on its own; the parent re-numbers each batch's key
+   column with its own ids (``SeriesDecoder.adopt``).
 
 Every other call (``assignment``, ``pause``, ``resume``, ``seek``,
 ``seek_checked``, ``reset``, ``commit``, ``partition_count``, ``close``) is

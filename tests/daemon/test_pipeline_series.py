@@ -198,3 +198,22 @@ def test_settings_contradicting_the_stored_series_exit_2_naming_the_fields() -> 
         assert pipe.run() == 2
         assert field + ": settings say" in pipe.stats.exit_reason
     assert len(world.store.blobs) == written
+
+
+def test_series_decoder_pickles_without_its_key_ids_and_adopt_renumbers() -> None:
+    """The keyed child decodes with a pickled copy; the parent re-numbers its key column."""
+    import pickle
+
+    schema = DataSchema.unfitted(ModelSpec.model_validate(AR))
+    parent = SeriesDecoder(schema)
+    parent.key_id("z")  # the parent met another key first: its ids differ from the child's
+    child = pickle.loads(pickle.dumps(parent))
+    assert child.key_names == [] and child.schema == parent.schema
+    raws = [rec(0, host="b"), b'{"ts": 1, "value": "x"}', rec(2, host="a"), rec(3, host="b")]
+    got = parent.adopt(child.decode_batch(raws))
+    want = SeriesDecoder(schema)
+    want.key_id("z")
+    own = want.decode_batch(raws)
+    assert got.meta.tolist() == own.meta.tolist()
+    assert got.keys == own.keys and got.good == own.good and got.bad == own.bad
+    assert parent.key_names == ["z", "b", "a"]
