@@ -935,15 +935,38 @@ def fit(
     seed: int = 0,
     jit: bool = True,
     on_epoch: Callable[[int, float, PosteriorState], None] | None = None,
+    anneal: float = 0.0,
+    average: float = 0.0,
 ) -> FitResult:
     """Classic minibatch SVI of a fixed data set (frozen prior, data_size = N).
 
     Shuffles with a generator seeded by ``seed``; each epoch is one pass.
+
+    ``anneal`` a in [0, 1): over the last A = round(a E) of the E epochs the
+    step size decays by a half cosine, lr_e = lr_0 (1 + cos(pi (j + 1) / (A + 1))) / 2
+    for the j-th of them (j = 0 .. A - 1), so the last steps settle the
+    iterate instead of leaving it where the last minibatch's noise put it;
+    the returned state carries lr_0 again.  ``average`` v in [0, 1): the
+    returned variational parameters are the mean of the end-of-epoch iterates
+    lambda_e over the last V = round(v E) epochs (stochastic weight
+    averaging / Polyak averaging in lambda = (m, softplus^-1 s[, V])), the
+    optimizer state that of the last iterate.  Both 0: plain SVI, the last
+    iterate.
     """
+    if not (0.0 <= anneal < 1.0 and 0.0 <= average < 1.0):
+        raise ValueError(f"anneal and average must be in [0, 1), got {anneal}, {average}")
     gen = torch.Generator().manual_seed(seed)
     n = x.shape[0]
+    lr0 = state.lr
+    n_anneal, n_average = round(anneal * epochs), round(average * epochs)
+    sums: dict[str, torch.Tensor] | None = None
     losses: list[float] = []
     for epoch in range(epochs):
+        j = epoch - (epochs - n_anneal)
+        if j >= 0:
+            state = state.replace(
+                lr=lr0 * 0.5 * (1.0 + math.cos(math.pi * (j + 1) / (n_anneal + 1)))
+            )
         perm = torch.randperm(n, generator=gen)
         total, count = 0.0, 0
         for start in range(0, n, batch_size):
@@ -952,6 +975,14 @@ def fit(
             total += info.loss
             count += 1
         losses.append(total / max(count, 1))
+        if epoch >= epochs - n_average:
+            params = {k: v.detach().double() for k, v in state.params.items()}
+            sums = params if sums is None else {k: sums[k] + v for k, v in params.items()}
         if on_epoch is not None:
             on_epoch(epoch, losses[-1], state)
+    if sums is not None:
+        mean = {k: (v / n_average).to(state.params[k].dtype) for k, v in sums.items()}
+        state = state.replace(params=mean)
+    if n_anneal:
+        state = state.replace(lr=lr0)
     return FitResult(state, losses)
