@@ -74,7 +74,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -106,7 +106,9 @@ class LikelihoodConfig(BaseModel):
     score, ``cap`` on |zeta|, ``sd_floor`` (fraction of the calibrated sd
     1/sqrt(K) below which the long-window sd is not trusted), ``noise_floor``
     (in the model's target units; standardised targets: a fraction of the
-    series' sd), the long-window ``estimator``, and the repeat suppression's
+    series' sd), ``noise_floor_relative`` c (0: off; else the floor is
+    max(``noise_floor``, c r), r the warm-up's one-step scale,
+    :func:`effective_noise_floor`), the long-window ``estimator``, and the repeat suppression's
     window ``suppress`` S (records; 0: off) and ratio ``suppress_ratio`` r.
     """
 
@@ -119,6 +121,7 @@ class LikelihoodConfig(BaseModel):
     cap: float = Field(default=6.0, gt=0)
     sd_floor: float = Field(default=0.5, gt=0)
     noise_floor: float = Field(default=0.01, ge=0)
+    noise_floor_relative: float = Field(default=0.0, ge=0)
     estimator: Literal["mean_sd", "median_mad"] = "mean_sd"
     suppress: int = Field(default=64, ge=0)
     suppress_ratio: float = Field(default=0.9, gt=0, le=1)
@@ -136,26 +139,83 @@ class LikelihoodConfig(BaseModel):
 
 
 # ----------------------------------------------------------------------------- 1. tail probability
+def _log_cdf_pair(
+    ens: Ensemble, x: torch.Tensor, yy: torch.Tensor, noise_floor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log F(y), log(1 - F(y))) [N] (float64) of one ensemble's predictive mixture."""
+    mu, sigma = component_params(ens, x)
+    mu, sigma = mu.double(), sigma.double()
+    if noise_floor > 0:
+        sigma = (sigma.pow(2) + noise_floor**2).sqrt()
+    s = mu.shape[0]
+    if ens.config.likelihood == "gaussian":
+        z = (yy - mu) / sigma
+        log_lo = torch.logsumexp(torch.special.log_ndtr(z), 0) - math.log(s)
+        log_hi = torch.logsumexp(torch.special.log_ndtr(-z), 0) - math.log(s)
+        return log_lo, log_hi
+    cdf = mixture_cdf(ens, yy.to(mu.dtype), mu, sigma).double()
+    return cdf.clamp_min(1e-300).log(), (1.0 - cdf).clamp_min(1e-300).log()
+
+
 def log_tail_probability(
-    ens: Ensemble, x: torch.Tensor, y: torch.Tensor, noise_floor: float = 0.0
+    ens: Ensemble | Sequence[Ensemble],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    noise_floor: float = 0.0,
 ) -> FloatArray:
-    """log p_i [N] (float64) of the two-sided tail of the predictive mixture (stage 1)."""
+    """log p_i [N] (float64) of the two-sided tail of the predictive mixture (stage 1).
+
+    ``ens`` may be a sequence of R ensembles (independently fitted posteriors,
+    e.g. warm-start restarts): the predictive is then their equal-weight
+    mixture, F(y) = (1/R) sum_r F_r(y), i.e. log F = logsumexp_r log F_r - log R
+    (with R equal-sized ensembles, the pooled mixture of all R S draws).
+    """
+    members = [ens] if isinstance(ens, Ensemble) else list(ens)
+    if not members:
+        raise ValueError("log_tail_probability: no ensemble")
     with torch.no_grad():
-        mu, sigma = component_params(ens, x)
-        mu, sigma = mu.double(), sigma.double()
-        if noise_floor > 0:
-            sigma = (sigma.pow(2) + noise_floor**2).sqrt()
         yy = y.reshape(-1).to(torch.float64)
-        s = mu.shape[0]
-        if ens.config.likelihood == "gaussian":
-            z = (yy - mu) / sigma
-            log_lo = torch.logsumexp(torch.special.log_ndtr(z), 0) - math.log(s)
-            log_hi = torch.logsumexp(torch.special.log_ndtr(-z), 0) - math.log(s)
-            log_p = math.log(2.0) + torch.minimum(log_lo, log_hi)
-        else:
-            cdf = mixture_cdf(ens, yy.to(mu.dtype), mu, sigma).double()
-            log_p = (2.0 * torch.minimum(cdf, 1.0 - cdf)).clamp_min(1e-300).log()
+        pairs = [_log_cdf_pair(e, x, yy, noise_floor) for e in members]
+        log_r = math.log(len(members))
+        log_lo = torch.logsumexp(torch.stack([lo for lo, _ in pairs]), 0) - log_r
+        log_hi = torch.logsumexp(torch.stack([hi for _, hi in pairs]), 0) - log_r
+        log_p = math.log(2.0) + torch.minimum(log_lo, log_hi)
         return np.asarray(log_p.clamp_max(0.0).numpy(), dtype=np.float64)
+
+
+def mean_normal_score_log_tail(log_ps: Sequence[npt.ArrayLike], cap: float = 6.0) -> FloatArray:
+    """log p-bar [N] of the members' mean normal score: p-bar = Phi(-zeta-bar).
+
+    zeta-bar_i = (1/R) sum_r zeta_ri, zeta_ri = Phi^{-1}(1 - p_ri) clipped to
+    [-cap, cap] (:func:`normal_scores`) for R members' tail probabilities
+    p_ri (``log_ps``, each [N]): the members' evidence averaged on the normal
+    scale (a committee), where the predictive mixture is dominated by the
+    least surprised member.
+    """
+    if not log_ps:
+        raise ValueError("mean_normal_score_log_tail: no member")
+    zeta = np.mean([normal_scores(lp, cap) for lp in log_ps], axis=0)
+    return np.asarray(_np_log_ndtr(-zeta), dtype=np.float64)
+
+
+def one_step_scale(y: npt.ArrayLike) -> float:
+    """r = sqrt(mean((y_t - y_{t-1})^2) / 2) of consecutive values ``y`` (0 if fewer than 2).
+
+    The noise sd sigma of a series that is a constant plus i.i.d. noise
+    (E (y_t - y_{t-1})^2 = 2 sigma^2); for a smooth or piecewise-constant
+    series, the typical one-step move.
+    """
+    v = np.asarray(y, dtype=np.float64).reshape(-1)
+    if len(v) < 2:
+        return 0.0
+    return float(np.sqrt(np.mean(np.diff(v) ** 2) / 2.0))
+
+
+def effective_noise_floor(cfg: LikelihoodConfig, warm_y: npt.ArrayLike) -> float:
+    """f = max(``noise_floor``, ``noise_floor_relative`` r), r = :func:`one_step_scale` of the warm-up."""
+    if cfg.noise_floor_relative <= 0:
+        return cfg.noise_floor
+    return max(cfg.noise_floor, cfg.noise_floor_relative * one_step_scale(warm_y))
 
 
 # ----------------------------------------------------------------------------- 2. normal score
@@ -351,8 +411,11 @@ __all__ = [
     "AnomalyLikelihood",
     "LikelihoodConfig",
     "anomaly_likelihood",
+    "effective_noise_floor",
     "log_tail_probability",
+    "mean_normal_score_log_tail",
     "normal_scores",
+    "one_step_scale",
     "suppress_repeats",
     "window_means",
     "written_score",

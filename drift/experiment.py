@@ -49,7 +49,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from fogline.drift.anomaly import (
     LikelihoodConfig,
     anomaly_likelihood,
+    effective_noise_floor,
     log_tail_probability,
+    mean_normal_score_log_tail,
     normal_scores,
 )
 from fogline.drift.config import POLICIES, PolicyConfig
@@ -110,6 +112,20 @@ class ExperimentConfig(BaseModel):
     #: on all of them) or the held-out log predictive density (``warm_held_out``).
     warm_select: Literal["elbo", "held_out"] = "held_out"
     warm_finish: float = Field(default=0.25, gt=0)
+    #: End of the warm start (:func:`fogline.models.svi.fit`): the fraction of its epochs
+    #: over which the step size decays (half cosine) and the fraction whose iterates
+    #: are averaged (SWA).  0: the last iterate at the constant step size.
+    warm_anneal: float = Field(default=0.0, ge=0, lt=1)
+    warm_average: float = Field(default=0.0, ge=0, lt=1)
+    #: Members of the anomaly score's reference ensemble: R independent warm starts
+    #: (seeds ``seed + r * RESTART_STRIDE``, member 0 the single fit), each run through
+    #: its own drift loop; the score's predictive is the equal-weight mixture of
+    #: their references (:func:`run_policy`).  1: the single posterior.
+    score_members: int = Field(default=1, ge=1)
+    #: How the members' references score a record: the tail probability under their
+    #: predictive mixture, or the members' mean normal score
+    #: (:func:`~fogline.drift.anomaly.mean_normal_score_log_tail`).
+    score_combine: Literal["mixture", "normal_mean"] = "mixture"
     detect_window: int = 50
     rolling: int = 10
     policy: PolicyConfig = PolicyConfig()
@@ -223,14 +239,27 @@ def load_source(source: str, cfg: ExperimentConfig, spec: ModelSpec | None = Non
         )  # regime-0 history
         extra = {k: v for k, v in s.meta().items() if k.endswith("_batches")}
         return StreamData(
-            source, s.x, s.y, cfg.batch_size, s.change_batches, warm.x, warm.y, extra=extra
+            source,
+            s.x,
+            s.y,
+            cfg.batch_size,
+            s.change_batches,
+            warm.x,
+            warm.y,
+            extra=extra,
         )
     path = Path(source)
     if path.suffix == ".jsonl":
         x, y = read_jsonl(path)
         n_warm = max(cfg.batch_size, len(y) // 5)
         return StreamData(
-            path.stem, x[n_warm:], y[n_warm:], cfg.batch_size, (), x[:n_warm], y[:n_warm]
+            path.stem,
+            x[n_warm:],
+            y[n_warm:],
+            cfg.batch_size,
+            (),
+            x[:n_warm],
+            y[:n_warm],
         )
     if path.suffix == ".csv":
         return load_nab(path, cfg)
@@ -244,7 +273,10 @@ def nab_windows_file(path: Path) -> Path | None:
     only beside the data the caller passed; ``None`` when there is none.
     """
     root = path.resolve().parents[2] if len(path.resolve().parents) > 2 else path.parent
-    for candidate in (root / "combined_windows.json", root / "labels" / "combined_windows.json"):
+    for candidate in (
+        root / "combined_windows.json",
+        root / "labels" / "combined_windows.json",
+    ):
         if candidate.is_file():
             return candidate
     return None
@@ -359,6 +391,20 @@ def load_nab(path: Path, cfg: ExperimentConfig) -> StreamData:
 
 
 # ----------------------------------------------------------------------------- running
+def warm_members(data: StreamData, cfg: ExperimentConfig) -> list[PosteriorState]:
+    """The ``cfg.score_members`` warm starts of the score's reference ensemble.
+
+    Member 0 is :func:`warm_start` of ``cfg``; member r >= 1 is the same warm
+    start from seed ``cfg.seed + r * RESTART_STRIDE`` (its own initialisation
+    and shuffling), so the members are independent draws of the fit.
+    """
+    out = [warm_start(data, cfg)]
+    for r in range(1, cfg.score_members):
+        member_cfg = cfg.model_copy(update={"seed": cfg.seed + r * RESTART_STRIDE})
+        out.append(warm_start(data, member_cfg))
+    return out
+
+
 def warm_start(data: StreamData, cfg: ExperimentConfig) -> PosteriorState:
     """Fit the warm-start posterior on the regime-0 history (seeded).
 
@@ -391,7 +437,16 @@ def warm_start(data: StreamData, cfg: ExperimentConfig) -> PosteriorState:
     def fit_on(seed: int, xs: torch.Tensor, ys: torch.Tensor) -> PosteriorState:
         state = init_state(config, seed=seed, lr=cfg.lr)
         epochs = epochs_for(len(ys))
-        return fit(state, xs, ys, epochs=epochs, batch_size=cfg.warm_batch, seed=seed).state
+        return fit(
+            state,
+            xs,
+            ys,
+            epochs=epochs,
+            batch_size=cfg.warm_batch,
+            seed=seed,
+            anneal=cfg.warm_anneal,
+            average=cfg.warm_average,
+        ).state
 
     restarts = cfg.warm_restarts
     n_held = max(1, round(cfg.warm_held_out * n))
@@ -461,39 +516,63 @@ def run_policy(
     data: StreamData,
     cfg: ExperimentConfig,
     progress: Any = None,
+    members: Sequence[PosteriorState] = (),
 ) -> PolicyRun:
-    """Run one policy over the stream (deterministic for ``cfg.seed``)."""
+    """Run one policy over the stream (deterministic for ``cfg.seed``).
+
+    ``members`` (more warm starts, :func:`warm_members`) each run through a
+    drift loop of their own (seed ``cfg.seed + r * RESTART_STRIDE``, r = 1, 2, ...)
+    beside ``warm``'s; every record's tail probability is then under the
+    equal-weight mixture of the R = 1 + len(members) loops' current references,
+
+        F(y | x) = (1/R) sum_r (1/S) sum_s Phi((y - mu_rs(x)) / s_rs(x)),
+
+    (:func:`~fogline.drift.anomaly.log_tail_probability`), while the drift
+    alarms, modes and prequential metrics are ``warm``'s loop's.
+    """
     torch.manual_seed(cfg.seed)
     pcfg = cfg.policy.with_policy(name)
-    loop = DriftLoop(
-        reference_state=warm,
-        base_prior=default_prior(warm.config),
-        base_lr=cfg.lr,
-        data_size=max(len(data.warm_y), 1),
-        policy=pcfg,
-        seed=cfg.seed,
-    )
+
+    def loop_for(state: PosteriorState, seed: int) -> DriftLoop:
+        return DriftLoop(
+            reference_state=state,
+            base_prior=default_prior(state.config),
+            base_lr=cfg.lr,
+            data_size=max(len(data.warm_y), 1),
+            policy=pcfg,
+            seed=seed,
+        )
+
+    loop = loop_for(warm, cfg.seed)
+    others = [(loop_for(m, cfg.seed + (r + 1) * RESTART_STRIDE), m) for r, m in enumerate(members)]
     state = warm
     run = PolicyRun(name)
     ens = sample_ensemble(state, cfg.ensemble_size, cfg.seed)
     b = data.batch_size
     scored = data.labels is not None
-    floor = cfg.anomaly.noise_floor
+    floor = effective_noise_floor(cfg.anomaly, data.warm_y)
+
+    def references() -> list[Ensemble]:
+        return [loop.reference.ensemble] + [o.reference.ensemble for o, _ in others]
+
+    def log_tail(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+        refs = references()
+        if cfg.score_combine == "mixture" or len(refs) == 1:
+            return log_tail_probability(refs, x, y, floor)
+        parts = [log_tail_probability(e, x, y, floor) for e in refs]
+        return mean_normal_score_log_tail(parts, cfg.anomaly.cap)
+
     if scored:
-        run.warm_log_tail = log_tail_probability(
-            loop.reference.ensemble,
-            torch.from_numpy(data.warm_x),
-            torch.from_numpy(data.warm_y),
-            floor,
-        )
+        run.warm_log_tail = log_tail(torch.from_numpy(data.warm_x), torch.from_numpy(data.warm_y))
     for t in range(data.n_batches):
         x = torch.from_numpy(np.ascontiguousarray(data.x[t * b : (t + 1) * b]))
         y = torch.from_numpy(np.ascontiguousarray(data.y[t * b : (t + 1) * b]))
         nll, cov = _prequential(ens, x, y)
         run.live.append(loop.policy_state.mode == "stable" and loop.policy_state.calibrating == 0)
         if scored:  # under the reference posterior, before the batch (as the alarm signal)
-            run.log_tail.append(log_tail_probability(loop.reference.ensemble, x, y, floor))
+            run.log_tail.append(log_tail(x, y))
         state, _info, sig, action = loop.process(state, x, y)
+        others = [(o, o.process(s, x, y)[0]) for o, s in others]
         ens = loop.last_ensemble if loop.last_ensemble is not None else ens
         ps = loop.policy_state
         run.nll.append(nll)
@@ -617,7 +696,8 @@ def plot_timeline(run: PolicyRun, data: StreamData, cfg: ExperimentConfig, path:
     for a in ax[:3]:
         a.legend(loc="upper left", fontsize=7)
     ax[0].set_title(
-        f"{data.name} — policy {run.name} (red: true change, magenta: alarm)", fontsize=10
+        f"{data.name} — policy {run.name} (red: true change, magenta: alarm)",
+        fontsize=10,
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -697,7 +777,7 @@ def run_experiment(
         if p not in POLICIES:
             raise ValueError(f"unknown policy {p!r}; choose from {POLICIES}")
     data = load_source(source, cfg, spec)
-    warm = warm_start(data, cfg)
+    warm, *members = warm_members(data, cfg)
     runs: dict[str, PolicyRun] = {}
     if show_progress:
         from rich.progress import Progress
@@ -706,10 +786,10 @@ def run_experiment(
             task = prog.add_task(f"{data.name}", total=data.n_batches * len(policies))
             for p in policies:
                 prog.update(task, description=f"{data.name}: {p}")
-                runs[p] = run_policy(p, warm, data, cfg, lambda: prog.advance(task))
+                runs[p] = run_policy(p, warm, data, cfg, lambda: prog.advance(task), members)
     else:
         for p in policies:
-            runs[p] = run_policy(p, warm, data, cfg)
+            runs[p] = run_policy(p, warm, data, cfg, members=members)
     result: dict[str, Any] = {
         "source": source,
         "stream": data.name,

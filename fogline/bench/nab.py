@@ -241,10 +241,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="how restarts are compared (default held_out)",
     )
     p.add_argument(
+        "--members",
+        type=int,
+        default=None,
+        help="warm starts whose references' mixture scores the records (default 1)",
+    )
+    p.add_argument(
+        "--combine",
+        choices=("mixture", "normal_mean"),
+        default=None,
+        help="how the members score a record (default mixture: their predictive mixture)",
+    )
+    p.add_argument(
+        "--anneal",
+        type=float,
+        default=None,
+        help="fraction of the warm start's epochs with a decaying step size (default 0)",
+    )
+    p.add_argument(
+        "--average",
+        type=float,
+        default=None,
+        help="fraction of the warm start's last epochs averaged, SWA (default 0)",
+    )
+    p.add_argument(
         "--noise-floor",
         type=float,
         default=None,
         help="anomaly score's noise floor (model units: fraction of the warm-up sd)",
+    )
+    p.add_argument(
+        "--noise-floor-relative",
+        type=float,
+        default=None,
+        help="noise floor as a multiple c of the warm-up's one-step residual scale, max'd "
+        "with --noise-floor (default 0: off)",
     )
     p.add_argument(
         "--calibrate",
@@ -271,9 +302,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["warm_restarts"] = args.restarts
     if args.select:
         overrides["warm_select"] = args.select
+    if args.anneal is not None:
+        overrides["warm_anneal"] = args.anneal
+    if args.average is not None:
+        overrides["warm_average"] = args.average
+    if args.combine:
+        overrides["score_combine"] = args.combine
+    if args.members:
+        overrides["score_members"] = args.members
     anomaly: dict[str, Any] = {}
     if args.noise_floor is not None:
         anomaly["noise_floor"] = args.noise_floor
+    if args.noise_floor_relative is not None:
+        anomaly["noise_floor_relative"] = args.noise_floor_relative
     if args.calibrate:
         anomaly["calibration"] = {}
     if anomaly:

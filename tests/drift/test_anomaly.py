@@ -181,3 +181,59 @@ def test_the_calibrated_score_holds_its_rate_on_heavy_tailed_residuals() -> None
     # 0.97 / 0.85 / 1.09 calibrated; the raw (unsuppressed) Gaussian score 1.7 / 6.7 / 33
     assert float(np.mean(plain[live] >= 1 - 1e-4)) > 3 * 1e-4
     assert float(np.mean(cal[live] >= 1 - 1e-4)) < 2 * 1e-4
+
+
+def test_a_list_of_ensembles_scores_under_their_pooled_mixture() -> None:
+    from fogline.models.predictive import Ensemble
+
+    config = ModelConfig.model_validate({"in_features": 3, "hidden": (8,)})
+    a = sample_ensemble(init_state(config, seed=0), 16, 0)
+    b = sample_ensemble(init_state(config, seed=1), 16, 1)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 3, generator=gen), 3 * torch.randn(40, generator=gen)
+    one = log_tail_probability(a, x, y, noise_floor=0.01)
+    np.testing.assert_array_equal(log_tail_probability([a], x, y, noise_floor=0.01), one)
+    pooled = Ensemble(
+        config,
+        tuple(
+            (torch.cat([wa, wb]), torch.cat([ba, bb]))
+            for (wa, ba), (wb, bb) in zip(a.layers, b.layers, strict=True)
+        ),
+    )
+    mixed = log_tail_probability([a, b], x, y, noise_floor=0.01)
+    np.testing.assert_allclose(mixed, log_tail_probability(pooled, x, y, 0.01), atol=1e-12)
+    two = log_tail_probability(b, x, y, noise_floor=0.01)
+    assert not np.allclose(mixed, one) and not np.allclose(mixed, two)
+    # the mixture's tail mass is at least half of each member's on the same side
+    assert np.all(mixed >= np.minimum(one, two) - math.log(2) - 1e-9)
+    with pytest.raises(ValueError, match="no ensemble"):
+        log_tail_probability([], x, y)
+
+
+def test_the_relative_noise_floor_follows_the_one_step_scale() -> None:
+    from fogline.drift.anomaly import effective_noise_floor, one_step_scale
+
+    rng = np.random.default_rng(0)
+    noise = 0.5 * rng.standard_normal(20_000)
+    assert one_step_scale(noise) == pytest.approx(0.5, rel=0.03)  # i.i.d.: sigma
+    assert one_step_scale(np.full(50, 3.0)) == 0.0 and one_step_scale([1.0]) == 0.0
+    cfg = LikelihoodConfig(noise_floor=0.01, noise_floor_relative=0.2)
+    assert effective_noise_floor(cfg, noise) == pytest.approx(0.1, rel=0.03)
+    assert effective_noise_floor(cfg, np.zeros(10)) == 0.01  # never below the fixed floor
+    assert effective_noise_floor(LikelihoodConfig(), noise) == 0.01  # off by default
+
+
+def test_the_members_mean_normal_score() -> None:
+    from scipy.stats import norm
+
+    from fogline.drift.anomaly import mean_normal_score_log_tail
+
+    lp_a = np.log(np.array([0.5, 0.01, 1e-12]))
+    lp_b = np.log(np.array([0.5, 0.2, 0.3]))
+    out = mean_normal_score_log_tail([lp_a, lp_b], cap=6.0)
+    zeta = (normal_scores(lp_a, 6.0) + normal_scores(lp_b, 6.0)) / 2
+    np.testing.assert_allclose(out, norm.logcdf(-zeta), rtol=1e-12)
+    np.testing.assert_allclose(mean_normal_score_log_tail([lp_a], 6.0)[:2], lp_a[:2], rtol=1e-9)
+    assert out[2] == pytest.approx(norm.logcdf(-(6.0 + normal_scores(lp_b, 6.0)[2]) / 2))
+    with pytest.raises(ValueError, match="no member"):
+        mean_normal_score_log_tail([])

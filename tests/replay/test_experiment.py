@@ -155,3 +155,32 @@ def test_cli_experiment_config_without_model_section(tmp_path: Path) -> None:
     cfg = tmp_path / "plain.toml"
     cfg.write_text("[stream]\nbatch_size = 64\n")
     assert cli_main(["experiment", "abrupt", "--config", str(cfg)]) == 2
+
+
+def test_score_members_mix_the_references_and_leave_the_drift_loop_alone(tmp_path: Path) -> None:
+    import math as _math
+
+    import numpy as np
+
+    src = tmp_path / "nab" / "data" / "synthetic" / "cycle.csv"
+    src.parent.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with src.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["timestamp", "value"])
+        for i in range(400):
+            v = 10 + 2 * _math.sin(2 * _math.pi * i / 24) + 0.3 * rng.standard_normal()
+            w.writerow([f"2024-01-{1 + i // 24:02d} {i % 24:02d}:00:00", f"{v:.4f}"])
+    small = {**SMALL, "batch_size": 64, "warm_steps": 100, "hidden": (8,)}
+    outs = {}
+    for members in (1, 2):
+        cfg = ExperimentConfig(seed=0, score_members=members, **small)  # type: ignore[arg-type]
+        res = run_experiment(str(src), ["forget"], cfg, nab_out=tmp_path / f"m{members}")
+        with open(res["nab_files"][0], newline="") as fh:
+            tail = [float(r["tail_probability"]) for r in csv.DictReader(fh)]
+        outs[members] = (res["policies"]["forget"], tail)
+    (one, tail_one), (two, tail_two) = outs[1], outs[2]
+    # member 0's loop decides the drift alarms and the prequential metrics
+    assert one["alarms"] == two["alarms"] and one["mean_nll"] == two["mean_nll"]
+    assert len(tail_one) == len(tail_two) == 400 and tail_one != tail_two
+    assert all(0.0 <= p <= 1.0 for p in tail_two)
