@@ -13,7 +13,9 @@ statistic record by record with its state explicit):
    it keeps full resolution far into the tails (where 1 - F rounds to 0 in
    float32).  ``noise_floor`` replaces s_s by sqrt(s_s^2 + floor^2): a model
    that has learnt a near-zero noise (a flat series) cannot turn a rounding
-   error into a 40-sigma event.
+   error into a 40-sigma event.  The caller sets the floor to
+   f = max(``noise_floor``, ``noise_floor_relative`` r), r the warm-up's
+   one-step scale (:func:`effective_noise_floor`).
 2. **Normal score** (:func:`normal_scores`): zeta_i = Phi^{-1}(1 - p_i), which
    is N(0, 1) when the predictive is calibrated (p_i ~ U(0, 1)), clipped to
    [-cap, cap] so one record moves the next statistic by at most cap / K.
@@ -106,9 +108,9 @@ class LikelihoodConfig(BaseModel):
     score, ``cap`` on |zeta|, ``sd_floor`` (fraction of the calibrated sd
     1/sqrt(K) below which the long-window sd is not trusted), ``noise_floor``
     (in the model's target units; standardised targets: a fraction of the
-    series' sd), ``noise_floor_relative`` c (0: off; else the floor is
-    max(``noise_floor``, c r), r the warm-up's one-step scale,
-    :func:`effective_noise_floor`), the long-window ``estimator``, and the repeat suppression's
+    series' sd), ``noise_floor_relative`` c (the floor is max(``noise_floor``, c r),
+    r the warm-up's one-step scale, :func:`effective_noise_floor`; 0: the fixed
+    floor alone), the long-window ``estimator``, and the repeat suppression's
     window ``suppress`` S (records; 0: off) and ratio ``suppress_ratio`` r.
     """
 
@@ -121,7 +123,7 @@ class LikelihoodConfig(BaseModel):
     cap: float = Field(default=6.0, gt=0)
     sd_floor: float = Field(default=0.5, gt=0)
     noise_floor: float = Field(default=0.01, ge=0)
-    noise_floor_relative: float = Field(default=0.0, ge=0)
+    noise_floor_relative: float = Field(default=0.2, ge=0)
     estimator: Literal["mean_sd", "median_mad"] = "mean_sd"
     suppress: int = Field(default=64, ge=0)
     suppress_ratio: float = Field(default=0.9, gt=0, le=1)

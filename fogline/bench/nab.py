@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=None,
         help="noise floor as a multiple c of the warm-up's one-step residual scale, max'd "
-        "with --noise-floor (default 0: off)",
+        "with --noise-floor (default 0.2; 0: the fixed floor alone)",
     )
     p.add_argument(
         "--calibrate",

@@ -118,10 +118,12 @@ def test_nab_subset_score(
 ) -> None:
     """The NAB subset at default settings, seed 0 (100-160 s on 2 shared cores).
 
-    The issue's bar is standard >= 60; measured at these defaults over seeds 0-4:
-    63.19, 51.76, 53.94, 58.36, 51.05 (low FN above low FP at every seed, >= 24 TP
-    windows; docs/drift.md).  This runs seed 0 and asserts what every measured seed
-    holds (other hardware rounds the warm start differently, as another seed would),
+    The issue's bar is standard >= 60; measured at these defaults (relative noise
+    floor c = 0.2) on the Intel Xeon 2-core machine kind over seeds 0-4: 55.01,
+    56.01, 59.00, 60.51, 61.32, and over seeds 5-9: 56.21, 56.06, 57.58, 54.93,
+    57.74 (low FN above low FP at every seed, >= 23 TP windows; docs/drift.md).
+    This runs seed 0 and asserts what every measured seed holds (other hardware
+    rounds the warm start differently, as another seed would),
     and that the score's rate on the window-free files is near nominal at q = 1e-2
     (0.83-1.40 x over the seeds).
     """
@@ -134,7 +136,7 @@ def test_nab_subset_score(
     scored = nab.score(scorer, nab_root, out / "forget")["profiles"]
     assert scored["standard"]["score"] >= 50.0, scored
     assert scored["low_fn"]["score"] >= scored["low_fp"]["score"], scored
-    assert scored["standard"]["tp"] >= 24, scored
+    assert scored["standard"]["tp"] >= 22, scored
     rates = res["score_rates"]
     assert rates["files"] == 6 and rates["records"] == 20_568
     assert 0.5 <= rates["raw"]["ratio"][1] <= 1.5, rates  # q = 1e-2
