@@ -174,17 +174,108 @@ def _forward(w: torch.Tensor, x: torch.Tensor, config: ModelConfig) -> torch.Ten
     return h
 
 
+#: An activation's backward from what its forward saved: relu and tanh from the
+#: output h = act(a), silu and gelu from the input a (the kernels autograd calls).
+_ACT_SAVES_OUTPUT: dict[str, bool] = {"relu": True, "tanh": True, "silu": False, "gelu": False}
+
+
+def _act_backward(name: str, grad: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
+    """d loss / d a from d loss / d h, h = act(a) (``saved``: h or a, per :data:`_ACT_SAVES_OUTPUT`)."""
+    if name == "relu":
+        return torch.ops.aten.threshold_backward(grad, saved, 0)
+    if name == "tanh":
+        return torch.ops.aten.tanh_backward(grad, saved)
+    if name == "silu":
+        return torch.ops.aten.silu_backward(grad, saved)
+    return torch.ops.aten.gelu_backward(grad, saved, approximate="none")
+
+
+@dataclass
+class _NetTape:
+    """What :func:`_net_forward` keeps for :func:`_net_backward`: per layer l its input
+    h_l [B, n, fan_in], its weight W_l [B, fan_out, fan_in] and (hidden layers) the
+    activation's saved tensor."""
+
+    inputs: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    acts: list[torch.Tensor]
+
+
+def _net_forward(
+    w: torch.Tensor, x: torch.Tensor, config: ModelConfig
+) -> tuple[torch.Tensor, _NetTape]:
+    """:func:`_forward` without autograd, keeping what its backward needs (:class:`_NetTape`)."""
+    act = _ACTIVATIONS[config.activation]
+    keep_out = _ACT_SAVES_OUTPUT[config.activation]
+    lay = layout(config)
+    b = w.shape[0]
+    parts = w.split(_layer_sizes(lay), dim=1)
+    last = len(lay.layers) - 1
+    tape = _NetTape([], [], [])
+    h = x
+    for i, layer in enumerate(lay.layers):
+        weight = parts[2 * i].view(b, layer.fan_out, layer.fan_in)
+        tape.inputs.append(h)
+        tape.weights.append(weight)
+        a = torch.baddbmm(parts[2 * i + 1].unsqueeze(1), h, weight.transpose(1, 2))
+        if i < last:
+            h = act(a)
+            tape.acts.append(h if keep_out else a)
+        else:
+            h = a
+    return h, tape
+
+
+def _net_backward(
+    tape: _NetTape, g_out: torch.Tensor, config: ModelConfig, g_w: torch.Tensor
+) -> None:
+    """d loss / d w [B, P] into ``g_w`` from d loss / d out [B, n, O] (backpropagation).
+
+    With a_l = h_l W_l^T + b_l (h_{l+1} = act(a_l) for hidden layers) and
+    G_l = d loss / d a_l:  dW_l = G_l^T h_l,  db_l = sum_rows G_l,
+    G_{l-1} = act'(a_{l-1}) * (G_l W_l): the products and kernels autograd
+    runs for :func:`_forward`, without its graph (the inputs x get no gradient).
+    """
+    lay = layout(config)
+    b = g_w.shape[0]
+    parts = g_w.split(_layer_sizes(lay), dim=1)
+    g = g_out
+    for i in range(len(lay.layers) - 1, -1, -1):
+        torch.sum(g, 1, out=parts[2 * i + 1])
+        parts[2 * i].copy_(torch.bmm(g.transpose(1, 2), tape.inputs[i]).view(b, -1))
+        if i > 0:
+            g = _act_backward(config.activation, torch.bmm(g, tape.weights[i]), tape.acts[i - 1])
+
+
 def _kl_meanfield(
-    loc: torch.Tensor, scale: torch.Tensor, p_loc: torch.Tensor, p_scale: torch.Tensor
+    diff: torch.Tensor, scale: torch.Tensor, inv_var0: torch.Tensor, log_s0: torch.Tensor
 ) -> torch.Tensor:
     """KL(N(m, s^2) || N(m0, s0^2)) summed over P, per key [K].
 
-    = sum_i [log s0_i - log s_i + (s_i^2 + (m_i - m0_i)^2) / (2 s0_i^2)] - P/2
-    (the closed form of ``kl_divergence(Normal, Normal)``, fewer temporaries).
+    = sum_i log s0_i - sum_i log s_i + 1/2 sum_i (s_i^2 + (m_i - m0_i)^2) / s0_i^2 - P/2
+    (the closed form of ``kl_divergence(Normal, Normal)``), from ``diff`` = m - m0 [K, P],
+    ``inv_var0`` = s0^-2 ([K, P] or [1, P], shared: its sum a matrix-vector product)
+    and ``log_s0`` = sum_i log s0_i.
     """
-    sq = (loc - p_loc).square_()
-    sq.addcmul_(scale, scale).div_(p_scale.square())
-    return p_scale.log().sum(-1) - scale.log().sum(-1) + 0.5 * sq.sum(-1) - 0.5 * loc.shape[-1]
+    sq = diff.square()
+    sq.addcmul_(scale, scale)
+    quad = torch.mv(sq, inv_var0[0]) if inv_var0.shape[0] == 1 else (sq * inv_var0).sum(-1)
+    return log_s0 - scale.log().sum(-1) + 0.5 * quad - 0.5 * diff.shape[-1]
+
+
+def _softplus_and_slope(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """s = softplus(u) = log(1 + e^u) and ds/du = sigmoid(u) = e^u / (1 + e^u).
+
+    On the CPU, where every u <= 20 (``F.softplus``' threshold: below it
+    softplus is log1p(exp(u)) too), both from one exp (two transcendental
+    passes over [K, P] instead of softplus' and sigmoid's three); else, and on
+    other devices (no host sync), ``F.softplus`` and ``torch.sigmoid``.
+    """
+    if u.device.type == "cpu" and bool(u.max() <= 20.0):
+        e = torch.exp(u)
+        s = torch.log1p(e)
+        return s, e.div_(e + 1.0)
+    return F.softplus(u), torch.sigmoid(u)
 
 
 def _kl_lowrank(
@@ -638,11 +729,17 @@ def step_pass(
     per-key rows; of a resident key table: views of the table's rows); their
     inputs in ``keys``.  Every key must share one :func:`group_key`.
 
-    The gradient: autograd runs through the net only, w.r.t. the weight draws
-    w [K, S, P] (and a learned df); the chain rule through
-    w = m + s eps (+ V z), s = softplus(u) is applied in closed form, and the
-    mean-field KL's gradient is analytic, dKL/dm = (m - m0) / s0^2,
-    dKL/ds = s / s0^2 - 1 / s (the low-rank KL's in closed form, float64), so the
+    The gradient: autograd runs through the likelihood and the functional
+    term only, w.r.t. the nets' outputs (and a learned df); the nets are
+    backpropagated by hand (:func:`_net_backward`: dW_l = G_l^T h_l,
+    db_l = sum_rows G_l, G_{l-1} = act'(a_{l-1}) (G_l W_l), autograd's kernels)
+    to g_w = dL/dw [K, S, P], and the chain rule through w = m + s eps (+ V z),
+    s = softplus(u) and the KL's gradient are applied in closed form:
+
+        g_m = sum_s g_w + c (m - m0),   g_u = (sum_s g_w eps + c s - 1 / (N_k s)) sigmoid(u),
+        c = s0^-2 / N_k
+
+    (mean-field; the low-rank KL's gradient in closed form, float64), so the
     [K, T] tensors are touched a few times a step.
 
     Rejection: a key whose data loss or gradient is not finite at an inner
@@ -682,6 +779,7 @@ def step_pass(
     kl_scale = torch.tensor([1.0 / v for v in keys.data_size], device=dev).unsqueeze(1)
     p_loc, p_scale = _stacked_prior(keys.prior)
     inv_var0 = p_scale.pow(-2)
+    log_s0 = p_scale.log().sum(-1)  # [K] or [1]
     theta = rows.theta
     total = prog.total
     lrs = [float(v) for v in keys.lr]
@@ -726,59 +824,78 @@ def step_pass(
                     ood[0].draws(fp, i, gen)
                 elif fp is not None:
                     xo_l.append(fp.ood_inputs(xs[i], gen))
-        loc = theta[:, :p_size]
-        u = theta[:, p_size : 2 * p_size]
-        scale = F.softplus(u)
-        w = torch.addcmul(loc.unsqueeze(1), eps, scale.unsqueeze(1))  # [K, S, P]
-        z = factor = None
-        if rank:
-            sl = prog.slots["cov_factor"]
-            factor = theta[:, sl.start : sl.end].reshape(k_keys, p_size, rank)
-            z = z_all  # [K, S, R]
-            assert z is not None
-            w = w + torch.bmm(z, factor.transpose(1, 2))
-        w.requires_grad_(True)
+        with torch.no_grad():
+            loc = theta[:, :p_size]
+            u = theta[:, p_size : 2 * p_size]
+            scale, slope = _softplus_and_slope(u)
+            w = torch.addcmul(loc.unsqueeze(1), eps, scale.unsqueeze(1))  # [K, S, P]
+            z = factor = None
+            if rank:
+                sl = prog.slots["cov_factor"]
+                factor = theta[:, sl.start : sl.end].reshape(k_keys, p_size, rank)
+                z = z_all  # [K, S, R]
+                assert z is not None
+                w.add_(torch.bmm(z, factor.transpose(1, 2)))
+            w0 = w.view(k_keys, p_size) if samples == 1 else w[:, 0]
+            out, tape = _net_forward(w0, x, config)  # [K, n_max, O]
+            if fp0 is not None:
+                x_ood = ood[0].inputs(mask) if ood is not None else _padded(xo_l, mask)
+                x_rep = x_ood.unsqueeze(1).expand(k_keys, samples, n_max, d)
+                out_f, tape_f = _net_forward(
+                    w.reshape(k_keys * samples, p_size), x_rep.reshape(-1, n_max, d), config
+                )
+        # autograd for the likelihood and the functional term only, w.r.t. the nets' outputs
+        out.requires_grad_(True)
+        leaves = [out]
         df_u = theta[:, -1:].clone().requires_grad_(True) if config.learns_df else None
         df = df_from_unconstrained(df_u) if df_u is not None else None
-        w0 = w.view(k_keys, p_size) if samples == 1 else w[:, 0]
-        out = _forward(w0, x, config)  # [K, n_max, O]
         lp_rows = _log_lik(out, y, config, df)
         lp = torch.where(mask, lp_rows, torch.zeros_like(lp_rows)).sum(-1)  # [K]
         data_loss = -obs_scale * lp
         if fp0 is not None:
-            x_ood = ood[0].inputs(mask) if ood is not None else _padded(xo_l, mask)
-            x_rep = x_ood.unsqueeze(1).expand(k_keys, samples, n_max, d)
-            mean = _forward(
-                w.reshape(k_keys * samples, p_size), x_rep.reshape(-1, n_max, d), config
-            )[..., 0].reshape(k_keys, samples, n_max)
+            out_f.requires_grad_(True)
+            leaves.append(out_f)
+            mean = out_f[..., 0].reshape(k_keys, samples, n_max)
             data_loss = data_loss + f_w * _functional_kl(mean, mask, row_f, f_loc, f_scale)
-        leaves = (w,) if df_u is None else (w, df_u)
+        if df_u is not None:
+            leaves.append(df_u)
         grads = torch.autograd.grad(data_loss.sum(), leaves)
         with torch.no_grad():
-            g_w = grads[0]
             g_loc = grad[:, :p_size]
             g_u = grad[:, p_size : 2 * p_size]
-            g_w0 = g_w.view(k_keys, p_size) if samples == 1 else g_w.sum(1)
-            g_s = g_w0 * eps.view(k_keys, p_size) if samples == 1 else (g_w * eps).sum(1)
+            # the nets' gradient w.r.t. the draws: g_w [K, S, P] (S = 1: straight into g_loc)
+            if fp0 is None:
+                _net_backward(tape, grads[0], config, g_loc)
+                g_w = g_loc.unsqueeze(1)
+                torch.mul(g_loc, eps.view(k_keys, p_size), out=g_u)  # dL/ds = g_w * eps
+            else:
+                g_w = torch.empty_like(w)
+                _net_backward(tape_f, grads[1], config, g_w.view(k_keys * samples, p_size))
+                g_data = torch.empty_like(w0)
+                _net_backward(tape, grads[0], config, g_data)
+                g_w[:, 0].add_(g_data)
+                torch.sum(g_w, 1, out=g_loc)
+                torch.sum(g_w * eps, 1, out=g_u)
+            # + the KL's gradient (closed form; kl_scale = 1 / N_k), then ds/du
             if factor is not None and z is not None:
                 sl = prog.slots["cov_factor"]
                 g_v = torch.bmm(g_w.transpose(1, 2), z)  # [K, P, R]
                 kl, gk_m, gk_v, gk_s = _kl_lowrank_grad(loc, factor, scale, p_loc, p_scale)
-                torch.add(g_w0, gk_m * kl_scale, out=g_loc)
-                g_s.add_(gk_s * kl_scale)
+                g_loc.addcmul_(gk_m, kl_scale)
+                g_u.addcmul_(gk_s, kl_scale)
                 grad[:, sl.start : sl.end] = (g_v + gk_v * kl_scale.unsqueeze(2)).reshape(
                     k_keys, -1
                 )
             else:
-                # dKL/dm = (m - m0) / s0^2,  dKL/ds = s / s0^2 - 1 / s
-                g_m = (loc - p_loc).mul_(inv_var0).mul_(kl_scale)
-                torch.add(g_w0, g_m, out=g_loc)
-                g_ks = (scale * inv_var0).sub_(scale.reciprocal()).mul_(kl_scale)
-                g_s.add_(g_ks)
-                kl = _kl_meanfield(loc, scale, p_loc, p_scale) if last else torch.empty(0)
-            torch.mul(g_s, torch.sigmoid(u), out=g_u)  # d softplus(u) / du = sigmoid(u)
+                # dKL/dm = (m - m0) / s0^2,  dKL/ds = s / s0^2 - 1 / s, both / N_k
+                diff = loc - p_loc
+                kl = _kl_meanfield(diff, scale, inv_var0, log_s0) if last else torch.empty(0)
+                c = kl_scale * inv_var0  # [K, P]
+                g_loc.addcmul_(diff, c)
+                g_u.addcmul_(c, scale).addcdiv_(kl_scale, scale, value=-1.0)
+            g_u.mul_(slope)  # d softplus(u) / du = sigmoid(u)
             if df_u is not None:
-                grad[:, -1:] = grads[1]
+                grad[:, -1:] = grads[-1]
             # a non-finite entry makes its row's sum non-finite (one pass over [K, T])
             finite = torch.isfinite(data_loss.detach() + grad.sum(1))
             if last:
