@@ -1025,16 +1025,21 @@ def step_pass(
         g_u.mul_(slope)  # d softplus(u) / du = sigmoid(u)
         if g_df is not None:
             grad[:, -1:] = g_df
-        # a non-finite entry makes its row's sum non-finite (one pass over [K, T])
-        finite = torch.isfinite(data_loss.detach() + grad.sum(1))
+        # a non-finite entry makes its row's sum non-finite (one pass over [K, T]); on the
+        # last step the gradient's norm serves (finite norm: finite entries; a norm that
+        # overflows on finite entries is told apart by the row sum, on that rare pass only)
         if last:
-            loss = data_loss.detach() + kl_scale[:, 0] * kl
+            loss = data_loss + kl_scale[:, 0] * kl
             gnorm = torch.linalg.vector_norm(grad, dim=1)
-            diag = torch.stack((loss, kl, lp.detach(), gnorm), 1)
-            finite &= torch.isfinite(loss)
-            host = torch.cat((diag, finite.unsqueeze(1).to(diag.dtype)), 1).tolist()
-            bad = [i for i in active if not host[i][4]]
+            diag = torch.stack((loss, kl, lp, gnorm, loss + gnorm), 1)
+            host = diag.tolist()
+            if not all(math.isfinite(h[4]) for h in host):
+                finite = torch.isfinite(loss) & torch.isfinite(data_loss + grad.sum(1))
+                for h, f in zip(host, finite.tolist(), strict=True):
+                    h[4] = 0.0 if f else math.nan
+            bad = [i for i in active if not math.isfinite(host[i][4])]
         else:
+            finite = torch.isfinite(data_loss + grad.sum(1))
             bad = [] if bool(finite.all()) else [i for i in active if not bool(finite[i])]
         if bad:  # no Adam step for them from here on: their rows keep what they had
             for i in bad:
