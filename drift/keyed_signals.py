@@ -20,8 +20,11 @@ or none is left), ``anomaly_mean`` = mean_i a_ki.  Keys holding the *same*
 reference (every new key of one fleet prior, until it re-anchors) are scored
 by ONE pass of that ensemble over their concatenated rows
 (:func:`fogline.drift.signals.record_scores`; rows are independent of each
-other); the per-key means are sums over each key's rows of a zero-padded
-[K, n_max] matrix.  A key with a reference of its own is scored alone.
+other); the keys with a reference of their own (re-anchored, or restored
+with another reference) in one stacked pass over their ensembles
+[K S, out, in] and zero-padded rows (:func:`stacked_record_scores`, Gaussian
+likelihood; others alone).  The per-key means are sums over each key's rows of
+a zero-padded [K, n_max] matrix.
 
 Post-update (:func:`post_signals`), with key k's posterior after the step
 q_k = N(m_k, diag(s_k^2)) (+ V_k V_k^T) and before it (q'_k), each as an
@@ -55,6 +58,7 @@ order and rows) gives the same bits on every run and after every restart.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -74,6 +78,7 @@ from fogline.models.config import ModelConfig
 from fogline.models.network import layout, noise_scale
 from fogline.models.state import PosteriorState
 
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 #: Hidden activations of one chunk of keys in a stacked pass (float elements, 4 MB in float32).
 STACK_ELEMENTS = 1 << 20
 
@@ -174,16 +179,30 @@ def pre_signals(
     groups: dict[int, list[int]] = {}
     for i, ref in enumerate(references):
         groups.setdefault(id(ref), []).append(i)
+    alone = [m[0] for m in groups.values() if len(m) == 1]
+    parts = [m for m in groups.values() if len(m) > 1]
+    stacked = len(alone) > 1 and stacked_supported(references[alone[0]].ensemble.config)
+    if stacked:
+        parts.append(alone)  # the keys with references of their own: one stacked pass
+    else:
+        parts.extend([i] for i in alone)
     out: list[KeyScores | None] = [None] * len(references)
-    for members in groups.values():
+    for members in parts:
         ref = references[members[0]]
         sizes = [int(xs[i].shape[0]) for i in members]
-        if len(members) == 1:
-            x, y = xs[members[0]], ys[members[0]]
+        if stacked and members is alone:
+            rs = stacked_record_scores(
+                [references[i] for i in members],
+                [xs[i] for i in members],
+                [ys[i] for i in members],
+                outlier_score,
+            )
+        elif len(members) == 1:
+            rs = record_scores(ref, xs[members[0]], ys[members[0]], outlier_score)
         else:
             x = torch.cat([xs[i] for i in members])
             y = torch.cat([ys[i] for i in members])
-        rs = record_scores(ref, x, y, outlier_score)
+            rs = record_scores(ref, x, y, outlier_score)
         stats = batch_statistics(rs, sizes, max_outlier_fraction)
         rec = np.stack([rs.nll.numpy(), rs.outlier.numpy().astype(np.float64)], 1)
         at = 0
@@ -239,24 +258,103 @@ def stacked_moments(
 def _moments(
     config: ModelConfig, w: torch.Tensor, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    mu, sigma = stacked_components(config, _layers_of(config, w), x)
+    return mu.mean(1), mu.var(1, unbiased=False) + sigma.pow(2).mean(1)
+
+
+Layers = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _layers_of(config: ModelConfig, w: torch.Tensor) -> Layers:
+    """Flat samples w [K, S, P] as per-layer (W [K, S, out, in], b [K, S, out]) (copies)."""
     k, s, _ = w.shape
+    return [
+        (
+            w[..., layer.w_start : layer.b_start].reshape(k, s, layer.fan_out, layer.fan_in),
+            w[..., layer.b_start : layer.b_start + layer.fan_out],
+        )
+        for layer in layout(config).layers
+    ]
+
+
+def stacked_components(
+    config: ModelConfig, layers: Layers, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample predictive parameters (mu, sigma) [K, S, n] of K ensembles on their own rows.
+
+    ``layers``: per layer (W [K, S, out, in], b [K, S, out]); ``x`` [K, n, D]
+    (padding rows are computed like the others; the caller masks them).
+    h_1 = act(W_1 x^T + b_1) as one [K] batch of [S H_1, D] x [D, n] products,
+    then [K S] batches of [out, in] x [in, n] per layer, rows last (as
+    :mod:`fogline.drift.ensemble_pass`); Gaussian likelihood.
+    """
+    w0, b0 = layers[0]
+    k, s, h0, d = w0.shape
     n = int(x.shape[1])
     act = _ACTIVATIONS_[config.activation]  # in place: every h is a fresh product
-    layers = layout(config).layers
-    first = layers[0]
-    w0 = w[..., first.w_start : first.b_start].reshape(k, s * first.fan_out, first.fan_in)
-    b0 = w[..., first.b_start : first.b_start + first.fan_out].reshape(k, s * first.fan_out, 1)
-    h = torch.baddbmm(b0, w0, x.to(w.dtype).transpose(1, 2))  # [K, S H_1, n]
-    h = h.view(k * s, first.fan_out, n)
-    for layer in layers[1:]:
+    h = torch.baddbmm(
+        b0.reshape(k, s * h0, 1), w0.reshape(k, s * h0, d), x.to(w0.dtype).transpose(1, 2)
+    )  # [K, S H_1, n]
+    h = h.view(k * s, h0, n)
+    for weight, bias in layers[1:]:
         h = act(h)
-        wl = w[..., layer.w_start : layer.b_start].reshape(k * s, layer.fan_out, layer.fan_in)
-        bl = w[..., layer.b_start : layer.b_start + layer.fan_out].reshape(k * s, layer.fan_out, 1)
-        h = torch.baddbmm(bl, wl, h)
+        out_f, in_f = int(weight.shape[2]), int(weight.shape[3])
+        h = torch.baddbmm(bias.reshape(k * s, out_f, 1), weight.reshape(k * s, out_f, in_f), h)
     out = h.view(k, s, -1, n)
-    mu = out[:, :, 0]
-    sigma = noise_scale(out[:, :, 1], config)
-    return mu.mean(1), mu.var(1, unbiased=False) + sigma.pow(2).mean(1)
+    return out[:, :, 0], noise_scale(out[:, :, 1], config)
+
+
+def stacked_record_scores(
+    references: Sequence[Reference],
+    xs: Sequence[torch.Tensor],
+    ys: Sequence[torch.Tensor],
+    outlier_score: float = OUTLIER_SCORE,
+) -> RecordScores:
+    """:func:`~fogline.drift.signals.record_scores` of K keys, each under its own reference,
+    in one stacked pass; the rows come back key after key (Gaussian likelihood).
+
+    nll = -(logsumexp_s log N(y; mu_s, sigma_s^2) - log S), F = mean_s Phi((y - mu_s) / sigma_s),
+    as the one-model scores (module docstring).
+    """
+    config = references[0].ensemble.config
+    sizes = [int(x.shape[0]) for x in xs]
+    starts = np.cumsum([0, *sizes])
+    total = int(starts[-1])
+    dtype = references[0].ensemble.layers[0][0].dtype
+    cols = [torch.empty(total, dtype=dtype) for _ in range(4)]  # nll, anomaly, mean, var
+    s = references[0].ensemble.size
+    widest = max(int(w.shape[1]) for w, _ in references[0].ensemble.layers)
+    for chunk in _chunks(sizes, s * widest):
+        c_sizes = [sizes[i] for i in chunk]
+        seg, pos, n_max = _segments(c_sizes)
+        k = len(chunk)
+        x_all = torch.cat([xs[i] for i in chunk])
+        x = torch.zeros(k, n_max, x_all.shape[1], dtype=x_all.dtype)
+        x[seg, pos] = x_all
+        with torch.no_grad():
+            layers = [
+                (
+                    torch.stack([references[i].ensemble.layers[j][0] for i in chunk]),
+                    torch.stack([references[i].ensemble.layers[j][1] for i in chunk]),
+                )
+                for j in range(len(references[0].ensemble.layers))
+            ]
+            mu, sigma = stacked_components(config, layers, x)  # [K, S, n]
+            y_all = torch.cat([ys[i] for i in chunk]).to(mu.dtype)
+            y = _pad(y_all, seg, pos, (k, n_max), 0.0).unsqueeze(1)
+            z = (y - mu) / sigma
+            lp = -0.5 * z * z - sigma.log() - _HALF_LOG_2PI
+            nll = -(torch.logsumexp(lp, 1) - math.log(s))
+            cdf = (0.5 * (1.0 + torch.erf(z * 0.7071067811865476))).mean(1)
+            mean = mu.mean(1)
+            var = mu.var(1, unbiased=False) + sigma.pow(2).mean(1)
+            anomaly = (1.0 - 2.0 * torch.minimum(cdf, 1.0 - cdf)).clamp(0.0, 1.0)
+        # the chunk's rows back to their place among all keys' rows
+        dest = torch.as_tensor(starts[chunk], dtype=torch.long)[seg] + pos
+        for col, v in zip(cols, (nll, anomaly, mean, var), strict=True):
+            col[dest] = v[seg, pos]
+    nll_r, anomaly_r, mean_r, var_r = cols
+    return RecordScores(nll_r, anomaly_r, anomaly_r > outlier_score, mean_r, var_r)
 
 
 @dataclass(frozen=True)
@@ -358,7 +456,9 @@ __all__ = [
     "batch_statistics",
     "post_signals",
     "pre_signals",
+    "stacked_components",
     "stacked_moments",
+    "stacked_record_scores",
     "stacked_supported",
     "stacked_weights",
 ]
