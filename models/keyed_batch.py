@@ -149,14 +149,7 @@ def _log_lik(
             assert config.df is not None
             df = torch.full_like(loc[:, :1], config.df)
         z = (y - loc) / scale
-        norm = (
-            scale.log()
-            + 0.5 * df.log()
-            + 0.5 * math.log(math.pi)
-            + torch.lgamma(0.5 * df)
-            - torch.lgamma(0.5 * (df + 1.0))
-        )
-        return -0.5 * (df + 1.0) * torch.log1p(z * z / df) - norm
+        return _student_t_log_prob(z * z, scale, df)
     return -((y - loc) ** 2) / (2 * scale * scale) - scale.log() - _HALF_LOG_2PI
 
 
