@@ -113,10 +113,25 @@ class KafkaSettings(_Section):
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     session_timeout_ms: int = Field(default=10_000, ge=1)
+    #: Kafka's ``max.poll.interval.ms``, which is also the group's rebalance timeout: the
+    #: coordinator holds a rebalance open this long for members that have not rejoined,
+    #: so a daemon killed during a rebalance delays its group's next assignment by up to
+    #: this much.  The consumer polls every ``stream.max_wait_ms`` or so, in its own
+    #: process by default; at least ``session_timeout_ms``.
+    max_poll_interval_ms: int = Field(default=300_000, ge=1)
     max_poll_records: int = Field(default=2048, ge=1)
     #: Largest dead-letter produce request (the broker's ``message.max.bytes``);
     #: a dead letter that does not fit is sent as a truncated copy.
     dlq_max_request_bytes: int = Field(default=1_048_576, ge=65_536)
+
+    @model_validator(mode="after")
+    def _poll_interval_covers_the_session(self) -> KafkaSettings:
+        if self.max_poll_interval_ms < self.session_timeout_ms:
+            raise ValueError(
+                f"kafka.max_poll_interval_ms ({self.max_poll_interval_ms}) must be at least "
+                f"kafka.session_timeout_ms ({self.session_timeout_ms})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _default_dlq(self) -> KafkaSettings:

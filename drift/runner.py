@@ -557,17 +557,46 @@ class DriftLoop:
         pre, scores = pre_update_signals(
             d.reference, x, y, max_outlier_fraction=self.policy.max_outlier_fraction
         )
+        return self.prepare_scored(state, x, y, d, pre, scores)
+
+    def prepare_scored(
+        self,
+        state: PosteriorState,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        drift: DriftState,
+        pre: dict[str, float],
+        scores: RecordScores,
+        cal_record: np.ndarray | None = None,
+    ) -> Prepared:
+        """Step 1 from the batch's pre-update signals, already computed.
+
+        ``pre`` and ``scores`` are what :func:`~fogline.drift.signals.pre_update_signals`
+        returns for ``(drift.reference, x, y)`` (the keyed loop computes them for all
+        keys of a micro-batch at once, :mod:`fogline.drift.keyed_signals`);
+        ``cal_record``: the batch's [n, 2] float64 (NLL, outlier) calibration record
+        if the caller has it (default: formed from ``scores``).  The rest is
+        :meth:`prepare`: calibration window, policy step, the action applied.
+        """
+        d = drift
         signals = {**pre, "step_kl": d.last_step_kl}
         if d.policy.calibrating > 0 and d.policy.mode == "stable":
-            rec = np.stack([scores.nll.numpy(), scores.outlier.numpy().astype(np.float64)], 1)
+            rec = (
+                cal_record
+                if cal_record is not None
+                else np.stack([scores.nll.numpy(), scores.outlier.numpy().astype(np.float64)], 1)
+            )
             d = d.replace(
                 cal_records=(*d.cal_records, rec),
                 cal_kl=(*d.cal_kl, d.last_step_kl) if math.isfinite(d.last_step_kl) else d.cal_kl,
             )
         ps, action = policy_step(d.policy, signals)
         d = d.replace(policy=ps)
-        keep = ~scores.outlier if action.drop_outliers else torch.ones_like(scores.outlier)
-        batch = Minibatch(x[keep], y[keep]) if not bool(keep.all()) else Minibatch(x, y)
+        batch = Minibatch(x, y)
+        if action.drop_outliers:
+            keep = ~scores.outlier
+            if not bool(keep.all()):
+                batch = Minibatch(x[keep], y[keep])
         kwargs = {
             "num_steps": action.num_steps or self.num_steps,
             "data_size": batch.rows if action.streaming else self.data_size,
@@ -633,22 +662,36 @@ class DriftLoop:
     def _finish(
         self, prepared: Prepared, state: PosteriorState
     ) -> tuple[DriftState, PosteriorState, dict[str, float]]:
+        post = self.post_signals(prepared, state)
+        return self.finish_signals(prepared, state, post)
+
+    def post_signals(self, prepared: Prepared, state: PosteriorState) -> dict[str, float]:
+        """Step 3's signals of ``state`` (the posterior after the batch): ``predictive_kl``,
+        ``weight_kl`` and ``step_kl`` (NaN where no later batch reads it, :func:`post_rows`)."""
         d = prepared.drift
         ref = d.reference
         after = self._noise.ensemble(state, ref.num_samples, ref.seed)
         before = None
-        step_kl_needed = _step_kl_needed(d.policy) or d.kl_window > 0
-        if step_kl_needed and d.policy.batch > 1:
+        if step_kl_wanted(d):
             # the posterior before this batch (as it came in, before any reset), same draws;
             # a loop's first batch has no step KL (NaN), as its input is the anchor itself
             before = self._noise.ensemble(prepared.before, ref.num_samples, ref.seed)
+        rows = post_rows(d, self.policy, prepared.rows)
         scores, x_kl = prepared.scores, prepared.x_all
-        rows = self.policy.predictive_kl_rows
-        if not step_kl_needed and 0 < rows < x_kl.shape[0]:
+        if rows < x_kl.shape[0]:
             # the predictive KL is only a metric here: estimate it on a subset of rows
             scores, x_kl = scores.head(rows), x_kl[:rows]
         post = post_update_signals(ref, scores, x_kl, state, before, ensemble=after)[0]
         self.last_ensemble = after
+        return post
+
+    def finish_signals(
+        self, prepared: Prepared, state: PosteriorState, post: dict[str, float]
+    ) -> tuple[DriftState, PosteriorState, dict[str, float]]:
+        """Step 3 from the post-update signals, already computed (:meth:`post_signals`, or
+        the keyed loop's batched pass): step-KL window, re-anchoring, calibration, and the
+        drift state stored in ``state``.  Returns (drift state, state, the batch's signals)."""
+        d = prepared.drift
         d = d.replace(last_step_kl=post["step_kl"])
         if d.kl_window > 0:
             d = _kl_window_step(d, post["step_kl"])
@@ -833,6 +876,27 @@ def _kl_window_step(d: DriftState, step_kl: float) -> DriftState:
     thr = kl_threshold(cal_kl)
     log.info("kl_threshold_calibrated", kl_threshold=thr, batches=len(cal_kl))
     return d.replace(kl_window=0, cal_kl=(), policy=ps.replace(kl_threshold=thr))
+
+
+def step_kl_wanted(d: DriftState) -> bool:
+    """Is this batch's step KL computed (the third ensemble pass, of the posterior before)?
+
+    When a later batch reads it (:func:`_step_kl_needed`, or a step-KL window being
+    collected), except on a loop's first batch, whose input is the anchor itself (NaN).
+    ``d`` is the drift state after the batch's policy step (``Prepared.drift``).
+    """
+    return (_step_kl_needed(d.policy) or d.kl_window > 0) and d.policy.batch > 1
+
+
+def post_rows(d: DriftState, policy: PolicyConfig, rows: int) -> int:
+    """Rows of a batch of ``rows`` records its post-update signals are computed on.
+
+    All of them wherever a later batch reads the step KL; otherwise (the predictive
+    KL is only a metric) the first ``policy.predictive_kl_rows`` (0: all).
+    """
+    needed = _step_kl_needed(d.policy) or d.kl_window > 0
+    limit = policy.predictive_kl_rows
+    return limit if not needed and 0 < limit < rows else rows
 
 
 def _step_kl_needed(ps: PolicyState) -> bool:

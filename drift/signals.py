@@ -266,6 +266,12 @@ class NoiseCache:
         self._eps: torch.Tensor | None = None
         self._z: torch.Tensor | None = None
 
+    def draws(
+        self, state: PosteriorState, num_samples: int, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The draws (eps [S, P], z [S, K] or ``None``) of ``state``'s shape (cached; read-only)."""
+        return self._draws(state, num_samples, seed)
+
     def _draws(
         self, state: PosteriorState, num_samples: int, seed: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

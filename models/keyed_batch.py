@@ -1,4 +1,4 @@
-"""The batched key step: K posteriors of one model stepped by ONE autograd pass.
+"""The batched key step: K posteriors of one model stepped in ONE batched pass.
 
 :func:`batched_step` is :func:`fogline.models.stream.stream_step` for K keys
 at once (:func:`fogline.models.keyed.keyed_step` groups the keys of a
@@ -32,8 +32,11 @@ closed-form mean-field KL, and for the low-rank guide
                + sum log s0^2 - sum log s^2 - log det(I_R + V^T diag(s^-2) V) ]
 
 in float64 with a batched Cholesky (:func:`fogline.models.fprior.lowrank_kl`).
-One backward of sum_k L_k gives every key its own gradient (L_k depends on
-theta_k only), and one Adam update over Theta [K, T] follows, per key with
+The gradient of sum_k L_k gives every key its own (L_k depends on theta_k
+only); it is written out in closed form (:func:`step_pass`: the likelihood's,
+the functional term's and the KL's derivatives, backpropagation through the
+nets, the reparameterisation's chain rule; each checked against autograd in
+tests/models/test_keyed.py), and one Adam update over Theta [K, T] follows, per key with
 its own step count t_k (bias correction), learning rate lr_k and the
 low-rank factor's multiplier c (``extra["cov_factor_lr_scale"]``):
 
@@ -133,7 +136,10 @@ def _evolve(state: PosteriorState, **changes: object) -> PosteriorState:
 def _log_lik(
     out: torch.Tensor, y: torch.Tensor, config: ModelConfig, df: torch.Tensor | None
 ) -> torch.Tensor:
-    """log p(y | raw outputs) elementwise, [K, n] (the formulas of torch.distributions)."""
+    """log p(y | raw outputs) elementwise, [K, n] (the formulas of torch.distributions).
+
+    The reference :func:`_head_grad`'s closed form is tested against (by autograd).
+    """
     if config.likelihood == "bernoulli":
         return -F.binary_cross_entropy_with_logits(out[..., 0], y, reduction="none")
     loc = out[..., 0]
@@ -143,15 +149,136 @@ def _log_lik(
             assert config.df is not None
             df = torch.full_like(loc[:, :1], config.df)
         z = (y - loc) / scale
-        norm = (
-            scale.log()
-            + 0.5 * df.log()
-            + 0.5 * math.log(math.pi)
-            + torch.lgamma(0.5 * df)
-            - torch.lgamma(0.5 * (df + 1.0))
-        )
-        return -0.5 * (df + 1.0) * torch.log1p(z * z / df) - norm
+        return _student_t_log_prob(z * z, scale, df)
     return -((y - loc) ** 2) / (2 * scale * scale) - scale.log() - _HALF_LOG_2PI
+
+
+def _noise_scale_and_slope(
+    raw: torch.Tensor, config: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sigma = :func:`fogline.models.network.noise_scale` (r) and d sigma / d r.
+
+    exp: sigma - noise_min = e^r;  softplus: sigmoid(r);  bounded:
+    (noise_max - noise_min) sigmoid(r) (1 - sigmoid(r)).
+    """
+    lo = config.noise_min
+    if config.noise_head == "exp":
+        e = torch.exp(raw)
+        return e + lo, e
+    if config.noise_head == "softplus":
+        return F.softplus(raw) + lo, torch.sigmoid(raw)
+    sg = torch.sigmoid(raw)
+    span = config.noise_max - lo
+    return lo + span * sg, span * sg * (1.0 - sg)
+
+
+def _head_grad(
+    out: torch.Tensor,
+    y: torch.Tensor,
+    mask: torch.Tensor,
+    obs_scale: torch.Tensor,
+    config: ModelConfig,
+    df_u: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The data term and its gradient in closed form: (lp [K], dL/d out [K, n, O], dL/d df_u).
+
+    lp_k = sum_i M_ki log p(y_ki | out_ki) (:func:`_log_lik`) and the gradient of
+    L_k = -(beta_k / n_k) lp_k (``obs_scale`` = beta_k / n_k) w.r.t. the raw
+    outputs, with z = (y - mu) / sigma:
+
+    * Gaussian: d log p / d mu = z / sigma,  d log p / d sigma = (z^2 - 1) / sigma;
+    * Student-t (nu): d log p / d mu = (nu + 1) z / ((nu + z^2) sigma),
+      d log p / d sigma = ((nu + 1) z^2 / (nu + z^2) - 1) / sigma,
+      d log p / d nu = 1/2 [(nu + 1) z^2 / (nu (nu + z^2)) - log1p(z^2 / nu) - 1 / nu
+      - psi(nu / 2) + psi((nu + 1) / 2)], nu = 1 + softplus(df_u) when learned
+      (``df_u`` [K, 1]; d nu / d df_u = sigmoid(df_u));
+    * Bernoulli (logit l): d log p / d l = y - sigmoid(l);
+
+    d sigma / d r from :func:`_noise_scale_and_slope`; padded rows (M = 0) get 0.
+    """
+    coef = -obs_scale.unsqueeze(1)  # dL/d log p_ki on the rows that count  [K, 1]
+    g_out = torch.zeros_like(out)
+    g_df = None
+    loc = out[..., 0]
+    if config.likelihood == "bernoulli":
+        lp_rows = -F.binary_cross_entropy_with_logits(loc, y, reduction="none")
+        g_out[..., 0] = (y - torch.sigmoid(loc)) * coef
+    else:
+        scale, slope = _noise_scale_and_slope(out[..., 1], config)
+        inv = scale.reciprocal()
+        z = (y - loc) * inv
+        z2 = z * z
+        if config.likelihood == "student-t":
+            df = (
+                df_from_unconstrained(df_u)
+                if df_u is not None
+                else torch.full_like(loc[:, :1], float(config.df or 0.0))
+            )
+            t = df + z2
+            lp_rows = _student_t_log_prob(z2, scale, df)
+            w_ = (df + 1.0) / t
+            g_out[..., 0] = (w_ * z * inv) * coef
+            g_out[..., 1] = ((w_ * z2 - 1.0) * inv * slope) * coef
+            if df_u is not None:
+                g_nu = 0.5 * (
+                    (df + 1.0) * z2 / (df * t)
+                    - torch.log1p(z2 / df)
+                    - 1.0 / df
+                    - torch.digamma(0.5 * df)
+                    + torch.digamma(0.5 * (df + 1.0))
+                )
+                g_nu = torch.where(mask, g_nu, torch.zeros_like(g_nu))
+                g_df = (g_nu * coef).sum(1, keepdim=True) * torch.sigmoid(df_u)
+        else:
+            lp_rows = -0.5 * z2 - scale.log() - _HALF_LOG_2PI
+            g_out[..., 0] = (z * inv) * coef
+            g_out[..., 1] = ((z2 - 1.0) * inv * slope) * coef
+    lp = torch.where(mask, lp_rows, torch.zeros_like(lp_rows)).sum(-1)
+    g_out = torch.where(mask.unsqueeze(-1), g_out, torch.zeros_like(g_out))
+    return lp, g_out, g_df
+
+
+def _student_t_log_prob(z2: torch.Tensor, scale: torch.Tensor, df: torch.Tensor) -> torch.Tensor:
+    """log Student-t(y | mu, sigma, nu) from z^2 = ((y - mu) / sigma)^2 (:func:`_log_lik`'s)."""
+    norm = (
+        scale.log()
+        + 0.5 * df.log()
+        + 0.5 * math.log(math.pi)
+        + torch.lgamma(0.5 * df)
+        - torch.lgamma(0.5 * (df + 1.0))
+    )
+    return -0.5 * (df + 1.0) * torch.log1p(z2 / df) - norm
+
+
+def _functional_kl_grad(
+    mean_ksn: torch.Tensor,
+    mask: torch.Tensor,
+    rows: torch.Tensor,
+    f_loc: torch.Tensor,
+    f_scale: torch.Tensor,
+    weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """gamma_k :func:`_functional_kl` [K] and its gradient w.r.t. the draws' means [K, S, n].
+
+    With m = mean_s f_s, v = var_s f_s + 1e-8 (unbiased) and the row's
+    KL = log sigma0 - log(v) / 2 + (v + (m - mu0)^2) / (2 sigma0^2) - 1/2:
+    dKL/dm = (m - mu0) / sigma0^2, dKL/dv = (1 / sigma0^2 - 1 / v) / 2,
+    dm/df_s = 1 / S, dv/df_s = 2 (f_s - m) / (S - 1); each row weighs gamma_k / n_k.
+    """
+    samples = mean_ksn.shape[1]
+    m = mean_ksn.mean(1)
+    centred = mean_ksn - m.unsqueeze(1)
+    v = centred.square().sum(1) / (samples - 1) + 1e-8
+    s = f_scale.unsqueeze(1)
+    inv_s2 = (s * s).reciprocal()
+    dm = m - f_loc.unsqueeze(1)
+    kl = s.log() - 0.5 * v.log() + (v + dm * dm) * (0.5 * inv_s2) - 0.5
+    zero = torch.zeros_like(kl)
+    per_row = torch.where(mask, weight.unsqueeze(1) / rows.unsqueeze(1), zero)  # gamma_k / n_k
+    g_m = dm * inv_s2 * (per_row / samples)
+    g_v = (inv_s2 - v.reciprocal()) * (per_row / (samples - 1))  # (dKL/dv) * 2 / (S - 1)
+    g = torch.addcmul(g_m.unsqueeze(1), centred, g_v.unsqueeze(1))
+    return weight * torch.where(mask, kl, zero).sum(-1) / rows, g
 
 
 def _forward(w: torch.Tensor, x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -174,17 +301,108 @@ def _forward(w: torch.Tensor, x: torch.Tensor, config: ModelConfig) -> torch.Ten
     return h
 
 
+#: An activation's backward from what its forward saved: relu and tanh from the
+#: output h = act(a), silu and gelu from the input a (the kernels autograd calls).
+_ACT_SAVES_OUTPUT: dict[str, bool] = {"relu": True, "tanh": True, "silu": False, "gelu": False}
+
+
+def _act_backward(name: str, grad: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
+    """d loss / d a from d loss / d h, h = act(a) (``saved``: h or a, per :data:`_ACT_SAVES_OUTPUT`)."""
+    if name == "relu":
+        return torch.ops.aten.threshold_backward(grad, saved, 0)
+    if name == "tanh":
+        return torch.ops.aten.tanh_backward(grad, saved)
+    if name == "silu":
+        return torch.ops.aten.silu_backward(grad, saved)
+    return torch.ops.aten.gelu_backward(grad, saved, approximate="none")
+
+
+@dataclass
+class _NetTape:
+    """What :func:`_net_forward` keeps for :func:`_net_backward`: per layer l its input
+    h_l [B, n, fan_in], its weight W_l [B, fan_out, fan_in] and (hidden layers) the
+    activation's saved tensor."""
+
+    inputs: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    acts: list[torch.Tensor]
+
+
+def _net_forward(
+    w: torch.Tensor, x: torch.Tensor, config: ModelConfig
+) -> tuple[torch.Tensor, _NetTape]:
+    """:func:`_forward` without autograd, keeping what its backward needs (:class:`_NetTape`)."""
+    act = _ACTIVATIONS[config.activation]
+    keep_out = _ACT_SAVES_OUTPUT[config.activation]
+    lay = layout(config)
+    b = w.shape[0]
+    parts = w.split(_layer_sizes(lay), dim=1)
+    last = len(lay.layers) - 1
+    tape = _NetTape([], [], [])
+    h = x
+    for i, layer in enumerate(lay.layers):
+        weight = parts[2 * i].view(b, layer.fan_out, layer.fan_in)
+        tape.inputs.append(h)
+        tape.weights.append(weight)
+        a = torch.baddbmm(parts[2 * i + 1].unsqueeze(1), h, weight.transpose(1, 2))
+        if i < last:
+            h = act(a)
+            tape.acts.append(h if keep_out else a)
+        else:
+            h = a
+    return h, tape
+
+
+def _net_backward(
+    tape: _NetTape, g_out: torch.Tensor, config: ModelConfig, g_w: torch.Tensor
+) -> None:
+    """d loss / d w [B, P] into ``g_w`` from d loss / d out [B, n, O] (backpropagation).
+
+    With a_l = h_l W_l^T + b_l (h_{l+1} = act(a_l) for hidden layers) and
+    G_l = d loss / d a_l:  dW_l = G_l^T h_l,  db_l = sum_rows G_l,
+    G_{l-1} = act'(a_{l-1}) * (G_l W_l): the products and kernels autograd
+    runs for :func:`_forward`, without its graph (the inputs x get no gradient).
+    """
+    lay = layout(config)
+    b = g_w.shape[0]
+    parts = g_w.split(_layer_sizes(lay), dim=1)
+    g = g_out
+    for i in range(len(lay.layers) - 1, -1, -1):
+        torch.sum(g, 1, out=parts[2 * i + 1])
+        parts[2 * i].copy_(torch.bmm(g.transpose(1, 2), tape.inputs[i]).view(b, -1))
+        if i > 0:
+            g = _act_backward(config.activation, torch.bmm(g, tape.weights[i]), tape.acts[i - 1])
+
+
 def _kl_meanfield(
-    loc: torch.Tensor, scale: torch.Tensor, p_loc: torch.Tensor, p_scale: torch.Tensor
+    diff: torch.Tensor, scale: torch.Tensor, inv_var0: torch.Tensor, log_s0: torch.Tensor
 ) -> torch.Tensor:
     """KL(N(m, s^2) || N(m0, s0^2)) summed over P, per key [K].
 
-    = sum_i [log s0_i - log s_i + (s_i^2 + (m_i - m0_i)^2) / (2 s0_i^2)] - P/2
-    (the closed form of ``kl_divergence(Normal, Normal)``, fewer temporaries).
+    = sum_i log s0_i - sum_i log s_i + 1/2 sum_i (s_i^2 + (m_i - m0_i)^2) / s0_i^2 - P/2
+    (the closed form of ``kl_divergence(Normal, Normal)``), from ``diff`` = m - m0 [K, P],
+    ``inv_var0`` = s0^-2 ([K, P] or [1, P], shared: its sum a matrix-vector product)
+    and ``log_s0`` = sum_i log s0_i.
     """
-    sq = (loc - p_loc).square_()
-    sq.addcmul_(scale, scale).div_(p_scale.square())
-    return p_scale.log().sum(-1) - scale.log().sum(-1) + 0.5 * sq.sum(-1) - 0.5 * loc.shape[-1]
+    sq = diff.square()
+    sq.addcmul_(scale, scale)
+    quad = torch.mv(sq, inv_var0[0]) if inv_var0.shape[0] == 1 else (sq * inv_var0).sum(-1)
+    return log_s0 - scale.log().sum(-1) + 0.5 * quad - 0.5 * diff.shape[-1]
+
+
+def _softplus_and_slope(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """s = softplus(u) = log(1 + e^u) and ds/du = sigmoid(u) = e^u / (1 + e^u).
+
+    On the CPU, where every u <= 20 (``F.softplus``' threshold: below it
+    softplus is log1p(exp(u)) too), both from one exp (two transcendental
+    passes over [K, P] instead of softplus' and sigmoid's three); else, and on
+    other devices (no host sync), ``F.softplus`` and ``torch.sigmoid``.
+    """
+    if u.device.type == "cpu" and bool(u.max() <= 20.0):
+        e = torch.exp(u)
+        s = torch.log1p(e)
+        return s, e.div_(e + 1.0)
+    return F.softplus(u), torch.sigmoid(u)
 
 
 def _kl_lowrank(
@@ -263,7 +481,10 @@ def _functional_kl(
     f_loc: torch.Tensor,
     f_scale: torch.Tensor,
 ) -> torch.Tensor:
-    """mean_{j<=n_k} KL(N(m_kj, v_kj) || N(mu0_k, sigma0_k^2)) per key [K] (masked rows)."""
+    """mean_{j<=n_k} KL(N(m_kj, v_kj) || N(mu0_k, sigma0_k^2)) per key [K] (masked rows).
+
+    The reference :func:`_functional_kl_grad` is tested against (by autograd).
+    """
     m = mean_ksn.mean(1)
     v = mean_ksn.var(1) + 1e-8
     s = f_scale.unsqueeze(1)
@@ -624,6 +845,7 @@ def _noise_buffer(
     return got[0][:k], got[1][:k]
 
 
+@torch.no_grad()
 def step_pass(
     config: ModelConfig,
     device: torch.device,
@@ -638,11 +860,18 @@ def step_pass(
     per-key rows; of a resident key table: views of the table's rows); their
     inputs in ``keys``.  Every key must share one :func:`group_key`.
 
-    The gradient: autograd runs through the net only, w.r.t. the weight draws
-    w [K, S, P] (and a learned df); the chain rule through
-    w = m + s eps (+ V z), s = softplus(u) is applied in closed form, and the
-    mean-field KL's gradient is analytic, dKL/dm = (m - m0) / s0^2,
-    dKL/ds = s / s0^2 - 1 / s (the low-rank KL's in closed form, float64), so the
+    The gradient, without autograd: the likelihood's and the functional
+    term's w.r.t. the nets' outputs (and a learned df) in closed form
+    (:func:`_head_grad`, :func:`_functional_kl_grad`), the nets
+    backpropagated by hand (:func:`_net_backward`: dW_l = G_l^T h_l,
+    db_l = sum_rows G_l, G_{l-1} = act'(a_{l-1}) (G_l W_l), autograd's kernels)
+    to g_w = dL/dw [K, S, P], and the chain rule through w = m + s eps (+ V z),
+    s = softplus(u) and the KL's gradient are applied in closed form:
+
+        g_m = sum_s g_w + c (m - m0),   g_u = (sum_s g_w eps + c s - 1 / (N_k s)) sigmoid(u),
+        c = s0^-2 / N_k
+
+    (mean-field; the low-rank KL's gradient in closed form, float64), so the
     [K, T] tensors are touched a few times a step.
 
     Rejection: a key whose data loss or gradient is not finite at an inner
@@ -682,6 +911,7 @@ def step_pass(
     kl_scale = torch.tensor([1.0 / v for v in keys.data_size], device=dev).unsqueeze(1)
     p_loc, p_scale = _stacked_prior(keys.prior)
     inv_var0 = p_scale.pow(-2)
+    log_s0 = p_scale.log().sum(-1)  # [K] or [1]
     theta = rows.theta
     total = prog.total
     lrs = [float(v) for v in keys.lr]
@@ -728,7 +958,7 @@ def step_pass(
                     xo_l.append(fp.ood_inputs(xs[i], gen))
         loc = theta[:, :p_size]
         u = theta[:, p_size : 2 * p_size]
-        scale = F.softplus(u)
+        scale, slope = _softplus_and_slope(u)
         w = torch.addcmul(loc.unsqueeze(1), eps, scale.unsqueeze(1))  # [K, S, P]
         z = factor = None
         if rank:
@@ -736,72 +966,86 @@ def step_pass(
             factor = theta[:, sl.start : sl.end].reshape(k_keys, p_size, rank)
             z = z_all  # [K, S, R]
             assert z is not None
-            w = w + torch.bmm(z, factor.transpose(1, 2))
-        w.requires_grad_(True)
-        df_u = theta[:, -1:].clone().requires_grad_(True) if config.learns_df else None
-        df = df_from_unconstrained(df_u) if df_u is not None else None
+            w.add_(torch.bmm(z, factor.transpose(1, 2)))
         w0 = w.view(k_keys, p_size) if samples == 1 else w[:, 0]
-        out = _forward(w0, x, config)  # [K, n_max, O]
-        lp_rows = _log_lik(out, y, config, df)
-        lp = torch.where(mask, lp_rows, torch.zeros_like(lp_rows)).sum(-1)  # [K]
-        data_loss = -obs_scale * lp
+        out, tape = _net_forward(w0, x, config)  # [K, n_max, O]
         if fp0 is not None:
             x_ood = ood[0].inputs(mask) if ood is not None else _padded(xo_l, mask)
             x_rep = x_ood.unsqueeze(1).expand(k_keys, samples, n_max, d)
-            mean = _forward(
+            out_f, tape_f = _net_forward(
                 w.reshape(k_keys * samples, p_size), x_rep.reshape(-1, n_max, d), config
-            )[..., 0].reshape(k_keys, samples, n_max)
-            data_loss = data_loss + f_w * _functional_kl(mean, mask, row_f, f_loc, f_scale)
-        leaves = (w,) if df_u is None else (w, df_u)
-        grads = torch.autograd.grad(data_loss.sum(), leaves)
-        with torch.no_grad():
-            g_w = grads[0]
-            g_loc = grad[:, :p_size]
-            g_u = grad[:, p_size : 2 * p_size]
-            g_w0 = g_w.view(k_keys, p_size) if samples == 1 else g_w.sum(1)
-            g_s = g_w0 * eps.view(k_keys, p_size) if samples == 1 else (g_w * eps).sum(1)
-            if factor is not None and z is not None:
-                sl = prog.slots["cov_factor"]
-                g_v = torch.bmm(g_w.transpose(1, 2), z)  # [K, P, R]
-                kl, gk_m, gk_v, gk_s = _kl_lowrank_grad(loc, factor, scale, p_loc, p_scale)
-                torch.add(g_w0, gk_m * kl_scale, out=g_loc)
-                g_s.add_(gk_s * kl_scale)
-                grad[:, sl.start : sl.end] = (g_v + gk_v * kl_scale.unsqueeze(2)).reshape(
-                    k_keys, -1
-                )
-            else:
-                # dKL/dm = (m - m0) / s0^2,  dKL/ds = s / s0^2 - 1 / s
-                g_m = (loc - p_loc).mul_(inv_var0).mul_(kl_scale)
-                torch.add(g_w0, g_m, out=g_loc)
-                g_ks = (scale * inv_var0).sub_(scale.reciprocal()).mul_(kl_scale)
-                g_s.add_(g_ks)
-                kl = _kl_meanfield(loc, scale, p_loc, p_scale) if last else torch.empty(0)
-            torch.mul(g_s, torch.sigmoid(u), out=g_u)  # d softplus(u) / du = sigmoid(u)
-            if df_u is not None:
-                grad[:, -1:] = grads[1]
-            # a non-finite entry makes its row's sum non-finite (one pass over [K, T])
-            finite = torch.isfinite(data_loss.detach() + grad.sum(1))
-            if last:
-                loss = data_loss.detach() + kl_scale[:, 0] * kl
-                gnorm = torch.linalg.vector_norm(grad, dim=1)
-                diag = torch.stack((loss, kl, lp.detach(), gnorm), 1)
-                finite &= torch.isfinite(loss)
-                host = torch.cat((diag, finite.unsqueeze(1).to(diag.dtype)), 1).tolist()
-                bad = [i for i in active if not host[i][4]]
-            else:
-                bad = [] if bool(finite.all()) else [i for i in active if not bool(finite[i])]
-            if bad:  # no Adam step for them from here on: their rows keep what they had
-                for i in bad:
-                    ok[i] = False
-                active = [i for i in active if ok[i]]
-            if not active:
-                continue
-            if _FUSED_ADAM is not None:
-                _adam_rows(rows, grad, active, lrs, adam_groups)
-            else:
-                _adam_stacked(rows, grad, active, lrs, lr_mult)
-            if not last and rows.refresh is not None:
-                rows.refresh()
+            )
+        df_u = theta[:, -1:] if config.learns_df else None
+        lp, g_out, g_df = _head_grad(out, y, mask, obs_scale, config, df_u)
+        data_loss = -obs_scale * lp
+        if fp0 is not None:
+            fkl, g_mean = _functional_kl_grad(
+                out_f[..., 0].reshape(k_keys, samples, n_max), mask, row_f, f_loc, f_scale, f_w
+            )
+            data_loss = data_loss + fkl
+            g_out_f = torch.zeros_like(out_f)
+            g_out_f[..., 0] = g_mean.reshape(k_keys * samples, n_max)
+        g_loc = grad[:, :p_size]
+        g_u = grad[:, p_size : 2 * p_size]
+        # the nets' gradient w.r.t. the draws: g_w [K, S, P] (S = 1: straight into g_loc)
+        if fp0 is None:
+            _net_backward(tape, g_out, config, g_loc)
+            g_w = g_loc.unsqueeze(1)
+            torch.mul(g_loc, eps.view(k_keys, p_size), out=g_u)  # dL/ds = g_w * eps
+        else:
+            g_w = torch.empty_like(w)
+            _net_backward(tape_f, g_out_f, config, g_w.view(k_keys * samples, p_size))
+            g_data = torch.empty_like(w0)
+            _net_backward(tape, g_out, config, g_data)
+            g_w[:, 0].add_(g_data)
+            torch.sum(g_w, 1, out=g_loc)
+            torch.sum(g_w * eps, 1, out=g_u)
+        # + the KL's gradient (closed form; kl_scale = 1 / N_k), then ds/du
+        if factor is not None and z is not None:
+            sl = prog.slots["cov_factor"]
+            g_v = torch.bmm(g_w.transpose(1, 2), z)  # [K, P, R]
+            kl, gk_m, gk_v, gk_s = _kl_lowrank_grad(loc, factor, scale, p_loc, p_scale)
+            g_loc.addcmul_(gk_m, kl_scale)
+            g_u.addcmul_(gk_s, kl_scale)
+            grad[:, sl.start : sl.end] = (g_v + gk_v * kl_scale.unsqueeze(2)).reshape(k_keys, -1)
+        else:
+            # dKL/dm = (m - m0) / s0^2,  dKL/ds = s / s0^2 - 1 / s, both / N_k
+            diff = loc - p_loc
+            kl = _kl_meanfield(diff, scale, inv_var0, log_s0) if last else torch.empty(0)
+            c = kl_scale * inv_var0  # [K, P]
+            g_loc.addcmul_(diff, c)
+            g_u.addcmul_(c, scale).addcdiv_(kl_scale, scale, value=-1.0)
+        g_u.mul_(slope)  # d softplus(u) / du = sigmoid(u)
+        if g_df is not None:
+            grad[:, -1:] = g_df
+        # a non-finite entry makes its row's sum non-finite (one pass over [K, T]); on the
+        # last step the gradient's norm serves (finite norm: finite entries; a norm that
+        # overflows on finite entries is told apart by the row sum, on that rare pass only)
+        if last:
+            loss = data_loss + kl_scale[:, 0] * kl
+            gnorm = torch.linalg.vector_norm(grad, dim=1)
+            diag = torch.stack((loss, kl, lp, gnorm, loss + gnorm), 1)
+            host = diag.tolist()
+            if not all(math.isfinite(h[4]) for h in host):
+                finite = torch.isfinite(loss) & torch.isfinite(data_loss + grad.sum(1))
+                for h, f in zip(host, finite.tolist(), strict=True):
+                    h[4] = 0.0 if f else math.nan
+            bad = [i for i in active if not math.isfinite(host[i][4])]
+        else:
+            finite = torch.isfinite(data_loss + grad.sum(1))
+            bad = [] if bool(finite.all()) else [i for i in active if not bool(finite[i])]
+        if bad:  # no Adam step for them from here on: their rows keep what they had
+            for i in bad:
+                ok[i] = False
+            active = [i for i in active if ok[i]]
+        if not active:
+            continue
+        if _FUSED_ADAM is not None:
+            _adam_rows(rows, grad, active, lrs, adam_groups)
+        else:
+            _adam_stacked(rows, grad, active, lrs, lr_mult)
+        if not last and rows.refresh is not None:
+            rows.refresh()
     if active and rows.home is None:
         sums = theta.sum(1).tolist()
         for i in active:

@@ -334,8 +334,9 @@ class KeyTable:
     ) -> list[StepInfo]:
         dev = self.device
         idx = torch.tensor(rows, dtype=torch.long, device=dev)
-        templates = [self._template[r] for r in rows]
-        gens = [self._gen[r] for r in rows]
+        # per-row lists picked with map (no Python frame per row)
+        templates = list(map(self._template.__getitem__, rows))
+        gens = list(map(self._gen.__getitem__, rows))
         backup = self.data.index_select(0, idx) if num_steps > 1 else None
         tcol = self._tcol
 
@@ -352,15 +353,15 @@ class KeyTable:
         refresh()
         prs = PassRows(
             theta,
-            [self._m[r] for r in rows],
-            [self._v[r] for r in rows],
-            [self._t[r] for r in rows],
+            list(map(self._m.__getitem__, rows)),
+            list(map(self._v.__getitem__, rows)),
+            list(map(self._t.__getitem__, rows)),
             [g for g in gens if g is not None],
             bump,
             self._grad[:k],
             self._work_rows[:k],
             self._grad_rows[:k],
-            [self._theta_rows[r] for r in rows],
+            list(map(self._theta_rows.__getitem__, rows)),
             refresh,
             self._noise,
         )
@@ -368,7 +369,7 @@ class KeyTable:
             batches,
             [float(data_size if data_size is not None else n_i) for n_i in n],
             [likelihood_weight] * k,
-            [self._fp[r] if with_fp else None for r in rows],
+            list(map(self._fp.__getitem__, rows)) if with_fp else [None] * k,
             [st.lr for st in templates if st is not None],
             [st.prior for st in templates if st is not None],
             lr_scale,

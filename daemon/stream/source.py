@@ -429,6 +429,9 @@ class KafkaSource:
         Callback told which ``(topic, partition)`` keys were revoked or lost.
     session_timeout_ms:
         Group session timeout; Tansu's join takes about half of it.
+    max_poll_interval_ms:
+        Kafka's ``max.poll.interval.ms``, also the group's rebalance timeout: a
+        member that dies during a rebalance holds the next join this long.
     client_kwargs:
         Passed to :class:`kafka.KafkaConsumer` (security settings etc.).
     """
@@ -444,6 +447,7 @@ class KafkaSource:
         fingerprints_for: FingerprintsCallback | None = None,
         session_timeout_ms: int = 10000,
         max_poll_records: int = 1000,
+        max_poll_interval_ms: int = 300_000,
         client_id: str | None = None,
         **client_kwargs: Any,
     ) -> None:
@@ -469,6 +473,7 @@ class KafkaSource:
             session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=max(100, session_timeout_ms // 3),
             max_poll_records=max_poll_records,
+            max_poll_interval_ms=max_poll_interval_ms,
             bootstrap_timeout_ms=client_kwargs.pop("bootstrap_timeout_ms", 10000),
             **client_kwargs,
         )
@@ -797,6 +802,7 @@ def kafka_source(
         fingerprints_for=fingerprints_for,
         session_timeout_ms=s.kafka.session_timeout_ms,
         max_poll_records=s.kafka.max_poll_records,
+        max_poll_interval_ms=s.kafka.max_poll_interval_ms,
         **security_kwargs(s.kafka),
     )
 

@@ -25,7 +25,9 @@ Parts (each a function returning its part of the one JSON record):
 * **daemon** (:func:`daemon_part`): records/s of the keyed daemon against a
   bare consume + decode loop in the same run (:mod:`fogline.bench.keyed_daemon`:
   ``--keys`` keys, batches of about ``--rows`` rows per key, hidden layers as
-  above; the consumer in a child process unless ``--no-source-process``).
+  above; the consumer in a child process unless ``--no-source-process``), one
+  daemon run per ``--drift`` policy (default ``forget,off``; the first, the
+  default policy, is the headline ``daemon_ratio``).  ``--skip-step`` runs it alone.
 
 ``--json`` prints one JSON object on the last line.
 """
@@ -73,6 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed micro-batches per path first")
     p.add_argument("--ensemble-size", type=int, default=32, help="drift reference draws per key")
     p.add_argument("--skip-daemon", action="store_true", help="no daemon records/s part")
+    p.add_argument(
+        "--skip-step", action="store_true", help="no step and memory parts (the daemon part alone)"
+    )
+    p.add_argument(
+        "--drift",
+        default="forget,off",
+        help="daemon part: drift.policy of each daemon run, comma-separated; the first is the "
+        "headline daemon_ratio (default forget,off: the default policy, then plain SVI)",
+    )
     p.add_argument(
         "--no-source-process",
         action="store_true",
@@ -313,6 +324,7 @@ def daemon_part(args: argparse.Namespace) -> dict[str, Any]:
         rows_per_key=args.rows,
         hidden=(args.hidden,) * args.layers,
         source_process=not args.no_source_process,
+        policies=tuple(p.strip() for p in args.drift.split(",") if p.strip()),
     )
 
 
@@ -321,8 +333,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     record: dict[str, Any] = {"benchmark": "keyed"}
-    record.update(step_part(args, device))
-    record.update(memory_part(args, device))
+    if not args.skip_step:
+        record.update(step_part(args, device))
+        record.update(memory_part(args, device))
     if not args.skip_daemon:
         record.update(daemon_part(args))
     record.update(
@@ -360,6 +373,12 @@ def main(argv: list[str]) -> int:
         print("fogline bench keyed: sizes and repeats must be >= 1", file=sys.stderr)
         return 2
     rec = run(args)
+    if args.skip_step:
+        if "daemon_ratio" in rec:
+            print(_daemon_line(rec))
+        if args.json:
+            print(json.dumps(rec, sort_keys=True))
+        return 0
     print(
         f"keyed bench  keys={rec['keys']}  rows/key~{rec['rows']}  "
         f"hidden={rec['layers']}x{rec['hidden']}  guide={rec['guide']}  "
@@ -377,9 +396,22 @@ def main(argv: list[str]) -> int:
         f"{rec['with_drift_blob_bytes_per_key']:,} B blob; "
         f"distinct storage over all keys {rec['unique_storage_bytes_per_key']:,} B/key"
     )
+    if "daemon_ratio" in rec:
+        print(_daemon_line(rec))
     if args.json:
         print(json.dumps(rec, sort_keys=True))
     return 0
+
+
+def _daemon_line(rec: dict[str, Any]) -> str:
+    """The daemon part in one line: each policy's records/s and ratio to the baseline."""
+    parts = [
+        f"{p} {rec[f'keyed_{p}_records_per_s']:,.0f} rec/s ({rec[f'daemon_{p}_ratio']:.2f}x)"
+        for p in rec["daemon_policies"]
+    ]
+    return f"  daemon vs consume+decode {rec['baseline_records_per_s']:,.0f} rec/s: " + ", ".join(
+        parts
+    )
 
 
 if __name__ == "__main__":

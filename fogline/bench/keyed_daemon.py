@@ -13,11 +13,12 @@ then in the same run measure the two sides of the ratio:
    once before and once after the daemon; the baseline is their mean (on a
    shared machine the load drifts during a run; both are reported);
 2. *keyed daemon*: ``fogline run --idle-exit-s 5`` with ``keyed.enabled``, as a
-   user runs it: count batching, one torch thread, ``drift.policy = "off"``
-   (plain streaming SVI per key, so the keys are stepped in place in the key
-   cache's table; with a drift policy, the default ``forget`` included, every key
-   goes through its drift loop over a materialised state, which this bench does
-   not measure), the consumer in a child
+   user runs it, once per ``--drift`` policy (default ``forget,off``: the
+   default policy, every key through its drift loop over a materialised state
+   (:class:`fogline.drift.keyed.KeyedDriftLoop`), then ``off``, plain streaming
+   SVI per key stepped in place in the key cache's table), each run over the
+   whole topic in its own consumer group and Redis model: count batching, one
+   torch thread, the consumer in a child
    process (``stream.source_process``; ``--no-source-process``: in-process,
    with ``stream.prefetch`` unless ``--no-prefetch``), and partition
    checkpoints every ``--snapshot-every-batches`` batches of a partition
@@ -38,10 +39,13 @@ then in the same run measure the two sides of the ratio:
    ``partition_resumed`` to ``daemon_stopped`` (every partition's final
    checkpoint written) less the idle wait.
 
-The last line printed (``--json``) holds ``baseline_records_per_s``,
-``keyed_records_per_s``, ``daemon_ratio`` (steady state / baseline, goal >=
-0.7), ``daemon_end_to_end_ratio``, the records absorbed, the checkpoints
-written and ``daemon_blob_bytes_per_key`` (mean size of a key's blob in Redis).
+The last line printed (``--json``) holds ``baseline_records_per_s`` and, for the
+first (headline) policy, ``keyed_records_per_s``, ``daemon_ratio`` (steady state
+/ baseline, goal >= 0.7), ``daemon_end_to_end_ratio``, the records absorbed, the
+checkpoints written and ``daemon_blob_bytes_per_key`` (mean size of a key's
+blob in Redis); the same fields of every policy under its name
+(``keyed_forget_records_per_s``, ``daemon_forget_ratio``, ``daemon_off_ratio``, ...).
+The baseline runs before the first daemon and after the last.
 """
 
 from __future__ import annotations
@@ -286,8 +290,14 @@ def daemon_part(
     log_dir: Path | None = None,
     prefetch: bool = True,
     source_process: bool = True,
+    policies: Sequence[str] = ("forget", "off"),
 ) -> dict[str, Any]:
     """Records/s of the keyed daemon against a bare consume + decode loop, same run.
+
+    ``policies``: the ``drift.policy`` of each daemon run, in order, each over the
+    whole topic in its own consumer group and Redis model; the first is the
+    headline (``keyed_records_per_s``, ``daemon_ratio``), every one is reported
+    under its own name (``daemon_<policy>_ratio`` ...).
 
     ``batch_size``: default :func:`keyed_batch_size` of ``rows_per_key``;
     ``records``: default ``batches`` batches per partition (the steady state
@@ -299,6 +309,9 @@ def daemon_part(
         batch_size = keyed_batch_size(rows_per_key, keys, partitions)
     if records is None:
         records = batches * batch_size * partitions
+    if not policies:
+        raise ValueError("policies: at least one drift policy to run")
+    runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp_s, contextlib.ExitStack() as stack:
         tmp = Path(tmp_s)
         if bootstrap is None:
@@ -309,32 +322,44 @@ def daemon_part(
         create_topic(bootstrap, topic, partitions)
         recs = make_keyed_records(records, keys, partitions)
         produce_keyed(bootstrap, topic, recs)
-        before = baseline_rate(bootstrap, topic, records)
-        model, prefix = f"keyed-{uuid.uuid4().hex[:6]}", "fogline-bench"
-        cfg = write_keyed_config(
-            tmp / "keyed.yaml",
-            bootstrap=bootstrap,
-            topic=topic,
-            redis_url=redis_url,
-            model=model,
-            prefix=prefix,
-            batch_size=batch_size,
-            snapshot_every_batches=snapshot_every_batches,
-            snapshot_every_seconds=30.0,
-            hidden=hidden,
-            prefetch=prefetch,
-            source_process=source_process,
-        )
         expect = recs.absorbable(batch_size)
-        rate, end_to_end, absorbed, checkpoints, cpu_s = keyed_rate(
-            cfg, tmp / "keyed.log", redis_url, model, prefix, records, partitions
-        )
+        before = baseline_rate(bootstrap, topic, records)
+        for policy in policies:
+            model, prefix = f"keyed-{uuid.uuid4().hex[:6]}", "fogline-bench"
+            cfg = write_keyed_config(
+                tmp / f"keyed-{policy}.yaml",
+                bootstrap=bootstrap,
+                topic=topic,
+                redis_url=redis_url,
+                model=model,
+                prefix=prefix,
+                batch_size=batch_size,
+                snapshot_every_batches=snapshot_every_batches,
+                snapshot_every_seconds=30.0,
+                hidden=hidden,
+                prefetch=prefetch,
+                source_process=source_process,
+                policy=policy,
+            )
+            log = tmp / f"keyed-{policy}.log"
+            rate, end_to_end, absorbed, checkpoints, cpu_s = keyed_rate(
+                cfg, log, redis_url, model, prefix, records, partitions
+            )
+            blobs = key_blobs(redis_url, model, prefix)
+            if log_dir is not None:
+                shutil.copy(log, Path(log_dir) / f"{model}-{policy}.log")
+            runs[policy] = {
+                "rate": rate,
+                "end_to_end": end_to_end,
+                "absorbed": absorbed,
+                "checkpoints": checkpoints,
+                "cpu_s": cpu_s,
+                "blobs": len(blobs),
+                "blob_bytes": sum(map(len, blobs.values())) / max(1, len(blobs)),
+            }
         after = baseline_rate(bootstrap, topic, records)
-        base = (before + after) / 2
-        blobs = key_blobs(redis_url, model, prefix)
-        if log_dir is not None:
-            shutil.copy(tmp / "keyed.log", Path(log_dir) / f"{model}.log")
-    return {
+    base = (before + after) / 2
+    out: dict[str, Any] = {
         "daemon_keys": keys,
         "daemon_records": records,
         "daemon_partitions": partitions,
@@ -344,26 +369,44 @@ def daemon_part(
         "daemon_snapshot_every_batches": snapshot_every_batches,
         "daemon_source_process": source_process,
         "daemon_prefetch": prefetch and not source_process,
+        "daemon_policies": list(policies),
+        "daemon_policy": policies[0],
         "baseline_records_per_s": round(base, 1),
         "baseline_before_records_per_s": round(before, 1),
         "baseline_after_records_per_s": round(after, 1),
-        # steady state: end of the first absorbed batch to the end of the last
-        "keyed_records_per_s": round(rate, 1),
-        "daemon_ratio": round(rate / base, 4),
-        # first partition_resumed to the final checkpoints, idle wait subtracted
-        "keyed_end_to_end_records_per_s": round(end_to_end, 1),
-        "daemon_end_to_end_ratio": round(end_to_end / base, 4),
-        "daemon_absorbed": absorbed,
-        "daemon_checkpoints": checkpoints,
-        # user + system CPU of the daemon process tree, start-up and idle wait included
-        "daemon_cpu_s": round(cpu_s, 2),
         "daemon_absorbable": expect,
-        # False: the daemon idled out before absorbing every complete batch (the rate is
-        # then not the daemon's throughput; keep its log with --log-dir)
-        "daemon_complete": absorbed == expect,
-        "daemon_keys_written": len(blobs),
-        "daemon_blob_bytes_per_key": round(sum(map(len, blobs.values())) / max(1, len(blobs))),
     }
+    for i, (policy, r) in enumerate(runs.items()):
+        part = {
+            # steady state: end of the first absorbed batch to the end of the last
+            "keyed_records_per_s": round(r["rate"], 1),
+            "ratio": round(r["rate"] / base, 4),
+            # first partition_resumed to the final checkpoints, idle wait subtracted
+            "keyed_end_to_end_records_per_s": round(r["end_to_end"], 1),
+            "end_to_end_ratio": round(r["end_to_end"] / base, 4),
+            "absorbed": r["absorbed"],
+            "checkpoints": r["checkpoints"],
+            # user + system CPU of the daemon process tree, start-up and idle wait included
+            "cpu_s": round(r["cpu_s"], 2),
+            # False: the daemon idled out before absorbing every complete batch (the rate is
+            # then not the daemon's throughput; keep its log with --log-dir)
+            "complete": r["absorbed"] == expect,
+            "keys_written": r["blobs"],
+            "blob_bytes_per_key": round(r["blob_bytes"]),
+        }
+        out.update({_named(k, policy): v for k, v in part.items()})
+        if i == 0:  # the headline: the first policy under the unqualified names
+            out.update({_named(k, None): v for k, v in part.items()})
+    return out
+
+
+def _named(field: str, policy: str | None) -> str:
+    """A daemon field's JSON name: ``keyed_records_per_s`` -> ``keyed_<policy>_records_per_s``,
+    ``ratio`` -> ``daemon_<policy>_ratio`` (``policy`` None: the headline's plain names)."""
+    if field.startswith("keyed_"):
+        rest = field[len("keyed_") :]
+        return f"keyed_{policy}_{rest}" if policy else field
+    return f"daemon_{policy}_{field}" if policy else f"daemon_{field}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="stream.source_process off: the consumer in the daemon's process",
     )
+    ap.add_argument(
+        "--drift",
+        default="forget,off",
+        help="drift.policy of each daemon run, comma-separated; the first is the headline "
+        "(default forget,off)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     out = daemon_part(
@@ -418,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         log_dir=args.log_dir,
         prefetch=not args.no_prefetch,
         source_process=not args.no_source_process,
+        policies=tuple(p.strip() for p in args.drift.split(",") if p.strip()),
     )
     print(json.dumps(out) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items()))
     return 0

@@ -343,3 +343,15 @@ def test_drift_section_is_the_policy_config(monkeypatch: pytest.MonkeyPatch) -> 
         Settings.load(None, drift={"min_recovery": -1})
     with pytest.raises(ConfigError, match=r"drift\.bogus: Extra inputs are not permitted"):
         Settings.load(None, drift={"bogus": 1})
+
+
+def test_max_poll_interval_is_kafkas_default_and_covers_the_session() -> None:
+    """``kafka.max_poll_interval_ms`` (the group's rebalance timeout) defaults to Kafka's 300 s
+    and may not be shorter than the session timeout; the error names both fields."""
+    assert Settings.load(None).kafka.max_poll_interval_ms == 300_000
+    s = Settings.load(None, kafka={"session_timeout_ms": 6000, "max_poll_interval_ms": 20_000})
+    assert s.kafka.max_poll_interval_ms == 20_000
+    with pytest.raises(ConfigError) as info:
+        Settings.load(None, kafka={"session_timeout_ms": 6000, "max_poll_interval_ms": 5000})
+    text = str(info.value)
+    assert "kafka.max_poll_interval_ms (5000)" in text and "kafka.session_timeout_ms" in text

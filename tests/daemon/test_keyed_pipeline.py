@@ -314,3 +314,23 @@ def test_a_restart_without_init_decodes_by_the_stored_fleet_prior(
     assert go(two, "m1", None) == 0  # no --init: the stored fleet prior
     assert two.store.blobs == one.store.blobs
     assert sum(m.records_absorbed for m in two.store.manifests.values()) == absorbable(logs, bad)
+
+
+def test_dropped_outliers_count_as_absorbed_in_the_partition_as_in_the_key() -> None:
+    """With ``forget`` a batch's gross outliers are dropped from the step but still absorbed
+    (seen, weight 0): the partition's manifest counts them as the key's state does."""
+    logs, bad = make_logs(220, seed=4)
+    for p, log in logs.items():  # a gross outlier in every 10th valid record
+        for o, (key, value) in enumerate(log):
+            if (p, o) not in bad and o % 10 == 3:
+                rec = json.loads(value)
+                log[o] = (key, json.dumps({**rec, "y": 1e4}).encode())
+    world = KeyedWorld(logs, PARTS)
+    settings = keyed_settings().override({"drift.policy": "forget"})
+    code, pipe = run(world, settings)
+    assert code == 0
+    expect = absorbable(logs, bad)
+    keys = sum(from_bytes(b).records_absorbed for b in world.store.blobs.values())
+    assert keys == expect
+    assert sum(m.records_absorbed for m in world.store.manifests.values()) == expect
+    assert pipe.stats.records_absorbed == expect

@@ -29,16 +29,17 @@ def _streams(n: int) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
     return out
 
 
-def _keyed(step_fn=None) -> KeyedDriftLoop:  # type: ignore[no-untyped-def]
+def _keyed(step_fn=None, per_key: bool = False) -> KeyedDriftLoop:  # type: ignore[no-untyped-def]
     kw = {} if step_fn is None else {"step_fn": step_fn}
-    return KeyedDriftLoop(POLICY, **SETTINGS, **kw)  # type: ignore[arg-type]
+    return KeyedDriftLoop(POLICY, **SETTINGS, per_key=per_key, **kw)  # type: ignore[arg-type]
 
 
 def test_each_key_runs_the_one_model_drift_loop(warm_state: PosteriorState) -> None:
-    """With the reference step, a key's result is bit for bit DriftLoop's on its stream alone."""
+    """With the reference step and the per-key signals, a key's result is bit for bit
+    DriftLoop's on its stream alone (the batched signals: tests/drift/test_keyed_batched.py)."""
     fleet = fleet_prior(warm_state)
     streams = _streams(12)
-    kl = _keyed(keyed_step_loop)
+    kl = _keyed(keyed_step_loop, per_key=True)
     states = {k: new_key_state(fleet, k) for k in KEYS}
     drifts = {k: kl.drift_for(states[k]) for k in KEYS}
     alone = {}

@@ -18,6 +18,7 @@ from fogline.daemon.stream.source import (
     KafkaSource,
     ReplayProducer,
     dlq_topic_for,
+    kafka_source,
     read_topic,
 )
 
@@ -267,3 +268,27 @@ def test_security_settings_map_to_kafka_python_names() -> None:
         "sasl_plain_username": "fog",
         "sasl_plain_password": "s3cret",
     }
+
+
+def test_the_daemons_consumer_takes_the_settings_poll_interval(
+    kafka_bootstrap: str, fresh_topic: str, fresh_group: str
+) -> None:
+    """``kafka.max_poll_interval_ms`` reaches the consumer (it is the JoinGroup's rebalance timeout)."""
+    from fogline.daemon.config import Settings
+
+    s = Settings.load(
+        None,
+        kafka={
+            "bootstrap_servers": kafka_bootstrap,
+            "topic": fresh_topic,
+            "group_id": fresh_group,
+            "session_timeout_ms": 6000,
+            "max_poll_interval_ms": 20_000,
+        },
+    )
+    src = kafka_source(s, lambda keys: {}, lambda keys: None, lambda keys: {})
+    try:
+        assert src._consumer.config["max_poll_interval_ms"] == 20_000
+        assert src._consumer.config["session_timeout_ms"] == 6000
+    finally:
+        src.close()
