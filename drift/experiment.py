@@ -178,6 +178,13 @@ class StreamData:
     lag: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def split(
+        cls, name: str, x: np.ndarray, y: np.ndarray, n_warm: int, batch_size: int, **known: Any
+    ) -> StreamData:
+        """Rows ``[:n_warm]`` as the warm-start history, the rest as the stream (no change points)."""
+        return cls(name, x[n_warm:], y[n_warm:], batch_size, (), x[:n_warm], y[:n_warm], **known)
+
     @property
     def n_batches(self) -> int:
         """Batches of the stream, the last one partial when the records do not divide."""
@@ -222,7 +229,7 @@ def load_spec_source(path: Path, spec: ModelSpec, cfg: ExperimentConfig) -> Stre
     schema = DataSchema.fit_spec(x_raw[:n_warm], y_raw[:n_warm], spec)
     x = schema.x_to_model(x_raw).float().numpy()
     y = schema.y_to_model(y_raw).float().numpy()
-    return StreamData(path.stem, x[n_warm:], y[n_warm:], cfg.batch_size, (), x[:n_warm], y[:n_warm])
+    return StreamData.split(path.stem, x, y, n_warm, cfg.batch_size)
 
 
 def load_source(source: str, cfg: ExperimentConfig, spec: ModelSpec | None = None) -> StreamData:
@@ -252,15 +259,7 @@ def load_source(source: str, cfg: ExperimentConfig, spec: ModelSpec | None = Non
     if path.suffix == ".jsonl":
         x, y = read_jsonl(path)
         n_warm = max(cfg.batch_size, len(y) // 5)
-        return StreamData(
-            path.stem,
-            x[n_warm:],
-            y[n_warm:],
-            cfg.batch_size,
-            (),
-            x[:n_warm],
-            y[:n_warm],
-        )
+        return StreamData.split(path.stem, x, y, n_warm, cfg.batch_size)
     if path.suffix == ".csv":
         return load_nab(path, cfg)
     raise ValueError(f"{source!r} is neither a scenario ({sorted(SCENARIOS)}) nor a .jsonl/.csv")
@@ -368,14 +367,12 @@ def load_nab(path: Path, cfg: ExperimentConfig) -> StreamData:
     x, y = feats.x.astype(np.float32), feats.y.astype(np.float32)
     n_warm = prob - lag
     labels = nab_labels(path, ts)
-    return StreamData(
+    return StreamData.split(
         path.stem,
-        x[n_warm:],
-        y[n_warm:],
+        x,
+        y,
+        n_warm,
         cfg.batch_size,
-        (),
-        x[:n_warm],
-        y[:n_warm],
         timestamps=ts,
         raw_values=v,
         labels=labels,
