@@ -58,7 +58,6 @@ order and rows) gives the same bits on every run and after every restart.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,13 +71,15 @@ from fogline.drift.signals import (
     RecordScores,
     Reference,
     gaussian_kl,
+    gaussian_mixture_moments,
+    gaussian_mixture_nll,
     record_scores,
+    two_sided_anomaly,
 )
 from fogline.models.config import ModelConfig
 from fogline.models.network import layout, noise_scale
 from fogline.models.state import PosteriorState
 
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 #: Hidden activations of one chunk of keys in a stacked pass (float elements, 4 MB in float32).
 STACK_ELEMENTS = 1 << 20
 
@@ -259,7 +260,7 @@ def _moments(
     config: ModelConfig, w: torch.Tensor, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     mu, sigma = stacked_components(config, _layers_of(config, w), x)
-    return mu.mean(1), mu.var(1, unbiased=False) + sigma.pow(2).mean(1)
+    return gaussian_mixture_moments(mu, sigma, 1)
 
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
@@ -343,12 +344,10 @@ def stacked_record_scores(
             y_all = torch.cat([ys[i] for i in chunk]).to(mu.dtype)
             y = _pad(y_all, seg, pos, (k, n_max), 0.0).unsqueeze(1)
             z = (y - mu) / sigma
-            lp = -0.5 * z * z - sigma.log() - _HALF_LOG_2PI
-            nll = -(torch.logsumexp(lp, 1) - math.log(s))
+            nll = gaussian_mixture_nll(z, sigma, 1)
             cdf = (0.5 * (1.0 + torch.erf(z * 0.7071067811865476))).mean(1)
-            mean = mu.mean(1)
-            var = mu.var(1, unbiased=False) + sigma.pow(2).mean(1)
-            anomaly = (1.0 - 2.0 * torch.minimum(cdf, 1.0 - cdf)).clamp(0.0, 1.0)
+            mean, var = gaussian_mixture_moments(mu, sigma, 1)
+            anomaly = two_sided_anomaly(cdf)
         # the chunk's rows back to their place among all keys' rows
         dest = torch.as_tensor(starts[chunk], dtype=torch.long)[seg] + pos
         for col, v in zip(cols, (nll, anomaly, mean, var), strict=True):

@@ -885,7 +885,7 @@ def step_kl_wanted(d: DriftState) -> bool:
     collected), except on a loop's first batch, whose input is the anchor itself (NaN).
     ``d`` is the drift state after the batch's policy step (``Prepared.drift``).
     """
-    return (_step_kl_needed(d.policy) or d.kl_window > 0) and d.policy.batch > 1
+    return _step_kl_read(d) and d.policy.batch > 1
 
 
 def post_rows(d: DriftState, policy: PolicyConfig, rows: int) -> int:
@@ -894,9 +894,13 @@ def post_rows(d: DriftState, policy: PolicyConfig, rows: int) -> int:
     All of them wherever a later batch reads the step KL; otherwise (the predictive
     KL is only a metric) the first ``policy.predictive_kl_rows`` (0: all).
     """
-    needed = _step_kl_needed(d.policy) or d.kl_window > 0
     limit = policy.predictive_kl_rows
-    return limit if not needed and 0 < limit < rows else rows
+    return limit if not _step_kl_read(d) and 0 < limit < rows else rows
+
+
+def _step_kl_read(d: DriftState) -> bool:
+    """Does a later batch read this batch's step KL (the policy, or a step-KL window)?"""
+    return _step_kl_needed(d.policy) or d.kl_window > 0
 
 
 def _step_kl_needed(ps: PolicyState) -> bool:

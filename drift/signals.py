@@ -119,6 +119,25 @@ class RecordScores:
         )
 
 
+def gaussian_mixture_moments(
+    mu: torch.Tensor, sigma: torch.Tensor, dim: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Moment-matched (mean, var) of the equal-weight mixture of N(mu_s, sigma_s^2) over ``dim``:
+    mean = mean_s mu_s, var = var_s mu_s + mean_s sigma_s^2."""
+    return mu.mean(dim), mu.var(dim, unbiased=False) + sigma.pow(2).mean(dim)
+
+
+def gaussian_mixture_nll(z: torch.Tensor, sigma: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """-log (1/S) sum_s N(y; mu_s, sigma_s^2) over ``dim`` from z_s = (y - mu_s) / sigma_s."""
+    lp = -0.5 * z * z - sigma.log() - _HALF_LOG_2PI
+    return -(torch.logsumexp(lp, dim) - math.log(z.shape[dim]))
+
+
+def two_sided_anomaly(cdf: torch.Tensor) -> torch.Tensor:
+    """The anomaly score a = 1 - 2 min(F, 1 - F) in [0, 1] of a predictive CDF value F."""
+    return (1.0 - 2.0 * torch.minimum(cdf, 1.0 - cdf)).clamp(0.0, 1.0)
+
+
 def _moments_and_scores(
     ens: Ensemble, x: torch.Tensor, y: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -126,8 +145,7 @@ def _moments_and_scores(
     with torch.no_grad():
         mu, sigma = component_params(ens, x)
         if ens.config.likelihood == "gaussian":
-            mean = mu.mean(0)
-            var = mu.var(0, unbiased=False) + sigma.pow(2).mean(0)
+            mean, var = gaussian_mixture_moments(mu, sigma)
         else:
             mean, epi, ale = predictive_moments(ens, x)
             var = epi + ale
@@ -135,9 +153,7 @@ def _moments_and_scores(
             return mean, var, None, None
         y = y.to(mu.dtype).reshape(-1)
         if ens.config.likelihood == "gaussian":
-            z = (y - mu) / sigma
-            lp = -0.5 * z * z - sigma.log() - _HALF_LOG_2PI
-            nll = -(torch.logsumexp(lp, 0) - math.log(mu.shape[0]))
+            nll = gaussian_mixture_nll((y - mu) / sigma, sigma)
         else:
             nll = -log_predictive_density(ens, x, y)
         cdf = mixture_cdf(ens, y, mu, sigma)
@@ -150,7 +166,7 @@ def record_scores(
     """Surprisal and anomaly score of every record under the reference predictive."""
     mean, var, nll, cdf = _moments_and_scores(ref.ensemble, x, y)
     assert nll is not None and cdf is not None
-    anomaly = (1.0 - 2.0 * torch.minimum(cdf, 1.0 - cdf)).clamp(0.0, 1.0)
+    anomaly = two_sided_anomaly(cdf)
     return RecordScores(nll, anomaly, anomaly > outlier_score, mean, var)
 
 
