@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from fogline.models.config import ModelConfig
 from fogline.models.fprior import LR_SCALE_KEY, FunctionalPrior
 from fogline.models.likelihoods import df_from_unconstrained
-from fogline.models.network import _ACTIVATIONS, layout, noise_scale
+from fogline.models.network import _ACTIVATIONS, layout
 from fogline.models.state import Minibatch, PosteriorState, PriorSpec, StepInfo
 from fogline.models.svi import (
     _FUSED_ADAM,
@@ -133,26 +133,6 @@ def _evolve(state: PosteriorState, **changes: object) -> PosteriorState:
     return new
 
 
-def _log_lik(
-    out: torch.Tensor, y: torch.Tensor, config: ModelConfig, df: torch.Tensor | None
-) -> torch.Tensor:
-    """log p(y | raw outputs) elementwise, [K, n] (the formulas of torch.distributions).
-
-    The reference :func:`_head_grad`'s closed form is tested against (by autograd).
-    """
-    if config.likelihood == "bernoulli":
-        return -F.binary_cross_entropy_with_logits(out[..., 0], y, reduction="none")
-    loc = out[..., 0]
-    scale = noise_scale(out[..., 1], config)
-    if config.likelihood == "student-t":
-        if df is None:
-            assert config.df is not None
-            df = torch.full_like(loc[:, :1], config.df)
-        z = (y - loc) / scale
-        return _student_t_log_prob(z * z, scale, df)
-    return -((y - loc) ** 2) / (2 * scale * scale) - scale.log() - _HALF_LOG_2PI
-
-
 def _noise_scale_and_slope(
     raw: torch.Tensor, config: ModelConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +162,7 @@ def _head_grad(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The data term and its gradient in closed form: (lp [K], dL/d out [K, n, O], dL/d df_u).
 
-    lp_k = sum_i M_ki log p(y_ki | out_ki) (:func:`_log_lik`) and the gradient of
+    lp_k = sum_i M_ki log p(y_ki | out_ki) (the formulas of torch.distributions) and the gradient of
     L_k = -(beta_k / n_k) lp_k (``obs_scale`` = beta_k / n_k) w.r.t. the raw
     outputs, with z = (y - mu) / sigma:
 
@@ -239,7 +219,7 @@ def _head_grad(
 
 
 def _student_t_log_prob(z2: torch.Tensor, scale: torch.Tensor, df: torch.Tensor) -> torch.Tensor:
-    """log Student-t(y | mu, sigma, nu) from z^2 = ((y - mu) / sigma)^2 (:func:`_log_lik`'s)."""
+    """log Student-t(y | mu, sigma, nu) from z^2 = ((y - mu) / sigma)^2 (torch.distributions' formula)."""
     norm = (
         scale.log()
         + 0.5 * df.log()
@@ -258,7 +238,7 @@ def _functional_kl_grad(
     f_scale: torch.Tensor,
     weight: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """gamma_k :func:`_functional_kl` [K] and its gradient w.r.t. the draws' means [K, S, n].
+    """gamma_k mean_{j<=n_k} KL(N(m_kj, v_kj) || N(mu0_k, sigma0_k^2)) [K] and its gradient w.r.t. the draws' means [K, S, n].
 
     With m = mean_s f_s, v = var_s f_s + 1e-8 (unbiased) and the row's
     KL = log sigma0 - log(v) / 2 + (v + (m - mu0)^2) / (2 sigma0^2) - 1/2:
@@ -279,26 +259,6 @@ def _functional_kl_grad(
     g_v = (inv_s2 - v.reciprocal()) * (per_row / (samples - 1))  # (dKL/dv) * 2 / (S - 1)
     g = torch.addcmul(g_m.unsqueeze(1), centred, g_v.unsqueeze(1))
     return weight * torch.where(mask, kl, zero).sum(-1) / rows, g
-
-
-def _forward(w: torch.Tensor, x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    """Raw outputs [B, n, O] for flat weights ``w`` [B, P] at rows ``x`` [B, n, D].
-
-    One ``split`` of ``w`` into the layers' W and b (its backward is one
-    ``cat``; a slice per tensor would each scatter into a zero [B, P] buffer).
-    """
-    act = _ACTIVATIONS[config.activation]
-    lay = layout(config)
-    b = w.shape[0]
-    parts = w.split(_layer_sizes(lay), dim=1)
-    last = len(lay.layers) - 1
-    h = x
-    for i, layer in enumerate(lay.layers):
-        weight = parts[2 * i].view(b, layer.fan_out, layer.fan_in)
-        h = torch.baddbmm(parts[2 * i + 1].unsqueeze(1), h, weight.transpose(1, 2))
-        if i < last:
-            h = act(h)
-    return h
 
 
 #: An activation's backward from what its forward saved: relu and tanh from the
@@ -331,7 +291,7 @@ class _NetTape:
 def _net_forward(
     w: torch.Tensor, x: torch.Tensor, config: ModelConfig
 ) -> tuple[torch.Tensor, _NetTape]:
-    """:func:`_forward` without autograd, keeping what its backward needs (:class:`_NetTape`)."""
+    """The net's raw outputs [B, n, O] for flat weights w [B, P] at rows x [B, n, D], without autograd, keeping what its backward needs (:class:`_NetTape`)."""
     act = _ACTIVATIONS[config.activation]
     keep_out = _ACT_SAVES_OUTPUT[config.activation]
     lay = layout(config)
@@ -361,7 +321,7 @@ def _net_backward(
     With a_l = h_l W_l^T + b_l (h_{l+1} = act(a_l) for hidden layers) and
     G_l = d loss / d a_l:  dW_l = G_l^T h_l,  db_l = sum_rows G_l,
     G_{l-1} = act'(a_{l-1}) * (G_l W_l): the products and kernels autograd
-    runs for :func:`_forward`, without its graph (the inputs x get no gradient).
+    runs for the forward, without its graph (the inputs x get no gradient).
     """
     lay = layout(config)
     b = g_w.shape[0]
@@ -472,24 +432,6 @@ def _kl_lowrank_grad(
     quad_over_d = (a_cinv * factor).sum(-1)  # (V C^-1 V^T)_ii / d_i
     g_s = scale * inv_s02 - (1.0 - quad_over_d) / scale
     return kl.to(dt), diff * inv_s02, g_v, g_s
-
-
-def _functional_kl(
-    mean_ksn: torch.Tensor,
-    mask: torch.Tensor,
-    rows: torch.Tensor,
-    f_loc: torch.Tensor,
-    f_scale: torch.Tensor,
-) -> torch.Tensor:
-    """mean_{j<=n_k} KL(N(m_kj, v_kj) || N(mu0_k, sigma0_k^2)) per key [K] (masked rows).
-
-    The reference :func:`_functional_kl_grad` is tested against (by autograd).
-    """
-    m = mean_ksn.mean(1)
-    v = mean_ksn.var(1) + 1e-8
-    s = f_scale.unsqueeze(1)
-    kl = s.log() - 0.5 * v.log() + (v + (m - f_loc.unsqueeze(1)).pow(2)) / (2 * s * s) - 0.5
-    return torch.where(mask, kl, torch.zeros_like(kl)).sum(-1) / rows
 
 
 def _adam(
