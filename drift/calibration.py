@@ -211,6 +211,80 @@ def calibrate_threshold(
     )
 
 
+#: Record values held at once while the window statistics of
+#: :func:`simulate_streams` are computed (8 M float64, 64 MB).
+WINDOW_ELEMENTS = 8_000_000
+
+
+def simulate_streams(
+    v: FloatArray,
+    reduce: Callable[[FloatArray], FloatArray],
+    rng: np.random.Generator,
+    *,
+    batch_size: int,
+    length: int,
+    n_streams: int,
+    block: int = 1,
+    period: int = 0,
+    windowed: bool | None = None,
+) -> FloatArray:
+    """``[n_streams, length]`` batch statistics of bootstrap streams of the records ``v``
+    (the sampling scheme of :func:`calibrate_batch_statistic`, drawn from ``rng``).
+
+    With blocks of whole batches (``b = max(block, 1)`` a multiple of B, and
+    ``block > 1`` or a ``period``), every batch of a stream lies inside one block,
+    so batch t is the window v[u_t : u_t + B] at its first record u_t and its
+    statistic is one of the R - B + 1 window statistics, computed once; the
+    stream is then a gather of those (``windowed``, the default where it applies).
+    Otherwise each stream's records are gathered and reduced.  Both ways draw the
+    same numbers from ``rng`` and reduce each batch as the same contiguous
+    ``[B(, C)]`` block, so they return the same values bit for bit.
+    """
+    b = max(block, 1)
+    can_window = (block > 1 or period > 0) and b % batch_size == 0
+    if windowed is None:
+        windowed = can_window
+    elif windowed and not can_window:
+        raise ValueError("windowed: needs blocks (block > 1 or a period) of whole batches")
+    r = v.shape[0]
+    n_blocks = -(-length * batch_size // b)
+
+    def block_starts() -> npt.NDArray[np.int64]:
+        """One stream's block starts (window positions), ``n_blocks`` of them."""
+        if period:
+            # the future batches start at window positions R + m B: their phases
+            first = r + batch_size * int(rng.integers(0, period))
+            phase = (first + np.arange(n_blocks) * b) % period
+            count = (r - b - phase) // period + 1  # window starts of that phase
+            return np.asarray(phase + period * (rng.random(n_blocks) * count).astype(np.int64))
+        return rng.integers(0, r - block + 1, size=n_blocks)
+
+    out = np.empty((n_streams, length))
+    if windowed:
+        # every window of B consecutive records as a contiguous [B(, C)] block, like a
+        # gathered batch, reduced a slice of windows at a time
+        windows = np.lib.stride_tricks.sliding_window_view(v, batch_size, axis=0)
+        per = max(1, WINDOW_ELEMENTS // max(1, batch_size * int(np.prod(v.shape[1:]))))
+        stats = np.concatenate(
+            [
+                np.asarray(reduce(np.ascontiguousarray(np.moveaxis(windows[lo : lo + per], -1, 1))))
+                for lo in range(0, windows.shape[0], per)
+            ]
+        )
+        offsets = np.arange(0, b, batch_size)
+        for i in range(n_streams):
+            out[i] = np.take(stats, (block_starts()[:, None] + offsets).reshape(-1)[:length])
+        return out
+    for i in range(n_streams):  # row by row keeps memory at length * batch_size
+        if block <= 1 and not period:
+            idx = rng.integers(0, r, size=(length, batch_size))
+        else:
+            idx = (block_starts()[:, None] + np.arange(b)).reshape(-1)[: length * batch_size]
+        # np.take gathers the same values as v[idx], ~10x faster than fancy indexing
+        out[i] = reduce(np.take(v, idx.reshape(length, batch_size), axis=0))
+    return out
+
+
 def calibrate_batch_statistic(
     record_values: npt.ArrayLike,
     batch_size: int,
@@ -286,30 +360,18 @@ def calibrate_batch_statistic(
             f"period: {period} records; a seasonal bootstrap needs a window of at least "
             f"2 periods + 1 block ({2 * period + max(block, 1)}), it has {v.shape[0]}"
         )
-    n_blocks = -(-length * batch_size // max(block, 1))
-
-    def indices() -> npt.NDArray[np.int64]:
-        if period:
-            b = max(block, 1)
-            # the future batches start at window positions R + m B: their phases
-            first = v.shape[0] + batch_size * int(rng.integers(0, period))
-            phase = (first + np.arange(n_blocks) * b) % period
-            count = (v.shape[0] - b - phase) // period + 1  # window starts of that phase
-            starts = phase + period * (rng.random(n_blocks) * count).astype(np.int64)
-            idx = (starts[:, None] + np.arange(b)).reshape(-1)[: length * batch_size]
-            return idx.reshape(length, batch_size)
-        if block <= 1:
-            return rng.integers(0, v.shape[0], size=(length, batch_size))
-        starts = rng.integers(0, v.shape[0] - block + 1, size=n_blocks)
-        idx = (starts[:, None] + np.arange(block)).reshape(-1)[: length * batch_size]
-        return idx.reshape(length, batch_size)
 
     def streams() -> FloatArray:
-        out = np.empty((n_streams, length))
-        for i in range(n_streams):  # row by row keeps memory at length * batch_size
-            # np.take gathers the same values as v[idx], ~10x faster than fancy indexing
-            out[i] = reduce(np.take(v, indices(), axis=0))
-        return out
+        return simulate_streams(
+            v,
+            reduce,
+            rng,
+            batch_size=batch_size,
+            length=length,
+            n_streams=n_streams,
+            block=block,
+            period=period,
+        )
 
     threshold, ert_est, deterministic = _fit_from_streams(
         streams(), ert, consecutive, streams(), tie

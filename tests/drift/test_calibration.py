@@ -11,6 +11,7 @@ from fogline.drift.calibration import (
     calibrate_threshold,
     dependence_horizon,
     mean_run_length,
+    simulate_streams,
 )
 from fogline.drift.monitors import ThresholdMonitor
 
@@ -156,10 +157,23 @@ def test_seasonal_bootstrap_keeps_every_record_at_its_phase() -> None:
         broken.append(int(np.count_nonzero(flat != want)))
         return np.asarray(batches.mean(-1))
 
+    # the records themselves (the gathered path); the windowed one equals it bit for bit
+    # (test_window_statistics_equal_the_gathered_batches)
+    simulate_streams(
+        window,
+        stat,
+        np.random.Generator(np.random.PCG64(0)),
+        batch_size=b,
+        length=40,
+        n_streams=50,
+        block=2 * b,
+        period=period,
+        windowed=False,
+    )
+    assert broken and max(broken) == 0
     cal = calibrate_batch_statistic(
         window, b, 40.0, statistic=stat, consecutive=2, n_streams=50, block=2 * b, period=period
     )
-    assert broken and max(broken) == 0
     assert cal.period == period and cal.method == "record_seasonal_block_bootstrap_stat"
 
 
@@ -203,3 +217,45 @@ def test_a_signal_that_repeats_exactly_is_deterministic() -> None:
     assert cal.threshold > top and _alarms(np.tile(means, 50), cal.threshold, 2) == 0
     noisy = window + 0.3 * np.random.default_rng(0).standard_normal(window.size)
     assert not calibrate_batch_statistic(noisy, b, 20.0, consecutive=2, n_streams=100).deterministic
+
+
+@pytest.mark.parametrize(
+    ("batch", "block", "period", "columns"),
+    [(8, 16, 0, 2), (7, 21, 0, 2), (64, 128, 0, 1), (5, 5, 48, 2), (8, 8, 96, 1), (1, 0, 30, 2)],
+)
+def test_window_statistics_equal_the_gathered_batches(
+    batch: int, block: int, period: int, columns: int
+) -> None:
+    """Blocks of whole batches: the windowed streams equal gathering each batch, bit for bit."""
+    from fogline.drift.runner import inlier_batch_statistic
+
+    rng = np.random.default_rng(5)
+    v = np.stack([rng.normal(2.0, 1.0, 400), (rng.random(400) < 0.05).astype(float)], 1)
+    if columns == 1:
+        v, reduce = v[:, 0], (lambda a: np.asarray(np.median(a, axis=-1)))
+    else:
+        reduce = inlier_batch_statistic(0.4)
+    kw = {"batch_size": batch, "length": 120, "n_streams": 40, "block": block, "period": period}
+    fast = simulate_streams(v, reduce, np.random.Generator(np.random.PCG64(9)), windowed=True, **kw)
+    slow = simulate_streams(
+        v, reduce, np.random.Generator(np.random.PCG64(9)), windowed=False, **kw
+    )
+    assert fast.shape == (40, 120)
+    assert np.array_equal(fast, slow)
+    assert len(np.unique(fast)) > 20  # the streams vary: not a trivially equal pair
+
+
+def test_windowed_streams_need_blocks_of_whole_batches() -> None:
+
+    v = np.arange(100.0)
+    with pytest.raises(ValueError, match="whole batches"):
+        simulate_streams(
+            v,
+            np.mean,
+            np.random.default_rng(0),
+            batch_size=8,
+            length=10,
+            n_streams=2,
+            block=12,
+            windowed=True,
+        )
