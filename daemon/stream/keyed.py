@@ -77,6 +77,7 @@ from fogline.daemon.stream.keyed_update import (
     new_population,
     population_fleet,
 )
+from fogline.daemon.stream.lease_keeper import LeaseKeeper
 from fogline.daemon.stream.pipeline import (
     EXIT_OUT_OF_RANGE,
     EXIT_SOURCE_DIED,
@@ -518,6 +519,22 @@ class KeyedPipeline:
             )
         self._layout_ok = True
 
+    def _lease_keeper(self) -> LeaseKeeper:
+        """A heartbeat that renews the owned leases while one batch's update runs
+        (:mod:`fogline.daemon.stream.lease_keeper`), for at most Kafka's rebalance timeout."""
+        ttl = self.settings.redis.lease_ttl_s
+        return LeaseKeeper(
+            self._keep_leases, ttl / 3, self.settings.kafka.max_poll_interval_ms / 1000
+        )
+
+    def _keep_leases(self) -> None:
+        """Renew every owned lease that is due (from the keeper's thread; a lost one is left
+        for :meth:`_renew` after the batch, which drops it)."""
+        now = time.monotonic()
+        for part in list(self.owned.values()):
+            if now - part.renewed_at >= part.lease.ttl_s / 3 and self.store.renew(part.lease):
+                part.renewed_at = now
+
     def _renew(self, now: float) -> None:
         """Renew each owned lease a third of its TTL after the last renewal; drop lost ones."""
         for p, part in list(self.owned.items()):
@@ -864,10 +881,11 @@ class KeyedPipeline:
                 batches[k] = Minibatch(x[at : at + len(idx)], y[at : at + len(idx)])
                 at += len(idx)
             learnt = rows
-        if in_place:
-            out = KeyedOutcome({}, self.update.step_cached(self.cache, batches))
-        else:
-            out = self.update(states, batches) if batches else KeyedOutcome({}, {})
+        with self._lease_keeper():  # one batch may outlast the leases' TTL
+            if in_place:
+                out = KeyedOutcome({}, self.update.step_cached(self.cache, batches))
+            else:
+                out = self.update(states, batches) if batches else KeyedOutcome({}, {})
         new, infos = out.states, out.infos
         if out.alarmed:
             metrics.DRIFT_ALARMS.inc(len(out.alarmed))

@@ -14,17 +14,19 @@ Every run ends with the same key states, byte for byte, as one uninterrupted run
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import numpy as np
 import pytest
 from daemon_fakes import BATCH, fake_settings
-from keyed_fakes import FakeGroupConsumer, KeyedWorld, Killed
+from keyed_fakes import FakeGroupConsumer, FakePartitionStore, KeyedWorld, Killed
 
 from fogline.bench.keyed_daemon import key_partition
 from fogline.daemon.config import Settings
 from fogline.daemon.stream.keyed import EXIT_REPARTITIONED, KeyedPipeline
 from fogline.daemon.stream.pipeline import RunOptions
+from fogline.daemon.stream.store import Lease
 from fogline.models.serialize import from_bytes
 
 MODEL: dict[str, Any] = {
@@ -334,3 +336,61 @@ def test_dropped_outliers_count_as_absorbed_in_the_partition_as_in_the_key() -> 
     assert keys == expect
     assert sum(m.records_absorbed for m in world.store.manifests.values()) == expect
     assert pipe.stats.records_absorbed == expect
+
+
+class ExpiringStore(FakePartitionStore):
+    """The fake store with real lease TTLs: a lease not renewed within its TTL is gone."""
+
+    def __init__(self, events: list[Any]) -> None:
+        super().__init__(events)
+        self.deadline: dict[int, float] = {}
+
+    def _check(self) -> None:
+        super()._check()
+        now = time.monotonic()
+        for p, t in list(self.deadline.items()):
+            if now >= t:
+                self.leases.pop(p, None)
+                del self.deadline[p]
+                self.events.append(("expired", p))
+
+    def acquire(self, partition: int, owner: str, ttl_s: float) -> Lease | None:
+        lease = super().acquire(partition, owner, ttl_s)
+        if lease is not None:
+            self.deadline[partition] = time.monotonic() + ttl_s
+        return lease
+
+    def renew(self, lease: Lease) -> bool:
+        held = super().renew(lease)
+        if held:
+            self.deadline[self._partition(lease)] = time.monotonic() + lease.ttl_s
+        return held
+
+
+def test_an_update_longer_than_the_lease_ttl_keeps_the_partitions(
+    stream: Any, reference: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose update outlasts the lease TTL (many keys ending their calibration at
+    once) keeps its leases: the keeper renews them while it runs, nothing is dropped or
+    redone, and the run ends as the uninterrupted one."""
+    from fogline.daemon.stream.keyed_update import KeyedUpdate
+
+    logs, bad = stream
+    world = KeyedWorld(logs, PARTS)
+    world.store = ExpiringStore(world.events)
+    step = KeyedUpdate.step_cached
+    slow: list[int] = []
+
+    def slow_step(self: KeyedUpdate, *args: Any, **kw: Any) -> Any:
+        if len(slow) < 2:  # two batches take three TTLs each
+            slow.append(1)
+            time.sleep(0.9)
+        return step(self, *args, **kw)
+
+    monkeypatch.setattr(KeyedUpdate, "step_cached", slow_step)
+    code, pipe = run(world, keyed_settings().override({"redis.lease_ttl_s": 0.3}))
+    assert code == 0 and len(slow) == 2
+    assert not [e for e in world.events if e[0] == "expired"]
+    assert pipe.stats.partitions_resumed == PARTS  # each claimed once, never dropped
+    assert world.store.blobs == reference
+    assert sum(m.records_absorbed for m in world.store.manifests.values()) == absorbable(logs, bad)

@@ -72,3 +72,26 @@ def test_layout_and_fleet_prior_are_written_once(store: PartitionStore) -> None:
     assert first == again == {"topic": "t", "partitions": "6", "key_field": "host"}
     assert store.fleet_blob(b"one") == b"one"
     assert store.fleet_blob(b"two") == b"one"
+
+
+def test_a_lease_keeper_holds_a_lease_through_an_update_longer_than_its_ttl(
+    store: PartitionStore,
+) -> None:
+    """Real Redis TTLs: a 0.5 s lease survives a 1.5 s update under the keeper, and lapses
+    (another daemon takes it) without one."""
+    import time
+
+    from fogline.daemon.stream.lease_keeper import LeaseKeeper
+
+    kept = store.acquire(1, "me", 0.5)
+    assert kept is not None
+    with LeaseKeeper(lambda: store.renew(kept), 0.5 / 3, 60.0) as keeper:
+        time.sleep(1.5)
+    assert keeper.renewals >= 3
+    assert store.lease_owner(1) == "me" and store.acquire(1, "other", 5.0) is None
+    assert store.renew(kept)
+
+    lapsed = store.acquire(2, "me", 0.5)
+    assert lapsed is not None
+    time.sleep(1.5)
+    assert store.acquire(2, "other", 5.0) is not None and not store.renew(lapsed)
