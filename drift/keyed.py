@@ -67,6 +67,13 @@ from fogline.drift.signals import Reference
 from fogline.models.keyed import keyed_step
 from fogline.models.state import PosteriorState, StepInfo
 
+#: The post-update signals of a key whose pass was skipped (``metrics=False``).
+UNREAD_POST: dict[str, float] = {
+    "predictive_kl": math.nan,
+    "weight_kl": math.nan,
+    "step_kl": math.nan,
+}
+
 #: The batched step the loop calls (``keyed_step``; ``keyed_step_loop`` in reference checks).
 KeyedStepFn = Callable[..., tuple[dict[str, PosteriorState], dict[str, StepInfo]]]
 
@@ -124,6 +131,13 @@ class KeyedDriftLoop:
     they live, the drift state each carries (:meth:`drift_for` then skips the
     restore; results are the same).
 
+    ``metrics=False`` skips the post-update pass of a key whose step KL no later
+    batch reads (a calibrated ``stable`` key: :func:`~fogline.drift.runner.step_kl_wanted`
+    is false): its ``predictive_kl``, ``weight_kl`` and ``step_kl`` are NaN.  Those
+    two KLs are then only metrics, and the keyed daemon exports no per-key signal
+    (bounded cardinality), so it computes them only where the loop reads them;
+    actions, alarms, modes, thresholds and parameters are the same either way.
+
     ``per_key=True`` is the reference path: every key's signals computed alone
     (``DriftLoop.prepare`` / ``post_signals``), every drift state restored from
     its posterior state on each batch.  The default computes the signals of
@@ -146,6 +160,7 @@ class KeyedDriftLoop:
         batch_size: int | None = None,
         step_fn: KeyedStepFn = keyed_step,
         per_key: bool = False,
+        metrics: bool = True,
     ) -> None:
         policy.name  # noqa: B018 -- raises for policy "off" (no loop)
         self.policy = policy
@@ -163,6 +178,7 @@ class KeyedDriftLoop:
         self.batch_size = batch_size
         self.step_fn = step_fn
         self.per_key = per_key
+        self.metrics = metrics
         self._loop: DriftLoop | None = None
         self._anchored: tuple[PosteriorState, DriftState] | None = None
         #: id(state) -> (the state, the drift state it carries) for the states :meth:`step`
@@ -256,10 +272,13 @@ class KeyedDriftLoop:
                 k: loop.prepare(states[k], x, y, drifts[k]) for k, (x, y) in batches.items()
             }
         stepped, infos = self._step(loop, prepared)
+        read = {k: p for k, p in prepared.items() if self.metrics or step_kl_wanted(p.drift)}
         if batched:
-            posts = self._post_batched(loop, prepared, stepped)
+            posts = self._post_batched(loop, read, stepped)
         else:
-            posts = {k: loop.post_signals(prep, stepped[k]) for k, prep in prepared.items()}
+            posts = {k: loop.post_signals(prep, stepped[k]) for k, prep in read.items()}
+        for k in prepared.keys() - read.keys():  # unread metrics (``metrics=False``)
+            posts[k] = dict(UNREAD_POST)
         out_d: dict[str, DriftState] = {}
         out_s: dict[str, PosteriorState] = {}
         out_sig: dict[str, dict[str, float]] = {}

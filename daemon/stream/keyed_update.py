@@ -126,6 +126,7 @@ class KeyedUpdate:
                 seed=s.seed,
                 functional_prior=s.functional_prior,
                 batch_size=s.batch_size,
+                metrics=False,  # no per-key signal is exported: skip the unread passes
             )
 
     def new_key(self, fleet: PosteriorState, key: str) -> PosteriorState:

@@ -28,6 +28,10 @@ Parts (each a function returning its part of the one JSON record):
   above; the consumer in a child process unless ``--no-source-process``), one
   daemon run per ``--drift`` policy (default ``forget,off``; the first, the
   default policy, is the headline ``daemon_ratio``).  ``--skip-step`` runs it alone.
+  ``--daemon-batches`` (default 8) batches per partition: at the default drift
+  settings all 8 fall inside every key's 40-batch calibration window (the step-KL
+  pass runs for every key); 48 also times the batch where every key fits its alarm
+  threshold and the calibrated regime after it (six times the records).
 
 ``--json`` prints one JSON object on the last line.
 """
@@ -83,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
         default="forget,off",
         help="daemon part: drift.policy of each daemon run, comma-separated; the first is the "
         "headline daemon_ratio (default forget,off: the default policy, then plain SVI)",
+    )
+    p.add_argument(
+        "--daemon-batches",
+        type=int,
+        default=8,
+        help="daemon part: batches per partition (default 8, all inside each key's "
+        "calibration window at the default drift settings; 48 runs past its end)",
     )
     p.add_argument(
         "--no-source-process",
@@ -325,6 +336,7 @@ def daemon_part(args: argparse.Namespace) -> dict[str, Any]:
         hidden=(args.hidden,) * args.layers,
         source_process=not args.no_source_process,
         policies=tuple(p.strip() for p in args.drift.split(",") if p.strip()),
+        batches=args.daemon_batches,
     )
 
 
@@ -369,7 +381,7 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    if min(args.keys, args.rows, args.hidden, args.layers, args.repeats) < 1:
+    if min(args.keys, args.rows, args.hidden, args.layers, args.repeats, args.daemon_batches) < 1:
         print("fogline bench keyed: sizes and repeats must be >= 1", file=sys.stderr)
         return 2
     rec = run(args)

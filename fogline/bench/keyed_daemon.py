@@ -362,6 +362,7 @@ def daemon_part(
     out: dict[str, Any] = {
         "daemon_keys": keys,
         "daemon_records": records,
+        "daemon_batches_per_partition": records // (batch_size * partitions),
         "daemon_partitions": partitions,
         "daemon_batch_size": batch_size,
         "daemon_hidden": list(hidden),

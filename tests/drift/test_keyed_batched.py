@@ -73,13 +73,13 @@ def _stream(features: int) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
     return out
 
 
-def _run(fleet: PosteriorState, per_key: bool) -> dict[str, Any]:
-    loop = KeyedDriftLoop(POLICY, per_key=per_key, **SETTINGS)  # type: ignore[arg-type]
+def _run(fleet: PosteriorState, per_key: bool, metrics: bool = True) -> dict[str, Any]:
+    loop = KeyedDriftLoop(POLICY, per_key=per_key, metrics=metrics, **SETTINGS)  # type: ignore[arg-type]
     states = {k: new_key_state(fleet, k) for k in KEYS}
     actions, alarmed, signals = [], [], []
     for t, batch in enumerate(_stream(fleet.config.in_features)):
         if t == RESTART_AT:  # a new daemon: every key from its blob
-            loop = KeyedDriftLoop(POLICY, per_key=per_key, **SETTINGS)  # type: ignore[arg-type]
+            loop = KeyedDriftLoop(POLICY, per_key=per_key, metrics=metrics, **SETTINGS)  # type: ignore[arg-type]
             states = {k: from_bytes(to_bytes(s)) for k, s in states.items()}
         drifts = {k: loop.drift_for(states[k]) for k in batch}
         res = loop.step(drifts, states, batch)
@@ -133,6 +133,40 @@ def test_batched_keys_match_the_per_key_loop(warm_state: PosteriorState) -> None
         assert a.aux.keys() == b.aux.keys()
         for name, v in a.aux.items():
             torch.testing.assert_close(b.aux[name], v, rtol=REL, atol=ABS, msg=f"{k}.{name}")
+
+
+@pytest.mark.parametrize("per_key", [False, True])
+def test_unread_metrics_skipped_change_no_decision(
+    warm_state: PosteriorState, per_key: bool
+) -> None:
+    """``metrics=False`` (the keyed daemon's): the post-update pass only where the loop reads
+    the step KL; every action, alarm and parameter is the full run's, and a calibrated stable
+    key's KL metrics are NaN.  Per key the stored drift state is bit for bit the full run's;
+    batched, the keys still read share their stacked passes with fewer others, so their step
+    KLs (and what is fitted on them) agree to float rounding, as the two paths do."""
+    full = _run(fleet_prior(warm_state), per_key=per_key)
+    lean = _run(fleet_prior(warm_state), per_key=per_key, metrics=False)
+    assert lean["actions"] == full["actions"] and lean["alarmed"] == full["alarmed"]
+    for k in KEYS:
+        a, b = full["states"][k], lean["states"][k]
+        if per_key:
+            assert to_bytes(b) == to_bytes(a), k
+            continue
+        for name, v in a.params.items():
+            assert torch.equal(v, b.params[name]), f"{k}.params.{name}"
+        _close(b.extra["drift"], a.extra["drift"], f"{k}.drift")
+        _close(b.extra["drift_loop"], a.extra["drift_loop"], f"{k}.drift_loop")
+    skipped = 0
+    for t, (sf, sl) in enumerate(zip(full["signals"], lean["signals"], strict=True)):
+        for k, f in sf.items():
+            low = sl[k]
+            assert math.isnan(f["step_kl"]) == math.isnan(low["step_kl"]), (t, k)
+            if math.isnan(low["predictive_kl"]):
+                skipped += 1
+                assert math.isnan(low["weight_kl"]) and math.isnan(f["step_kl"]), (t, k)
+            else:
+                _close(low, f, f"signals[{t}].{k}")
+    assert skipped > len(KEYS) * 5  # the stable calibrated keys' batches were skipped
 
 
 @pytest.mark.parametrize("guide", ["meanfield", "lowrank"])
