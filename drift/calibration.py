@@ -94,10 +94,11 @@ def _first_alarm(
 
 
 def _fit_from_streams(
-    streams: FloatArray, ert: float, consecutive: int, check: FloatArray, tie: float = 0.0
+    streams: FloatArray, ert: float, consecutive: int, check: FloatArray | None, tie: float = 0.0
 ) -> tuple[float, float, bool]:
     """``(threshold, ert_estimate, deterministic)``; deterministic: every simulated stream
-    has the same maximum (within the tie margin), so the window's signal repeats exactly."""
+    has the same maximum (within the tie margin), so the window's signal repeats exactly.
+    Without ``check`` streams the ERT estimate is NaN (not measured)."""
     length = streams.shape[1]
     maxima = _running_min(streams, consecutive).max(axis=1)
     q = (1.0 - 1.0 / ert) ** (length - consecutive + 1)
@@ -105,6 +106,8 @@ def _fit_from_streams(
     margin = tie * max(1.0, abs(threshold))
     deterministic = bool(np.ptp(maxima) <= margin)
     threshold += margin
+    if check is None:
+        return threshold, math.nan, deterministic
     runs, hit = _first_alarm(check, threshold, consecutive)
     alarms = int(np.count_nonzero(hit))
     ert_est = float(runs.sum() / alarms) if alarms else float("inf")
@@ -297,6 +300,7 @@ def calibrate_batch_statistic(
     block: int = 1,
     period: int = 0,
     tie: float = TIE,
+    estimate: bool = True,
 ) -> Calibration:
     """Threshold on a batch signal ``s_t = stat(records of batch t)`` by bootstrapping records.
 
@@ -328,6 +332,9 @@ def calibrate_batch_statistic(
     different cycles mixes, so the threshold can lie beyond the largest batch
     the window happens to hold.  Needs every phase at least twice:
     ``R >= 2 d + block``.
+
+    ``estimate=False`` skips the ERT check on fresh streams (drawn after the fit's, so
+    the threshold is the same): ``ert_estimate`` is NaN, the fit half the work.
 
     ``tie``: the threshold is raised by ``tie * max(1, |h|)``.  The live signal
     is a float32 mean and the bootstrap recomputes it in float64, so a batch
@@ -374,7 +381,7 @@ def calibrate_batch_statistic(
         )
 
     threshold, ert_est, deterministic = _fit_from_streams(
-        streams(), ert, consecutive, streams(), tie
+        streams(), ert, consecutive, streams() if estimate else None, tie
     )
     return Calibration(
         threshold=threshold,

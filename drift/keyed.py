@@ -136,7 +136,9 @@ class KeyedDriftLoop:
     is false): its ``predictive_kl``, ``weight_kl`` and ``step_kl`` are NaN.  Those
     two KLs are then only metrics, and the keyed daemon exports no per-key signal
     (bounded cardinality), so it computes them only where the loop reads them;
-    actions, alarms, modes, thresholds and parameters are the same either way.
+    actions, alarms, modes, thresholds and parameters are the same either way.  Its
+    threshold fits then skip the ERT check (``ert_estimate`` NaN in ``thresholds_calibrated``;
+    the threshold is the same), a third of a per-key fit.
 
     ``per_key=True`` is the reference path: every key's signals computed alone
     (``DriftLoop.prepare`` / ``post_signals``), every drift state restored from
@@ -211,6 +213,7 @@ class KeyedDriftLoop:
         if anchored is not None and not has_drift(state) and _same_posterior(state, anchored[0]):
             return anchored[1]
         loop = DriftLoop.resume(state, batch_size=self.batch_size, **self.settings)
+        loop.estimate_ert = self.metrics
         if self._loop is None:
             self._loop = loop
         if not has_drift(state):
@@ -244,6 +247,7 @@ class KeyedDriftLoop:
             self._loop = DriftLoop(
                 reference_state=state, base_prior=drift.base_prior, drift=drift, **self.settings
             )
+            self._loop.estimate_ert = self.metrics
         return self._loop
 
     def step(

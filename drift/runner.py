@@ -435,6 +435,9 @@ class DriftLoop:
         )
         #: The last threshold fit of this loop object (diagnostics).
         self.calibration: Calibration | None = None
+        #: Whether a stream-window fit also measures its ERT on fresh bootstrap streams
+        #: (``ert_estimate``, a diagnostic; off in the keyed daemon, which fits per key).
+        self.estimate_ert = True
         #: The last post-update ensemble (the experiments' prequential scores reuse it).
         self.last_ensemble: Ensemble | None = None
         self._noise = NoiseCache()
@@ -741,6 +744,7 @@ class DriftLoop:
             seed=self.seed,
             block=min(block * batch_size, len(records)),
             period=period,
+            estimate=self.estimate_ert,
         )
         self.calibration = cal
         kl_thr = kl_threshold(d.cal_kl)
@@ -750,7 +754,7 @@ class DriftLoop:
             "thresholds_calibrated",
             threshold=cal.threshold,
             ert_target=cal.ert_target,
-            ert_estimate=cal.ert_estimate,
+            ert_estimate=cal.ert_estimate if math.isfinite(cal.ert_estimate) else None,
             kl_threshold=kl_thr,
             reference_records=cal.reference_size,
             block_records=cal.block,
@@ -832,11 +836,12 @@ def fit_alarm(
     seed: int,
     block: int = 1,
     period: int = 0,
+    estimate: bool = True,
 ) -> Calibration:
     """The alarm threshold for ``policy.signal`` from per-record ``[R, 2]`` (NLL, outlier)
     pairs: :func:`~fogline.drift.calibration.calibrate_batch_statistic` with batches of
     ``batch_size`` records, drawn as runs of ``block`` consecutive records (the stream
-    window's and the history's fit alike)."""
+    window's and the history's fit alike); ``estimate=False``: no ERT check (NaN)."""
     return calibrate_batch_statistic(
         records,
         batch_size,
@@ -847,6 +852,7 @@ def fit_alarm(
         seed=seed,
         block=block,
         period=period,
+        estimate=estimate,
     )
 
 

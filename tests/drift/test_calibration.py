@@ -259,3 +259,14 @@ def test_windowed_streams_need_blocks_of_whole_batches() -> None:
             block=12,
             windowed=True,
         )
+
+
+def test_a_fit_without_the_ert_check_has_the_same_threshold() -> None:
+    """The check streams are drawn after the fit's: skipping them changes no threshold."""
+    rng = np.random.default_rng(2)
+    v = np.stack([rng.normal(1.0, 1.0, 300), (rng.random(300) < 0.02).astype(float)], 1)
+    kw = {"consecutive": 2, "n_streams": 60, "seed": 4, "block": 16}
+    full = calibrate_batch_statistic(v[:, 0], 8, 200.0, **kw)  # type: ignore[arg-type]
+    lean = calibrate_batch_statistic(v[:, 0], 8, 200.0, estimate=False, **kw)  # type: ignore[arg-type]
+    assert lean.threshold == full.threshold and np.isfinite(full.ert_estimate)
+    assert np.isnan(lean.ert_estimate) and lean.to_dict()["ert_estimate"] is None
