@@ -386,7 +386,9 @@ class KeyTable:
                 self.data.index_copy_(0, idx[at], backup[at])
         out: list[StepInfo] = []
         steps, records, states, since = self._steps, self._records, self._state, self._since
-        for r, n_i, (loss_f, kl_f, lp_f, gn_f), good in zip(rows, n, res.diag, ok, strict=True):
+        for r, n_i, loss_f, kl_f, lp_f, gn_f, good in zip(
+            rows, n, res.loss, res.kl, res.log_lik, res.grad_norm, ok, strict=True
+        ):
             if good:
                 steps[r] += num_steps
                 records[r] += n_i
