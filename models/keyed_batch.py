@@ -66,6 +66,7 @@ another key's row (a failed Cholesky marks only its own key).
 
 from __future__ import annotations
 
+import array
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -693,6 +694,30 @@ def _scatter_padded(cat: torch.Tensor, mask: torch.Tensor, at: torch.Tensor) -> 
     return out.view(k, n_max, *cat.shape[1:])
 
 
+def _longs(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values, dtype=torch.long, device=device)`` for Python ints.
+
+    Through an ``array.array`` (one C loop over the list) instead of
+    ``torch.tensor``'s per-element parsing (~0.3 us an element, a few lists per pass).
+    """
+    if not values:
+        return torch.empty(0, dtype=torch.long, device=device)
+    out = torch.frombuffer(array.array("q", values), dtype=torch.long)
+    return out if device.type == "cpu" else out.to(device)
+
+
+def _floats(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values, device=device)`` (float32) for Python floats, the same values.
+
+    Each float64 is rounded to float32 by the cast, as ``torch.tensor`` rounds
+    it; through an ``array.array`` as :func:`_longs`.
+    """
+    if not values:
+        return torch.empty(0, device=device)
+    out = torch.frombuffer(array.array("d", values), dtype=torch.float64)
+    return out.to(device, torch.float32)
+
+
 def _padded(parts: Sequence[torch.Tensor], mask: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     """The rows of ``parts`` (key k's [n_k, ...]) zero-padded into [K, n_max, ...].
 
@@ -861,7 +886,7 @@ def step_pass(
     n = list(keys.rows) if keys.rows is not None else [mb.rows for mb in keys.batches]
     n_max = max(n)
     d = config.in_features
-    n_t = torch.tensor(n, device=dev)
+    n_t = _longs(n, dev)
     f32 = torch.float32
     on_cpu = dev.type == "cpu"
     xs = [
@@ -872,8 +897,8 @@ def step_pass(
     x = _padded(xs, mask, at)
     y = _padded([mb.y for mb in keys.batches], mask, at)
     row_f = n_t.to(torch.float32)
-    obs_scale = torch.tensor([w / n[i] for i, w in enumerate(keys.likelihood_weight)], device=dev)
-    kl_scale = torch.tensor([1.0 / v for v in keys.data_size], device=dev).unsqueeze(1)
+    obs_scale = _floats([w / n_i for w, n_i in zip(keys.likelihood_weight, n, strict=True)], dev)
+    kl_scale = _floats([1.0 / v for v in keys.data_size], dev).unsqueeze(1)
     p_loc, p_scale = _stacked_prior(keys.prior)
     inv_var0 = p_scale.pow(-2)
     log_s0 = p_scale.log().sum(-1)  # [K] or [1]

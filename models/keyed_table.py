@@ -63,6 +63,7 @@ from fogline.models.keyed_batch import (
     PassKeys,
     PassRows,
     _evolve,
+    _longs,
     _lr_scale,
     _new_row,
     row_state,
@@ -338,7 +339,7 @@ class KeyTable:
         likelihood_weight: float,
     ) -> list[StepInfo]:
         dev = self.device
-        idx = torch.tensor(rows, dtype=torch.long, device=dev)
+        idx = _longs(rows, dev)
         # per-row lists picked with map (no Python frame per row)
         templates = list(map(self._template.__getitem__, rows))
         gens = list(map(self._gen.__getitem__, rows))
