@@ -707,15 +707,15 @@ def _longs(values: Sequence[int], device: torch.device) -> torch.Tensor:
 
 
 def _floats(values: Sequence[float], device: torch.device) -> torch.Tensor:
-    """``torch.tensor(values, device=device)`` (float32) for Python floats, the same values.
+    """``torch.tensor(values, device=device)`` for Python floats: the same values and dtype.
 
-    Each float64 is rounded to float32 by the cast, as ``torch.tensor`` rounds
-    it; through an ``array.array`` as :func:`_longs`.
+    The default float dtype (float32): each float64 is rounded to it by the
+    cast, as ``torch.tensor`` rounds it; through an ``array.array`` as :func:`_longs`.
     """
     if not values:
         return torch.empty(0, device=device)
     out = torch.frombuffer(array.array("d", values), dtype=torch.float64)
-    return out.to(device, torch.float32)
+    return out.to(device, torch.get_default_dtype())
 
 
 def _padded(parts: Sequence[torch.Tensor], mask: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
