@@ -66,6 +66,7 @@ another key's row (a failed Cholesky marks only its own key).
 
 from __future__ import annotations
 
+import array
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -664,24 +665,66 @@ class _OodRows:
         out = (self.slot[a:b], self.dist_u[a:b], self.left_u[a:b])
         self.fp.ood_draws(b - a, gen, out=out)
 
-    def inputs(self, mask: torch.Tensor) -> torch.Tensor:
-        """x~ of every key's rows, zero-padded [K, n_max, D] like the rows."""
+    def inputs(self, mask: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """x~ of every key's rows, zero-padded [K, n_max, D] like the rows (``at``:
+        :func:`_pad_index` of ``mask``)."""
         cat = self.fp.ood_from_draws(self.x, self.slot, self.dist_u, self.left_u)
-        out = torch.zeros((*mask.shape, cat.shape[1]), device=mask.device)
-        out[mask] = cat
-        return out
+        return _scatter_padded(cat, mask, at)
 
 
-def _padded(parts: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+def _pad_index(mask: torch.Tensor) -> torch.Tensor:
+    """Flat positions [sum n_k] of the real rows in a padded [K, n_max] layout.
+
+    ``mask`` [K, n_max] marks the first n_k rows of key k; its row-major
+    nonzeros k n_max + j (j < n_k) are the order of the keys' concatenated
+    rows.  Computed once per pass and shared by every padded tensor of it.
+    """
+    return mask.view(-1).nonzero().squeeze(1)
+
+
+def _scatter_padded(cat: torch.Tensor, mask: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """The concatenated rows ``cat`` [sum n_k, ...] zero-padded into [K, n_max, ...].
+
+    ``at`` = :func:`_pad_index` (``mask``): row i of ``cat`` goes to flat
+    position ``at[i]`` (a copy, the values of ``out[mask] = cat``).
+    """
+    k, n_max = mask.shape
+    out = torch.zeros((k * n_max, *cat.shape[1:]), device=mask.device)
+    out.index_copy_(0, at, cat.to(mask.device, torch.float32))
+    return out.view(k, n_max, *cat.shape[1:])
+
+
+def _longs(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values, dtype=torch.long, device=device)`` for Python ints.
+
+    Through an ``array.array`` (one C loop over the list) instead of
+    ``torch.tensor``'s per-element parsing (~0.3 us an element, a few lists per pass).
+    """
+    if not values:
+        return torch.empty(0, dtype=torch.long, device=device)
+    out = torch.frombuffer(array.array("q", values), dtype=torch.long)
+    return out if device.type == "cpu" else out.to(device)
+
+
+def _floats(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values, device=device)`` for Python floats: the same values and dtype.
+
+    The default float dtype (float32): each float64 is rounded to it by the
+    cast, as ``torch.tensor`` rounds it; through an ``array.array`` as :func:`_longs`.
+    """
+    if not values:
+        return torch.empty(0, device=device)
+    out = torch.frombuffer(array.array("d", values), dtype=torch.float64)
+    return out.to(device, torch.get_default_dtype())
+
+
+def _padded(parts: Sequence[torch.Tensor], mask: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     """The rows of ``parts`` (key k's [n_k, ...]) zero-padded into [K, n_max, ...].
 
-    ``mask`` [K, n_max] marks the first n_k rows of key k; boolean indexing
-    walks it in row-major order, the order of the concatenated rows.
+    ``mask`` [K, n_max] marks the first n_k rows of key k and ``at`` is its
+    :func:`_pad_index` (:func:`_scatter_padded`).
     """
-    cat = torch.cat(list(parts)).to(mask.device, torch.float32)
-    out = torch.zeros((*mask.shape, *cat.shape[1:]), device=mask.device)
-    out[mask] = cat
-    return out
+    return _scatter_padded(torch.cat(list(parts)), mask, at)
 
 
 @dataclass
@@ -749,10 +792,14 @@ class PassKeys:
 
 @dataclass(frozen=True)
 class PassResult:
-    """One pass's outcome per key: ``diag[k] = (loss, kl, log_lik, grad_norm)`` of the
-    last inner step and ``ok[k]`` (False: rejected, its row and RNG to be restored)."""
+    """One pass's outcome per key, as columns (K floats each, one list per quantity):
+    ``loss[k]``, ``kl[k]``, ``log_lik[k]``, ``grad_norm[k]`` of the last inner step and
+    ``ok[k]`` (False: rejected, its row and RNG to be restored)."""
 
-    diag: list[list[float]]
+    loss: list[float]
+    kl: list[float]
+    log_lik: list[float]
+    grad_norm: list[float]
     ok: list[bool]
 
 
@@ -839,18 +886,19 @@ def step_pass(
     n = list(keys.rows) if keys.rows is not None else [mb.rows for mb in keys.batches]
     n_max = max(n)
     d = config.in_features
-    n_t = torch.tensor(n, device=dev)
+    n_t = _longs(n, dev)
     f32 = torch.float32
     on_cpu = dev.type == "cpu"
     xs = [
         x if x.dtype is f32 and on_cpu and x.is_cpu else x.to(dev, f32) for x in _xs(keys.batches)
     ]
     mask = torch.arange(n_max, device=dev).unsqueeze(0) < n_t.unsqueeze(1)  # [K, n_max]
-    x = _padded(xs, mask)
-    y = _padded([mb.y for mb in keys.batches], mask)
+    at = _pad_index(mask)
+    x = _padded(xs, mask, at)
+    y = _padded([mb.y for mb in keys.batches], mask, at)
     row_f = n_t.to(torch.float32)
-    obs_scale = torch.tensor([w / n[i] for i, w in enumerate(keys.likelihood_weight)], device=dev)
-    kl_scale = torch.tensor([1.0 / v for v in keys.data_size], device=dev).unsqueeze(1)
+    obs_scale = _floats([w / n_i for w, n_i in zip(keys.likelihood_weight, n, strict=True)], dev)
+    kl_scale = _floats([1.0 / v for v in keys.data_size], dev).unsqueeze(1)
     p_loc, p_scale = _stacked_prior(keys.prior)
     inv_var0 = p_scale.pow(-2)
     log_s0 = p_scale.log().sum(-1)  # [K] or [1]
@@ -878,7 +926,7 @@ def step_pass(
     plain = ood is None and all(f is None for f in fps)  # only eps (and z) to draw
     ok = [True] * k_keys
     active: list[int] = list(range(k_keys))
-    host: list[list[float]] = []
+    host: list[list[float]] = [[], [], [], []]
     for step_i in range(num_steps):
         last = step_i == num_steps - 1
         xo_l = []
@@ -912,7 +960,7 @@ def step_pass(
         w0 = w.view(k_keys, p_size) if samples == 1 else w[:, 0]
         out, tape = _net_forward(w0, x, config)  # [K, n_max, O]
         if fp0 is not None:
-            x_ood = ood[0].inputs(mask) if ood is not None else _padded(xo_l, mask)
+            x_ood = ood[0].inputs(mask, at) if ood is not None else _padded(xo_l, mask, at)
             x_rep = x_ood.unsqueeze(1).expand(k_keys, samples, n_max, d)
             out_f, tape_f = _net_forward(
                 w.reshape(k_keys * samples, p_size), x_rep.reshape(-1, n_max, d), config
@@ -966,13 +1014,14 @@ def step_pass(
         if last:
             loss = data_loss + kl_scale[:, 0] * kl
             gnorm = torch.linalg.vector_norm(grad, dim=1)
-            diag = torch.stack((loss, kl, lp, gnorm, loss + gnorm), 1)
-            host = diag.tolist()
-            if not all(math.isfinite(h[4]) for h in host):
+            # five columns of K floats (one host copy; no list per key)
+            host = torch.stack((loss, kl, lp, gnorm, loss + gnorm)).tolist()
+            check = host[4]
+            bad = []
+            if not all(map(math.isfinite, check)):
                 finite = torch.isfinite(loss) & torch.isfinite(data_loss + grad.sum(1))
-                for h, f in zip(host, finite.tolist(), strict=True):
-                    h[4] = 0.0 if f else math.nan
-            bad = [i for i in active if not math.isfinite(host[i][4])]
+                check = [0.0 if f else math.nan for f in finite.tolist()]
+                bad = [i for i in active if not math.isfinite(check[i])]
         else:
             finite = torch.isfinite(data_loss + grad.sum(1))
             bad = [] if bool(finite.all()) else [i for i in active if not bool(finite[i])]
@@ -993,7 +1042,7 @@ def step_pass(
         for i in active:
             if not math.isfinite(sums[i]):
                 ok[i] = False
-    return PassResult([h[:4] for h in host], ok)
+    return PassResult(host[0], host[1], host[2], host[3], ok)
 
 
 def batched_step(
@@ -1041,7 +1090,7 @@ def batched_step(
     torch._foreach_copy_([q[0] for q in parts], list(rows.theta.unbind(0)))
     results: list[tuple[PosteriorState, StepInfo]] = []
     for i, j in enumerate(jobs):
-        loss_f, kl_f, lp_f, gn_f = res.diag[i]
+        loss_f, kl_f, lp_f, gn_f = res.loss[i], res.kl[i], res.log_lik[i], res.grad_norm[i]
         n_i = j.batch.rows
         nll = -lp_f / n_i
         if not res.ok[i]:

@@ -63,6 +63,7 @@ from fogline.models.keyed_batch import (
     PassKeys,
     PassRows,
     _evolve,
+    _longs,
     _lr_scale,
     _new_row,
     row_state,
@@ -288,29 +289,34 @@ class KeyTable:
             raise ValueError("num_steps must be >= 1")
         if not 0.0 <= likelihood_weight <= 1.0:
             raise ValueError(f"likelihood_weight must lie in [0, 1], got {likelihood_weight}")
-        n = [int(mb.x.shape[0]) for mb in batches]
-        groups: dict[tuple[int, float], list[int]] = {}
+        n = [mb.x.shape[0] for mb in batches]  # torch.Size holds ints
         group = self._group if functional_prior else self._group_no_fp
-        for i, r in enumerate(rows):
-            g = group[r]
-            if g is None:
-                raise ValueError(f"key table: row {r} is not in use")
-            if n[i] == 0:
-                raise ValueError(f"key table: empty minibatch for row {r}")
-            members = groups.get(g)
-            if members is None:
-                groups[g] = [i]
-            else:
-                members.append(i)
+        keyed = list(map(group.__getitem__, rows))
+        groups: dict[tuple[int, float], list[int]] = {}
+        if keyed and None not in keyed and 0 not in n and keyed.count(keyed[0]) == len(keyed):
+            first = keyed[0]
+            assert first is not None
+            groups[first] = list(range(len(rows)))  # the usual case: one group
+        else:
+            for i, (r, g) in enumerate(zip(rows, keyed, strict=True)):
+                if g is None:
+                    raise ValueError(f"key table: row {r} is not in use")
+                if n[i] == 0:
+                    raise ValueError(f"key table: empty minibatch for row {r}")
+                members = groups.get(g)
+                if members is None:
+                    groups[g] = [i]
+                else:
+                    members.append(i)
         infos: list[StepInfo | None] = [None] * len(rows)
         for (samples, lr_scale), members in groups.items():
             members.sort(key=n.__getitem__)  # keyed_step's passes
             for c in range(0, len(members), CHUNK):
                 part = members[c : c + CHUNK]
                 got = self._pass(
-                    [rows[i] for i in part],
-                    [batches[i] for i in part],
-                    [n[i] for i in part],
+                    list(map(rows.__getitem__, part)),
+                    list(map(batches.__getitem__, part)),
+                    list(map(n.__getitem__, part)),
                     samples > 0,
                     lr_scale,
                     num_steps,
@@ -333,7 +339,7 @@ class KeyTable:
         likelihood_weight: float,
     ) -> list[StepInfo]:
         dev = self.device
-        idx = torch.tensor(rows, dtype=torch.long, device=dev)
+        idx = _longs(rows, dev)
         # per-row lists picked with map (no Python frame per row)
         templates = list(map(self._template.__getitem__, rows))
         gens = list(map(self._gen.__getitem__, rows))
@@ -384,21 +390,41 @@ class KeyTable:
             if backup is not None:
                 at = torch.tensor(lost, dtype=torch.long, device=dev)
                 self.data.index_copy_(0, idx[at], backup[at])
-        out: list[StepInfo] = []
         steps, records, states, since = self._steps, self._records, self._state, self._since
-        for r, n_i, (loss_f, kl_f, lp_f, gn_f), good in zip(rows, n, res.diag, ok, strict=True):
+        # one replay-log entry per distinct row count, shared by the pass's keys
+        entry = {n_i: (n_i, num_steps, with_fp) for n_i in n}
+        for r, n_i, good in zip(rows, n, ok, strict=True):
             if good:
                 steps[r] += num_steps
                 records[r] += n_i
                 states[r] = None
                 log = since[r]
-                log.append((n_i, num_steps, with_fp))
+                log.append(entry[n_i])
                 if len(log) >= REPLAY_MAX:  # a new anchor: replays stay short
                     gen = self._gen[r]
                     assert gen is not None
                     self._anchor[r] = gen.get_state()
                     since[r] = []
-            out.append(_info(loss_f, -lp_f / n_i, kl_f, gn_f, n_i, num_steps, not good))
+        # StepInfo(...) without the frozen dataclass's __init__ (one per key per step): the
+        # same object (StepInfo has no __post_init__ or slots), its fields set in the
+        # instance dict at once, not one object.__setattr__ each
+        new = object.__new__
+        out: list[StepInfo] = []
+        append = out.append
+        for n_i, loss_f, kl_f, lp_f, gn_f, good in zip(
+            n, res.loss, res.kl, res.log_lik, res.grad_norm, ok, strict=True
+        ):
+            info = new(StepInfo)
+            info.__dict__.update(
+                loss=loss_f,
+                nll=-lp_f / n_i,
+                kl=kl_f,
+                grad_norm=gn_f,
+                rows=n_i,
+                steps=num_steps,
+                rejected=not good,
+            )
+            append(info)
         return out
 
 
@@ -426,21 +452,6 @@ def _rewind_draws(
                 torch.randn(samples, rank, generator=gen)
             if prior is not None:
                 prior.ood_draws(n, gen)
-
-
-def _info(
-    loss: float, nll: float, kl: float, grad_norm: float, rows: int, steps: int, rejected: bool
-) -> StepInfo:
-    """``StepInfo(...)`` without the frozen dataclass's ``__init__`` (one per key per step).
-
-    The same object (``StepInfo`` has no ``__post_init__`` or slots): the fields
-    set in the instance dict at once, not one ``object.__setattr__`` each.
-    """
-    info = object.__new__(StepInfo)
-    info.__dict__.update(
-        loss=loss, nll=nll, kl=kl, grad_norm=grad_norm, rows=rows, steps=steps, rejected=rejected
-    )
-    return info
 
 
 def table_bytes_per_key(table: KeyTable) -> float:
