@@ -137,8 +137,8 @@ class KeyedDriftLoop:
     two KLs are then only metrics, and the keyed daemon exports no per-key signal
     (bounded cardinality), so it computes them only where the loop reads them;
     actions, alarms, modes, thresholds and parameters are the same either way.  Its
-    threshold fits then skip the ERT check (``ert_estimate`` NaN in the stored calibration,
-    null in ``thresholds_calibrated``; the threshold is the same), about half of a per-key fit.
+    threshold fits then skip the ERT check (``ert_estimate`` null in the stored calibration
+    and in ``thresholds_calibrated``; the threshold is the same), about half of a per-key fit.
 
     ``per_key=True`` is the reference path: every key's signals computed alone
     (``DriftLoop.prepare`` / ``post_signals``), every drift state restored from
