@@ -521,31 +521,34 @@ class KeyedPipeline:
 
     def _lease_keeper(self) -> LeaseKeeper:
         """A heartbeat that renews the owned leases while one batch's update runs
-        (:mod:`fogline.daemon.stream.lease_keeper`), for at most Kafka's rebalance timeout."""
+        (:mod:`fogline.daemon.stream.lease_keeper`), for at most Kafka's rebalance timeout.
+        A lease it finds lost is left for :meth:`_renew` after the batch, which drops it."""
         ttl = self.settings.redis.lease_ttl_s
         return LeaseKeeper(
-            self._keep_leases, ttl / 3, self.settings.kafka.max_poll_interval_ms / 1000
+            lambda: self._renew_due(time.monotonic()),
+            ttl / 3,
+            self.settings.kafka.max_poll_interval_ms / 1000,
         )
 
-    def _keep_leases(self) -> None:
-        """Renew every owned lease that is due (from the keeper's thread; a lost one is left
-        for :meth:`_renew` after the batch, which drops it)."""
-        now = time.monotonic()
-        for part in list(self.owned.values()):
-            if now - part.renewed_at >= part.lease.ttl_s / 3 and self.store.renew(part.lease):
-                part.renewed_at = now
-
-    def _renew(self, now: float) -> None:
-        """Renew each owned lease a third of its TTL after the last renewal; drop lost ones."""
+    def _renew_due(self, now: float) -> list[int]:
+        """Renew each owned lease a third of its TTL after its last renewal; the partitions
+        whose renewal failed (lost), which stay owned."""
+        lost: list[int] = []
         for p, part in list(self.owned.items()):
             if now - part.renewed_at < part.lease.ttl_s / 3:
                 continue
             if self.store.renew(part.lease):
                 part.renewed_at = now
             else:
-                log.warning("partition_lease_lost", partition=p)
-                self._drop(p, "lease_lost", release=False)
-                self.claiming.setdefault(p, now)
+                lost.append(p)
+        return lost
+
+    def _renew(self, now: float) -> None:
+        """Renew each owned lease that is due (:meth:`_renew_due`); drop lost ones."""
+        for p in self._renew_due(now):
+            log.warning("partition_lease_lost", partition=p)
+            self._drop(p, "lease_lost", release=False)
+            self.claiming.setdefault(p, now)
 
     # -- the loop -------------------------------------------------------------------
     def _loop(self) -> int:

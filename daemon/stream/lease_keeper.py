@@ -39,10 +39,10 @@ class LeaseKeeper:
     the body runs, never after ``max_hold_s`` seconds from entry, never after
     the body has returned; it must be safe to call from another thread (the
     Redis client is) and should not raise (an exception is logged, and the
-    keeper stops).  ``renewals`` counts the calls.
+    keeper stops); what it returns is ignored.  ``renewals`` counts the calls.
     """
 
-    def __init__(self, renew: Callable[[], None], interval_s: float, max_hold_s: float) -> None:
+    def __init__(self, renew: Callable[[], object], interval_s: float, max_hold_s: float) -> None:
         if interval_s <= 0 or max_hold_s <= 0:
             raise ValueError("interval_s and max_hold_s must be > 0")
         self._renew = renew
