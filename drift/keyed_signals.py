@@ -34,7 +34,7 @@ ensemble of the loop's common draws eps [S, P] (z [S, R]):
 
 evaluated on the first r_k rows of the key (:func:`fogline.drift.runner.post_rows`)
 in ONE stacked pass over every key's weights [K S, out, in] and its
-zero-padded rows [K, D, r_max] (keys sorted by r_k and taken in chunks, so the
+zero-padded rows [K, r_max, D] (keys sorted by r_k and taken in chunks, so the
 padding stays small), giving m^q_ki, v^q_ki as above, and
 
     predictive_kl_k = mean_{i <= r_k} KL(N(m^q_ki, v^q_ki) || N(m_ki, v_ki))
@@ -285,24 +285,39 @@ def stacked_components(
 
     ``layers``: per layer (W [K, S, out, in], b [K, S, out]); ``x`` [K, n, D]
     (padding rows are computed like the others; the caller masks them).
-    h_1 = act(W_1 x^T + b_1) as one [K] batch of [S H_1, D] x [D, n] products,
-    then [K S] batches of [out, in] x [in, n] per layer, rows last (as
-    :mod:`fogline.drift.ensemble_pass`); Gaussian likelihood.
+    h_1 = act(x W_1^T + b_1) as one [K] batch of [n, D] x [D, S H_1] products
+    (every sample's first layer side by side: one wide product per key), then
+    [K S] batches of [n, in] x [in, out] per hidden layer and [out, in] x [in, n]
+    for the output layer, which leaves (mu, raw scale) [K S, 2, n] with the rows
+    contiguous; sigma = noise_scale(raw) on a contiguous tensor (torch's
+    vectorised kernel; on a strided slice softplus took ~13x longer).  Gaussian
+    likelihood.  A key's values do not depend on the other keys of the chunk.
+    Against the rows-last layout of the first version ([S H_1, D] x [D, n]
+    products) the values agree to float rounding; 3-4x faster for the keyed
+    daemon's shapes (D = 4, H = 16, S = 64, n ~ 8).
     """
     w0, b0 = layers[0]
     k, s, h0, d = w0.shape
     n = int(x.shape[1])
     act = _ACTIVATIONS_[config.activation]  # in place: every h is a fresh product
     h = torch.baddbmm(
-        b0.reshape(k, s * h0, 1), w0.reshape(k, s * h0, d), x.to(w0.dtype).transpose(1, 2)
-    )  # [K, S H_1, n]
-    h = h.view(k * s, h0, n)
-    for weight, bias in layers[1:]:
-        h = act(h)
+        b0.reshape(k, 1, s * h0), x.to(w0.dtype), w0.reshape(k, s * h0, d).transpose(1, 2)
+    )  # [K, n, S H_1]
+    act(h)
+    # [K S, n, H_1]: each sample's rows together (one copy)
+    h = h.view(k, n, s, h0).transpose(1, 2).reshape(k * s, n, h0)
+    for weight, bias in layers[1:-1]:
         out_f, in_f = int(weight.shape[2]), int(weight.shape[3])
-        h = torch.baddbmm(bias.reshape(k * s, out_f, 1), weight.reshape(k * s, out_f, in_f), h)
-    out = h.view(k, s, -1, n)
-    return out[:, :, 0], noise_scale(out[:, :, 1], config)
+        h = torch.baddbmm(
+            bias.reshape(k * s, 1, out_f), h, weight.reshape(k * s, out_f, in_f).transpose(1, 2)
+        )
+        act(h)
+    weight, bias = layers[-1]
+    out_f, in_f = int(weight.shape[2]), int(weight.shape[3])
+    out = torch.baddbmm(
+        bias.reshape(k * s, out_f, 1), weight.reshape(k * s, out_f, in_f), h.transpose(1, 2)
+    ).view(k, s, out_f, n)  # [K, S, 2, n]
+    return out[:, :, 0].contiguous(), noise_scale(out[:, :, 1].contiguous(), config)
 
 
 def stacked_record_scores(
