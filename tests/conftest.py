@@ -138,6 +138,21 @@ def _keep_structlog() -> Iterator[None]:
     structlog.configure(**saved)
 
 
+@pytest.fixture(autouse=True)
+def _keep_gc() -> Iterator[None]:
+    """Give every test CPython's collector as it found it: ``fogline run`` called in
+    process (a CLI test) freezes the heap and raises the thresholds for the daemon
+    (fogline/daemon/gc_tuning.py), which would otherwise hold for the rest of the suite."""
+    import gc
+
+    saved = gc.get_threshold()
+    frozen = gc.get_freeze_count()
+    yield
+    if gc.get_threshold() != saved or gc.get_freeze_count() != frozen:
+        gc.unfreeze()
+        gc.set_threshold(*saved)
+
+
 # --------------------------------------------------------------------------
 # outside data (never needed by package code; tests skip without it)
 # --------------------------------------------------------------------------

@@ -78,6 +78,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     if settings.keyed.enabled:
         return _run_keyed(settings, options, stop)
+    _tune_gc()
     pipe = Pipeline(settings, options, stop)
     try:
         code = pipe.run()
@@ -102,10 +103,19 @@ def _run(args: argparse.Namespace) -> int:
     return code
 
 
+def _tune_gc() -> None:
+    """After the daemon's imports: freeze the start-up heap, raise the collector's
+    thresholds (:mod:`fogline.daemon.gc_tuning`)."""
+    from fogline.daemon.gc_tuning import tune_for_streaming
+
+    tune_for_streaming()
+
+
 def _run_keyed(settings: Settings, options: Any, stop: Any) -> int:
     """``fogline run`` with ``keyed.enabled``: one posterior per key (docs/operations.md)."""
     from fogline.daemon.stream.keyed import EXIT_REPARTITIONED, KeyedPipeline
 
+    _tune_gc()
     pipe = KeyedPipeline(settings, options, stop)
     try:
         code = pipe.run()
