@@ -1,0 +1,294 @@
+"""The fast bootstrap paths against the per-stream, sliding-window code they replaced.
+
+``_running_min_reference`` and ``simulate_streams_reference`` are verbatim copies of
+the earlier implementations (one ``rng`` call per stream, ``sliding_window_view``
+minima); the fast ones must return the same values bit for bit and leave ``rng``
+where the old ones did, so the thresholds fitted from them are equal with ``==``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from fogline.drift import calibration
+from fogline.drift.calibration import (
+    Calibration,
+    _running_min,
+    calibrate_batch_statistic,
+    calibrate_threshold,
+    simulate_streams,
+)
+from fogline.drift.runner import inlier_batch_statistic, mean_batch_statistic
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def _running_min_reference(s: FloatArray, k: int) -> FloatArray:
+    if k == 1:
+        return s
+    windows = np.lib.stride_tricks.sliding_window_view(s, k, axis=-1)
+    return np.asarray(windows.min(axis=-1))
+
+
+def simulate_streams_reference(
+    v: FloatArray,
+    reduce: Callable[[FloatArray], FloatArray],
+    rng: np.random.Generator,
+    *,
+    batch_size: int,
+    length: int,
+    n_streams: int,
+    block: int = 1,
+    period: int = 0,
+    windowed: bool | None = None,
+) -> FloatArray:
+    b = max(block, 1)
+    can_window = (block > 1 or period > 0) and b % batch_size == 0
+    if windowed is None:
+        windowed = can_window
+    r = v.shape[0]
+    n_blocks = -(-length * batch_size // b)
+
+    def block_starts() -> npt.NDArray[np.int64]:
+        if period:
+            first = r + batch_size * int(rng.integers(0, period))
+            phase = (first + np.arange(n_blocks) * b) % period
+            count = (r - b - phase) // period + 1
+            return np.asarray(phase + period * (rng.random(n_blocks) * count).astype(np.int64))
+        return rng.integers(0, r - block + 1, size=n_blocks)
+
+    out = np.empty((n_streams, length))
+    if windowed:
+        windows = np.lib.stride_tricks.sliding_window_view(v, batch_size, axis=0)
+        per = max(1, 8_000_000 // max(1, batch_size * int(np.prod(v.shape[1:]))))
+        stats = np.concatenate(
+            [
+                np.asarray(reduce(np.ascontiguousarray(np.moveaxis(windows[lo : lo + per], -1, 1))))
+                for lo in range(0, windows.shape[0], per)
+            ]
+        )
+        offsets = np.arange(0, b, batch_size)
+        for i in range(n_streams):
+            out[i] = np.take(stats, (block_starts()[:, None] + offsets).reshape(-1)[:length])
+        return out
+    for i in range(n_streams):
+        if block <= 1 and not period:
+            idx = rng.integers(0, r, size=(length, batch_size))
+        else:
+            idx = (block_starts()[:, None] + np.arange(b)).reshape(-1)[: length * batch_size]
+        out[i] = reduce(np.take(v, idx.reshape(length, batch_size), axis=0))
+    return out
+
+
+def _records(rng: np.random.Generator, n: int, cycle: int = 0) -> FloatArray:
+    """``[n, 2]`` (NLL, outlier flag) records, with a cycle of ``cycle`` records if > 0."""
+    nll = rng.gamma(2.0, 1.0, size=n)
+    if cycle:
+        nll += 2.0 * np.sin(2 * np.pi * np.arange(n) / cycle)
+    out = (rng.random(n) < 0.1).astype(np.float64)
+    return np.column_stack([nll, out])
+
+
+def _median(a: FloatArray) -> FloatArray:
+    return np.asarray(np.median(a[..., 0], axis=-1))
+
+
+STATISTICS: list[Any] = [inlier_batch_statistic(0.4), mean_batch_statistic, _median]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 7])
+def test_running_min_equals_the_sliding_window_minimum(k: int) -> None:
+    rng = np.random.default_rng(k)
+    for shape in [(9,), (1, 5), (3, 17), (4, 2, 11), (5, 250), (2, k), (2, max(k - 1, 1))]:
+        s = np.round(rng.standard_normal(shape), 1)  # ties
+        s[rng.random(shape) < 0.05] = np.nan
+        s[rng.random(shape) < 0.05] = -np.inf
+        if shape[-1] < k:  # no whole window: both fail alike
+            with pytest.raises(ValueError):
+                _running_min_reference(s, k)
+            with pytest.raises(ValueError):
+                _running_min(s, k)
+            continue
+        fast, slow = _running_min(s, k), _running_min_reference(s, k)
+        assert fast.shape == slow.shape
+        assert np.array_equal(fast, slow, equal_nan=True)
+
+
+def test_one_integers_call_draws_what_per_stream_calls_draw() -> None:
+    """The numpy property the vectorised block starts stand on (int64 draws in a 32-bit
+    range come from the bit generator's own 32-bit buffer, kept between calls): odd
+    and even sizes, ranges below and above 2**32, a buffered half left before."""
+    for n_blocks in [1, 2, 3, 124, 125]:
+        for high in [1, 2, 17, 305, 2**32, 2**32 + 5, 2**40]:
+            for pre in [0, 1]:
+                a = np.random.Generator(np.random.PCG64(n_blocks + high))
+                b = np.random.Generator(np.random.PCG64(n_blocks + high))
+                a.integers(0, 3, size=pre)
+                b.integers(0, 3, size=pre)
+                one = a.integers(0, high, size=(7, n_blocks))
+                many = np.stack([b.integers(0, high, size=n_blocks) for _ in range(7)])
+                assert np.array_equal(one, many)
+                assert a.bit_generator.state == b.bit_generator.state
+
+
+def _cases() -> list[dict[str, Any]]:
+    """Plain, block (windowed and gathered) and seasonal streams; odd and even block counts."""
+    rng = np.random.default_rng(20)
+    cases: list[dict[str, Any]] = []
+    for i in range(60):
+        batch = int(rng.choice([1, 3, 8, 16, 32]))
+        kind = ["plain", "block", "block_ragged", "seasonal"][i % 4]
+        length = int(rng.integers(2, 40))
+        n_streams = int(rng.integers(1, 30))
+        block, period = 0, 0
+        if kind == "block":
+            block = batch * int(rng.integers(2, 5))
+        elif kind == "block_ragged":
+            block = int(rng.integers(2, 3 * batch + 3))
+        elif kind == "seasonal":
+            block = batch * int(rng.integers(0, 3))
+            period = batch * int(rng.integers(2, 6)) + int(rng.integers(0, 2))
+        r = int(max(batch, block) + rng.integers(0, 200) + 2 * period)
+        cases.append(
+            {
+                "n": r,
+                "cycle": period,
+                "batch_size": batch,
+                "length": length,
+                "n_streams": n_streams,
+                "block": block,
+                "period": period,
+                "stat": i % len(STATISTICS),
+                "seed": i,
+            }
+        )
+    return cases
+
+
+@pytest.mark.parametrize(
+    "case", _cases(), ids=lambda c: f"B{c['batch_size']}b{c['block']}p{c['period']}"
+)
+def test_simulate_streams_equals_the_per_stream_loop(case: dict[str, Any]) -> None:
+    v = _records(np.random.default_rng(case["seed"]), case["n"], case["cycle"])
+    reduce = STATISTICS[case["stat"]]
+    kw = {k: case[k] for k in ("batch_size", "length", "n_streams", "block", "period")}
+    b = max(case["block"], 1)
+    can_window = (case["block"] > 1 or case["period"] > 0) and b % case["batch_size"] == 0
+    for windowed in {None, False, can_window}:
+        rf = np.random.Generator(np.random.PCG64(case["seed"]))
+        rs = np.random.Generator(np.random.PCG64(case["seed"]))
+        fast = simulate_streams(v, reduce, rf, windowed=windowed, **kw)
+        slow = simulate_streams_reference(v, reduce, rs, windowed=windowed, **kw)
+        assert fast.shape == slow.shape == (case["n_streams"], case["length"])
+        assert np.array_equal(fast, slow)
+        # the same draws consumed: what the generator gives next is the same
+        assert rf.bit_generator.state == rs.bit_generator.state
+        assert rf.random() == rs.random()
+
+
+def test_simulate_streams_in_slices_of_streams(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gathered streams reduced a few at a time (a small WINDOW_ELEMENTS) are unchanged."""
+    v = _records(np.random.default_rng(3), 300)
+    kw: dict[str, Any] = {"batch_size": 8, "length": 25, "n_streams": 23}
+    for block in (0, 5, 16):
+        slow = simulate_streams_reference(
+            v,
+            STATISTICS[0],
+            np.random.Generator(np.random.PCG64(1)),
+            block=block,
+            windowed=False,
+            **kw,
+        )
+        monkeypatch.setattr(calibration, "WINDOW_ELEMENTS", 1000)
+        fast = simulate_streams(
+            v,
+            STATISTICS[0],
+            np.random.Generator(np.random.PCG64(1)),
+            block=block,
+            windowed=False,
+            **kw,
+        )
+        monkeypatch.undo()
+        assert np.array_equal(fast, slow)
+
+
+def _reference_fit(monkeypatch: pytest.MonkeyPatch, fn: Callable[[], Calibration]) -> Calibration:
+    with monkeypatch.context() as m:
+        m.setattr(calibration, "simulate_streams", simulate_streams_reference)
+        m.setattr(calibration, "_running_min", _running_min_reference)
+        return fn()
+
+
+@pytest.mark.parametrize("consecutive", [1, 2, 3])
+@pytest.mark.parametrize("estimate", [False, True])
+def test_fitted_thresholds_equal_the_reference(
+    monkeypatch: pytest.MonkeyPatch, consecutive: int, estimate: bool
+) -> None:
+    """calibrate_batch_statistic (as the drift loop calls it: keyed 320 records in
+    batches of 8, a stream window of 2,000 in batches of 256) returns the same
+    Calibration, threshold equal with ``==``."""
+    rng = np.random.default_rng(consecutive)
+    configs = [
+        (320, 8, 16, 0),
+        (320, 8, 24, 0),
+        (320, 8, 16, 48),
+        (320, 8, 0, 0),
+        (330, 8, 13, 0),
+        (2000, 256, 512, 0),
+        (2000, 256, 0, 0),
+        (2000, 256, 256, 600),
+    ]
+    for r, batch, block, period in configs:
+        v = _records(rng, r, period)
+        for stat in ("mean", "median", inlier_batch_statistic(0.4)):
+            values = v if callable(stat) else v[:, 0]  # the named statistics take [R]
+            kw: dict[str, Any] = {
+                "ert": 1000.0,
+                "statistic": stat,
+                "consecutive": consecutive,
+                "n_streams": 40,
+                "seed": r + block,
+                "block": block,
+                "period": period,
+                "estimate": estimate,
+            }
+
+            def fit(
+                v: FloatArray = values, batch: int = batch, kw: dict[str, Any] = kw
+            ) -> Calibration:
+                return calibrate_batch_statistic(v, batch, **kw)
+
+            fast, slow = fit(), _reference_fit(monkeypatch, fit)
+            assert fast.threshold == slow.threshold
+            assert fast.to_dict() == slow.to_dict()
+
+
+@pytest.mark.parametrize("consecutive", [1, 2, 3])
+def test_calibrate_threshold_equals_the_reference(
+    monkeypatch: pytest.MonkeyPatch, consecutive: int
+) -> None:
+    v = np.random.default_rng(consecutive).standard_normal(500)
+
+    def fit() -> Calibration:
+        return calibrate_threshold(v, ert=300, consecutive=consecutive, block=7, n_streams=200)
+
+    fast, slow = fit(), _reference_fit(monkeypatch, fit)
+    assert fast.threshold == slow.threshold
+    assert fast.ert_estimate == slow.ert_estimate
+
+
+def test_a_float32_statistic_is_cast_as_before() -> None:
+    v = _records(np.random.default_rng(8), 200)
+
+    def stat32(a: FloatArray) -> Any:
+        return np.asarray(a[..., 0].mean(-1), dtype=np.float32)
+
+    kw: dict[str, Any] = {"batch_size": 8, "length": 20, "n_streams": 9, "block": 16}
+    fast = simulate_streams(v, stat32, np.random.Generator(np.random.PCG64(2)), **kw)
+    slow = simulate_streams_reference(v, stat32, np.random.Generator(np.random.PCG64(2)), **kw)
+    assert fast.dtype == np.float64 and np.array_equal(fast, slow)
