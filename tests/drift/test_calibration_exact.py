@@ -8,6 +8,7 @@ where the old ones did, so the thresholds fitted from them are equal with ``==``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,9 +22,18 @@ from fogline.drift.calibration import (
     _running_min,
     calibrate_batch_statistic,
     calibrate_threshold,
+    dependence_horizon,
     simulate_streams,
 )
-from fogline.drift.runner import inlier_batch_statistic, mean_batch_statistic
+from fogline.drift.config import PolicyConfig
+from fogline.drift.runner import (
+    CalibrationPlan,
+    batch_statistic,
+    calibration_plan,
+    inlier_batch_statistic,
+    mean_batch_statistic,
+)
+from fogline.models.autoregressive import detect_period
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -280,6 +290,61 @@ def test_calibrate_threshold_equals_the_reference(
     fast, slow = fit(), _reference_fit(monkeypatch, fit)
     assert fast.threshold == slow.threshold
     assert fast.ert_estimate == slow.ert_estimate
+
+
+def _calibration_plan_reference(
+    cal_records: tuple[np.ndarray, ...], policy: PolicyConfig
+) -> CalibrationPlan:
+    """The earlier calibration_plan, verbatim (the batch signal one call per batch)."""
+    base = policy.calibration_block
+    n = len(cal_records)
+    if not policy.calibration_block_auto or n < 4:
+        return CalibrationPlan(base)
+    batch = max(1, int(np.median([len(r) for r in cal_records])))
+    nll = np.concatenate([r[:, 0] for r in cal_records])
+    period = detect_period(nll, min_lag=2 * batch)
+    if period is not None:
+        missing = math.ceil((policy.calibration_cycles * period - len(nll)) / batch)
+        extend = max(0, min(missing, policy.calibration_max_batches - n))
+        if extend > 0:
+            return CalibrationPlan(base, 0, extend)
+        if len(nll) >= 2 * period + max(base, 1) * batch:
+            return CalibrationPlan(base, int(period))
+    stat = batch_statistic(policy.signal, policy.max_outlier_fraction)
+    signal = np.array([float(stat(r[None])[0]) for r in cal_records])
+    return CalibrationPlan(max(base, min(n // 2, 2 * dependence_horizon(signal))))
+
+
+@pytest.mark.parametrize("signal", ["surprisal_inlier", "surprisal"])
+def test_batch_signal_in_one_call_equals_one_call_per_batch(signal: str) -> None:
+    stat = batch_statistic(signal, 0.4)
+    rng = np.random.default_rng(5)
+    for batch in (1, 2, 7, 8, 16, 256):
+        recs = [_records(rng, batch) for _ in range(int(rng.integers(1, 41)))]
+        for layout in (recs, [np.asfortranarray(r) for r in recs]):
+            one = np.asarray(stat(np.stack(layout)), dtype=np.float64)
+            each = np.array([float(stat(r[None])[0]) for r in layout])
+            assert np.array_equal(one, each)
+
+
+def test_calibration_plan_equals_the_reference() -> None:
+    rng = np.random.default_rng(6)
+    seen = set()
+    for i in range(80):
+        batch = int(rng.choice([4, 8, 16]))
+        n = int(rng.integers(2, 60))
+        cycle = int(rng.choice([0, 0, 3 * batch, 5 * batch]))
+        v = _records(rng, n * batch, cycle)
+        if i % 3 == 0:  # smooth: long dependence, longer blocks
+            v[:, 0] = np.cumsum(v[:, 0] - v[:, 0].mean())
+        window = tuple(v[j : j + batch] for j in range(0, n * batch, batch))
+        if i % 5 == 0:  # a short last batch: the per-batch path
+            window = (*window[:-1], window[-1][: batch // 2])
+        for policy in (PolicyConfig(), PolicyConfig(signal="surprisal", calibration_block=1)):
+            plan = calibration_plan(window, policy)
+            assert plan == _calibration_plan_reference(window, policy)
+            seen.add((plan.period > 0, plan.extend > 0, plan.block > policy.calibration_block))
+    assert len(seen) >= 3  # seasonal, extended and long-block plans all met
 
 
 def test_a_float32_statistic_is_cast_as_before() -> None:
