@@ -231,6 +231,68 @@ def calibrate_threshold(
 WINDOW_ELEMENTS = 8_000_000
 
 
+def _seasonal_draws_loop(
+    rng: np.random.Generator, n_streams: int, n_blocks: int, period: int
+) -> tuple[npt.NDArray[np.int64], FloatArray]:
+    """Per stream ``rng.integers(0, period)`` then ``rng.random(n_blocks)``."""
+    m = np.empty(n_streams, dtype=np.int64)
+    u = np.empty((n_streams, n_blocks))
+    for i in range(n_streams):
+        m[i] = rng.integers(0, period)
+        u[i] = rng.random(n_blocks)
+    return m, u
+
+
+def seasonal_draws(
+    rng: np.random.Generator, n_streams: int, n_blocks: int, period: int
+) -> tuple[npt.NDArray[np.int64], FloatArray]:
+    """``(m [n_streams], u [n_streams, n_blocks])``: what ``n_streams`` rounds of
+    ``m_i = rng.integers(0, period)``, ``u_i = rng.random(n_blocks)`` draw, and leave
+    ``rng`` where they leave it, from one ``random_raw`` call (a ``PCG64`` generator;
+    any other, or a rare rejected draw, runs the rounds themselves).
+
+    What numpy does per round, on PCG64's 64-bit words w:
+
+    * ``integers(0, d)``, d < 2**32: one 32-bit value x, the word's low half, its high
+      half kept in the generator (``has_uint32``, ``uinteger``) and used by the next
+      32-bit draw instead of a new word; then Lemire's method: ``t = x * d``,
+      the value ``t >> 32``, redrawn only if ``t mod 2**32 < (2**32 - d) mod d``.
+    * ``random(k)``: k words, each ``(w >> 11) * 2**-53``; the kept half stays kept.
+
+    So the rounds alternate a round that takes a new word for its integer with one
+    that takes the kept half.  tests/drift/test_calibration_exact.py checks the values
+    and the generator's state against the rounds.
+    """
+    bg = rng.bit_generator
+    if type(bg) is not np.random.PCG64 or not 1 < period < 2**32 or n_streams < 1:
+        return _seasonal_draws_loop(rng, n_streams, n_blocks, period)
+    state = bg.state
+    held = bool(state["has_uint32"])
+    # a round takes a new word for its integer unless the generator holds a half
+    fresh = (np.arange(n_streams) + held) % 2 == 0
+    words = np.asarray(bg.random_raw(n_streams * n_blocks + int(fresh.sum())), dtype=np.uint64)
+    ends = np.cumsum(n_blocks + fresh.astype(np.int64))
+    starts = ends - n_blocks - fresh
+    low32, high32 = np.uint64(0xFFFFFFFF), np.uint64(32)
+    new_word = words[starts[fresh]]  # the integer's word of each fresh round
+    x = np.empty(n_streams, dtype=np.uint64)
+    x[fresh] = new_word & low32
+    # a held half: the high half of the previous fresh round's word (or the one held)
+    held_from = np.concatenate([[np.uint64(state["uinteger"])], new_word >> high32])
+    x[~fresh] = held_from[np.cumsum(fresh)[~fresh]]
+    t = x * np.uint64(period)
+    if np.any((t & low32) < np.uint64((2**32 - period) % period)):
+        bg.state = state  # a rejected draw (probability < d / 2**32): the rounds themselves
+        return _seasonal_draws_loop(rng, n_streams, n_blocks, period)
+    body = starts[:, None] + fresh[:, None] + np.arange(n_blocks)
+    u = (words[body] >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+    after = bg.state
+    after["has_uint32"] = int(fresh[-1])
+    after["uinteger"] = int(new_word[-1] >> high32) if fresh.any() else state["uinteger"]
+    bg.state = after
+    return (t >> high32).astype(np.int64), u
+
+
 def simulate_streams(
     v: FloatArray,
     reduce: Callable[[FloatArray], FloatArray],
@@ -277,11 +339,7 @@ def simulate_streams(
         """
         if not period:
             return rng.integers(0, r - block + 1, size=(n_streams, n_blocks))
-        m = np.empty(n_streams, dtype=np.int64)
-        u = np.empty((n_streams, n_blocks))
-        for i in range(n_streams):
-            m[i] = rng.integers(0, period)
-            u[i] = rng.random(n_blocks)
+        m, u = seasonal_draws(rng, n_streams, n_blocks, period)
         # the future batches start at window positions R + m B: their phases
         first = r + batch_size * m
         phase = (first[:, None] + np.arange(n_blocks) * b) % period

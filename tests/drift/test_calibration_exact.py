@@ -20,9 +20,11 @@ from fogline.drift import calibration
 from fogline.drift.calibration import (
     Calibration,
     _running_min,
+    _seasonal_draws_loop,
     calibrate_batch_statistic,
     calibrate_threshold,
     dependence_horizon,
+    seasonal_draws,
     simulate_streams,
 )
 from fogline.drift.config import PolicyConfig
@@ -357,3 +359,38 @@ def test_a_float32_statistic_is_cast_as_before() -> None:
     fast = simulate_streams(v, stat32, np.random.Generator(np.random.PCG64(2)), **kw)
     slow = simulate_streams_reference(v, stat32, np.random.Generator(np.random.PCG64(2)), **kw)
     assert fast.dtype == np.float64 and np.array_equal(fast, slow)
+
+
+def test_seasonal_draws_equal_the_rounds_of_integers_and_random() -> None:
+    """One random_raw call against the per-stream rounds: values, the generator's state
+    (the kept 32-bit half included) and what it draws next; periods whose draws are
+    often rejected (near 2**31) take the rounds themselves, with the same result."""
+    rng = np.random.default_rng(30)
+    fallbacks = 0
+    for _ in range(300):
+        seed = int(rng.integers(1 << 30))
+        n_streams, n_blocks = int(rng.integers(1, 40)), int(rng.integers(0, 130))
+        period = int(rng.choice([2, 3, 17, 48, 600, 2**31 + 1, 3 * 2**30, 2**32 - 1]))
+        pre = int(rng.integers(0, 3))  # 0, 1 or 2 integers drawn before: a half kept or not
+        fast_rng = np.random.Generator(np.random.PCG64(seed))
+        slow_rng = np.random.Generator(np.random.PCG64(seed))
+        fast_rng.integers(0, 5, size=pre)
+        slow_rng.integers(0, 5, size=pre)
+        m, u = seasonal_draws(fast_rng, n_streams, n_blocks, period)
+        m_ref, u_ref = _seasonal_draws_loop(slow_rng, n_streams, n_blocks, period)
+        assert np.array_equal(m, m_ref) and np.array_equal(u, u_ref)
+        assert m.dtype == m_ref.dtype and u.dtype == u_ref.dtype
+        assert fast_rng.bit_generator.state == slow_rng.bit_generator.state
+        assert np.array_equal(fast_rng.integers(0, 7, size=5), slow_rng.integers(0, 7, size=5))
+        assert fast_rng.random() == slow_rng.random()
+        fallbacks += period > 2**31
+    assert fallbacks  # the rejection fallback was exercised
+
+
+def test_seasonal_draws_of_another_generator_are_the_rounds() -> None:
+    for bits in (np.random.MT19937, np.random.Philox, np.random.SFC64):
+        a, b = np.random.Generator(bits(4)), np.random.Generator(bits(4))
+        m, u = seasonal_draws(a, 9, 13, 40)
+        m_ref, u_ref = _seasonal_draws_loop(b, 9, 13, 40)
+        assert np.array_equal(m, m_ref) and np.array_equal(u, u_ref)
+        assert a.random() == b.random()
