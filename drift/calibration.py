@@ -333,9 +333,10 @@ def simulate_streams(
         ``integers`` call of ``n_streams * n_blocks`` values is that sequence: numpy
         draws int64 values in a 32-bit range from the bit generator's own 32-bit
         buffer, which carries over between calls (tests/drift pin this against the
-        per-stream calls).  The seasonal draws alternate a stream's phase
-        (``integers``) with its ``n_blocks`` uniforms (``random``), so they stay in
-        stream order; only the arithmetic on them is done for all streams at once.
+        per-stream calls; a range of 2**32 or more takes one 64-bit word a value, also
+        the same).  The seasonal draws alternate a stream's phase (``integers``) with
+        its ``n_blocks`` uniforms (``random``): :func:`seasonal_draws` gives that
+        sequence; the arithmetic on it is done for all streams at once.
         """
         if not period:
             return rng.integers(0, r - block + 1, size=(n_streams, n_blocks))
