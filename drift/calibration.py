@@ -76,11 +76,23 @@ class Calibration:
 
 
 def _running_min(s: FloatArray, k: int) -> FloatArray:
-    """``min`` over the last ``k`` values along the last axis (length shrinks by k-1)."""
+    """``min`` over the last ``k`` values along the last axis (length shrinks by k-1).
+
+    ``k - 1`` elementwise :func:`numpy.minimum` of shifted slices, in window order
+    (``min(min(s_t, s_t+1), s_t+2) ...``, as ``sliding_window_view(s, k).min(-1)``
+    reduces): the minimum is exact, so the values are the same, NaN included, and
+    much faster for the small ``k`` of a ``consecutive`` setting.
+    """
     if k == 1:
         return s
-    windows = np.lib.stride_tricks.sliding_window_view(s, k, axis=-1)
-    return np.asarray(windows.min(axis=-1))
+    n = s.shape[-1] - k + 1
+    if n <= 0:  # no complete window: the sliding view's empty (or failing) result
+        windows = np.lib.stride_tricks.sliding_window_view(s, k, axis=-1)
+        return np.asarray(windows.min(axis=-1))
+    out = np.minimum(s[..., :n], s[..., 1 : 1 + n])
+    for j in range(2, k):
+        np.minimum(out, s[..., j : j + n], out=out)
+    return out
 
 
 def _first_alarm(
@@ -219,6 +231,68 @@ def calibrate_threshold(
 WINDOW_ELEMENTS = 8_000_000
 
 
+def _seasonal_draws_loop(
+    rng: np.random.Generator, n_streams: int, n_blocks: int, period: int
+) -> tuple[npt.NDArray[np.int64], FloatArray]:
+    """Per stream ``rng.integers(0, period)`` then ``rng.random(n_blocks)``."""
+    m = np.empty(n_streams, dtype=np.int64)
+    u = np.empty((n_streams, n_blocks))
+    for i in range(n_streams):
+        m[i] = rng.integers(0, period)
+        u[i] = rng.random(n_blocks)
+    return m, u
+
+
+def seasonal_draws(
+    rng: np.random.Generator, n_streams: int, n_blocks: int, period: int
+) -> tuple[npt.NDArray[np.int64], FloatArray]:
+    """``(m [n_streams], u [n_streams, n_blocks])``: what ``n_streams`` rounds of
+    ``m_i = rng.integers(0, period)``, ``u_i = rng.random(n_blocks)`` draw, and leave
+    ``rng`` where they leave it, from one ``random_raw`` call (a ``PCG64`` generator;
+    any other, or a rare rejected draw, runs the rounds themselves).
+
+    What numpy does per round, on PCG64's 64-bit words w:
+
+    * ``integers(0, d)``, d < 2**32: one 32-bit value x, the word's low half, its high
+      half kept in the generator (``has_uint32``, ``uinteger``) and used by the next
+      32-bit draw instead of a new word; then Lemire's method: ``t = x * d``,
+      the value ``t >> 32``, redrawn only if ``t mod 2**32 < (2**32 - d) mod d``.
+    * ``random(k)``: k words, each ``(w >> 11) * 2**-53``; the kept half stays kept.
+
+    So the rounds alternate a round that takes a new word for its integer with one
+    that takes the kept half.  tests/drift/test_calibration_exact.py checks the values
+    and the generator's state against the rounds.
+    """
+    bg = rng.bit_generator
+    if type(bg) is not np.random.PCG64 or not 1 < period < 2**32 or n_streams < 1:
+        return _seasonal_draws_loop(rng, n_streams, n_blocks, period)
+    state = bg.state
+    held = bool(state["has_uint32"])
+    # a round takes a new word for its integer unless the generator holds a half
+    fresh = (np.arange(n_streams) + held) % 2 == 0
+    words = np.asarray(bg.random_raw(n_streams * n_blocks + int(fresh.sum())), dtype=np.uint64)
+    ends = np.cumsum(n_blocks + fresh.astype(np.int64))
+    starts = ends - n_blocks - fresh
+    low32, high32 = np.uint64(0xFFFFFFFF), np.uint64(32)
+    new_word = words[starts[fresh]]  # the integer's word of each fresh round
+    x = np.empty(n_streams, dtype=np.uint64)
+    x[fresh] = new_word & low32
+    # a held half: the high half of the previous fresh round's word (or the one held)
+    held_from = np.concatenate([[np.uint64(state["uinteger"])], new_word >> high32])
+    x[~fresh] = held_from[np.cumsum(fresh)[~fresh]]
+    t = x * np.uint64(period)
+    if np.any((t & low32) < np.uint64((2**32 - period) % period)):
+        bg.state = state  # a rejected draw (probability < d / 2**32): the rounds themselves
+        return _seasonal_draws_loop(rng, n_streams, n_blocks, period)
+    body = starts[:, None] + fresh[:, None] + np.arange(n_blocks)
+    u = (words[body] >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+    after = bg.state
+    after["has_uint32"] = int(fresh[-1])
+    after["uinteger"] = int(new_word[-1] >> high32) if fresh.any() else state["uinteger"]
+    bg.state = after
+    return (t >> high32).astype(np.int64), u
+
+
 def simulate_streams(
     v: FloatArray,
     reduce: Callable[[FloatArray], FloatArray],
@@ -253,14 +327,25 @@ def simulate_streams(
     n_blocks = -(-length * batch_size // b)
 
     def block_starts() -> npt.NDArray[np.int64]:
-        """One stream's block starts (window positions), ``n_blocks`` of them."""
-        if period:
-            # the future batches start at window positions R + m B: their phases
-            first = r + batch_size * int(rng.integers(0, period))
-            phase = (first + np.arange(n_blocks) * b) % period
-            count = (r - b - phase) // period + 1  # window starts of that phase
-            return np.asarray(phase + period * (rng.random(n_blocks) * count).astype(np.int64))
-        return rng.integers(0, r - block + 1, size=n_blocks)
+        """Every stream's block starts (window positions), ``[n_streams, n_blocks]``.
+
+        The draws are those of one stream after another.  Without a period, one
+        ``integers`` call of ``n_streams * n_blocks`` values is that sequence: numpy
+        draws int64 values in a 32-bit range from the bit generator's own 32-bit
+        buffer, which carries over between calls (tests/drift pin this against the
+        per-stream calls; a range of 2**32 or more takes one 64-bit word a value, also
+        the same).  The seasonal draws alternate a stream's phase (``integers``) with
+        its ``n_blocks`` uniforms (``random``): :func:`seasonal_draws` gives that
+        sequence; the arithmetic on it is done for all streams at once.
+        """
+        if not period:
+            return rng.integers(0, r - block + 1, size=(n_streams, n_blocks))
+        m, u = seasonal_draws(rng, n_streams, n_blocks, period)
+        # the future batches start at window positions R + m B: their phases
+        first = r + batch_size * m
+        phase = (first[:, None] + np.arange(n_blocks) * b) % period
+        count = (r - b - phase) // period + 1  # window starts of that phase
+        return np.asarray(phase + period * (u * count).astype(np.int64))
 
     out = np.empty((n_streams, length))
     if windowed:
@@ -275,16 +360,25 @@ def simulate_streams(
             ]
         )
         offsets = np.arange(0, b, batch_size)
-        for i in range(n_streams):
-            out[i] = np.take(stats, (block_starts()[:, None] + offsets).reshape(-1)[:length])
+        starts = block_starts()
+        idx = (starts[:, :, None] + offsets).reshape(n_streams, -1)[:, :length]
+        out[:] = np.take(stats, idx)  # a custom statistic's dtype is cast, as row by row
         return out
-    for i in range(n_streams):  # row by row keeps memory at length * batch_size
-        if block <= 1 and not period:
-            idx = rng.integers(0, r, size=(length, batch_size))
+    # a slice of streams at a time keeps the gathered records near WINDOW_ELEMENTS
+    # (the draws, one stream after another, are the same sliced or not); each batch
+    # is still reduced as one contiguous [B(, C)] block
+    per = max(1, WINDOW_ELEMENTS // max(1, length * batch_size * int(np.prod(v.shape[1:]))))
+    plain = block <= 1 and not period
+    block_first = None if plain else block_starts()
+    for lo in range(0, n_streams, per):
+        rows = min(per, n_streams - lo)
+        if block_first is None:
+            idx = rng.integers(0, r, size=(rows, length, batch_size))
         else:
-            idx = (block_starts()[:, None] + np.arange(b)).reshape(-1)[: length * batch_size]
+            idx = (block_first[lo : lo + rows, :, None] + np.arange(b)).reshape(rows, -1)
+            idx = idx[:, : length * batch_size].reshape(rows, length, batch_size)
         # np.take gathers the same values as v[idx], ~10x faster than fancy indexing
-        out[i] = reduce(np.take(v, idx.reshape(length, batch_size), axis=0))
+        out[lo : lo + rows] = reduce(np.take(v, idx, axis=0))
     return out
 
 

@@ -830,7 +830,11 @@ def calibration_plan(cal_records: tuple[np.ndarray, ...], policy: PolicyConfig) 
         if len(nll) >= 2 * period + max(base, 1) * batch:
             return CalibrationPlan(base, int(period))
     stat = batch_statistic(policy.signal, policy.max_outlier_fraction)
-    signal = np.array([float(stat(r[None])[0]) for r in cal_records])
+    if len({len(r) for r in cal_records}) == 1:
+        # batches of one size: one call on [n, B, 2], each batch reduced as it is alone
+        signal = np.asarray(stat(np.stack(cal_records)), dtype=np.float64)
+    else:
+        signal = np.array([float(stat(r[None])[0]) for r in cal_records])
     return CalibrationPlan(max(base, min(n // 2, 2 * dependence_horizon(signal))))
 
 

@@ -152,9 +152,12 @@ def test_seasonal_bootstrap_keeps_every_record_at_its_phase() -> None:
     broken: list[int] = []
 
     def stat(batches: np.ndarray) -> np.ndarray:
-        flat = batches.reshape(-1)
-        want = (flat[0] + np.arange(flat.size)) % period
-        broken.append(int(np.count_nonzero(flat != want)))
+        # streams' batches, [streams, 40, b] (several streams a call); window statistics
+        # ([windows, b], calibrate_batch_statistic's windowed path) are not checked
+        streams = batches.reshape(-1, 40 * b) if batches.shape[-2:] == (40, b) else []
+        for flat in streams:
+            want = (flat[0] + np.arange(flat.size)) % period
+            broken.append(int(np.count_nonzero(flat != want)))
         return np.asarray(batches.mean(-1))
 
     # the records themselves (the gathered path); the windowed one equals it bit for bit
