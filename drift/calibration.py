@@ -515,3 +515,34 @@ def mean_run_length(total_batches: int, alarms: int) -> float:
     """Exponential MLE of the ERT from ``alarms`` false alarms over ``total_batches``
     monitored batches (censored tails included): ``total / alarms``."""
     return float(total_batches / alarms) if alarms else float("inf")
+
+
+def contaminated_batches(
+    signal: npt.ArrayLike, threshold: float, run: int = 1
+) -> npt.NDArray[np.bool_]:
+    """The batches of a calibration window that lie in a long run above a threshold.
+
+    ``signal`` s_1..s_n is the window's batch signal; a batch is flagged when it lies
+    in a run of at least ``run`` (r) batches in a row with s_t > ``threshold`` (h).
+    With h the threshold in force and r the monitor's ``consecutive``, these are the
+    batches on which that :class:`~fogline.drift.monitors.ThresholdMonitor` would
+    raise or hold an alarm.  A run shorter than r that ends the window is not
+    flagged.  An infinite h (no threshold fitted yet) flags nothing.
+
+    >>> contaminated_batches([0.0, 2.0, 3.0, 0.0, 2.0, 0.0], 1.0, run=2).tolist()
+    [False, True, True, False, False, False]
+    """
+    s = np.asarray(signal, dtype=np.float64).reshape(-1)
+    out = np.zeros(s.shape[0], dtype=np.bool_)
+    if not math.isfinite(threshold):
+        return out
+    above = s > threshold
+    r = max(1, int(run))
+    start = 0
+    for t in range(s.shape[0] + 1):
+        if t < s.shape[0] and above[t]:
+            continue
+        if t - start >= r:
+            out[start:t] = True
+        start = t + 1
+    return out

@@ -106,6 +106,23 @@ class PolicyConfig(BaseModel):
         that saw two peaks knows them too poorly (0: fit when the window is full).
     calibration_max_batches:
         The longest a calibration window is extended to (batches).
+    recalibration_screen:
+        r: keep contaminated batches out of a *re*-calibration window (one
+        collected while an alarm threshold is in force: after a recovery, or
+        while a window is extended); 0 (default) keeps every batch.  A batch is
+        kept out when it lies in a run of at least r batches in a row whose
+        signal, under the re-anchored reference, exceeds the threshold in force
+        (the one fitted before the alarm)
+        (:func:`fogline.drift.calibration.contaminated_batches`); r =
+        ``consecutive`` keeps out what that monitor would have alarmed on.  The
+        window is extended by the batches kept out (up to
+        ``calibration_max_batches``); when they would be the majority of the
+        window the screen is not applied (the new regime's level, not a
+        contamination, lies above the old threshold).  A window without such a
+        run fits exactly as without the screen.  On a drift-free window of n
+        batches a run of r exceedances occurs with probability about
+        n / ERT^(r / consecutive), so a longer r screens clean windows less
+        often (docs/drift.md, "Contamination-screened re-calibration").
     max_outlier_fraction, min_weight:
         Outlier down-weighting (see the module docstring).
     """
@@ -137,6 +154,7 @@ class PolicyConfig(BaseModel):
     calibration_block_auto: bool = True
     calibration_cycles: int = Field(default=4, ge=0)
     calibration_max_batches: int = Field(default=200, ge=1)
+    recalibration_screen: int = Field(default=0, ge=0)
     max_outlier_fraction: float = Field(default=0.4, gt=0, le=1)
     min_weight: float = Field(default=0.2, gt=0, le=1)
 

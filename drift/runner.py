@@ -48,6 +48,7 @@ import torch
 from fogline.drift.calibration import (
     Calibration,
     calibrate_batch_statistic,
+    contaminated_batches,
     dependence_horizon,
 )
 from fogline.drift.monitors import ThresholdMonitor, monitor_state, restore_monitor
@@ -715,17 +716,23 @@ class DriftLoop:
             )
             log.info("reference_reanchored", batch=d.policy.batch - 1)
         if d.policy.calibrating == 0 and d.policy.mode == "stable" and d.cal_records:
-            plan = calibration_plan(d.cal_records, self.policy)
+            screen = self._screen(d)
+            kept = screen.kept(d.cal_records)
+            plan = (
+                CalibrationPlan(self.policy.calibration_block, extend=screen.extend)
+                if screen.extend
+                else calibration_plan(kept, self.policy, collected=len(d.cal_records))
+            )
             if plan.extend:
                 log.info(
                     "calibration_extended",
                     batches=len(d.cal_records),
                     more=plan.extend,
-                    reason="cycle",
+                    reason="screen" if screen.extend else "cycle",
                 )
                 d = d.replace(policy=d.policy.replace(calibrating=plan.extend))
             else:
-                d = self._fit_thresholds(d, plan)
+                d = self._fit_thresholds(d, plan, kept, screen)
         absorbed = prepared.before.records_absorbed + prepared.rows
         state = store_drift(state.replace(records_absorbed=absorbed), d)
         return d, state, {**prepared.signals, **post}
@@ -738,9 +745,36 @@ class DriftLoop:
         return new, info, signals, action
 
     # -- calibration ---------------------------------------------------------------
-    def _fit_thresholds(self, d: DriftState, plan: CalibrationPlan) -> DriftState:
-        records = np.concatenate(d.cal_records)
-        batch_size = max(1, int(np.median([len(r) for r in d.cal_records])))
+    def _screen(self, d: DriftState) -> WindowScreen:
+        """The contamination screen of ``d``'s full window (:func:`screen_window`), or none."""
+        if not self.policy.recalibration_screen:
+            return WindowScreen()
+        screen = screen_window(
+            d.cal_records,
+            self.policy,
+            threshold=d.policy.threshold,
+            run=self.policy.recalibration_screen,
+        )
+        if screen.abandoned:
+            log.info(
+                "calibration_screen_abandoned",
+                batches=len(d.cal_records),
+                flagged=screen.flagged,
+                threshold=json_threshold(d.policy.threshold),
+            )
+        return screen
+
+    def _fit_thresholds(
+        self,
+        d: DriftState,
+        plan: CalibrationPlan,
+        window: tuple[np.ndarray, ...] | None = None,
+        screen: WindowScreen | None = None,
+    ) -> DriftState:
+        """Fit the thresholds on ``window`` (default: the whole collected window)."""
+        cal_records = d.cal_records if window is None else window
+        records = np.concatenate(cal_records)
+        batch_size = max(1, int(np.median([len(r) for r in cal_records])))
         monitor = d.policy.monitor
         block, period = plan.block, plan.period
         cal = fit_alarm(
@@ -771,11 +805,15 @@ class DriftLoop:
             # every simulated stream had the same maximum: the window's signal repeats
             # exactly (a noise-free series), and no false alarm is expected at any ERT
             deterministic=cal.deterministic,
+            screened_batches=screen.excluded if screen is not None else 0,
         )
+        summary = cal.to_dict()
+        if screen is not None and screen.excluded:
+            summary["screened_batches"] = screen.excluded
         ps = d.policy.replace(
             threshold=cal.threshold,
             kl_threshold=kl_thr,
-            calibration=cal.to_dict(),
+            calibration=summary,
             monitor=monitor,
         )
         return d.replace(policy=ps, cal_records=(), cal_kl=())
@@ -795,8 +833,14 @@ class CalibrationPlan:
     extend: int = 0
 
 
-def calibration_plan(cal_records: tuple[np.ndarray, ...], policy: PolicyConfig) -> CalibrationPlan:
+def calibration_plan(
+    cal_records: tuple[np.ndarray, ...], policy: PolicyConfig, *, collected: int | None = None
+) -> CalibrationPlan:
     """The bootstrap of a calibration window of R records in n batches of B.
+
+    ``collected``: the batches collected so far, when ``cal_records`` is what a
+    contamination screen kept of them (:func:`screen_window`); the window's extension
+    is capped at ``policy.calibration_max_batches`` collected batches (default n).
 
     ``policy.calibration_block`` (b_0) without ``policy.calibration_block_auto``.
     With it, from the window itself:
@@ -824,7 +868,7 @@ def calibration_plan(cal_records: tuple[np.ndarray, ...], policy: PolicyConfig) 
     period = detect_period(nll, min_lag=2 * batch)
     if period is not None:
         missing = math.ceil((policy.calibration_cycles * period - len(nll)) / batch)
-        extend = max(0, min(missing, policy.calibration_max_batches - n))
+        extend = max(0, min(missing, policy.calibration_max_batches - (collected or n)))
         if extend > 0:
             return CalibrationPlan(base, 0, extend)
         if len(nll) >= 2 * period + max(base, 1) * batch:
@@ -836,6 +880,74 @@ def calibration_plan(cal_records: tuple[np.ndarray, ...], policy: PolicyConfig) 
     else:
         signal = np.array([float(stat(r[None])[0]) for r in cal_records])
     return CalibrationPlan(max(base, min(n // 2, 2 * dependence_horizon(signal))))
+
+
+@dataclass(frozen=True)
+class WindowScreen:
+    """What a contamination screen (:func:`screen_window`) keeps of a calibration window.
+
+    ``keep``: per collected batch, is it kept (empty: every batch); ``extend``:
+    batches still to collect before fitting (0: fit now); ``flagged``: batches the
+    threshold in force flags; ``abandoned``: they would be the majority, so the
+    screen is not applied.
+    """
+
+    keep: tuple[bool, ...] = ()
+    extend: int = 0
+    flagged: int = 0
+    abandoned: bool = False
+
+    @property
+    def excluded(self) -> int:
+        """Batches kept out of the fit."""
+        return len(self.keep) - sum(self.keep)
+
+    def kept(self, cal_records: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        """The batches of ``cal_records`` the fit uses (all of them without a screen)."""
+        if not self.keep:
+            return cal_records
+        return tuple(r for r, k in zip(cal_records, self.keep, strict=True) if k)
+
+
+def window_signal(cal_records: tuple[np.ndarray, ...], policy: PolicyConfig) -> np.ndarray:
+    """The monitor's signal s_1..s_n of a calibration window's batches (float64)."""
+    stat = batch_statistic(policy.signal, policy.max_outlier_fraction)
+    return np.array([float(stat(r[None])[0]) for r in cal_records])
+
+
+def screen_window(
+    cal_records: tuple[np.ndarray, ...],
+    policy: PolicyConfig,
+    *,
+    threshold: float,
+    run: int,
+) -> WindowScreen:
+    """Keep contaminated batches out of a re-calibration window (``recalibration_screen``).
+
+    With the window's batch signal s_1..s_n (under the re-anchored reference), the
+    threshold in force h (fitted before the alarm; +inf before the first fit) and
+    r = ``run``, F is the set of batches in runs of at least r batches with s_t > h
+    (:func:`~fogline.drift.calibration.contaminated_batches`):
+
+    * F empty: every batch is kept (the fit is the unscreened one, bit for bit);
+    * 2 |F| > n: the screen is ``abandoned`` and every batch kept: most of the window
+      lies above h, so h (a threshold of the old reference and regime) does not
+      describe the new one, and a screen would keep only its low tail;
+    * otherwise the batches of F are kept out; while fewer than n_0 =
+      ``policy.calibration_batches`` are kept, the window is extended by the
+      shortfall n_0 - (n - |F|), up to ``policy.calibration_max_batches`` collected
+      batches; at that cap the fit uses the n - |F| >= n / 2 kept batches.
+    """
+    n = len(cal_records)
+    flagged = contaminated_batches(window_signal(cal_records, policy), threshold, run)
+    count = int(np.count_nonzero(flagged))
+    if count == 0:
+        return WindowScreen()
+    if 2 * count > n:
+        return WindowScreen(flagged=count, abandoned=True)
+    missing = policy.calibration_batches - (n - count)
+    extend = max(0, min(missing, policy.calibration_max_batches - n))
+    return WindowScreen(tuple(bool(f) for f in ~flagged), extend, count)
 
 
 def fit_alarm(

@@ -33,6 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,9 +50,18 @@ class SeedResult:
 
 
 def run_seed(
-    seed: int, batches: int, batch_size: int, ert: float, calibration_batches: int = 200
+    seed: int,
+    batches: int,
+    batch_size: int,
+    ert: float,
+    calibration_batches: int = 200,
+    drift: dict[str, Any] | None = None,
 ) -> SeedResult:
-    """One stable stream; returns monitored batches, alarms and the fitted thresholds."""
+    """One stable stream; returns monitored batches, alarms and the fitted thresholds.
+
+    ``drift``: further :class:`~fogline.drift.config.PolicyConfig` settings of the loop
+    (e.g. ``{"recalibration_screen": True}``).
+    """
     from fogline.drift.experiment import ExperimentConfig, load_source, warm_start
     from fogline.drift.monitors import ThresholdMonitor
     from fogline.drift.policy import PolicyConfig
@@ -68,7 +78,9 @@ def run_seed(
         base_prior=default_prior(warm.config),
         base_lr=cfg.lr,
         data_size=len(data.warm_y),
-        policy=PolicyConfig(policy="none", calibration_batches=calibration_batches),
+        policy=PolicyConfig.model_validate(
+            {**(drift or {}), "policy": "none", "calibration_batches": calibration_batches}
+        ),
         monitor=ThresholdMonitor(consecutive=cfg.consecutive),
         ert=ert,
         ensemble_size=cfg.ensemble_size,
@@ -134,6 +146,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "a baseline for the same run's figures)",
     )
     p.add_argument(
+        "--screen",
+        type=int,
+        default=None,
+        metavar="R",
+        help="drift.recalibration_screen: keep runs of R batches above the threshold in force "
+        "out of re-calibration windows (0: off; default: the configured default)",
+    )
+    p.add_argument(
         "--calibration-batches",
         type=int,
         default=200,
@@ -151,10 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--ert / --batch-size lists need --nab")
     args.ert = args.ert[0] if args.ert else 1000.0
     args.batch_size = args.batch_size[0] if args.batch_size else 64
+    drift = _drift_settings(args)
     t0 = time.perf_counter()
     per_seed = []
     for s in range(args.first_seed, args.first_seed + args.seeds):
-        r = run_seed(s, args.batches, args.batch_size, args.ert, args.calibration_batches)
+        r = run_seed(s, args.batches, args.batch_size, args.ert, args.calibration_batches, drift)
         per_seed.append(r)
         print(
             f"seed {s}: {len(r.alarms)} false alarms in {r.monitored_batches} monitored "
@@ -182,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "calibration_batches": args.calibration_batches,
         "alarms_per_seed": [len(r.alarms) for r in per_seed],
+        "drift": drift or {},
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     print(
@@ -213,6 +235,16 @@ def _ints(text: str) -> list[int]:
     return out
 
 
+def _drift_settings(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ``--nab`` run's drift settings from ``--fixed-block`` and ``--screen``."""
+    drift: dict[str, Any] = {}
+    if args.fixed_block:
+        drift["calibration_block_auto"] = False
+    if args.screen is not None:
+        drift["recalibration_screen"] = args.screen
+    return drift or None
+
+
 def _main_nab(args: argparse.Namespace) -> int:
     from fogline.bench import false_alarms_nab
 
@@ -225,7 +257,7 @@ def _main_nab(args: argparse.Namespace) -> int:
         after=args.after_windows,
         seed=args.seed,
         jobs=args.jobs,
-        drift={"calibration_block_auto": False} if args.fixed_block else None,
+        drift=_drift_settings(args),
     )
     print(false_alarms_nab.report(result), flush=True)
     if args.json:

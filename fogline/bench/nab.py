@@ -284,6 +284,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--match", default=None, help="only files whose <category>/<name> has this")
     p.add_argument("--jobs", type=int, default=1, help="files run in parallel (processes)")
+    p.add_argument(
+        "--screen",
+        type=int,
+        default=None,
+        metavar="R",
+        help="drift.recalibration_screen: keep runs of R batches above the threshold in force "
+        "out of re-calibration windows (0: off; default: the configured default)",
+    )
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     args = p.parse_args(list(argv) if argv is not None else None)
     root: Path = args.data
@@ -298,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["batch_size"] = args.batch_size
     if args.ert:
         overrides["policy"] = {"ert": args.ert}
+    if args.screen is not None:
+        overrides["policy"] = {**overrides.get("policy", {}), "recalibration_screen": args.screen}
     if args.restarts:
         overrides["warm_restarts"] = args.restarts
     if args.select:
