@@ -267,7 +267,7 @@ def store_drift(state: PosteriorState, drift: DriftState) -> PosteriorState:
     tensor per key instead of one per collected batch, which the keyed daemon
     would otherwise rebuild for every key on every batch and write in every blob.
     """
-    aux = {k: v for k, v in state.aux.items() if not k.startswith(_AUX_PREFIX)}
+    extra, aux = _without_drift_entries(state)
     for name, value in drift.reference.state.params.items():
         aux[_AUX_REFERENCE + name] = value.detach()
     aux[_AUX_BASE_PRIOR + "loc"] = drift.base_prior.loc
@@ -281,7 +281,6 @@ def store_drift(state: PosteriorState, drift: DriftState) -> PosteriorState:
     }
     if drift.kl_window:
         loop["kl_window"] = drift.kl_window
-    extra = {k: v for k, v in state.extra.items() if k not in (_EXTRA_POLICY, _EXTRA_LOOP)}
     extra[_EXTRA_POLICY] = policy_to_json(drift.policy)
     extra[_EXTRA_LOOP] = loop
     return state.replace(extra=extra, aux=aux)
@@ -335,9 +334,17 @@ def without_loop(state: PosteriorState) -> PosteriorState:
     :meth:`DriftLoop.resume` anchors a new loop at it."""
     if _EXTRA_POLICY not in state.extra and not any(k.startswith(_AUX_PREFIX) for k in state.aux):
         return state
+    extra, aux = _without_drift_entries(state)
+    return state.replace(extra=extra, aux=aux)
+
+
+def _without_drift_entries(
+    state: PosteriorState,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Copies of ``state.extra`` / ``state.aux`` without what :func:`store_drift` writes."""
     extra = {k: v for k, v in state.extra.items() if k not in (_EXTRA_POLICY, _EXTRA_LOOP)}
     aux = {k: v for k, v in state.aux.items() if not k.startswith(_AUX_PREFIX)}
-    return state.replace(extra=extra, aux=aux)
+    return extra, aux
 
 
 def has_drift(state: PosteriorState) -> bool:

@@ -145,14 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="--nab: drift.calibration_block_auto = false (the fixed 2-batch block bootstrap, "
         "a baseline for the same run's figures)",
     )
-    p.add_argument(
-        "--screen",
-        type=int,
-        default=None,
-        metavar="R",
-        help="drift.recalibration_screen: keep runs of R batches above the threshold in force "
-        "out of re-calibration windows (0: off; default: the configured default)",
-    )
+    from fogline.bench.nab import add_screen_option
+
+    add_screen_option(p)
     p.add_argument(
         "--calibration-batches",
         type=int,

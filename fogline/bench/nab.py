@@ -213,6 +213,18 @@ def score(scorer: Path, root: Path, results: Path) -> dict[str, Any]:
     return {"profiles": table, "text": out.stdout.strip()}
 
 
+def add_screen_option(p: argparse.ArgumentParser) -> None:
+    """``--screen R``: ``drift.recalibration_screen`` of the run (``bench nab``, ``bench false_alarms``)."""
+    p.add_argument(
+        "--screen",
+        type=int,
+        default=None,
+        metavar="R",
+        help="drift.recalibration_screen: keep runs of R batches above the threshold in force "
+        "out of re-calibration windows (0: off; default: the configured default)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point (``fogline bench nab``)."""
     from fogline.drift.config import PolicyConfig
@@ -284,14 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--match", default=None, help="only files whose <category>/<name> has this")
     p.add_argument("--jobs", type=int, default=1, help="files run in parallel (processes)")
-    p.add_argument(
-        "--screen",
-        type=int,
-        default=None,
-        metavar="R",
-        help="drift.recalibration_screen: keep runs of R batches above the threshold in force "
-        "out of re-calibration windows (0: off; default: the configured default)",
-    )
+    add_screen_option(p)
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     args = p.parse_args(list(argv) if argv is not None else None)
     root: Path = args.data
