@@ -293,8 +293,9 @@ def stacked_components(
     vectorised kernel; on a strided slice softplus took ~13x longer).  Gaussian
     likelihood.  A key's values do not depend on the other keys of the chunk.
     Against the rows-last layout of the first version ([S H_1, D] x [D, n]
-    products) the values agree to float rounding; 3-4x faster for the keyed
-    daemon's shapes (D = 4, H = 16, S = 64, n ~ 8).
+    products) the values agree to float rounding (1e-7 relative); ``stacked_moments``
+    of 128 ensembles of S = 64 on 8 rows (D = 4, H = 16) took 3.7-4.0 ms against
+    7.7-11.2 ms (docs/drift.md).
     """
     w0, b0 = layers[0]
     k, s, h0, d = w0.shape
