@@ -234,10 +234,13 @@ def stacked_weights(
     with torch.no_grad():  # no graph: the parameters are read, never differentiated here
         loc = torch.stack([st.params["loc"] for st in states])
         raw = torch.stack([st.params["scale_unconstrained"] for st in states])
-        w = loc.unsqueeze(1) + torch.nn.functional.softplus(raw).unsqueeze(1) * eps
+        # s_k * eps_s, then + m_k in place: the bits of m + s * eps with one [K, S, P]
+        # tensor allocated, not two (a sum is commutative in IEEE arithmetic)
+        w = torch.nn.functional.softplus(raw).unsqueeze(1) * eps
+        w.add_(loc.unsqueeze(1))
         if z is not None:
             v = torch.stack([st.params["cov_factor"] for st in states])
-            w = w + torch.matmul(z, v.transpose(1, 2))
+            w.add_(torch.matmul(z, v.transpose(1, 2)))
     return w
 
 

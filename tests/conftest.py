@@ -153,6 +153,17 @@ def _keep_gc() -> Iterator[None]:
         gc.set_threshold(*saved)
 
 
+@pytest.fixture(autouse=True)
+def _keep_malloc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep glibc's allocator defaults in the test process: ``fogline run`` called in
+    process would raise its thresholds for good (fogline/daemon/malloc_tuning.py has
+    no undo); daemons the tests start as subprocesses still tune theirs, and
+    tests/daemon/test_malloc_tuning.py checks the function in a child process."""
+    import fogline.daemon.malloc_tuning as mt
+
+    monkeypatch.setattr(mt, "tune_malloc", lambda *args, **kwargs: False)
+
+
 # --------------------------------------------------------------------------
 # outside data (never needed by package code; tests skip without it)
 # --------------------------------------------------------------------------

@@ -105,10 +105,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def _tune_gc() -> None:
     """After the daemon's imports: freeze the start-up heap, raise the collector's
-    thresholds (:mod:`fogline.daemon.gc_tuning`)."""
+    thresholds (:mod:`fogline.daemon.gc_tuning`), and keep freed tensor memory in
+    the heap for the next batch (:mod:`fogline.daemon.malloc_tuning`)."""
     from fogline.daemon.gc_tuning import tune_for_streaming
+    from fogline.daemon.malloc_tuning import tune_malloc
 
     tune_for_streaming()
+    tune_malloc()
 
 
 def _run_keyed(settings: Settings, options: Any, stop: Any) -> int:
