@@ -27,10 +27,17 @@ from fogline.models.keyed_batch import KeyJob, batched_step, group_key
 from fogline.models.state import Minibatch, PosteriorState, StepInfo, _fresh_rng_state
 from fogline.models.stream import stream_step
 
-#: Keys per batched pass.  Each key's result does not depend on the other keys of
-#: its pass; passes of ~100 keys keep the [keys, params] temporaries small enough
-#: to be reused by the allocator (1,000 keys at once spent more time in page faults
-#: of fresh 5-30 MB buffers than in arithmetic: docs/model.md).
+#: Keys per batched pass.  A key's result depends on the other keys of its pass only
+#: through the pass's longest row count n_max: its rows are padded to n_max, and the
+#: weight gradients' sums over rows (G^T h, n_max terms, the padding's zeros among
+#: them) round differently for a different n_max (checked: a key stepped alone and
+#: beside a key of fewer or as many rows gives the same bits, beside a key of more
+#: rows not).  Passes are a function of the batch's keys and row counts (sorted by
+#: rows, then cut every CHUNK keys), so a partition's record sequence fixes every
+#: key's bits, as the keyed daemon needs; this constant is part of that function.
+#: Passes of ~100 keys keep the [keys, params] temporaries small enough to be reused
+#: by the allocator (1,000 keys at once spent more time in page faults of fresh
+#: 5-30 MB buffers than in arithmetic: docs/model.md).
 CHUNK = int(os.environ.get("FOGLINE_KEYED_CHUNK", "128"))
 
 #: One full posterior state per key.
