@@ -36,12 +36,20 @@ import random
 from typing import Any
 
 from river import base
-from river import drift as rdrift
 
 
 def warning_of(detector: Any) -> bool:
     """``detector.warning_detected`` when it has one, else ``False``."""
     return bool(getattr(detector, "warning_detected", False))
+
+
+def _river_drift() -> Any:
+    """``river.drift``, imported on first use: its package imports ``river.datasets`` and,
+    through it, scikit-learn and SciPy (~1.2 s at start-up, measured with ``-X importtime``),
+    which the default ``threshold`` monitor never needs."""
+    from river import drift
+
+    return drift
 
 
 class _Wrapped(base.DriftAndWarningDetector):
@@ -100,7 +108,7 @@ class ADWINMonitor(_Wrapped):
         self._reset()
 
     def _make(self) -> Any:
-        return rdrift.ADWIN(
+        return _river_drift().ADWIN(
             delta=self.delta,
             clock=self.clock,
             max_buckets=self.max_buckets,
@@ -130,7 +138,7 @@ class PageHinkleyMonitor(_Wrapped):
         self._reset()
 
     def _make(self) -> Any:
-        return rdrift.PageHinkley(
+        return _river_drift().PageHinkley(
             min_instances=self.min_instances,
             delta=self.delta,
             threshold=self.threshold,
@@ -158,7 +166,7 @@ class KSWINMonitor(_Wrapped):
         self._reset()
 
     def _make(self) -> Any:
-        return rdrift.KSWIN(
+        return _river_drift().KSWIN(
             alpha=self.alpha,
             window_size=self.window_size,
             stat_size=self.stat_size,
@@ -251,7 +259,7 @@ def make_monitor(name: str, **params: Any) -> base.DriftDetector:
     """Build a monitor by name (``threshold``, ``adwin``, ``page_hinkley``, ``kswin``,
     ``none`` for River's ``NoDrift``)."""
     if name == "none":
-        return rdrift.NoDrift()
+        return _river_drift().NoDrift()
     if name not in MONITORS:
         raise ValueError(f"unknown monitor {name!r}; choose from {[*sorted(MONITORS), 'none']}")
     return MONITORS[name](**params)

@@ -65,9 +65,18 @@ def _canonical(meta: dict[str, Any]) -> str:
     return json.dumps(meta, sort_keys=True, allow_nan=False, separators=(",", ":"))
 
 
-def _raw(t: torch.Tensor) -> bytes:
-    """The bytes of ``t`` in memory order (CPU, contiguous)."""
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+def _raw(t: torch.Tensor) -> memoryview:
+    """The bytes of ``t`` in memory order (CPU, contiguous), without a copy.
+
+    A view of the tensor's own memory (it keeps the tensor alive): hashed and
+    joined into the blob as they are, where ``tobytes`` copied each tensor once
+    more before both.
+    """
+    if not t.numel():
+        return memoryview(b"")
+    if t.dtype is torch.bfloat16:  # numpy has no bfloat16: its bytes as uint8
+        return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(t.numpy()).cast("B")
 
 
 def checksum(tensors: dict[str, torch.Tensor], header: dict[str, Any] | None = None) -> str:
@@ -82,13 +91,18 @@ def checksum(tensors: dict[str, torch.Tensor], header: dict[str, Any] | None = N
 
 def _digest(
     tensors: Mapping[str, torch.Tensor],
-    raw: Mapping[str, bytes],
-    header: dict[str, Any] | None,
+    raw: Mapping[str, memoryview],
+    header: dict[str, Any] | str | None,
 ) -> str:
-    """:func:`checksum` of CPU-contiguous ``tensors`` whose bytes are ``raw`` already."""
+    """:func:`checksum` of CPU-contiguous ``tensors`` whose bytes are ``raw`` already.
+
+    ``header`` may be given as its canonical JSON already (without ``checksum``).
+    """
     h = hashlib.sha256()
     if header is not None:
-        h.update(_canonical({k: v for k, v in header.items() if k != "checksum"}).encode())
+        if not isinstance(header, str):
+            header = _canonical({k: v for k, v in header.items() if k != "checksum"})
+        h.update(header.encode())
         h.update(b"\x00")
     for name in sorted(tensors):
         t = tensors[name]
@@ -113,7 +127,7 @@ _ST_DTYPES: dict[torch.dtype, tuple[str, int]] = {
 
 
 def _st_encode(
-    tensors: Mapping[str, torch.Tensor], raw: Mapping[str, bytes], metadata: dict[str, str]
+    tensors: Mapping[str, torch.Tensor], raw: Mapping[str, memoryview], metadata: dict[str, str]
 ) -> bytes:
     """The safetensors file of ``tensors`` (bytes ``raw``), byte for byte what
     ``safetensors.torch.save(tensors, metadata=metadata)`` writes, without its
@@ -208,7 +222,12 @@ def state_tensors(state: PosteriorState) -> dict[str, torch.Tensor]:
     res: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for k, v in out.items():
-        t = v.detach().cpu().contiguous()
+        # the usual case (a CPU, contiguous tensor without grad) as it is, no new wrapper
+        t = (
+            v
+            if v.is_cpu and not v.requires_grad and v.is_contiguous()
+            else v.detach().cpu().contiguous()
+        )
         ptr = t.untyped_storage().data_ptr() if t.numel() else 0
         if ptr and ptr in seen:  # e.g. aux holding the prior itself: safetensors wants one owner
             t = t.clone()
@@ -234,7 +253,9 @@ def to_bytes(state: PosteriorState) -> bytes:
     if state.schema is not None:
         meta["schema"] = state.schema.to_dict()
     raw = {n: _raw(t) for n, t in tensors.items()}
-    meta["checksum"] = _digest(tensors, raw, meta)
+    # the header's canonical JSON is hashed as it is (meta has no checksum yet), then
+    # encoded once more with the checksum: two encodings, not three
+    meta["checksum"] = _digest(tensors, raw, _canonical(meta))
     return _st_encode(tensors, raw, {"fogline": _canonical(meta)})
 
 

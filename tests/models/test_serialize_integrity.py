@@ -205,3 +205,24 @@ def test_the_fast_writer_is_byte_for_byte_safetensors() -> None:
         metadata={"fogline": json.dumps(header, sort_keys=True, separators=(",", ":"))},
     )
     assert to_bytes(from_bytes(blob)) == blob
+
+
+def test_raw_is_each_tensors_bytes_without_a_copy() -> None:
+    """``_raw``: a view of the tensor's own memory (no ``tobytes`` copy), the same bytes as
+    the uint8 reinterpretation for every dtype the writer takes (bfloat16, which numpy
+    lacks, included), for 0-d, empty and 2-d tensors."""
+    from fogline.models.serialize import _raw
+
+    for dtype in _DTYPES:
+        for t in (
+            (torch.arange(6) % 3).to(dtype).reshape(2, 3),
+            torch.tensor(1).to(dtype),
+            torch.zeros(0, dtype=dtype),
+        ):
+            view = _raw(t)
+            assert bytes(view) == t.reshape(-1).view(torch.uint8).numpy().tobytes(), dtype
+            assert view.nbytes == t.numel() * t.element_size()
+    t = torch.arange(4, dtype=torch.float32)
+    view = _raw(t)
+    t[0] = 7.0  # a view: it sees the tensor's memory, not a copy taken before
+    assert bytes(view[:4]) == torch.tensor(7.0).numpy().tobytes()
