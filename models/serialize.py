@@ -75,8 +75,8 @@ def _raw(t: torch.Tensor) -> memoryview:
     if not t.numel():
         return memoryview(b"")
     if t.dtype is torch.bfloat16:  # numpy has no bfloat16: its bytes as uint8
-        return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-    return memoryview(t.numpy()).cast("B")
+        return t.reshape(-1).view(torch.uint8).numpy().data
+    return t.numpy().data.cast("B")
 
 
 def checksum(tensors: dict[str, torch.Tensor], header: dict[str, Any] | None = None) -> str:
