@@ -26,6 +26,8 @@ entry point calls this.
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import structlog
 
@@ -52,4 +54,21 @@ def tune_for_streaming(threshold0: int = THRESHOLD0) -> tuple[int, int, int]:
     return old
 
 
-__all__ = ["THRESHOLD0", "tune_for_streaming"]
+@contextmanager
+def streaming_gc(threshold0: int = THRESHOLD0) -> Iterator[None]:
+    """The block under :func:`tune_for_streaming`'s settings; the old thresholds after.
+
+    For a benchmark's baseline loop, timed under the collector settings the
+    daemon's processes run with.  On exit the heap is unfrozen (everything
+    frozen, including what was frozen before the block) and the previous
+    thresholds are set again.
+    """
+    old = tune_for_streaming(threshold0)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+        gc.unfreeze()
+
+
+__all__ = ["THRESHOLD0", "streaming_gc", "tune_for_streaming"]

@@ -350,21 +350,18 @@ def _under_daemon_gc(
     The daemon calls :func:`fogline.daemon.gc_tuning.tune_for_streaming` after
     start-up; without it CPython's default thresholds put a cyclic-collector pass
     into the timed blocks every 700 allocations (measured: ~20 % of the resident
-    step at 1,000 keys).  The previous thresholds are restored and the frozen heap
-    thawed afterwards; ``gc_thresholds`` in the record says what was timed.
+    step at 1,000 keys).  The previous settings are restored afterwards
+    (:func:`~fogline.daemon.gc_tuning.streaming_gc`); ``gc_thresholds`` in the
+    record says what was timed.
     """
     import gc
 
-    from fogline.daemon.gc_tuning import tune_for_streaming
+    from fogline.daemon.gc_tuning import streaming_gc
 
-    old = tune_for_streaming()
-    try:
+    with streaming_gc():
         out = part(args, device)
         out["gc_thresholds"] = list(gc.get_threshold())
-        return out
-    finally:
-        gc.set_threshold(*old)
-        gc.unfreeze()
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

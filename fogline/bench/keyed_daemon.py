@@ -196,33 +196,29 @@ def baseline_rate(bootstrap: str, topic: str, n: int) -> float:
     """Records/s of a bare consume + decode loop over the first ``n`` records of ``topic``.
 
     Under the collector settings the daemon's processes run with
-    (:func:`~fogline.daemon.gc_tuning.tune_for_streaming`, restored afterwards):
+    (:func:`~fogline.daemon.gc_tuning.streaming_gc`, restored afterwards):
     ``fogline run`` and its consumer child tune theirs, and the loop gains as
     much from it (40-50k records/s with CPython's defaults, 56-63k tuned, on a
     2-core machine), so the ratio is the daemon's own overhead, not a handicap
     of the baseline.
     """
-    import gc
-
-    from fogline.daemon.gc_tuning import tune_for_streaming
+    from fogline.daemon.gc_tuning import streaming_gc
 
     dec = Decoder(list(FEATURES))
     src = KafkaSource(bootstrap, topic, f"bench-{uuid.uuid4().hex[:8]}", session_timeout_ms=6000)
-    old = tune_for_streaming()
     try:
-        seen = 0
-        t0: float | None = None
-        while seen < n:
-            raws = src.poll(2000, 200)
-            if raws and t0 is None:
-                t0 = time.perf_counter()
-            decode_batch(raws, dec)
-            seen += len(raws)
-        assert t0 is not None
-        return n / max(1e-9, time.perf_counter() - t0)
+        with streaming_gc():
+            seen = 0
+            t0: float | None = None
+            while seen < n:
+                raws = src.poll(2000, 200)
+                if raws and t0 is None:
+                    t0 = time.perf_counter()
+                decode_batch(raws, dec)
+                seen += len(raws)
+            assert t0 is not None
+            return n / max(1e-9, time.perf_counter() - t0)
     finally:
-        gc.set_threshold(*old)
-        gc.unfreeze()
         src.close()
 
 

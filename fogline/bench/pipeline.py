@@ -25,7 +25,6 @@ of the drift loop's first threshold calibration, a one-off cost per anchoring).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import sys
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fogline.daemon import logs
     from fogline.daemon.config import Settings
-    from fogline.daemon.gc_tuning import tune_for_streaming
+    from fogline.daemon.gc_tuning import streaming_gc
     from fogline.daemon.stream.pipeline import Pipeline, RunOptions, RunStats
     from fogline.daemon.stream.source import KafkaSource, create_topic
     from fogline.drift.runner import drift_summary
@@ -92,19 +91,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         n_raw, t_first, first_n = 0, 0.0, 0
         deadline = time.monotonic() + 120
-        gc_old = tune_for_streaming()
         try:
-            while n_raw < args.records and time.monotonic() < deadline:
-                chunk = src.poll(max_records=2048, timeout_ms=100)
-                for r in chunk:
-                    json.loads(r.value or b"null")
-                if chunk and not t_first:
-                    t_first, first_n = time.perf_counter(), len(chunk)
-                n_raw += len(chunk)
-            raw_s = time.perf_counter() - t_first
+            with streaming_gc():
+                while n_raw < args.records and time.monotonic() < deadline:
+                    chunk = src.poll(max_records=2048, timeout_ms=100)
+                    for r in chunk:
+                        json.loads(r.value or b"null")
+                    if chunk and not t_first:
+                        t_first, first_n = time.perf_counter(), len(chunk)
+                    n_raw += len(chunk)
+                raw_s = time.perf_counter() - t_first
         finally:
-            gc.set_threshold(*gc_old)
-            gc.unfreeze()
             src.close()
         assert n_raw == args.records, f"raw loop read {n_raw} records"
         raw_rate = (n_raw - first_n) / raw_s
