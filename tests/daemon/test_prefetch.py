@@ -22,13 +22,14 @@ class CheckedConsumer(FakeConsumer):
     """A fake consumer that fails on overlapping calls and can rebalance inside one poll.
 
     At poll number ``rebalance_at`` it revokes and re-assigns its partition the way
-    kafka-python's callbacks do (``on_revoked``, then ``offsets_for``), then waits
-    until the main thread has absorbed a batch (``absorbed`` set), so the offsets it
-    was sought to are stale when the poll returns.
+    kafka-python's callbacks do (``on_revoked``, then ``offsets_for``), says so
+    (``sought`` set), then waits until the main thread has absorbed a batch
+    (``absorbed`` set), so the offsets it was sought to are stale when the poll returns.
     """
 
     rebalance_at: int | None = None
     absorbed: threading.Event = field(default_factory=threading.Event)
+    sought: threading.Event = field(default_factory=threading.Event)
     polls: int = 0
     threads: set[str] = field(default_factory=set)
     _busy: threading.Lock = field(default_factory=threading.Lock)
@@ -48,6 +49,7 @@ class CheckedConsumer(FakeConsumer):
                 self.on_revoked([self.key])
                 self.position = None  # the next lines re-assign through offsets_for
                 out = super().poll(max_records, timeout_ms)
+                self.sought.set()
                 assert self.absorbed.wait(10), "the main thread absorbed nothing meanwhile"
                 return out
             return super().poll(max_records, timeout_ms)
@@ -74,9 +76,15 @@ class CheckedConsumer(FakeConsumer):
 
 
 class CheckedWorld(World):
-    def __init__(self, log: list[bytes], rebalance_at: int | None = None) -> None:
+    """``hold_at_batch``: the main thread waits after absorbing that batch until the
+    rebalancing poll has re-sought (see the rebalance test)."""
+
+    def __init__(
+        self, log: list[bytes], rebalance_at: int | None = None, hold_at_batch: int | None = None
+    ) -> None:
         super().__init__(log)
         self.rebalance_at = rebalance_at
+        self.hold_at_batch = hold_at_batch
         self.checked: CheckedConsumer | None = None
 
     def clients(self) -> Clients:
@@ -98,9 +106,17 @@ class CheckedWorld(World):
         return Clients(store=lambda s: self.store, source=source, dead_letters=lambda s: self.dlq)
 
     def run_with(self, prefetch: bool) -> Pipeline:
+        batches = 0
+
         def on_batch(stats: Any, state: Any) -> None:
-            if self.checked is not None:
-                self.checked.absorbed.set()
+            nonlocal batches
+            batches += 1
+            checked = self.checked
+            if checked is None:
+                return
+            if prefetch and batches == self.hold_at_batch:
+                assert checked.sought.wait(10), "the rebalancing poll never re-sought"
+            checked.absorbed.set()
 
         opts = RunOptions(idle_exit_s=0.05, prefetch=prefetch, on_batch=on_batch)
         pipe = Pipeline(_settings(), opts, clients=self.clients())
@@ -130,7 +146,13 @@ def test_prefetching_absorbs_the_same_records_into_the_same_posterior() -> None:
 def test_a_rebalance_inside_a_prefetched_poll_is_resought_and_loses_or_repeats_nothing() -> None:
     plain = CheckedWorld(_log(200))
     plain.run_with(prefetch=False)
-    raced = CheckedWorld(_log(200), rebalance_at=4)
+    # polls of 24 records, batches of 16, a dead letter at offset 7: poll 3 completes
+    # batches 3 and 4, and poll 4 starts on the worker before batch 3 is absorbed. The main
+    # thread holds after batch 3 until poll 4 has re-sought, so batch 4 is absorbed after
+    # that seek and makes it stale, whatever the scheduling (without the hold, a main
+    # thread that absorbed both before the worker reached the rebalance left nothing to
+    # absorb meanwhile: seen once on a loaded machine)
+    raced = CheckedWorld(_log(200), rebalance_at=4, hold_at_batch=3)
     with capture_logs() as logs:
         raced.run_with(prefetch=True)
     resought = [e for e in logs if e["event"] == "partitions_resought"]
