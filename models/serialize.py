@@ -86,23 +86,22 @@ def checksum(tensors: dict[str, torch.Tensor], header: dict[str, Any] | None = N
     ``header=None`` hashes the tensors only (the schema-1 digest).
     """
     cpu = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
-    return _digest(cpu, {n: _raw(t) for n, t in cpu.items()}, header)
+    header_json = (
+        None if header is None else _canonical({k: v for k, v in header.items() if k != "checksum"})
+    )
+    return _digest(cpu, {n: _raw(t) for n, t in cpu.items()}, header_json)
 
 
 def _digest(
     tensors: Mapping[str, torch.Tensor],
     raw: Mapping[str, memoryview],
-    header: dict[str, Any] | str | None,
+    header_json: str | None,
 ) -> str:
-    """:func:`checksum` of CPU-contiguous ``tensors`` whose bytes are ``raw`` already.
-
-    ``header`` may be given as its canonical JSON already (without ``checksum``).
-    """
+    """:func:`checksum` of CPU-contiguous ``tensors`` whose bytes are ``raw`` already and
+    whose header's canonical JSON (without ``checksum``) is ``header_json``."""
     h = hashlib.sha256()
-    if header is not None:
-        if not isinstance(header, str):
-            header = _canonical({k: v for k, v in header.items() if k != "checksum"})
-        h.update(header.encode())
+    if header_json is not None:
+        h.update(header_json.encode())
         h.update(b"\x00")
     for name in sorted(tensors):
         t = tensors[name]
