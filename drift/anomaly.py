@@ -31,7 +31,21 @@ statistic record by record with its state explicit):
 
        z_t = (m_t - mu_t) / sd_t,    log10 q_t,K = log10(1 - Phi(z_t)),
 
-   combined over the scales with a Bonferroni correction,
+   **Recurrence floor** (``recurrence`` m, default 0.02): the Gaussian tail
+   extrapolates from the history's mean and sd, and on a regular series (a
+   square wave's edges, a spike every 100 records) it calls a pattern that
+   recurs in the history a 10-sigma event.  The history itself says how
+   often a window mean this high occurs: with c_t = #{j in the history:
+   m_j >= m_t} of its n_t values, the per-record rate is c_t / n_t, and
+
+       q_t,K = max(1 - Phi(z_t),  m c_t / n_t)
+
+   so the extrapolation may go at most a factor 1/m (50) below the observed
+   frequency of such values.  A record above every value of its history
+   (c_t = 0, a first-of-its-kind event) keeps its Gaussian tail; m = 0 turns
+   the floor off.
+
+   The scales are combined with a Bonferroni correction,
    lambda_t = max(0, max_K(-log10 q_t,K) - log10 |short|), i.e. a per-record
    tail probability q_t = 10^(-lambda_t), and written as
 
@@ -111,7 +125,8 @@ class LikelihoodConfig(BaseModel):
     series' sd), ``noise_floor_relative`` c (the floor is max(``noise_floor``, c r),
     r the warm-up's one-step scale, :func:`effective_noise_floor`; 0: the fixed
     floor alone), the long-window ``estimator``, and the repeat suppression's
-    window ``suppress`` S (records; 0: off) and ratio ``suppress_ratio`` r.
+    window ``suppress`` S (records; 0: off) and ratio ``suppress_ratio`` r, and the
+    ``recurrence`` floor's weight m (q_t,K >= m c_t / n_t, module docstring; 0: off).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -130,6 +145,7 @@ class LikelihoodConfig(BaseModel):
     tail: Literal["gaussian", "student_t"] = "gaussian"
     scale: Literal["rate", "log"] = "rate"
     calibration: TailConfig | None = None
+    recurrence: float = Field(default=0.02, ge=0, le=1)
 
     @model_validator(mode="after")
     def _check(self) -> LikelihoodConfig:
@@ -254,6 +270,28 @@ def _location_scale(hist: FloatArray, k: int, cfg: LikelihoodConfig) -> tuple[An
     return mu, np.maximum(sd, cfg.sd_floor / math.sqrt(k))
 
 
+def _recurrence_cap(count: Any, n_hist: Any, cfg: LikelihoodConfig) -> Any:
+    """-log10(m c / n): the largest lambda the recurrence floor allows (inf where c = 0 or m = 0)."""
+    rate = (
+        cfg.recurrence * np.asarray(count, dtype=np.float64) / np.asarray(n_hist, dtype=np.float64)
+    )
+    with np.errstate(divide="ignore"):
+        return -np.log10(rate)
+
+
+#: Rows of the [rows, W] comparison matrix :func:`_recurrence_counts` builds at a time.
+_COUNT_BLOCK = 2048
+
+
+def _recurrence_counts(hist: FloatArray, m: FloatArray) -> FloatArray:
+    """c_t = #{j: hist[t, j] >= m[t]} per row of the sliding history ``hist`` [T, W]."""
+    out = np.empty(len(m))
+    for lo in range(0, len(m), _COUNT_BLOCK):
+        hi = lo + _COUNT_BLOCK
+        out[lo:hi] = np.count_nonzero(hist[lo:hi] >= m[lo:hi, None], axis=1)
+    return out
+
+
 def _score(lam_k: FloatArray, cfg: LikelihoodConfig) -> tuple[FloatArray, FloatArray]:
     """(log-scale score, lambda) from the per-scale -log10 q [n_scales, ...]."""
     lam = np.maximum(np.max(lam_k, axis=0) - math.log10(len(cfg.short)), 0.0)
@@ -281,13 +319,19 @@ def _scale_lambda(m: FloatArray, k: int, cfg: LikelihoodConfig) -> FloatArray:
     """-log10 q_t for one window length (0 before ``min_history``)."""
     n, w = len(m), cfg.long
     lam = np.zeros(n)
+    floor = cfg.recurrence > 0
     for t in range(cfg.min_history, min(w, n)):  # growing history m[:t]
         mu, sd = _location_scale(m[:t], k, cfg)
         lam[t] = _tail_lambda((m[t] - mu) / sd, t, k, cfg)
+        if floor:
+            lam[t] = min(lam[t], _recurrence_cap(np.count_nonzero(m[:t] >= m[t]), t, cfg))
     if n > w:
         hist = np.lib.stride_tricks.sliding_window_view(m[:-1], w)  # row j: m[j : j + W]
         mu, sd = _location_scale(hist, k, cfg)
         lam[w:] = _tail_lambda((m[w:] - mu) / sd, w, k, cfg)
+        if floor:
+            cap = _recurrence_cap(_recurrence_counts(hist, m[w:]), w, cfg)
+            lam[w:] = np.minimum(lam[w:], cap)
     return lam
 
 
@@ -358,8 +402,12 @@ class AnomalyLikelihood:
                 m = float(recent[-k:].mean())
                 hist = self._means[i]
                 if len(hist) >= self.cfg.min_history:
-                    mu, sd = _location_scale(np.asarray(hist), k, self.cfg)
+                    past = np.asarray(hist)
+                    mu, sd = _location_scale(past, k, self.cfg)
                     lam_k[i] = _tail_lambda((m - mu) / sd, len(hist), k, self.cfg)
+                    if self.cfg.recurrence > 0:
+                        c = np.count_nonzero(past >= m)
+                        lam_k[i] = min(lam_k[i], _recurrence_cap(c, len(hist), self.cfg))
                 hist.append(m)
             ready = len(self._means[0]) > self.cfg.min_history
             s, lam = _score(lam_k[:, None], self.cfg) if ready else (np.zeros(1), np.zeros(1))

@@ -290,6 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "with --noise-floor (default 0.2; 0: the fixed floor alone)",
     )
     p.add_argument(
+        "--recurrence",
+        type=float,
+        default=None,
+        help="weight m of the anomaly score's recurrence floor, q >= m c / n for a window "
+        "mean reached c times in its n-record history (default 0.02; 0: off)",
+    )
+    p.add_argument(
         "--calibrate",
         action="store_true",
         help="write the per-stream calibrated score (peaks over threshold, drift/pot.py)",
@@ -330,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         anomaly["noise_floor"] = args.noise_floor
     if args.noise_floor_relative is not None:
         anomaly["noise_floor_relative"] = args.noise_floor_relative
+    if args.recurrence is not None:
+        anomaly["recurrence"] = args.recurrence
     if args.calibrate:
         anomaly["calibration"] = {}
     if anomaly:

@@ -15,6 +15,7 @@ from fogline.drift.anomaly import (
     log_tail_probability,
     normal_scores,
     suppress_repeats,
+    window_means,
     written_score,
 )
 from fogline.drift.pot import TailConfig
@@ -153,14 +154,15 @@ def test_the_student_t_tail_is_heavier_and_nears_the_gaussian_one() -> None:
     rng = np.random.default_rng(5)
     zeta = rng.standard_normal(4000)
     zeta[3000:3010] += 3.0
-    _, lam_g = anomaly_likelihood(zeta, LikelihoodConfig())
-    _, lam_t = anomaly_likelihood(zeta, LikelihoodConfig(tail="student_t"))
+    # the tails' shapes compared without the recurrence floor, which caps both alike
+    _, lam_g = anomaly_likelihood(zeta, LikelihoodConfig(recurrence=0))
+    _, lam_t = anomaly_likelihood(zeta, LikelihoodConfig(tail="student_t", recurrence=0))
     big = lam_g > 1.0
     assert big.any() and np.all(lam_t[big] < lam_g[big])  # a heavier tail: less surprise
     # K = 8 windows over W = 1000 records: n_eff = 125, nearly Gaussian at moderate z
-    short = LikelihoodConfig(short=(8,), tail="student_t")
+    short = LikelihoodConfig(short=(8,), tail="student_t", recurrence=0)
     _, lam_t8 = anomaly_likelihood(zeta, short)
-    _, lam_g8 = anomaly_likelihood(zeta, LikelihoodConfig(short=(8,)))
+    _, lam_g8 = anomaly_likelihood(zeta, LikelihoodConfig(short=(8,), recurrence=0))
     mid = (lam_g8 > 1.0) & (lam_g8 < 3.0)
     np.testing.assert_allclose(lam_t8[mid], lam_g8[mid], rtol=0.15)
 
@@ -240,3 +242,34 @@ def test_the_members_mean_normal_score() -> None:
     assert out[2] == pytest.approx(norm.logcdf(-(6.0 + normal_scores(lp_b, 6.0)[2]) / 2))
     with pytest.raises(ValueError, match="no member"):
         mean_normal_score_log_tail([])
+
+
+def test_the_recurrence_floor_caps_a_pattern_the_history_holds_but_not_a_new_event() -> None:
+    """A spike every 250 records on a quiet series is a q ~ 1e-4 window mean to the
+    Gaussian tail; with the floor q_t >= m c_t / n_t, c_t the past window means as high
+    (checked by brute force on one scale).  A first-of-its-kind event (two spikes in a
+    row, c = 0) keeps the Gaussian tail."""
+    rng = np.random.default_rng(5)
+    zeta = 0.05 * rng.standard_normal(3000)
+    zeta[100::250] = 6.0  # the regular pattern
+    zeta[2650:2652] = 6.0  # higher than anything before it
+    off = LikelihoodConfig(short=(8,), recurrence=0.0, suppress=0)
+    on = LikelihoodConfig(short=(8,), suppress=0)
+    _, lam_off = anomaly_likelihood(zeta, off)
+    _, lam_on = anomaly_likelihood(zeta, on)
+    m = window_means(zeta, 8)
+    for t in range(on.min_history, len(zeta)):
+        past = m[max(0, t - on.long) : t]
+        c = int(np.count_nonzero(past >= m[t]))
+        cap = -math.log10(on.recurrence * c / len(past)) if c else math.inf
+        assert lam_on[t] == pytest.approx(min(lam_off[t], cap), abs=1e-12), t
+    spikes = np.arange(1100, 2600, 250)
+    assert lam_off[spikes].min() > 4.0 and np.all(lam_on[spikes] < lam_off[spikes] - 0.3)
+    assert lam_on[2651] == lam_off[2651] > 15.0  # the new event: c = 0, nothing capped
+    # the streaming scorer applies the same floor, on both scales of the default
+    both = LikelihoodConfig(suppress=0)
+    _, lam_both = anomaly_likelihood(zeta, both)
+    _, lam_stream = AnomalyLikelihood(both).update(zeta)
+    np.testing.assert_allclose(lam_stream, lam_both, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="recurrence"):
+        LikelihoodConfig(recurrence=1.5)
