@@ -67,7 +67,8 @@ statistic record by record with its state explicit):
    score above a threshold lasts several records.  On the log scale
    s_t = lambda_t / (lambda_t + D) (whatever ``scale`` is written), a record
    is kept only when ``suppress_ratio`` times s_t exceeds every s of the
-   previous ``suppress`` records,
+   previous ``suppress`` records (S = 128: twice the longest window, over which
+   one event's 64-record window means rise and fall again),
 
        kept_t  <=>  r s_t > max(s_{t-S..t-1}),   written score_t = 0 otherwise,
 
@@ -140,7 +141,7 @@ class LikelihoodConfig(BaseModel):
     noise_floor: float = Field(default=0.01, ge=0)
     noise_floor_relative: float = Field(default=0.2, ge=0)
     estimator: Literal["mean_sd", "median_mad"] = "mean_sd"
-    suppress: int = Field(default=64, ge=0)
+    suppress: int = Field(default=128, ge=0)
     suppress_ratio: float = Field(default=0.9, gt=0, le=1)
     tail: Literal["gaussian", "student_t"] = "gaussian"
     scale: Literal["rate", "log"] = "rate"
