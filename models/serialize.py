@@ -235,27 +235,58 @@ def state_tensors(state: PosteriorState) -> dict[str, torch.Tensor]:
     return res
 
 
+#: Canonical JSON of the header's immutable shared parts, by object: a model's frozen
+#: ModelConfig and DataSchema are the same objects in every key's state (id -> (obj, JSON)).
+_SHARED_JSON: dict[int, tuple[object, str]] = {}
+_SHARED_JSON_MAX = 64
+
+
+def _shared_json(obj: ModelConfig | DataSchema) -> str:
+    """``_canonical`` of a frozen config's or schema's JSON form, encoded once per object."""
+    got = _SHARED_JSON.get(id(obj))
+    if got is not None and got[0] is obj:
+        return got[1]
+    text = _canonical(
+        obj.model_dump(mode="json") if isinstance(obj, ModelConfig) else obj.to_dict()
+    )
+    if len(_SHARED_JSON) >= _SHARED_JSON_MAX:
+        _SHARED_JSON.clear()
+    _SHARED_JSON[id(obj)] = (obj, text)
+    return text
+
+
+def header_json(state: PosteriorState) -> str:
+    """The canonical JSON of ``state``'s header without ``checksum`` (the module docstring).
+
+    Equal to ``_canonical`` of the header dict, assembled in its sorted key order
+    (config < extra < fingerprints < lr < offsets < records_absorbed < schema <
+    schema_version < step_count) from the shared parts' cached encodings
+    (:func:`_shared_json`) and one encoding of the per-state fields; the
+    checksum a reader recomputes from the parsed header (:func:`checksum`)
+    would reject any other text.
+    """
+    middle: dict[str, Any] = {
+        "extra": state.extra,
+        "lr": state.lr,
+        "offsets": offsets_to_json(state.offsets),
+        "records_absorbed": state.records_absorbed,
+    }
+    if state.fingerprints:
+        middle["fingerprints"] = fingerprints_to_json(state.fingerprints)
+    schema = "" if state.schema is None else f',"schema":{_shared_json(state.schema)}'
+    tail = _canonical({"schema_version": SCHEMA_VERSION, "step_count": state.step_count})
+    return f'{{"config":{_shared_json(state.config)},{_canonical(middle)[1:-1]}{schema},{tail[1:]}'
+
+
 def to_bytes(state: PosteriorState) -> bytes:
     """Serialise ``state`` (see the module docstring)."""
     tensors = state_tensors(state)
-    meta: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "config": state.config.model_dump(mode="json"),
-        "lr": state.lr,
-        "step_count": state.step_count,
-        "offsets": offsets_to_json(state.offsets),
-        "records_absorbed": state.records_absorbed,
-        "extra": state.extra,
-    }
-    if state.fingerprints:
-        meta["fingerprints"] = fingerprints_to_json(state.fingerprints)
-    if state.schema is not None:
-        meta["schema"] = state.schema.to_dict()
     raw = {n: _raw(t) for n, t in tensors.items()}
-    # the header's canonical JSON is hashed as it is (meta has no checksum yet), then
-    # encoded once more with the checksum: two encodings, not three
-    meta["checksum"] = _digest(tensors, raw, _canonical(meta))
-    return _st_encode(tensors, raw, {"fogline": _canonical(meta)})
+    # the header's canonical JSON is hashed as it is, then the checksum goes in front:
+    # "checksum" sorts before every other key, so the result is canonical too
+    text = header_json(state)
+    signed = f'{{"checksum":"{_digest(tensors, raw, text)}",{text[1:]}'
+    return _st_encode(tensors, raw, {"fogline": signed})
 
 
 def read_header(blob: bytes) -> dict[str, Any]:

@@ -226,3 +226,58 @@ def test_raw_is_each_tensors_bytes_without_a_copy() -> None:
     view = _raw(t)
     t[0] = 7.0  # a view: it sees the tensor's memory, not a copy taken before
     assert bytes(view[:4]) == torch.tensor(7.0).numpy().tobytes()
+
+
+@pytest.mark.parametrize("schema", [False, True])
+@pytest.mark.parametrize("prints", [False, True])
+def test_the_assembled_header_is_the_canonical_json_of_the_header(
+    schema: bool, prints: bool
+) -> None:
+    """``header_json`` splices the cached encodings of the shared config and schema into
+    one encoding of the per-state fields: the text must be exactly ``json.dumps(header,
+    sort_keys=True, separators=(",", ":"))``, with the checksum in front in the blob."""
+    from fogline.models.schema import DataSchema
+    from fogline.models.serialize import SCHEMA_VERSION, header_json
+
+    state = init_state(ModelConfig(in_features=2, hidden=(4,)), seed=0).replace(
+        offsets={("telemetry", 0): 14_004, ("telemetry", 1): 7},
+        records_absorbed=14_000,
+        lr=0.0125,
+        extra={"drift": {"mode": "stable", "alarms": 3}, "key": 'h\u00e9\u0000"x'},
+    )
+    if prints:
+        state = state.replace(fingerprints={("telemetry", 0): PRINT})
+    if schema:
+        state = state.replace(schema=DataSchema.identity(["a", "b"], "y"))
+    reference: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "config": state.config.model_dump(mode="json"),
+        "lr": state.lr,
+        "step_count": state.step_count,
+        "offsets": {"telemetry:0": 14_004, "telemetry:1": 7},
+        "records_absorbed": 14_000,
+        "extra": state.extra,
+    }
+    if prints:
+        reference["fingerprints"] = {
+            "telemetry:0": {"offset": PRINT.offset, "sha256": PRINT.digest}
+        }
+    if schema:
+        assert state.schema is not None
+        reference["schema"] = state.schema.to_dict()
+    canonical = json.dumps(reference, sort_keys=True, allow_nan=False, separators=(",", ":"))
+    for _ in range(2):  # the second call reads the shared parts from the cache
+        assert header_json(state) == canonical
+    blob = to_bytes(state)
+    stored = st_load_metadata(blob)
+    digest = json.loads(stored)["checksum"]
+    assert stored == json.dumps(
+        {**reference, "checksum": digest}, sort_keys=True, allow_nan=False, separators=(",", ":")
+    )
+    assert to_bytes(from_bytes(blob)) == blob
+
+
+def st_load_metadata(blob: bytes) -> str:
+    """The ``fogline`` metadata string of a safetensors blob, as written."""
+    n = int.from_bytes(blob[:8], "little")
+    return str(json.loads(blob[8 : 8 + n])["__metadata__"]["fogline"])
