@@ -140,7 +140,7 @@ def _st_encode(
     :data:`_ST_DTYPES` falls back to safetensors itself.
     """
     if any(t.dtype not in _ST_DTYPES for t in tensors.values()):
-        return st_save(dict(tensors), metadata=metadata)
+        return st_save(_distinct(tensors), metadata=metadata)
     order = sorted(tensors, key=lambda n: (-_ST_DTYPES[tensors[n].dtype][1], n))
     head: dict[str, Any] = {"__metadata__": metadata}
     at = 0
@@ -205,9 +205,10 @@ def fingerprints_from_json(raw: Mapping[str, Any]) -> dict[tuple[str, int], Reco
     return out
 
 
-def state_tensors(state: PosteriorState) -> dict[str, torch.Tensor]:
-    """The state's tensors by storage name (on CPU, contiguous; a tensor whose
-    storage another entry already uses is copied, as safetensors requires)."""
+def state_tensors(state: PosteriorState, *, distinct: bool = True) -> dict[str, torch.Tensor]:
+    """The state's tensors by storage name (on CPU, contiguous; with ``distinct``, a
+    tensor whose storage another entry already uses is copied, as safetensors'
+    own writer requires: :func:`to_bytes`' writer reads views as they are)."""
     out: dict[str, torch.Tensor] = {}
     for k, v in state.params.items():
         out[f"params.{k}"] = v
@@ -218,20 +219,26 @@ def state_tensors(state: PosteriorState) -> dict[str, torch.Tensor]:
     for k, v in state.aux.items():
         out[f"aux.{k}"] = v
     out["rng_state"] = state.rng_state
+    res = {
+        # the usual case (a CPU, contiguous tensor without grad) as it is, no new wrapper
+        k: v
+        if v.is_cpu and not v.requires_grad and v.is_contiguous()
+        else v.detach().cpu().contiguous()
+        for k, v in out.items()
+    }
+    return _distinct(res) if distinct else res
+
+
+def _distinct(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with a copy of each one whose storage an earlier entry already uses
+    (e.g. a key's params and moments, views of one row; aux holding the prior itself):
+    safetensors' writer wants one owner per storage."""
     res: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for k, v in out.items():
-        # the usual case (a CPU, contiguous tensor without grad) as it is, no new wrapper
-        t = (
-            v
-            if v.is_cpu and not v.requires_grad and v.is_contiguous()
-            else v.detach().cpu().contiguous()
-        )
+    for k, t in tensors.items():
         ptr = t.untyped_storage().data_ptr() if t.numel() else 0
-        if ptr and ptr in seen:  # e.g. aux holding the prior itself: safetensors wants one owner
-            t = t.clone()
+        res[k] = t.clone() if ptr and ptr in seen else t
         seen.add(ptr)
-        res[k] = t
     return res
 
 
@@ -280,7 +287,7 @@ def header_json(state: PosteriorState) -> str:
 
 def to_bytes(state: PosteriorState) -> bytes:
     """Serialise ``state`` (see the module docstring)."""
-    tensors = state_tensors(state)
+    tensors = state_tensors(state, distinct=False)  # the writer reads shared views as they are
     raw = {n: _raw(t) for n, t in tensors.items()}
     # the header's canonical JSON is hashed as it is, then the checksum goes in front:
     # "checksum" sorts before every other key, so the result is canonical too

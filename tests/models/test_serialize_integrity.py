@@ -281,3 +281,30 @@ def st_load_metadata(blob: bytes) -> str:
     """The ``fogline`` metadata string of a safetensors blob, as written."""
     n = int.from_bytes(blob[:8], "little")
     return str(json.loads(blob[8 : 8 + n])["__metadata__"]["fogline"])
+
+
+def test_views_of_one_row_are_written_without_copies_and_the_same_bytes() -> None:
+    """A batched key step leaves a key's params and Adam moments as views of one row;
+    ``to_bytes`` reads them as they are (no clone per shared storage): the blob equals
+    the one of the same state with every tensor in a storage of its own."""
+    from fogline.models.keyed import keyed_step, new_key_state
+    from fogline.models.serialize import state_tensors
+    from fogline.models.state import Minibatch
+
+    base = init_state(ModelConfig(in_features=2, hidden=(4,)), seed=0)
+    gen = torch.Generator().manual_seed(0)
+    batch = {"k": Minibatch(torch.randn(5, 2, generator=gen), torch.randn(5, generator=gen))}
+    state = keyed_step({"k": new_key_state(base, "k")}, batch)[0]["k"]
+    shared = state_tensors(state, distinct=False)
+    storages = {t.untyped_storage().data_ptr() for t in shared.values() if t.numel()}
+    assert len(storages) < len(shared)  # some entries are views of one storage
+    own = state_tensors(state)
+    assert len({t.untyped_storage().data_ptr() for t in own.values() if t.numel()}) == len(
+        [t for t in own.values() if t.numel()]
+    )
+    separate = state.replace(
+        params={k: v.clone() for k, v in state.params.items()},
+        opt_state={k: v.clone() for k, v in state.opt_state.items()},
+    )
+    assert to_bytes(state) == to_bytes(separate)
+    assert to_bytes(from_bytes(to_bytes(state))) == to_bytes(state)
