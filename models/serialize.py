@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any
 
@@ -103,9 +104,8 @@ def _digest(
     if header_json is not None:
         h.update(header_json.encode())
         h.update(b"\x00")
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    for name, prefix in _layout(tensors).prefixes:
+        h.update(prefix)
         h.update(raw[name])
     return h.hexdigest()
 
@@ -125,6 +125,60 @@ _ST_DTYPES: dict[torch.dtype, tuple[str, int]] = {
 }
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What a blob's names, dtypes and shapes alone decide (the same for every key of a
+    model): the digest's per-tensor prefixes ``name|dtype|shape|`` in name order, and
+    the safetensors data order with its header's tensor entries (``,"name":{...}`` each,
+    offsets included; ``order`` None where a dtype is outside :data:`_ST_DTYPES`)."""
+
+    prefixes: tuple[tuple[str, bytes], ...]
+    order: tuple[str, ...] | None
+    entries: str
+
+
+#: Layouts by (name, dtype, shape) of each tensor, in the dict's order.
+_LAYOUTS: dict[tuple[tuple[str, torch.dtype, torch.Size], ...], _Layout] = {}
+_LAYOUTS_MAX = 64
+
+
+def _layout(tensors: Mapping[str, torch.Tensor]) -> _Layout:
+    """The :class:`_Layout` of ``tensors``, built once per distinct signature."""
+    sig = tuple((n, t.dtype, t.shape) for n, t in tensors.items())
+    got = _LAYOUTS.get(sig)
+    if got is not None:
+        return got
+    prefixes = tuple(
+        (n, f"{n}|{tensors[n].dtype}|{tuple(tensors[n].shape)}|".encode()) for n in sorted(tensors)
+    )
+    order: tuple[str, ...] | None = None
+    entries = ""
+    if all(t.dtype in _ST_DTYPES for t in tensors.values()):
+        order = tuple(sorted(tensors, key=lambda n: (-_ST_DTYPES[tensors[n].dtype][1], n)))
+        parts, at = [], 0
+        for n in order:
+            t = tensors[n]
+            size = t.numel() * t.element_size()
+            entry = {
+                "dtype": _ST_DTYPES[t.dtype][0],
+                "shape": list(t.shape),
+                "data_offsets": [at, at + size],
+            }
+            parts.append(f",{_compact(n)}:{_compact(entry)}")
+            at += size
+        entries = "".join(parts)
+    got = _Layout(prefixes, order, entries)
+    if len(_LAYOUTS) >= _LAYOUTS_MAX:
+        _LAYOUTS.clear()
+    _LAYOUTS[sig] = got
+    return got
+
+
+def _compact(value: Any) -> str:
+    """JSON as safetensors writes its header: compact, unescaped non-ASCII."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
 def _st_encode(
     tensors: Mapping[str, torch.Tensor], raw: Mapping[str, memoryview], metadata: dict[str, str]
 ) -> bytes:
@@ -139,22 +193,13 @@ def _st_encode(
     ordered by dtype rank (highest first), then name.  A dtype outside
     :data:`_ST_DTYPES` falls back to safetensors itself.
     """
-    if any(t.dtype not in _ST_DTYPES for t in tensors.values()):
+    lay = _layout(tensors)
+    if lay.order is None:
         return st_save(_distinct(tensors), metadata=metadata)
-    order = sorted(tensors, key=lambda n: (-_ST_DTYPES[tensors[n].dtype][1], n))
-    head: dict[str, Any] = {"__metadata__": metadata}
-    at = 0
-    for n in order:
-        size = len(raw[n])
-        head[n] = {
-            "dtype": _ST_DTYPES[tensors[n].dtype][0],
-            "shape": list(tensors[n].shape),
-            "data_offsets": [at, at + size],
-        }
-        at += size
-    hb = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode()
+    # {"__metadata__": ..., then the tensors in data order}: the layout's cached entries
+    hb = f'{{"__metadata__":{_compact(metadata)}{lay.entries}}}'.encode()
     hb += b" " * (-len(hb) % 8)
-    return b"".join([len(hb).to_bytes(8, "little"), hb, *(raw[n] for n in order)])
+    return b"".join([len(hb).to_bytes(8, "little"), hb, *(raw[n] for n in lay.order)])
 
 
 def offsets_to_json(offsets: Mapping[tuple[str, int], int]) -> dict[str, int]:
