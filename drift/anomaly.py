@@ -19,6 +19,12 @@ statistic record by record with its state explicit):
 2. **Normal score** (:func:`normal_scores`): zeta_i = Phi^{-1}(1 - p_i), which
    is N(0, 1) when the predictive is calibrated (p_i ~ U(0, 1)), clipped to
    [-cap, cap] so one record moves the next statistic by at most cap / K.
+   ``cap`` = :data:`ZETA_CAP` = 12 (p = 1.8e-33; 6, p = 1e-9, until
+   2026-12-07): below the clip the score keeps the surprisal's magnitude, so
+   on a series whose ordinary spikes already reach p ~ 1e-9 a record a
+   hundred orders of magnitude less likely still stands out; a record at
+   zeta <= 6 alone stays far from an alarm, and any more extreme one weighs
+   no more than one at the cap (docs/drift.md, "A wider clip").
 3. **Anomaly likelihood** (:func:`anomaly_likelihood`, after Numenta's HTM
    detector).  For each window length K in ``short`` (default 8 and 64
    records: a sharp event and a subtle sustained one), the window mean
@@ -109,6 +115,8 @@ FloatArray = npt.NDArray[np.float64]
 
 #: MAD -> sd for a Gaussian.
 MAD_TO_SD = 1.482602218505602
+#: Default clip of the normal scores, |zeta| <= 12 (stage 2): a tail probability p = Phi(-12) = 1.8e-33.
+ZETA_CAP = 12.0
 _LN10 = math.log(10.0)
 
 
@@ -136,7 +144,7 @@ class LikelihoodConfig(BaseModel):
     long: int = Field(default=1000, ge=2)
     min_history: int = Field(default=100, ge=1)
     decades: float = Field(default=10.0, gt=0)
-    cap: float = Field(default=6.0, gt=0)
+    cap: float = Field(default=ZETA_CAP, gt=0)
     sd_floor: float = Field(default=0.5, gt=0)
     noise_floor: float = Field(default=0.01, ge=0)
     noise_floor_relative: float = Field(default=0.2, ge=0)
@@ -202,7 +210,9 @@ def log_tail_probability(
         return np.asarray(log_p.clamp_max(0.0).numpy(), dtype=np.float64)
 
 
-def mean_normal_score_log_tail(log_ps: Sequence[npt.ArrayLike], cap: float = 6.0) -> FloatArray:
+def mean_normal_score_log_tail(
+    log_ps: Sequence[npt.ArrayLike], cap: float = ZETA_CAP
+) -> FloatArray:
     """log p-bar [N] of the members' mean normal score: p-bar = Phi(-zeta-bar).
 
     zeta-bar_i = (1/R) sum_r zeta_ri, zeta_ri = Phi^{-1}(1 - p_ri) clipped to
@@ -238,7 +248,7 @@ def effective_noise_floor(cfg: LikelihoodConfig, warm_y: npt.ArrayLike) -> float
 
 
 # ----------------------------------------------------------------------------- 2. normal score
-def normal_scores(log_p: npt.ArrayLike, cap: float = 6.0) -> FloatArray:
+def normal_scores(log_p: npt.ArrayLike, cap: float = ZETA_CAP) -> FloatArray:
     """zeta_i = Phi^{-1}(1 - p_i) = -Phi^{-1}(p_i), clipped to [-cap, cap] (stage 2)."""
     lp = np.asarray(log_p, dtype=np.float64)
     p = np.exp(np.maximum(lp, -700.0))
@@ -459,6 +469,7 @@ class AnomalyLikelihood:
 
 
 __all__ = [
+    "ZETA_CAP",
     "AnomalyLikelihood",
     "LikelihoodConfig",
     "anomaly_likelihood",

@@ -297,6 +297,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mean reached c times in its n-record history (default 0.02; 0: off)",
     )
     p.add_argument(
+        "--cap",
+        type=float,
+        default=None,
+        help="clip of the normal scores |zeta| <= C (default 12: a tail of 1.8e-33; 6 until "
+        "2026-12-07)",
+    )
+    p.add_argument(
         "--calibrate",
         action="store_true",
         help="write the per-stream calibrated score (peaks over threshold, drift/pot.py)",
@@ -339,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         anomaly["noise_floor_relative"] = args.noise_floor_relative
     if args.recurrence is not None:
         anomaly["recurrence"] = args.recurrence
+    if args.cap is not None:
+        anomaly["cap"] = args.cap
     if args.calibrate:
         anomaly["calibration"] = {}
     if anomaly:

@@ -131,11 +131,18 @@ def test_one_noisy_record_is_not_an_anomaly_but_a_change_is_found_quickly() -> N
     rng = np.random.default_rng(3)
     zeta = rng.standard_normal(3000)
     spike = zeta.copy()
-    spike[2000] = cfg.cap  # one record, as extreme as a normal score gets
-    s_spike, _ = anomaly_likelihood(spike, cfg)
-    assert s_spike[2000:2010].max() < 1 - 10 ** (
-        -10 / 3
-    )  # q > 5e-4: the cap bounds one record's weight
+    spike[2000] = 6.0  # one record with a tail probability of 1e-9
+    s_spike, lam_spike = anomaly_likelihood(spike, cfg)
+    assert s_spike[2000:2010].max() < 1 - 5e-4  # q > 5e-4: not an alarm
+    assert 10 ** -lam_spike[2000:2010].max() > 5e-4  # nor is its unsuppressed score
+    # the cap bounds one record's weight: a record at p = 1e-40 or 1e-300 counts as one at
+    # the cap (p = 1.8e-33), which an unclipped normal score (37 at 1e-300) would outweigh
+    assert normal_scores(np.log([1e-40, 1e-300]), cfg.cap).tolist() == [cfg.cap, cfg.cap]
+    at_cap, beyond = zeta.copy(), zeta.copy()
+    at_cap[2000], beyond[2000] = cfg.cap, float(normal_scores([-math.inf], 40.0)[0])
+    lam_cap = anomaly_likelihood(at_cap, cfg)[1]
+    lam_beyond = anomaly_likelihood(beyond, cfg)[1]
+    assert lam_beyond[2000:2010].max() > lam_cap[2000:2010].max() + 20
     shift = zeta.copy()
     shift[2000:] += 4.0  # a real change: every record now 4 sd out
     s_shift, _ = anomaly_likelihood(shift, cfg)
