@@ -118,6 +118,8 @@ MAD_TO_SD = 1.482602218505602
 #: Default clip of the normal scores, |zeta| <= 12 (stage 2): a tail probability p = Phi(-12) = 1.8e-33.
 ZETA_CAP = 12.0
 _LN10 = math.log(10.0)
+#: The largest float64 below 1: the top of the rate-scale score.
+_BELOW_ONE = float(np.nextafter(1.0, 0.0))
 
 
 class LikelihoodConfig(BaseModel):
@@ -310,11 +312,16 @@ def _score(lam_k: FloatArray, cfg: LikelihoodConfig) -> tuple[FloatArray, FloatA
 
 
 def written_score(lam: npt.ArrayLike, cfg: LikelihoodConfig) -> FloatArray:
-    """The written score of lambda = -log10 q: 1 - q (``rate``) or lambda / (lambda + D)."""
+    """The written score of lambda = -log10 q: 1 - q (``rate``) or lambda / (lambda + D).
+
+    On the rate scale 1 - q rounds to 1 in float64 for q below 2^-53 (1.1e-16);
+    such records are written as the largest float below 1, so the score stays
+    in [0, 1) and they tie at the top (``scale = "log"`` keeps them apart).
+    """
     lv = np.asarray(lam, dtype=np.float64)
     if cfg.scale == "log":
         return np.asarray(lv / (lv + cfg.decades))
-    return np.asarray(-np.expm1(-_LN10 * lv))
+    return np.asarray(np.minimum(-np.expm1(-_LN10 * lv), _BELOW_ONE))
 
 
 def window_means(zeta: npt.ArrayLike, short: int) -> FloatArray:

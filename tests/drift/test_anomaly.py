@@ -280,3 +280,14 @@ def test_the_recurrence_floor_caps_a_pattern_the_history_holds_but_not_a_new_eve
     np.testing.assert_allclose(lam_stream, lam_both, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="recurrence"):
         LikelihoodConfig(recurrence=1.5)
+
+
+def test_the_rate_score_stays_below_one_where_q_is_below_float_resolution() -> None:
+    cfg = LikelihoodConfig()
+    out = written_score(np.array([0.0, 3.0, 15.0, 16.5, 40.0, math.inf]), cfg)
+    assert out[0] == 0.0 and out[1] == pytest.approx(1 - 1e-3, abs=1e-15)
+    assert out[2] == pytest.approx(1 - 1e-15, abs=1e-17) and out[2] < out[3]
+    assert out[3] == out[4] == out[5] == np.nextafter(1.0, 0.0) < 1.0
+    # records that extreme keep their order on the log scale
+    log = written_score(np.array([16.5, 40.0]), cfg.model_copy(update={"scale": "log"}))
+    assert log[0] < log[1] < 1.0
