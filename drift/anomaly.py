@@ -58,8 +58,17 @@ statistic record by record with its state explicit):
        score_t = 1 - q_t = 1 - 10^(-lambda_t)     (``scale = "rate"``, default),
 
    so **a threshold 1 - q means a nominal false-alarm rate q per record**
-   (score >= 1 - q  <=>  q_t <= q), at full float64 resolution down to
-   q ~ 1e-15; ``scale = "log"`` writes the earlier bounded log scale
+   (score >= 1 - q  <=>  q_t <= q) for every q >= q_0 = 10^(-L_0), L_0 =
+   :data:`RATE_TAIL_DECADES` = 10.  Float64 cannot tell 1 - q from 1 below
+   q = 2^-53, so beyond q_0 the excess x = lambda_t - L_0 is written on the
+   bounded log scale inside the last q_0 of the interval,
+
+       score_t = 1 - q_0 D / (x + D)              (lambda_t > L_0),
+
+   continuous and increasing at L_0, below 1 for every finite lambda_t, and
+   apart by at least one float64 step per decade up to lambda_t ~ 1,000
+   (D = ``decades``): the most extreme records keep their order instead
+   of tying at the top; ``scale = "log"`` writes the earlier bounded log scale
    lambda_t / (lambda_t + D), D = ``decades`` (h = 1/3: q = 1e-5).  Both are
    increasing in lambda_t, so they rank records identically.  Until
    ``min_history`` window means exist the score is 0 (there is nothing to
@@ -120,6 +129,8 @@ ZETA_CAP = 12.0
 _LN10 = math.log(10.0)
 #: The largest float64 below 1: the top of the rate-scale score.
 _BELOW_ONE = float(np.nextafter(1.0, 0.0))
+#: L_0: the rate-scale score is 1 - q for q >= 10^-L_0 and log-scaled beyond (:func:`written_score`).
+RATE_TAIL_DECADES = 10.0
 
 
 class LikelihoodConfig(BaseModel):
@@ -312,16 +323,22 @@ def _score(lam_k: FloatArray, cfg: LikelihoodConfig) -> tuple[FloatArray, FloatA
 
 
 def written_score(lam: npt.ArrayLike, cfg: LikelihoodConfig) -> FloatArray:
-    """The written score of lambda = -log10 q: 1 - q (``rate``) or lambda / (lambda + D).
+    """The written score of lambda = -log10 q: the rate scale (default) or lambda / (lambda + D).
 
-    On the rate scale 1 - q rounds to 1 in float64 for q below 2^-53 (1.1e-16);
-    such records are written as the largest float below 1, so the score stays
-    in [0, 1) and they tie at the top (``scale = "log"`` keeps them apart).
+    Rate scale: 1 - q for lambda <= L_0 (:data:`RATE_TAIL_DECADES`), where a
+    threshold 1 - q is the false-alarm rate q; beyond, 1 - q_0 D / (x + D) with
+    q_0 = 10^-L_0, x = lambda - L_0 and D = ``cfg.decades`` (module docstring):
+    1 - q itself rounds to 1 below q = 2^-53 and would tie every record past it.
+    The result is capped at the largest float below 1 (lambda = inf).
     """
     lv = np.asarray(lam, dtype=np.float64)
     if cfg.scale == "log":
         return np.asarray(lv / (lv + cfg.decades))
-    return np.asarray(np.minimum(-np.expm1(-_LN10 * lv), _BELOW_ONE))
+    l0, d = RATE_TAIL_DECADES, cfg.decades
+    rate = -np.expm1(-_LN10 * np.minimum(lv, l0))
+    with np.errstate(invalid="ignore"):  # inf / inf where lambda = inf: the cap below
+        tail = 1.0 - 10.0**-l0 * d / (np.maximum(lv - l0, 0.0) + d)
+    return np.asarray(np.minimum(np.where(lv > l0, tail, rate), _BELOW_ONE))
 
 
 def window_means(zeta: npt.ArrayLike, short: int) -> FloatArray:
@@ -476,6 +493,7 @@ class AnomalyLikelihood:
 
 
 __all__ = [
+    "RATE_TAIL_DECADES",
     "ZETA_CAP",
     "AnomalyLikelihood",
     "LikelihoodConfig",

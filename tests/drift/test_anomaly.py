@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fogline.drift.anomaly import (
+    RATE_TAIL_DECADES,
     AnomalyLikelihood,
     LikelihoodConfig,
     anomaly_likelihood,
@@ -282,12 +283,31 @@ def test_the_recurrence_floor_caps_a_pattern_the_history_holds_but_not_a_new_eve
         LikelihoodConfig(recurrence=1.5)
 
 
-def test_the_rate_score_stays_below_one_where_q_is_below_float_resolution() -> None:
+def test_the_rate_score_keeps_extreme_records_apart_and_below_one() -> None:
     cfg = LikelihoodConfig()
-    out = written_score(np.array([0.0, 3.0, 15.0, 16.5, 40.0, math.inf]), cfg)
+    l0 = RATE_TAIL_DECADES
+    lam = np.array([0.0, 3.0, 9.5, l0, 15.0, 16.5, 40.0, 300.0, 1000.0, 1001.0, math.inf])
+    out = written_score(lam, cfg)
+    # down to q_0 = 1e-10 the score is 1 - q: a threshold 1 - q is the rate q
     assert out[0] == 0.0 and out[1] == pytest.approx(1 - 1e-3, abs=1e-15)
-    assert out[2] == pytest.approx(1 - 1e-15, abs=1e-17) and out[2] < out[3]
-    assert out[3] == out[4] == out[5] == np.nextafter(1.0, 0.0) < 1.0
-    # records that extreme keep their order on the log scale
+    assert 1.0 - out[2] == pytest.approx(10**-9.5, rel=1e-6)
+    assert 1.0 - out[3] == pytest.approx(1e-10, rel=1e-6)
+    # beyond it 1 - q_0 D / (x + D): every record keeps its order (1 - q would round to 1
+    # from q = 2^-53 on, lambda = 15.95), continuous at L_0, and below 1 (inf: the cap)
+    assert np.all(np.diff(out) > 0)
+    assert out[-1] == np.nextafter(1.0, 0.0) < 1.0
+    d = cfg.decades
+    for lv, s in zip(lam[4:-1], out[4:-1], strict=True):
+        assert 1.0 - s == pytest.approx(1e-10 * d / (lv - l0 + d), rel=1e-5)
+    below, above = written_score(np.array([l0 - 1e-3, l0 + 1e-3]), cfg)
+    assert 0.0 < above - below < 1e-12  # 1 - q moves by 2.3e-13 over those 1e-3 decades
+    # the streaming scorer writes the same scale
+    zeta = np.r_[np.random.default_rng(3).standard_normal(400), np.full(64, 12.0)]
+    loose = LikelihoodConfig(suppress=0)
+    s_vec, lam_vec = anomaly_likelihood(zeta, loose)
+    s_stream, _ = AnomalyLikelihood(loose).update(zeta)
+    assert lam_vec.max() > l0 + 5
+    np.testing.assert_allclose(s_stream, s_vec, rtol=0, atol=1e-15)
+    # records that extreme keep their order on the log scale too
     log = written_score(np.array([16.5, 40.0]), cfg.model_copy(update={"scale": "log"}))
     assert log[0] < log[1] < 1.0
