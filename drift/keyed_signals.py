@@ -80,6 +80,9 @@ from fogline.models.config import ModelConfig
 from fogline.models.network import layout, noise_scale
 from fogline.models.state import PosteriorState
 
+#: Per layer (W [K, S, out, in], b [K, S, out]) of K ensembles of S draws.
+Layers = list[tuple[torch.Tensor, torch.Tensor]]
+
 #: Hidden activations of one chunk of keys in a stacked pass (float elements, 4 MB in float32).
 STACK_ELEMENTS = 1 << 20
 
@@ -226,59 +229,66 @@ def stacked_supported(config: ModelConfig) -> bool:
     return config.likelihood == "gaussian"
 
 
-def stacked_weights(
-    states: Sequence[PosteriorState], eps: torch.Tensor, z: torch.Tensor | None
-) -> torch.Tensor:
-    """w [K, S, P] = m_k + s_k * eps_s (+ z_s V_k^T): each state's ensemble of the draws
-    ``eps`` [S, P] (``z`` [S, R]), as :meth:`fogline.drift.signals.NoiseCache.ensemble`."""
+def stacked_layers(
+    config: ModelConfig,
+    states: Sequence[PosteriorState],
+    eps: torch.Tensor,
+    z: torch.Tensor | None,
+) -> Layers:
+    """Each state's ensemble of the draws ``eps`` [S, P] (``z`` [S, R]), per layer:
+    (W [K, S, out, in], b [K, S, out]) with W_ks = m_k + s_k * eps_s (+ z_s V_k^T).
+
+    The weights of :meth:`fogline.drift.signals.NoiseCache.ensemble` for each
+    state (to float rounding: one fused multiply-add per element), built layer by layer straight into the memory layout :func:`stacked_components`' products
+    read (the first layer's W as [K, in, S, out], the hidden layers' as
+    [K, S, in, out], the output layer's as [K, S, out, in]; each returned as a
+    [K, S, out, in] view), so no [K, S, P] tensor is formed, copied into layers
+    and transposed again inside every batched product.  The hidden layers'
+    products then run on contiguous operands (measured: [K S] products of
+    [8, 32] x [32, 32] 11.0 -> 7.3 ms; docs/drift.md).
+    """
+    lay = layout(config).layers
+    last = len(lay) - 1
     with torch.no_grad():  # no graph: the parameters are read, never differentiated here
         loc = torch.stack([st.params["loc"] for st in states])
-        raw = torch.stack([st.params["scale_unconstrained"] for st in states])
-        # s_k * eps_s, then + m_k in place: the bits of m + s * eps with one [K, S, P]
-        # tensor allocated, not two (a sum is commutative in IEEE arithmetic)
-        w = torch.nn.functional.softplus(raw).unsqueeze(1) * eps
-        w.add_(loc.unsqueeze(1))
-        if z is not None:
-            v = torch.stack([st.params["cov_factor"] for st in states])
-            w.add_(torch.matmul(z, v.transpose(1, 2)))
-    return w
-
-
-def stacked_moments(
-    config: ModelConfig, w: torch.Tensor, x: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Moment-matched predictive (mean, var) [K, n] of K ensembles on their own rows.
-
-    ``w`` [K, S, P] flat weight samples, ``x`` [K, n, D] each ensemble's rows
-    (padding rows are computed like the others; the caller masks them).
-    h_1 = act(W_1 x^T + b_1) as one [K] batch of [S H_1, D] x [D, n] products,
-    then [K S] batches per layer; mean = mean_s mu, var = var_s mu + mean_s sigma^2
-    (Gaussian likelihood).
-    """
-    with torch.no_grad():
-        return _moments(config, w, x)
-
-
-def _moments(
-    config: ModelConfig, w: torch.Tensor, x: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    mu, sigma = stacked_components(config, _layers_of(config, w), x)
-    return gaussian_mixture_moments(mu, sigma, 1)
-
-
-Layers = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def _layers_of(config: ModelConfig, w: torch.Tensor) -> Layers:
-    """Flat samples w [K, S, P] as per-layer (W [K, S, out, in], b [K, S, out]) (copies)."""
-    k, s, _ = w.shape
-    return [
-        (
-            w[..., layer.w_start : layer.b_start].reshape(k, s, layer.fan_out, layer.fan_in),
-            w[..., layer.b_start : layer.b_start + layer.fan_out],
+        scale = torch.nn.functional.softplus(
+            torch.stack([st.params["scale_unconstrained"] for st in states])
         )
-        for layer in layout(config).layers
-    ]
+        v = torch.stack([st.params["cov_factor"] for st in states]) if z is not None else None
+        k, s = int(loc.shape[0]), int(eps.shape[0])
+        out: Layers = []
+        for j, layer in enumerate(lay):
+            o, i = layer.fan_out, layer.fan_in
+            w_sl = slice(layer.w_start, layer.b_start)
+            b_sl = slice(layer.b_start, layer.b_start + o)
+            m_w, s_w, e_w = loc[:, w_sl], scale[:, w_sl], eps[:, w_sl]
+            # the permutation of [out, in] each operand is laid out in (small copies),
+            # and how the [K, S, out, in] view is read off the result
+            if j == 0 and last > 0:  # [K, in, S, out]
+                m = m_w.reshape(k, o, i).transpose(1, 2).unsqueeze(2).contiguous()
+                sc = s_w.reshape(k, o, i).transpose(1, 2).unsqueeze(2).contiguous()
+                e = e_w.reshape(s, o, i).permute(2, 0, 1).unsqueeze(0).contiguous()
+                dims = (0, 2, 3, 1)
+            elif j < last:  # [K, S, in, out]
+                m = m_w.reshape(k, o, i).transpose(1, 2).unsqueeze(1).contiguous()
+                sc = s_w.reshape(k, o, i).transpose(1, 2).unsqueeze(1).contiguous()
+                e = e_w.reshape(s, o, i).transpose(1, 2).unsqueeze(0).contiguous()
+                dims = (0, 1, 3, 2)
+            else:  # [K, S, out, in]
+                m = m_w.reshape(k, 1, o, i)
+                sc = s_w.reshape(k, 1, o, i)
+                e = e_w.reshape(1, s, o, i)
+                dims = (0, 1, 2, 3)
+            # m_k + s_k * eps_s in one pass
+            weight = torch.addcmul(m, sc, e).permute(*dims)
+            bias = torch.addcmul(
+                loc[:, b_sl].unsqueeze(1), scale[:, b_sl].unsqueeze(1), eps[:, b_sl]
+            )
+            if z is not None and v is not None:
+                weight.add_(torch.matmul(z, v[:, w_sl].transpose(1, 2)).view(k, s, o, i))
+                bias.add_(torch.matmul(z, v[:, b_sl].transpose(1, 2)))
+            out.append((weight, bias))
+    return out
 
 
 def stacked_components(
@@ -296,13 +306,21 @@ def stacked_components(
     vectorised kernel; on a strided slice softplus took ~13x longer).  Gaussian
     likelihood.  A key's values do not depend on the other keys of the chunk.
     Against the rows-last layout of the first version ([S H_1, D] x [D, n]
-    products) the values agree to float rounding (1e-7 relative); ``stacked_moments``
+    products) the values agree to float rounding (1e-7 relative); the moments
     of 128 ensembles of S = 64 on 8 rows (D = 4, H = 16) took 3.7-4.0 ms against
-    7.7-11.2 ms (docs/drift.md).
+    7.7-11.2 ms (docs/drift.md).  A net without hidden layers is its output layer
+    on the rows.  The products read their weights as :func:`stacked_layers` lays
+    them out without a copy (any layout gives the same values to float rounding).
     """
     w0, b0 = layers[0]
     k, s, h0, d = w0.shape
     n = int(x.shape[1])
+    if len(layers) == 1:  # no hidden layer: (mu, raw scale) [K S, 2, n] straight from the rows
+        rows = x.to(w0.dtype).unsqueeze(1).expand(k, s, n, d).reshape(k * s, n, d)
+        out = torch.baddbmm(
+            b0.reshape(k * s, h0, 1), w0.reshape(k * s, h0, d), rows.transpose(1, 2)
+        ).view(k, s, h0, n)
+        return out[:, :, 0].contiguous(), noise_scale(out[:, :, 1].contiguous(), config)
     act = _ACTIVATIONS_[config.activation]  # in place: every h is a fresh product
     h = torch.baddbmm(
         b0.reshape(k, 1, s * h0), x.to(w0.dtype), w0.reshape(k, s * h0, d).transpose(1, 2)
@@ -433,9 +451,10 @@ def post_signals(
         x[seg, pos] = x_all
         with_before = [c for c, j in enumerate(part) if j.before is not None]
         states = [j.after for j in part] + [part[c].before for c in with_before]
-        w = stacked_weights(states, eps, z)  # type: ignore[arg-type]
+        layers = stacked_layers(config, states, eps, z)  # type: ignore[arg-type]
         xs = torch.cat([x, x[with_before]]) if with_before else x
-        mean, var = stacked_moments(config, w, xs)
+        with torch.no_grad():
+            mean, var = gaussian_mixture_moments(*stacked_components(config, layers, xs), 1)
         m0 = _pad(torch.cat([j.ref_mean for j in part]), seg, pos, (kc, n_max), 0.0)
         v0 = _pad(torch.cat([j.ref_var for j in part]), seg, pos, (kc, n_max), 1.0)
         mask = _pad(torch.ones(len(seg), dtype=torch.bool), seg, pos, (kc, n_max), False)
@@ -475,8 +494,7 @@ __all__ = [
     "post_signals",
     "pre_signals",
     "stacked_components",
-    "stacked_moments",
+    "stacked_layers",
     "stacked_record_scores",
     "stacked_supported",
-    "stacked_weights",
 ]

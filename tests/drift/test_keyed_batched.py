@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fogline.drift.keyed import KeyedDriftLoop
-from fogline.drift.keyed_signals import PostJob, post_signals, pre_signals
+from fogline.drift.keyed_signals import PostJob, post_signals, pre_signals, stacked_layers
 from fogline.drift.policy import PolicyConfig
 from fogline.drift.signals import (
     NoiseCache,
@@ -180,11 +180,13 @@ def test_unread_metrics_skipped_change_no_decision(
     assert skipped > len(KEYS) * 5  # the stable calibrated keys' batches were skipped
 
 
+@pytest.mark.parametrize("hidden", [(10, 6), (7,), ()])
 @pytest.mark.parametrize("guide", ["meanfield", "lowrank"])
-def test_stacked_signals_match_each_key_alone(guide: str) -> None:
+def test_stacked_signals_match_each_key_alone(guide: str, hidden: tuple[int, ...]) -> None:
     """pre_signals / post_signals against pre_update_signals / post_update_signals per key:
-    keys sharing a reference and keys with their own, 1 to 14 rows, step KL for some."""
-    config = ModelConfig.model_validate({"in_features": 3, "hidden": (10, 6), "guide": guide})
+    keys sharing a reference and keys with their own, 1 to 14 rows, step KL for some;
+    two, one and no hidden layers."""
+    config = ModelConfig.model_validate({"in_features": 3, "hidden": hidden, "guide": guide})
     g = torch.Generator().manual_seed(11)
     shared = make_reference(init_state(config, seed=1), 16, 0)
     keys = []
@@ -216,3 +218,31 @@ def test_stacked_signals_match_each_key_alone(guide: str) -> None:
         )[0]
         _close(post[i], want, f"post[{i}]")
         assert math.isnan(post[i]["step_kl"]) == (before is None)
+
+
+@pytest.mark.parametrize("hidden", [(10, 6), (5, 4, 3), (7,), ()])
+@pytest.mark.parametrize("guide", ["meanfield", "lowrank"])
+def test_stacked_layers_are_each_states_ensemble(guide: str, hidden: tuple[int, ...]) -> None:
+    """stacked_layers: per state and layer, the weights NoiseCache.ensemble draws (float
+    rounding: one fused multiply-add), whatever memory layout the products read."""
+    config = ModelConfig.model_validate({"in_features": 3, "hidden": hidden, "guide": guide})
+    states = [init_state(config, seed=70 + i) for i in range(4)]
+    g = torch.Generator().manual_seed(5)
+    states = [
+        st.replace(
+            params={
+                name: t + 0.3 * torch.randn(t.shape, generator=g) for name, t in st.params.items()
+            }
+        )
+        for st in states
+    ]
+    noise = NoiseCache()
+    eps, z = noise.draws(states[0], 9, 3)
+    layers = stacked_layers(config, states, eps, z)
+    assert len(layers) == len(hidden) + 1
+    for k, st in enumerate(states):
+        want = noise.ensemble(st, 9, 3).layers
+        for (w, b), (w_want, b_want) in zip(layers, want, strict=True):
+            assert w.shape[1:] == w_want.shape and b.shape[1:] == b_want.shape
+            torch.testing.assert_close(w[k], w_want, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(b[k], b_want, rtol=1e-6, atol=1e-6)
