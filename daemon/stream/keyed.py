@@ -254,6 +254,8 @@ class KeyedPipeline:
         self._fresh: set[int] = set()
         #: Autoregressive models: each key's series state with its posterior (``None``: tabular).
         self.series: KeyedSeries | None = None
+        #: The heartbeat renewing the leases during each batch's update (one thread, reused).
+        self._keeper: LeaseKeeper | None = None
 
     # -- the whole run ----------------------------------------------------------
     def run(self) -> int:
@@ -339,6 +341,9 @@ class KeyedPipeline:
             finally:
                 self.dlq.close()
         finally:
+            if self._keeper is not None:  # before the store its renewals use
+                self._keeper.close()
+                self._keeper = None
             self.store.close()
 
     def _open_source(self) -> KeyedSource:
@@ -520,15 +525,17 @@ class KeyedPipeline:
         self._layout_ok = True
 
     def _lease_keeper(self) -> LeaseKeeper:
-        """A heartbeat that renews the owned leases while one batch's update runs
-        (:mod:`fogline.daemon.stream.lease_keeper`), for at most Kafka's rebalance timeout.
+        """The heartbeat that renews the owned leases while a batch's update runs
+        (:mod:`fogline.daemon.stream.lease_keeper`; one thread, reused by every batch and
+        closed with the run), for at most Kafka's rebalance timeout per batch.
         A lease it finds lost is left for :meth:`_renew` after the batch, which drops it."""
-        ttl = self.settings.redis.lease_ttl_s
-        return LeaseKeeper(
-            lambda: self._renew_due(time.monotonic()),
-            ttl / 3,
-            self.settings.kafka.max_poll_interval_ms / 1000,
-        )
+        if self._keeper is None:
+            self._keeper = LeaseKeeper(
+                lambda: self._renew_due(time.monotonic()),
+                self.settings.redis.lease_ttl_s / 3,
+                self.settings.kafka.max_poll_interval_ms / 1000,
+            )
+        return self._keeper
 
     def _renew_due(self, now: float) -> list[int]:
         """Renew each owned lease a third of its TTL after its last renewal; the partitions

@@ -87,6 +87,7 @@ def test_a_lease_keeper_holds_a_lease_through_an_update_longer_than_its_ttl(
     assert kept is not None
     with LeaseKeeper(lambda: store.renew(kept), 0.5 / 3, 60.0) as keeper:
         time.sleep(1.5)
+    keeper.close()
     assert keeper.renewals >= 3
     assert store.lease_owner(1) == "me" and store.acquire(1, "other", 5.0) is None
     assert store.renew(kept)
