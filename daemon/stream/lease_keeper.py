@@ -104,9 +104,10 @@ class LeaseKeeper:
                 if self._since is None:
                     self._cond.wait()
                     continue
-                self._hold(self._bodies, self._since)
-                # this body is over, or its renewals stopped: wait for the next body
                 body = self._bodies
+                self._hold(body, self._since)
+                # that body is over, or its renewals stopped: wait for the next one (a body
+                # that started while the thread was renewing or waking up is served at once)
                 while not self._closed and self._bodies == body and self._since is not None:
                     self._cond.wait()
 

@@ -112,3 +112,21 @@ def test_a_short_body_renews_nothing() -> None:
 def test_bad_intervals_are_refused(interval: float, hold: float) -> None:
     with pytest.raises(ValueError, match="must be > 0"):
         LeaseKeeper(lambda: None, interval, hold)
+
+
+def test_a_body_that_starts_before_the_thread_wakes_is_renewed() -> None:
+    """Batch after batch: one body ends and the next starts before the keeper thread has
+    woken up from the first. The second body must still be renewed (it was not: the thread
+    took it for the finished one and waited for a third, and a slow batch lost its leases)."""
+    calls: list[float] = []
+    keeper = LeaseKeeper(lambda: calls.append(time.monotonic()), 0.05, 60.0)
+    keeper.__enter__()
+    time.sleep(0.02)  # the thread now waits inside the first body
+    with keeper._cond:  # the lock the thread needs to wake up: it cannot run in between
+        keeper.__exit__(None, None, None)
+        keeper.__enter__()
+        start = time.monotonic()
+    time.sleep(0.35)
+    keeper.__exit__(None, None, None)
+    keeper.close()
+    assert len([t for t in calls if t >= start]) >= 3
