@@ -30,7 +30,7 @@ Post-update (:func:`post_signals`), with key k's posterior after the step
 q_k = N(m_k, diag(s_k^2)) (+ V_k V_k^T) and before it (q'_k), each as an
 ensemble of the loop's common draws eps [S, P] (z [S, R]):
 
-    w_ks = m_k + s_k * eps_s (+ V_k z_s)                            [K, S, P] in one op
+    w_ks = m_k + s_k * eps_s (+ V_k z_s)       per layer, all keys at once (:func:`stacked_layers`)
 
 evaluated on the first r_k rows of the key (:func:`fogline.drift.runner.post_rows`)
 in ONE stacked pass over every key's weights [K S, out, in] and its
@@ -239,13 +239,14 @@ def stacked_layers(
     (W [K, S, out, in], b [K, S, out]) with W_ks = m_k + s_k * eps_s (+ z_s V_k^T).
 
     The weights of :meth:`fogline.drift.signals.NoiseCache.ensemble` for each
-    state (to float rounding: one fused multiply-add per element), built layer by layer straight into the memory layout :func:`stacked_components`' products
-    read (the first layer's W as [K, in, S, out], the hidden layers' as
-    [K, S, in, out], the output layer's as [K, S, out, in]; each returned as a
-    [K, S, out, in] view), so no [K, S, P] tensor is formed, copied into layers
-    and transposed again inside every batched product.  The hidden layers'
-    products then run on contiguous operands (measured: [K S] products of
-    [8, 32] x [32, 32] 11.0 -> 7.3 ms; docs/drift.md).
+    state (to float rounding: one fused multiply-add per element), built layer
+    by layer straight into the memory layout :func:`stacked_components`'
+    products read (the first layer's W as [K, in, S, out], the hidden layers'
+    as [K, S, in, out], the output layer's as [K, S, out, in]; each returned as
+    a [K, S, out, in] view), so no [K, S, P] tensor is formed, copied into
+    layers and transposed again inside every batched product, and the hidden
+    layers' products run on contiguous operands (:func:`post_signals` of 167
+    keys with their step KL, hidden 32 x 2: 59-72 -> 42-51 ms; docs/drift.md).
     """
     lay = layout(config).layers
     last = len(lay) - 1
