@@ -336,8 +336,7 @@ def written_score(lam: npt.ArrayLike, cfg: LikelihoodConfig) -> FloatArray:
         return np.asarray(lv / (lv + cfg.decades))
     l0, d = RATE_TAIL_DECADES, cfg.decades
     rate = -np.expm1(-_LN10 * np.minimum(lv, l0))
-    with np.errstate(invalid="ignore"):  # inf / inf where lambda = inf: the cap below
-        tail = 1.0 - 10.0**-l0 * d / (np.maximum(lv - l0, 0.0) + d)
+    tail = 1.0 - 10.0**-l0 * d / (np.maximum(lv - l0, 0.0) + d)  # 1 at lambda = inf: capped
     return np.asarray(np.minimum(np.where(lv > l0, tail, rate), _BELOW_ONE))
 
 
