@@ -233,6 +233,12 @@ class KeyedSettings(_Section):
     #: posteriors of the keys its partition has absorbed (``models.keyed.Population``,
     #: kept per partition in its manifest; the warm fleet prior while it has none).
     fleet: Literal["warm", "population"] = "warm"
+    #: Rows one key typically has in a micro-batch (about ``stream.batch_size`` over the keys
+    #: of a partition's batch): the batch size each key's alarm threshold is fitted for when
+    #: ``drift.calibration = history``.  Unset, keys calibrate on their own first
+    #: ``drift.calibration_batches`` batches (the median of their own row counts), since a
+    #: threshold fitted for ``stream.batch_size`` records is far too tight for a key's few.
+    rows_per_key: int | None = Field(default=None, ge=1)
 
 
 class DriftSettings(PolicyConfig):
