@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from daemon_fakes import fake_settings
+from test_keyed_pipeline import MODEL
 
 from fogline.daemon.config import Settings
 from fogline.daemon.stream.keyed_update import KeyedUpdate, key_policy, new_key
@@ -24,14 +25,6 @@ from fogline.drift.history import attach_history
 from fogline.models.config import ModelConfig
 from fogline.models.keyed import fleet_prior
 from fogline.models.svi import init_state
-
-MODEL: dict[str, Any] = {
-    "features": ["f0", "f1"],
-    "target": "y",
-    "key": "host",
-    "hidden": [8],
-    "transform": "none",
-}
 
 
 def settings(calibration: str = "history", **keyed: Any) -> Settings:
