@@ -316,25 +316,24 @@ def stacked_components(
     w0, b0 = layers[0]
     k, s, h0, d = w0.shape
     n = int(x.shape[1])
-    if len(layers) == 1:  # no hidden layer: (mu, raw scale) [K S, 2, n] straight from the rows
-        rows = x.to(w0.dtype).unsqueeze(1).expand(k, s, n, d).reshape(k * s, n, d)
-        out = torch.baddbmm(
-            b0.reshape(k * s, h0, 1), w0.reshape(k * s, h0, d), rows.transpose(1, 2)
-        ).view(k, s, h0, n)
-        return out[:, :, 0].contiguous(), noise_scale(out[:, :, 1].contiguous(), config)
-    act = _ACTIVATIONS_[config.activation]  # in place: every h is a fresh product
-    h = torch.baddbmm(
-        b0.reshape(k, 1, s * h0), x.to(w0.dtype), w0.reshape(k, s * h0, d).transpose(1, 2)
-    )  # [K, n, S H_1]
-    act(h)
-    # [K S, n, H_1]: each sample's rows together (one copy)
-    h = h.view(k, n, s, h0).transpose(1, 2).reshape(k * s, n, h0)
-    for weight, bias in layers[1:-1]:
-        out_f, in_f = int(weight.shape[2]), int(weight.shape[3])
+    if len(layers) == 1:  # no hidden layer: the output layer reads every sample's rows
+        h = x.to(w0.dtype).unsqueeze(1).expand(k, s, n, d).reshape(k * s, n, d)
+    else:
+        act = _ACTIVATIONS_[config.activation]  # in place: every h is a fresh product
         h = torch.baddbmm(
-            bias.reshape(k * s, 1, out_f), h, weight.reshape(k * s, out_f, in_f).transpose(1, 2)
-        )
+            b0.reshape(k, 1, s * h0), x.to(w0.dtype), w0.reshape(k, s * h0, d).transpose(1, 2)
+        )  # [K, n, S H_1]
         act(h)
+        # [K S, n, H_1]: each sample's rows together (one copy)
+        h = h.view(k, n, s, h0).transpose(1, 2).reshape(k * s, n, h0)
+        for weight, bias in layers[1:-1]:
+            out_f, in_f = int(weight.shape[2]), int(weight.shape[3])
+            h = torch.baddbmm(
+                bias.reshape(k * s, 1, out_f),
+                h,
+                weight.reshape(k * s, out_f, in_f).transpose(1, 2),
+            )
+            act(h)
     weight, bias = layers[-1]
     out_f, in_f = int(weight.shape[2]), int(weight.shape[3])
     out = torch.baddbmm(
